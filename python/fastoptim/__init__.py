@@ -1,0 +1,39 @@
+"""fastoptim: fused, single-pass optimizer updates for NumPy arrays.
+
+Functional in-place updates (``adam_``, ``sgd_``, ...), thin stateful classes (``Adam``,
+``SGD``, ...), and a readable NumPy oracle in :mod:`fastoptim.reference`.
+"""
+from __future__ import annotations
+
+from . import _core
+from .functional import adadelta_, adagrad_, adam_, adamw_, ema_, rmsprop_, sgd_
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "sgd_", "rmsprop_", "adam_", "adamw_", "adagrad_", "adadelta_", "ema_",
+    "backend_info", "set_num_threads", "get_num_threads", "set_isa",
+]
+
+
+def backend_info() -> dict:
+    """Which CPU path and how many threads are in use (and what else this build has)."""
+    info = dict(_core.info())
+    info["cuda"] = False
+    info["version"] = __version__
+    return info
+
+
+def set_num_threads(n: int) -> None:
+    """Threads used by one update (default: all cores). Small arrays always use one."""
+    _core.set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    return _core.get_num_threads()
+
+
+def set_isa(name: str) -> None:
+    """Force a CPU path: ``"scalar"``, ``"avx2"`` or ``"avx512"`` (must be compiled and
+    supported by this CPU). The environment variable ``FASTOPTIM_ISA`` sets it at import."""
+    _core.set_isa(name)

@@ -1,0 +1,171 @@
+// dispatch.cpp: the one place where the ISA is chosen and work is split between threads.
+//
+// Note [untested ISA paths]
+// A path is chosen by default only if it is compiled, the CPU has it, and it has been run by
+// the test suite on some machine. AVX-512 is compiled (GCC/Clang) and runs only when asked
+// for explicitly: no machine available while it was written had AVX-512 (README).
+//
+// Note [small arrays stay on one thread]
+// Starting a parallel region costs microseconds and, with a core busy elsewhere, can stall
+// for a scheduler quantum. A call uses at most total / kMinPerThread threads, so arrays of
+// fewer than 2 * kMinPerThread elements never start a parallel region.
+#include "dispatch.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <stdexcept>
+#include <thread>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+namespace fastoptim {
+namespace {
+
+constexpr int64_t kMinPerThread = int64_t{1} << 15;
+constexpr int64_t kSplitQuantum = 64;  // thread boundaries on multiples of 64 elements
+
+KernelTable g_tables[kNumIsas];
+Isa g_isa = Isa::kScalar;
+int g_threads = 1;
+
+int default_threads() {
+#if defined(_OPENMP)
+  return std::max(1, omp_get_num_procs());
+#else
+  return std::max(1u, std::thread::hardware_concurrency());
+#endif
+}
+
+}  // namespace
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kScalar: return "scalar";
+    case Isa::kAvx2: return "avx2";
+    case Isa::kAvx512: return "avx512";
+  }
+  return "?";
+}
+
+bool isa_compiled(Isa isa) {
+  switch (isa) {
+    case Isa::kScalar: return true;
+#if defined(FASTOPTIM_HAVE_AVX2)
+    case Isa::kAvx2: return true;
+#endif
+#if defined(FASTOPTIM_HAVE_AVX512)
+    case Isa::kAvx512: return true;
+#endif
+    default: return false;
+  }
+}
+
+bool isa_cpu_has(Isa isa) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  switch (isa) {
+    case Isa::kScalar: return true;
+    case Isa::kAvx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case Isa::kAvx512: return __builtin_cpu_supports("avx512f");
+  }
+  return false;
+#else
+  return isa == Isa::kScalar;
+#endif
+}
+
+bool isa_tested(Isa isa) { return isa != Isa::kAvx512; }
+
+Isa current_isa() { return g_isa; }
+
+void set_isa(const std::string& name) {
+  for (int i = 0; i < kNumIsas; ++i) {
+    const Isa isa = static_cast<Isa>(i);
+    if (name != isa_name(isa)) continue;
+    if (!isa_compiled(isa))
+      throw std::invalid_argument("ISA '" + name + "' was not compiled into this build of fastoptim");
+    if (!isa_cpu_has(isa))
+      throw std::invalid_argument("ISA '" + name + "' is not supported by this CPU");
+    g_isa = isa;
+    return;
+  }
+  throw std::invalid_argument("unknown ISA '" + name + "'; expected one of scalar, avx2, avx512");
+}
+
+void init_dispatch() {
+  // A table filler is compiled with its ISA's flags (it may itself use wide stores), so it
+  // runs only on a CPU that has the ISA.
+  fill_table_scalar(&g_tables[0]);
+#if defined(FASTOPTIM_HAVE_AVX2)
+  if (isa_cpu_has(Isa::kAvx2)) fill_table_avx2(&g_tables[1]);
+#endif
+#if defined(FASTOPTIM_HAVE_AVX512)
+  if (isa_cpu_has(Isa::kAvx512)) fill_table_avx512(&g_tables[2]);
+#endif
+  g_threads = default_threads();
+  g_isa = Isa::kScalar;
+  for (int i = kNumIsas - 1; i >= 0; --i) {
+    const Isa isa = static_cast<Isa>(i);
+    if (isa_compiled(isa) && isa_cpu_has(isa) && isa_tested(isa)) {
+      g_isa = isa;
+      break;
+    }
+  }
+  if (const char* env = std::getenv("FASTOPTIM_ISA"); env != nullptr && *env != '\0') {
+    try {
+      set_isa(env);
+    } catch (const std::invalid_argument& e) {
+      throw std::invalid_argument(std::string("FASTOPTIM_ISA: ") + e.what());
+    }
+  }
+}
+
+int num_threads() { return g_threads; }
+void set_num_threads(int n) { g_threads = std::max(1, n); }
+
+bool have_openmp() {
+#if defined(_OPENMP)
+  return true;
+#else
+  return false;
+#endif
+}
+
+int threads_for(int64_t total) {
+#if defined(_OPENMP)
+  const int64_t by_size = total / kMinPerThread;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(g_threads, by_size)));
+#else
+  (void)total;
+  return 1;
+#endif
+}
+
+void execute(RuleId rule, DType dtype, const Batch& batch, const void* args) {
+  const KernelFn fn = g_tables[static_cast<int>(g_isa)].fn[rule][dtype];
+  const int64_t total = batch.offsets[batch.n_tensors];
+  if (total == 0) return;
+  const int nt = threads_for(total);
+  if (nt <= 1) {
+    fn(batch, 0, total, args);
+    return;
+  }
+#if defined(_OPENMP)
+  // Contiguous, equal shares of the global element range; boundaries rounded to 64 elements
+  // so neighbouring threads rarely write the same cache line.
+  auto bound = [&](int t) -> int64_t {
+    if (t >= nt) return total;
+    const int64_t b = static_cast<int64_t>((static_cast<__int128>(total) * t) / nt);
+    return b - b % kSplitQuantum;
+  };
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num();
+    fn(batch, bound(t), bound(t + 1), args);
+  }
+#endif
+}
+
+}  // namespace fastoptim

@@ -1,0 +1,33 @@
+// dispatch.h: ISA choice (once, from CPUID) and the parallel split of a batch.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "kernel_api.h"
+
+namespace fastoptim {
+
+enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+constexpr int kNumIsas = 3;
+
+const char* isa_name(Isa isa);
+bool isa_compiled(Isa isa);
+bool isa_cpu_has(Isa isa);
+bool isa_tested(Isa isa);  // default-eligible paths (Note [untested ISA paths])
+Isa current_isa();
+// Throws std::invalid_argument (unknown name, or a path this build or CPU lacks).
+void set_isa(const std::string& name);
+// Picks the default path, then applies FASTOPTIM_ISA if set (same errors as set_isa).
+void init_dispatch();
+
+int num_threads();
+void set_num_threads(int n);  // n >= 1, checked by the caller
+int threads_for(int64_t total_elements);
+bool have_openmp();
+
+// Runs kernel `rule` for `dtype` over the whole batch on the current ISA, splitting the
+// global element range between threads when it is large enough.
+void execute(RuleId rule, DType dtype, const Batch& batch, const void* args);
+
+}  // namespace fastoptim

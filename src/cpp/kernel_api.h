@@ -1,0 +1,36 @@
+// kernel_api.h: what an ISA translation unit exports, and what the dispatcher calls.
+//
+// A Batch is one functional call: n tensors, each with up to kMaxSlots streams (param, grad,
+// states). Work is addressed by a GLOBAL element index over the concatenation of all
+// tensors, so the dispatcher can split 2,000 small tensors between threads as easily as one
+// big buffer. A KernelFn processes the global range [begin, end).
+#pragma once
+
+#include <cstdint>
+
+#include "rules.h"
+
+namespace fastoptim {
+
+struct Batch {
+  int64_t n_tensors = 0;
+  const int64_t* offsets = nullptr;        // n_tensors + 1 prefix sums of element counts
+  void* const* slots[kMaxSlots] = {};       // slots[s][t]: data of stream s of tensor t (or null)
+};
+
+enum RuleId : int { kSgd, kRmsprop, kAdam, kAdagrad, kAdadelta, kEma, kStream, kNumRules };
+enum DType : int { kF32 = 0, kF64 = 1, kNumDTypes = 2 };
+
+using KernelFn = void (*)(const Batch&, int64_t begin, int64_t end, const void* args);
+
+struct KernelTable {
+  const char* isa = nullptr;
+  KernelFn fn[kNumRules][kNumDTypes] = {};
+};
+
+// One per compiled ISA (isa_<name>.cpp).
+void fill_table_scalar(KernelTable*);
+void fill_table_avx2(KernelTable*);
+void fill_table_avx512(KernelTable*);
+
+}  // namespace fastoptim

@@ -1,0 +1,181 @@
+// kernels.h: the CPU driver that turns a rule of rules.h into a kernel over a Batch.
+//
+// Included by each isa_<name>.cpp, which first defines FO_VEC_F32 / FO_VEC_F64 (the vector
+// types of its ISA) and FO_FILL_TABLE (the name of the function it exports).
+//
+// Note [one definition per ISA]
+// Everything here lives in an anonymous namespace. Each ISA translation unit is compiled with
+// its own -m flags; were these templates external, the linker could keep the AVX-512 copy of
+// an inline function and hand it to the scalar path (an illegal instruction on an older
+// CPU). Internal linkage gives every ISA its own private copy.
+//
+// Note [tails and heads]
+// A span is processed as: a scalar head until the param pointer is aligned to the vector
+// size, whole vectors, then a scalar tail. Head and tail run the SAME rule instantiated for
+// the scalar type (bitwise identical, Note [bitwise identical paths]). The last vector never
+// overlaps elements already updated: an in-place update is not idempotent.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "kernel_api.h"
+
+#if !defined(FO_VEC_F32) || !defined(FO_VEC_F64) || !defined(FO_FILL_TABLE)
+#error "define FO_VEC_F32, FO_VEC_F64 and FO_FILL_TABLE before including kernels.h"
+#endif
+
+namespace fastoptim {
+namespace {
+
+// No std:: algorithms here: their instantiations have external linkage and would be
+// shared between ISA translation units (Note [one definition per ISA]).
+FO_INLINE int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+FO_INLINE int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+// Index of the tensor holding global element `i`: the last t with off[t] <= i.
+FO_INLINE int64_t tensor_of(const int64_t* off, int64_t n, int64_t i) {
+  int64_t lo = 0, hi = n;  // off[lo] <= i holds; answer in [lo, hi]
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo + 1) / 2;
+    if (off[mid] <= i) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+template <class T> struct IsaVec;
+template <> struct IsaVec<float> { using type = FO_VEC_F32; };
+template <> struct IsaVec<double> { using type = FO_VEC_F64; };
+
+template <class Rule, class V, class T>
+FO_INLINE void apply_at(T* const* ptr, int64_t i, const typename Rule::template Consts<V>& c) {
+  V x[kMaxSlots];
+#pragma GCC unroll 8
+  for (int s = 0; s < kMaxSlots; ++s)
+    if (Rule::kReads & bit(s)) x[s] = vload<V>(ptr[s] + i);
+  Rule::template apply<V>(x, c);
+#pragma GCC unroll 8
+  for (int s = 0; s < kMaxSlots; ++s)
+    if (Rule::kWrites & bit(s)) vstore(ptr[s] + i, x[s]);
+}
+
+template <class Rule, class T>
+FO_INLINE void run_span(T* const* ptr, int64_t i, int64_t n,
+                        const typename Rule::template Consts<typename IsaVec<T>::type>& cv,
+                        const typename Rule::template Consts<T>& cs) {
+  using V = typename IsaVec<T>::type;
+  constexpr int kW = VecTraits<V>::kWidth;
+  if constexpr (kW > 1) {
+    constexpr uintptr_t kAlign = kW * sizeof(T);
+    const uintptr_t addr = reinterpret_cast<uintptr_t>(ptr[0] + i);
+    int64_t head = static_cast<int64_t>(((kAlign - addr % kAlign) % kAlign) / sizeof(T));
+    head = min64(head, n - i);
+    for (; head > 0; --head, ++i) apply_at<Rule, T>(ptr, i, cs);
+    for (; i + 2 * kW <= n; i += 2 * kW) {
+      apply_at<Rule, V>(ptr, i, cv);
+      apply_at<Rule, V>(ptr, i + kW, cv);
+    }
+    for (; i + kW <= n; i += kW) apply_at<Rule, V>(ptr, i, cv);
+  }
+  for (; i < n; ++i) apply_at<Rule, T>(ptr, i, cs);
+}
+
+// Process the global element range [begin, end) of a batch.
+template <class Rule, class T>
+void run_range(const Batch& b, int64_t begin, int64_t end, const typename Rule::Args& a) {
+  using V = typename IsaVec<T>::type;
+  const typename Rule::template Consts<V> cv(a);
+  const typename Rule::template Consts<T> cs(a);
+  const int64_t* off = b.offsets;
+  int64_t t = tensor_of(off, b.n_tensors, begin);
+  for (; t < b.n_tensors && off[t] < end; ++t) {
+    const int64_t lo = max64(begin, off[t]) - off[t];
+    const int64_t hi = min64(end, off[t + 1]) - off[t];
+    T* ptr[kMaxSlots];
+    for (int s = 0; s < kMaxSlots; ++s)
+      ptr[s] = b.slots[s] ? static_cast<T*>(b.slots[s][t]) : nullptr;
+    run_span<Rule, T>(ptr, lo, hi, cv, cs);
+  }
+}
+
+// Runtime flags -> template instantiation, once per call (never per element).
+template <class F> FO_INLINE void with_flags(F&& f) { f(); }
+template <class F, class... Rest> FO_INLINE void with_flags(F&& f, bool b, Rest... rest) {
+  if (b) {
+    with_flags([&](auto... xs) { f(std::true_type{}, xs...); }, rest...);
+  } else {
+    with_flags([&](auto... xs) { f(std::false_type{}, xs...); }, rest...);
+  }
+}
+#define FO_V(flag) decltype(flag)::value
+
+template <class T> void sgd_entry(const Batch& b, int64_t lo, int64_t hi, const void* p) {
+  const auto& a = *static_cast<const SgdArgs*>(p);
+  with_flags([&](auto mx, auto wd, auto mom, auto nes, auto first) {
+    run_range<SgdRule<FO_V(mx), FO_V(wd), FO_V(mom), FO_V(nes), FO_V(first)>, T>(b, lo, hi, a);
+  }, a.maximize, a.weight_decay != 0.0, a.has_momentum, a.nesterov, a.first_step);
+}
+
+template <class T> void rmsprop_entry(const Batch& b, int64_t lo, int64_t hi, const void* p) {
+  const auto& a = *static_cast<const RmspropArgs*>(p);
+  with_flags([&](auto mx, auto wd, auto cen, auto mom) {
+    run_range<RmspropRule<FO_V(mx), FO_V(wd), FO_V(cen), FO_V(mom)>, T>(b, lo, hi, a);
+  }, a.maximize, a.weight_decay != 0.0, a.centered, a.has_momentum);
+}
+
+template <class T> void adam_entry(const Batch& b, int64_t lo, int64_t hi, const void* p) {
+  const auto& a = *static_cast<const AdamArgs*>(p);
+  with_flags([&](auto mx, auto wd, auto dec, auto ams) {
+    run_range<AdamRule<FO_V(mx), FO_V(wd), FO_V(dec), FO_V(ams)>, T>(b, lo, hi, a);
+  }, a.maximize, a.weight_decay != 0.0, a.decoupled, a.amsgrad);
+}
+
+template <class T> void adagrad_entry(const Batch& b, int64_t lo, int64_t hi, const void* p) {
+  const auto& a = *static_cast<const AdagradArgs*>(p);
+  with_flags([&](auto mx, auto wd) {
+    run_range<AdagradRule<FO_V(mx), FO_V(wd)>, T>(b, lo, hi, a);
+  }, a.maximize, a.weight_decay != 0.0);
+}
+
+template <class T> void adadelta_entry(const Batch& b, int64_t lo, int64_t hi, const void* p) {
+  const auto& a = *static_cast<const AdadeltaArgs*>(p);
+  with_flags([&](auto mx, auto wd) {
+    run_range<AdadeltaRule<FO_V(mx), FO_V(wd)>, T>(b, lo, hi, a);
+  }, a.maximize, a.weight_decay != 0.0);
+}
+
+template <class T> void ema_entry(const Batch& b, int64_t lo, int64_t hi, const void* p) {
+  run_range<EmaRule, T>(b, lo, hi, *static_cast<const EmaArgs*>(p));
+}
+
+template <class T> void stream_entry(const Batch& b, int64_t lo, int64_t hi, const void* p) {
+  const auto& a = *static_cast<const StreamArgs*>(p);
+  switch (a.reads * 10 + a.writes) {
+    case 21: run_range<StreamRule<2, 1>, T>(b, lo, hi, a); break;
+    case 32: run_range<StreamRule<3, 2>, T>(b, lo, hi, a); break;
+    case 43: run_range<StreamRule<4, 3>, T>(b, lo, hi, a); break;
+    case 54: run_range<StreamRule<5, 4>, T>(b, lo, hi, a); break;
+    default: break;  // the bindings accept only the pairs above
+  }
+}
+#undef FO_V
+
+}  // namespace
+
+void FO_FILL_TABLE(KernelTable* t) {
+  t->fn[kSgd][kF32] = &sgd_entry<float>;
+  t->fn[kSgd][kF64] = &sgd_entry<double>;
+  t->fn[kRmsprop][kF32] = &rmsprop_entry<float>;
+  t->fn[kRmsprop][kF64] = &rmsprop_entry<double>;
+  t->fn[kAdam][kF32] = &adam_entry<float>;
+  t->fn[kAdam][kF64] = &adam_entry<double>;
+  t->fn[kAdagrad][kF32] = &adagrad_entry<float>;
+  t->fn[kAdagrad][kF64] = &adagrad_entry<double>;
+  t->fn[kAdadelta][kF32] = &adadelta_entry<float>;
+  t->fn[kAdadelta][kF64] = &adadelta_entry<double>;
+  t->fn[kEma][kF32] = &ema_entry<float>;
+  t->fn[kEma][kF64] = &ema_entry<double>;
+  t->fn[kStream][kF32] = &stream_entry<float>;
+  t->fn[kStream][kF64] = &stream_entry<double>;
+}
+
+}  // namespace fastoptim
