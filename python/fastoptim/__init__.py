@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from . import _core
 from .functional import adadelta_, adagrad_, adam_, adamw_, ema_, rmsprop_, sgd_
+from .optim import SGD, Adadelta, Adagrad, Adam, AdamW, Optimizer, RMSprop
 
 __version__ = "0.1.0"
 
 __all__ = [
     "sgd_", "rmsprop_", "adam_", "adamw_", "adagrad_", "adadelta_", "ema_",
+    "Optimizer", "SGD", "RMSprop", "Adam", "AdamW", "Adagrad", "Adadelta",
     "backend_info", "set_num_threads", "get_num_threads", "set_isa",
 ]
 

@@ -1,0 +1,658 @@
+"""Stateful optimizers for NumPy arrays: torch.optim's classes as thin shells around the fused,
+in-place updates of :mod:`fastoptim.functional` (contract: ``docs/api.md``).
+
+Each class holds the hyperparameters (``param_groups``, torch's layout), the state arrays
+(``state``, torch's names) and one step count per group. ``step(grads)`` makes one fused call per
+(group, dtype), passing LISTS of arrays; there is no Python loop that calls a kernel per array.
+
+Note [States are allocated once]
+    Every state array is allocated in ``__init__`` (or ``add_param_group``), never in ``step``:
+    zeros, except Adagrad's ``sum`` which starts at ``initial_accumulator_value``. Optional states
+    exist only when the group asks for them at construction (``momentum_buffer`` when
+    ``momentum != 0``, ``grad_avg`` when ``centered``, ``max_exp_avg_sq`` when ``amsgrad``).
+    Turning such a flag on later through ``param_groups`` is an error, not a silent allocation.
+    SGD's zero buffer is not torch's "no buffer yet": the kernel receives ``step`` and, on
+    step 1, sets the buffer to the gradient exactly as torch does when it clones it.
+    ``load_state_dict`` copies INTO these arrays, so their identity never changes.
+
+Note [One step count per group]
+    torch keeps ``state[p]["step"]`` per parameter, but all parameters of a group step together,
+    so one integer per group is kept here. ``state_dict`` writes it into every parameter's entry
+    (torch's layout); ``load_state_dict`` requires the entries of a group to agree.
+
+Note [Learning-rate schedules]
+    ``lr`` (the constructor argument or a group's ``"lr"``) is a float or a callable ``lr(t)``,
+    where ``t`` is the number of steps the group has already taken (0 for the first update), so
+    ``lr=lambda t: 0.1 * 0.5**t`` is a schedule. The callable is called once per group per step
+    and its value is checked (a finite number >= 0, else ValueError). ``state_dict`` stores the
+    callable itself, not a value.
+
+Note [All or nothing]
+    A step either updates every group or none. Before the first kernel call, ``step`` checks
+    every group's hyperparameters (they may have been edited through ``param_groups``), evaluates
+    every callable lr, and, when there is more than one call to make, checks each gradient's
+    type, dtype, shape and contiguity against its parameter. With a single call the kernel's own
+    checks, which run before it writes, give the same guarantee. ``load_state_dict`` likewise
+    validates everything before it copies anything.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+import operator
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import functional as F
+
+__all__ = ["Optimizer", "SGD", "RMSprop", "Adam", "AdamW", "Adagrad", "Adadelta"]
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+# What a gradient must share with its parameter; strides stand in for C-contiguity (a C-contiguous
+# array of the parameter's shape and dtype has the parameter's strides, up to size-1 dimensions,
+# which the exact check in Optimizer._check_grads then accepts).
+_grad_meta = operator.attrgetter("__class__", "dtype", "shape", "strides")
+
+
+# ---------------------------------------------------------------------------------------------
+# Hyperparameter checks: the ranges of docs/api.md. Each takes the name to report and the value.
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_real(where: str, value: Any) -> None:
+    if not _is_real(value):
+        raise TypeError(f"{where} must be a real number, got {value!r}")
+
+
+def _check_nonneg(where: str, value: Any) -> None:
+    _check_real(where, value)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"invalid {where}: {value!r} (must be finite and >= 0)")
+
+
+def _check_unit_open(where: str, value: Any) -> None:
+    _check_real(where, value)
+    if not 0 <= value < 1:
+        raise ValueError(f"invalid {where}: {value!r} (must be in [0, 1))")
+
+
+def _check_unit(where: str, value: Any) -> None:
+    _check_real(where, value)
+    if not 0 <= value <= 1:
+        raise ValueError(f"invalid {where}: {value!r} (must be in [0, 1])")
+
+
+def _check_flag(where: str, value: Any) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{where} must be a bool, got {value!r}")
+
+
+def _check_lr(where: str, value: Any) -> None:
+    if not callable(value):
+        _check_nonneg(where, value)
+
+
+def _check_betas(where: str, value: Any) -> None:
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(f"{where} must be a pair (beta1, beta2), got {value!r}")
+    _check_unit_open(f"{where}[0]", value[0])
+    _check_unit_open(f"{where}[1]", value[1])
+
+
+def _key(where: str, name: str) -> str:
+    return f"{where}[{name!r}]" if where else name
+
+
+def _check_param(where: str, p: Any) -> None:
+    if not isinstance(p, np.ndarray):
+        raise TypeError(f"{where} must be a numpy.ndarray, got {type(p).__name__}")
+    if p.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{where} has dtype {p.dtype}; parameters must be float32 or float64")
+    if not p.flags.c_contiguous:
+        raise ValueError(f"{where} is not C-contiguous")
+    if not p.flags.writeable:
+        raise ValueError(f"{where} is not writeable")
+
+
+def _check_no_overlap(params: Sequence[np.ndarray], names: Sequence[str]) -> None:
+    # C-contiguous arrays occupy [address, address + nbytes); after sorting by address, any
+    # overlap shows up between neighbours. This also catches the same array given twice.
+    spans = sorted(
+        (p.__array_interface__["data"][0], p.nbytes, k) for k, p in enumerate(params) if p.nbytes
+    )
+    for (a0, n0, k0), (a1, _, k1) in zip(spans, spans[1:]):
+        if a1 < a0 + n0:
+            raise ValueError(
+                f"{names[k0]} and {names[k1]} overlap in memory (the same array given twice?)"
+            )
+
+
+class _Bucket:
+    """The arrays of one (group, dtype): the arguments of one fused call, built once."""
+
+    __slots__ = ("indices", "start", "stop", "params", "states")
+
+    def __init__(self, indices: list[int], params: list[np.ndarray],
+                 states: dict[str, list[np.ndarray]]) -> None:
+        self.indices = indices
+        contiguous = indices == list(range(indices[0], indices[0] + len(indices)))
+        # A contiguous run of gradients is taken by slicing, without a per-array comprehension.
+        self.start = indices[0] if contiguous else None
+        self.stop = indices[0] + len(indices) if contiguous else None
+        self.params = params
+        self.states = states
+
+    def grads(self, grads: Sequence[np.ndarray]) -> Sequence[np.ndarray]:
+        if self.start is not None:
+            return grads[self.start:self.stop]
+        return [grads[i] for i in self.indices]
+
+
+class Optimizer:
+    """Base class: parameter groups, states allocated once, one fused call per (group, dtype).
+
+    Hyperparameters may be edited through ``param_groups`` between steps (as in torch), within
+    the states allocated at construction. A group's ``"params"`` list is informational: add
+    parameters with ``add_param_group``.
+
+    Subclasses define ``_hyper`` (hyperparameter name -> check, in torch's order),
+    ``_state_names(group)`` and ``_update(hp, step, params, grads, states)``.
+    """
+
+    _hyper: Mapping[str, Callable[[str, Any], None]] = {}
+
+    def __init__(self, params: Iterable[Any], defaults: Mapping[str, Any]) -> None:
+        self.defaults: dict[str, Any] = dict(defaults)
+        self._check_group(self.defaults, "")
+        self.param_groups: list[dict[str, Any]] = []
+        #: flat parameter index -> {state name: array}; indices run over all groups in order.
+        self.state: dict[int, dict[str, np.ndarray]] = {}
+        self._params: list[np.ndarray] = []
+        self._meta: list[tuple[Any, ...]] = []
+        self._num_calls = 0
+        self._param_names: list[str] = []
+        self._group_indices: list[list[int]] = []
+        self._allocated: list[tuple[str, ...]] = []
+        self._buckets: list[list[_Bucket]] = []
+        self._steps: list[int] = []
+
+        if isinstance(params, (np.ndarray, Mapping)):
+            raise TypeError(
+                "params must be a list of numpy arrays or a list of param-group dicts, got "
+                f"{type(params).__name__} (wrap a single array in a list)"
+            )
+        groups = list(params)
+        if not groups:
+            raise ValueError("optimizer got an empty parameter list")
+        if all(isinstance(g, Mapping) for g in groups):
+            for group in groups:
+                self.add_param_group(group)
+        elif any(isinstance(g, Mapping) for g in groups):
+            raise TypeError("params must be all arrays or all param-group dicts, not a mix")
+        else:
+            self.add_param_group({"params": groups})
+
+    # -- subclass hooks -------------------------------------------------------------------------
+
+    def _check_cross(self, group: Mapping[str, Any], where: str) -> None:
+        """Checks that involve several hyperparameters (e.g. nesterov)."""
+
+    def _state_names(self, group: Mapping[str, Any]) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def _initial_value(self, group: Mapping[str, Any], name: str) -> float:
+        return 0.0
+
+    def _update(self, hp: dict[str, Any], step: int, params: list[np.ndarray],
+                grads: Sequence[np.ndarray], states: dict[str, list[np.ndarray]]) -> None:
+        raise NotImplementedError
+
+    # -- groups ---------------------------------------------------------------------------------
+
+    def _check_group(self, group: Mapping[str, Any], where: str) -> None:
+        for name, check in self._hyper.items():
+            if name not in group:
+                raise ValueError(f"{where or 'defaults'} has no hyperparameter {name!r}")
+            check(_key(where, name), group[name])
+        self._check_cross(group, where)
+
+    def add_param_group(self, param_group: Mapping[str, Any]) -> None:
+        """Add a group (a dict with ``"params"`` and optional hyperparameters), allocating its
+        states. Missing hyperparameters take the constructor's values."""
+        if not isinstance(param_group, Mapping):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        if "params" not in param_group:
+            raise ValueError("param_group has no 'params' entry")
+        g = len(self.param_groups)
+        where = f"param_groups[{g}]"
+        params = param_group["params"]
+        if isinstance(params, np.ndarray):
+            params = [params]
+        elif isinstance(params, (set, frozenset)):
+            raise TypeError(f"{where}['params'] must be an ordered collection, not a set")
+        else:
+            params = list(params)
+        names = [f"{where}['params'][{j}]" for j in range(len(params))]
+        for name, p in zip(names, params):
+            _check_param(name, p)
+        _check_no_overlap(self._params + params, self._param_names + names)
+
+        group = {"params": params}
+        group.update((k, v) for k, v in param_group.items() if k != "params")
+        for k, v in self.defaults.items():
+            group.setdefault(k, v)
+        self._check_group(group, where)
+
+        state_names = self._state_names(group)
+        first = len(self._params)
+        indices = list(range(first, first + len(params)))
+        by_dtype: dict[np.dtype, list[int]] = {}
+        for i, p in zip(indices, params):
+            self.state[i] = {
+                name: np.full(p.shape, self._initial_value(group, name), dtype=p.dtype)
+                for name in state_names
+            }
+            by_dtype.setdefault(p.dtype, []).append(i)
+        buckets = [
+            _Bucket(idx, [params[i - first] for i in idx],
+                    {name: [self.state[i][name] for i in idx] for name in state_names})
+            for idx in by_dtype.values()
+        ]
+
+        self._params += params
+        self._meta += [(np.ndarray, p.dtype, p.shape, p.strides) for p in params]
+        self._num_calls += len(buckets)
+        self._param_names += names
+        self._group_indices.append(indices)
+        self._allocated.append(state_names)
+        self._buckets.append(buckets)
+        self._steps.append(0)
+        self.param_groups.append(group)
+
+    # -- step -----------------------------------------------------------------------------------
+
+    def step(self, grads: Sequence[np.ndarray] | np.ndarray) -> None:
+        """One update of every parameter, in place.
+
+        ``grads`` is a list (or tuple) with one gradient per parameter, in the order of
+        ``param_groups`` and of each group's ``"params"``; a single array is accepted when
+        there is exactly one parameter. Gradients are read only.
+        """
+        n = len(self._params)
+        if isinstance(grads, np.ndarray):
+            if n != 1:
+                raise TypeError(
+                    f"step() got a single array but the optimizer has {n} parameters; "
+                    f"pass a list of {n} gradients"
+                )
+            grads = [grads]
+        elif not isinstance(grads, (list, tuple)):
+            raise TypeError(f"grads must be a list of numpy arrays, got {type(grads).__name__}")
+        if len(grads) != n:
+            raise ValueError(
+                f"step() expects {n} gradients (one per parameter, in param_groups order), "
+                f"got {len(grads)}"
+            )
+
+        hps = []
+        for g, group in enumerate(self.param_groups):
+            where = f"param_groups[{g}]"
+            self._check_group(group, where)
+            missing = [s for s in self._state_names(group) if s not in self._allocated[g]]
+            if missing:
+                raise ValueError(
+                    f"{where} now needs the states {missing}, which were not allocated at "
+                    "construction; create the optimizer with these options instead"
+                )
+            hp = {name: group[name] for name in self._hyper}
+            lr = hp["lr"]
+            if callable(lr):
+                t = self._steps[g]
+                lr = lr(t)
+                _check_nonneg(f"{where}['lr']({t})", lr)
+            hp["lr"] = float(lr)
+            hps.append(hp)
+
+        if self._num_calls > 1:
+            try:
+                same = list(map(_grad_meta, grads)) == self._meta
+            except AttributeError:
+                same = False
+            if not same:
+                self._check_grads(grads)
+
+        for g, hp in enumerate(hps):
+            step = self._steps[g] + 1
+            for bucket in self._buckets[g]:
+                self._update(hp, step, bucket.params, bucket.grads(grads), bucket.states)
+            self._steps[g] = step
+
+    def _check_grads(self, grads: Sequence[np.ndarray]) -> None:
+        for i, (p, grad) in enumerate(zip(self._params, grads)):
+            if not isinstance(grad, np.ndarray):
+                raise TypeError(f"grads[{i}] must be a numpy.ndarray, got {type(grad).__name__}")
+            if grad.dtype != p.dtype:
+                raise TypeError(
+                    f"grads[{i}] has dtype {grad.dtype} but its parameter has dtype {p.dtype}"
+                )
+            if grad.shape != p.shape:
+                raise ValueError(
+                    f"grads[{i}] has shape {grad.shape} but its parameter has shape {p.shape}"
+                )
+            if not grad.flags.c_contiguous:
+                raise ValueError(f"grads[{i}] is not C-contiguous")
+
+    # -- state dict -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """A deep copy in torch's layout::
+
+            {"state": {index: {"step": int, <state name>: array, ...}},
+             "param_groups": [{<hyperparameters>, "params": [index, ...]}]}
+
+        Indices run over all groups in order. A callable lr is stored as is.
+        """
+        state: dict[int, dict[str, Any]] = {}
+        groups = []
+        for g, group in enumerate(self.param_groups):
+            packed = {k: (v if callable(v) else copy.deepcopy(v))
+                      for k, v in group.items() if k != "params"}
+            packed["params"] = list(self._group_indices[g])
+            groups.append(packed)
+            for i in self._group_indices[g]:
+                entry: dict[str, Any] = {"step": self._steps[g]}
+                entry.update((name, arr.copy()) for name, arr in self.state[i].items())
+                state[i] = entry
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load hyperparameters, steps and states saved by ``state_dict``.
+
+        Parameters are matched by position (group by group). Values are copied INTO the
+        existing state arrays. Everything is checked first (group and parameter counts, state
+        names, shapes, dtypes, steps, hyperparameters); on error nothing is changed.
+        """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        for key in ("state", "param_groups"):
+            if key not in state_dict:
+                raise ValueError(f"state_dict has no {key!r} entry")
+        saved_state = state_dict["state"]
+        saved_groups = state_dict["param_groups"]
+        if not isinstance(saved_state, Mapping):
+            raise TypeError("state_dict['state'] must be a dict")
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"state_dict has {len(saved_groups)} parameter groups, the optimizer has "
+                f"{len(self.param_groups)}"
+            )
+
+        new_groups: list[dict[str, Any]] = []
+        new_steps: list[int] = []
+        copies: list[tuple[np.ndarray, np.ndarray]] = []
+        seen: set[Any] = set()
+        for g, saved in enumerate(saved_groups):
+            where = f"state_dict['param_groups'][{g}]"
+            if not isinstance(saved, Mapping) or "params" not in saved:
+                raise ValueError(f"{where} must be a dict with a 'params' entry")
+            saved_indices = list(saved["params"])
+            mine = self._group_indices[g]
+            if len(saved_indices) != len(mine):
+                raise ValueError(
+                    f"{where} has {len(saved_indices)} parameters, param_groups[{g}] has "
+                    f"{len(mine)}"
+                )
+            hyper = {k: v for k, v in saved.items() if k != "params"}
+            self._check_group(hyper, where)
+            allocated = self._allocated[g]
+            missing = [s for s in self._state_names(hyper) if s not in allocated]
+            if missing:
+                raise ValueError(
+                    f"{where} needs the states {missing}, which param_groups[{g}] did not "
+                    "allocate at construction; create the optimizer with the same options"
+                )
+
+            steps = set()
+            for si, i in zip(saved_indices, mine):
+                ew = f"state_dict['state'][{si!r}]"
+                if si in seen:
+                    raise ValueError(f"parameter index {si!r} appears twice in state_dict")
+                seen.add(si)
+                entry = saved_state.get(si)
+                if not isinstance(entry, Mapping):
+                    raise ValueError(f"{ew} is missing")
+                step = entry.get("step")
+                if not isinstance(step, numbers.Integral) or isinstance(step, (bool, np.bool_)):
+                    raise TypeError(f"{ew}['step'] must be an integer, got {step!r}")
+                if step < 0:
+                    raise ValueError(f"{ew}['step'] must be >= 0, got {step}")
+                steps.add(int(step))
+                names = set(entry) - {"step"}
+                if names != set(allocated):
+                    raise ValueError(
+                        f"{ew} has states {sorted(names)}, the optimizer has {sorted(allocated)}"
+                    )
+                for name in allocated:
+                    src, dst = entry[name], self.state[i][name]
+                    if not isinstance(src, np.ndarray):
+                        raise TypeError(
+                            f"{ew}[{name!r}] must be a numpy.ndarray, got {type(src).__name__}"
+                        )
+                    if src.dtype != dst.dtype:
+                        raise TypeError(
+                            f"{ew}[{name!r}] has dtype {src.dtype}, the optimizer's has "
+                            f"{dst.dtype}"
+                        )
+                    if src.shape != dst.shape:
+                        raise ValueError(
+                            f"{ew}[{name!r}] has shape {src.shape}, the optimizer's has "
+                            f"{dst.shape}"
+                        )
+                    copies.append((dst, src))
+            if len(steps) > 1:
+                raise ValueError(
+                    f"{where}: its parameters have different steps {sorted(steps)}; the "
+                    "optimizer keeps one step count per group"
+                )
+            new_steps.append(steps.pop() if steps else self._steps[g])
+            new_groups.append(hyper)
+
+        # Nothing has been written so far; from here on nothing can fail.
+        for dst, src in copies:
+            np.copyto(dst, src)
+        for group, hyper in zip(self.param_groups, new_groups):
+            params = group["params"]
+            group.clear()
+            group["params"] = params
+            group.update((k, v if callable(v) else copy.deepcopy(v)) for k, v in hyper.items())
+        self._steps = new_steps
+
+    def __repr__(self) -> str:
+        text = type(self).__name__ + " ("
+        for g, group in enumerate(self.param_groups):
+            text += f"\nParameter Group {g}\n"
+            for key in sorted(group):
+                if key != "params":
+                    text += f"    {key}: {group[key]}\n"
+        return text + ")"
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent (torch.optim.SGD), optionally with (Nesterov) momentum.
+
+    ``lr`` is a float or a callable ``lr(t)`` (see Note [Learning-rate schedules]).
+    State: ``momentum_buffer`` when ``momentum != 0``.
+    """
+
+    _hyper = {"lr": _check_lr, "momentum": _check_unit, "dampening": _check_unit,
+              "weight_decay": _check_nonneg, "nesterov": _check_flag, "maximize": _check_flag}
+
+    def __init__(self, params: Iterable[Any], lr: float | Callable[[int], float] = 1e-3,
+                 momentum: float = 0, dampening: float = 0, weight_decay: float = 0,
+                 nesterov: bool = False, *, maximize: bool = False) -> None:
+        super().__init__(params, {"lr": lr, "momentum": momentum, "dampening": dampening,
+                                  "weight_decay": weight_decay, "nesterov": nesterov,
+                                  "maximize": maximize})
+
+    def _check_cross(self, group: Mapping[str, Any], where: str) -> None:
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError(
+                f"{_key(where, 'nesterov')}=True requires momentum > 0 and dampening == 0"
+            )
+
+    def _state_names(self, group: Mapping[str, Any]) -> tuple[str, ...]:
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
+    def _update(self, hp, step, params, grads, states):
+        use_momentum = hp["momentum"] != 0
+        F.sgd_(params, grads, states["momentum_buffer"] if use_momentum else None,
+               step=step if use_momentum else None, lr=hp["lr"],
+               momentum=float(hp["momentum"]), dampening=float(hp["dampening"]),
+               nesterov=bool(hp["nesterov"]), weight_decay=float(hp["weight_decay"]),
+               maximize=bool(hp["maximize"]))
+
+
+class RMSprop(Optimizer):
+    """RMSprop (torch.optim.RMSprop).
+
+    ``lr`` is a float or a callable ``lr(t)`` (see Note [Learning-rate schedules]).
+    States: ``square_avg``; ``momentum_buffer`` when ``momentum > 0``; ``grad_avg`` when
+    ``centered``.
+    """
+
+    _hyper = {"lr": _check_lr, "alpha": _check_unit, "eps": _check_nonneg,
+              "weight_decay": _check_nonneg, "momentum": _check_unit, "centered": _check_flag,
+              "maximize": _check_flag}
+
+    def __init__(self, params: Iterable[Any], lr: float | Callable[[int], float] = 1e-2,
+                 alpha: float = 0.99, eps: float = 1e-8, weight_decay: float = 0,
+                 momentum: float = 0, centered: bool = False, *,
+                 maximize: bool = False) -> None:
+        super().__init__(params, {"lr": lr, "alpha": alpha, "eps": eps,
+                                  "weight_decay": weight_decay, "momentum": momentum,
+                                  "centered": centered, "maximize": maximize})
+
+    def _state_names(self, group: Mapping[str, Any]) -> tuple[str, ...]:
+        return (("square_avg",) + (("momentum_buffer",) if group["momentum"] > 0 else ())
+                + (("grad_avg",) if group["centered"] else ()))
+
+    def _update(self, hp, step, params, grads, states):
+        momentum, centered = hp["momentum"], bool(hp["centered"])
+        F.rmsprop_(params, grads, states["square_avg"],
+                   states["grad_avg"] if centered else None,
+                   states["momentum_buffer"] if momentum > 0 else None,
+                   lr=hp["lr"], alpha=float(hp["alpha"]), eps=float(hp["eps"]),
+                   weight_decay=float(hp["weight_decay"]), momentum=float(momentum),
+                   centered=centered, maximize=bool(hp["maximize"]))
+
+
+class Adam(Optimizer):
+    """Adam (torch.optim.Adam) with L2 weight decay added to the gradient.
+
+    ``lr`` is a float or a callable ``lr(t)`` (see Note [Learning-rate schedules]).
+    States: ``exp_avg``, ``exp_avg_sq``; ``max_exp_avg_sq`` when ``amsgrad``.
+    """
+
+    _hyper = {"lr": _check_lr, "betas": _check_betas, "eps": _check_nonneg,
+              "weight_decay": _check_nonneg, "amsgrad": _check_flag, "maximize": _check_flag}
+    _decoupled = False
+
+    def __init__(self, params: Iterable[Any], lr: float | Callable[[int], float] = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0, amsgrad: bool = False, *,
+                 maximize: bool = False) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps,
+                                  "weight_decay": weight_decay, "amsgrad": amsgrad,
+                                  "maximize": maximize})
+
+    def _state_names(self, group: Mapping[str, Any]) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
+
+    def _update(self, hp, step, params, grads, states):
+        amsgrad = bool(hp["amsgrad"])
+        beta1, beta2 = hp["betas"]
+        update = F.adamw_ if self._decoupled else F.adam_
+        update(params, grads, states["exp_avg"], states["exp_avg_sq"], step=step, lr=hp["lr"],
+               beta1=float(beta1), beta2=float(beta2), eps=float(hp["eps"]),
+               weight_decay=float(hp["weight_decay"]), amsgrad=amsgrad,
+               max_exp_avg_sqs=states["max_exp_avg_sq"] if amsgrad else None,
+               maximize=bool(hp["maximize"]))
+
+
+class AdamW(Adam):
+    """AdamW (torch.optim.AdamW): Adam with decoupled weight decay, ``p *= 1 - lr*wd`` first.
+
+    ``lr`` is a float or a callable ``lr(t)`` (see Note [Learning-rate schedules]).
+    States: ``exp_avg``, ``exp_avg_sq``; ``max_exp_avg_sq`` when ``amsgrad``.
+    """
+
+    _decoupled = True
+
+    def __init__(self, params: Iterable[Any], lr: float | Callable[[int], float] = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, *,
+                 maximize: bool = False) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize)
+
+
+class Adagrad(Optimizer):
+    """Adagrad (torch.optim.Adagrad): ``clr = lr / (1 + (step-1)*lr_decay)``.
+
+    ``lr`` is a float or a callable ``lr(t)`` (see Note [Learning-rate schedules]).
+    State: ``sum``, filled with ``initial_accumulator_value`` at construction.
+    """
+
+    _hyper = {"lr": _check_lr, "lr_decay": _check_nonneg, "eps": _check_nonneg,
+              "weight_decay": _check_nonneg, "initial_accumulator_value": _check_nonneg,
+              "maximize": _check_flag}
+
+    def __init__(self, params: Iterable[Any], lr: float | Callable[[int], float] = 1e-2,
+                 lr_decay: float = 0, weight_decay: float = 0,
+                 initial_accumulator_value: float = 0, eps: float = 1e-10, *,
+                 maximize: bool = False) -> None:
+        super().__init__(params, {"lr": lr, "lr_decay": lr_decay, "eps": eps,
+                                  "weight_decay": weight_decay,
+                                  "initial_accumulator_value": initial_accumulator_value,
+                                  "maximize": maximize})
+
+    def _state_names(self, group: Mapping[str, Any]) -> tuple[str, ...]:
+        return ("sum",)
+
+    def _initial_value(self, group: Mapping[str, Any], name: str) -> float:
+        return float(group["initial_accumulator_value"])
+
+    def _update(self, hp, step, params, grads, states):
+        F.adagrad_(params, grads, states["sum"], step=step, lr=hp["lr"],
+                   lr_decay=float(hp["lr_decay"]), weight_decay=float(hp["weight_decay"]),
+                   eps=float(hp["eps"]), maximize=bool(hp["maximize"]))
+
+
+class Adadelta(Optimizer):
+    """Adadelta (torch.optim.Adadelta).
+
+    ``lr`` is a float or a callable ``lr(t)`` (see Note [Learning-rate schedules]).
+    States: ``square_avg``, ``acc_delta``.
+    """
+
+    _hyper = {"lr": _check_lr, "rho": _check_unit, "eps": _check_nonneg,
+              "weight_decay": _check_nonneg, "maximize": _check_flag}
+
+    def __init__(self, params: Iterable[Any], lr: float | Callable[[int], float] = 1.0,
+                 rho: float = 0.9, eps: float = 1e-6, weight_decay: float = 0, *,
+                 maximize: bool = False) -> None:
+        super().__init__(params, {"lr": lr, "rho": rho, "eps": eps,
+                                  "weight_decay": weight_decay, "maximize": maximize})
+
+    def _state_names(self, group: Mapping[str, Any]) -> tuple[str, ...]:
+        return ("square_avg", "acc_delta")
+
+    def _update(self, hp, step, params, grads, states):
+        F.adadelta_(params, grads, states["square_avg"], states["acc_delta"], lr=hp["lr"],
+                    rho=float(hp["rho"]), eps=float(hp["eps"]),
+                    weight_decay=float(hp["weight_decay"]), maximize=bool(hp["maximize"]))
