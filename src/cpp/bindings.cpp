@@ -434,4 +434,6 @@ PYBIND11_MODULE(_core, m) {
     set_num_threads(n);
   });
   m.def("get_num_threads", &num_threads);
+  // Test hook: how many threads a call over `total` elements uses (Note [small arrays ...]).
+  m.def("_threads_for", [](int64_t total) { return threads_for(total); }, arg("total"));
 }

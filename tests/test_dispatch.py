@@ -1,0 +1,112 @@
+"""Backend control: ISA choice, FASTOPTIM_ISA, thread policy, backend_info."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastoptim
+from fastoptim import _core
+
+
+def run_python(code, **env):
+    full_env = dict(os.environ, **env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=full_env, timeout=120)
+
+
+def test_backend_info_reports_isa_and_threads():
+    info = fastoptim.backend_info()
+    assert info["isa"] in info["isas_supported"]
+    assert set(info["isas_supported"]) <= set(info["isas_compiled"])
+    assert "scalar" in info["isas_supported"]
+    assert info["num_threads"] == fastoptim.get_num_threads() >= 1
+    assert info["version"] == fastoptim.__version__
+
+
+def test_default_isa_is_best_tested_path():
+    info = fastoptim.backend_info()
+    eligible = [i for i in ("avx512", "avx2", "scalar")
+                if i in info["isas_supported"] and i in info["isas_default_eligible"]]
+    out = run_python("import fastoptim; print(fastoptim.backend_info()['isa'])", FASTOPTIM_ISA="")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == eligible[0]
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+def test_env_var_forces_isa(isa):
+    code = "import fastoptim; print(fastoptim.backend_info()['isa'])"
+    out = run_python(code, FASTOPTIM_ISA=isa)
+    if isa in fastoptim.backend_info()["isas_supported"]:
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == isa
+    else:
+        assert out.returncode != 0
+        assert "FASTOPTIM_ISA" in out.stderr and isa in out.stderr
+
+
+def test_env_var_unknown_isa_is_a_clear_error():
+    out = run_python("import fastoptim", FASTOPTIM_ISA="sse9")
+    assert out.returncode != 0
+    assert "FASTOPTIM_ISA: unknown ISA 'sse9'" in out.stderr
+
+
+def test_set_isa_rejects_unknown_and_keeps_current():
+    before = fastoptim.backend_info()["isa"]
+    with pytest.raises(ValueError, match="unknown ISA 'neon'"):
+        fastoptim.set_isa("neon")
+    assert fastoptim.backend_info()["isa"] == before
+
+
+def test_set_isa_round_trip():
+    before = fastoptim.backend_info()["isa"]
+    try:
+        for isa in fastoptim.backend_info()["isas_supported"]:
+            fastoptim.set_isa(isa)
+            assert fastoptim.backend_info()["isa"] == isa
+    finally:
+        fastoptim.set_isa(before)
+
+
+def test_set_num_threads():
+    before = fastoptim.get_num_threads()
+    try:
+        fastoptim.set_num_threads(1)
+        assert fastoptim.backend_info()["num_threads"] == 1
+        with pytest.raises(ValueError, match="n must be >= 1"):
+            fastoptim.set_num_threads(0)
+        assert fastoptim.get_num_threads() == 1
+    finally:
+        fastoptim.set_num_threads(before)
+
+
+def test_small_arrays_never_start_a_parallel_region():
+    before = fastoptim.get_num_threads()
+    try:
+        fastoptim.set_num_threads(8)
+        assert _core._threads_for(0) == 1
+        assert _core._threads_for(1024) == 1
+        assert _core._threads_for((1 << 16) - 1) == 1
+        if fastoptim.backend_info()["openmp"]:
+            assert _core._threads_for(1 << 16) == 2
+            assert _core._threads_for(1 << 26) == 8
+        fastoptim.set_num_threads(1)
+        assert _core._threads_for(1 << 26) == 1
+    finally:
+        fastoptim.set_num_threads(before)
+
+
+def test_thread_split_covers_every_element_once():
+    # Each element gets +1 exactly once from the ceiling kernel (scale=1: x0 += 1 * ones).
+    before = fastoptim.get_num_threads()
+    try:
+        fastoptim.set_num_threads(2)
+        for sizes in ([(1 << 17) + 3], [5000] * 40 + [0, 1, 7] + [(1 << 16) + 63]):
+            xs = [np.zeros(n, np.float32) for n in sizes]
+            ones = [np.ones(n, np.float32) for n in sizes]
+            _core.stream_rmw([xs, ones], 1, 1.0)
+            for x in xs:
+                assert np.array_equal(x, np.ones_like(x))
+    finally:
+        fastoptim.set_num_threads(before)
