@@ -5,7 +5,7 @@ Functional in-place updates (``adam_``, ``sgd_``, ...), thin stateful classes (`
 """
 from __future__ import annotations
 
-from . import _core
+from . import _core, data, ema, functional, optim, reference, schedules
 from .functional import adadelta_, adagrad_, adam_, adamw_, ema_, rmsprop_, sgd_
 from .optim import SGD, Adadelta, Adagrad, Adam, AdamW, Optimizer, RMSprop
 

@@ -1,0 +1,101 @@
+"""Shuffled mini-batches for NumPy training loops.
+
+``random_mini_batches`` returns the whole epoch as a list; ``iter_mini_batches`` yields the
+same batches one at a time. Both draw ONE permutation of the examples and cut it into
+consecutive slices of ``batch_size`` indices (the last one smaller when ``batch_size`` does not
+divide the number of examples), so batch ``k`` of either is::
+
+    X.take(perm[k*batch_size:(k+1)*batch_size], axis=axis)
+
+Each batch is a fresh array gathered with its slice of the permutation: the data set itself is
+never shuffled or copied as a whole (an epoch of ``random_mini_batches`` holds one copy of the
+data split into batches; ``iter_mini_batches`` only one batch at a time).
+
+``axis`` is the examples axis. The deeplearning.ai course stores examples as COLUMNS,
+``X.shape == (n_features, m)`` and ``Y.shape == (1, m)``: use ``axis=1``. The usual NumPy /
+scikit-learn layout has examples as rows, ``X.shape == (m, n_features)``: the default
+``axis=0``. A 1-D array (a label vector of shape ``(m,)``) has a single axis, which is its
+examples axis whatever ``axis`` says.
+
+``seed`` is required (keyword only) so that a run is reproducible by default: an integer, a
+``numpy.random.Generator`` (drawn from; pass the same generator every epoch to get a new
+permutation each time), or ``None`` for fresh OS entropy.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Any, Iterator, Union
+
+import numpy as np
+
+__all__ = ["random_mini_batches", "iter_mini_batches"]
+
+SeedLike = Union[None, int, np.random.Generator]
+
+
+def _examples_axis(name: str, a: np.ndarray, axis: int) -> int:
+    if a.ndim == 0:
+        raise ValueError(f"{name} must have at least one dimension (the examples), got a scalar")
+    if a.ndim == 1:
+        return 0
+    if not -a.ndim <= axis < a.ndim:
+        raise ValueError(f"axis {axis} is out of bounds for {name} with shape {a.shape}")
+    return axis % a.ndim
+
+
+def _prepare(X: Any, Y: Any, batch_size: Any, seed: SeedLike, axis: Any):
+    if isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, numbers.Integral):
+        raise TypeError(f"batch_size must be an integer, got {batch_size!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis must be an integer, got {axis!r}")
+    if seed is not None and not isinstance(seed, np.random.Generator) and (
+            isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral)):
+        raise TypeError(f"seed must be an int, a numpy.random.Generator or None, got {seed!r}")
+    X = np.asarray(X)
+    Y = np.asarray(Y)
+    x_axis = _examples_axis("X", X, int(axis))
+    y_axis = _examples_axis("Y", Y, int(axis))
+    m = X.shape[x_axis]
+    if Y.shape[y_axis] != m:
+        raise ValueError(
+            f"X and Y have different numbers of examples along the examples axis: X.shape = "
+            f"{X.shape} has {m} (axis {x_axis}), Y.shape = {Y.shape} has {Y.shape[y_axis]} "
+            f"(axis {y_axis})"
+        )
+    perm = np.random.default_rng(seed).permutation(m)
+    return X, Y, x_axis, y_axis, perm, int(batch_size)
+
+
+def iter_mini_batches(X: Any, Y: Any, batch_size: int, *, seed: SeedLike,
+                      axis: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield ``(X_batch, Y_batch)`` pairs of one shuffled epoch, one batch at a time.
+
+    X and Y are shuffled with the same permutation along the examples ``axis`` (see the module
+    docstring for the layouts) and cut into ``ceil(m / batch_size)`` batches, the last one
+    smaller when ``batch_size`` does not divide ``m``. Arguments are checked when this is
+    called, before the first batch is asked for: ``TypeError`` for a non-integer
+    ``batch_size``, ``ValueError`` for ``batch_size < 1`` or when X and Y hold different
+    numbers of examples.
+    """
+    X, Y, x_axis, y_axis, perm, batch_size = _prepare(X, Y, batch_size, seed, axis)
+    return _batches(X, Y, x_axis, y_axis, perm, batch_size)
+
+
+def _batches(X: np.ndarray, Y: np.ndarray, x_axis: int, y_axis: int, perm: np.ndarray,
+             batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    for start in range(0, perm.size, batch_size):
+        idx = perm[start:start + batch_size]
+        yield X.take(idx, axis=x_axis), Y.take(idx, axis=y_axis)
+
+
+def random_mini_batches(X: Any, Y: Any, batch_size: int, *, seed: SeedLike,
+                        axis: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Shuffle X and Y with the same permutation along ``axis`` and split them into batches.
+
+    Returns the list of ``(X_batch, Y_batch)`` of one epoch: ``ceil(m / batch_size)`` pairs,
+    the last one smaller when ``batch_size`` does not divide ``m``. Same batches, in the same
+    order, as ``list(iter_mini_batches(X, Y, batch_size, seed=seed, axis=axis))``.
+    """
+    return list(iter_mini_batches(X, Y, batch_size, seed=seed, axis=axis))

@@ -1,0 +1,187 @@
+"""Exponentially weighted moving averages, with bias correction.
+
+Both classes here average ``x_1, x_2, ...`` as
+
+    avg_0 = 0,    avg_t = beta * avg_{t-1} + (1 - beta) * x_t,
+
+so ``avg_t = (1 - beta) * sum_{i=1..t} beta**(t-i) * x_i``. Starting from zero biases the early
+averages towards zero (the weights sum to ``1 - beta**t``, not 1); the bias-corrected average
+(Kingma & Ba 2015, section 3; the deeplearning.ai course's "bias correction") divides that out:
+
+    value_t = avg_t / (1 - beta**t).
+
+:class:`EMA` averages a stream of numbers (a loss curve, a metric). :class:`ModelEMA` keeps
+shadow copies of parameter arrays ("Polyak averaging" of the weights) and updates them in place
+with the fused kernel :func:`fastoptim.ema_`, one call per dtype.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Any, Sequence, Union
+
+import numpy as np
+
+from . import functional as F
+
+__all__ = ["EMA", "ModelEMA"]
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _check_beta(beta: Any) -> float:
+    if not isinstance(beta, numbers.Real) or isinstance(beta, (bool, np.bool_)):
+        raise TypeError(f"beta must be a real number, got {beta!r}")
+    if not 0 <= beta < 1:  # also rejects NaN
+        raise ValueError(f"beta must be in [0, 1), got {beta!r}")
+    return float(beta)
+
+
+def _check_flag(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return bool(value)
+
+
+class EMA:
+    """Exponentially weighted average of a stream of numbers.
+
+    ``update(x)`` folds in one value and returns the current average: bias-corrected
+    (``avg_t / (1 - beta**t)``) when ``bias_correction`` (the default), else the raw
+    ``avg_t``. ``beta`` is in [0, 1); the average covers roughly the last ``1/(1-beta)``
+    values.
+    """
+
+    def __init__(self, beta: float, bias_correction: bool = True) -> None:
+        self.beta = _check_beta(beta)
+        self.bias_correction = _check_flag("bias_correction", bias_correction)
+        #: the raw (uncorrected) average ``avg_t``; 0.0 before the first update
+        self.average = 0.0
+        #: number of values folded in
+        self.t = 0
+
+    def update(self, x: float) -> float:
+        """Fold in ``x``; returns :attr:`value`."""
+        self.average = self.beta * self.average + (1.0 - self.beta) * float(x)
+        self.t += 1
+        return self.value
+
+    @property
+    def value(self) -> float:
+        """The current average (bias-corrected when ``bias_correction``)."""
+        if self.t == 0:
+            raise RuntimeError("EMA has no value before the first update()")
+        if self.bias_correction:
+            return self.average / (1.0 - self.beta ** self.t)
+        return self.average
+
+    def reset(self) -> None:
+        """Forget every value (back to ``avg_0 = 0``, ``t = 0``)."""
+        self.average = 0.0
+        self.t = 0
+
+    def __repr__(self) -> str:
+        return (f"EMA(beta={self.beta!r}, bias_correction={self.bias_correction!r}) "
+                f"# t={self.t}, average={self.average!r}")
+
+
+ArrayList = Union[np.ndarray, Sequence[np.ndarray]]
+
+
+def _as_list(name: str, arrays: Any) -> list[np.ndarray]:
+    if isinstance(arrays, np.ndarray):
+        return [arrays]
+    if not isinstance(arrays, (list, tuple)):
+        raise TypeError(f"{name} must be a numpy array or a list of them, got "
+                        f"{type(arrays).__name__}")
+    return list(arrays)
+
+
+class ModelEMA:
+    """Shadow averages of parameter arrays, updated in place by the fused :func:`fastoptim.ema_`.
+
+    ``arrays`` (one array or a list; float32/float64, C-contiguous) are the parameters to
+    track: the object keeps references to them, not copies, so an optimizer that updates them
+    in place is followed automatically. Each ``update()`` folds their current values into
+    :attr:`averages` (one zero-initialised shadow array per parameter, same shape and dtype):
+    ``avg = beta*avg + (1-beta)*param``. ``corrected()`` returns the averages divided by
+    ``1 - beta**t`` (copies of them when ``bias_correction=False``), and ``copy_to`` writes
+    them into arrays of your choice, e.g. a second set of weights used for evaluation.
+    """
+
+    def __init__(self, arrays: ArrayList, beta: float, bias_correction: bool = True) -> None:
+        self.beta = _check_beta(beta)
+        self.bias_correction = _check_flag("bias_correction", bias_correction)
+        params = _as_list("arrays", arrays)
+        if not params:
+            raise ValueError("arrays is empty")
+        for i, p in enumerate(params):
+            if not isinstance(p, np.ndarray):
+                raise TypeError(f"arrays[{i}] must be a numpy.ndarray, got {type(p).__name__}")
+            if p.dtype not in _FLOAT_DTYPES:
+                raise TypeError(f"arrays[{i}] has dtype {p.dtype}; must be float32 or float64")
+            if not p.flags.c_contiguous:
+                raise ValueError(f"arrays[{i}] is not C-contiguous")
+        #: the tracked parameter arrays (references)
+        self.params = params
+        #: the raw shadow averages ``avg_t`` (updated in place; zeros before the first update)
+        self.averages = [np.zeros(p.shape, dtype=p.dtype) for p in params]
+        #: number of updates so far
+        self.t = 0
+        # One fused call per dtype: the kernel takes lists whose arrays share one dtype.
+        by_dtype: dict[np.dtype, list[int]] = {}
+        for i, p in enumerate(params):
+            by_dtype.setdefault(p.dtype, []).append(i)
+        self._groups = list(by_dtype.values())
+
+    def _check_like(self, name: str, arrays: Any) -> list[np.ndarray]:
+        arrays = _as_list(name, arrays)
+        if len(arrays) != len(self.averages):
+            raise ValueError(f"{name} has {len(arrays)} arrays, the EMA tracks "
+                             f"{len(self.averages)}")
+        for i, (a, avg) in enumerate(zip(arrays, self.averages)):
+            if not isinstance(a, np.ndarray):
+                raise TypeError(f"{name}[{i}] must be a numpy.ndarray, got {type(a).__name__}")
+            if a.dtype != avg.dtype:
+                raise TypeError(f"{name}[{i}] has dtype {a.dtype}, the average has {avg.dtype}")
+            if a.shape != avg.shape:
+                raise ValueError(f"{name}[{i}] has shape {a.shape}, the average has "
+                                 f"{avg.shape}")
+        return arrays
+
+    def update(self, values: ArrayList | None = None) -> None:
+        """Fold the current parameters (or ``values``, arrays like them) into the averages.
+
+        Everything is checked before the first average is written.
+        """
+        values = self.params if values is None else self._check_like("values", values)
+        for i, v in enumerate(values):
+            if not v.flags.c_contiguous:
+                raise ValueError(f"values[{i}] is not C-contiguous")
+        for group in self._groups:
+            F.ema_([self.averages[i] for i in group], [values[i] for i in group],
+                   beta=self.beta)
+        self.t += 1
+
+    def _denominator(self) -> float:
+        if self.t == 0:
+            raise RuntimeError("ModelEMA has no average before the first update()")
+        return 1.0 - self.beta ** self.t if self.bias_correction else 1.0
+
+    def corrected(self) -> list[np.ndarray]:
+        """New arrays holding the averages, bias-corrected when ``bias_correction``."""
+        denominator = self._denominator()
+        return [avg / np.asarray(denominator, dtype=avg.dtype) for avg in self.averages]
+
+    def copy_to(self, arrays: ArrayList) -> None:
+        """Write the (corrected) averages into ``arrays`` (same shapes and dtypes), in place."""
+        targets = self._check_like("arrays", arrays)
+        denominator = self._denominator()
+        for i, t in enumerate(targets):
+            if not t.flags.writeable:
+                raise ValueError(f"arrays[{i}] is not writeable")
+        for avg, t in zip(self.averages, targets):
+            np.divide(avg, np.asarray(denominator, dtype=avg.dtype), out=t)
+
+    def __repr__(self) -> str:
+        return (f"ModelEMA(<{len(self.params)} arrays>, beta={self.beta!r}, "
+                f"bias_correction={self.bias_correction!r}) # t={self.t}")
