@@ -649,7 +649,7 @@ def print_header(args, machine: dict, load: list | None) -> None:
           f"{machine['logical_cpus']} logical CPUs; {', '.join(machine.get('cpu_flags', []))}); "
           f"{machine.get('mem_total_gib', '?')} GiB RAM")
     print(f"fastoptim {fo['version']}: isa={fo['isa']} (compiled {','.join(fo['isas_compiled'])};"
-          f" supported {','.join(fo['isas_supported'])}), openmp={fo['openmp']}, "
+          f" supported {','.join(fo['isas_supported'])}), threading={fo['threading']}, "
           f"default threads={fo['num_threads']}")
     print(f"numpy {np.__version__}; torch {machine['torch'] or 'not installed'}; "
           f"python {machine['python']}; load average {load}")

@@ -88,9 +88,8 @@ def test_small_arrays_never_start_a_parallel_region():
         assert _core._threads_for(0) == 1
         assert _core._threads_for(1024) == 1
         assert _core._threads_for((1 << 16) - 1) == 1
-        if fastoptim.backend_info()["openmp"]:
-            assert _core._threads_for(1 << 16) == 2
-            assert _core._threads_for(1 << 26) == 8
+        assert _core._threads_for(1 << 16) == 2
+        assert _core._threads_for(1 << 26) == 8
         fastoptim.set_num_threads(1)
         assert _core._threads_for(1 << 26) == 1
     finally:
@@ -110,3 +109,44 @@ def test_thread_split_covers_every_element_once():
                 assert np.array_equal(x, np.ones_like(x))
     finally:
         fastoptim.set_num_threads(before)
+
+
+def test_pool_stress_every_element_exactly_once():
+    # Many back-to-back and idle-separated jobs of varied sizes and thread counts: the
+    # caller-runs pool (src/cpp/parallel.cpp) must hand out every chunk exactly once.
+    import time
+    rng = np.random.default_rng(7)
+    before = fastoptim.get_num_threads()
+    try:
+        for i in range(300):
+            fastoptim.set_num_threads(int(rng.integers(1, 5)))
+            n = int(rng.integers(1 << 15, 1 << 19))
+            x = np.zeros(n, np.float32)
+            ones = np.ones(n, np.float32)
+            _core.stream_rmw([x, ones], 1, 1.0)
+            assert np.array_equal(x, ones), i
+            if i % 50 == 0:
+                time.sleep(0.02)  # let the workers go to sleep
+    finally:
+        fastoptim.set_num_threads(before)
+
+
+def test_pool_after_fork_runs_on_the_caller():
+    # A forked child has no pool workers; a multi-threaded update must still complete.
+    code = """
+import os, numpy as np, fastoptim
+from fastoptim import _core
+fastoptim.set_num_threads(2)
+x = np.zeros(1 << 20, np.float32); ones = np.ones_like(x)
+_core.stream_rmw([x, ones], 1, 1.0)          # starts the parent's workers
+pid = os.fork()
+if pid == 0:
+    y = np.zeros(1 << 20, np.float32)
+    _core.stream_rmw([y, ones], 1, 1.0)
+    os._exit(0 if np.array_equal(y, ones) else 3)
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status))
+"""
+    out = run_python(code)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "0"

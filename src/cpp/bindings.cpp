@@ -391,7 +391,7 @@ py::dict info() {
   d["isas_supported"] = supported;
   d["isas_default_eligible"] = tested;
   d["num_threads"] = num_threads();
-  d["openmp"] = have_openmp();
+  d["threading"] = "caller-runs pool";
   return d;
 }
 

@@ -24,10 +24,9 @@ void init_dispatch();
 int num_threads();
 void set_num_threads(int n);  // n >= 1, checked by the caller
 int threads_for(int64_t total_elements);
-bool have_openmp();
 
-// Runs kernel `rule` for `dtype` over the whole batch on the current ISA, splitting the
-// global element range between threads when it is large enough.
+// Runs kernel `rule` for `dtype` over the whole batch on the current ISA, handing chunks of
+// the global element range to the caller-runs pool when it is large enough (parallel.h).
 void execute(RuleId rule, DType dtype, const Batch& batch, const void* args);
 
 }  // namespace fastoptim

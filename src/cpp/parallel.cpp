@@ -1,0 +1,174 @@
+// parallel.cpp: the caller-runs pool of parallel.h.
+//
+// Note [claim protocol]
+// One job is live at a time (calls into fastoptim are serialised by the GIL, and a pool
+// belongs to one process). Its chunks are handed out through ONE 64-bit atomic word:
+//     state = generation (24 bits) | next chunk (20 bits) | chunk count (20 bits)
+// A thread claims chunk k by a compare-and-swap from (g, k, n) to (g, k + 1, n) with k < n.
+// A successful CAS proves that the job it names is the live one, so the claimer may then read
+// the job's fields (published before `state` with release ordering) and run the chunk; a
+// worker holding a stale word just fails its CAS. Workers count the chunks they finish in
+// `done_by_workers_`; the caller, once no chunk is left to claim, waits until that count
+// equals the chunks it did not run itself. Only then does the job end and its fields change.
+#include "parallel.h"
+
+#include <sched.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define FO_PAUSE() _mm_pause()
+#else
+#define FO_PAUSE() ((void)0)
+#endif
+
+namespace fastoptim {
+namespace {
+
+constexpr int kCountBits = 20;
+constexpr uint64_t kCountMask = (uint64_t{1} << kCountBits) - 1;
+constexpr uint64_t kMaxChunks = kCountMask;             // chunk count fits 20 bits
+constexpr int kGenShift = 2 * kCountBits;
+constexpr uint64_t kNextOne = uint64_t{1} << kCountBits;
+constexpr int kSpinBeforeSleep = 20000;  // ~100 us of polling before a worker sleeps
+
+inline uint64_t next_of(uint64_t s) { return (s >> kCountBits) & kCountMask; }
+inline uint64_t count_of(uint64_t s) { return s & kCountMask; }
+
+class Pool {
+ public:
+  Pool() : pid_(getpid()) {}
+
+  void run(int n_threads, int64_t total, int64_t chunk, RangeFn fn, const void* ctx) {
+    chunk = std::max<int64_t>(chunk, (total + static_cast<int64_t>(kMaxChunks) - 1) /
+                                         static_cast<int64_t>(kMaxChunks));
+    const uint64_t n = static_cast<uint64_t>((total + chunk - 1) / chunk);
+    const int helpers = std::min<int64_t>(n_threads - 1, static_cast<int64_t>(n) - 1);
+    if (helpers <= 0) {
+      fn(ctx, 0, total);
+      return;
+    }
+    ensure_workers(helpers);
+
+    // Publish the job, then the state word that makes it claimable.
+    fn_.store(fn, std::memory_order_relaxed);
+    ctx_.store(ctx, std::memory_order_relaxed);
+    total_.store(total, std::memory_order_relaxed);
+    chunk_.store(chunk, std::memory_order_relaxed);
+    active_workers_.store(helpers, std::memory_order_relaxed);
+    done_by_workers_.store(0, std::memory_order_relaxed);
+    const uint64_t gen = (state_.load(std::memory_order_relaxed) >> kGenShift) + 1;
+    state_.store((gen << kGenShift) | n, std::memory_order_seq_cst);
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+      std::lock_guard<std::mutex> lock(mu_);
+      ++wake_seq_;
+      cv_.notify_all();
+    }
+
+    uint64_t mine = 0;
+    while (run_one()) ++mine;
+    const int64_t theirs = static_cast<int64_t>(n - mine);
+    for (int spins = 0; done_by_workers_.load(std::memory_order_acquire) != theirs; ++spins) {
+      if (spins < 4096) FO_PAUSE(); else std::this_thread::yield();
+    }
+  }
+
+  bool forked() const { return getpid() != pid_; }
+
+ private:
+  // Claims and runs one chunk of the live job; false when none is left.
+  bool run_one() {
+    uint64_t s = state_.load(std::memory_order_acquire);
+    while (next_of(s) < count_of(s)) {
+      if (state_.compare_exchange_weak(s, s + kNextOne, std::memory_order_acq_rel,
+                                       std::memory_order_acquire)) {
+        const int64_t k = static_cast<int64_t>(next_of(s));
+        const int64_t chunk = chunk_.load(std::memory_order_relaxed);
+        const int64_t total = total_.load(std::memory_order_relaxed);
+        const int64_t begin = k * chunk;
+        fn_.load(std::memory_order_relaxed)(ctx_.load(std::memory_order_relaxed), begin,
+                                            std::min(total, begin + chunk));
+        return true;
+      }
+    }
+    return false;
+  }
+
+  bool work_available(int index) const {
+    const uint64_t s = state_.load(std::memory_order_seq_cst);
+    return next_of(s) < count_of(s) && index < active_workers_.load(std::memory_order_relaxed);
+  }
+
+  void worker_loop(int index) {
+    uint64_t seen = 0;
+    for (;;) {
+      for (int spins = 0; spins < kSpinBeforeSleep; ++spins) {
+        if (work_available(index)) {
+          while (index < active_workers_.load(std::memory_order_relaxed) && run_one())
+            done_by_workers_.fetch_add(1, std::memory_order_release);
+          spins = 0;
+        }
+        FO_PAUSE();
+      }
+      std::unique_lock<std::mutex> lock(mu_);
+      sleepers_.fetch_add(1, std::memory_order_seq_cst);
+      // A job published before the increment above may have skipped the notify: look again.
+      if (!work_available(index)) cv_.wait(lock, [&] { return wake_seq_ != seen; });
+      seen = wake_seq_;
+      sleepers_.fetch_sub(1, std::memory_order_seq_cst);
+    }
+  }
+
+  void ensure_workers(int n) {
+    while (static_cast<int>(workers_.size()) < n) {
+      const int index = static_cast<int>(workers_.size());
+      workers_.emplace_back([this, index] { worker_loop(index); });
+      workers_.back().detach();
+    }
+  }
+
+  const pid_t pid_;
+  std::vector<std::thread> workers_;
+  std::atomic<uint64_t> state_{0};
+  std::atomic<RangeFn> fn_{nullptr};
+  std::atomic<const void*> ctx_{nullptr};
+  std::atomic<int64_t> total_{0};
+  std::atomic<int64_t> chunk_{1};
+  std::atomic<int> active_workers_{0};
+  std::atomic<int64_t> done_by_workers_{0};
+  std::atomic<int> sleepers_{0};
+  std::mutex mu_;
+  std::condition_variable cv_;
+  uint64_t wake_seq_ = 0;
+};
+
+// Never destroyed: detached workers may still be parked in it at interpreter exit. After a
+// fork() the child gets a fresh pool (the parent's workers do not exist there).
+Pool* g_pool = nullptr;
+
+}  // namespace
+
+void parallel_for(int n_threads, int64_t total, int64_t chunk, RangeFn fn, const void* ctx) {
+  if (total <= 0) return;
+  if (n_threads <= 1) {
+    fn(ctx, 0, total);
+    return;
+  }
+  if (g_pool == nullptr || g_pool->forked()) g_pool = new Pool();
+  g_pool->run(n_threads, total, chunk, fn, ctx);
+}
+
+int available_cpus() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+}
+
+}  // namespace fastoptim
