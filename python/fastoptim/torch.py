@@ -1,0 +1,838 @@
+"""torch.optim drop-ins backed by fastoptim's fused kernels (CPU tensors).
+
+``fastoptim.torch.SGD``, ``RMSprop``, ``Adam``, ``AdamW``, ``Adagrad`` and ``Adadelta`` are
+``torch.optim.Optimizer`` subclasses with torch 2.13's constructor arguments, defaults, param
+groups, ``zero_grad``, closures, hooks and ``state_dict`` layout (state keys ``step``,
+``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ``momentum_buffer``, ``square_avg``,
+``grad_avg``, ``sum``, ``acc_delta``), so checkpoints move both ways between
+``torch.optim.X`` and ``fastoptim.torch.X`` and learning-rate schedulers work unchanged. Each
+``step()`` makes ONE fused call of :mod:`fastoptim.functional` per (param group, dtype), on
+zero-copy NumPy views of the tensors. ``import fastoptim`` never imports torch; this module does.
+
+Note [Views are cached]
+    Building a NumPy view costs about a microsecond, so the views of parameters and states are
+    built once and kept per param group, with the ``data_ptr()`` of every tensor they view.
+    Each step compares those pointers with the current ones (one C-level pass per group): a
+    parameter whose memory moved (``p.data = ...``, ``share_memory_()``, ZeRO bucket views) or
+    a state tensor that was replaced (``load_state_dict``, ZeroRedundancyOptimizer writing
+    ``optim.state[p]``, a hand edit) is re-viewed before use. Gradients are viewed afresh every
+    step: ``zero_grad()`` replaces them.
+
+Note [Steps live in one tensor per group]
+    torch keeps ``state[p]["step"]`` as a 0-d float32 tensor per parameter and adds 1 to each
+    (about 3 us per tensor on the CPU). Here each group owns one 1-D step tensor and
+    ``state[p]["step"]`` is a 0-d view of its element: a real tensor in torch's dtype that
+    ``state_dict``, ``torch.save`` and ``torch.optim`` read and write as usual, while a step
+    advances every parameter that had a gradient with one NumPy operation. A step tensor from a
+    checkpoint is copied into the group's tensor when it is first used.
+
+Note [All or nothing]
+    A step checks everything before the first kernel call: every parameter that has a gradient
+    (float32 or float64, CPU, contiguous or dense in another order such as channels_last),
+    every gradient (dense, CPU, the parameter's dtype, shape and layout) and every group's
+    hyperparameters (the kernel's own checks, run on empty lists whenever they change). When
+    the step is ONE kernel call, that call's own checks, which run before it writes, stand in
+    for the per-gradient comparison in Python, and a failure is diagnosed again to name the
+    parameter. A bad input raises ``TypeError``/``ValueError`` naming
+    ``param_groups[g]['params'][i]`` and leaves params, states and steps as they were. Steps
+    advance, and the params' autograd version counters are bumped, after the kernels ran.
+
+Note [torch-only flags]
+    ``foreach``, ``fused``, ``capturable`` and ``differentiable`` choose torch implementations;
+    fastoptim has one (fused, CPU, outside autograd), so a truthy value passed to a constructor
+    is a ``ValueError``. Their keys stay in ``param_groups`` with torch's defaults, so a
+    ``state_dict`` has torch's layout; values loaded from a torch checkpoint are kept for the
+    round trip and ignored, except ``differentiable=True``, which ``step`` refuses.
+
+Note [SGD's first momentum step]
+    torch creates ``momentum_buffer`` from the first (decayed, sign-adjusted) gradient. The
+    kernel does the same when it is called with ``step=1``: a parameter without a buffer gets a
+    fresh buffer and ``step=1``, the others ``step=2``, in separate calls when they are mixed.
+    The new buffer enters ``state`` only after its kernel call has run.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Iterable
+from itertools import chain, compress, repeat
+from typing import Any
+
+import numpy as np
+import torch
+from torch.autograd.graph import increment_version
+
+from . import functional as F
+
+__all__ = ["SGD", "RMSprop", "Adam", "AdamW", "Adagrad", "Adadelta"]
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float64)
+_grad_of = operator.attrgetter("grad")
+_data_ptr = torch.Tensor.data_ptr
+_to_numpy = torch.Tensor.numpy
+# What a gradient's view must share with its parameter's view: class, dtype, shape, strides.
+_view_meta = operator.attrgetter("__class__", "dtype", "shape", "strides")
+
+_FLAG_REASONS = {
+    "foreach": "fastoptim makes one fused call per (param group, dtype) already",
+    "fused": "fastoptim's update is always fused",
+    "capturable": "graph capture needs a CUDA backend, which fastoptim does not have yet",
+    "differentiable": "the fused kernels update tensors in place, outside autograd",
+}
+
+
+def _reject_torch_only(cls: str, **flags: Any) -> None:
+    for name, value in flags.items():
+        if value:
+            raise ValueError(f"{cls}: {name}={value!r} is not supported ({_FLAG_REASONS[name]}); "
+                             f"leave it at its default")
+
+
+def _scalar(value: Any) -> Any:
+    """A hyperparameter as a Python number (torch allows 1-element tensors for lr and betas)."""
+    return value.item() if isinstance(value, torch.Tensor) else value
+
+
+def _scalar_dtype() -> torch.dtype:
+    # torch's _get_scalar_dtype() for non-fused optimizers: the dtype of state["step"].
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """Whether t's elements fill one gap-free block of memory, in some dimension order."""
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _flat(view: np.ndarray) -> np.ndarray:
+    # A dense array with non-negative strides starts at its lowest address, so its memory is the
+    # 1-D array of its size from there, in memory order: the same order for a parameter, its
+    # gradient and its states, which share one layout.
+    return np.lib.stride_tricks.as_strided(view, shape=(view.size,), strides=(view.itemsize,))
+
+
+def _problem(t: torch.Tensor) -> tuple[type[Exception], str] | None:
+    """Why fastoptim cannot use this tensor (exception type, text), or None."""
+    if t.layout is not torch.strided:
+        what = "sparse" if t.is_sparse else str(t.layout).replace("torch.", "")
+        return TypeError, f"is {what}; fastoptim supports dense (strided) tensors only"
+    if t.device.type != "cpu":
+        return ValueError, (f"is on {t.device}: fastoptim.torch has no {t.device.type.upper()} "
+                            f"backend yet (CPU tensors only)")
+    if t.is_complex():
+        return TypeError, f"is complex ({t.dtype}); fastoptim supports float32 and float64 only"
+    if t.dtype not in _SUPPORTED_DTYPES:
+        return TypeError, (f"has dtype {t.dtype}; fastoptim supports float32 and float64 only "
+                           f"(no float16/bfloat16 kernels yet)")
+    if not (t.is_contiguous() or _is_dense(t)):
+        return ValueError, (f"is not contiguous (shape {tuple(t.shape)}, strides {t.stride()}); "
+                            f"fastoptim needs contiguous tensors (or dense ones such as "
+                            f"channels_last)")
+    return None
+
+
+def _same_layout(t: Any, p: torch.Tensor) -> bool:
+    """Whether a state tensor can be used as it is for parameter p."""
+    return (isinstance(t, torch.Tensor) and t.layout is torch.strided and t.device == p.device
+            and t.dtype == p.dtype and t.shape == p.shape and t.stride() == p.stride()
+            and not t.requires_grad and not t.is_neg() and not t.is_conj())
+
+
+def _distinct(values: np.ndarray) -> int:
+    return 0 if values.size == 0 else 1 + int(values.min() != values.max())
+
+
+class _GroupCache:
+    """The NumPy views of one param group (Note [Views are cached])."""
+
+    __slots__ = ("group", "names", "ptrs", "views", "metas", "errors", "flat", "dtypes",
+                 "one_dtype", "dicts", "gen", "svs", "bound", "pending", "store", "store_np",
+                 "full")
+
+    def __init__(self, group: dict, names: tuple[str, ...], ptrs: list[int],
+                 with_step: bool) -> None:
+        params = group["params"]
+        n = len(params)
+        self.group = group
+        self.names = names
+        self.ptrs = ptrs
+        self.views: list[np.ndarray | None] = [None] * n
+        self.metas: list[tuple | None] = [None] * n
+        self.errors: list[tuple[type[Exception], str] | None] = [None] * n
+        self.flat: set[int] = set()
+        self.dtypes: list[Any] = [None] * n
+        for i, p in enumerate(params):
+            self.errors[i] = _problem(p)
+            if self.errors[i] is not None:
+                continue
+            try:
+                view = p.detach().numpy()
+            except RuntimeError as err:  # e.g. a parameter with its negative bit set
+                self.errors[i] = (ValueError, f"cannot be viewed as a NumPy array ({err})")
+                continue
+            self.metas[i] = _view_meta(view)
+            self.dtypes[i] = view.dtype
+            if not view.flags.c_contiguous:
+                self.flat.add(i)
+                view = _flat(view)
+            self.views[i] = view
+        self.one_dtype = len(set(self.dtypes)) == 1
+        #: per param: its ``state`` dict as last looked up, valid while ``gen`` is the
+        #: optimizer's (Note [Views are cached]).
+        self.dicts: list[dict | None] = [None] * n
+        self.gen = -1
+        #: per param: its state views in ``names`` order, and the data_ptr()s of the state
+        #: tensors they view (``names`` then ``step``); None while unbound.
+        self.svs: list[tuple[np.ndarray, ...] | None] = [None] * n
+        self.bound: list[tuple[int, ...] | None] = [None] * n
+        #: SGD momentum buffers made for this step; they enter ``state`` after the kernel ran.
+        self.pending: dict[int, torch.Tensor] = {}
+        self.store = torch.zeros(n, dtype=_scalar_dtype()) if with_step else None
+        self.store_np = self.store.numpy() if with_step else None
+        #: (param views, {name: state views}, bound pointers flattened) once all are bound.
+        self.full: tuple | None = None
+
+
+class _Gathered:
+    """One group's part of a step: its params with gradients and their views."""
+
+    __slots__ = ("gi", "group", "cache", "idx", "grads", "views", "hyper", "checked")
+
+    def __init__(self, gi: int, group: dict, cache: _GroupCache, idx: range | list[int],
+                 grads: list, views: list, hyper: dict[str, Any]) -> None:
+        self.gi = gi
+        self.group = group
+        self.cache = cache
+        self.idx = idx
+        self.grads = grads
+        self.views = views
+        self.hyper = hyper
+        self.checked = False
+
+
+class _FusedOptimizer(torch.optim.Optimizer):
+    """torch.optim's bookkeeping around fastoptim's fused update.
+
+    Subclasses set ``_with_step`` (``state`` holds ``step``), ``_kernel_step`` (the kernel needs
+    it), ``_flag_defaults`` (torch's ``__setstate__`` defaults) and define
+    ``_state_names(group)``, ``_hyper(group)`` and ``_call(group, hyper, step, params, grads,
+    states)``.
+    """
+
+    _with_step = True
+    _kernel_step = False
+    _flag_defaults: dict[str, Any] = {}
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        self._reset_caches()
+        super().__init__(params, defaults)
+
+    def _reset_caches(self) -> None:
+        self._caches: dict[int, _GroupCache] = {}
+        #: per group: the hyperparameters the kernel last accepted (Note [All or nothing])
+        self._checked: dict[int, tuple] = {}
+        #: (``self.state``, its values) at the end of the last step, and a generation number
+        #: that changes whenever they no longer match: then the per-param dicts are looked up.
+        self._snapshot: tuple[Any, list] | None = None
+        self._gen = 0
+
+    # -- torch.optim.Optimizer overrides --------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        try:
+            self._dry_run(self.param_groups[-1], len(self.param_groups) - 1)
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self._flag_defaults.items():
+                group.setdefault(key, value)
+        self._reset_caches()
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform a single optimization step.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model and returns the
+                loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        snapshot = self._snapshot
+        if (snapshot is None or snapshot[0] is not self.state
+                or not _same_objects(snapshot[1], list(self.state.values()))):
+            self._gen += 1
+        self._snapshot = None
+        gathered = []
+        for gi, group in enumerate(self.param_groups):
+            item = self._gather(gi, group)
+            if item is not None:
+                gathered.append(item)
+        calls = [call for item in gathered for call in self._plan(item)]
+        if len(calls) == 1:
+            # One call: the kernel checks every array before it writes (docs/api.md).
+            try:
+                calls[0]()
+            except (TypeError, ValueError):
+                for item in gathered:
+                    if not item.checked:
+                        self._check_grads(item)  # the same problem, named after the param
+                raise
+        else:
+            for item in gathered:
+                if not item.checked:
+                    self._check_grads(item)
+            for call in calls:
+                call()
+        self._snapshot = (self.state, list(self.state.values()))
+        for item in gathered:
+            group, idx = item.group, item.idx
+            params = group["params"]
+            increment_version(params if len(idx) == len(params) else [params[i] for i in idx])
+        return loss
+
+    # -- subclass hooks -------------------------------------------------------------------------
+
+    def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
+        """The state tensors a param of this group has, ``step`` aside, in torch's order."""
+        raise NotImplementedError
+
+    def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The group's hyperparameters as keyword arguments of the functional update."""
+        raise NotImplementedError
+
+    def _call(self, group: dict[str, Any], hyper: dict[str, Any], step: int | None,
+              params: list, grads: list, states: dict[str, list]) -> None:
+        raise NotImplementedError
+
+    def _init_state(self, group: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
+        """torch's lazy state initialisation for a param's first step."""
+        state: dict[str, Any] = {"step": torch.zeros((), dtype=_scalar_dtype())}
+        for name in self._state_names(group):
+            state[name] = self._new_state(p, name)
+        return state
+
+    def _new_state(self, p: torch.Tensor, name: str) -> torch.Tensor:
+        return torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _missing_state(self, c: _GroupCache, i: int, p: torch.Tensor, name: str,
+                       state: dict[str, Any]) -> torch.Tensor:
+        """A state the group needs but the param lacks (a flag turned on after its first step)."""
+        state[name] = t = self._new_state(p, name)
+        return t
+
+    def _step_key(self, c: _GroupCache, i: int, new_step: Any) -> int | None:
+        """The ``step`` argument of param i's kernel call."""
+        return int(new_step) if self._kernel_step else None
+
+    def _commit(self, c: _GroupCache, ids: list[int]) -> None:
+        """After a kernel call: enter the states made for it into ``state`` (SGD)."""
+
+    # -- the step -------------------------------------------------------------------------------
+
+    def _where(self, gi: int, i: int | None = None) -> str:
+        where = f"{type(self).__name__}: param_groups[{gi}]"
+        return where if i is None else f"{where}['params'][{i}]"
+
+    def _dry_run(self, group: dict[str, Any], gi: int) -> dict[str, Any]:
+        """The group's kernel arguments, checked by the kernel itself on empty lists."""
+        if group.get("differentiable"):
+            raise ValueError(f"{self._where(gi)}: differentiable=True is not supported "
+                             f"({_FLAG_REASONS['differentiable']})")
+        hyper = self._hyper(group)
+        names = self._state_names(group)
+        checked = self._checked.get(id(group))
+        if checked is not None and checked[0] is group and checked[1] == (hyper, names):
+            return hyper
+        try:
+            self._call(group, hyper, 1, [], [], {name: [] for name in names})
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{self._where(gi)}: {err}") from None
+        self._checked[id(group)] = (group, (hyper, names))
+        return hyper
+
+    def _cache(self, group: dict[str, Any]) -> _GroupCache:
+        names = self._state_names(group)
+        ptrs = list(map(_data_ptr, group["params"]))
+        c = self._caches.get(id(group))
+        if c is None or c.group is not group or c.names != names or c.ptrs != ptrs:
+            c = _GroupCache(group, names, ptrs, self._with_step)
+            self._caches[id(group)] = c
+        return c
+
+    def _gather(self, gi: int, group: dict[str, Any]) -> _Gathered | None:
+        """Check one group's gradients, parameters and hyperparameters; writes nothing."""
+        params = group["params"]
+        grads = list(map(_grad_of, params))
+        has_grad = list(map(operator.is_not, grads, repeat(None)))
+        if all(has_grad):
+            idx: range | list[int] = range(len(params))
+        else:
+            idx = list(compress(range(len(params)), has_grad))
+            if not idx:
+                return None
+            grads = [grads[i] for i in idx]
+        hyper = self._dry_run(group, gi)
+        c = self._cache(group)
+        if any(c.errors):
+            for i in idx:
+                if c.errors[i] is not None:
+                    kind, text = c.errors[i]
+                    raise kind(f"{self._where(gi, i)} {text}")
+        try:
+            gv = list(map(_to_numpy, grads))
+        except (TypeError, RuntimeError):
+            gv = [self._grad_view(gi, i, g) for i, g in zip(idx, grads)]
+        item = _Gathered(gi, group, c, idx, grads, gv, hyper)
+        if c.flat:
+            # The kernel sees 1-D views here, so it cannot check the layouts: check them now.
+            self._check_grads(item)
+            for j, i in enumerate(idx):
+                if i in c.flat:
+                    gv[j] = _flat(gv[j])
+        return item
+
+    def _check_grads(self, item: _Gathered) -> None:
+        """Each gradient against its parameter (dtype, shape, layout); raises naming the param."""
+        c, idx, gv = item.cache, item.idx, item.views
+        metas = c.metas if len(idx) == len(c.metas) else [c.metas[i] for i in idx]
+        if list(map(_view_meta, gv)) != metas:
+            params = item.group["params"]
+            for j, i in enumerate(idx):
+                self._check_grad(item.gi, i, params[i], item.grads[j], gv[j], c)
+        item.checked = True
+
+    def _grad_view(self, gi: int, i: int, g: torch.Tensor) -> np.ndarray:
+        problem = _problem(g)
+        if problem is not None:
+            kind, text = problem
+            raise kind(f"{self._where(gi, i)}: its gradient {text}")
+        g = g.detach()  # a gradient that requires grad (backward with create_graph=True)
+        return (g.resolve_neg() if g.is_neg() else g).numpy()
+
+    def _check_grad(self, gi: int, i: int, p: torch.Tensor, g: torch.Tensor, view: np.ndarray,
+                    c: _GroupCache) -> None:
+        where = self._where(gi, i)
+        if view.dtype != c.dtypes[i]:
+            raise TypeError(f"{where}: its gradient has dtype {g.dtype}, the parameter {p.dtype}")
+        if view.shape != c.metas[i][2]:
+            raise ValueError(f"{where}: its gradient has shape {tuple(view.shape)}, the parameter "
+                             f"{c.metas[i][2]}")
+        if i in c.flat:
+            if g.stride() != p.stride():
+                raise ValueError(f"{where}: its gradient has strides {g.stride()}, the parameter "
+                                 f"{p.stride()}; fastoptim needs one memory layout for both")
+        elif not view.flags.c_contiguous:
+            raise ValueError(f"{where}: its gradient is not contiguous (strides {g.stride()}); "
+                             f"fastoptim needs contiguous gradients")
+
+    def _getter(self, names: tuple[str, ...]) -> Callable[[dict], tuple]:
+        keys = names + ("step",) if self._with_step else names
+        if len(keys) == 1:
+            key = keys[0]
+            return lambda d: (d[key],)
+        return operator.itemgetter(*keys)
+
+    def _plan(self, item: _Gathered) -> list[Callable[[], None]]:
+        """Bind the group's states and return its kernel calls (Note [All or nothing])."""
+        group, c, idx, gv, hyper = item.group, item.cache, item.idx, item.views, item.hyper
+        everyone = len(idx) == len(group["params"])
+        if c.names or self._with_step:
+            self._check_bound(group, c, idx, everyone)
+        if c.pending or not everyone or not c.one_dtype:
+            return self._plan_split(group, c, idx, gv, hyper)
+        if c.full is None:
+            states = {name: [sv[k] for sv in c.svs] for k, name in enumerate(c.names)}
+            ptrs = list(chain.from_iterable(c.bound)) if (c.names or self._with_step) else []
+            c.full = (c.views, states, ptrs)
+        pviews, states, _ = c.full
+        store_np = c.store_np
+        step = self._step_key(c, -1, None) if not self._kernel_step else None
+        if self._kernel_step:
+            new = store_np + store_np.dtype.type(1)
+            if _distinct(new) > 1:
+                return self._plan_split(group, c, idx, gv, hyper)
+            step = int(new[0])
+
+        def run() -> None:
+            self._call(group, hyper, step, pviews, gv, states)
+            if store_np is not None:
+                store_np[...] += store_np.dtype.type(1)
+        return [run]
+
+    def _check_bound(self, group: dict[str, Any], c: _GroupCache, idx: range | list[int],
+                     everyone: bool) -> None:
+        """Bind every param of idx whose state tensors are not the ones its views show."""
+        params = group["params"]
+        getter = self._getter(c.names)
+        if c.gen != self._gen:
+            c.dicts = list(map(self.state.get, params))
+            c.gen = self._gen
+        dicts = c.dicts if everyone else [c.dicts[i] for i in idx]
+        try:
+            current = list(map(_data_ptr, chain.from_iterable(map(getter, dicts))))
+        except (TypeError, KeyError, AttributeError):
+            current = None
+        if current is not None:
+            if everyone and c.full is not None:
+                expected = c.full[2]
+            else:
+                bound = c.bound if everyone else [c.bound[i] for i in idx]
+                expected = None if None in bound else list(chain.from_iterable(bound))
+            if current == expected:
+                return
+        with torch.no_grad():  # binding may create or convert state tensors
+            for j, i in enumerate(idx):
+                if c.bound[i] is None or _bound_ptrs(dicts[j], getter) != c.bound[i]:
+                    self._bind(group, c, i, params[i])
+
+    def _bind(self, group: dict[str, Any], c: _GroupCache, i: int, p: torch.Tensor) -> None:
+        """Complete param i's state, bring it to the param's layout, and view it."""
+        state = self.state.get(p)
+        if not state:
+            state = self._init_state(group, p)
+            if state:
+                self.state[p] = state
+        c.dicts[i] = self.state.get(p)
+        views = []
+        ptrs = []
+        for name in c.names:
+            t = state.get(name)
+            if t is None:
+                t = self._missing_state(c, i, p, name, state)
+            elif not _same_layout(t, p):  # e.g. loaded from a checkpoint saved elsewhere
+                if t.shape != p.shape:
+                    raise ValueError(f"{type(self).__name__}: state[{name!r}] of a parameter of "
+                                     f"shape {tuple(p.shape)} has shape {tuple(t.shape)}")
+                new = torch.empty_like(p, memory_format=torch.preserve_format)
+                new.copy_(t.detach())
+                state[name] = t = new
+            view = t.numpy()
+            views.append(_flat(view) if i in c.flat else view)
+            ptrs.append(t.data_ptr())
+        if self._with_step:
+            step = state.get("step")
+            c.store_np[i] = 0.0 if step is None else float(step)
+            state["step"] = view = c.store[i]
+            ptrs.append(view.data_ptr())
+        c.svs[i] = tuple(views)
+        c.bound[i] = None if i in c.pending else tuple(ptrs)
+        c.full = None
+
+    def _plan_split(self, group: dict[str, Any], c: _GroupCache, idx: range | list[int],
+                    gv: list, hyper: dict[str, Any]) -> list[Callable[[], None]]:
+        """One call per (dtype, kernel step) for a group whose params differ in either."""
+        new = None
+        if self._with_step:
+            new = c.store_np[np.asarray(idx, dtype=np.intp)] + c.store_np.dtype.type(1)
+        buckets: dict[tuple, list[int]] = {}
+        for j, i in enumerate(idx):
+            key = (c.dtypes[i], self._step_key(c, i, None if new is None else new[j]))
+            buckets.setdefault(key, []).append(j)
+        calls = []
+        for (_, step), js in buckets.items():
+            ids = [idx[j] for j in js]
+            states = {name: [c.svs[i][k] for i in ids] for k, name in enumerate(c.names)}
+            calls.append(self._split_call(group, c, hyper, step, ids, [gv[j] for j in js],
+                                          states))
+        return calls
+
+    def _split_call(self, group: dict[str, Any], c: _GroupCache, hyper: dict[str, Any],
+                    step: int | None, ids: list[int], grads: list,
+                    states: dict[str, list]) -> Callable[[], None]:
+        pviews = [c.views[i] for i in ids]
+        store_np = c.store_np
+        sel = np.asarray(ids, dtype=np.intp)
+
+        def run() -> None:
+            self._call(group, hyper, step, pviews, grads, states)
+            if store_np is not None:
+                store_np[sel] += store_np.dtype.type(1)
+            self._commit(c, ids)
+        return run
+
+
+def _same_objects(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(map(operator.is_, a, b))
+
+
+def _bound_ptrs(state: dict | None, getter: Callable[[dict], tuple]) -> tuple[int, ...] | None:
+    try:
+        return tuple(map(_data_ptr, getter(state)))
+    except (TypeError, KeyError, AttributeError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The optimizers: torch 2.13's signatures, defaults, argument checks and param_group keys.
+
+def _check_lr_eps_wd(lr: Any, eps: Any, weight_decay: Any) -> None:
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if eps is not None and not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+
+class SGD(_FusedOptimizer):
+    """torch.optim.SGD (momentum, dampening, Nesterov, weight decay, maximize), fused.
+
+    See Note [SGD's first momentum step]; ``state`` holds ``momentum_buffer`` only, and only
+    when ``momentum != 0``, as in torch.
+    """
+
+    _with_step = False
+    _flag_defaults = {"nesterov": False, "maximize": False, "foreach": None,
+                      "differentiable": False, "fused": False}
+
+    def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 1e-3,
+                 momentum: float = 0, dampening: float = 0,
+                 weight_decay: float | torch.Tensor = 0, nesterov: bool = False, *,
+                 maximize: bool = False, foreach: bool | None = None,
+                 differentiable: bool = False, fused: bool | None = None) -> None:
+        _reject_torch_only(type(self).__name__, foreach=foreach, fused=fused,
+                           differentiable=differentiable)
+        _check_lr_eps_wd(lr, None, weight_decay)
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        defaults = {"lr": lr, "momentum": momentum, "dampening": dampening,
+                    "weight_decay": weight_decay, "nesterov": nesterov, "maximize": maximize,
+                    "foreach": foreach, "differentiable": differentiable, "fused": fused}
+        super().__init__(params, defaults)
+
+    def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
+    def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
+        return {"lr": _scalar(group["lr"]), "momentum": group["momentum"],
+                "dampening": group["dampening"], "nesterov": group["nesterov"],
+                "weight_decay": _scalar(group["weight_decay"]), "maximize": group["maximize"]}
+
+    def _call(self, group, hyper, step, params, grads, states) -> None:
+        F.sgd_(params, grads, states.get("momentum_buffer"), step=step, **hyper)
+
+    def _init_state(self, group: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
+        return {}
+
+    def _missing_state(self, c, i, p, name, state) -> torch.Tensor:
+        # torch's "no buffer yet": a new buffer that the kernel fills at step 1.
+        c.pending[i] = t = self._new_state(p, name)
+        return t
+
+    def _step_key(self, c: _GroupCache, i: int, new_step: Any) -> int | None:
+        if not c.names:
+            return None
+        return 1 if i in c.pending else 2
+
+    def _commit(self, c: _GroupCache, ids: list[int]) -> None:
+        if not c.pending:
+            return
+        params = c.group["params"]
+        for i in ids:
+            buf = c.pending.pop(i, None)
+            if buf is not None:
+                self.state[params[i]]["momentum_buffer"] = buf
+                c.dicts[i] = self.state[params[i]]
+                c.bound[i] = (buf.data_ptr(),)
+                c.full = None
+
+
+class RMSprop(_FusedOptimizer):
+    """torch.optim.RMSprop (centered, momentum, weight decay, maximize), fused."""
+
+    _flag_defaults = {"momentum": 0, "centered": False, "foreach": None, "maximize": False,
+                      "differentiable": False, "capturable": False}
+
+    def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 1e-2,
+                 alpha: float = 0.99, eps: float = 1e-8, weight_decay: float = 0,
+                 momentum: float = 0, centered: bool = False, capturable: bool = False,
+                 foreach: bool | None = None, maximize: bool = False,
+                 differentiable: bool = False) -> None:
+        _reject_torch_only(type(self).__name__, foreach=foreach, capturable=capturable,
+                           differentiable=differentiable)
+        _check_lr_eps_wd(lr, eps, weight_decay)
+        if not 0.0 <= momentum:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if not 0.0 <= alpha:
+            raise ValueError(f"Invalid alpha value: {alpha}")
+        defaults = {"lr": lr, "momentum": momentum, "alpha": alpha, "eps": eps,
+                    "centered": centered, "weight_decay": weight_decay,
+                    "capturable": capturable, "foreach": foreach, "maximize": maximize,
+                    "differentiable": differentiable}
+        super().__init__(params, defaults)
+
+    def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return (("square_avg",) + (("momentum_buffer",) if group["momentum"] > 0 else ())
+                + (("grad_avg",) if group["centered"] else ()))
+
+    def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
+        return {"lr": _scalar(group["lr"]), "alpha": group["alpha"], "eps": group["eps"],
+                "weight_decay": group["weight_decay"], "momentum": group["momentum"],
+                "centered": group["centered"], "maximize": group["maximize"]}
+
+    def _call(self, group, hyper, step, params, grads, states) -> None:
+        F.rmsprop_(params, grads, states["square_avg"], states.get("grad_avg"),
+                   states.get("momentum_buffer"), **hyper)
+
+
+class Adam(_FusedOptimizer):
+    """torch.optim.Adam (AMSGrad, L2 or decoupled weight decay, maximize), fused."""
+
+    _kernel_step = True
+    _flag_defaults = {"amsgrad": False, "maximize": False, "foreach": None,
+                      "capturable": False, "differentiable": False,
+                      "decoupled_weight_decay": False, "fused": None}
+
+    def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 1e-3,
+                 betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0, amsgrad: bool = False, *,
+                 foreach: bool | None = None, maximize: bool = False, capturable: bool = False,
+                 differentiable: bool = False, fused: bool | None = None,
+                 decoupled_weight_decay: bool = False) -> None:
+        _reject_torch_only(type(self).__name__, foreach=foreach, fused=fused,
+                           capturable=capturable, differentiable=differentiable)
+        _check_lr_eps_wd(lr, eps, weight_decay)
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
+                    "amsgrad": amsgrad, "maximize": maximize, "foreach": foreach,
+                    "capturable": capturable, "differentiable": differentiable, "fused": fused,
+                    "decoupled_weight_decay": decoupled_weight_decay}
+        super().__init__(params, defaults)
+
+    def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
+
+    def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
+        beta1, beta2 = group["betas"]
+        return {"lr": _scalar(group["lr"]), "beta1": _scalar(beta1), "beta2": _scalar(beta2),
+                "eps": group["eps"], "weight_decay": group["weight_decay"],
+                "amsgrad": group["amsgrad"], "maximize": group["maximize"]}
+
+    def _call(self, group, hyper, step, params, grads, states) -> None:
+        update = F.adamw_ if group["decoupled_weight_decay"] else F.adam_
+        update(params, grads, states["exp_avg"], states["exp_avg_sq"], step=step,
+               max_exp_avg_sqs=states.get("max_exp_avg_sq"), **hyper)
+
+
+class AdamW(Adam):
+    """torch.optim.AdamW: Adam with decoupled weight decay (default 1e-2), fused."""
+
+    def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 1e-3,
+                 betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
+                 maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
+                 differentiable: bool = False, fused: bool | None = None) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
+                         maximize=maximize, capturable=capturable,
+                         differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True
+
+
+class Adagrad(_FusedOptimizer):
+    """torch.optim.Adagrad (lr decay, weight decay, initial accumulator, maximize), fused.
+
+    As in torch, ``state`` (``step`` and ``sum`` at ``initial_accumulator_value``) is created
+    for every parameter at construction.
+    """
+
+    _kernel_step = True
+    _flag_defaults = {"foreach": None, "maximize": False, "differentiable": False,
+                      "fused": None}
+
+    def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 1e-2,
+                 lr_decay: float = 0, weight_decay: float = 0,
+                 initial_accumulator_value: float = 0, eps: float = 1e-10,
+                 foreach: bool | None = None, *, maximize: bool = False,
+                 differentiable: bool = False, fused: bool | None = None) -> None:
+        _reject_torch_only(type(self).__name__, foreach=foreach, fused=fused,
+                           differentiable=differentiable)
+        _check_lr_eps_wd(lr, eps, weight_decay)
+        if not 0.0 <= lr_decay:
+            raise ValueError(f"Invalid lr_decay value: {lr_decay}")
+        if not 0.0 <= initial_accumulator_value:
+            raise ValueError(
+                f"Invalid initial_accumulator_value value: {initial_accumulator_value}")
+        defaults = {"lr": lr, "lr_decay": lr_decay, "eps": eps, "weight_decay": weight_decay,
+                    "initial_accumulator_value": initial_accumulator_value,
+                    "foreach": foreach, "maximize": maximize,
+                    "differentiable": differentiable, "fused": fused}
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p] = self._init_state(group, p)
+
+    def _new_state(self, p: torch.Tensor, name: str) -> torch.Tensor:
+        # torch fills ``sum`` from the constructor's value, whatever the group says.
+        return torch.full_like(p, self.defaults["initial_accumulator_value"],
+                               memory_format=torch.preserve_format)
+
+    def share_memory(self) -> None:
+        """Calls tensor.share_memory_() on the state sum tensors."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p]["sum"].share_memory_()
+
+    def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("sum",)
+
+    def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
+        return {"lr": _scalar(group["lr"]), "lr_decay": group["lr_decay"],
+                "weight_decay": group["weight_decay"], "eps": group["eps"],
+                "maximize": group["maximize"]}
+
+    def _call(self, group, hyper, step, params, grads, states) -> None:
+        F.adagrad_(params, grads, states["sum"], step=step, **hyper)
+
+
+class Adadelta(_FusedOptimizer):
+    """torch.optim.Adadelta (weight decay, maximize), fused."""
+
+    _flag_defaults = {"foreach": None, "maximize": False, "differentiable": False,
+                      "capturable": False}
+
+    def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 1.0, rho: float = 0.9,
+                 eps: float = 1e-6, weight_decay: float = 0, foreach: bool | None = None, *,
+                 capturable: bool = False, maximize: bool = False,
+                 differentiable: bool = False) -> None:
+        _reject_torch_only(type(self).__name__, foreach=foreach, capturable=capturable,
+                           differentiable=differentiable)
+        _check_lr_eps_wd(lr, eps, weight_decay)
+        if not 0.0 <= rho <= 1.0:
+            raise ValueError(f"Invalid rho value: {rho}")
+        defaults = {"lr": lr, "rho": rho, "eps": eps, "weight_decay": weight_decay,
+                    "maximize": maximize, "capturable": capturable, "foreach": foreach,
+                    "differentiable": differentiable}
+        super().__init__(params, defaults)
+
+    def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("square_avg", "acc_delta")
+
+    def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
+        return {"lr": _scalar(group["lr"]), "rho": group["rho"], "eps": group["eps"],
+                "weight_decay": group["weight_decay"], "maximize": group["maximize"]}
+
+    def _call(self, group, hyper, step, params, grads, states) -> None:
+        F.adadelta_(params, grads, states["square_avg"], states["acc_delta"], **hyper)

@@ -1,0 +1,603 @@
+"""fastoptim.torch against torch.optim itself (the oracle here is torch's single-tensor path).
+
+Every optimizer and every option combination torch supports runs 50 steps side by side with
+``torch.optim.X(foreach=False)`` on the same gradients; every parameter and every state tensor
+(``step`` included) is compared after the last step. Then the torch.optim.Optimizer contract:
+param groups, parameters without gradients, zero_grad, closures, schedulers, state_dict in
+torch's layout with checkpoints moving both ways, and bad inputs that raise before anything
+is written.
+"""
+
+import copy
+import importlib.util
+import io
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import fastoptim  # noqa: E402
+import fastoptim.torch as ft  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 50
+SHAPES = [(3, 5), (17,), (1,), (0,), (4099,)]  # 4099: full SIMD vectors plus a tail
+DTYPES = [torch.float32, torch.float64]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """torch's intra-op threads spin on tiny tensors and a shared machine (1 ms per sqrt)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tol(dtype):
+    """(rtol, atol) for comparing with torch after STEPS steps.
+
+    The kernels evaluate torch's formulas with fused multiply-adds and in another order, so the
+    last bits differ and drift for 50 steps: fp32 rtol 1e-5, fp64 rtol 1e-12 (the issue's
+    bounds). atol covers elements that pass near zero, where a relative bound means nothing;
+    the compared values are O(0.01..10).
+    """
+    return (1e-5, 1e-6) if dtype == torch.float32 else (1e-12, 1e-14)
+
+
+def options(**choices):
+    """Every combination of the given option values, as kwargs dicts."""
+    names = list(choices)
+    return [dict(zip(names, values)) for values in itertools.product(*choices.values())]
+
+
+def sgd_cases():
+    cases = []
+    for case in options(momentum=[0, 0.9], dampening=[0, 0.3], nesterov=[False, True],
+                        weight_decay=[0, 0.1], maximize=[False, True]):
+        if case["momentum"] == 0 and (case["dampening"] or case["nesterov"]):
+            continue
+        if case["nesterov"] and case["dampening"]:
+            continue  # torch: Nesterov momentum requires zero dampening
+        cases.append(dict(lr=0.05, **case))
+    return cases
+
+
+# Every option combination each torch optimizer accepts (torch 2.13).
+CASES = (
+    [("SGD", c) for c in sgd_cases()]
+    + [("RMSprop", dict(lr=0.01, **c)) for c in options(
+        momentum=[0, 0.5], centered=[False, True], weight_decay=[0, 0.1],
+        maximize=[False, True])]
+    + [("Adam", dict(lr=0.01, **c)) for c in options(
+        amsgrad=[False, True], weight_decay=[0, 0.1], maximize=[False, True],
+        decoupled_weight_decay=[False, True])]
+    + [("AdamW", dict(lr=0.01, **c)) for c in options(
+        amsgrad=[False, True], weight_decay=[0, 0.1], maximize=[False, True])]
+    + [("Adagrad", dict(lr=0.05, **c)) for c in options(
+        lr_decay=[0, 0.01], weight_decay=[0, 0.1], initial_accumulator_value=[0, 0.1],
+        maximize=[False, True])]
+    + [("Adadelta", dict(**c)) for c in options(
+        rho=[0.9, 0.5], weight_decay=[0, 0.1], maximize=[False, True])]
+    # Non-default eps/betas/alpha and a 1-element tensor lr, which torch also accepts.
+    + [("Adam", dict(lr="tensor", betas=(0.8, 0.99), eps=1e-6)),
+       ("RMSprop", dict(lr=0.01, alpha=0.9, eps=1e-6)),
+       ("Adagrad", dict(lr=0.05, eps=1e-8)),
+       ("Adadelta", dict(lr=0.5, eps=1e-5))]
+)
+
+
+def case_id(case):
+    name, kwargs = case
+    return name + "-" + ",".join(f"{k}={v}" for k, v in kwargs.items())
+
+
+def make_params(dtype, seed=0, shapes=SHAPES):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen, dtype=dtype).requires_grad_() for s in shapes]
+
+
+def clone_params(params):
+    return [p.detach().clone().requires_grad_() for p in params]
+
+
+def set_grads(gen, *param_lists, skip=()):
+    """The same random gradient on the i-th param of every list (None for i in skip)."""
+    for i, p in enumerate(param_lists[0]):
+        g = None if i in skip else torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        for params in param_lists:
+            params[i].grad = None if g is None else g.clone()
+
+
+def assert_same(actual_opt, expected_opt, actual_params, expected_params):
+    """Params, and every state entry of every param (keys, dtypes, shapes, values)."""
+    for q, p in zip(actual_params, expected_params):
+        rtol, atol = tol(p.dtype)
+        torch.testing.assert_close(q.detach(), p.detach(), rtol=rtol, atol=atol)
+        got, want = actual_opt.state.get(q, {}), expected_opt.state.get(p, {})
+        assert set(got) == set(want)
+        for key in want:
+            if want[key] is None:
+                assert got[key] is None
+                continue
+            torch.testing.assert_close(got[key], want[key], rtol=rtol, atol=atol,
+                                       msg=lambda m, key=key: f"state[{key!r}]: {m}")
+
+
+def torch_twin(name, params, kwargs):
+    return getattr(torch.optim, name)(params, foreach=False, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_trajectory_matches_torch(case, dtype):
+    name, kwargs = case
+    if kwargs.get("lr") == "tensor":  # torch computes with the tensor's dtype: the params'
+        kwargs = dict(kwargs, lr=torch.tensor(0.01, dtype=dtype))
+    expected = make_params(dtype)
+    actual = clone_params(expected)
+    ref = torch_twin(name, expected, kwargs)
+    opt = getattr(ft, name)(actual, **kwargs)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(STEPS):
+        set_grads(gen, expected, actual)
+        ref.step()
+        opt.step()
+    assert_same(opt, ref, actual, expected)
+
+
+def test_state_dict_layout_is_torchs():
+    for name in ["SGD", "RMSprop", "Adam", "AdamW", "Adagrad", "Adadelta"]:
+        kwargs = {"momentum": 0.9} if name in ("SGD", "RMSprop") else {}
+        expected = make_params(torch.float32)
+        actual = clone_params(expected)
+        ref = getattr(torch.optim, name)(expected, **kwargs)  # torch's defaults: foreach=None
+        opt = getattr(ft, name)(actual, **kwargs)
+        set_grads(torch.Generator().manual_seed(0), expected, actual)
+        ref.step()
+        opt.step()
+        got, want = opt.state_dict(), ref.state_dict()
+        assert got["param_groups"] == want["param_groups"], name
+        assert got["state"].keys() == want["state"].keys(), name
+        for index, entry in want["state"].items():
+            assert got["state"][index].keys() == entry.keys(), name
+            if "step" in entry:
+                step = got["state"][index]["step"]
+                assert torch.is_tensor(step) and step.dim() == 0
+                assert step.dtype == torch.float32 and step.item() == 1.0
+
+
+def test_param_groups_and_mixed_dtypes():
+    """Two groups with their own hyperparameters; float32 and float64 inside one group."""
+    def groups(params):
+        return [{"params": params[:3], "lr": 0.02, "amsgrad": True},
+                {"params": params[3:], "weight_decay": 0.1}]
+
+    gen = torch.Generator().manual_seed(0)
+    expected = make_params(torch.float32) + make_params(torch.float64, seed=1)
+    actual = clone_params(expected)
+    ref = torch.optim.Adam(groups(expected), lr=0.01, foreach=False)
+    opt = ft.Adam(groups(actual), lr=0.01)
+    assert [g["lr"] for g in opt.param_groups] == [0.02, 0.01]
+    for _ in range(10):
+        set_grads(gen, expected, actual)
+        ref.step()
+        opt.step()
+    assert_same(opt, ref, actual, expected)
+
+
+@pytest.mark.parametrize("name,kwargs", [("Adam", {"lr": 0.01}),
+                                         ("SGD", {"lr": 0.05, "momentum": 0.9}),
+                                         ("Adagrad", {"lr": 0.05, "lr_decay": 0.01}),
+                                         ("RMSprop", {"momentum": 0.5, "centered": True})])
+def test_param_without_grad_is_skipped_like_torch(name, kwargs):
+    """A param without .grad is not touched and gets no state; when its gradients start, its
+    step count (or SGD's buffer) starts from scratch while the others' go on."""
+    gen = torch.Generator().manual_seed(0)
+    expected = make_params(torch.float32)
+    actual = clone_params(expected)
+    ref = torch_twin(name, expected, kwargs)
+    opt = getattr(ft, name)(actual, **kwargs)
+    before = actual[1].detach().clone()
+    for t in range(12):
+        skip = {1} if t < 5 else ({0, 2} if t % 3 == 0 else ())
+        set_grads(gen, expected, actual, skip=skip)
+        ref.step()
+        opt.step()
+        if t < 5:
+            assert torch.equal(actual[1], before)
+            assert (actual[1] in opt.state) == (expected[1] in ref.state)
+    assert_same(opt, ref, actual, expected)
+
+
+def test_zero_grad():
+    params = make_params(torch.float32)
+    opt = ft.SGD(params, lr=0.1, momentum=0.9)
+    set_grads(torch.Generator().manual_seed(0), params)
+    opt.zero_grad(set_to_none=False)
+    assert all(torch.count_nonzero(p.grad) == 0 for p in params)
+    opt.zero_grad()
+    assert all(p.grad is None for p in params)
+    before = [p.detach().clone() for p in params]
+    opt.step()  # no gradients: nothing to do
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert len(opt.state) == 0
+
+
+def test_closure_returns_loss_and_matches_torch():
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 5), torch.randn(32, 1)
+    ref_model = torch.nn.Linear(5, 1)
+    model = copy.deepcopy(ref_model)
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=0.05, foreach=False)
+    opt = ft.AdamW(model.parameters(), lr=0.05)
+
+    def closure_for(m, o):
+        def closure():
+            o.zero_grad()
+            loss = torch.nn.functional.mse_loss(m(x), y)
+            loss.backward()
+            return loss
+        return closure
+
+    for _ in range(10):
+        with torch.no_grad():  # the closure re-enables grad, as torch.optim's step does
+            want = ref.step(closure_for(ref_model, ref))
+            got = opt.step(closure_for(model, opt))
+        assert torch.is_tensor(got) and got.item() == pytest.approx(want.item(), rel=1e-5)
+    assert_same(opt, ref, list(model.parameters()), list(ref_model.parameters()))
+
+
+def test_lr_scheduler_steplr():
+    gen = torch.Generator().manual_seed(0)
+    expected = make_params(torch.float32)
+    actual = clone_params(expected)
+    ref = torch.optim.SGD(expected, lr=0.1, momentum=0.9, foreach=False)
+    opt = ft.SGD(actual, lr=0.1, momentum=0.9)
+    ref_sched = torch.optim.lr_scheduler.StepLR(ref, step_size=3, gamma=0.5)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    for _ in range(10):
+        set_grads(gen, expected, actual)
+        ref.step()
+        opt.step()
+        ref_sched.step()
+        sched.step()
+        assert sched.get_last_lr() == ref_sched.get_last_lr()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** 3)
+    assert_same(opt, ref, actual, expected)
+
+
+def test_lr_scheduler_onecycle_edits_betas_every_step():
+    """OneCycleLR writes lr and betas into param_groups before every step."""
+    gen = torch.Generator().manual_seed(0)
+    expected = make_params(torch.float32)
+    actual = clone_params(expected)
+    ref = torch.optim.AdamW(expected, lr=0.01, foreach=False)
+    opt = ft.AdamW(actual, lr=0.01)
+    scheds = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=12)
+              for o in (ref, opt)]
+    for _ in range(12):
+        set_grads(gen, expected, actual)
+        ref.step()
+        opt.step()
+        for sched in scheds:
+            sched.step()
+    assert opt.param_groups[0]["betas"] == ref.param_groups[0]["betas"]
+    assert_same(opt, ref, actual, expected)
+
+
+def test_step_dtype_follows_default_dtype_like_torch():
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        params = make_params(torch.float64)
+        ref, opt = torch.optim.Adam(params), ft.Adam(clone_params(params))
+        set_grads(torch.Generator().manual_seed(0), params, opt.param_groups[0]["params"])
+        ref.step()
+        opt.step()
+        got = opt.state[opt.param_groups[0]["params"][0]]["step"]
+        assert got.dtype == ref.state[params[0]]["step"].dtype == torch.float64
+    finally:
+        torch.set_default_dtype(default)
+
+
+def save_load(state_dict):
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+CHECKPOINT_CASES = [
+    ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True)),
+    ("RMSprop", dict(lr=0.01, momentum=0.5, centered=True)),
+    ("Adam", dict(lr=0.01, amsgrad=True, weight_decay=0.1)),
+    ("AdamW", dict(lr=0.01)),
+    ("Adagrad", dict(lr=0.05, lr_decay=0.01, initial_accumulator_value=0.1)),
+    ("Adadelta", dict(weight_decay=0.1)),
+]
+
+
+@pytest.mark.parametrize("direction", ["torch_to_fastoptim", "fastoptim_to_torch"])
+@pytest.mark.parametrize("name,kwargs", CHECKPOINT_CASES, ids=[c[0] for c in CHECKPOINT_CASES])
+def test_checkpoint_interop(name, kwargs, direction):
+    """Train 8 steps with one implementation, save (torch.save), load into a fresh optimizer of
+    the other, and continue 8 steps: equal to the first one continuing."""
+    gen = torch.Generator().manual_seed(0)
+    torch_cls, fast_cls = getattr(torch.optim, name), getattr(ft, name)
+    torch_kwargs = dict(kwargs, foreach=False)
+    if direction == "torch_to_fastoptim":
+        (first_cls, first_kwargs), (second_cls, second_kwargs) = ((torch_cls, torch_kwargs),
+                                                                  (fast_cls, kwargs))
+    else:
+        (first_cls, first_kwargs), (second_cls, second_kwargs) = ((fast_cls, kwargs),
+                                                                  (torch_cls, torch_kwargs))
+
+    params = make_params(torch.float32)
+    first = first_cls(params, **first_kwargs)
+    for _ in range(8):
+        set_grads(gen, params)
+        first.step()
+    checkpoint = save_load({"params": [p.detach() for p in params], "optim": first.state_dict()})
+
+    resumed = [p.clone().requires_grad_() for p in checkpoint["params"]]
+    second = second_cls(resumed, **second_kwargs)
+    second.load_state_dict(checkpoint["optim"])
+    for _ in range(8):
+        set_grads(gen, params, resumed)
+        first.step()
+        second.step()
+    assert_same(second, first, resumed, params)
+    # ...and the second one's checkpoint has the first one's layout.
+    assert second.state_dict()["param_groups"] == first.state_dict()["param_groups"]
+
+
+def test_state_replaced_between_steps_is_seen():
+    """Whatever replaces a state tensor or a param's memory between steps (ZeRO writes
+    optim.state[p] directly; p.data = ... moves a param) is what the next step updates."""
+    gen = torch.Generator().manual_seed(0)
+    expected = make_params(torch.float32)
+    actual = clone_params(expected)
+    ref = torch.optim.Adam(expected, lr=0.01, foreach=False)
+    opt = ft.Adam(actual, lr=0.01)
+    for t in range(9):
+        set_grads(gen, expected, actual)
+        ref.step()
+        opt.step()
+        if t == 2:  # a whole state dict, as ZeroRedundancyOptimizer.load_state_dict does
+            for o, ps in ((ref, expected), (opt, actual)):
+                o.state[ps[0]] = {k: v.clone() for k, v in o.state[ps[0]].items()}
+        if t == 4:  # one state tensor, including step
+            for o, ps in ((ref, expected), (opt, actual)):
+                o.state[ps[2]]["exp_avg"] = o.state[ps[2]]["exp_avg"].clone()
+                o.state[ps[2]]["step"] = torch.tensor(100.0)
+        if t == 6:  # a parameter's memory
+            for ps in (expected, actual):
+                ps[0].data = ps[0].data.clone()
+    assert_same(opt, ref, actual, expected)
+    assert opt.state[actual[2]]["step"].item() == 104.0
+
+
+def test_load_state_dict_then_continue_same_optimizer():
+    gen = torch.Generator().manual_seed(0)
+    expected = make_params(torch.float32)
+    actual = clone_params(expected)
+    ref = torch.optim.RMSprop(expected, lr=0.01, momentum=0.5, foreach=False)
+    opt = ft.RMSprop(actual, lr=0.01, momentum=0.5)
+    for _ in range(3):
+        set_grads(gen, expected, actual)
+        ref.step()
+        opt.step()
+    saved_ref, saved = save_load(ref.state_dict()), save_load(opt.state_dict())
+    for _ in range(3):
+        set_grads(gen, expected, actual)
+        ref.step()
+        opt.step()
+    ref.load_state_dict(saved_ref)
+    opt.load_state_dict(saved)
+    for _ in range(3):
+        set_grads(gen, expected, actual)
+        ref.step()
+        opt.step()
+    assert_same(opt, ref, actual, expected)
+
+
+def test_channels_last_params():
+    """Dense tensors in another memory order (channels_last conv weights) are updated in place
+    in memory order, like torch."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
+    ref_conv = copy.deepcopy(conv)
+    assert not conv.weight.is_contiguous()
+    ref = torch.optim.Adam(ref_conv.parameters(), lr=0.01, foreach=False)
+    opt = ft.Adam(conv.parameters(), lr=0.01)
+    x = torch.randn(2, 3, 9, 9).to(memory_format=torch.channels_last)
+    for _ in range(5):
+        for model, o in ((ref_conv, ref), (conv, opt)):
+            o.zero_grad()
+            model(x).square().mean().backward()
+            o.step()
+    assert_same(opt, ref, list(conv.parameters()), list(ref_conv.parameters()))
+    assert not opt.state[conv.weight]["exp_avg"].is_contiguous()
+
+
+def test_version_counter_is_bumped():
+    """An in-place update autograd cannot see would corrupt a later backward silently; the
+    step bumps the params' version counters so autograd raises, as with torch.optim."""
+    w = torch.randn(4, requires_grad=True)
+    opt = ft.SGD([w], lr=0.1)
+    loss = (w * w).sum()  # saves w for backward
+    w.grad = torch.ones(4)
+    opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_many_tensors_one_call_per_group_and_dtype(monkeypatch):
+    calls = []
+    real = fastoptim.functional.adam_
+
+    def spy(params, *args, **kwargs):
+        calls.append(len(params))
+        return real(params, *args, **kwargs)
+
+    monkeypatch.setattr(fastoptim.functional, "adam_", spy)
+    params = make_params(torch.float32, shapes=[(5,)] * 40) + make_params(torch.float64,
+                                                                          shapes=[(3,)] * 7)
+    opt = ft.Adam([{"params": params[:30]}, {"params": params[30:]}])
+    set_grads(torch.Generator().manual_seed(0), params)
+    opt.step()
+    calls = [n for n in calls if n]  # the empty calls are the hyperparameter checks
+    assert sorted(calls) == [7, 10, 30]
+
+
+# -- bad input: an exception naming the problem, nothing written ------------------------------
+
+def snapshot(opt, params):
+    return ([p.detach().clone() for p in params],
+            {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()})
+
+
+def assert_unchanged(opt, params, snap):
+    before_params, before_state = snap
+    for p, b in zip(params, before_params):
+        assert torch.equal(p.detach(), b)
+    assert {id(p) for p in opt.state} == set(before_state)
+    for p, s in opt.state.items():
+        assert s.keys() == before_state[id(p)].keys()
+        for k, v in s.items():
+            assert torch.equal(v, before_state[id(p)][k]), k
+
+
+def two_group_adam():
+    """Adam with two groups and a few steps taken: a bad input in group 1 must not let
+    group 0 (updated first) move."""
+    params = make_params(torch.float32, shapes=[(4, 3), (5,), (6,), (2, 2)])
+    opt = ft.Adam([{"params": params[:2]}, {"params": params[2:]}], lr=0.1)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        set_grads(gen, params)
+        opt.step()
+    set_grads(gen, params)
+    return opt, params
+
+
+def test_sparse_grad_raises_and_writes_nothing():
+    opt, params = two_group_adam()
+    params[3].grad = params[3].grad.to_sparse()
+    snap = snapshot(opt, params)
+    with pytest.raises(TypeError, match=r"param_groups\[1\]\['params'\]\[1\].*sparse"):
+        opt.step()
+    assert_unchanged(opt, params, snap)
+
+
+def test_noncontiguous_grad_raises_and_writes_nothing():
+    opt, params = two_group_adam()
+    params[3].grad = torch.randn(2, 2).t()
+    snap = snapshot(opt, params)
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[1\].*not contiguous"):
+        opt.step()
+    assert_unchanged(opt, params, snap)
+
+
+def test_noncontiguous_grad_single_call_raises_and_writes_nothing():
+    params = make_params(torch.float32, shapes=[(4, 3), (3, 4)])
+    opt = ft.SGD(params, lr=0.1)
+    set_grads(torch.Generator().manual_seed(0), params)
+    params[0].grad = torch.randn(3, 4).t()
+    snap = snapshot(opt, params)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\].*not contiguous"):
+        opt.step()
+    assert_unchanged(opt, params, snap)
+
+
+@pytest.mark.parametrize("make_bad,kind,match", [
+    (lambda: torch.randn(6, dtype=torch.float16), TypeError, "float16"),
+    (lambda: torch.randn(6, dtype=torch.bfloat16), TypeError, "bfloat16"),
+    (lambda: torch.randn(6, dtype=torch.complex64), TypeError, "complex"),
+    (lambda: torch.randn(6, 2)[:, 0], ValueError, "not contiguous"),
+    (lambda: torch.empty(6, device="meta"), ValueError, "no META backend"),
+], ids=["float16", "bfloat16", "complex64", "noncontiguous", "other_device"])
+def test_unsupported_param_raises_and_writes_nothing(make_bad, kind, match):
+    opt, params = two_group_adam()
+    bad = make_bad().requires_grad_()
+    bad.grad = torch.zeros_like(bad)
+    opt.add_param_group({"params": [bad]})
+    snap = snapshot(opt, params)
+    with pytest.raises(kind, match=rf"param_groups\[2\]\['params'\]\[0\].*{match}"):
+        opt.step()
+    assert_unchanged(opt, params, snap)
+    # Without a gradient the same param is skipped, as torch skips it.
+    bad.grad = None
+    opt.step()
+
+
+def test_cuda_is_reported_as_missing_backend():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device (the message path is tested with the meta device)")
+    p = torch.randn(4, device="cuda", requires_grad=True)
+    p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match="no CUDA backend yet"):
+        ft.Adam([p]).step()
+
+
+@pytest.mark.parametrize("flag", ["foreach", "fused", "capturable", "differentiable"])
+def test_torch_only_flags_rejected(flag):
+    with pytest.raises(ValueError, match=flag):
+        ft.Adam(make_params(torch.float32), **{flag: True})
+    ft.Adam(make_params(torch.float32), **{flag: None if flag in ("foreach", "fused") else False})
+
+
+def test_hyperparameters_checked_like_torch_and_at_step():
+    params = make_params(torch.float32)
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        ft.SGD(params, lr=-1.0)
+    with pytest.raises(ValueError, match="Invalid beta parameter at index 1"):
+        ft.Adam(params, betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="Nesterov"):
+        ft.SGD(params, lr=0.1, nesterov=True)
+    opt = ft.Adam(params, lr=0.1)
+    opt.param_groups[0]["betas"] = (0.9, 1.5)  # edited after construction
+    set_grads(torch.Generator().manual_seed(0), params)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match=r"param_groups\[0\].*beta2"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+def test_import_fastoptim_does_not_import_torch():
+    code = ("import sys, fastoptim; assert 'torch' not in sys.modules; "
+            "import fastoptim.torch as ft; assert ft.torch is sys.modules['torch']")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(Path(fastoptim.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+def test_example_runs():
+    spec = importlib.util.spec_from_file_location("example_torch_train",
+                                                  ROOT / "examples" / "torch_train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    pytest.importorskip("sklearn")
+    results = module.main(["--epochs", "3"])
+    assert len(results["epochs"]) == 3
+    # Same init, same data, same hyperparameters: fastoptim's run is torch's run.
+    for epoch in results["epochs"]:
+        assert epoch["fastoptim"]["loss"] == pytest.approx(epoch["torch_fused"]["loss"], rel=1e-3)
+    assert results["epochs"][-1]["fastoptim"]["test_accuracy"] > 0.85
+
+
+def test_bench_smoke(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_torch", ROOT / "bench" / "bench_torch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "bench.json"
+    results = module.main(["--quick", "--numel", "5000", "--tensors", "20", "--tensor-numel",
+                           "100", "--json", str(out)])
+    assert out.is_file()
+    assert {row["case"] for row in results["rows"]} == {"one_tensor", "many_tensors"}
