@@ -150,3 +150,33 @@ print(os.waitstatus_to_exitcode(status))
     out = run_python(code)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "0"
+
+
+def test_concurrent_python_threads_update_correctly():
+    # The GIL is released during an update: several Python threads may run updates at once.
+    import threading
+    before = fastoptim.get_num_threads()
+    fastoptim.set_num_threads(2)
+    errors = []
+
+    def worker(seed):
+        try:
+            for k in range(30):
+                n = (1 << 17) + 17 * seed + k
+                x = np.zeros(n, np.float32)
+                ones = np.ones(n, np.float32)
+                _core.stream_rmw([x, ones], 1, 1.0)
+                if not np.array_equal(x, ones):
+                    errors.append((seed, k))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(repr(e))
+
+    try:
+        threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors
+    finally:
+        fastoptim.set_num_threads(before)

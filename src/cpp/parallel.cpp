@@ -1,8 +1,8 @@
 // parallel.cpp: the caller-runs pool of parallel.h.
 //
 // Note [claim protocol]
-// One job is live at a time (calls into fastoptim are serialised by the GIL, and a pool
-// belongs to one process). Its chunks are handed out through ONE 64-bit atomic word:
+// One job is live at a time (parallel_for lets one caller in; a pool belongs to one
+// process). Its chunks are handed out through ONE 64-bit atomic word:
 //     state = generation (24 bits) | next chunk (20 bits) | chunk count (20 bits)
 // A thread claims chunk k by a compare-and-swap from (g, k, n) to (g, k + 1, n) with k < n.
 // A successful CAS proves that the job it names is the live one, so the claimer may then read
@@ -158,6 +158,14 @@ Pool* g_pool = nullptr;
 void parallel_for(int n_threads, int64_t total, int64_t chunk, RangeFn fn, const void* ctx) {
   if (total <= 0) return;
   if (n_threads <= 1) {
+    fn(ctx, 0, total);
+    return;
+  }
+  // One job at a time: the GIL is released during updates, so two Python threads may call in
+  // at once. The second one does not queue; it runs its update on its own thread.
+  static std::mutex busy;
+  std::unique_lock<std::mutex> lock(busy, std::try_to_lock);
+  if (!lock.owns_lock()) {
     fn(ctx, 0, total);
     return;
   }
