@@ -19,9 +19,8 @@ __all__ = [
 
 
 def backend_info() -> dict:
-    """Which CPU path and how many threads are in use (and what else this build has)."""
-    info = dict(_core.info())
-    info["cuda"] = False
+    """Which CPU path and how many threads are in use, and the CUDA build and devices."""
+    info = dict(_core.info())  # "cuda": {"built": ..., "device_count": ..., ...}
     info["version"] = __version__
     return info
 

@@ -1,0 +1,65 @@
+// cuda_api.h: what the bindings call to run an update on CUDA device arrays.
+//
+// Plain C++ (no CUDA, no pybind11 headers), so bindings.cpp includes it whether or not the
+// CUDA backend is built: cuda_backend.cu defines these functions where nvcc was found
+// (FASTOPTIM_HAVE_CUDA), cuda_stub.cpp everywhere else (built() == false; the bindings then
+// reject device arrays with "fastoptim was built without CUDA" before calling anything else).
+// Errors of the CUDA runtime are thrown as std::runtime_error (Python RuntimeError).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "../cpp/kernel_api.h"
+
+namespace fastoptim {
+namespace cuda {
+
+// Whether this build contains the CUDA kernels.
+bool built();
+
+// What info() reports: never throws. device_count is 0 (and `error` says why) when there is
+// no driver or no device.
+struct RuntimeInfo {
+  bool built = false;
+  int device_count = 0;
+  int runtime_version = 0;   // e.g. 13000
+  int driver_version = 0;    // 0 without a driver
+  std::string error;         // why device_count is 0, if the runtime said
+  std::vector<std::string> device_names;
+  std::vector<int> compute_capabilities;  // major * 10 + minor
+  std::string architectures;  // CMAKE_CUDA_ARCHITECTURES of the build
+};
+RuntimeInfo runtime_info();
+
+// Throws std::runtime_error unless the CUDA runtime reports at least one device.
+void require_device();
+
+// Where a pointer lives, from cudaPointerGetAttributes.
+struct PointerInfo {
+  bool device_memory = false;  // device or managed memory
+  int device = -1;
+};
+PointerInfo pointer_info(const void* p);
+
+// CUDA Array Interface v3 stream values, as the launcher takes them.
+constexpr uintptr_t kStreamDefault = 0;    // "stream" absent or None: the default stream
+constexpr uintptr_t kStreamLegacy = 1;     // cudaStreamLegacy
+constexpr uintptr_t kStreamPerThread = 2;  // cudaStreamPerThread
+
+struct Launch {
+  RuleId rule;
+  DType dtype;
+  const Batch* batch;         // host copies of offsets and slot pointer tables (device addresses)
+  const void* args;           // the rule's *Args struct (rules.h)
+  int device;                 // every array's device (checked by the caller)
+  uintptr_t stream;           // params[0]'s stream: the launch stream
+  std::vector<uintptr_t> wait_streams;  // other arrays' streams, waited on before the launch
+};
+
+// Enqueues the update on `stream` (asynchronous, like any CUDA op). Thread-safe.
+void launch(const Launch& l);
+
+}  // namespace cuda
+}  // namespace fastoptim

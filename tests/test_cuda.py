@@ -1,0 +1,769 @@
+"""The CUDA backend: device arrays (``__cuda_array_interface__``) through the same API.
+
+Three groups of tests:
+
+* Validation of device arrays, on the CPU. Objects that expose a (fake) CUDA Array Interface
+  go through every check of the contract (dtype, shape, count, C-contiguity, read-only,
+  overlap, host/device mixing, malformed interfaces). All of them run before the first CUDA
+  call, so they run on any build that has the CUDA backend compiled in, GPU or not; the fake
+  pointers are never dereferenced. A build without CUDA must reject device arrays with a
+  TypeError saying so.
+* The CUDA kernel body (launch plan, RuleVisitor, flag dispatch) emulated on the CPU over
+  NumPy arrays, bit for bit against the CPU kernels, for every rule and option.
+* GPU tests, with CuPy arrays: every rule and option against the NumPy oracle
+  (``fastoptim.reference``) and bit for bit against fastoptim's own CPU kernels (the same rule
+  text; CUDA compiled with --fmad=false), lists of 1 to 5,000 arrays of odd sizes, slices at
+  odd offsets of one buffer, streams, bad inputs that must leave every array unchanged, and a
+  buffer of more than 2^31 elements. They skip, with the reason, where fastoptim was built
+  without CUDA, CuPy is missing, or no GPU is visible.
+"""
+
+import inspect
+import math
+
+import numpy as np
+import pytest
+
+import fastoptim
+from fastoptim import _core, reference
+
+CUDA = _core.info()["cuda"]
+
+
+def _gpu_skip_reason():
+    if not CUDA["built"]:
+        return "fastoptim was built without CUDA (FASTOPTIM_CUDA=OFF or no nvcc at build time)"
+    try:
+        import cupy
+    except ImportError:
+        return "CuPy is not installed"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # no driver, no device, driver too old for CuPy
+        return f"no usable GPU for CuPy: {type(e).__name__}: {e}"
+    if count < 1:
+        return "no GPU visible"
+    return None
+
+
+GPU_SKIP = _gpu_skip_reason()
+needs_gpu = pytest.mark.skipif(GPU_SKIP is not None, reason=str(GPU_SKIP))
+needs_cuda_build = pytest.mark.skipif(
+    not CUDA["built"], reason="fastoptim was built without CUDA (FASTOPTIM_CUDA=OFF or no nvcc)")
+
+if GPU_SKIP is None:
+    import cupy as cp
+
+
+# =============================================================================================
+# Build information
+
+
+def test_info_reports_cuda():
+    c = CUDA
+    assert set(c) >= {"built", "device_count", "devices", "compute_capabilities",
+                      "runtime_version", "driver_version", "architectures", "error"}
+    assert isinstance(c["built"], bool)
+    assert len(c["devices"]) == len(c["compute_capabilities"]) == c["device_count"]
+    if c["device_count"] == 0:
+        assert c["error"], "with no device, info() says why"
+    if c["built"]:
+        assert c["runtime_version"] >= 12000
+        assert c["architectures"]
+    else:
+        assert c["device_count"] == 0
+
+
+# =============================================================================================
+# Validation of device arrays, on the CPU (fake CUDA Array Interface objects)
+
+
+class FakeDevice:
+    """An object with a CUDA Array Interface (v3) and no memory behind it."""
+
+    _next = 0x7F00_0000_0000
+
+    def __init__(self, shape, typestr="<f4", *, ptr=None, read_only=False, strides=None,
+                 stream=None, **extra):
+        size = math.prod(shape)
+        if ptr is None:
+            ptr = FakeDevice._next
+            FakeDevice._next += (size * 8 + 4095) // 4096 * 4096 + 4096
+        self.__cuda_array_interface__ = dict(shape=tuple(shape), typestr=typestr,
+                                             data=(ptr, read_only), strides=strides,
+                                             version=3, stream=stream, **extra)
+
+
+def fake_call(fn="adam_", n=3, shape=(4, 5), **override):
+    """A valid call on fake device arrays (lists of n), with every optional state on."""
+    args = {
+        "adam_": (["params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"],
+                  dict(step=3, amsgrad=True, weight_decay=0.1)),
+        "sgd_": (["params", "grads", "momentum_buffers"], dict(step=2, momentum=0.9)),
+        "ema_": (["averages", "values"], dict(beta=0.9)),
+    }[fn]
+    names, hyper = args
+    arrays = {name: [FakeDevice(shape) for _ in range(n)] for name in names}
+    for name, value in override.items():
+        if name in arrays:
+            arrays[name] = value
+        else:
+            hyper[name] = value
+    return lambda: getattr(fastoptim, fn)(**arrays, **hyper), arrays
+
+
+# What a call that passed every check raises here: there is no GPU behind the fake pointers.
+PASSED_CHECKS = r"(?i:no CUDA device|not CUDA device memory|cudaError)"
+
+
+def assert_passes_validation(call):
+    with pytest.raises((RuntimeError, ValueError), match=PASSED_CHECKS):
+        call()
+
+
+@needs_cuda_build
+def test_fake_device_call_reaches_the_device_check():
+    call, _ = fake_call()
+    assert_passes_validation(call)
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("fn", ["adam_", "sgd_", "ema_"])
+def test_fake_device_single_arrays_and_empty(fn):
+    call, _ = fake_call(fn, n=1)
+    assert_passes_validation(call)
+    # All arrays empty: nothing to launch, so no CUDA call at all.
+    call, _ = fake_call(fn, n=2, shape=(0, 3))
+    call()
+    call, _ = fake_call(fn, n=0)
+    call()
+
+
+def _last(arrays, name, new):
+    arrays[name] = arrays[name][:-1] + [new]
+    return arrays[name]
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("typestr,name", [("<f2", "float16"), ("<i4", "int32"),
+                                          (">f4", ">f4"), ("|b1", "bool")])
+def test_unsupported_dtype(typestr, name):
+    _, arrays = fake_call()
+    _last(arrays, "exp_avgs", FakeDevice((4, 5), typestr))
+    call, _ = fake_call(exp_avgs=arrays["exp_avgs"])
+    with pytest.raises(TypeError, match=r"exp_avgs\[2\].*" + name):
+        call()
+
+
+@needs_cuda_build
+def test_mixed_dtypes():
+    _, arrays = fake_call()
+    grads = _last(arrays, "grads", FakeDevice((4, 5), "<f8"))
+    call, _ = fake_call(grads=grads)
+    with pytest.raises(TypeError, match=r"grads\[2\].*float64.*params\[0\].*float32"):
+        call()
+
+
+@needs_cuda_build
+def test_shape_and_count_mismatch():
+    _, arrays = fake_call()
+    call, _ = fake_call(exp_avg_sqs=_last(arrays, "exp_avg_sqs", FakeDevice((5, 4))))
+    with pytest.raises(ValueError, match=r"exp_avg_sqs\[2\].*shape"):
+        call()
+    call, _ = fake_call(grads=[FakeDevice((4, 5)) for _ in range(2)])
+    with pytest.raises(ValueError, match=r"grads has 2 array"):
+        call()
+
+
+@needs_cuda_build
+def test_not_c_contiguous():
+    _, arrays = fake_call()
+    call, _ = fake_call(max_exp_avg_sqs=_last(arrays, "max_exp_avg_sqs",
+                                              FakeDevice((4, 5), strides=(4, 16))))
+    with pytest.raises(ValueError, match=r"max_exp_avg_sqs\[2\].*contiguous"):
+        call()
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("shape,strides", [((4, 5), (20, 4)), ((4, 1), (4, 999)),
+                                           ((1, 5), (-3, 4)), ((0, 5), (7, 7)), ((), ())])
+def test_c_strides_are_contiguous(shape, strides):
+    """Explicit C strides, any stride on a size-1 dimension and empty arrays are accepted,
+    as numpy's C_CONTIGUOUS flag accepts them."""
+    _, arrays = fake_call(shape=shape)
+    call, _ = fake_call(shape=shape,
+                        grads=_last(arrays, "grads", FakeDevice(shape, strides=strides)))
+    if math.prod(shape) == 0:
+        call()
+    else:
+        assert_passes_validation(call)
+
+
+@needs_cuda_build
+def test_read_only():
+    _, arrays = fake_call()
+    call, _ = fake_call(exp_avgs=_last(arrays, "exp_avgs", FakeDevice((4, 5), read_only=True)))
+    with pytest.raises(ValueError, match=r"exp_avgs\[2\].*read-only"):
+        call()
+    # A read-only gradient is fine.
+    _, arrays = fake_call()
+    call, _ = fake_call(grads=[FakeDevice((4, 5), read_only=True) for _ in range(3)])
+    assert_passes_validation(call)
+
+
+@needs_cuda_build
+def test_overlap():
+    _, arrays = fake_call()
+    base = arrays["params"][0].__cuda_array_interface__["data"][0]
+    alias = FakeDevice((4, 5), ptr=base + 8)
+    call, _ = fake_call(params=arrays["params"], exp_avgs=_last(arrays, "exp_avgs", alias))
+    with pytest.raises(ValueError, match=r"exp_avgs\[2\].*overlaps.*params\[0\]|"
+                                         r"params\[0\].*overlaps.*exp_avgs\[2\]"):
+        call()
+
+
+@needs_cuda_build
+def test_host_and_device_mixed():
+    _, arrays = fake_call()
+    call, _ = fake_call(grads=_last(arrays, "grads", np.zeros((4, 5), np.float32)))
+    with pytest.raises(TypeError, match=r"grads\[2\].*numpy.*params\[0\].*CUDA.*same device"):
+        call()
+    call, _ = fake_call(params=[np.zeros((4, 5), np.float32) for _ in range(3)])
+    with pytest.raises(TypeError, match=r"grads\[0\].*CUDA.*params\[0\].*numpy"):
+        call()
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("interface,match", [
+    (5, "not a dict"),
+    (dict(typestr="<f4", data=(4096, False), version=3), "shape"),
+    (dict(shape=(4, 5), data=(4096, False), version=3), "typestr"),
+    (dict(shape=(4, 5), typestr="<f4", version=3), "data"),
+    (dict(shape=(4, 5), typestr="<f4", data=(4096, False), strides=(4,), version=3), "strides"),
+    (dict(shape=(4, -5), typestr="<f4", data=(4096, False), version=3), "shape"),
+    (dict(shape=(4, 5), typestr="<f4", data=(4096, False), stream="x", version=3), "stream"),
+])
+def test_malformed_interface(interface, match):
+    class Odd:
+        __cuda_array_interface__ = interface
+
+    _, arrays = fake_call()
+    call, _ = fake_call(grads=_last(arrays, "grads", Odd()))
+    with pytest.raises(TypeError, match=r"grads\[2\].*__cuda_array_interface__.*" + match):
+        call()
+
+
+@needs_cuda_build
+def test_masked_stream0_and_bad_pointers():
+    cases = [
+        (FakeDevice((4, 5), mask=object()), "mask"),
+        (FakeDevice((4, 5), stream=0), "stream 0"),
+        (FakeDevice((4, 5), ptr=0x7E00_0000_0002), "aligned"),
+        (FakeDevice((4, 5), ptr=0), "aligned"),
+    ]
+    for bad, match in cases:
+        _, arrays = fake_call()
+        call, _ = fake_call(grads=_last(arrays, "grads", bad))
+        with pytest.raises(ValueError, match=r"grads\[2\].*" + match):
+            call()
+
+
+@needs_cuda_build
+def test_streams_are_accepted():
+    _, arrays = fake_call()
+    for name, stream in (("params", 1), ("grads", 2), ("exp_avgs", 0x5555_0000)):
+        arrays[name] = [FakeDevice((4, 5), stream=stream) for _ in range(3)]
+    call, _ = fake_call(**arrays)
+    assert_passes_validation(call)
+
+
+def test_not_an_array_at_all():
+    with pytest.raises(TypeError, match=r"averages.*numpy\.ndarray.*__cuda_array_interface__"):
+        fastoptim.ema_(object(), np.zeros(3, np.float32), beta=0.5)
+
+
+@pytest.mark.skipif(CUDA["built"], reason="this build has CUDA")
+def test_built_without_cuda_rejects_device_arrays():
+    call, _ = fake_call()
+    with pytest.raises(TypeError, match=r"params\[0\].*built without CUDA"):
+        call()
+
+
+# =============================================================================================
+# Cases and helpers (the emulation and the GPU tests)
+
+STEP_RULES = {"sgd", "adam", "adamw", "adagrad"}
+STATES = {
+    "sgd": ["momentum_buffers"],
+    "rmsprop": ["square_avgs", "grad_avgs", "momentum_buffers"],
+    "adam": ["exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"],
+    "adamw": ["exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"],
+    "adagrad": ["state_sums"],
+    "adadelta": ["square_avgs", "acc_deltas"],
+    "ema": [],
+}
+# Every option of every rule is on in at least one case.
+CASES = [
+    ("sgd", dict(lr=0.05)),
+    ("sgd", dict(lr=0.05, weight_decay=0.1, maximize=True)),
+    ("sgd", dict(lr=0.05, momentum=0.9)),
+    ("sgd", dict(lr=0.05, momentum=0.8, dampening=0.5, weight_decay=0.1, maximize=True)),
+    ("sgd", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1)),
+    ("rmsprop", dict()),
+    ("rmsprop", dict(lr=0.01, alpha=0.5, eps=1e-3, weight_decay=0.1, maximize=True)),
+    ("rmsprop", dict(lr=0.01, momentum=0.9)),
+    ("rmsprop", dict(lr=0.01, centered=True, momentum=0.9, weight_decay=0.1, maximize=True)),
+    ("adam", dict()),
+    ("adam", dict(lr=0.01, beta1=0.8, beta2=0.99, eps=1e-6, maximize=True)),
+    ("adam", dict(lr=0.01, weight_decay=0.1)),
+    ("adam", dict(lr=0.01, amsgrad=True, weight_decay=0.1, maximize=True)),
+    ("adamw", dict()),
+    ("adamw", dict(lr=0.01, weight_decay=0.1, amsgrad=True, maximize=True)),
+    ("adagrad", dict()),
+    ("adagrad", dict(lr=0.1, lr_decay=0.01, weight_decay=0.1, eps=1e-6, maximize=True)),
+    ("adadelta", dict()),
+    ("adadelta", dict(lr=2.0, rho=0.95, weight_decay=0.1, maximize=True)),
+    ("ema", dict(beta=0.3)),
+    ("ema", dict(beta=0.999)),
+]
+FULL = {rule: hyper for rule, hyper in CASES}  # the last (fullest) case of each rule
+
+# Tolerances against the NumPy oracle (the kernels fuse x + a*y into one fma where NumPy
+# rounds twice; ~6 operations of ~1 ulp each): one step from the same state float32 1e-6,
+# float64 1e-12; after 100 steps without resynchronising float32 1e-5 (the one-step
+# differences compound), float64 1e-12. atol: ulps of the array's scale, for results that
+# cancel towards zero (their error is an ulp of the operands).
+STEP_RTOL = {np.float32: 1e-6, np.float64: 1e-12}
+TRAJ_RTOL = {np.float32: 1e-5, np.float64: 1e-12}
+STEP_ATOL_ULPS, TRAJ_ATOL_ULPS = 8, 64
+SIZES = [0, 1, 7, 8, 9, 15, 16, 17, 4099, 2**20 + 3]
+
+
+def case_id(case):
+    rule, hyper = case
+    return rule + "".join(f"-{k}={v}" for k, v in hyper.items())
+
+
+def active_states(rule, hyper):
+    names = list(STATES[rule])
+    if rule == "sgd" and not hyper.get("momentum"):
+        names.remove("momentum_buffers")
+    if rule == "rmsprop":
+        if not hyper.get("centered"):
+            names.remove("grad_avgs")
+        if not hyper.get("momentum"):
+            names.remove("momentum_buffers")
+    if rule in ("adam", "adamw") and not hyper.get("amsgrad"):
+        names.remove("max_exp_avg_sqs")
+    return names
+
+
+def first_name(rule):
+    return "averages" if rule == "ema" else "params"
+
+
+def grad_name(rule):
+    return "values" if rule == "ema" else "grads"
+
+
+def initial_state(rule, hyper, sizes, dtype, rng):
+    state = {first_name(rule): [rng.uniform(-2.0, 2.0, s).astype(dtype) for s in sizes]}
+    for name in active_states(rule, hyper):
+        fill = np.nan if rule == "sgd" else 0.1 if rule == "adagrad" else 0.0
+        state[name] = [np.full(s, fill, dtype) for s in sizes]
+    return state
+
+
+def random_grads(sizes, dtype, rng):
+    """|grad| in [0.5, 2], random sign, every 7th exactly zero (see test_functional.py,
+    Note [no cancelled gradients])."""
+    out = []
+    for s in sizes:
+        g = rng.choice([-1.0, 1.0], s) * rng.uniform(0.5, 2.0, s)
+        g.reshape(-1)[::7] = 0.0
+        out.append(g.astype(dtype))
+    return out
+
+
+def call(module, rule, hyper, state, grads, step):
+    kwargs = {name: arrays for name, arrays in state.items() if name != first_name(rule)}
+    if rule in STEP_RULES:
+        kwargs["step"] = step
+    getattr(module, rule + "_")(state[first_name(rule)], grads, **kwargs, **hyper)
+
+
+def to_device(state):
+    return {name: [cp.asarray(a) for a in arrays] for name, arrays in state.items()}
+
+
+def to_host(state):
+    return {name: [cp.asnumpy(a) for a in arrays] for name, arrays in state.items()}
+
+
+def assert_close(actual, expected, dtype, rtol, atol_ulps, where):
+    for name in expected:
+        for k, (a, e) in enumerate(zip(actual[name], expected[name])):
+            finite = np.abs(e[np.isfinite(e)])
+            scale = max(1.0, float(finite.max())) if finite.size else 1.0
+            np.testing.assert_allclose(a, e, rtol=rtol, atol=atol_ulps * np.finfo(dtype).eps * scale,
+                                       err_msg=f"{where}: {name}[{k}]")
+
+
+def odd_sizes(n, rng):
+    return (rng.integers(0, 2048, size=n) * 2 + 1).tolist()
+
+
+def assert_bitwise(actual, expected, where):
+    for name in expected:
+        for k, (a, e) in enumerate(zip(actual[name], expected[name])):
+            assert a.tobytes() == e.tobytes(), (
+                f"{where}: {name}[{k}] differs from fastoptim's CPU kernels "
+                f"(max |diff| {np.nanmax(np.abs(a.astype(np.float64) - e)):.3g})")
+
+
+# =============================================================================================
+# The kernel body, emulated on the CPU (_core._emulate_kernel, built with the CUDA backend)
+#
+# The launch plan, RuleVisitor and the flag dispatch of the CUDA launchers run on the CPU
+# over NumPy arrays, thread after thread (src/cuda/emulate.cpp), and must give bit for bit
+# what fastoptim's CPU kernels give: the CUDA kernel's data flow (which slots are loaded and
+# stored, the lanes of 16-byte accesses, heads and tails, the flags -> rule mapping) is
+# checked without a GPU. Only the load/store instructions themselves differ.
+
+needs_emulation = pytest.mark.skipif(
+    not hasattr(_core, "_emulate_kernel"),
+    reason="fastoptim was built without CUDA: there is no CUDA kernel to emulate")
+
+# Slots of the kernel, in bindings.cpp's order: param, grad, then the states (None: unused).
+SLOT_NAMES = {rule: [first_name(rule), grad_name(rule)] + STATES[rule] for rule in STATES}
+
+
+def kernel_args(rule, hyper, step):
+    """The rule's *Args struct (rules.h) for one call, computed as bindings.cpp does."""
+    params = inspect.signature(getattr(fastoptim, rule + "_")).parameters
+    defaults = {k: v.default for k, v in params.items() if v.default is not inspect.Parameter.empty}
+    h = {**defaults, **hyper}
+    if rule == "sgd":
+        has_momentum = h["momentum"] != 0.0
+        return "sgd", dict(lr=h["lr"], momentum=h["momentum"], dampening=h["dampening"],
+                           weight_decay=h["weight_decay"], has_momentum=has_momentum,
+                           nesterov=h["nesterov"], first_step=has_momentum and step == 1,
+                           maximize=h["maximize"])
+    if rule == "rmsprop":
+        return "rmsprop", dict(lr=h["lr"], alpha=h["alpha"], eps=h["eps"],
+                               weight_decay=h["weight_decay"], momentum=h["momentum"],
+                               centered=h["centered"], has_momentum=h["momentum"] > 0.0,
+                               maximize=h["maximize"])
+    if rule in ("adam", "adamw"):
+        return "adam", dict(lr=h["lr"], beta1=h["beta1"], beta2=h["beta2"], eps=h["eps"],
+                            weight_decay=h["weight_decay"],
+                            step_size=h["lr"] / (1.0 - h["beta1"] ** float(step)),
+                            bias_correction2_sqrt=math.sqrt(1.0 - h["beta2"] ** float(step)),
+                            amsgrad=h["amsgrad"], decoupled=rule == "adamw", maximize=h["maximize"])
+    if rule == "adagrad":
+        return "adagrad", dict(clr=h["lr"] / (1.0 + float(step - 1) * h["lr_decay"]), eps=h["eps"],
+                               weight_decay=h["weight_decay"], maximize=h["maximize"])
+    if rule == "adadelta":
+        return "adadelta", dict(lr=h["lr"], rho=h["rho"], eps=h["eps"],
+                                weight_decay=h["weight_decay"], maximize=h["maximize"])
+    return "ema", dict(beta=h["beta"])
+
+
+def carve_host(buffers, sizes, shifts):
+    """Per slot, consecutive slices of that slot's buffer, the first at element shifts[slot];
+    a one-element gap between slices makes their starts alternate in alignment."""
+    out = {}
+    for name, buf in buffers.items():
+        pos, arrays = shifts[name], []
+        for s in sizes:
+            arrays.append(buf[pos:pos + s])
+            pos += s + 1
+        out[name] = arrays
+    return out
+
+
+GEOMETRIES = [dict(), dict(chunk=13, block=3, grid=2), dict(chunk=64, block=32, grid=5),
+              dict(chunk=4, block=1, grid=1)]
+
+
+@needs_emulation
+@pytest.mark.parametrize("geometry", GEOMETRIES,
+                         ids=lambda g: "-".join(f"{k}{v}" for k, v in g.items()) or "launcher")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_emulated_kernel_equals_cpu_kernels(case, dtype, geometry):
+    """Every case, slices of odd sizes at odd offsets (the same in every slot, or different
+    per slot), 3 steps: the emulated CUDA kernel and the CPU kernels agree bit for bit on
+    every buffer, gaps between the slices included."""
+    rule, hyper = case
+    rng = np.random.default_rng(8)
+    sizes = [1, 2, 3, 7, 17, 0, 64, 33, 4099]
+    names = [first_name(rule), grad_name(rule)] + active_states(rule, hyper)
+    total = sum(sizes) + len(sizes) + 8
+    ref_buffers = {name: rng.uniform(-2, 2, total).astype(dtype) for name in names}
+    for name in active_states(rule, hyper):
+        ref_buffers[name][:] = 0.1 if rule == "adagrad" else 0.0
+    emu_buffers = {name: b.copy() for name, b in ref_buffers.items()}
+    for shifts in ({n: 1 for n in names}, {n: k % 3 for k, n in enumerate(names)}):
+        ref = carve_host(ref_buffers, sizes, shifts)
+        emu = carve_host(emu_buffers, sizes, shifts)
+        for step in range(1, 4):
+            grads = random_grads(sizes, dtype, rng)
+            for k, g in enumerate(grads):  # fresh gradients, same in both copies
+                ref[grad_name(rule)][k][:] = g
+                emu[grad_name(rule)][k][:] = g
+            state = {n: a for n, a in ref.items() if n != grad_name(rule)}
+            call(fastoptim, rule, hyper, state, ref[grad_name(rule)], step)
+            core_rule, args = kernel_args(rule, hyper, step)
+            slots = [emu.get(name) for name in SLOT_NAMES[rule]]
+            while slots[-1] is None:
+                slots.pop()
+            _core._emulate_kernel(core_rule, slots, args, **geometry)
+            for name in names:
+                assert emu_buffers[name].tobytes() == ref_buffers[name].tobytes(), (
+                    f"{name} after step {step} (shifts {shifts})")
+
+
+@needs_emulation
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("n_arrays", [1, 9, 1000])
+def test_emulated_kernel_many_arrays(n_arrays, dtype):
+    """1,000 arrays of odd sizes in one launch with the launcher's own geometry; the bandwidth
+    ceiling (stream_rmw, reads 4 and writes 3) too."""
+    rng = np.random.default_rng(9)
+    sizes = odd_sizes(n_arrays, rng)
+    hyper = FULL["adam"]
+    ref = initial_state("adam", hyper, sizes, dtype, rng)
+    emu = {n: [a.copy() for a in v] for n, v in ref.items()}
+    grads = random_grads(sizes, dtype, rng)
+    call(fastoptim, "adam", hyper, ref, grads, 5)
+    _, args = kernel_args("adam", hyper, 5)
+    _core._emulate_kernel("adam", [emu["params"], grads, emu["exp_avgs"], emu["exp_avg_sqs"],
+                                   emu["max_exp_avg_sqs"]], args)
+    assert_bitwise(emu, ref, f"{n_arrays} arrays")
+    streams = [[rng.uniform(-1, 1, s).astype(dtype) for s in sizes] for _ in range(4)]
+    copies = [[a.copy() for a in st] for st in streams]
+    _core.stream_rmw(streams, 3, 0.5)
+    _core._emulate_kernel("stream", copies, dict(reads=4, writes=3, scale=0.5))
+    for a, b in zip(sum(streams, []), sum(copies, [])):
+        assert a.tobytes() == b.tobytes()
+
+
+# =============================================================================================
+# GPU tests (CuPy)
+
+
+@needs_gpu
+def test_fastoptim_runtime_sees_the_gpu():
+    """CuPy sees a GPU, so fastoptim's own (static) CUDA runtime must see it too; otherwise
+    the driver is too old for the CUDA version fastoptim was built with."""
+    assert CUDA["device_count"] >= 1, CUDA["error"]
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_one_step_each_case(case, dtype):
+    """Every case, a list of arrays of all the sizes: 3 steps, each from the oracle's state.
+    Compared with the oracle (tolerance) and with fastoptim's CPU kernels (bit for bit)."""
+    rule, hyper = case
+    rng = np.random.default_rng(1)
+    host = initial_state(rule, hyper, SIZES, dtype, rng)
+    for step in range(1, 4):
+        grads = random_grads(SIZES, dtype, rng)
+        dev = to_device(host)
+        cpu = {n: [a.copy() for a in v] for n, v in host.items()}
+        call(fastoptim, rule, hyper, dev, [cp.asarray(g) for g in grads], step)
+        call(fastoptim, rule, hyper, cpu, grads, step)
+        call(reference, rule, hyper, host, grads, step)
+        got = to_host(dev)
+        assert_bitwise(got, cpu, f"step {step}")
+        assert_close(got, host, dtype, STEP_RTOL[dtype], STEP_ATOL_ULPS, f"step {step}")
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("rule", sorted(FULL))
+def test_trajectory_100_steps(rule, dtype):
+    hyper = FULL[rule]
+    rng = np.random.default_rng(2)
+    sizes = [1, 17, 4099, 65537]
+    host = initial_state(rule, hyper, sizes, dtype, rng)
+    dev = to_device(host)
+    for step in range(1, 101):
+        grads = random_grads(sizes, dtype, rng)
+        call(fastoptim, rule, hyper, dev, [cp.asarray(g) for g in grads], step)
+        call(reference, rule, hyper, host, grads, step)
+    assert_close(to_host(dev), host, dtype, TRAJ_RTOL[dtype], TRAJ_ATOL_ULPS, "after 100 steps")
+
+
+@needs_gpu
+@pytest.mark.parametrize("n_arrays", [1, 2, 8, 9, 100, 5000])  # 8: inline metadata; 9: copied
+@pytest.mark.parametrize("rule", ["adam", "sgd", "ema"])
+def test_many_arrays_odd_sizes(rule, n_arrays):
+    hyper = FULL[rule]
+    rng = np.random.default_rng(n_arrays)
+    sizes = odd_sizes(n_arrays, rng)
+    host = initial_state(rule, hyper, sizes, np.float32, rng)
+    dev = to_device(host)
+    for step in range(1, 4):
+        grads = random_grads(sizes, np.float32, rng)
+        call(fastoptim, rule, hyper, dev, [cp.asarray(g) for g in grads], step)
+        call(fastoptim, rule, hyper, host, grads, step)  # the CPU kernels, bit for bit
+    assert_bitwise(to_host(dev), host, f"{n_arrays} arrays")
+
+
+def carve(buffer, sizes, start):
+    """Consecutive slices of one 1-D device buffer, the first at element `start`."""
+    out, pos = [], start
+    for s in sizes:
+        out.append(buffer[pos:pos + s])
+        pos += s + 1  # a one-element gap: consecutive slices start at alternating parities
+    return out
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("n_arrays", [1, 50, 5000])
+@pytest.mark.parametrize("shifts", [(1, 1, 1, 1, 1), (2, 2, 2, 2, 2), (1, 2, 3, 0, 1),
+                                    (0, 0, 0, 0, 0)])
+def test_slices_at_odd_offsets(shifts, n_arrays, dtype):
+    """Slices of one big buffer per argument, starting at odd element offsets: the same
+    misalignment in every argument (vectorised after a scalar head) or different ones
+    (scalar spans)."""
+    rule, hyper = "adam", FULL["adam"]
+    rng = np.random.default_rng(3)
+    sizes = odd_sizes(n_arrays, rng)
+    total = sum(sizes) + n_arrays + 8
+    names = [first_name(rule), grad_name(rule)] + active_states(rule, hyper)
+    host_buffers = {name: rng.uniform(0.5, 1.5, total).astype(dtype) for name in names}
+    for name in active_states(rule, hyper):
+        host_buffers[name][:] = 0.0
+    dev_buffers = {name: cp.asarray(b) for name, b in host_buffers.items()}
+    shift = dict(zip(names, shifts))
+    dev = {name: carve(dev_buffers[name], sizes, shift[name]) for name in names}
+    host = {name: carve(host_buffers[name], sizes, shift[name]) for name in names}
+    grads_dev, grads_host = dev.pop(grad_name(rule)), host.pop(grad_name(rule))
+    for step in range(1, 3):
+        call(fastoptim, rule, hyper, dev, grads_dev, step)
+        call(fastoptim, rule, hyper, host, grads_host, step)
+    for name in names:  # whole buffers: the gaps between slices were not touched either
+        assert cp.asnumpy(dev_buffers[name]).tobytes() == host_buffers[name].tobytes(), name
+
+
+@needs_gpu
+def test_bad_inputs_write_nothing():
+    """Errors found after some arrays were checked leave every device array unchanged."""
+    rng = np.random.default_rng(4)
+    sizes = [7, 4099, 33]
+    host = initial_state("adam", FULL["adam"], sizes, np.float32, rng)
+    grads = [cp.asarray(g) for g in random_grads(sizes, np.float32, rng)]
+    dev = to_device(host)
+    before = to_host(dev)
+
+    def attempt(**change):
+        state = {name: list(arrays) for name, arrays in dev.items()}
+        g = list(grads)
+        for name, (index, value) in change.items():
+            (g if name == "grads" else state[name])[index] = value
+        kwargs = {name: arrays for name, arrays in state.items() if name != "params"}
+        fastoptim.adam_(state["params"], g, step=2, **kwargs, **FULL["adam"])
+
+    bad = {
+        "host array": dict(max_exp_avg_sqs=(2, np.zeros(33, np.float32))),
+        "dtype": dict(exp_avg_sqs=(2, cp.zeros(33, cp.float64))),
+        "shape": dict(grads=(2, cp.zeros(34, cp.float32))),
+        "strided": dict(exp_avgs=(2, cp.zeros(66, cp.float32)[::2])),
+        "overlap": dict(exp_avgs=(2, dev["params"][2])),
+    }
+    for what, change in bad.items():
+        with pytest.raises((TypeError, ValueError)):
+            attempt(**change)
+        after = to_host(dev)
+        for name in before:
+            for k, (a, b) in enumerate(zip(after[name], before[name])):
+                assert a.tobytes() == b.tobytes(), f"{what}: {name}[{k}] was written"
+
+
+@needs_gpu
+def test_runs_on_the_arrays_stream():
+    """Work queued by CuPy on a non-blocking stream (which exports it in the interface) is
+    ordered before the update: the update reads the gradients that stream wrote."""
+    n = 1 << 22
+    rng = np.random.default_rng(5)
+    p0 = rng.uniform(-1, 1, n).astype(np.float32)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        p = cp.asarray(p0)
+        g = cp.zeros(n, cp.float32)
+        for _ in range(20):  # a long producer on `stream`
+            g = cp.sin(g + 1.0)
+        expected_g = g
+        fastoptim.sgd_(p, g, lr=0.5)
+    stream.synchronize()
+    want = p0.copy()
+    fastoptim.sgd_(want, cp.asnumpy(expected_g), lr=0.5)  # the CPU kernels, bit for bit
+    np.testing.assert_array_equal(cp.asnumpy(p), want)
+
+
+@needs_gpu
+def test_metadata_buffers_are_reused_safely():
+    """Many more calls than metadata buffers (16), queued without waiting while the GPU is
+    busy (a large first array), lists of changing length > 8 (copied metadata), then calls
+    alternating between streams; one check against the CPU kernels at the end."""
+    rng = np.random.default_rng(6)
+    sizes = [1 << 22] + odd_sizes(39, rng)
+    host = initial_state("ema", FULL["ema"], sizes, np.float32, rng)
+    dev = to_device(host)
+    values = [rng.uniform(-1, 1, s).astype(np.float32) for s in sizes]
+    dvalues = [cp.asarray(v) for v in values]
+    cp.cuda.Device().synchronize()
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        for k in range(60):
+            m = 9 + k % 31
+            fastoptim.ema_(dev["averages"][:m], dvalues[:m], beta=0.9)
+            fastoptim.ema_(host["averages"][:m], values[:m], beta=0.9)
+    stream.synchronize()
+    streams = [cp.cuda.Stream(non_blocking=True) for _ in range(3)]
+    for k in range(20):
+        m = 9 + 7 * k % 31
+        with streams[k % 3]:
+            fastoptim.ema_(dev["averages"][:m], dvalues[:m], beta=0.9)
+        streams[k % 3].synchronize()  # the arrays are shared between the streams
+        fastoptim.ema_(host["averages"][:m], values[:m], beta=0.9)
+    assert_bitwise(to_host(dev), host, "after 80 calls")
+
+
+@needs_gpu
+def test_torch_cuda_tensors():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA")
+    rng = np.random.default_rng(7)
+    p0, g0 = (rng.uniform(-1, 1, 1001).astype(np.float32) for _ in range(2))
+    p, g = torch.tensor(p0, device="cuda"), torch.tensor(g0, device="cuda")
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    fastoptim.adam_(p, g, m, v, step=1, lr=0.01)
+    torch.cuda.synchronize()
+    hp, hm, hv = p0.copy(), np.zeros_like(p0), np.zeros_like(p0)
+    fastoptim.adam_(hp, g0, hm, hv, step=1, lr=0.01)
+    assert p.cpu().numpy().tobytes() == hp.tobytes()
+
+
+@needs_gpu
+def test_more_than_2_31_elements():
+    """One launch over 2^31 + 5 float32 elements (2 x 8 GiB): the elements around 2^31 and at
+    the end are updated like the first ones."""
+    n = 2**31 + 5
+    free, _ = cp.cuda.runtime.memGetInfo()
+    if free < 2 * 4 * n + (1 << 30):
+        pytest.skip(f"needs {2 * 4 * n / 2**30:.0f} GiB of free GPU memory")
+    avg = cp.full(n, 1.0, cp.float32)
+    val = cp.full(n, 3.0, cp.float32)
+    fastoptim.ema_(avg, val, beta=0.5)
+    cp.cuda.Device().synchronize()
+    for lo in (0, 2**31 - 3, n - 4):
+        np.testing.assert_array_equal(cp.asnumpy(avg[lo:lo + 4]), np.full(4, 2.0, np.float32))
+    assert int(cp.count_nonzero(avg != 2.0)) == 0
+    del avg, val
