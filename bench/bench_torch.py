@@ -87,8 +87,12 @@ def time_round_robin(impls: dict[str, Callable[[], None]], repeats: int,
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        for _ in range(repeats):
-            for name, fn in impls.items():
+        order = list(impls.items())
+        for r in range(repeats):
+            # Rotate the order every round: whatever runs right after torch shares the cores
+            # with torch's OpenMP threads while they spin down, and that should not always be
+            # the same implementation.
+            for name, fn in order[r % len(order):] + order[:r % len(order)]:
                 t0 = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t0)
