@@ -26,6 +26,7 @@ import pytest
 
 import fastoptim
 from fastoptim import _core, reference
+from optimizer_cases import STATE_ARGS as STATES, active_states, case_id
 
 CUDA = _core.info()["cuda"]
 
@@ -293,15 +294,6 @@ def test_built_without_cuda_rejects_device_arrays():
 # Cases and helpers (the emulation and the GPU tests)
 
 STEP_RULES = {"sgd", "adam", "adamw", "adagrad"}
-STATES = {
-    "sgd": ["momentum_buffers"],
-    "rmsprop": ["square_avgs", "grad_avgs", "momentum_buffers"],
-    "adam": ["exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"],
-    "adamw": ["exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"],
-    "adagrad": ["state_sums"],
-    "adadelta": ["square_avgs", "acc_deltas"],
-    "ema": [],
-}
 # Every option of every rule is on in at least one case.
 CASES = [
     ("sgd", dict(lr=0.05)),
@@ -339,23 +331,8 @@ STEP_ATOL_ULPS, TRAJ_ATOL_ULPS = 8, 64
 SIZES = [0, 1, 7, 8, 9, 15, 16, 17, 4099, 2**20 + 3]
 
 
-def case_id(case):
-    rule, hyper = case
-    return rule + "".join(f"-{k}={v}" for k, v in hyper.items())
 
 
-def active_states(rule, hyper):
-    names = list(STATES[rule])
-    if rule == "sgd" and not hyper.get("momentum"):
-        names.remove("momentum_buffers")
-    if rule == "rmsprop":
-        if not hyper.get("centered"):
-            names.remove("grad_avgs")
-        if not hyper.get("momentum"):
-            names.remove("momentum_buffers")
-    if rule in ("adam", "adamw") and not hyper.get("amsgrad"):
-        names.remove("max_exp_avg_sqs")
-    return names
 
 
 def first_name(rule):

@@ -11,6 +11,7 @@ import pytest
 
 import fastoptim
 from fastoptim import reference
+from optimizer_cases import STATE_ARGS, active_states, case_id
 
 DTYPES = [np.float32, np.float64]
 THREADS = [1, 2]
@@ -48,15 +49,6 @@ def atol_for(expected, dtype, ulps):
 
 
 # State arguments of each rule, in fastoptim's (argument) names.
-STATE_ARGS = {
-    "sgd": ["momentum_buffers"],
-    "rmsprop": ["square_avgs", "grad_avgs", "momentum_buffers"],
-    "adam": ["exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"],
-    "adamw": ["exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"],
-    "adagrad": ["state_sums"],
-    "adadelta": ["square_avgs", "acc_deltas"],
-    "ema": [],
-}
 STEP_RULES = {"sgd", "adam", "adamw", "adagrad"}
 
 # (rule, hyperparameters). Every option of every rule is switched on in at least one case;
@@ -102,9 +94,6 @@ FULL_CASES = [case for i, case in enumerate(CASES)
               if i + 1 == len(CASES) or CASES[i + 1][0] != case[0]]
 
 
-def case_id(case):
-    rule, hyper = case
-    return rule + "".join(f"-{k}={v}" for k, v in hyper.items())
 
 
 def dtype_id(dtype):
@@ -133,19 +122,6 @@ def usable_backends():
     return [(isa, threads) for isa in usable for threads in THREADS]
 
 
-def active_states(rule, hyper):
-    """The state arguments this case uses (optional states only when their option is on)."""
-    names = list(STATE_ARGS[rule])
-    if rule == "sgd" and not hyper.get("momentum"):
-        names.remove("momentum_buffers")
-    if rule == "rmsprop":
-        if not hyper.get("centered"):
-            names.remove("grad_avgs")
-        if not hyper.get("momentum"):
-            names.remove("momentum_buffers")
-    if rule in ("adam", "adamw") and not hyper.get("amsgrad"):
-        names.remove("max_exp_avg_sqs")
-    return names
 
 
 def initial_state(rule, hyper, shapes, dtype, rng):

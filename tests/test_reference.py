@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fastoptim import reference
+from optimizer_cases import active_states, case_id
 
 torch = pytest.importorskip("torch")
 
@@ -102,24 +103,8 @@ CASES = [
 ]
 
 
-def case_id(case):
-    rule, hyper = case
-    return rule + "".join(f"-{k}={v}" for k, v in hyper.items())
 
 
-def active_states(rule, hyper):
-    """fastoptim names of the state buffers this case uses."""
-    names = list(STATE_NAMES[rule])
-    if rule == "sgd" and not hyper.get("momentum"):
-        names.remove("momentum_buffers")
-    if rule == "rmsprop":
-        if not hyper.get("centered"):
-            names.remove("grad_avgs")
-        if not hyper.get("momentum"):
-            names.remove("momentum_buffers")
-    if rule in ("adam", "adamw") and not hyper.get("amsgrad"):
-        names.remove("max_exp_avg_sqs")
-    return names
 
 
 def torch_kwargs(hyper):
