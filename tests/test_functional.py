@@ -11,7 +11,7 @@ import pytest
 
 import fastoptim
 from fastoptim import reference
-from optimizer_cases import STATE_ARGS, active_states, case_id
+from optimizer_cases import active_states, case_id
 
 DTYPES = [np.float32, np.float64]
 THREADS = [1, 2]
