@@ -42,6 +42,16 @@ FO_INLINE int64_t tensor_of(const int64_t* off, int64_t n, int64_t i) {
   return lo;
 }
 
+// Note [software prefetch]
+// The vector body asks for every stream it reads kPrefetchAhead elements ahead (1 KiB of
+// fp32). The division and square root of a rule fill the out-of-order window, which limits
+// how many cache misses the hardware prefetchers and the loads themselves keep in flight; an
+// explicit prefetch keeps DRAM busy regardless. Measured on the AVX2 VM at hand, Adam fp32,
+// 1 thread: 2^25 and 2^26 elements 4-8% faster (45-46 ms instead of 49-50 ms at 2^26, the
+// same as the in-place ceiling loop); smaller sizes within noise. A prefetch past the end of
+// an array is harmless: it never faults.
+constexpr int64_t kPrefetchAhead = 256;
+
 template <class T> struct IsaVec;
 template <> struct IsaVec<float> { using type = FO_VEC_F32; };
 template <> struct IsaVec<double> { using type = FO_VEC_F64; };
@@ -71,6 +81,11 @@ FO_INLINE void run_span(T* const* ptr, int64_t i, int64_t n,
     head = min64(head, n - i);
     for (; head > 0; --head, ++i) apply_at<Rule, T>(ptr, i, cs);
     for (; i + 2 * kW <= n; i += 2 * kW) {
+#pragma GCC unroll 8
+      for (int s = 0; s < kMaxSlots; ++s)
+        if (Rule::kReads & bit(s))
+          __builtin_prefetch(reinterpret_cast<const void*>(  // integer math: may pass the end
+              reinterpret_cast<uintptr_t>(ptr[s] + i) + kPrefetchAhead * sizeof(T)), 0, 0);
       apply_at<Rule, V>(ptr, i, cv);
       apply_at<Rule, V>(ptr, i + kW, cv);
     }
