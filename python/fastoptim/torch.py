@@ -122,7 +122,8 @@ def _problem(t: torch.Tensor) -> tuple[type[Exception], str] | None:
         return TypeError, f"is {what}; fastoptim supports dense (strided) tensors only"
     if t.device.type != "cpu":
         return ValueError, (f"is on {t.device}: fastoptim.torch has no {t.device.type.upper()} "
-                            f"backend yet (CPU tensors only)")
+                            f"backend yet (CPU tensors only; fastoptim's CUDA kernels have not "
+                            f"been run on a GPU yet, docs/cuda.md)")
     if t.is_complex():
         return TypeError, f"is complex ({t.dtype}); fastoptim supports float32 and float64 only"
     if t.dtype not in _SUPPORTED_DTYPES:
