@@ -11,7 +11,7 @@ import pytest
 
 import fastoptim
 from fastoptim import reference
-from optimizer_cases import active_states, case_id
+from optimizer_cases import CASES, active_states, case_id
 
 DTYPES = [np.float32, np.float64]
 THREADS = [1, 2]
@@ -48,48 +48,8 @@ def atol_for(expected, dtype, ulps):
     return ulps * np.finfo(dtype).eps * scale
 
 
-# State arguments of each rule, in fastoptim's (argument) names.
 STEP_RULES = {"sgd", "adam", "adamw", "adagrad"}
 
-# (rule, hyperparameters). Every option of every rule is switched on in at least one case;
-# the LAST case of each rule switches on everything at once ("full" cases, used by the
-# subset tests below).
-CASES = [
-    ("sgd", dict()),
-    ("sgd", dict(lr=0.05, maximize=True)),
-    ("sgd", dict(lr=0.05, weight_decay=0.1)),
-    ("sgd", dict(lr=0.05, momentum=0.9)),
-    ("sgd", dict(lr=0.05, momentum=0.9, dampening=0.3)),
-    ("sgd", dict(lr=0.05, momentum=0.9, nesterov=True)),
-    ("sgd", dict(lr=0.05, momentum=0.8, dampening=0.5, weight_decay=0.1, maximize=True)),
-    ("sgd", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1, maximize=True)),
-    ("rmsprop", dict()),
-    ("rmsprop", dict(lr=0.01, alpha=0.5, eps=1e-3, maximize=True)),
-    ("rmsprop", dict(lr=0.01, weight_decay=0.1)),
-    ("rmsprop", dict(lr=0.01, momentum=0.9)),
-    ("rmsprop", dict(lr=0.01, centered=True)),
-    ("rmsprop", dict(lr=0.01, centered=True, momentum=0.9, weight_decay=0.1, maximize=True)),
-    ("adam", dict()),
-    ("adam", dict(lr=0.01, beta1=0.8, beta2=0.99, eps=1e-6, maximize=True)),
-    ("adam", dict(lr=0.01, weight_decay=0.1)),
-    ("adam", dict(lr=0.01, beta1=0.0, amsgrad=True)),
-    ("adam", dict(lr=0.01, amsgrad=True, weight_decay=0.1, maximize=True)),
-    ("adamw", dict()),
-    ("adamw", dict(lr=0.01, weight_decay=0.0)),
-    ("adamw", dict(lr=0.01, beta1=0.5, beta2=0.9, amsgrad=True)),
-    ("adamw", dict(lr=0.01, weight_decay=0.1, amsgrad=True, maximize=True)),
-    ("adagrad", dict()),
-    ("adagrad", dict(lr=0.1, lr_decay=0.05)),
-    ("adagrad", dict(lr=0.1, weight_decay=0.1, maximize=True)),
-    ("adagrad", dict(lr=0.1, lr_decay=0.01, weight_decay=0.1, eps=1e-6, maximize=True)),
-    ("adadelta", dict()),
-    ("adadelta", dict(lr=0.5, rho=0.5, eps=1e-4)),
-    ("adadelta", dict(weight_decay=0.1)),
-    ("adadelta", dict(lr=2.0, rho=0.95, weight_decay=0.1, maximize=True)),
-    ("ema", dict(beta=0.3)),
-    ("ema", dict(beta=0.0)),
-    ("ema", dict(beta=0.999)),
-]
 FULL_CASES = [case for i, case in enumerate(CASES)
               if i + 1 == len(CASES) or CASES[i + 1][0] != case[0]]
 
