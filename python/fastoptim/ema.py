@@ -22,10 +22,9 @@ from typing import Any, Sequence, Union
 import numpy as np
 
 from . import functional as F
+from .optim import _check_float_array
 
 __all__ = ["EMA", "ModelEMA"]
-
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def _check_beta(beta: Any) -> float:
@@ -115,12 +114,7 @@ class ModelEMA:
         if not params:
             raise ValueError("arrays is empty")
         for i, p in enumerate(params):
-            if not isinstance(p, np.ndarray):
-                raise TypeError(f"arrays[{i}] must be a numpy.ndarray, got {type(p).__name__}")
-            if p.dtype not in _FLOAT_DTYPES:
-                raise TypeError(f"arrays[{i}] has dtype {p.dtype}; must be float32 or float64")
-            if not p.flags.c_contiguous:
-                raise ValueError(f"arrays[{i}] is not C-contiguous")
+            _check_float_array(f"arrays[{i}]", p)
         #: the tracked parameter arrays (references)
         self.params = params
         #: the raw shadow averages ``avg_t`` (updated in place; zeros before the first update)

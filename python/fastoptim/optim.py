@@ -109,13 +109,18 @@ def _key(where: str, name: str) -> str:
     return f"{where}[{name!r}]" if where else name
 
 
-def _check_param(where: str, p: Any) -> None:
+def _check_float_array(where: str, p: Any) -> None:
+    """A float32/float64, C-contiguous numpy.ndarray (what the kernels update or read)."""
     if not isinstance(p, np.ndarray):
         raise TypeError(f"{where} must be a numpy.ndarray, got {type(p).__name__}")
     if p.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{where} has dtype {p.dtype}; parameters must be float32 or float64")
+        raise TypeError(f"{where} has dtype {p.dtype}; must be float32 or float64")
     if not p.flags.c_contiguous:
         raise ValueError(f"{where} is not C-contiguous")
+
+
+def _check_param(where: str, p: Any) -> None:
+    _check_float_array(where, p)
     if not p.flags.writeable:
         raise ValueError(f"{where} is not writeable")
 
