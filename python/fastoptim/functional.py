@@ -14,7 +14,15 @@ from __future__ import annotations
 
 from . import _core
 
-__all__ = ["sgd_", "rmsprop_", "adam_", "adamw_", "adagrad_", "adadelta_", "ema_"]
+__all__ = ["sgd_", "rmsprop_", "adam_", "adamw_", "adagrad_", "adadelta_", "nadam_", "radam_",
+           "adamax_", "asgd_", "rprop_", "ema_", "nadam_mu", "asgd_next"]
+
+# Note [one declaration per rule]
+#     Each function below passes its arguments positionally to ``_core.<rule>`` in the order of
+#     the rule's declaration in src/cpp/rules.h (arrays, step, hyperparameters, flags), which
+#     validates all of them; ``_core.rules`` describes each declaration, and
+#     tests/test_registry.py checks that every declared rule has a function here with those
+#     names, a reference, a class and a torch drop-in.
 
 
 def sgd_(params, grads, momentum_buffers=None, *, step=None, lr=1e-3, momentum=0.0,
@@ -38,13 +46,15 @@ def rmsprop_(params, grads, square_avgs, grad_avgs=None, momentum_buffers=None, 
 
 
 def adam_(params, grads, exp_avgs, exp_avg_sqs, *, step, lr=1e-3, beta1=0.9, beta2=0.999,
-          eps=1e-8, weight_decay=0.0, amsgrad=False, max_exp_avg_sqs=None, maximize=False):
-    """Adam with bias correction and optional AMSGrad (torch.optim.Adam); L2 weight decay.
+          eps=1e-8, weight_decay=0.0, amsgrad=False, max_exp_avg_sqs=None, maximize=False,
+          decoupled_weight_decay=False):
+    """Adam with bias correction and optional AMSGrad (torch.optim.Adam); L2 weight decay, or
+    decoupled weight decay ``p *= 1 - lr*wd`` (AdamW) with ``decoupled_weight_decay=True``.
 
     ``step`` is the 1-based number of this step (torch's ``state["step"]`` after increment).
     """
     _core.adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step, lr, beta1, beta2,
-               eps, weight_decay, amsgrad, maximize, False)
+               eps, weight_decay, amsgrad, maximize, decoupled_weight_decay)
 
 
 def adamw_(params, grads, exp_avgs, exp_avg_sqs, *, step, lr=1e-3, beta1=0.9, beta2=0.999,
@@ -64,6 +74,68 @@ def adadelta_(params, grads, square_avgs, acc_deltas, *, lr=1.0, rho=0.9, eps=1e
               weight_decay=0.0, maximize=False):
     """Adadelta (torch.optim.Adadelta)."""
     _core.adadelta(params, grads, square_avgs, acc_deltas, lr, rho, eps, weight_decay, maximize)
+
+
+def nadam_mu(step, beta1, momentum_decay):
+    """NAdam's momentum coefficient ``mu_step = beta1 * (1 - 0.5 * 0.96**(step*momentum_decay))``
+    (torch.optim.NAdam); ``mu_product`` is the running product of these."""
+    return beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
+
+
+def nadam_(params, grads, exp_avgs, exp_avg_sqs, *, step, mu_product, lr=2e-3, beta1=0.9,
+           beta2=0.999, eps=1e-8, weight_decay=0.0, momentum_decay=4e-3,
+           decoupled_weight_decay=False, maximize=False):
+    """NAdam (torch.optim.NAdam), with L2 or decoupled weight decay.
+
+    ``mu_product`` is ``nadam_mu(1) * ... * nadam_mu(step)``, this step included: torch's
+    ``state["mu_product"]`` after its update (a stateful caller keeps it; the classes do).
+    """
+    _core.nadam(params, grads, exp_avgs, exp_avg_sqs, step, mu_product, lr, beta1, beta2, eps,
+                weight_decay, momentum_decay, decoupled_weight_decay, maximize)
+
+
+def radam_(params, grads, exp_avgs, exp_avg_sqs, *, step, lr=1e-3, beta1=0.9, beta2=0.999,
+           eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, maximize=False):
+    """RAdam (torch.optim.RAdam): Adam with the variance rectification, which is off while the
+    approximated SMA length ``rho_t <= 5`` (the first steps)."""
+    _core.radam(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay,
+                decoupled_weight_decay, maximize)
+
+
+def adamax_(params, grads, exp_avgs, exp_infs, *, step, lr=2e-3, beta1=0.9, beta2=0.999,
+            eps=1e-8, weight_decay=0.0, maximize=False):
+    """Adamax (torch.optim.Adamax): Adam with the infinity norm ``exp_inf``."""
+    _core.adamax(params, grads, exp_avgs, exp_infs, step, lr, beta1, beta2, eps, weight_decay,
+                 maximize)
+
+
+def asgd_next(step, lr, lambd, alpha, t0):
+    """ASGD's ``(eta, mu)`` after step ``step`` (torch.optim.ASGD): the values the NEXT step
+    uses. They start at ``(lr, 1.0)``."""
+    return lr / ((1 + lambd * lr * step) ** alpha), 1 / max(1, step - t0)
+
+
+def asgd_(params, grads, axs, *, eta, mu, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6,
+          weight_decay=0.0, maximize=False):
+    """Averaged SGD (torch.optim.ASGD): ``p *= 1 - lambd*eta; p -= eta*g``, then the average
+    ``ax`` moves towards ``p`` by ``mu`` (``ax = p`` when ``mu == 1``).
+
+    ``eta`` and ``mu`` are torch's per-step scalars ``state["eta"]``, ``state["mu"]``, which
+    the caller advances after each step with :func:`asgd_next`; ``lr``, ``alpha`` and ``t0``
+    enter only there and are accepted here for symmetry with torch.optim.ASGD.
+    """
+    _core.asgd(params, grads, axs, eta, mu, lambd, weight_decay, maximize)
+
+
+def rprop_(params, grads, prevs, step_sizes, *, lr=1e-2, etaminus=0.5, etaplus=1.2,
+           step_size_min=1e-6, step_size_max=50.0, maximize=False):
+    """Rprop (torch.optim.Rprop, ``etas=(etaminus, etaplus)``, ``step_sizes=(min, max)``).
+
+    ``step_sizes`` start filled with ``lr`` (torch's state init), ``prevs`` with zeros; ``lr``
+    itself does not enter the update.
+    """
+    _core.rprop(params, grads, prevs, step_sizes, etaminus, etaplus, step_size_min,
+                step_size_max, maximize)
 
 
 def ema_(averages, values, *, beta):

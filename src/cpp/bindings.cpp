@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <sstream>
 #include <string>
@@ -58,35 +59,85 @@ std::string fmt(double x) {
   return s.str();
 }
 
-// ---- hyperparameters ------------------------------------------------------------------
-struct Hyper {
-  const char* fn;
-  void non_negative(const char* name, double x) const {
-    if (!(x >= 0.0) || std::isinf(x))
-      value_error(std::string(fn) + ": " + name + " must be a finite number >= 0, got " + fmt(x));
-  }
-  void unit_open(const char* name, double x) const {  // [0, 1)
-    if (!(x >= 0.0 && x < 1.0))
-      value_error(std::string(fn) + ": " + name + " must be in [0, 1), got " + fmt(x));
-  }
-  void unit_closed(const char* name, double x) const {  // [0, 1]
-    if (!(x >= 0.0 && x <= 1.0))
-      value_error(std::string(fn) + ": " + name + " must be in [0, 1], got " + fmt(x));
-  }
-  // step: a Python integer >= 1 (None allowed only where `required` is false).
-  int64_t step(py::handle obj, bool required, const char* why) const {
-    if (obj.is_none()) {
-      if (required) value_error(std::string(fn) + ": step is required " + why);
-      return 0;
+// ---- scalar arguments ------------------------------------------------------------------
+// Every scalar is read from the Python object by hand, never by pybind11's casters: a wrong
+// type is a short TypeError naming the argument (a caster's "incompatible function arguments"
+// would print the repr of every array of the call).
+
+std::string type_name(PyObject* o) { return Py_TYPE(o)->tp_name; }
+
+bool is_bool(PyObject* o) {  // bool or numpy.bool_
+  if (PyBool_Check(o)) return true;
+  const char* t = Py_TYPE(o)->tp_name;
+  return std::strcmp(t, "numpy.bool") == 0 || std::strcmp(t, "numpy.bool_") == 0;
+}
+
+// A real number: a Python int or float, or anything with __float__ that is not a bool, str,
+// bytes or complex (numpy scalars, 0-d arrays, 1-element tensors).
+double real_arg(const char* fn, const char* name, PyObject* o) {
+  if (PyFloat_Check(o)) return PyFloat_AS_DOUBLE(o);
+  const auto wrong = [&] {
+    type_error(std::string(fn) + ": " + name + " must be a real number, got " + type_name(o));
+  };
+  if (is_bool(o) || PyUnicode_Check(o) || PyBytes_Check(o) || PyComplex_Check(o) ||
+      std::strstr(Py_TYPE(o)->tp_name, "complex") != nullptr)
+    wrong();
+  if (PyLong_Check(o)) {
+    const double x = PyLong_AsDouble(o);
+    if (x == -1.0 && PyErr_Occurred()) {
+      PyErr_Clear();
+      value_error(std::string(fn) + ": " + name + " is too large for a float");
     }
-    if (PyBool_Check(obj.ptr()) || !PyIndex_Check(obj.ptr()))
-      type_error(std::string(fn) + ": step must be an integer >= 1, got " +
-                 std::string(py::str(py::type::of(obj).attr("__name__"))));
-    const int64_t s = obj.cast<int64_t>();
-    if (s < 1) value_error(std::string(fn) + ": step must be an integer >= 1, got " + std::to_string(s));
-    return s;
+    return x;
   }
-};
+  PyNumberMethods* nb = Py_TYPE(o)->tp_as_number;
+  if (nb == nullptr || nb->nb_float == nullptr) wrong();
+  const double x = PyFloat_AsDouble(o);
+  if (x == -1.0 && PyErr_Occurred()) {
+    PyErr_Clear();
+    wrong();
+  }
+  return x;
+}
+
+bool flag_arg(const char* fn, const char* name, PyObject* o) {
+  if (!is_bool(o))
+    type_error(std::string(fn) + ": " + name + " must be a bool, got " + type_name(o));
+  return o == Py_True || (!PyBool_Check(o) && PyObject_IsTrue(o) == 1);
+}
+
+void check_range(const char* fn, const HyperSpec& spec, double x) {
+  const char* want = nullptr;
+  switch (spec.range) {
+    case Range::kNonNegative: if (!(x >= 0.0 && std::isfinite(x))) want = "a finite number >= 0"; break;
+    case Range::kUnitOpen: if (!(x >= 0.0 && x < 1.0)) want = "in [0, 1)"; break;
+    case Range::kUnitClosed: if (!(x >= 0.0 && x <= 1.0)) want = "in [0, 1]"; break;
+    case Range::kFinite: if (!std::isfinite(x)) want = "a finite number"; break;
+  }
+  if (want) value_error(std::string(fn) + ": " + spec.name + " must be " + want + ", got " + fmt(x));
+}
+
+// step: a Python integer in [1, 2**53] (exact as a double, which the per-step scalars use).
+constexpr int64_t kMaxStep = int64_t{1} << 53;
+int64_t step_arg(const char* fn, PyObject* o, StepUse use) {
+  if (o == Py_None) {
+    if (use == StepUse::kRequired)
+      value_error(std::string(fn) + ": step is required (the 1-based count of steps taken, this "
+                  "one included)");
+    return 0;
+  }
+  if (is_bool(o) || !PyIndex_Check(o))
+    type_error(std::string(fn) + ": step must be an integer >= 1, got " + type_name(o));
+  const py::object index = py::reinterpret_steal<py::object>(PyNumber_Index(o));
+  if (!index) throw py::error_already_set();
+  int overflow = 0;
+  const long long v = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
+  if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
+  if (overflow != 0 || v < 1 || v > kMaxStep)
+    value_error(std::string(fn) + ": step must be an integer >= 1 and <= 2**53, got " +
+                std::string(py::str(index)));
+  return static_cast<int64_t>(v);
+}
 
 // ---- arrays ---------------------------------------------------------------------------
 struct Interval {
@@ -112,7 +163,16 @@ class CallBuilder {
     const int arg = static_cast<int>(names_.size());
     const bool is_list = PyList_Check(obj.ptr()) || PyTuple_Check(obj.ptr());
     names_.push_back({name, is_list});
-    const int64_t n = is_list ? static_cast<int64_t>(PySequence_Fast_GET_SIZE(obj.ptr())) : 1;
+    // Note [references held]: a list is snapshotted into a tuple that owns a reference to
+    // every item; the call keeps it (and a single array) alive until it returns, so another
+    // Python thread (the GIL is released while the kernel runs) or a __cuda_array_interface__
+    // property that clears the list cannot free an array the kernel is writing.
+    py::object held = is_list ? py::reinterpret_steal<py::object>(PySequence_Tuple(obj.ptr()))
+                              : py::reinterpret_borrow<py::object>(obj);
+    if (!held) throw py::error_already_set();
+    PyObject* seq = held.ptr();
+    held_.push_back(std::move(held));
+    const int64_t n = is_list ? static_cast<int64_t>(PyTuple_GET_SIZE(seq)) : 1;
     if (arg == 0) {
       n_ = n;
       offsets_.assign(1, 0);
@@ -125,7 +185,7 @@ class CallBuilder {
     std::vector<void*>& ptrs = slots_[slot];
     ptrs.resize(n);
     for (int64_t i = 0; i < n; ++i) {
-      PyObject* item = is_list ? PySequence_Fast_GET_ITEM(obj.ptr(), i) : obj.ptr();
+      PyObject* item = is_list ? PyTuple_GET_ITEM(seq, i) : seq;
       ptrs[i] = check_array(arg, i, item, written);
     }
   }
@@ -166,7 +226,7 @@ class CallBuilder {
 
   // Device arrays, after every other check: all on one CUDA device (cudaPointerGetAttributes),
   // then one launch on params[0]'s stream, without the GIL.
-  void launch_cuda(const Batch& b, RuleId rule, const void* args) {
+  void launch_cuda(const Batch& b, RuleId rule, unsigned mask, const void* args) {
     if (total() == 0) return;
     cuda::require_device();
     std::vector<cuda::PointerInfo> where(intervals_.size());
@@ -192,7 +252,8 @@ class CallBuilder {
                     "; all arrays of one call must be on one device");
       }
     }
-    const cuda::Launch l{rule, dtype(), &b, args, where[ref].device, dev_->stream, dev_->wait_streams};
+    const cuda::Launch l{rule, mask, dtype(), &b, args, where[ref].device, dev_->stream,
+                         dev_->wait_streams};
     py::gil_scoped_release release;
     cuda::launch(l);
   }
@@ -205,6 +266,7 @@ class CallBuilder {
 
   void* check_array(int arg, int64_t i, PyObject* item, bool written) {
     if (!py::isinstance<py::array>(item)) return check_device_array(arg, i, item, written);
+    if (Py_TYPE(item) != py::detail::npy_api::get().PyArray_Type_) check_subclass(arg, i, item);
     if (mode_ == kModeDevice) mixed_devices(arg, i);
     mode_ = kModeHost;
     auto* a = py::detail::array_proxy(item);
@@ -252,6 +314,20 @@ class CallBuilder {
       intervals_.push_back({lo, lo + static_cast<uintptr_t>(size * itemsize), arg, i, written});
     }
     return a->data;
+  }
+
+  // ndarray subclasses: numpy.ma.MaskedArray would be updated under its mask; refuse it.
+  __attribute__((noinline)) void check_subclass(int arg, int64_t i, PyObject* item) const {
+    static PyObject* masked = [] {
+      return py::object(py::module_::import("numpy.ma").attr("MaskedArray")).release().ptr();
+    }();
+    const int is_masked = PyObject_IsInstance(item, masked);
+    if (is_masked < 0) throw py::error_already_set();
+    if (is_masked) {
+      type_error(std::string(fn_) + ": " + label(arg, i) +
+                 " is a numpy.ma.MaskedArray; masked arrays are not supported (the update would "
+                 "ignore the mask): pass its .data, or fill the masked entries first");
+    }
   }
 
   // ---- device arrays (__cuda_array_interface__) ----
@@ -434,6 +510,7 @@ class CallBuilder {
   }
 
   const char* fn_;
+  std::vector<py::object> held_;  // Note [references held]
   int64_t n_ = 0;
   int mode_ = 0;
   std::unique_ptr<DeviceCall> dev_;
@@ -447,160 +524,102 @@ class CallBuilder {
   std::vector<Interval> intervals_;
 };
 
-void run(CallBuilder& call, RuleId rule, const void* args) {
+void run(CallBuilder& call, RuleId rule, unsigned mask, const void* args) {
   call.check_overlaps();
   const Batch b = call.batch();
   if (call.on_device()) {
-    call.launch_cuda(b, rule, args);
+    call.launch_cuda(b, rule, mask, args);
     return;
   }
   if (call.total() >= kReleaseGilFrom) {
     py::gil_scoped_release release;
-    execute(rule, call.dtype(), b, args);
+    execute(rule, mask, call.dtype(), b, args);
   } else {
-    execute(rule, call.dtype(), b, args);
+    execute(rule, mask, call.dtype(), b, args);
   }
 }
 
-void require(const char* fn, bool present, const char* what) {
-  if (!present) value_error(std::string(fn) + ": " + what);
+// ---- entry points: one per rule of FO_RULES, from its declaration (rules.h) ----------------
+// _core.<name>(params, grads, <states...>, [step,] <hyperparameters...>, <flags...>), all
+// positional, in the declaration's order (python/fastoptim/functional.py passes them).
+template <class D> constexpr size_t num_args() {
+  return 2 + D::kStates.size() + (D::kStep == StepUse::kNone ? 0 : 1) + D::kHyper.size() +
+         D::kFlags.size();
 }
 
-// ---- entry points ---------------------------------------------------------------------
-void sgd(py::handle params, py::handle grads, py::handle momentum_buffers, py::handle step,
-         double lr, double momentum, double dampening, double weight_decay, bool nesterov,
-         bool maximize) {
-  const char* fn = "sgd_";
-  const Hyper h{fn};
-  h.non_negative("lr", lr);
-  h.unit_closed("momentum", momentum);
-  h.unit_closed("dampening", dampening);
-  h.non_negative("weight_decay", weight_decay);
-  const bool has_momentum = momentum != 0.0;
-  if (nesterov && (!has_momentum || dampening != 0.0))
-    value_error("sgd_: nesterov=True requires momentum > 0 and dampening == 0");
-  int64_t s = 0;
-  if (has_momentum) {
-    require(fn, !momentum_buffers.is_none(), "momentum_buffers is required when momentum != 0");
-    s = h.step(step, true, "when momentum != 0 (step == 1 initialises the momentum buffers)");
-  } else {
-    h.step(step, false, "");
+// Validates one call of rule D and fills `call`; `run_fn` then runs it (the CPU or CUDA kernel,
+// or the CUDA kernel's emulation).
+template <class D, class RunFn> void call_rule(const std::string& fn_name, py::args a, RunFn&& run_fn) {
+  const char* fn = fn_name.c_str();
+  constexpr size_t kArgs = num_args<D>();
+  if (a.size() != kArgs)
+    type_error(fn_name + ": expected " + std::to_string(kArgs) + " positional arguments, got " +
+               std::to_string(a.size()) + " (call fastoptim." + fn_name + ", not _core)");
+  size_t k = 2 + D::kStates.size();
+  int64_t step = 0;
+  if constexpr (D::kStep != StepUse::kNone) step = step_arg(fn, a[k++].ptr(), D::kStep);
+  double h[D::kHyper.size() + 1];
+  bool f[D::kFlags.size() + 1];
+  for (size_t j = 0; j < D::kHyper.size(); ++j) {
+    h[j] = real_arg(fn, D::kHyper[j].name, a[k++].ptr());
+    check_range(fn, D::kHyper[j], h[j]);
   }
+  for (size_t j = 0; j < D::kFlags.size(); ++j) f[j] = flag_arg(fn, D::kFlags[j], a[k++].ptr());
+  const CallValues v{h, f, step};
+  if (const char* problem = D::check(v)) value_error(fn_name + ": " + problem);
+  const unsigned mask = D::mask(v);
+  const unsigned used = slots_of<D>(mask);
   CallBuilder call(fn);
-  call.add(kParam, "params", params, true);
-  call.add(kGrad, "grads", grads, false);
-  if (has_momentum) call.add(kState0, "momentum_buffers", momentum_buffers, true);
-  const SgdArgs a{lr, momentum, dampening, weight_decay, has_momentum, nesterov, s == 1, maximize};
-  run(call, kSgd, &a);
+  call.add(kParam, D::kParams, a[0], true);
+  call.add(kGrad, D::kGrads, a[1], false);
+  for (size_t j = 0; j < D::kStates.size(); ++j) {
+    const int slot = kState0 + static_cast<int>(j);
+    if (!(used & bit(slot))) continue;
+    const StateSpec& st = D::kStates[j];
+    if (a[2 + j].is_none())
+      value_error(fn_name + ": " + st.name + " is required" + (*st.when ? " " : "") + st.when);
+    call.add(slot, st.name, a[2 + j], true);
+  }
+  const typename D::Args args = D::args(v);
+  run_fn(call, RuleIdOf<D>::value, mask, &args);
 }
 
-void rmsprop(py::handle params, py::handle grads, py::handle square_avgs, py::handle grad_avgs,
-             py::handle momentum_buffers, double lr, double alpha, double eps,
-             double weight_decay, double momentum, bool centered, bool maximize) {
-  const char* fn = "rmsprop_";
-  const Hyper h{fn};
-  h.non_negative("lr", lr);
-  h.unit_closed("alpha", alpha);
-  h.non_negative("eps", eps);
-  h.non_negative("weight_decay", weight_decay);
-  h.unit_closed("momentum", momentum);
-  const bool has_momentum = momentum > 0.0;
-  if (centered) require(fn, !grad_avgs.is_none(), "grad_avgs is required when centered=True");
-  if (has_momentum)
-    require(fn, !momentum_buffers.is_none(), "momentum_buffers is required when momentum > 0");
-  CallBuilder call(fn);
-  call.add(kParam, "params", params, true);
-  call.add(kGrad, "grads", grads, false);
-  call.add(kState0, "square_avgs", square_avgs, true);
-  if (centered) call.add(kState1, "grad_avgs", grad_avgs, true);
-  if (has_momentum) call.add(kState2, "momentum_buffers", momentum_buffers, true);
-  const RmspropArgs a{lr, alpha, eps, weight_decay, momentum, centered, has_momentum, maximize};
-  run(call, kRmsprop, &a);
-}
-
-void adam(py::handle params, py::handle grads, py::handle exp_avgs, py::handle exp_avg_sqs,
-          py::handle max_exp_avg_sqs, py::handle step, double lr, double beta1, double beta2,
-          double eps, double weight_decay, bool amsgrad, bool maximize, bool decoupled) {
-  const char* fn = decoupled ? "adamw_" : "adam_";
-  const Hyper h{fn};
-  h.non_negative("lr", lr);
-  h.unit_open("beta1", beta1);
-  h.unit_open("beta2", beta2);
-  h.non_negative("eps", eps);
-  h.non_negative("weight_decay", weight_decay);
-  const int64_t s = h.step(step, true, "(the 1-based count of steps taken, this one included)");
-  if (amsgrad) require(fn, !max_exp_avg_sqs.is_none(), "max_exp_avg_sqs is required when amsgrad=True");
-  CallBuilder call(fn);
-  call.add(kParam, "params", params, true);
-  call.add(kGrad, "grads", grads, false);
-  call.add(kState0, "exp_avgs", exp_avgs, true);
-  call.add(kState1, "exp_avg_sqs", exp_avg_sqs, true);
-  if (amsgrad) call.add(kState2, "max_exp_avg_sqs", max_exp_avg_sqs, true);
-  // Per-step scalars, once on the host, exactly as torch computes them (Python floats).
-  const double bias_correction1 = 1.0 - std::pow(beta1, static_cast<double>(s));
-  const double bias_correction2 = 1.0 - std::pow(beta2, static_cast<double>(s));
-  const AdamArgs a{lr,  beta1, beta2, eps, weight_decay, lr / bias_correction1,
-                   std::sqrt(bias_correction2), amsgrad, decoupled, maximize};
-  run(call, kAdam, &a);
-}
-
-void adagrad(py::handle params, py::handle grads, py::handle state_sums, py::handle step,
-             double lr, double lr_decay, double weight_decay, double eps, bool maximize) {
-  const char* fn = "adagrad_";
-  const Hyper h{fn};
-  h.non_negative("lr", lr);
-  h.non_negative("lr_decay", lr_decay);
-  h.non_negative("weight_decay", weight_decay);
-  h.non_negative("eps", eps);
-  const int64_t s = h.step(step, true, "(the 1-based count of steps taken, this one included)");
-  CallBuilder call(fn);
-  call.add(kParam, "params", params, true);
-  call.add(kGrad, "grads", grads, false);
-  call.add(kState0, "state_sums", state_sums, true);
-  const AdagradArgs a{lr / (1.0 + static_cast<double>(s - 1) * lr_decay), eps, weight_decay, maximize};
-  run(call, kAdagrad, &a);
-}
-
-void adadelta(py::handle params, py::handle grads, py::handle square_avgs, py::handle acc_deltas,
-              double lr, double rho, double eps, double weight_decay, bool maximize) {
-  const char* fn = "adadelta_";
-  const Hyper h{fn};
-  h.non_negative("lr", lr);
-  h.unit_closed("rho", rho);
-  h.non_negative("eps", eps);
-  h.non_negative("weight_decay", weight_decay);
-  CallBuilder call(fn);
-  call.add(kParam, "params", params, true);
-  call.add(kGrad, "grads", grads, false);
-  call.add(kState0, "square_avgs", square_avgs, true);
-  call.add(kState1, "acc_deltas", acc_deltas, true);
-  const AdadeltaArgs a{lr, rho, eps, weight_decay, maximize};
-  run(call, kAdadelta, &a);
-}
-
-void ema(py::handle averages, py::handle values, double beta) {
-  const char* fn = "ema_";
-  Hyper{fn}.unit_closed("beta", beta);
-  CallBuilder call(fn);
-  call.add(0, "averages", averages, true);
-  call.add(1, "values", values, false);
-  const EmaArgs a{beta};
-  run(call, kEma, &a);
+template <class D> void def_rule(py::module_& m) {
+  const std::string fn_name = std::string(D::kName) + "_";
+  m.def(D::kName, [fn_name](py::args a) { call_rule<D>(fn_name, std::move(a), &run); });
 }
 
 // The bandwidth ceiling of the benchmark: streams[k] (one array or a list) for k < reads;
 // the first `writes` streams are read, modified and written in place.
 void stream_rmw(py::list streams, int writes, double scale) {
   const int reads = static_cast<int>(streams.size());
-  if (!((reads == 2 && writes == 1) || (reads == 3 && writes == 2) || (reads == 4 && writes == 3) ||
-        (reads == 5 && writes == 4)))
+  if (!(reads >= 2 && reads <= kMaxSlots && writes == reads - 1))
     value_error("stream_rmw: supported (streams, writes): (2,1), (3,2), (4,3), (5,4)");
   static const char* kNames[kMaxSlots] = {"streams[0]", "streams[1]", "streams[2]", "streams[3]",
                                           "streams[4]"};
   CallBuilder call("stream_rmw");
   for (int k = 0; k < reads; ++k) call.add(k, kNames[k], streams[k], k < writes);
-  const StreamArgs a{reads, writes, scale};
-  run(call, kStream, &a);
+  const Stream::Args a{scale};
+  run(call, kRuleStream, static_cast<unsigned>(reads - 2), &a);
+}
+
+// What Python needs to know of every rule (tests check the registry is complete).
+template <class D> py::dict rule_info() {
+  py::dict d;
+  py::list states, hyper, flags;
+  for (const StateSpec& st : D::kStates) states.append(py::make_tuple(st.name, st.when));
+  for (const HyperSpec& hs : D::kHyper) {
+    static const char* kRangeNames[] = {"non_negative", "unit_open", "unit_closed", "finite"};
+    hyper.append(py::make_tuple(hs.name, kRangeNames[static_cast<int>(hs.range)]));
+  }
+  for (const char* name : D::kFlags) flags.append(name);
+  static const char* kStepNames[] = {"none", "optional", "required"};
+  d["arrays"] = py::make_tuple(D::kParams, D::kGrads);
+  d["states"] = states;
+  d["step"] = kStepNames[static_cast<int>(D::kStep)];
+  d["hyper"] = hyper;
+  d["flags"] = flags;
+  return d;
 }
 
 py::dict info() {
@@ -647,19 +666,14 @@ PYBIND11_MODULE(_core, m) {
     throw py::value_error(e.what());
   }
   using py::arg;
-  m.def("sgd", &sgd, arg("params"), arg("grads"), arg("momentum_buffers"), arg("step"), arg("lr"),
-        arg("momentum"), arg("dampening"), arg("weight_decay"), arg("nesterov"), arg("maximize"));
-  m.def("rmsprop", &rmsprop, arg("params"), arg("grads"), arg("square_avgs"), arg("grad_avgs"),
-        arg("momentum_buffers"), arg("lr"), arg("alpha"), arg("eps"), arg("weight_decay"),
-        arg("momentum"), arg("centered"), arg("maximize"));
-  m.def("adam", &adam, arg("params"), arg("grads"), arg("exp_avgs"), arg("exp_avg_sqs"),
-        arg("max_exp_avg_sqs"), arg("step"), arg("lr"), arg("beta1"), arg("beta2"), arg("eps"),
-        arg("weight_decay"), arg("amsgrad"), arg("maximize"), arg("decoupled"));
-  m.def("adagrad", &adagrad, arg("params"), arg("grads"), arg("state_sums"), arg("step"),
-        arg("lr"), arg("lr_decay"), arg("weight_decay"), arg("eps"), arg("maximize"));
-  m.def("adadelta", &adadelta, arg("params"), arg("grads"), arg("square_avgs"), arg("acc_deltas"),
-        arg("lr"), arg("rho"), arg("eps"), arg("weight_decay"), arg("maximize"));
-  m.def("ema", &ema, arg("averages"), arg("values"), arg("beta"));
+#define FO_DEF(D) def_rule<D>(m);
+  FO_UPDATE_RULES(FO_DEF)
+#undef FO_DEF
+  py::dict rules;
+#define FO_INFO(D) rules[D::kName] = rule_info<D>();
+  FO_UPDATE_RULES(FO_INFO)
+#undef FO_INFO
+  m.attr("rules") = rules;
   m.def("stream_rmw", &stream_rmw, arg("streams"), arg("writes"), arg("scale") = 0.0);
   m.def("info", &info);
   m.def("set_isa", [](const std::string& name) {
@@ -675,6 +689,33 @@ PYBIND11_MODULE(_core, m) {
   });
   m.def("get_num_threads", &num_threads);
   cuda::def_plan_hooks(m);
+#if defined(FASTOPTIM_HAVE_CUDA)
+  m.def(
+      "_emulate_kernel",
+      [](const std::string& rule, py::tuple args, int sm_count, int64_t chunk, int64_t block,
+         int64_t grid) {
+        const auto emulate = [&](CallBuilder& call, RuleId id, unsigned mask, const void* a) {
+          call.check_overlaps();
+          const Batch b = call.batch();
+          py::gil_scoped_release release;
+          cuda::emulate(id, mask, call.dtype(), b, a, sm_count, chunk, block, grid);
+        };
+        bool found = false;
+#define FO_EMULATE(D)                                               \
+  if (!found && rule == D::kName) {                                 \
+    found = true;                                                   \
+    call_rule<D>(rule + "_", py::reinterpret_borrow<py::args>(args), emulate); \
+  }
+        FO_UPDATE_RULES(FO_EMULATE)
+#undef FO_EMULATE
+        if (!found) throw py::value_error("_emulate_kernel: unknown rule '" + rule + "'");
+      },
+      arg("rule"), arg("args"), py::kw_only(), arg("sm_count") = 132, arg("chunk") = 0,
+      arg("block") = 0, arg("grid") = 0,
+      "Test hook: run the CUDA kernel body (launch plan + RuleVisitor) on the CPU, in place on "
+      "NumPy arrays. rule: a name of _core.rules; args: exactly the positional arguments of "
+      "_core.<rule>; chunk/block/grid: 0 = the launcher's choice.");
+#endif
   // Test hook: how many threads a call over `total` elements uses (Note [small arrays ...]).
   m.def("_threads_for", [](int64_t total) { return threads_for(total); }, arg("total"));
 }

@@ -128,18 +128,19 @@ struct Job {
   KernelFn fn;
   const Batch* batch;
   const void* args;
+  unsigned mask;
 };
 void run_job(const void* ctx, int64_t begin, int64_t end) {
   const Job& j = *static_cast<const Job*>(ctx);
-  j.fn(*j.batch, begin, end, j.args);
+  j.fn(*j.batch, begin, end, j.args, j.mask);
 }
 }  // namespace
 
-void execute(RuleId rule, DType dtype, const Batch& batch, const void* args) {
+void execute(RuleId rule, unsigned mask, DType dtype, const Batch& batch, const void* args) {
   const KernelFn fn = g_tables[static_cast<int>(g_isa)].fn[rule][dtype];
   const int64_t total = batch.offsets[batch.n_tensors];
   if (total == 0) return;
-  const Job job{fn, &batch, args};
+  const Job job{fn, &batch, args, mask};
   parallel_for(threads_for(total), total, kChunk, &run_job, &job);
 }
 

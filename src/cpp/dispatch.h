@@ -25,8 +25,8 @@ int num_threads();
 void set_num_threads(int n);  // n >= 1, checked by the caller
 int threads_for(int64_t total_elements);
 
-// Runs kernel `rule` for `dtype` over the whole batch on the current ISA, handing chunks of
+// Runs variant `mask` of kernel `rule` for `dtype` over the whole batch on the current ISA, handing chunks of
 // the global element range to the caller-runs pool when it is large enough (parallel.h).
-void execute(RuleId rule, DType dtype, const Batch& batch, const void* args);
+void execute(RuleId rule, unsigned mask, DType dtype, const Batch& batch, const void* args);
 
 }  // namespace fastoptim

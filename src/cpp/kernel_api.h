@@ -3,7 +3,8 @@
 // A Batch is one functional call: n tensors, each with up to kMaxSlots streams (param, grad,
 // states). Work is addressed by a GLOBAL element index over the concatenation of all
 // tensors, so the dispatcher can split 2,000 small tensors between threads as easily as one
-// big buffer. A KernelFn processes the global range [begin, end).
+// big buffer. A KernelFn processes the global range [begin, end) of variant `mask` of its
+// rule (rule_api.h, Note [one flag dispatch]) with the rule's host-side Args.
 #pragma once
 
 #include <cstdint>
@@ -18,10 +19,19 @@ struct Batch {
   void* const* slots[kMaxSlots] = {};       // slots[s][t]: data of stream s of tensor t (or null)
 };
 
-enum RuleId : int { kSgd, kRmsprop, kAdam, kAdagrad, kAdadelta, kEma, kStream, kNumRules };
+// One id per rule of FO_RULES (rules.h), in its order: kRuleSgd, kRuleAdam, ...
+#define FO_RULE_ID(D) kRule##D,
+enum RuleId : int { FO_RULES(FO_RULE_ID) kNumRules };
+#undef FO_RULE_ID
+template <class D> struct RuleIdOf;
+#define FO_RULE_ID_OF(D) \
+  template <> struct RuleIdOf<D> { static constexpr RuleId value = kRule##D; };
+FO_RULES(FO_RULE_ID_OF)
+#undef FO_RULE_ID_OF
+
 enum DType : int { kF32 = 0, kF64 = 1, kNumDTypes = 2 };
 
-using KernelFn = void (*)(const Batch&, int64_t begin, int64_t end, const void* args);
+using KernelFn = void (*)(const Batch&, int64_t begin, int64_t end, const void* args, unsigned mask);
 
 struct KernelTable {
   const char* isa = nullptr;

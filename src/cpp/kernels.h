@@ -17,7 +17,6 @@
 #pragma once
 
 #include <cstdint>
-#include <type_traits>
 
 #include "kernel_api.h"
 
@@ -95,8 +94,8 @@ FO_INLINE void run_span(T* const* ptr, int64_t i, int64_t n,
 }
 
 // Process the global element range [begin, end) of a batch.
-template <class Rule, class T>
-void run_range(const Batch& b, int64_t begin, int64_t end, const typename Rule::Args& a) {
+template <class Rule, class T, class Args>
+void run_range(const Batch& b, int64_t begin, int64_t end, const Args& a) {
   using V = typename IsaVec<T>::type;
   const typename Rule::template Consts<V> cv(a);
   const typename Rule::template Consts<T> cs(a);
@@ -112,85 +111,21 @@ void run_range(const Batch& b, int64_t begin, int64_t end, const typename Rule::
   }
 }
 
-// Runtime flags -> template instantiation, once per call (never per element).
-template <class F> FO_INLINE void with_flags(F&& f) { f(); }
-template <class F, class... Rest> FO_INLINE void with_flags(F&& f, bool b, Rest... rest) {
-  if (b) {
-    with_flags([&](auto... xs) { f(std::true_type{}, xs...); }, rest...);
-  } else {
-    with_flags([&](auto... xs) { f(std::false_type{}, xs...); }, rest...);
-  }
+// One entry per (rule, dtype): the call's variant -> its instantiation (rule_api.h).
+template <class D, class T>
+void entry(const Batch& b, int64_t lo, int64_t hi, const void* p, unsigned mask) {
+  const auto& a = *static_cast<const typename D::Args*>(p);
+  dispatch_mask<D>(mask, [&](auto tag) { run_range<typename decltype(tag)::type, T>(b, lo, hi, a); });
 }
-#define FO_V(flag) decltype(flag)::value
-
-template <class T> void sgd_entry(const Batch& b, int64_t lo, int64_t hi, const void* p) {
-  const auto& a = *static_cast<const SgdArgs*>(p);
-  with_flags([&](auto mx, auto wd, auto mom, auto nes, auto first) {
-    run_range<SgdRule<FO_V(mx), FO_V(wd), FO_V(mom), FO_V(nes), FO_V(first)>, T>(b, lo, hi, a);
-  }, a.maximize, a.weight_decay != 0.0, a.has_momentum, a.nesterov, a.first_step);
-}
-
-template <class T> void rmsprop_entry(const Batch& b, int64_t lo, int64_t hi, const void* p) {
-  const auto& a = *static_cast<const RmspropArgs*>(p);
-  with_flags([&](auto mx, auto wd, auto cen, auto mom) {
-    run_range<RmspropRule<FO_V(mx), FO_V(wd), FO_V(cen), FO_V(mom)>, T>(b, lo, hi, a);
-  }, a.maximize, a.weight_decay != 0.0, a.centered, a.has_momentum);
-}
-
-template <class T> void adam_entry(const Batch& b, int64_t lo, int64_t hi, const void* p) {
-  const auto& a = *static_cast<const AdamArgs*>(p);
-  with_flags([&](auto mx, auto wd, auto dec, auto ams) {
-    run_range<AdamRule<FO_V(mx), FO_V(wd), FO_V(dec), FO_V(ams)>, T>(b, lo, hi, a);
-  }, a.maximize, a.weight_decay != 0.0, a.decoupled, a.amsgrad);
-}
-
-template <class T> void adagrad_entry(const Batch& b, int64_t lo, int64_t hi, const void* p) {
-  const auto& a = *static_cast<const AdagradArgs*>(p);
-  with_flags([&](auto mx, auto wd) {
-    run_range<AdagradRule<FO_V(mx), FO_V(wd)>, T>(b, lo, hi, a);
-  }, a.maximize, a.weight_decay != 0.0);
-}
-
-template <class T> void adadelta_entry(const Batch& b, int64_t lo, int64_t hi, const void* p) {
-  const auto& a = *static_cast<const AdadeltaArgs*>(p);
-  with_flags([&](auto mx, auto wd) {
-    run_range<AdadeltaRule<FO_V(mx), FO_V(wd)>, T>(b, lo, hi, a);
-  }, a.maximize, a.weight_decay != 0.0);
-}
-
-template <class T> void ema_entry(const Batch& b, int64_t lo, int64_t hi, const void* p) {
-  run_range<EmaRule, T>(b, lo, hi, *static_cast<const EmaArgs*>(p));
-}
-
-template <class T> void stream_entry(const Batch& b, int64_t lo, int64_t hi, const void* p) {
-  const auto& a = *static_cast<const StreamArgs*>(p);
-  switch (a.reads * 10 + a.writes) {
-    case 21: run_range<StreamRule<2, 1>, T>(b, lo, hi, a); break;
-    case 32: run_range<StreamRule<3, 2>, T>(b, lo, hi, a); break;
-    case 43: run_range<StreamRule<4, 3>, T>(b, lo, hi, a); break;
-    case 54: run_range<StreamRule<5, 4>, T>(b, lo, hi, a); break;
-    default: break;  // the bindings accept only the pairs above
-  }
-}
-#undef FO_V
 
 }  // namespace
 
 void FO_FILL_TABLE(KernelTable* t) {
-  t->fn[kSgd][kF32] = &sgd_entry<float>;
-  t->fn[kSgd][kF64] = &sgd_entry<double>;
-  t->fn[kRmsprop][kF32] = &rmsprop_entry<float>;
-  t->fn[kRmsprop][kF64] = &rmsprop_entry<double>;
-  t->fn[kAdam][kF32] = &adam_entry<float>;
-  t->fn[kAdam][kF64] = &adam_entry<double>;
-  t->fn[kAdagrad][kF32] = &adagrad_entry<float>;
-  t->fn[kAdagrad][kF64] = &adagrad_entry<double>;
-  t->fn[kAdadelta][kF32] = &adadelta_entry<float>;
-  t->fn[kAdadelta][kF64] = &adadelta_entry<double>;
-  t->fn[kEma][kF32] = &ema_entry<float>;
-  t->fn[kEma][kF64] = &ema_entry<double>;
-  t->fn[kStream][kF32] = &stream_entry<float>;
-  t->fn[kStream][kF64] = &stream_entry<double>;
+#define FO_FILL(D)                                   \
+  t->fn[kRule##D][kF32] = &entry<D, float>; \
+  t->fn[kRule##D][kF64] = &entry<D, double>;
+  FO_RULES(FO_FILL)
+#undef FO_FILL
 }
 
 }  // namespace fastoptim

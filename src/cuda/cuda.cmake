@@ -84,12 +84,16 @@ endif()
 # its compile time and cannot change a result (IEEE arithmetic, -ffp-contract=off).
 target_sources(_core PRIVATE src/cuda/emulate.cpp)
 set_source_files_properties(src/cuda/emulate.cpp PROPERTIES COMPILE_OPTIONS "-O1")
-target_sources(_core PRIVATE
-  src/cuda/cuda_backend.cu
-  src/cuda/rules_adam.cu
-  src/cuda/rules_sgd.cu
-  src/cuda/rules_rmsprop.cu
-  src/cuda/rules_misc.cu)
+target_sources(_core PRIVATE src/cuda/cuda_backend.cu)
+# The rules' kernels, in kShards (kernels.cuh) translation units compiled in parallel: one small
+# generated file per shard that includes rules_shard.cu with FO_SHARD set. The list of rules is
+# FO_RULES (src/cpp/rules.h); nothing here names one.
+foreach(_fo_shard RANGE 3)
+  set(_fo_shard_src "${CMAKE_CURRENT_BINARY_DIR}/fastoptim_rules_shard${_fo_shard}.cu")
+  file(CONFIGURE OUTPUT "${_fo_shard_src}"
+       CONTENT "#define FO_SHARD ${_fo_shard}\n#include \"${CMAKE_CURRENT_SOURCE_DIR}/src/cuda/rules_shard.cu\"\n")
+  target_sources(_core PRIVATE "${_fo_shard_src}")
+endforeach()
 set_target_properties(_core PROPERTIES
   CUDA_STANDARD 17
   CUDA_STANDARD_REQUIRED ON

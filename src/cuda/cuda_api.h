@@ -50,9 +50,10 @@ constexpr uintptr_t kStreamPerThread = 2;  // cudaStreamPerThread
 
 struct Launch {
   RuleId rule;
+  unsigned mask;              // the rule's variant (rule_api.h)
   DType dtype;
   const Batch* batch;         // host copies of offsets and slot pointer tables (device addresses)
-  const void* args;           // the rule's *Args struct (rules.h)
+  const void* args;           // the rule's Args (rules.h)
   int device;                 // every array's device (checked by the caller)
   uintptr_t stream;           // params[0]'s stream: the launch stream
   std::vector<uintptr_t> wait_streams;  // other arrays' streams, waited on before the launch
@@ -60,6 +61,11 @@ struct Launch {
 
 // Enqueues the update on `stream` (asynchronous, like any CUDA op). Thread-safe.
 void launch(const Launch& l);
+
+// Test hook (emulate.cpp, CUDA builds only): the kernel body of `launch`, run on the CPU over
+// host arrays, block after block and thread after thread; chunk/block/grid 0 = the launcher's.
+void emulate(RuleId rule, unsigned mask, DType dtype, const Batch& b, const void* args,
+             int sm_count, int64_t chunk, int64_t block, int64_t grid);
 
 }  // namespace cuda
 }  // namespace fastoptim

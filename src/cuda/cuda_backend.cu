@@ -116,14 +116,6 @@ cudaStream_t to_stream(uintptr_t s) {
   }
 }
 
-using Launcher = void (*)(const LaunchCtx&);
-constexpr Launcher kLaunchers[kNumRules] = {
-    &launch_sgd, &launch_rmsprop, &launch_adam, &launch_adagrad,
-    &launch_adadelta, &launch_ema, &launch_stream};
-static_assert(kSgd == 0 && kRmsprop == 1 && kAdam == 2 && kAdagrad == 3 && kAdadelta == 4 &&
-                  kEma == 5 && kStream == 6 && kNumRules == 7,
-              "kLaunchers follows RuleId");
-
 // Host layout of the metadata: offsets[n + 1], then ptrs[n * kMaxSlots].
 void fill_meta(const Batch& b, int64_t* offsets, void** ptrs) {
   const int64_t n = b.n_tensors;
@@ -203,6 +195,7 @@ void launch(const Launch& l) {
   LaunchCtx ctx;
   ctx.plan = plan::make_plan(total, n, 0, ds.sm_count);
   ctx.dtype = l.dtype;
+  ctx.mask = l.mask;
   ctx.args = l.args;
   ctx.stream = stream;
   InlineMeta inl{};
@@ -238,7 +231,7 @@ void launch(const Launch& l) {
     ctx.dev_offsets = reinterpret_cast<const int64_t*>(mb->dev);
     ctx.dev_ptrs = reinterpret_cast<void* const*>(ctx.dev_offsets + n + 1);
   }
-  kLaunchers[l.rule](ctx);
+  if (!launch_any_shard(l.rule, ctx)) throw std::logic_error("fastoptim CUDA: no launcher for rule");
   const cudaError_t launched = cudaGetLastError();
   if (mb) {  // after the copy (and the kernel, if it was launched): the buffers' release point
     check(cudaEventRecord(mb->done, stream), "cudaEventRecord");

@@ -38,7 +38,8 @@ struct InlineMeta {
 struct LaunchCtx {
   plan::LaunchPlan plan;                  // slot_mask is set by launch_typed
   DType dtype;
-  const void* args;                       // the rule's *Args
+  unsigned mask;                          // the rule's variant (rule_api.h)
+  const void* args;                       // the rule's Args
   cudaStream_t stream;
   const int64_t* dev_offsets = nullptr;   // device metadata, or null when `inl` is used
   void* const* dev_ptrs = nullptr;
@@ -52,7 +53,8 @@ template <class Rule, class T> struct KernelArgs {
   void* const* ptrs;
   InlineMeta inl;
 
-  KernelArgs(const LaunchCtx& ctx, const typename Rule::Args& a)
+  template <class Args>
+  KernelArgs(const LaunchCtx& ctx, const Args& a)
       : plan(ctx.plan), c(a), offsets(ctx.dev_offsets), ptrs(ctx.dev_ptrs), inl() {
     if (ctx.inl) inl = *ctx.inl;
     plan.slot_mask = Rule::kReads | Rule::kWrites;
@@ -68,25 +70,37 @@ update_kernel(const __grid_constant__ KernelArgs<Rule, T> a) {
   plan::block_body<T>(a.plan, m, blockIdx.x, threadIdx.x, blockDim.x, gridDim.x, v);
 }
 
-template <class Rule, class T>
-void launch_typed(const LaunchCtx& ctx, const typename Rule::Args& a) {
+template <class Rule, class T, class Args>
+void launch_typed(const LaunchCtx& ctx, const Args& a) {
   const KernelArgs<Rule, T> ka(ctx, a);
   update_kernel<Rule, T><<<ctx.plan.grid, ctx.plan.block, 0, ctx.stream>>>(ka);
 }
 
-template <class Rule> void launch_rule(const LaunchCtx& ctx, const typename Rule::Args& a) {
+template <class Rule, class Args> void launch_rule(const LaunchCtx& ctx, const Args& a) {
   if (ctx.dtype == kF64) launch_typed<Rule, double>(ctx, a);
   else launch_typed<Rule, float>(ctx, a);
 }
 
-// One per rule family, each in its own translation unit (parallel compilation).
-void launch_sgd(const LaunchCtx& ctx);       // rules_sgd.cu
-void launch_rmsprop(const LaunchCtx& ctx);   // rules_rmsprop.cu
-void launch_adam(const LaunchCtx& ctx);      // rules_adam.cu
-void launch_adagrad(const LaunchCtx& ctx);   // rules_misc.cu
-void launch_adadelta(const LaunchCtx& ctx);  // rules_misc.cu
-void launch_ema(const LaunchCtx& ctx);       // rules_misc.cu
-void launch_stream(const LaunchCtx& ctx);    // rules_misc.cu
+// Rule D's launcher: the call's variant -> its instantiation (rule_api.h), then one launch.
+template <class D> void launch_decl(const LaunchCtx& ctx) {
+  const auto& a = *static_cast<const typename D::Args*>(ctx.args);
+  dispatch_mask<D>(ctx.mask, [&](auto tag) { launch_rule<typename decltype(tag)::type>(ctx, a); });
+}
+
+// The rules are compiled in kShards translation units (rules_shard.cu, compiled once per
+// shard by cuda.cmake), shard K holding the rules whose RuleId % kShards == K: nvcc compiles
+// them in parallel, and a new rule of FO_RULES lands in one of them without any CUDA edit.
+constexpr int kShards = 4;
+template <int K> bool launch_shard(RuleId rule, const LaunchCtx& ctx);  // rules_shard.cu
+extern template bool launch_shard<0>(RuleId, const LaunchCtx&);
+extern template bool launch_shard<1>(RuleId, const LaunchCtx&);
+extern template bool launch_shard<2>(RuleId, const LaunchCtx&);
+extern template bool launch_shard<3>(RuleId, const LaunchCtx&);
+inline bool launch_any_shard(RuleId rule, const LaunchCtx& ctx) {
+  return launch_shard<0>(rule, ctx) || launch_shard<1>(rule, ctx) || launch_shard<2>(rule, ctx) ||
+         launch_shard<3>(rule, ctx);
+}
+static_assert(kShards == 4, "launch_any_shard names every shard");
 
 }  // namespace cuda
 }  // namespace fastoptim

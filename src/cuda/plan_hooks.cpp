@@ -221,9 +221,6 @@ void def_plan_hooks(py::module_& m) {
         "aligned fake address; chunk/block/grid: 0 = the launcher's choice; chunks (or blocks): "
         "walk only these chunks (or these blocks, grid-stride loop included) and return their "
         "visits (tensor, index, width) instead of per-element counts.");
-#if defined(FASTOPTIM_HAVE_CUDA)
-  def_emulation_hook(m);
-#endif
 }
 
 }  // namespace cuda

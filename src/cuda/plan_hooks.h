@@ -11,12 +11,9 @@
 namespace fastoptim {
 namespace cuda {
 
-// Defines _core._plan_coverage, and _core._emulate_kernel where CUDA is built
-// (tests/test_launch_plan.py).
+// Defines _core._plan_coverage (tests/test_launch_plan.py). _core._emulate_kernel, where CUDA
+// is built, is defined by bindings.cpp (it validates like any call) over cuda::emulate.
 void def_plan_hooks(pybind11::module_& m);
-
-// emulate.cpp (built with the CUDA backend only).
-void def_emulation_hook(pybind11::module_& m);
 
 // The launcher's plan (plan::make_plan) with chunk, block and grid overridden where > 0.
 plan::LaunchPlan geometry(int64_t total, int64_t n, unsigned slot_mask, int sm_count, int64_t chunk,

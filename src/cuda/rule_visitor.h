@@ -9,12 +9,11 @@
 // emulate.cpp, _core._emulate_kernel), they are plain element accesses, and the same kernel
 // body runs on NumPy arrays so that the tests compare it bit for bit with the CPU kernels.
 //
-// Also here: dispatch_rule, the runtime flags -> rule instantiation of a call, shared by the
-// CUDA launchers and the emulation.
+// The runtime options -> rule instantiation of a call is rule_api.h's dispatch_mask, the one
+// the CPU kernels use too.
 #pragma once
 
 #include <cstdint>
-#include <type_traits>
 
 #include "../cpp/kernel_api.h"
 #include "../cpp/launch_plan.h"
@@ -129,80 +128,6 @@ FO_UNROLL
       if (Rule::kWrites & (1u << s)) store16(sp.p[s] + i, lanes[s]);
   }
 };
-
-// ---- runtime flags -> rule instantiation -------------------------------------------------
-// Once per call, never per element (kernels.h's with_flags). dispatch_rule(args, f) calls
-// f(RuleTag<Rule>{}) with the instantiation for the call's flags; the CUDA launchers
-// (rules_*.cu) and the CPU emulation (emulate.cpp) share it. Flags that cannot change the
-// result are not instantiated twice (SGD's nesterov and first step without momentum, Adam's
-// decoupled without weight decay): the same update, fewer kernels to compile.
-template <class R> struct RuleTag { using type = R; };
-
-template <class F> void with_flags(F&& f) { f(); }
-template <class F, class... Rest> void with_flags(F&& f, bool b, Rest... rest) {
-  if (b) {
-    with_flags([&](auto... xs) { f(std::true_type{}, xs...); }, rest...);
-  } else {
-    with_flags([&](auto... xs) { f(std::false_type{}, xs...); }, rest...);
-  }
-}
-#define FO_V(flag) decltype(flag)::value
-
-template <class F> void dispatch_rule(const SgdArgs& a, F&& f) {
-  with_flags([&](auto mx, auto wd, auto mom) {
-    if constexpr (FO_V(mom)) {
-      with_flags([&](auto nes, auto first) {
-        f(RuleTag<SgdRule<FO_V(mx), FO_V(wd), true, FO_V(nes), FO_V(first)>>{});
-      }, a.nesterov, a.first_step);
-    } else {
-      f(RuleTag<SgdRule<FO_V(mx), FO_V(wd), false, false, false>>{});
-    }
-  }, a.maximize, a.weight_decay != 0.0, a.has_momentum);
-}
-
-template <class F> void dispatch_rule(const RmspropArgs& a, F&& f) {
-  with_flags([&](auto mx, auto wd, auto cen, auto mom) {
-    f(RuleTag<RmspropRule<FO_V(mx), FO_V(wd), FO_V(cen), FO_V(mom)>>{});
-  }, a.maximize, a.weight_decay != 0.0, a.centered, a.has_momentum);
-}
-
-template <class F> void dispatch_rule(const AdamArgs& a, F&& f) {
-  with_flags([&](auto mx, auto wd, auto ams) {
-    if constexpr (FO_V(wd)) {
-      with_flags([&](auto dec) {
-        f(RuleTag<AdamRule<FO_V(mx), true, FO_V(dec), FO_V(ams)>>{});
-      }, a.decoupled);
-    } else {
-      f(RuleTag<AdamRule<FO_V(mx), false, false, FO_V(ams)>>{});
-    }
-  }, a.maximize, a.weight_decay != 0.0, a.amsgrad);
-}
-
-template <class F> void dispatch_rule(const AdagradArgs& a, F&& f) {
-  with_flags([&](auto mx, auto wd) {
-    f(RuleTag<AdagradRule<FO_V(mx), FO_V(wd)>>{});
-  }, a.maximize, a.weight_decay != 0.0);
-}
-
-template <class F> void dispatch_rule(const AdadeltaArgs& a, F&& f) {
-  with_flags([&](auto mx, auto wd) {
-    f(RuleTag<AdadeltaRule<FO_V(mx), FO_V(wd)>>{});
-  }, a.maximize, a.weight_decay != 0.0);
-}
-
-template <class F> void dispatch_rule(const EmaArgs&, F&& f) { f(RuleTag<EmaRule>{}); }
-
-// The in-place bandwidth ceiling (bindings.cpp accepts only these (reads, writes) pairs).
-template <class F> void dispatch_rule(const StreamArgs& a, F&& f) {
-  switch (a.reads * 10 + a.writes) {
-    case 21: f(RuleTag<StreamRule<2, 1>>{}); break;
-    case 32: f(RuleTag<StreamRule<3, 2>>{}); break;
-    case 43: f(RuleTag<StreamRule<4, 3>>{}); break;
-    case 54: f(RuleTag<StreamRule<5, 4>>{}); break;
-    default: break;
-  }
-}
-#undef FO_V
 
 }  // namespace cuda
 }  // namespace fastoptim
