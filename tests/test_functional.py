@@ -6,6 +6,8 @@ tail. Each test runs several steps with a fresh gradient per step and compares p
 every state buffer after each step. Backends this CPU or build lacks skip with a reason.
 """
 
+import inspect
+
 import numpy as np
 import pytest
 
@@ -58,6 +60,20 @@ FULL_CASES = [case for i, case in enumerate(CASES)
 
 def dtype_id(dtype):
     return np.dtype(dtype).name
+
+
+@pytest.fixture(autouse=True)
+def skip_cases_the_kernels_lack(request):
+    """The reference gets a rule or option before the kernels do: such cases skip, saying so."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is None or "case" not in callspec.params:
+        return
+    rule, hyper = callspec.params["case"]
+    if not hasattr(fastoptim, rule + "_"):
+        pytest.skip(f"fastoptim does not export {rule}_ yet (only fastoptim.reference does)")
+    missing = set(hyper) - set(inspect.signature(getattr(fastoptim, rule + "_")).parameters)
+    if missing:
+        pytest.skip(f"fastoptim.{rule}_ does not take {sorted(missing)} yet")
 
 
 @pytest.fixture

@@ -1,35 +1,40 @@
 """The NumPy oracle (fastoptim.reference) equals torch.optim's single-tensor path.
 
-Every optimizer runs 30 steps in torch (``foreach=False``, i.e. ``_single_tensor_<name>``) and
-in the reference on NumPy copies, with the same fresh random gradient each step; params and
-every state buffer are compared element by element.
+Every case of the shared table runs 50 steps in torch (``foreach=False``, i.e.
+``_single_tensor_<name>``) and in the reference on NumPy copies, with the same fresh random
+gradient each step. After EVERY step, params and every entry of torch's per-parameter state
+are compared: array states element by element, the step count and the 0-d scalar states
+(NAdam's mu_product, ASGD's eta and mu, carried by optimizer_cases.step_kwargs) exactly.
 """
 
 import numpy as np
 import pytest
 
 from fastoptim import reference
-from optimizer_cases import CASES as ALL_CASES, active_states, case_id
+from optimizer_cases import (CASES as ALL_CASES, STATE_ARGS, active_states, case_id, full_hyper,
+                             initial_scalars, initial_state, step_kwargs)
 
 torch = pytest.importorskip("torch")
 
-STEPS = 30
+STEPS = 50
 SHAPES = [(37,), (3, 5)]
 
-# Tolerances after 30 steps. torch's CPU loops fuse some operations (add with alpha and lerp
-# use fma) where NumPy rounds twice, so the two differ by an ulp or so per operation.
-# float64: ulp ~1e-16, a few per step over 30 steps stays far below 1e-12.
-# float32: ulp ~6e-8, a few per step over 30 steps stays below 1e-5.
+# Tolerances, checked after every one of 50 steps. torch's CPU loops fuse some operations
+# (add with alpha and lerp use fma) where NumPy rounds twice, so the two differ by an ulp or
+# so per operation, and the differences carry over from step to step.
+# float64: ulp ~1e-16, a few per step over 50 steps stays far below 1e-12.
+# float32: ulp ~6e-8, a few per step over 50 steps stays below 1e-5.
 RTOL = {np.float64: 1e-12, np.float32: 1e-5}
 # atol, in ulps of the array's scale (atol_for): a value that cancels to near zero (params
-# crossing zero, exp_avg / grad_avg / momentum_buffer averaging signed gradients) carries
+# crossing zero, exp_avg / grad_avg / momentum_buffer / ax averaging signed values) carries
 # the rounding error of its OPERANDS, which are as large as the array's values.
 ATOL_ULPS = 16
 
 
 def atol_for(expected):
-    """ATOL_ULPS units of roundoff of the array's scale: max(1, largest |value|)."""
-    scale = max(1.0, float(np.abs(expected).max())) if expected.size else 1.0
+    """ATOL_ULPS units of roundoff of the array's scale: max(1, largest finite |value|)."""
+    finite = np.abs(expected[np.isfinite(expected)])
+    scale = max(1.0, float(finite.max())) if finite.size else 1.0
     return ATOL_ULPS * np.finfo(expected.dtype).eps * scale
 
 
@@ -43,7 +48,8 @@ def random_grads(rng, shape, dtype):
     With params in [-2, 2] and weight_decay <= 0.1, g = grad + weight_decay*p never cancels
     towards zero: torch rounds that sum once (fma), NumPy twice, and a cancelled g would feed
     a division by sqrt(v) + eps that amplifies the difference without bound (an
-    ill-conditioned input, not a bug). Exact zeros exercise the eps-dominated 0/eps path.
+    ill-conditioned input, not a bug). Exact zeros exercise the eps-dominated 0/eps path
+    (and Rprop's sign(0) = 0, which keeps the step size).
     """
     g = rng.choice([-1.0, 1.0], shape) * rng.uniform(0.5, 2.0, shape)
     g.reshape(-1)[::7] = 0.0
@@ -59,84 +65,187 @@ STATE_NAMES = {
              "max_exp_avg_sqs": "max_exp_avg_sq"},
     "adagrad": {"state_sums": "sum"},
     "adadelta": {"square_avgs": "square_avg", "acc_deltas": "acc_delta"},
+    "nadam": {"exp_avgs": "exp_avg", "exp_avg_sqs": "exp_avg_sq"},
+    "adamax": {"exp_avgs": "exp_avg", "exp_infs": "exp_inf"},
+    "asgd": {"axs": "ax"},
+    "rprop": {"prevs": "prev", "step_sizes": "step_size"},
 }
 STATE_NAMES["adamw"] = STATE_NAMES["adam"]
+STATE_NAMES["radam"] = STATE_NAMES["nadam"]
 
 TORCH_CLASS = {"sgd": "SGD", "rmsprop": "RMSprop", "adam": "Adam", "adamw": "AdamW",
-               "adagrad": "Adagrad", "adadelta": "Adadelta"}
+               "adagrad": "Adagrad", "adadelta": "Adadelta", "nadam": "NAdam",
+               "radam": "RAdam", "adamax": "Adamax", "asgd": "ASGD", "rprop": "Rprop"}
+
+# torch.optim keeps a "step" in every state of these rules (SGD, RMSprop and Adadelta too).
+TORCH_COUNTS_STEPS = set(TORCH_CLASS) - {"sgd"}
 
 # The shared table of cases (optimizer_cases.py) without ema, which torch.optim lacks.
 CASES = [case for case in ALL_CASES if case[0] != "ema"]
 
 
-
-
-
-
-def torch_kwargs(hyper):
+def torch_kwargs(rule, hyper):
     """fastoptim hyperparameters -> torch.optim constructor arguments."""
-    kwargs = {k: v for k, v in hyper.items() if k not in ("beta1", "beta2")}
+    h = full_hyper(rule, hyper)
+    kwargs = {k: v for k, v in hyper.items()
+              if k not in ("beta1", "beta2", "etaminus", "etaplus", "step_size_min",
+                           "step_size_max")}
     if "beta1" in hyper or "beta2" in hyper:
-        kwargs["betas"] = (hyper.get("beta1", 0.9), hyper.get("beta2", 0.999))
+        kwargs["betas"] = (h["beta1"], h["beta2"])
+    if rule == "rprop":
+        kwargs["etas"] = (h["etaminus"], h["etaplus"])
+        kwargs["step_sizes"] = (h["step_size_min"], h["step_size_max"])
     return kwargs
 
 
-def initial_state(rule, name, shape, dtype, hyper):
-    """The state torch starts from (zeros, or ``initial_accumulator_value`` for Adagrad)."""
-    if rule == "adagrad":
-        return np.full(shape, hyper.get("initial_accumulator_value", 0.0), dtype)
-    if rule == "sgd":
-        # torch has no buffer before step 1; NaN proves the reference overwrites it on step 1.
-        return np.full(shape, np.nan, dtype)
-    return np.zeros(shape, dtype)
+@pytest.fixture
+def torch_scalar_dtype(dtype):
+    """torch keeps step, mu_product, eta and mu in its default dtype (float32 unless set):
+    float64 runs set float64 so that those match the reference's float64 scalars."""
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64 if dtype == np.float64 else torch.float32)
+    yield dtype
+    torch.set_default_dtype(saved)
 
 
-def run_both(rule, hyper, dtype, seed=0):
-    """Run torch and the reference for STEPS steps; return (torch_result, reference_result).
-
-    Each result is a dict: "params" -> list of arrays, state name -> list of arrays.
-    """
-    rng = np.random.default_rng(seed)
-    params0 = [random_params(rng, shape, dtype) for shape in SHAPES]
-    grads = [[random_grads(rng, shape, dtype) for shape in SHAPES] for _ in range(STEPS)]
-    states = active_states(rule, hyper)
-
-    t_params = [torch.tensor(p) for p in params0]
-    optimizer = getattr(torch.optim, TORCH_CLASS[rule])(t_params, foreach=False,
-                                                        **torch_kwargs(hyper))
-    for step_grads in grads:
-        for p, g in zip(t_params, step_grads):
-            p.grad = torch.tensor(g)
-        optimizer.step()
-    torch_result = {"params": [p.numpy() for p in t_params]}
-    for name in states:
-        torch_name = STATE_NAMES[rule][name]
-        torch_result[name] = [optimizer.state[p][torch_name].numpy() for p in t_params]
-
-    ref_hyper = {k: v for k, v in hyper.items() if k != "initial_accumulator_value"}
-    ref_result = {"params": [p.copy() for p in params0]}
-    for name in states:
-        ref_result[name] = [initial_state(rule, name, s, dtype, hyper) for s in SHAPES]
-    update = getattr(reference, rule + "_")
-    for step, step_grads in enumerate(grads, start=1):
-        state_args = {name: ref_result[name] for name in states}
-        if rule in ("sgd", "adam", "adamw", "adagrad"):
-            state_args["step"] = step
-        update(ref_result["params"], step_grads, **state_args, **ref_hyper)
-    return torch_result, ref_result
+def assert_close(actual, expected, dtype, where):
+    assert actual.dtype == dtype and actual.shape == expected.shape, where
+    np.testing.assert_allclose(actual, expected, rtol=RTOL[dtype], atol=atol_for(expected),
+                               err_msg=where)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_reference_matches_torch(case, dtype):
+def test_reference_matches_torch(case, dtype, torch_scalar_dtype):
     rule, hyper = case
-    torch_result, ref_result = run_both(rule, hyper, dtype)
-    assert torch_result.keys() == ref_result.keys()
-    for name, torch_arrays in torch_result.items():
-        for i, (expected, actual) in enumerate(zip(torch_arrays, ref_result[name])):
-            assert actual.dtype == dtype
-            np.testing.assert_allclose(actual, expected, rtol=RTOL[dtype],
-                                       atol=atol_for(expected), err_msg=f"{rule} {name}[{i}]")
+    rng = np.random.default_rng(0)
+    params = [random_params(rng, shape, dtype) for shape in SHAPES]
+    states = {name: [np.full(shape, initial_state(rule, name, hyper), dtype) for shape in SHAPES]
+              for name in active_states(rule, hyper)}
+    scalars = initial_scalars(rule, hyper, torch_scalar_dtype)
+    ref_hyper = {k: v for k, v in hyper.items() if k != "initial_accumulator_value"}
+    update = getattr(reference, rule + "_")
+
+    t_params = [torch.tensor(p) for p in params]
+    optimizer = getattr(torch.optim, TORCH_CLASS[rule])(t_params, foreach=False,
+                                                        **torch_kwargs(rule, hyper))
+    expected_keys = {STATE_NAMES[rule][name] for name in states} | set(scalars)
+    if rule in TORCH_COUNTS_STEPS:
+        expected_keys.add("step")
+
+    for step in range(1, STEPS + 1):
+        grads = [random_grads(rng, shape, dtype) for shape in SHAPES]
+        for p, g in zip(t_params, grads):
+            p.grad = torch.tensor(g)
+        optimizer.step()
+        kwargs, scalars = step_kwargs(rule, hyper, step, scalars)
+        update(params, grads, **states, **kwargs, **ref_hyper)
+
+        for i, (t_param, param) in enumerate(zip(t_params, params)):
+            where = f"{rule} step {step}"
+            assert_close(param, t_param.numpy(), dtype, f"{where}: params[{i}]")
+            torch_state = optimizer.state[t_param]
+            assert set(torch_state) == expected_keys, where
+            for name, arrays in states.items():
+                assert_close(arrays[i], torch_state[STATE_NAMES[rule][name]].numpy(), dtype,
+                             f"{where}: {name}[{i}]")
+            for name, value in scalars.items():
+                # The carried scalars must be torch's, bit for bit, in torch's dtype.
+                t_value = torch_state[name]
+                assert t_value.dtype == torch.from_numpy(value).dtype, f"{where}: {name}"
+                assert t_value.item() == float(value), f"{where}: {name}"
+            if "step" in torch_state:
+                assert torch_state["step"].item() == step, where
+
+
+@pytest.mark.parametrize("dtype", [np.float64], ids=["float64"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_nonfinite_grads_propagate_like_torch(case, dtype, torch_scalar_dtype):
+    """NaN, +inf and -inf gradients (new positions each step) give torch's NaN/inf pattern in
+    params and every state.
+
+    Note [lerp with weight >= 0.5]: torch's lerp(self, end, w) computes
+    ``end - (end - self)*(1 - w)`` when w >= 0.5, the reference (like the kernels)
+    ``self + w*(end - self)``. With end = +-inf and w = 1 - beta1 >= 0.5 torch's exp_avg
+    becomes NaN (inf - inf) where the reference's is +-inf; the params are NaN in both.
+    Only that difference is allowed, only there.
+    """
+    rule, hyper = case
+    rng = np.random.default_rng(5)
+    params = [random_params(rng, (37,), dtype)]
+    states = {name: [np.full((37,), initial_state(rule, name, hyper), dtype)]
+              for name in active_states(rule, hyper)}
+    scalars = initial_scalars(rule, hyper, torch_scalar_dtype)
+    ref_hyper = {k: v for k, v in hyper.items() if k != "initial_accumulator_value"}
+    t_param = torch.tensor(params[0])
+    optimizer = getattr(torch.optim, TORCH_CLASS[rule])([t_param], foreach=False,
+                                                        **torch_kwargs(rule, hyper))
+    lerp_weight = 1 - full_hyper(rule, hyper).get("beta1", 0.9)
+    for step in range(1, 5):
+        grads = [random_grads(rng, (37,), dtype)]
+        grads[0][[step, 9 + step, 35 - step]] = [np.nan, np.inf, -np.inf]
+        t_param.grad = torch.tensor(grads[0])
+        optimizer.step()
+        kwargs, scalars = step_kwargs(rule, hyper, step, scalars)
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            getattr(reference, rule + "_")(params, grads, **states, **kwargs, **ref_hyper)
+        where = f"{rule} step {step}"
+        with np.errstate(invalid="ignore"):
+            assert_close(params[0], t_param.numpy(), dtype, f"{where}: params")
+        for name, arrays in states.items():
+            actual = arrays[0]
+            expected = optimizer.state[t_param][STATE_NAMES[rule][name]].numpy()
+            if name == "exp_avgs" and lerp_weight >= 0.5:
+                actual = np.where(np.isnan(expected) & np.isinf(actual), np.nan, actual)
+            with np.errstate(invalid="ignore"):
+                assert_close(actual, expected, dtype, f"{where}: {name}")
+    if rule == "rprop":
+        # torch.sign(NaN) = 0 and inf moves by one step size (Note [Rprop and NaN]).
+        assert np.isfinite(params[0]).all()
+    else:
+        assert not np.isfinite(params[0]).all(), "non-finite grads never reached params"
+
+
+def test_cases_reach_every_branch():
+    """The cases drive each rule through the branches the torch comparison must cover."""
+    def radam_rectified(hyper, step):
+        beta2 = full_hyper("radam", hyper)["beta2"]
+        rho_inf = 2 / (1 - beta2) - 1
+        return rho_inf - 2 * step * beta2**step / (1 - beta2**step) > 5.0
+
+    for rule, hyper in CASES:
+        if rule == "radam":
+            branches = {radam_rectified(hyper, step) for step in range(1, STEPS + 1)}
+            assert branches == {False, True}, hyper
+        if rule == "asgd" and full_hyper(rule, hyper)["t0"] < STEPS - 2:
+            scalars, mus = initial_scalars(rule, hyper), []
+            for step in range(1, STEPS + 1):
+                kwargs, scalars = step_kwargs(rule, hyper, step, scalars)
+                mus.append(kwargs["mu"])
+            assert mus[0] == 1.0 and min(mus) < 1.0, hyper
+    # Rprop: step sizes reach both bounds (with the gradients the torch test uses).
+    bounded = [(r, h) for r, h in CASES if r == "rprop" and "step_size_min" in h]
+    assert bounded
+    for rule, hyper in bounded:
+        h = full_hyper(rule, hyper)
+        rng = np.random.default_rng(0)
+        params = [random_params(rng, shape, np.float64) for shape in SHAPES]
+        prevs = [np.zeros(shape) for shape in SHAPES]
+        step_sizes = [np.full(shape, h["lr"]) for shape in SHAPES]
+        hit_min = hit_max = False
+        for _ in range(STEPS):
+            grads = [random_grads(rng, shape, np.float64) for shape in SHAPES]
+            reference.rprop_(params, grads, prevs, step_sizes, **hyper)
+            hit_min |= any((s == h["step_size_min"]).any() for s in step_sizes)
+            hit_max |= any((s == h["step_size_max"]).any() for s in step_sizes)
+        assert hit_min and hit_max, hyper
+
+
+def test_every_rule_with_states_is_compared_with_torch():
+    """Each rule of the table (except ema) has a torch class and a name for every state."""
+    for rule in {rule for rule, _ in CASES}:
+        assert rule in TORCH_CLASS
+        assert set(STATE_NAMES.get(rule, {})) == set(STATE_ARGS[rule]), rule
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
@@ -180,6 +289,9 @@ class _Float32Only(np.ndarray):
         if out is not None:
             kwargs["out"] = tuple(plain(o) for o in out)
         result = getattr(ufunc, method)(*inputs, **kwargs)
+        if result.dtype == np.bool_:
+            # A comparison (Rprop's sign tests): its operands were checked above.
+            return result
         assert result.dtype == np.float32, f"{ufunc.__name__} returned {result.dtype}"
         if out is not None:
             return out[0] if len(out) == 1 else out
@@ -205,9 +317,12 @@ def test_reference_computes_float32_in_float32(case):
         assert average.dtype == np.float32
         return
     params = [array()]
-    states = {name: [array(0.0)] for name in active_states(rule, hyper)}
+    states = {name: [array(initial_state(rule, name, hyper))]
+              for name in active_states(rule, hyper)}
+    scalars = initial_scalars(rule, hyper, np.float32)
     for step in (1, 2):
-        extra = {"step": np.int64(step)} if rule in ("sgd", "adam", "adamw", "adagrad") else {}
+        extra, scalars = step_kwargs(rule, hyper, step, scalars)
+        extra = {k: (np.int64(v) if k == "step" else np.float64(v)) for k, v in extra.items()}
         getattr(reference, rule + "_")(params, [array()], **states, **extra, **hyper)
     for arrays in [params, *states.values()]:
         assert arrays[0].dtype == np.float32
@@ -222,6 +337,12 @@ def test_reference_computes_float32_in_float32(case):
                                      exp_avg_sqs=[np.zeros(3)])),
     ("sgd", "step", dict(momentum=0.9, momentum_buffers=[np.zeros(3)])),
     ("adagrad", "step", dict(step=None, state_sums=[np.zeros(3)])),
+    ("nadam", "mu_product", dict(step=1, mu_product=None, exp_avgs=[np.zeros(3)],
+                                 exp_avg_sqs=[np.zeros(3)])),
+    ("radam", "exp_avg_sqs", dict(step=1, exp_avgs=[np.zeros(3)], exp_avg_sqs=None)),
+    ("adamax", "step", dict(step=0, exp_avgs=[np.zeros(3)], exp_infs=[np.zeros(3)])),
+    ("asgd", "axs", dict(axs=None, eta=0.01, mu=1.0)),
+    ("rprop", "step_sizes", dict(prevs=[np.zeros(3)], step_sizes=None)),
 ])
 def test_missing_state_raises(rule, missing, hyper):
     with pytest.raises(ValueError, match=missing):

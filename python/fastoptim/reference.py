@@ -14,6 +14,11 @@ Conventions:
   scalars, so a float32 array is never promoted to float64.
 * ``grads`` are read only; ``g`` is a new array whenever the gradient is negated or decayed.
 * Results are written back with in-place operators (``+=``, ``*=``, ``out=``).
+* Scalar states that torch keeps as 0-d tensors (NAdam's ``mu_product``, ASGD's ``eta`` and
+  ``mu``) are not arrays here: the caller carries them and passes their current value as a
+  Python float. ``nadam_mu`` and ``asgd_next`` compute their per-step values exactly as torch
+  does; a caller that must match torch bit for bit keeps them in torch's scalar dtype
+  (float32 unless torch's default dtype is float64).
 
 This module is a test oracle, not the product: it checks only what it needs to run (a
 missing state list or step raises ValueError) and leaves argument validation to the kernels.
@@ -23,7 +28,8 @@ import operator
 
 import numpy as np
 
-__all__ = ["sgd_", "rmsprop_", "adam_", "adamw_", "adagrad_", "adadelta_", "ema_"]
+__all__ = ["sgd_", "rmsprop_", "adam_", "adamw_", "adagrad_", "adadelta_", "nadam_", "radam_",
+           "adamax_", "asgd_", "rprop_", "ema_", "nadam_mu", "asgd_next"]
 
 
 def _as_list(arrays):
@@ -157,11 +163,13 @@ def _adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, step, lr, be
 
 
 def adam_(params, grads, exp_avgs, exp_avg_sqs, *, step, lr=1e-3, beta1=0.9, beta2=0.999,
-          eps=1e-8, weight_decay=0.0, amsgrad=False, max_exp_avg_sqs=None, maximize=False):
-    """Adam with L2 weight decay added to the gradient, optionally AMSGrad."""
+          eps=1e-8, weight_decay=0.0, amsgrad=False, max_exp_avg_sqs=None, maximize=False,
+          decoupled_weight_decay=False):
+    """Adam, optionally AMSGrad; L2 weight decay added to the gradient, or decoupled
+    ``p *= 1 - lr*weight_decay`` (torch.optim.Adam's ``decoupled_weight_decay``)."""
     _adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step=step, lr=lr,
           beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-          maximize=maximize, decoupled_weight_decay=False)
+          maximize=maximize, decoupled_weight_decay=bool(decoupled_weight_decay))
 
 
 def adamw_(params, grads, exp_avgs, exp_avg_sqs, *, step, lr=1e-3, beta1=0.9, beta2=0.999,
@@ -212,6 +220,198 @@ def adadelta_(params, grads, square_avgs, acc_deltas, *, lr=1.0, rho=0.9, eps=1e
         acc_delta *= rho
         acc_delta += (1 - rho) * delta * delta
         p += -lr * delta
+
+
+def nadam_mu(step, beta1, momentum_decay):
+    """NAdam's momentum cache ``mu_t = beta1*(1 - 0.5*0.96**(t*momentum_decay))``, a float.
+
+    torch multiplies its 0-d ``mu_product`` state by ``nadam_mu(step, ...)`` before the update
+    of step ``step``; ``nadam_`` takes that product (this step's mu included).
+    """
+    return float(beta1) * (1.0 - 0.5 * (0.96 ** (step * float(momentum_decay))))
+
+
+def nadam_(params, grads, exp_avgs, exp_avg_sqs, *, step, mu_product, lr=2e-3, beta1=0.9,
+           beta2=0.999, eps=1e-8, weight_decay=0.0, momentum_decay=4e-3,
+           decoupled_weight_decay=False, maximize=False):
+    """NAdam (Dozat 2016) with torch's momentum decay schedule.
+
+    ``mu_product`` is ``mu_1 * ... * mu_step`` (``nadam_mu``), this step's mu included.
+    """
+    lr, beta1, beta2, eps, weight_decay, momentum_decay = map(
+        float, (lr, beta1, beta2, eps, weight_decay, momentum_decay))
+    step = _require_step(step)
+    if mu_product is None:
+        raise ValueError("mu_product is required")
+    mu_product = float(mu_product)
+    params, grads = _as_list(params), _as_list(grads)
+    exp_avgs = _require(exp_avgs, "exp_avgs")
+    exp_avg_sqs = _require(exp_avg_sqs, "exp_avg_sqs")
+
+    bias_correction2 = 1 - beta2**step
+    mu = nadam_mu(step, beta1, momentum_decay)
+    mu_next = nadam_mu(step + 1, beta1, momentum_decay)
+    mu_product_next = mu_product * mu_next
+    grad_coef = -lr * (1.0 - mu) / (1.0 - mu_product)
+    exp_avg_coef = (-lr * mu_next) / (1.0 - mu_product_next)
+
+    for p, grad, exp_avg, exp_avg_sq in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):
+        g = -grad if maximize else grad
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                p *= 1 - lr * weight_decay
+            else:
+                g = g + weight_decay * p
+        exp_avg += (1 - beta1) * (g - exp_avg)
+        exp_avg_sq *= beta2
+        exp_avg_sq += (1 - beta2) * g * g
+        denom = np.sqrt(exp_avg_sq / bias_correction2)
+        denom += eps
+        p += grad_coef * g / denom
+        p += exp_avg_coef * exp_avg / denom
+
+
+def radam_(params, grads, exp_avgs, exp_avg_sqs, *, step, lr=1e-3, beta1=0.9, beta2=0.999,
+           eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, maximize=False):
+    """RAdam (Liu et al. 2019): Adam with the variance rectified once ``rho_t > 5``; before
+    that (the first steps), SGD with the bias-corrected momentum."""
+    lr, beta1, beta2, eps, weight_decay = map(float, (lr, beta1, beta2, eps, weight_decay))
+    step = _require_step(step)
+    params, grads = _as_list(params), _as_list(grads)
+    exp_avgs = _require(exp_avgs, "exp_avgs")
+    exp_avg_sqs = _require(exp_avg_sqs, "exp_avg_sqs")
+
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    # The maximum length of the approximated SMA, and its length at this step.
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * step * (beta2**step) / bias_correction2
+    rectified = rho_t > 5.0
+    if rectified:
+        rect = ((rho_t - 4) * (rho_t - 2) * rho_inf
+                / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+        bias_correction2_sqrt = bias_correction2**0.5
+
+    for p, grad, exp_avg, exp_avg_sq in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):
+        g = -grad if maximize else grad
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                p *= 1 - lr * weight_decay
+            else:
+                g = g + weight_decay * p
+        exp_avg += (1 - beta1) * (g - exp_avg)
+        exp_avg_sq *= beta2
+        exp_avg_sq += (1 - beta2) * g * g
+        bias_corrected_exp_avg = exp_avg / bias_correction1
+        if rectified:
+            # torch's ``float / tensor`` is ``tensor.reciprocal() * float``: two roundings.
+            adaptive_lr = (1 / (np.sqrt(exp_avg_sq) + eps)) * bias_correction2_sqrt
+            p -= bias_corrected_exp_avg * lr * adaptive_lr * rect
+        else:
+            p -= bias_corrected_exp_avg * lr
+
+
+def adamax_(params, grads, exp_avgs, exp_infs, *, step, lr=2e-3, beta1=0.9, beta2=0.999,
+            eps=1e-8, weight_decay=0.0, maximize=False):
+    """Adamax (Kingma & Ba 2015, sec. 7): Adam with the infinity norm ``max(beta2*u, |g|+eps)``."""
+    lr, beta1, beta2, eps, weight_decay = map(float, (lr, beta1, beta2, eps, weight_decay))
+    step = _require_step(step)
+    params, grads = _as_list(params), _as_list(grads)
+    exp_avgs = _require(exp_avgs, "exp_avgs")
+    exp_infs = _require(exp_infs, "exp_infs")
+
+    clr = lr / (1 - beta1**step)
+
+    for p, grad, exp_avg, exp_inf in zip(params, grads, exp_avgs, exp_infs, strict=True):
+        g = -grad if maximize else grad
+        if weight_decay != 0:
+            g = g + weight_decay * p
+        exp_avg += (1 - beta1) * (g - exp_avg)
+        exp_inf *= beta2
+        # NaN in either operand propagates (np.maximum, like torch.maximum).
+        np.maximum(exp_inf, np.abs(g) + eps, out=exp_inf)
+        p += -clr * exp_avg / exp_inf
+
+
+def asgd_next(step, lr, lambd, alpha, t0):
+    """ASGD's ``(eta, mu)`` after step ``step``, as torch sets its 0-d states (Python floats):
+    ``eta = lr / (1 + lambd*lr*step)**alpha``, ``mu = 1 / max(1, step - t0)``."""
+    lr, lambd, alpha, t0 = map(float, (lr, lambd, alpha, t0))
+    eta = lr / ((1 + lambd * lr * step) ** alpha)
+    mu = 1 / max(1, step - t0)
+    return eta, float(mu)
+
+
+def asgd_(params, grads, axs, *, eta, mu, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6,
+          weight_decay=0.0, maximize=False):
+    """Averaged SGD (Polyak & Juditsky 1992) as torch.optim.ASGD.
+
+    ``eta`` and ``mu`` are the values torch holds before this step (``lr`` and 1 at the first
+    step); the caller advances them afterwards with ``asgd_next``. ``lr``, ``alpha`` and ``t0``
+    enter only through them.
+    """
+    eta, mu, lambd, weight_decay = map(float, (eta, mu, lambd, weight_decay))
+    params, grads = _as_list(params), _as_list(grads)
+    axs = _require(axs, "axs")
+
+    for p, grad, ax in zip(params, grads, axs, strict=True):
+        g = -grad if maximize else grad
+        if weight_decay != 0:
+            g = g + weight_decay * p
+        p *= 1 - lambd * eta
+        p += -eta * g
+        if mu != 1:
+            ax += (p - ax) * mu
+        else:
+            ax[...] = p
+
+
+def _torch_sign(x):
+    """``torch.sign``: -1, 0 or 1, and 0 for NaN (``np.sign(NaN)`` is NaN).
+
+    Note [Rprop and NaN]: through this, a NaN gradient leaves its step size as it is and
+    does not move its param (sign 0); ``prev`` keeps the NaN, so the next step's g*prev is
+    NaN and keeps the step size again, while the param moves by sign(g)*step_size as usual.
+    An infinite gradient moves the param by one step size: sign(inf) = 1, and on the first
+    step inf*prev = inf*0 = NaN keeps the step size.
+    """
+    sign = np.sign(x)
+    sign[np.isnan(sign)] = 0
+    return sign
+
+
+def rprop_(params, grads, prevs, step_sizes, *, lr=1e-2, etaminus=0.5, etaplus=1.2,
+           step_size_min=1e-6, step_size_max=50.0, maximize=False):
+    """Rprop (Riedmiller & Braun 1993), torch's variant: where the gradient changed sign the
+    step size shrinks by ``etaminus`` and that element does not move; where it kept its sign
+    it grows by ``etaplus``; ``sign(0) = 0`` keeps the step size, and so does a NaN
+    gradient, which moves nothing (torch's sign(NaN) = 0, see ``_torch_sign``).
+
+    ``lr`` only initialises ``step_sizes`` (torch: ``full_like(p, lr)``); the update never
+    reads it.
+    """
+    etaminus, etaplus = float(etaminus), float(etaplus)
+    step_size_min, step_size_max = float(step_size_min), float(step_size_max)
+    params, grads = _as_list(params), _as_list(grads)
+    prevs = _require(prevs, "prevs")
+    step_sizes = _require(step_sizes, "step_sizes")
+
+    for p, grad, prev, step_size in zip(params, grads, prevs, step_sizes, strict=True):
+        g = -grad if maximize else grad.copy()
+        sign = _torch_sign(g * prev)
+        # torch overwrites the signs with the factors in this order and later finds the
+        # shrunk elements by ``sign == etaminus``; as 0 < etaminus < 1 < etaplus (torch
+        # checks), those are exactly the elements whose sign was negative.
+        shrink = sign < 0
+        sign[sign > 0] = etaplus
+        sign[shrink] = etaminus
+        sign[sign == 0] = 1
+        step_size *= sign
+        np.clip(step_size, step_size_min, step_size_max, out=step_size)
+        # Where the sign changed, the gradient counts as zero: no move, and prev = 0.
+        g[shrink] = 0
+        p -= _torch_sign(g) * step_size
+        prev[...] = g
 
 
 def ema_(averages, values, *, beta):
