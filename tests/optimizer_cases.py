@@ -111,6 +111,15 @@ def step_kwargs(rule, hyper, step, scalars):
     return kwargs, dict(scalars)
 
 
+
+def scalar_kwargs(rule, hyper, step):
+    """``step`` and the per-step scalars (NAdam's mu_product, ASGD's eta and mu) of step
+    ``step``, carried from step 1 as a stateful caller does (``step_kwargs``)."""
+    kwargs, scalars = {}, initial_scalars(rule, hyper)
+    for s in range(1, step + 1):
+        kwargs, scalars = step_kwargs(rule, hyper, s, scalars)
+    return kwargs
+
 # (rule, hyperparameters). Every option of every rule is switched on in at least one case;
 # the LAST case of each rule switches on everything at once ("full" cases, used by the
 # subset tests below).

@@ -18,7 +18,6 @@ Three groups of tests:
   without CUDA, CuPy is missing, or no GPU is visible.
 """
 
-import inspect
 import math
 
 import numpy as np
@@ -26,7 +25,8 @@ import pytest
 
 import fastoptim
 from fastoptim import _core, reference
-from optimizer_cases import STATE_ARGS as STATES, active_states, case_id
+import optimizer_cases as cases
+from optimizer_cases import CASES, active_states, case_id
 
 CUDA = _core.info()["cuda"]
 
@@ -293,31 +293,7 @@ def test_built_without_cuda_rejects_device_arrays():
 # =============================================================================================
 # Cases and helpers (the emulation and the GPU tests)
 
-STEP_RULES = {"sgd", "adam", "adamw", "adagrad"}
-# Every option of every rule is on in at least one case.
-CASES = [
-    ("sgd", dict(lr=0.05)),
-    ("sgd", dict(lr=0.05, weight_decay=0.1, maximize=True)),
-    ("sgd", dict(lr=0.05, momentum=0.9)),
-    ("sgd", dict(lr=0.05, momentum=0.8, dampening=0.5, weight_decay=0.1, maximize=True)),
-    ("sgd", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1)),
-    ("rmsprop", dict()),
-    ("rmsprop", dict(lr=0.01, alpha=0.5, eps=1e-3, weight_decay=0.1, maximize=True)),
-    ("rmsprop", dict(lr=0.01, momentum=0.9)),
-    ("rmsprop", dict(lr=0.01, centered=True, momentum=0.9, weight_decay=0.1, maximize=True)),
-    ("adam", dict()),
-    ("adam", dict(lr=0.01, beta1=0.8, beta2=0.99, eps=1e-6, maximize=True)),
-    ("adam", dict(lr=0.01, weight_decay=0.1)),
-    ("adam", dict(lr=0.01, amsgrad=True, weight_decay=0.1, maximize=True)),
-    ("adamw", dict()),
-    ("adamw", dict(lr=0.01, weight_decay=0.1, amsgrad=True, maximize=True)),
-    ("adagrad", dict()),
-    ("adagrad", dict(lr=0.1, lr_decay=0.01, weight_decay=0.1, eps=1e-6, maximize=True)),
-    ("adadelta", dict()),
-    ("adadelta", dict(lr=2.0, rho=0.95, weight_decay=0.1, maximize=True)),
-    ("ema", dict(beta=0.3)),
-    ("ema", dict(beta=0.999)),
-]
+# The cases are the kernel tests' table (optimizer_cases.py): every option of every rule.
 FULL = {rule: hyper for rule, hyper in CASES}  # the last (fullest) case of each rule
 
 # Tolerances against the NumPy oracle (the kernels fuse x + a*y into one fma where NumPy
@@ -346,7 +322,7 @@ def grad_name(rule):
 def initial_state(rule, hyper, sizes, dtype, rng):
     state = {first_name(rule): [rng.uniform(-2.0, 2.0, s).astype(dtype) for s in sizes]}
     for name in active_states(rule, hyper):
-        fill = np.nan if rule == "sgd" else 0.1 if rule == "adagrad" else 0.0
+        fill = 0.1 if rule == "adagrad" else cases.initial_state(rule, name, hyper)
         state[name] = [np.full(s, fill, dtype) for s in sizes]
     return state
 
@@ -364,8 +340,7 @@ def random_grads(sizes, dtype, rng):
 
 def call(module, rule, hyper, state, grads, step):
     kwargs = {name: arrays for name, arrays in state.items() if name != first_name(rule)}
-    if rule in STEP_RULES:
-        kwargs["step"] = step
+    kwargs.update(cases.scalar_kwargs(rule, hyper, step))
     getattr(module, rule + "_")(state[first_name(rule)], grads, **kwargs, **hyper)
 
 
@@ -412,38 +387,28 @@ needs_emulation = pytest.mark.skipif(
     reason="fastoptim was built without CUDA: there is no CUDA kernel to emulate")
 
 # Slots of the kernel, in bindings.cpp's order: param, grad, then the states (None: unused).
-SLOT_NAMES = {rule: [first_name(rule), grad_name(rule)] + STATES[rule] for rule in STATES}
 
 
-def kernel_args(rule, hyper, step):
-    """The rule's *Args struct (rules.h) for one call, computed as bindings.cpp does."""
-    params = inspect.signature(getattr(fastoptim, rule + "_")).parameters
-    defaults = {k: v.default for k, v in params.items() if v.default is not inspect.Parameter.empty}
-    h = {**defaults, **hyper}
-    if rule == "sgd":
-        has_momentum = h["momentum"] != 0.0
-        return "sgd", dict(lr=h["lr"], momentum=h["momentum"], dampening=h["dampening"],
-                           weight_decay=h["weight_decay"], has_momentum=has_momentum,
-                           nesterov=h["nesterov"], first_step=has_momentum and step == 1,
-                           maximize=h["maximize"])
-    if rule == "rmsprop":
-        return "rmsprop", dict(lr=h["lr"], alpha=h["alpha"], eps=h["eps"],
-                               weight_decay=h["weight_decay"], momentum=h["momentum"],
-                               centered=h["centered"], has_momentum=h["momentum"] > 0.0,
-                               maximize=h["maximize"])
-    if rule in ("adam", "adamw"):
-        return "adam", dict(lr=h["lr"], beta1=h["beta1"], beta2=h["beta2"], eps=h["eps"],
-                            weight_decay=h["weight_decay"],
-                            step_size=h["lr"] / (1.0 - h["beta1"] ** float(step)),
-                            bias_correction2_sqrt=math.sqrt(1.0 - h["beta2"] ** float(step)),
-                            amsgrad=h["amsgrad"], decoupled=rule == "adamw", maximize=h["maximize"])
-    if rule == "adagrad":
-        return "adagrad", dict(clr=h["lr"] / (1.0 + float(step - 1) * h["lr_decay"]), eps=h["eps"],
-                               weight_decay=h["weight_decay"], maximize=h["maximize"])
-    if rule == "adadelta":
-        return "adadelta", dict(lr=h["lr"], rho=h["rho"], eps=h["eps"],
-                                weight_decay=h["weight_decay"], maximize=h["maximize"])
-    return "ema", dict(beta=h["beta"])
+class _RecordCore:
+    """Stands in for fastoptim._core: records the call a functional update makes."""
+
+    def __getattr__(self, name):
+        def record(*args):
+            self.call = (name, args)
+        return record
+
+
+def core_call(rule, state, grads, hyper, step):
+    """(rule name, positional arguments) that ``fastoptim.<rule>_`` passes to ``_core`` for
+    these arrays: the arguments _core._emulate_kernel takes."""
+    from fastoptim import functional
+    recorder, saved = _RecordCore(), functional._core
+    functional._core = recorder
+    try:
+        call(fastoptim, rule, hyper, state, grads, step)
+    finally:
+        functional._core = saved
+    return recorder.call
 
 
 def carve_host(buffers, sizes, shifts):
@@ -491,11 +456,9 @@ def test_emulated_kernel_equals_cpu_kernels(case, dtype, geometry):
                 emu[grad_name(rule)][k][:] = g
             state = {n: a for n, a in ref.items() if n != grad_name(rule)}
             call(fastoptim, rule, hyper, state, ref[grad_name(rule)], step)
-            core_rule, args = kernel_args(rule, hyper, step)
-            slots = [emu.get(name) for name in SLOT_NAMES[rule]]
-            while slots[-1] is None:
-                slots.pop()
-            _core._emulate_kernel(core_rule, slots, args, **geometry)
+            emu_state = {n: a for n, a in emu.items() if n != grad_name(rule)}
+            core_rule, args = core_call(rule, emu_state, emu[grad_name(rule)], hyper, step)
+            _core._emulate_kernel(core_rule, args, **geometry)
             for name in names:
                 assert emu_buffers[name].tobytes() == ref_buffers[name].tobytes(), (
                     f"{name} after step {step} (shifts {shifts})")
@@ -514,16 +477,9 @@ def test_emulated_kernel_many_arrays(n_arrays, dtype):
     emu = {n: [a.copy() for a in v] for n, v in ref.items()}
     grads = random_grads(sizes, dtype, rng)
     call(fastoptim, "adam", hyper, ref, grads, 5)
-    _, args = kernel_args("adam", hyper, 5)
-    _core._emulate_kernel("adam", [emu["params"], grads, emu["exp_avgs"], emu["exp_avg_sqs"],
-                                   emu["max_exp_avg_sqs"]], args)
+    core_rule, args = core_call("adam", emu, grads, hyper, 5)
+    _core._emulate_kernel(core_rule, args)
     assert_bitwise(emu, ref, f"{n_arrays} arrays")
-    streams = [[rng.uniform(-1, 1, s).astype(dtype) for s in sizes] for _ in range(4)]
-    copies = [[a.copy() for a in st] for st in streams]
-    _core.stream_rmw(streams, 3, 0.5)
-    _core._emulate_kernel("stream", copies, dict(reads=4, writes=3, scale=0.5))
-    for a, b in zip(sum(streams, []), sum(copies, [])):
-        assert a.tobytes() == b.tobytes()
 
 
 # =============================================================================================

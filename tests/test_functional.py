@@ -6,13 +6,12 @@ tail. Each test runs several steps with a fresh gradient per step and compares p
 every state buffer after each step. Backends this CPU or build lacks skip with a reason.
 """
 
-import inspect
-
 import numpy as np
 import pytest
 
 import fastoptim
 from fastoptim import reference
+import optimizer_cases as cases
 from optimizer_cases import CASES, active_states, case_id
 
 DTYPES = [np.float32, np.float64]
@@ -50,8 +49,6 @@ def atol_for(expected, dtype, ulps):
     return ulps * np.finfo(dtype).eps * scale
 
 
-STEP_RULES = {"sgd", "adam", "adamw", "adagrad"}
-
 FULL_CASES = [case for i, case in enumerate(CASES)
               if i + 1 == len(CASES) or CASES[i + 1][0] != case[0]]
 
@@ -60,20 +57,6 @@ FULL_CASES = [case for i, case in enumerate(CASES)
 
 def dtype_id(dtype):
     return np.dtype(dtype).name
-
-
-@pytest.fixture(autouse=True)
-def skip_cases_the_kernels_lack(request):
-    """The reference gets a rule or option before the kernels do: such cases skip, saying so."""
-    callspec = getattr(request.node, "callspec", None)
-    if callspec is None or "case" not in callspec.params:
-        return
-    rule, hyper = callspec.params["case"]
-    if not hasattr(fastoptim, rule + "_"):
-        pytest.skip(f"fastoptim does not export {rule}_ yet (only fastoptim.reference does)")
-    missing = set(hyper) - set(inspect.signature(getattr(fastoptim, rule + "_")).parameters)
-    if missing:
-        pytest.skip(f"fastoptim.{rule}_ does not take {sorted(missing)} yet")
 
 
 @pytest.fixture
@@ -104,13 +87,8 @@ def initial_state(rule, hyper, shapes, dtype, rng):
     """params (random) and states as torch starts them, as {name: [array per shape]}."""
     state = {"params": [rng.uniform(-2.0, 2.0, s).astype(dtype) for s in shapes]}
     for name in active_states(rule, hyper):
-        if rule == "sgd":
-            # Step 1 SETS the buffer (torch's "buffer is None"): NaN proves it is not read.
-            fill = np.nan
-        elif rule == "adagrad":
-            fill = 0.1  # a nonzero initial_accumulator_value
-        else:
-            fill = 0.0
+        # SGD's buffer starts as NaN: step 1 SETS it (torch's "buffer is None"), never reads it.
+        fill = 0.1 if rule == "adagrad" else cases.initial_state(rule, name, hyper)
         state[name] = [np.full(s, fill, dtype) for s in shapes]
     return state
 
@@ -123,12 +101,16 @@ def random_grads(shapes, dtype, rng, writeable=False):
     (fma), NumPy twice; a cancelled g carries an error of an ulp of the OPERANDS, which the
     division by sqrt(v) + eps (Adam, RMSprop, Adagrad) turns into an arbitrarily large
     relative error when |g| ~ eps: an ill-conditioned input, not a kernel bug. Exact zeros
-    still exercise the eps-dominated path (0 / eps), where both sides are exact.
+    still exercise the eps-dominated path (0 / eps), where both sides are exact. Which
+    elements are zero changes from call to call: an element whose gradient stayed zero for 100
+    steps under L2 weight decay follows g = wd*p, which the Adam-like rules normalise into steps
+    of ~lr whatever |p| is, so p hovers chaotically around 0 and any rounding difference decides
+    where it ends (seen with NAdam: 1 element of 1000 after 100 steps, fp32 and fp64 alike).
     """
     grads = []
     for s in shapes:
         g = rng.choice([-1.0, 1.0], s) * rng.uniform(0.5, 2.0, s)
-        g.reshape(-1)[::7] = 0.0
+        g.reshape(-1)[int(rng.integers(7))::7] = 0.0
         g = g.astype(dtype)
         g.flags.writeable = writeable  # grads are read only; the kernels must accept that
         grads.append(g)
@@ -143,8 +125,7 @@ def update(module, rule, hyper, state, grads, step, single=False):
     """Call ``module.<rule>_`` on ``state`` in place (one array per argument if single)."""
     pick = (lambda arrays: arrays[0]) if single else (lambda arrays: arrays)
     kwargs = {name: pick(arrays) for name, arrays in state.items() if name != "params"}
-    if rule in STEP_RULES:
-        kwargs["step"] = step
+    kwargs.update(cases.scalar_kwargs(rule, hyper, step))
     getattr(module, rule + "_")(pick(state["params"]), pick(grads), **kwargs, **hyper)
 
 
@@ -303,4 +284,5 @@ def test_nonfinite_propagate_like_reference(case, dtype, backend):
             update(reference, rule, hyper, state, grads, step)
         assert_state_close(kernel_state, state, STEP_RTOL[dtype], STEP_ATOL_ULPS[dtype],
                            f"{rule} step {step}")
-    assert not np.isfinite(state["params"][0]).all(), "non-finite grads never reached params"
+    if rule != "rprop":  # torch's Rprop moves by sign(g) * step_size: sign(NaN) = 0, sign(inf) = 1
+        assert not np.isfinite(state["params"][0]).all(), "non-finite grads never reached params"
