@@ -260,6 +260,16 @@ def test_bad_params(params, error, match):
         optim.Adam(params)
 
 
+def test_masked_array_param_is_refused():
+    masked = np.ma.masked_array(np.zeros(3), mask=[False, True, False])
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[1\] is a numpy.ma"):
+        optim.SGD([np.zeros(2), masked])
+    opt = optim.SGD([np.zeros(2)])
+    with pytest.raises(TypeError, match=r"param_groups\[1\]\['params'\]\[0\] is a numpy.ma"):
+        opt.add_param_group({"params": [masked]})
+    assert len(opt.param_groups) == 1 and len(opt.state) == 1
+
+
 def test_read_only_param():
     p = np.zeros(3)
     p.flags.writeable = False
@@ -487,6 +497,83 @@ def test_unusual_but_valid_grads_across_calls():
     opt.step([odd, np.ones(4).view(Grad)])
     for p, e in zip(params, expected):
         np.testing.assert_array_equal(p, e)
+
+
+def _two_groups_two_dtypes(cls):
+    """Every state allocated, two groups of (float32, float64) params of one shape, so that a
+    gradient can alias another group's arrays; four fused calls per step, in the order
+    group 0 float32, group 0 float64, group 1 float32, group 1 float64."""
+    p32 = make_params([(6,), (6,)], np.float32, seed=3)
+    p64 = make_params([(6,), (6,)], np.float64, seed=4)
+    opt = cls([{"params": [p32[0], p64[0]]}, {"params": [p32[1], p64[1]], "lr": 0.01}],
+              **FULL[cls])
+    for grads in make_grads(_params_of(opt), 2):
+        opt.step(grads)
+    return opt, _params_of(opt), make_grads(_params_of(opt), 1, seed=9)[0]
+
+
+def _any_state(opt, i):
+    return next(iter(opt.state[i].values()))
+
+
+# Bad gradients of the SECOND fused call (group 0's float64 parameter, grads[1]) or, where it
+# reads what an earlier call wrote, of the last one (grads[3]).
+BAD_LATER_GRADS = {
+    "own param": (lambda opt, ps, g: {1: ps[1]}, ValueError, r"grads\[1\] shares memory with "
+                  r"param_groups\[0\]\['params'\]\[1\]"),
+    "own param view": (lambda opt, ps, g: {1: ps[1][:]}, ValueError, r"grads\[1\] shares"),
+    "own state": (lambda opt, ps, g: {1: _any_state(opt, 1)}, ValueError,
+                  r"grads\[1\] shares memory with state\[1\]"),
+    "later group's param": (lambda opt, ps, g: {1: ps[3]}, ValueError,
+                            r"grads\[1\] shares memory with param_groups\[1\]"),
+    "earlier call's param": (lambda opt, ps, g: {3: ps[1]}, ValueError,
+                             r"grads\[3\] shares memory with param_groups\[0\]\['params'\]\[1\]"),
+    "earlier call's state": (lambda opt, ps, g: {3: _any_state(opt, 1)}, ValueError,
+                             r"grads\[3\] shares memory with state\[1\]"),
+    "dtype": (lambda opt, ps, g: {1: g[1].astype(np.float32)}, TypeError, r"grads\[1\] has dtype"),
+    "shape": (lambda opt, ps, g: {1: g[1][:-1]}, ValueError, r"grads\[1\] has shape"),
+    "not contiguous": (lambda opt, ps, g: {1: np.repeat(g[1], 2)[::2]}, ValueError,
+                       r"grads\[1\] is not C-contiguous"),
+    "not an array": (lambda opt, ps, g: {1: list(g[1])}, TypeError, r"grads\[1\] must be"),
+    "masked": (lambda opt, ps, g: {1: np.ma.masked_array(g[1], mask=g[1] > 0)}, TypeError,
+               r"grads\[1\] is a numpy.ma.MaskedArray"),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_LATER_GRADS))
+@pytest.mark.parametrize("cls", list(FULL), ids=lambda c: c.__name__)
+def test_bad_grad_in_a_later_call_changes_nothing(cls, bad):
+    # Note [All or nothing]: the first call must not run when a later call would fail (or, for
+    # an alias of what an earlier call wrote, would read the updated values).
+    opt, params, grads = _two_groups_two_dtypes(cls)
+    replace, error, match = BAD_LATER_GRADS[bad]
+    for i, g in replace(opt, params, grads).items():
+        grads[i] = g
+    before = snapshot(opt)
+    with pytest.raises(error, match=match):
+        opt.step(grads)
+    assert_same_snapshot(before, snapshot(opt))
+
+
+def test_grads_sharing_memory_with_each_other_or_other_arrays_are_fine():
+    # Only what the step writes is off limits: gradients may be views of one buffer (also a
+    # buffer that holds the parameters elsewhere), or the very same array twice.
+    buf = np.arange(40, dtype=np.float64) / 4  # exact in binary: so is every update below
+    params = [buf[:5], buf[5:10]]
+    opt = optim.SGD([{"params": params[:1]}, {"params": params[1:]}], lr=0.5)
+    expected = [p - 0.5 * buf[20:25] for p in params]
+    opt.step([buf[20:25], buf[20:25]])
+    for p, e in zip(params, expected):
+        np.testing.assert_array_equal(p, e)
+
+
+def test_masked_grad_in_a_single_call_is_refused():
+    params = make_params([(4,)], np.float64)
+    opt = optim.Adam(params)
+    before = snapshot(opt)
+    with pytest.raises(TypeError, match=r"grads\[0\] is a numpy.ma.MaskedArray"):
+        opt.step([np.ma.masked_array(np.ones(4), mask=[0, 1, 0, 0])])
+    assert_same_snapshot(before, snapshot(opt))
 
 
 def test_bad_grad_in_a_single_call_changes_nothing():
@@ -742,6 +829,54 @@ def test_load_state_dict_errors_change_nothing(how):
         opt.load_state_dict(_corrupt(other.state_dict(), how))
     assert "state_dict" in str(info.value) or "parameter index" in str(info.value)
     assert_same_snapshot(before, snapshot(opt))
+
+
+class _Uncopyable:
+    def __deepcopy__(self, memo):
+        raise RuntimeError("cannot be copied")
+
+
+class _UncopyableLr(float):
+    """A valid lr whose deep copy fails."""
+
+    def __deepcopy__(self, memo):
+        raise RuntimeError("cannot be copied")
+
+
+class _LrCopiedInvalid(float):
+    """A valid lr whose deep copy is not."""
+
+    def __deepcopy__(self, memo):
+        return -1.0
+
+
+@pytest.mark.parametrize("how, error, match", [
+    ("uncopyable extra key", RuntimeError, "cannot be copied"),
+    ("uncopyable lr", RuntimeError, "cannot be copied"),
+    ("lr copied invalid", ValueError, r"state_dict\['param_groups'\]\[1\]\['lr'\]"),
+])
+def test_load_state_dict_copies_hyperparameters_before_writing(how, error, match):
+    # The checkpoint's LAST group is the bad one: a load that copied arrays or earlier groups
+    # first would leave the checkpoint's states with the old steps, or a group without "lr".
+    opt = _full_opt(optim.Adam)
+    grads_seq = make_grads(_params_of(opt), 3)
+    for grads in grads_seq:
+        opt.step(grads)
+    other = _full_opt(optim.Adam, lr=0.3, seed=11)
+    for grads in grads_seq * 2:
+        other.step(grads)
+    sd = other.state_dict()
+    if how == "uncopyable extra key":
+        sd["param_groups"][-1]["note"] = _Uncopyable()
+    elif how == "uncopyable lr":
+        sd["param_groups"][-1]["lr"] = _UncopyableLr(0.1)
+    else:
+        sd["param_groups"][-1]["lr"] = _LrCopiedInvalid(0.1)
+    before = snapshot(opt)
+    with pytest.raises(error, match=match):
+        opt.load_state_dict(sd)
+    assert_same_snapshot(before, snapshot(opt))
+    assert all("lr" in group for group in opt.param_groups)
 
 
 def test_load_state_dict_needing_unallocated_state_is_rejected():

@@ -10,6 +10,7 @@ is written.
 
 import copy
 import importlib.util
+import inspect
 import io
 import itertools
 import os
@@ -487,6 +488,155 @@ def two_group_adam():
     return opt, params
 
 
+# One configuration per optimizer that allocates every state it can have.
+FULL_STATE = {
+    "SGD": dict(lr=0.05, momentum=0.9),
+    "RMSprop": dict(lr=0.01, momentum=0.5, centered=True),
+    "Adam": dict(lr=0.01, amsgrad=True),
+    "AdamW": dict(lr=0.01, amsgrad=True),
+    "Adagrad": dict(lr=0.05),
+    "Adadelta": dict(),
+}
+
+
+def two_groups_two_dtypes(name):
+    """Two groups of (float32, float64) params of one shape, two steps taken: four fused calls
+    per step, group 0 float32, group 0 float64 (param [0][1]), group 1 float32, group 1
+    float64 (param [1][1]); a gradient of one shape can alias another group's arrays."""
+    p32 = make_params(torch.float32, seed=1, shapes=[(6,), (6,)])
+    p64 = make_params(torch.float64, seed=2, shapes=[(6,), (6,)])
+    params = [p32[0], p64[0], p32[1], p64[1]]
+    opt = getattr(ft, name)([{"params": params[:2]}, {"params": params[2:], "lr": 0.02}],
+                            **FULL_STATE[name])
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        set_grads(gen, params)
+        opt.step()
+    set_grads(gen, params)
+    return opt, params
+
+
+def a_state(opt, p):
+    return next(v for k, v in opt.state[p].items() if k != "step")
+
+
+G0P1 = r"param_groups\[0\]\['params'\]\[1\]"
+G1P1 = r"param_groups\[1\]\['params'\]\[1\]"
+
+# (param whose grad is bad, the bad grad, error, match): the bad gradient is the SECOND call's
+# (param [0][1]) or, where it reads what an earlier call wrote, the last call's (param [1][1]).
+BAD_LATER_GRADS = {
+    "own param": (1, lambda opt, ps: ps[1].detach(), ValueError,
+                  G0P1 + ": its gradient shares memory with the parameter itself"),
+    "own state": (1, lambda opt, ps: a_state(opt, ps[1]), ValueError,
+                  G0P1 + r": its gradient shares memory with state\['\w+'\] of " + G0P1),
+    "later group's param": (1, lambda opt, ps: ps[3].detach(), ValueError,
+                            G0P1 + ": its gradient shares memory with " + G1P1),
+    "earlier call's param": (3, lambda opt, ps: ps[1].detach(), ValueError,
+                             G1P1 + ": its gradient shares memory with " + G0P1),
+    "earlier call's state": (3, lambda opt, ps: a_state(opt, ps[1]), ValueError,
+                             G1P1 + r": its gradient shares memory with state\['\w+'\] of "
+                             + G0P1),
+    "sparse": (1, lambda opt, ps: ps[1].grad.to_sparse(), TypeError, G0P1 + ".*sparse"),
+    "not contiguous": (1, lambda opt, ps: torch.randn(12, dtype=torch.float64)[::2], ValueError,
+                       G0P1 + ".*not contiguous"),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_LATER_GRADS))
+@pytest.mark.parametrize("name", list(FULL_STATE))
+def test_bad_grad_in_a_later_call_changes_nothing(name, bad):
+    # Note [All or nothing]: the kernels check overlaps within their own call only; the step
+    # checks every call's gradients (and what they alias) before the first call writes.
+    opt, params = two_groups_two_dtypes(name)
+    k, make_grad, error, match = BAD_LATER_GRADS[bad]
+    params[k].grad = make_grad(opt, params)
+    snap = snapshot(opt, params)
+    with pytest.raises(error, match=match):
+        opt.step()
+    assert_unchanged(opt, params, snap)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+def test_alias_in_a_single_call_names_the_param(name):
+    # One call: the kernel finds the overlap, the message names the param, not the kernel's
+    # index among the params that have gradients.
+    params = make_params(torch.float32, shapes=[(4,), (4,), (4,)])
+    opt = getattr(ft, name)(params, lr=0.1)
+    params[1].grad = None
+    params[2].grad = params[0].detach()
+    params[0].grad = torch.ones(4)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[2\]: its gradient "
+                                         r"shares memory with param_groups\[0\]\['params'\]\[0\]"):
+        opt.step()
+    # ...while a gradient that aliases a param this step does not update is fine.
+    params[0].grad = None
+    params[1].grad = torch.ones(4)
+    before = params[0].detach().clone()
+    opt.step()
+    assert torch.equal(params[0].detach(), before)
+
+
+def test_params_overlapping_across_groups_are_refused_before_writing():
+    base = torch.zeros(10, dtype=torch.float64)
+    a = base[:6].requires_grad_()
+    b = base[4:].requires_grad_()
+    opt = ft.SGD([{"params": [a]}, {"params": [b]}], lr=0.1)
+    a.grad, b.grad = torch.ones(6, dtype=torch.float64), torch.ones(6, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[0\] and "
+                                         r"param_groups\[0\]\['params'\]\[0\] overlap"):
+        opt.step()
+    assert torch.equal(base, torch.zeros(10, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", ["Adam", "Adagrad"])
+def test_bad_step_count_in_a_later_group_changes_nothing(name):
+    # A checkpoint's negative step reaches the kernel of the last call only: checked first.
+    opt, params = two_groups_two_dtypes(name)
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][3]["step"] = torch.tensor(-5.0)
+    opt.load_state_dict(sd)
+    snap = snapshot(opt, params)
+    with pytest.raises(ValueError, match=G1P1 + r": its state\['step'\] is -5"):
+        opt.step()
+    assert_unchanged(opt, params, snap)
+
+
+class Uncopyable:
+    def __deepcopy__(self, memo):
+        raise RuntimeError("cannot be copied")
+
+
+@pytest.mark.parametrize("how", ["uncopyable group value", "state on another device"])
+def test_failed_load_state_dict_changes_nothing(how):
+    # torch.optim.Optimizer.load_state_dict builds everything before __setstate__; the cached
+    # views (Note [Views are cached]) must still be right afterwards.
+    opt, params = two_groups_two_dtypes("Adam")
+    twin, twin_params = two_groups_two_dtypes("Adam")
+    sd = copy.deepcopy(opt.state_dict())
+    for entry in sd["state"].values():
+        entry["exp_avg"].fill_(7.0)
+        entry["step"].fill_(50.0)
+    if how == "uncopyable group value":
+        sd["param_groups"][-1]["note"] = Uncopyable()
+        error = RuntimeError
+    else:
+        sd["state"][3]["exp_avg_sq"] = torch.empty(6, device="meta")
+        error = NotImplementedError
+    snap = snapshot(opt, params)
+    with pytest.raises(error):
+        opt.load_state_dict(sd)
+    assert_unchanged(opt, params, snap)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(2):
+        set_grads(gen, params, twin_params)
+        opt.step()
+        twin.step()
+    for q, p in zip(params, twin_params):
+        assert torch.equal(q, p)
+        assert all(torch.equal(v, twin.state[p][k]) for k, v in opt.state[q].items())
+
+
 def test_sparse_grad_raises_and_writes_nothing():
     opt, params = two_group_adam()
     params[3].grad = params[3].grad.to_sparse()
@@ -546,11 +696,104 @@ def test_cuda_is_reported_as_missing_backend():
         ft.Adam([p]).step()
 
 
-@pytest.mark.parametrize("flag", ["foreach", "fused", "capturable", "differentiable"])
-def test_torch_only_flags_rejected(flag):
-    with pytest.raises(ValueError, match=flag):
-        ft.Adam(make_params(torch.float32), **{flag: True})
-    ft.Adam(make_params(torch.float32), **{flag: None if flag in ("foreach", "fused") else False})
+NAMES = ["SGD", "RMSprop", "Adam", "AdamW", "Adagrad", "Adadelta"]
+
+
+def torch_flags(name):
+    """The implementation flags torch's constructor of this optimizer takes."""
+    parameters = inspect.signature(getattr(torch.optim, name)).parameters
+    return [f for f in ("foreach", "fused", "capturable", "differentiable") if f in parameters]
+
+
+def outcome(make):
+    """What constructing raises, as (type, message), or None."""
+    try:
+        make()
+    except Exception as err:  # noqa: BLE001 - compared with torch's outcome
+        return type(err), str(err)
+    return None
+
+
+@pytest.mark.parametrize("value", [None, False, True])
+@pytest.mark.parametrize("name", NAMES)
+def test_foreach_and_fused_are_accepted_and_change_nothing(name, value):
+    # Note [torch-only flags]: fastoptim is always one fused call per (group, dtype).
+    flags = [f for f in ("foreach", "fused") if f in torch_flags(name)]
+    assert "foreach" in flags
+    kwargs = dict(CHECKPOINT_CASES[NAMES.index(name)][1])
+    for flag in flags:
+        gen = torch.Generator().manual_seed(0)
+        plain_params = make_params(torch.float64)
+        params = clone_params(plain_params)
+        plain = getattr(ft, name)(plain_params, **kwargs)
+        opt = getattr(ft, name)(params, **kwargs, **{flag: value})
+        assert opt.param_groups[0][flag] is value
+        for _ in range(3):
+            set_grads(gen, plain_params, params)
+            plain.step()
+            opt.step()
+        for q, p in zip(params, plain_params):
+            assert torch.equal(q, p)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_capturable_and_differentiable_are_refused(name):
+    for flag in ("capturable", "differentiable"):
+        if flag not in torch_flags(name):
+            continue
+        with pytest.raises(ValueError, match=f"{flag}=True is not supported"):
+            getattr(ft, name)(make_params(torch.float32), **{flag: True})
+        getattr(ft, name)(make_params(torch.float32), **{flag: False})
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if "fused" in torch_flags(n)])
+@pytest.mark.parametrize("combo", [dict(fused=True, foreach=True),
+                                   dict(fused=True, differentiable=True)],
+                         ids=["fused+foreach", "fused+differentiable"])
+def test_flag_combinations_torch_rejects_raise_torchs_error(name, combo):
+    params = make_params(torch.float32)
+    expected = outcome(lambda: getattr(torch.optim, name)(params, **combo))
+    assert expected is not None
+    assert outcome(lambda: getattr(ft, name)(params, **combo)) == expected
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+@pytest.mark.parametrize("kwargs", [
+    dict(betas=(0.9, torch.tensor(0.99))),
+    dict(betas=(torch.tensor(0.9), 0.99)),
+    dict(betas=(0, 0.999)),  # an int is not a float for torch either
+    dict(betas=(torch.tensor(0.9), torch.tensor([[0.99]]))),
+    dict(betas=(torch.tensor(0.9), torch.tensor([0.99, 0.9]))),
+    dict(betas=(torch.tensor(0.9), torch.tensor(0.99)), foreach=True),
+    dict(lr=torch.tensor(0.01), foreach=True),
+    dict(lr=torch.tensor(0.01), foreach=True, capturable=True),
+], ids=["float-tensor", "tensor-float", "int-float", "tensor-2d_tensor", "tensor-2_elements",
+        "tensors-foreach", "tensor_lr-foreach", "tensor_lr-foreach-capturable"])
+def test_betas_and_tensor_arguments_checked_like_torch(name, kwargs):
+    params = make_params(torch.float32)
+    expected = outcome(lambda: getattr(torch.optim, name)(params, **kwargs))
+    got = outcome(lambda: getattr(ft, name)(params, **kwargs))
+    if expected is not None or got is None:
+        assert got == expected
+    else:  # torch takes it; fastoptim may refuse it for a reason of its own (capturable)
+        assert got[0] is ValueError and "capturable=True is not supported" in got[1]
+
+
+def test_tensor_betas_step_like_torch():
+    gen = torch.Generator().manual_seed(0)
+    expected = make_params(torch.float64)
+    actual = clone_params(expected)
+    # float64 tensors: torch computes its bias corrections in the betas' dtype.
+    betas = (torch.tensor([0.8], dtype=torch.float64),
+             torch.tensor([[0.99]], dtype=torch.float64))
+    ref = torch.optim.Adam(expected, lr=0.01, betas=betas, foreach=False)
+    opt = ft.Adam(actual, lr=0.01, betas=betas)
+    assert [b.shape for b in opt.param_groups[0]["betas"]] == [torch.Size([])] * 2
+    for _ in range(5):
+        set_grads(gen, expected, actual)
+        ref.step()
+        opt.step()
+    assert_same(opt, ref, actual, expected)
 
 
 def test_hyperparameters_checked_like_torch_and_at_step():

@@ -31,9 +31,13 @@ Note [All or nothing]
     A step either updates every group or none. Before the first kernel call, ``step`` checks
     every group's hyperparameters (they may have been edited through ``param_groups``), evaluates
     every callable lr, and, when there is more than one call to make, checks each gradient's
-    type, dtype, shape and contiguity against its parameter. With a single call the kernel's own
-    checks, which run before it writes, give the same guarantee. ``load_state_dict`` likewise
-    validates everything before it copies anything.
+    type, dtype, shape and contiguity against its parameter and that no gradient shares memory
+    with a parameter or state that any of the calls writes (the kernel checks overlaps within
+    its own call only). With a single call the kernel's own checks, which run before it writes,
+    give the same guarantee, and name the same ``grads[i]``. Masked arrays are refused as
+    parameters and as gradients: the kernels would ignore the mask. ``load_state_dict``
+    likewise validates and deep-copies everything (hyperparameters included) before it writes
+    the first array or group.
 """
 
 from __future__ import annotations
@@ -42,7 +46,9 @@ import copy
 import math
 import numbers
 import operator
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -56,6 +62,8 @@ _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # array of the parameter's shape and dtype has the parameter's strides, up to size-1 dimensions,
 # which the exact check in Optimizer._check_grads then accepts).
 _grad_meta = operator.attrgetter("__class__", "dtype", "shape", "strides")
+_base = operator.attrgetter("base")
+_owns_data = operator.attrgetter("flags.owndata")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,6 +121,10 @@ def _check_float_array(where: str, p: Any) -> None:
     """A float32/float64, C-contiguous numpy.ndarray (what the kernels update or read)."""
     if not isinstance(p, np.ndarray):
         raise TypeError(f"{where} must be a numpy.ndarray, got {type(p).__name__}")
+    if isinstance(p, np.ma.MaskedArray):
+        # The kernels would read and write every element, masked or not.
+        raise TypeError(f"{where} is a numpy.ma.MaskedArray; fastoptim reads and writes every "
+                        f"element and cannot honour a mask (pass its .data to ignore the mask)")
     if p.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{where} has dtype {p.dtype}; must be float32 or float64")
     if not p.flags.c_contiguous:
@@ -123,6 +135,24 @@ def _check_param(where: str, p: Any) -> None:
     _check_float_array(where, p)
     if not p.flags.writeable:
         raise ValueError(f"{where} is not writeable")
+
+
+def _span(a: np.ndarray) -> tuple[int, int]:
+    """The bytes [lo, hi) a C-contiguous array occupies."""
+    lo = a.__array_interface__["data"][0]
+    return lo, lo + a.nbytes
+
+
+def _owner(a: np.ndarray) -> np.ndarray | None:
+    """The ndarray that owns the memory a views, or None when it is not an ndarray (bytes, an
+    mmap, another library's buffer) or cannot be told. Two different owners never overlap."""
+    while True:
+        if a.flags.owndata:
+            return a
+        base = a.base
+        if not isinstance(base, np.ndarray):
+            return None
+        a = base
 
 
 def _check_no_overlap(params: Sequence[np.ndarray], names: Sequence[str]) -> None:
@@ -186,6 +216,13 @@ class Optimizer:
         self._allocated: list[tuple[str, ...]] = []
         self._buckets: list[list[_Bucket]] = []
         self._steps: list[int] = []
+        #: What a step writes (every parameter and state): the byte spans sorted by start, the
+        #: running maximum of their ends, their names; and the ids of the ndarrays that own their
+        #: memory, or None when some owner is not an ndarray (Optimizer._check_aliases).
+        self._written: list[tuple[int, int, str]] = []
+        self._written_lo: list[int] = []
+        self._written_hmax: list[int] = []
+        self._written_owners: set[int] | None = set()
 
         if isinstance(params, (np.ndarray, Mapping)):
             raise TypeError(
@@ -270,6 +307,22 @@ class Optimizer:
             for idx in by_dtype.values()
         ]
 
+        written = [(*_span(p), name) for p, name in zip(params, names)]
+        written += [(*_span(arr), f"state[{i}][{name!r}]")
+                    for i in indices for name, arr in self.state[i].items()]
+        owners = [_owner(p) for p in params]
+
+        self._written = sorted(self._written + [w for w in written if w[0] != w[1]])
+        self._written_lo = [lo for lo, _, _ in self._written]
+        hmax = 0
+        self._written_hmax = [hmax := max(hmax, hi) for _, hi, _ in self._written]
+        if self._written_owners is not None:
+            if any(owner is None for owner in owners):
+                self._written_owners = None
+            else:
+                self._written_owners.update(map(id, owners))
+                self._written_owners.update(id(arr) for i in indices
+                                            for arr in self.state[i].values())
         self._params += params
         self._meta += [(np.ndarray, p.dtype, p.shape, p.strides) for p in params]
         self._num_calls += len(buckets)
@@ -325,12 +378,16 @@ class Optimizer:
             hps.append(hp)
 
         if self._num_calls > 1:
+            # Note [All or nothing]: every call's checks before the first call writes.
             try:
                 same = list(map(_grad_meta, grads)) == self._meta
             except AttributeError:
                 same = False
             if not same:
                 self._check_grads(grads)
+            self._check_aliases(grads)
+        elif set(map(type, grads)) != {np.ndarray}:
+            self._check_grads(grads)  # a subclass: refuse masked arrays, name the rest
 
         for g, hp in enumerate(hps):
             step = self._steps[g] + 1
@@ -342,6 +399,9 @@ class Optimizer:
         for i, (p, grad) in enumerate(zip(self._params, grads)):
             if not isinstance(grad, np.ndarray):
                 raise TypeError(f"grads[{i}] must be a numpy.ndarray, got {type(grad).__name__}")
+            if isinstance(grad, np.ma.MaskedArray):
+                raise TypeError(f"grads[{i}] is a numpy.ma.MaskedArray; fastoptim reads every "
+                                f"element and cannot honour a mask (pass .filled(0) or .data)")
             if grad.dtype != p.dtype:
                 raise TypeError(
                     f"grads[{i}] has dtype {grad.dtype} but its parameter has dtype {p.dtype}"
@@ -352,6 +412,33 @@ class Optimizer:
                 )
             if not grad.flags.c_contiguous:
                 raise ValueError(f"grads[{i}] is not C-contiguous")
+
+    def _check_aliases(self, grads: Sequence[np.ndarray]) -> None:
+        """No gradient may share memory with a parameter or state that the step writes.
+
+        The kernels check this within each call only; a gradient that is another group's
+        parameter would otherwise be read after that group's call updated it. Addresses cost
+        about a microsecond per array, so they are looked up only for a gradient that shares
+        an owning ndarray with what the step writes, or whose memory's owner is unknown."""
+        owners = self._written_owners
+        if (owners is not None and all(map(operator.is_, map(_base, grads), repeat(None)))
+                and all(map(_owns_data, grads)) and owners.isdisjoint(map(id, grads))):
+            return  # the common case: every gradient owns its memory
+        for i, grad in enumerate(grads):
+            if owners is not None:
+                owner = _owner(grad)
+                if owner is not None and id(owner) not in owners:
+                    continue
+            if not grad.nbytes:
+                continue
+            lo, hi = _span(grad)
+            k = bisect_left(self._written_lo, hi) - 1
+            if k >= 0 and self._written_hmax[k] > lo:
+                name = next(name for wlo, whi, name in self._written if wlo < hi and lo < whi)
+                raise ValueError(
+                    f"grads[{i}] shares memory with {name}, which step() updates; a gradient "
+                    "must not alias a parameter or an optimizer state (pass a copy)"
+                )
 
     # -- state dict -----------------------------------------------------------------------------
 
@@ -413,7 +500,10 @@ class Optimizer:
                     f"{where} has {len(saved_indices)} parameters, param_groups[{g}] has "
                     f"{len(mine)}"
                 )
-            hyper = {k: v for k, v in saved.items() if k != "params"}
+            # Copied now, and the copies checked: a value that cannot be copied (or whose copy
+            # is invalid) must fail before any state array or group is written.
+            hyper = {k: (v if callable(v) else copy.deepcopy(v))
+                     for k, v in saved.items() if k != "params"}
             self._check_group(hyper, where)
             allocated = self._allocated[g]
             missing = [s for s in self._state_names(hyper) if s not in allocated]
@@ -475,7 +565,7 @@ class Optimizer:
             params = group["params"]
             group.clear()
             group["params"] = params
-            group.update((k, v if callable(v) else copy.deepcopy(v)) for k, v in hyper.items())
+            group.update(hyper)
         self._steps = new_steps
 
     def __repr__(self) -> str:

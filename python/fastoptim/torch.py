@@ -29,20 +29,30 @@ Note [Steps live in one tensor per group]
 Note [All or nothing]
     A step checks everything before the first kernel call: every parameter that has a gradient
     (float32 or float64, CPU, contiguous or dense in another order such as channels_last),
-    every gradient (dense, CPU, the parameter's dtype, shape and layout) and every group's
-    hyperparameters (the kernel's own checks, run on empty lists whenever they change). When
-    the step is ONE kernel call, that call's own checks, which run before it writes, stand in
-    for the per-gradient comparison in Python, and a failure is diagnosed again to name the
-    parameter. A bad input raises ``TypeError``/``ValueError`` naming
-    ``param_groups[g]['params'][i]`` and leaves params, states and steps as they were. Steps
-    advance, and the params' autograd version counters are bumped, after the kernels ran.
+    every gradient (dense, CPU, the parameter's dtype, shape and layout), every group's
+    hyperparameters (the kernel's own checks, run on empty lists whenever they change) and the
+    step counts the kernels will get (a checkpoint may hold a negative one). The kernels check
+    memory overlaps within their own call only, so when the step makes several calls it also
+    checks, across all of them, that no gradient shares memory with a parameter, state or step
+    count that the step writes, and that none of those overlap each other: the byte spans of
+    what the step writes are kept sorted (and cached while the same tensors step), so each
+    gradient costs one data_ptr() and one binary search. When the step is ONE kernel call,
+    that call's own checks, which run before it writes, stand in for these Python checks, and
+    a failure is diagnosed again to name the parameter. A bad input raises
+    ``TypeError``/``ValueError`` naming ``param_groups[g]['params'][i]`` and leaves params,
+    states and steps as they were. Steps advance, and the params' autograd version counters
+    are bumped, after the kernels ran.
 
 Note [torch-only flags]
     ``foreach``, ``fused``, ``capturable`` and ``differentiable`` choose torch implementations;
-    fastoptim has one (fused, CPU, outside autograd), so a truthy value passed to a constructor
-    is a ``ValueError``. Their keys stay in ``param_groups`` with torch's defaults, so a
-    ``state_dict`` has torch's layout; values loaded from a torch checkpoint are kept for the
-    round trip and ignored, except ``differentiable=True``, which ``step`` refuses.
+    fastoptim has one (fused, CPU, outside autograd). ``foreach`` and ``fused`` (wherever torch
+    accepts them) take any value and change nothing: the update is always one fused call per
+    (param group, dtype). The combinations torch itself rejects still raise torch's errors
+    (``fused`` with ``foreach`` or ``differentiable``: RuntimeError; a Tensor ``lr`` or beta with
+    ``foreach=True``: ValueError). ``capturable=True`` and ``differentiable=True`` are a
+    ``ValueError``: fastoptim cannot do what they ask. All four keys stay in ``param_groups``
+    as given, so a ``state_dict`` has torch's layout; values loaded from a torch checkpoint are
+    kept for the round trip and ignored, except ``differentiable=True``, which ``step`` refuses.
 
 Note [SGD's first momentum step]
     torch creates ``momentum_buffer`` from the first (decayed, sign-adjusted) gradient. The
@@ -54,6 +64,7 @@ Note [SGD's first momentum step]
 from __future__ import annotations
 
 import operator
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from itertools import chain, compress, repeat
 from typing import Any
@@ -73,18 +84,24 @@ _to_numpy = torch.Tensor.numpy
 # What a gradient's view must share with its parameter's view: class, dtype, shape, strides.
 _view_meta = operator.attrgetter("__class__", "dtype", "shape", "strides")
 
-_FLAG_REASONS = {
-    "foreach": "fastoptim makes one fused call per (param group, dtype) already",
-    "fused": "fastoptim's update is always fused",
+_REFUSED = {
     "capturable": "graph capture needs a CUDA backend, which fastoptim does not have yet",
     "differentiable": "the fused kernels update tensors in place, outside autograd",
 }
 
 
-def _reject_torch_only(cls: str, **flags: Any) -> None:
-    for name, value in flags.items():
+def _check_flags(cls: str, *, foreach: Any = None, fused: Any = None, capturable: Any = False,
+                 differentiable: Any = False) -> None:
+    """torch's own checks of its implementation flags, then fastoptim's refusals
+    (Note [torch-only flags])."""
+    if fused:
+        if differentiable:
+            raise RuntimeError("`fused` does not support `differentiable`")
+        if foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    for name, value in (("capturable", capturable), ("differentiable", differentiable)):
         if value:
-            raise ValueError(f"{cls}: {name}={value!r} is not supported ({_FLAG_REASONS[name]}); "
+            raise ValueError(f"{cls}: {name}={value!r} is not supported ({_REFUSED[name]}); "
                              f"leave it at its default")
 
 
@@ -143,16 +160,12 @@ def _same_layout(t: Any, p: torch.Tensor) -> bool:
             and not t.requires_grad and not t.is_neg() and not t.is_conj())
 
 
-def _distinct(values: np.ndarray) -> int:
-    return 0 if values.size == 0 else 1 + int(values.min() != values.max())
-
-
 class _GroupCache:
     """The NumPy views of one param group (Note [Views are cached])."""
 
     __slots__ = ("group", "names", "ptrs", "views", "metas", "errors", "flat", "dtypes",
                  "one_dtype", "dicts", "gen", "svs", "bound", "pending", "store", "store_np",
-                 "full")
+                 "full", "nbytes", "spans")
 
     def __init__(self, group: dict, names: tuple[str, ...], ptrs: list[int],
                  with_step: bool) -> None:
@@ -166,6 +179,7 @@ class _GroupCache:
         self.errors: list[tuple[type[Exception], str] | None] = [None] * n
         self.flat: set[int] = set()
         self.dtypes: list[Any] = [None] * n
+        self.nbytes: list[int] = [0] * n
         for i, p in enumerate(params):
             self.errors[i] = _problem(p)
             if self.errors[i] is not None:
@@ -177,6 +191,7 @@ class _GroupCache:
                 continue
             self.metas[i] = _view_meta(view)
             self.dtypes[i] = view.dtype
+            self.nbytes[i] = view.nbytes
             if not view.flags.c_contiguous:
                 self.flat.add(i)
                 view = _flat(view)
@@ -196,6 +211,9 @@ class _GroupCache:
         self.store_np = self.store.numpy() if with_step else None
         #: (param views, {name: state views}, bound pointers flattened) once all are bound.
         self.full: tuple | None = None
+        #: per param: the byte spans [lo, hi) it and its bound states occupy, with what they
+        #: are; None until needed and after any (re)binding (Note [All or nothing]).
+        self.spans: list[list[tuple[int, int, str | None]]] | None = None
 
 
 class _Gathered:
@@ -213,6 +231,48 @@ class _Gathered:
         self.views = views
         self.hyper = hyper
         self.checked = False
+
+
+class _Written:
+    """The memory one step writes: params, their states and the groups' step counts.
+
+    ``entries`` are the spans ``(lo, hi, gi, i, what)`` sorted by ``lo`` (``i`` -1 for a
+    group's step counts, ``what`` a state name or None for the param); ``grads`` the step's
+    gradients in order as ``(gi, i, nbytes)``. A gradient at ``ptr`` overlaps a span iff the
+    last span starting before ``ptr + nbytes`` reaches, or an earlier one reached, past
+    ``ptr``: so the starts and the running maximum of the ends are kept, both led by a sentinel.
+    """
+
+    # Below this many gradients a Python loop is cheaper than NumPy's fixed costs.
+    VECTOR_FROM = 48
+
+    __slots__ = ("entries", "grads", "starts", "reach", "sizes", "arrays")
+
+    def __init__(self, entries: list[tuple], grads: list[tuple[int, int, int]]) -> None:
+        self.entries = entries
+        self.grads = grads
+        self.starts = [-1] + [e[0] for e in entries]
+        reach = -1
+        self.reach = [-1] + [reach := max(reach, e[1]) for e in entries]
+        self.sizes = [n for _, _, n in grads]
+        self.arrays: tuple[np.ndarray, ...] | None = None
+
+    def first_hit(self, ptrs: Iterable[int]) -> int | None:
+        """The index of the first gradient (data pointers ``ptrs``) overlapping a span."""
+        starts, reach, count = self.starts, self.reach, len(self.sizes)
+        if count < self.VECTOR_FROM:
+            for j, (ptr, n) in enumerate(zip(ptrs, self.sizes)):
+                if n and reach[bisect_left(starts, ptr + n) - 1] > ptr:
+                    return j
+            return None
+        if self.arrays is None:
+            self.arrays = (np.array(starts, dtype=np.int64), np.array(reach, dtype=np.int64),
+                           np.array(self.sizes, dtype=np.int64))
+        starts_np, reach_np, sizes = self.arrays
+        lo = np.fromiter(ptrs, dtype=np.int64, count=count)
+        hit = reach_np[np.searchsorted(starts_np, lo + sizes) - 1] > lo
+        hit &= sizes > 0
+        return int(hit.argmax()) if hit.any() else None
 
 
 class _FusedOptimizer(torch.optim.Optimizer):
@@ -240,6 +300,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
         #: that changes whenever they no longer match: then the per-param dicts are looked up.
         self._snapshot: tuple[Any, list] | None = None
         self._gen = 0
+        #: the spans the last checked step wrote, and what they were computed from
+        self._written_cache: tuple[list, _Written] | None = None
 
     # -- torch.optim.Optimizer overrides --------------------------------------------------------
 
@@ -285,14 +347,17 @@ class _FusedOptimizer(torch.optim.Optimizer):
             try:
                 calls[0]()
             except (TypeError, ValueError):
+                # The same problem, named after the param (the kernel counts within its call).
                 for item in gathered:
                     if not item.checked:
-                        self._check_grads(item)  # the same problem, named after the param
+                        self._check_grads(item)
+                self._check_aliases(gathered)
                 raise
         else:
             for item in gathered:
                 if not item.checked:
                     self._check_grads(item)
+            self._check_aliases(gathered)
             for call in calls:
                 call()
         self._snapshot = (self.state, list(self.state.values()))
@@ -349,7 +414,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         """The group's kernel arguments, checked by the kernel itself on empty lists."""
         if group.get("differentiable"):
             raise ValueError(f"{self._where(gi)}: differentiable=True is not supported "
-                             f"({_FLAG_REASONS['differentiable']})")
+                             f"({_REFUSED['differentiable']})")
         hyper = self._hyper(group)
         names = self._state_names(group)
         checked = self._checked.get(id(group))
@@ -451,7 +516,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if c.names or self._with_step:
             self._check_bound(group, c, idx, everyone)
         if c.pending or not everyone or not c.one_dtype:
-            return self._plan_split(group, c, idx, gv, hyper)
+            return self._plan_split(item)
         if c.full is None:
             states = {name: [sv[k] for sv in c.svs] for k, name in enumerate(c.names)}
             ptrs = list(chain.from_iterable(c.bound)) if (c.names or self._with_step) else []
@@ -461,9 +526,12 @@ class _FusedOptimizer(torch.optim.Optimizer):
         step = self._step_key(c, -1, None) if not self._kernel_step else None
         if self._kernel_step:
             new = store_np + store_np.dtype.type(1)
-            if _distinct(new) > 1:
-                return self._plan_split(group, c, idx, gv, hyper)
-            step = int(new[0])
+            low = new.min()
+            if not low >= 1:
+                self._bad_step(item, new)
+            if low != new.max():
+                return self._plan_split(item)
+            step = int(low)
 
         def run() -> None:
             self._call(group, hyper, step, pviews, gv, states)
@@ -529,13 +597,16 @@ class _FusedOptimizer(torch.optim.Optimizer):
         c.svs[i] = tuple(views)
         c.bound[i] = None if i in c.pending else tuple(ptrs)
         c.full = None
+        c.spans = None
 
-    def _plan_split(self, group: dict[str, Any], c: _GroupCache, idx: range | list[int],
-                    gv: list, hyper: dict[str, Any]) -> list[Callable[[], None]]:
+    def _plan_split(self, item: _Gathered) -> list[Callable[[], None]]:
         """One call per (dtype, kernel step) for a group whose params differ in either."""
+        group, c, idx, gv, hyper = item.group, item.cache, item.idx, item.views, item.hyper
         new = None
         if self._with_step:
             new = c.store_np[np.asarray(idx, dtype=np.intp)] + c.store_np.dtype.type(1)
+            if self._kernel_step and new.size and not new.min() >= 1:
+                self._bad_step(item, new)
         buckets: dict[tuple, list[int]] = {}
         for j, i in enumerate(idx):
             key = (c.dtypes[i], self._step_key(c, i, None if new is None else new[j]))
@@ -547,6 +618,90 @@ class _FusedOptimizer(torch.optim.Optimizer):
             calls.append(self._split_call(group, c, hyper, step, ids, [gv[j] for j in js],
                                           states))
         return calls
+
+    def _bad_step(self, item: _Gathered, new: np.ndarray) -> None:
+        """Raise for the first param of item whose step count the kernel would refuse (a
+        checkpoint's negative or NaN ``step``): before any call writes."""
+        j = next(j for j, value in enumerate(new) if not value >= 1)
+        raise ValueError(f"{self._where(item.gi, item.idx[j])}: its state['step'] is "
+                         f"{new[j] - 1}; it must be a step count >= 0")
+
+    def _spans(self, c: _GroupCache) -> list[list[tuple[int, int, str | None]]]:
+        """Per param of the group: the byte spans of the param and of its bound states."""
+        spans = []
+        for i, nbytes in enumerate(c.nbytes):
+            mine = []
+            if nbytes:
+                mine.append((c.ptrs[i], c.ptrs[i] + nbytes, None))
+                for name, ptr in zip(c.names, c.bound[i] or ()):
+                    mine.append((ptr, ptr + nbytes, name))
+            spans.append(mine)
+        return spans
+
+    def _written(self, gathered: list[_Gathered]) -> _Written:
+        """What the step writes (cached while the same params with the same bound states step);
+        raises if two of those overlap."""
+        key = []
+        for item in gathered:
+            c = item.cache
+            if c.spans is None:
+                c.spans = self._spans(c)
+            key.append((item.gi, c.spans, c.store, item.idx))
+        cached = self._written_cache
+        if (cached is not None and len(cached[0]) == len(key)
+                and all(a[0] == b[0] and a[1] is b[1] and a[2] is b[2] and a[3] == b[3]
+                        for a, b in zip(cached[0], key))):
+            return cached[1]
+        entries = []
+        grads = []
+        for item in gathered:
+            c = item.cache
+            for i in item.idx:
+                entries += [(lo, hi, item.gi, i, what) for lo, hi, what in c.spans[i]]
+                grads.append((item.gi, i, c.nbytes[i]))
+            if c.store is not None and c.store.numel():
+                lo = c.store.data_ptr()
+                entries.append((lo, lo + c.store.nbytes, item.gi, -1, None))
+        entries.sort(key=operator.itemgetter(0))
+        widest = (-1, -1, 0, 0, None)
+        for entry in entries:
+            if entry[0] < widest[1]:
+                raise ValueError(f"{type(self).__name__}: {self._label(*entry[2:])} and "
+                                 f"{self._label(*widest[2:])} overlap in memory; each is "
+                                 f"updated in place, so they must not share memory")
+            if entry[1] > widest[1]:
+                widest = entry
+        written = _Written(entries, grads)
+        self._written_cache = (key, written)
+        return written
+
+    def _label(self, gi: int, i: int, what: str | None) -> str:
+        if i < 0:
+            return f"the step counts of param_groups[{gi}]"
+        where = f"param_groups[{gi}]['params'][{i}]"
+        return where if what is None else f"state[{what!r}] of {where}"
+
+    def _check_aliases(self, gathered: list[_Gathered]) -> None:
+        """No gradient may share memory with a param, state or step count that the step
+        writes, and none of those with another (Note [All or nothing]): the kernels check
+        overlaps within their own call only, so across calls it is checked here."""
+        if not gathered:
+            return
+        written = self._written(gathered)
+        j = written.first_hit(map(_data_ptr, chain.from_iterable(
+            item.grads for item in gathered)))
+        if j is None:
+            return
+        gi, i, _ = written.grads[j]
+        lo = _data_ptr(next(g for item in gathered if item.gi == gi
+                            for k, g in zip(item.idx, item.grads) if k == i))
+        hi = lo + written.grads[j][2]
+        other = next(e for e in written.entries if e[0] < hi and lo < e[1])
+        what = ("the parameter itself" if other[2:] == (gi, i, None)
+                else self._label(*other[2:]))
+        raise ValueError(f"{self._where(gi, i)}: its gradient shares memory with {what}, which "
+                         f"this step updates; a gradient must not alias a parameter or an "
+                         f"optimizer state (pass a copy)")
 
     def _split_call(self, group: dict[str, Any], c: _GroupCache, hyper: dict[str, Any],
                     step: int | None, ids: list[int], grads: list,
@@ -577,13 +732,22 @@ def _bound_ptrs(state: dict | None, getter: Callable[[dict], tuple]) -> tuple[in
 # ---------------------------------------------------------------------------------------------
 # The optimizers: torch 2.13's signatures, defaults, argument checks and param_group keys.
 
-def _check_lr_eps_wd(lr: Any, eps: Any, weight_decay: Any) -> None:
+# Each constructor checks its arguments in torch's order, with torch's messages, so that the
+# first bad argument raises what torch raises.
+
+def _check_lr(lr: Any) -> None:
     if isinstance(lr, torch.Tensor) and lr.numel() != 1:
         raise ValueError("Tensor lr must be 1-element")
     if not 0.0 <= lr:
         raise ValueError(f"Invalid learning rate: {lr}")
-    if eps is not None and not 0.0 <= eps:
+
+
+def _check_eps(eps: Any) -> None:
+    if not 0.0 <= eps:
         raise ValueError(f"Invalid epsilon value: {eps}")
+
+
+def _check_weight_decay(weight_decay: Any) -> None:
     if not 0.0 <= weight_decay:
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
 
@@ -604,13 +768,14 @@ class SGD(_FusedOptimizer):
                  weight_decay: float | torch.Tensor = 0, nesterov: bool = False, *,
                  maximize: bool = False, foreach: bool | None = None,
                  differentiable: bool = False, fused: bool | None = None) -> None:
-        _reject_torch_only(type(self).__name__, foreach=foreach, fused=fused,
-                           differentiable=differentiable)
-        _check_lr_eps_wd(lr, None, weight_decay)
+        _check_lr(lr)
         if momentum < 0.0:
             raise ValueError(f"Invalid momentum value: {momentum}")
+        _check_weight_decay(weight_decay)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        _check_flags(type(self).__name__, foreach=foreach, fused=fused,
+                     differentiable=differentiable)
         defaults = {"lr": lr, "momentum": momentum, "dampening": dampening,
                     "weight_decay": weight_decay, "nesterov": nesterov, "maximize": maximize,
                     "foreach": foreach, "differentiable": differentiable, "fused": fused}
@@ -651,6 +816,7 @@ class SGD(_FusedOptimizer):
                 c.dicts[i] = self.state[params[i]]
                 c.bound[i] = (buf.data_ptr(),)
                 c.full = None
+                c.spans = None
 
 
 class RMSprop(_FusedOptimizer):
@@ -664,13 +830,15 @@ class RMSprop(_FusedOptimizer):
                  momentum: float = 0, centered: bool = False, capturable: bool = False,
                  foreach: bool | None = None, maximize: bool = False,
                  differentiable: bool = False) -> None:
-        _reject_torch_only(type(self).__name__, foreach=foreach, capturable=capturable,
-                           differentiable=differentiable)
-        _check_lr_eps_wd(lr, eps, weight_decay)
+        _check_lr(lr)
+        _check_eps(eps)
         if not 0.0 <= momentum:
             raise ValueError(f"Invalid momentum value: {momentum}")
+        _check_weight_decay(weight_decay)
         if not 0.0 <= alpha:
             raise ValueError(f"Invalid alpha value: {alpha}")
+        _check_flags(type(self).__name__, foreach=foreach, capturable=capturable,
+                     differentiable=differentiable)
         defaults = {"lr": lr, "momentum": momentum, "alpha": alpha, "eps": eps,
                     "centered": centered, "weight_decay": weight_decay,
                     "capturable": capturable, "foreach": foreach, "maximize": maximize,
@@ -705,14 +873,33 @@ class Adam(_FusedOptimizer):
                  foreach: bool | None = None, maximize: bool = False, capturable: bool = False,
                  differentiable: bool = False, fused: bool | None = None,
                  decoupled_weight_decay: bool = False) -> None:
-        _reject_torch_only(type(self).__name__, foreach=foreach, fused=fused,
-                           capturable=capturable, differentiable=differentiable)
-        _check_lr_eps_wd(lr, eps, weight_decay)
+        if isinstance(lr, torch.Tensor) and foreach and not capturable:
+            raise ValueError(
+                "lr as a Tensor is not supported for capturable=False and foreach=True")
+        _check_lr(lr)
+        _check_eps(eps)
         if not 0.0 <= betas[0] < 1.0:
             raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
         if not 0.0 <= betas[1] < 1.0:
             raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
+        _check_weight_decay(weight_decay)
+        # torch's rule: isinstance(b, float) (a Python int is refused) or both Tensors.
+        if not (all(isinstance(b, float) for b in betas[:2])
+                or all(isinstance(b, torch.Tensor) for b in betas[:2])):
+            raise ValueError("betas must be either both floats or both Tensors")
+        for k in (0, 1):
+            if isinstance(betas[k], torch.Tensor):
+                if foreach and not capturable:
+                    raise ValueError(f"betas[{k}] as a Tensor is not supported for "
+                                     f"capturable=False and foreach=True")
+                if betas[k].numel() != 1:
+                    raise ValueError(f"Tensor betas[{k}] must be 1-element")
+        _check_flags(type(self).__name__, foreach=foreach, fused=fused, capturable=capturable,
+                     differentiable=differentiable)
+        # torch keeps a Tensor beta as a 0-d tensor (_to_scalar), a float as it is.
+        betas = tuple(b.squeeze() if isinstance(b, torch.Tensor) and b.dim() != 0 else b
+                      for b in betas)
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
                     "amsgrad": amsgrad, "maximize": maximize, "foreach": foreach,
                     "capturable": capturable, "differentiable": differentiable, "fused": fused,
                     "decoupled_weight_decay": decoupled_weight_decay}
@@ -768,14 +955,16 @@ class Adagrad(_FusedOptimizer):
                  initial_accumulator_value: float = 0, eps: float = 1e-10,
                  foreach: bool | None = None, *, maximize: bool = False,
                  differentiable: bool = False, fused: bool | None = None) -> None:
-        _reject_torch_only(type(self).__name__, foreach=foreach, fused=fused,
-                           differentiable=differentiable)
-        _check_lr_eps_wd(lr, eps, weight_decay)
+        _check_lr(lr)
         if not 0.0 <= lr_decay:
             raise ValueError(f"Invalid lr_decay value: {lr_decay}")
+        _check_weight_decay(weight_decay)
         if not 0.0 <= initial_accumulator_value:
             raise ValueError(
                 f"Invalid initial_accumulator_value value: {initial_accumulator_value}")
+        _check_eps(eps)
+        _check_flags(type(self).__name__, foreach=foreach, fused=fused,
+                     differentiable=differentiable)
         defaults = {"lr": lr, "lr_decay": lr_decay, "eps": eps, "weight_decay": weight_decay,
                     "initial_accumulator_value": initial_accumulator_value,
                     "foreach": foreach, "maximize": maximize,
@@ -818,11 +1007,13 @@ class Adadelta(_FusedOptimizer):
                  eps: float = 1e-6, weight_decay: float = 0, foreach: bool | None = None, *,
                  capturable: bool = False, maximize: bool = False,
                  differentiable: bool = False) -> None:
-        _reject_torch_only(type(self).__name__, foreach=foreach, capturable=capturable,
-                           differentiable=differentiable)
-        _check_lr_eps_wd(lr, eps, weight_decay)
+        _check_lr(lr)
         if not 0.0 <= rho <= 1.0:
             raise ValueError(f"Invalid rho value: {rho}")
+        _check_eps(eps)
+        _check_weight_decay(weight_decay)
+        _check_flags(type(self).__name__, foreach=foreach, capturable=capturable,
+                     differentiable=differentiable)
         defaults = {"lr": lr, "rho": rho, "eps": eps, "weight_decay": weight_decay,
                     "maximize": maximize, "capturable": capturable, "foreach": foreach,
                     "differentiable": differentiable}
