@@ -13,8 +13,8 @@ effective bandwidth (GB/s: the minimal bytes an update must move, divided by tha
 
 bench/README.md explains what is measured and how to read the table.
 
-    python bench/bench_cpu.py            # the full run, about 10 minutes
-    python bench/bench_cpu.py --quick    # small sizes, fewer repetitions, under a minute
+    python bench/bench_cpu.py            # the full run, about 15 minutes
+    python bench/bench_cpu.py --quick    # small sizes, fewer repetitions, about a minute
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import datetime
 import gc
+import inspect
 import itertools
 import json
 import math
@@ -31,7 +32,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -59,10 +60,14 @@ ITEMSIZE = np.dtype(DTYPE).itemsize
 LR = 1e-4
 MOMENTUM = 0.9
 
-# At most this many calls of one implementation per repetition. The states are zeroed
+# At most this many calls of one implementation per repetition. The states are reset
 # before each repetition (reset_states), and centered RMSprop stays finite for ~1,500 steps
 # from zero with a constant gradient: 256 calls x (fastoptim, NumPy, torch) stays below.
 MAX_CALLS_PER_REP = 256
+
+# Steps of the check against fastoptim.reference before timing: past RAdam's first
+# rectified step (6) and ASGD's first averaging step (3, with t0 = 0).
+CHECK_STEPS = 8
 
 # A row is flagged "noisy" when some implementation had more than this share of its calls
 # over twice its median: something else ran on the machine.
@@ -74,9 +79,56 @@ IMPL_TITLES = {"fastoptim": "fastoptim", "numpy": "NumPy", "torch_foreach": "tor
 
 # ---------------------------------------------------------------------------------------
 # The cases. States carry torch's state names, in the order of the functional API's
-# positional arguments (``keyword_states`` maps those passed by keyword). The ceiling for a
-# case with S states is stream_rmw over [param, *states, grad] writing the first 1 + S:
-# 2 + S streams read, 1 + S written.
+# positional arguments (``keyword_states`` maps those passed by keyword).
+#
+# Note [traffic and ceiling]
+# A case with S states moves at least 2 + S streams read (param, grad, states) and 1 + S
+# written (param, states), 4 bytes each per element: ``bytes_per_element``. A state the
+# update writes without reading it (``unread``: ASGD's ``ax = p`` while mu == 1) is not
+# counted as read. The ceiling is always stream_rmw over [param, *states, grad] writing the
+# first 1 + S: every written array is also read, as the hardware does for a store to a line
+# that is not in cache (write-allocate). stream_rmw has exactly the patterns (2 + S, 1 + S),
+# S = 0..3, so every case has one; for a case with unread states it moves more than the
+# minimal traffic and "% of ceiling" may exceed 100 on a CPU that skips the read for whole-
+# line stores.
+
+# Note [per-step scalars]
+# A case's ``scalars`` generator yields the keyword arguments of steps 1, 2, ... as a
+# stateful caller computes them (NAdam's mu_product, ASGD's eta and mu). Computing them costs
+# Python time (about 0.3 us for NAdam, 0.7 us for ASGD, measured on the machine this was
+# written on) that is not the update's, and the benchmark leaves it out of the timed call,
+# as it leaves out binding the arguments: they are computed AHEAD steps at a time, merged
+# into the call's keyword arguments, and a call takes the next dict (the first chunk on the
+# untimed warm-up call; a later chunk, every AHEAD calls, lands on one timed call, which the
+# median ignores). torch computes its scalars inside opt.step(), NumPy's classes inside
+# step(): both are timed with them.
+AHEAD = 4096
+
+
+def step_only(hyper: dict) -> Iterator[dict]:
+    """``step``: 1, 2, 3, ..."""
+    return ({"step": step} for step in itertools.count(1))
+
+
+def nadam_scalars(hyper: dict) -> Iterator[dict]:
+    """NAdam's ``step`` and ``mu_product``, carried as torch carries its state: multiplied by
+    this step's mu before the update (a Python float here; torch keeps a float32 tensor)."""
+    beta1, decay = hyper["beta1"], hyper["momentum_decay"]
+    mu_product = 1.0
+    for step in itertools.count(1):
+        mu_product *= fastoptim.functional.nadam_mu(step, beta1, decay)
+        yield {"step": step, "mu_product": mu_product}
+
+
+def asgd_scalars(hyper: dict) -> Iterator[dict]:
+    """ASGD's ``eta`` and ``mu``: this step uses the current values (``lr`` and 1 at step 1),
+    which are advanced after it (``asgd_next``), as torch does."""
+    eta, mu = hyper["lr"], 1.0
+    for step in itertools.count(1):
+        yield {"eta": eta, "mu": mu}
+        eta, mu = fastoptim.functional.asgd_next(step, hyper["lr"], hyper["lambd"],
+                                                 hyper["alpha"], hyper["t0"])
+
 
 @dataclasses.dataclass(frozen=True)
 class Case:
@@ -87,30 +139,63 @@ class Case:
     hyper: dict  # keyword arguments of the function
     numpy_class: str  # in numpy_impl; takes (param, grad, *states, **numpy_hyper)
     numpy_hyper: dict
-    torch_class: str
+    torch_class: str  # in torch.optim (a missing class gets a note and no torch columns)
     torch_hyper: dict
+    # The per-step keyword arguments, as a stateful caller computes them: a generator of
+    # one dict per step, given ``hyper`` completed with the function's defaults. By default
+    # ``step_only`` (``step=1, 2, ...``), or nothing when ``takes_step`` is False.
+    scalars: Callable[[dict], Iterator[dict]] | None = None
     takes_step: bool = True
     keyword_states: dict = dataclasses.field(default_factory=dict)
+    unread: tuple[str, ...] = ()  # states written but not read (Note [traffic and ceiling])
+    initial: dict = dataclasses.field(default_factory=dict)  # state -> start value (else 0)
 
     @property
     def streams(self) -> tuple[int, int]:
-        """(streams read, streams written)."""
+        """The minimal (streams read, streams written)."""
+        return 2 + len(self.states) - len(self.unread), 1 + len(self.states)
+
+    @property
+    def ceiling_streams(self) -> tuple[int, int]:
+        """stream_rmw's (streams read, streams written) for this case."""
         return 2 + len(self.states), 1 + len(self.states)
 
     @property
     def bytes_per_element(self) -> int:
         return ITEMSIZE * sum(self.streams)
 
+    @property
+    def step_arguments(self) -> Callable[[dict], Iterator[dict]] | None:
+        """The generator function of the per-step keyword arguments (None: none)."""
+        return self.scalars or (step_only if self.takes_step else None)
+
+    def per_step(self, module) -> Iterator[dict] | None:
+        """The generator of per-step keyword arguments (None: there are none)."""
+        scalars = self.step_arguments
+        if scalars is None:
+            return None
+        fn = getattr(module, self.function)
+        defaults = {k: v.default for k, v in inspect.signature(fn).parameters.items()
+                    if v.default is not inspect.Parameter.empty}
+        return scalars({**defaults, **self.hyper})
+
     def functional(self, module, arrays: dict) -> Callable:
-        """``step -> None`` calling ``module.<function>`` on the arrays, arguments bound once
-        (a call costs what a user's call costs)."""
+        """A callable doing the next step (1, 2, ...) of ``module.<function>`` on the arrays
+        at each call: arguments bound once (a call costs what a user's call costs), the
+        per-step arguments taken from ``per_step`` (Note [per-step scalars])."""
         fn = getattr(module, self.function)
         args = [arrays["param"], arrays["grad"]]
         args += [arrays[s] for s in self.states if s not in self.keyword_states]
         kwargs = dict(self.hyper, **{kw: arrays[s] for s, kw in self.keyword_states.items()})
-        if self.takes_step:
-            return lambda step: fn(*args, step=step, **kwargs)
-        return lambda step: fn(*args, **kwargs)
+        if self.scalars is None and not self.takes_step:
+            return lambda: fn(*args, **kwargs)
+        if self.scalars is None:
+            steps = itertools.count(1)
+            return lambda: fn(*args, step=next(steps), **kwargs)
+        per_step = self.per_step(module)
+        chunks = iter(lambda: [dict(kwargs, **s) for s in itertools.islice(per_step, AHEAD)], [])
+        calls = itertools.chain.from_iterable(chunks)
+        return lambda: fn(*args, **next(calls))
 
     def numpy(self, arrays: dict):
         cls = getattr(numpy_impl, self.numpy_class)
@@ -122,6 +207,10 @@ _lr = {"lr": LR}
 _mom = {"lr": LR, "momentum": MOMENTUM}
 _cmom = {"lr": LR, "momentum": MOMENTUM, "centered": True}
 _ams = {"lr": LR, "amsgrad": True}
+# ASGD averaging from the start: mu = 1/max(1, step - t0) is 1 for steps 1 and 2 (warm-up,
+# never timed: calibrate makes at least two calls first), then 1/2, 1/3, ...
+_avg = {"lr": LR, "t0": 0.0}
+_adam = ("exp_avg", "exp_avg_sq")
 CASES = [
     Case("sgd", "SGD", "sgd_", (), _lr, "SGD", _lr, "SGD", _lr, takes_step=False),
     Case("sgd_momentum", "SGD momentum", "sgd_", ("momentum_buffer",), _mom, "SGD", _mom,
@@ -131,14 +220,24 @@ CASES = [
     Case("rmsprop_centered_momentum", "RMSprop cent+mom", "rmsprop_",
          ("square_avg", "grad_avg", "momentum_buffer"), _cmom, "RMSprop", _cmom, "RMSprop", _cmom,
          takes_step=False),
-    Case("adam", "Adam", "adam_", ("exp_avg", "exp_avg_sq"), _lr, "Adam", _lr, "Adam", _lr),
-    Case("adamw", "AdamW", "adamw_", ("exp_avg", "exp_avg_sq"), _lr, "Adam",
+    Case("adam", "Adam", "adam_", _adam, _lr, "Adam", _lr, "Adam", _lr),
+    Case("adamw", "AdamW", "adamw_", _adam, _lr, "Adam",
          {"lr": LR, "weight_decay": 1e-2, "decoupled": True}, "AdamW", _lr),
     Case("adam_amsgrad", "Adam amsgrad", "adam_", ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
          _ams, "Adam", _ams, "Adam", _ams, keyword_states={"max_exp_avg_sq": "max_exp_avg_sqs"}),
     Case("adagrad", "Adagrad", "adagrad_", ("sum",), _lr, "Adagrad", _lr, "Adagrad", _lr),
     Case("adadelta", "Adadelta", "adadelta_", ("square_avg", "acc_delta"), {}, "Adadelta", {},
          "Adadelta", {}, takes_step=False),
+    Case("nadam", "NAdam", "nadam_", _adam, _lr, "NAdam", _lr, "NAdam", _lr,
+         scalars=nadam_scalars),
+    Case("radam", "RAdam", "radam_", _adam, _lr, "RAdam", _lr, "RAdam", _lr),
+    Case("adamax", "Adamax", "adamax_", ("exp_avg", "exp_inf"), _lr, "Adamax", _lr, "Adamax", _lr),
+    Case("asgd", "ASGD", "asgd_", ("ax",), _lr, "ASGD", _lr, "ASGD", _lr, scalars=asgd_scalars,
+         unread=("ax",)),
+    Case("asgd_averaging", "ASGD averaging", "asgd_", ("ax",), _avg, "ASGD", _avg, "ASGD", _avg,
+         scalars=asgd_scalars),
+    Case("rprop", "Rprop", "rprop_", ("prev", "step_size"), _lr, "Rprop", {}, "Rprop", _lr,
+         takes_step=False, initial={"step_size": LR}),
 ]
 CASES_BY_KEY = {c.key: c for c in CASES}
 MAX_STATES = max(len(c.states) for c in CASES)
@@ -146,7 +245,8 @@ MAX_STATES = max(len(c.states) for c in CASES)
 # The minimal traffic documented in bench/README.md, checked against the stream counts.
 assert {c.key: c.bytes_per_element for c in CASES} == {
     "sgd": 12, "sgd_momentum": 20, "rmsprop": 20, "rmsprop_centered_momentum": 36, "adam": 28,
-    "adamw": 28, "adam_amsgrad": 36, "adagrad": 20, "adadelta": 28}
+    "adamw": 28, "adam_amsgrad": 36, "adagrad": 20, "adadelta": 28, "nadam": 28, "radam": 28,
+    "adamax": 28, "asgd": 16, "asgd_averaging": 20, "rprop": 28}
 
 
 # ---------------------------------------------------------------------------------------
@@ -220,12 +320,12 @@ def blocks(arrays: dict, block: int) -> dict:
 
 
 def reset_states(arrays: dict, case: Case) -> None:
-    """Zero the states (torch's initial value). Run before each repetition, untimed: with a
-    constant gradient, centered RMSprop's ``square_avg - grad_avg**2`` shrinks to 0 and,
-    after ~1,500 steps, below it by rounding (NaN)."""
+    """Set the states to torch's initial values (zeros; Rprop's step sizes: lr). Run before
+    each repetition, untimed: with a constant gradient, centered RMSprop's ``square_avg -
+    grad_avg**2`` shrinks to 0 and, after ~1,500 steps, below it by rounding (NaN)."""
     for name in case.states:
         for a in as_list(arrays[name]):
-            a.fill(0)
+            a.fill(case.initial.get(name, 0.0))
 
 
 def all_finite(arrays: dict) -> bool:
@@ -236,13 +336,12 @@ def all_finite(arrays: dict) -> bool:
 # The implementations of one cell: each a callable doing one step.
 
 def make_fastoptim(case: Case, arrays: dict) -> Callable:
-    update, steps = case.functional(fastoptim, arrays), itertools.count(1)
-    return lambda: update(next(steps))
+    return case.functional(fastoptim, arrays)
 
 
 def make_ceiling(case: Case, arrays: dict) -> Callable:
     streams = [arrays["param"], *(arrays[s] for s in case.states), arrays["grad"]]
-    writes, rmw = case.streams[1], _core.stream_rmw
+    writes, rmw = case.ceiling_streams[1], _core.stream_rmw
     return lambda: rmw(streams, writes)
 
 
@@ -260,8 +359,11 @@ def make_torch(case: Case, arrays: dict, params: list, mode: str) -> Callable:
     """``torch.optim.<class>(params, foreach=True)`` or ``fused=True``, whose states ARE our
     state arrays: torch allocates its states on the first step, so one step is taken and
     each state tensor is then replaced by ``torch.from_numpy`` of ours. Raises what torch
-    raises when the mode is not supported."""
-    opt = getattr(torch.optim, case.torch_class)(params, **case.torch_hyper, **{mode: True})
+    raises when the mode is not supported (TypeError when torch.optim has no such class)."""
+    cls = getattr(torch.optim, case.torch_class, None)
+    if cls is None:
+        raise TypeError(f"torch.optim has no {case.torch_class}")
+    opt = cls(params, **case.torch_hyper, **{mode: True})
     opt.step()
     for p, *states in zip(params, *(as_list(arrays[s]) for s in case.states)):
         st = opt.state[p]
@@ -399,25 +501,28 @@ def describe(times: list, reps: int) -> dict:
 
 def check_implementations(cases: list, use_torch: bool) -> tuple[list, set]:
     """The NumPy baseline and the benchmark's fastoptim calls against fastoptim.reference
-    (4 steps from zeroed states, one array and a list of three), and each torch optimizer
-    updating the shared arrays. Returns (notes, {(case key, torch mode) unavailable});
-    raises AssertionError on a wrong result."""
+    (CHECK_STEPS steps from torch's initial states, one array and a list of three), and each
+    torch optimizer updating the shared arrays. Returns (notes, {(case key, torch mode)
+    unavailable}); raises AssertionError on a wrong result."""
     for size in (Size("1000", 0, 1000), Size("3x37", 3, 37)):
         for case in cases:
             pool = allocate(size, np.random.default_rng(1))
+            reset_states(case_arrays(pool, case), case)
             results = {}
             for impl in ("reference", "numpy", "fastoptim"):
                 arrays = {k: [a.copy() for a in as_list(v)]
                           for k, v in case_arrays(pool, case).items()}
                 if impl == "numpy":
-                    opt = case.numpy(arrays)
-                    for _ in range(4):
-                        opt.step()
+                    update = case.numpy(arrays).step
                 else:
                     update = case.functional(reference if impl == "reference" else fastoptim,
                                              arrays)
-                    for step in range(1, 5):
-                        update(step)
+                for _ in range(CHECK_STEPS):
+                    update()
+                    # A third of the gradient changes sign between steps (the timed runs keep
+                    # it constant): Rprop's three branches are all taken.
+                    for g in arrays["grad"]:
+                        g[::3] *= -1
                 assert all_finite(arrays), f"{impl} {case.key}: non-finite values"
                 results[impl] = arrays
             for impl in ("numpy", "fastoptim"):
@@ -434,6 +539,7 @@ def check_implementations(cases: list, use_torch: bool) -> tuple[list, set]:
     for case in cases:
         pool = allocate(Size("3x37", 3, 37), np.random.default_rng(2))
         arrays = case_arrays(pool, case)
+        reset_states(arrays, case)
         for mode in ("foreach", "fused"):
             try:
                 step = make_torch(case, arrays, torch_params(pool), mode)
@@ -442,7 +548,9 @@ def check_implementations(cases: list, use_torch: bool) -> tuple[list, set]:
                 notes.append(f"torch {mode} {case.label}: not available ({msg})")
                 unavailable.add((case.key, mode))
                 continue
+            # Two steps: Rprop's first keeps its step sizes (prev is 0).
             before = {k: [a.copy() for a in as_list(v)] for k, v in arrays.items()}
+            step()
             step()
             for name in ("param", *case.states):
                 for i, (a, b) in enumerate(zip(as_list(arrays[name]), before[name])):
@@ -505,6 +613,7 @@ def summarize(stats: dict, case: Case, size: Size, threads: int) -> dict:
         "tensors": size.tensors, "elements_per_tensor": size.elements, "elements": size.total,
         "threads": threads, "bytes_per_element": case.bytes_per_element,
         "streams_read_written": list(case.streams),
+        "ceiling_streams_read_written": list(case.ceiling_streams),
         "median_s": med, "gbps": {k: nbytes / t / 1e9 for k, t in med.items()},
         "pct_of_ceiling": 100 * med["ceiling"] / fo,
         "x_vs_numpy": med["numpy"] / fo if "numpy" in med else None,
@@ -769,6 +878,9 @@ def main(argv=None) -> int:
               "dtype": "float32",
               "cases": {c.key: {"bytes_per_element": c.bytes_per_element,
                                 "streams_read_written": list(c.streams),
+                                "ceiling_streams_read_written": list(c.ceiling_streams),
+                                "per_step": getattr(c.step_arguments, "__name__", None),
+                                "initial_states": c.initial,
                                 "fastoptim": [c.function, c.hyper],
                                 "numpy": [c.numpy_class, c.numpy_hyper],
                                 "torch": [c.torch_class, c.torch_hyper]} for c in args.cases}}
