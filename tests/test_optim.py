@@ -6,6 +6,8 @@ The oracle run below drives the reference functions exactly as torch.optim drive
 number of steps already taken. Every parameter and every state array is compared.
 """
 
+import io
+import itertools
 import math
 import os
 import subprocess
@@ -29,12 +31,19 @@ DEFAULTS = {
     optim.RMSprop: dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0,
                         centered=False, maximize=False),
     optim.Adam: dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False,
-                     maximize=False),
+                     maximize=False, decoupled_weight_decay=False),
     optim.AdamW: dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
-                      maximize=False),
+                      maximize=False, decoupled_weight_decay=True),
     optim.Adagrad: dict(lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0,
                         eps=1e-10, maximize=False),
     optim.Adadelta: dict(lr=1.0, rho=0.9, eps=1e-6, weight_decay=0, maximize=False),
+    optim.NAdam: dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, momentum_decay=4e-3,
+                      decoupled_weight_decay=False, maximize=False),
+    optim.RAdam: dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
+                      decoupled_weight_decay=False, maximize=False),
+    optim.Adamax: dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, maximize=False),
+    optim.ASGD: dict(lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0, maximize=False),
+    optim.Rprop: dict(lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50), maximize=False),
 }
 
 # Every option of every class, alone and combined.
@@ -55,6 +64,8 @@ CASES = [
     (optim.Adam, dict(amsgrad=True)),
     (optim.Adam, dict(weight_decay=0.1)),
     (optim.Adam, dict(amsgrad=True, weight_decay=0.1, maximize=True)),
+    (optim.Adam, dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True)),
+    (optim.Adam, dict(amsgrad=True, weight_decay=0.1, decoupled_weight_decay=True, maximize=True)),
     (optim.AdamW, {}),
     (optim.AdamW, dict(weight_decay=0)),
     (optim.AdamW, dict(amsgrad=True)),
@@ -66,6 +77,21 @@ CASES = [
     (optim.Adadelta, {}),
     (optim.Adadelta, dict(rho=0.5, eps=1e-4)),
     (optim.Adadelta, dict(weight_decay=0.1, maximize=True)),
+    (optim.NAdam, {}),
+    (optim.NAdam, dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-6, momentum_decay=0.04)),
+    (optim.NAdam, dict(lr=1e-2, weight_decay=0.1, maximize=True)),
+    (optim.NAdam, dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True, maximize=True)),
+    (optim.RAdam, {}),
+    (optim.RAdam, dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)),
+    (optim.RAdam, dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True, maximize=True)),
+    (optim.Adamax, {}),
+    (optim.Adamax, dict(lr=1e-2, betas=(0.5, 0.9), eps=1e-4, weight_decay=0.1, maximize=True)),
+    (optim.ASGD, {}),
+    (optim.ASGD, dict(lr=0.05, lambd=0.01, alpha=0.5, t0=5)),  # averages from step 7 on
+    (optim.ASGD, dict(lr=0.05, t0=5, weight_decay=0.1, maximize=True)),
+    (optim.Rprop, {}),
+    (optim.Rprop, dict(lr=0.05, etas=(0.3, 1.5), maximize=True)),
+    (optim.Rprop, dict(lr=0.1, step_sizes=(0.05, 0.2))),
 ]
 
 # One configuration per class that allocates every optional state.
@@ -76,7 +102,15 @@ FULL = {
     optim.AdamW: dict(lr=1e-2, amsgrad=True),
     optim.Adagrad: dict(lr_decay=0.05, initial_accumulator_value=0.1),
     optim.Adadelta: dict(weight_decay=0.01),
+    optim.NAdam: dict(lr=1e-2, weight_decay=0.01),
+    optim.RAdam: dict(lr=1e-2, weight_decay=0.01),
+    optim.Adamax: dict(lr=1e-2, weight_decay=0.01),
+    optim.ASGD: dict(lr=0.05, t0=3),
+    optim.Rprop: dict(lr=0.05),
 }
+
+# The scalar states each class writes into state_dict (Note [Scalar states] in optim.py).
+SCALAR_STATES = {optim.NAdam: ("mu_product",), optim.ASGD: ("eta", "mu")}
 
 
 def _case_id(case):
@@ -104,6 +138,8 @@ def make_grads(params, steps, seed=1):
 
 
 def state_names(cls, hp):
+    if cls in NEW_STATE_NAMES:
+        return list(NEW_STATE_NAMES[cls])
     if cls is optim.SGD:
         return ["momentum_buffer"] if hp["momentum"] != 0 else []
     if cls is optim.RMSprop:
@@ -114,6 +150,11 @@ def state_names(cls, hp):
     if cls is optim.Adagrad:
         return ["sum"]
     return ["square_avg", "acc_delta"]
+
+
+NEW_STATE_NAMES = {optim.NAdam: ("exp_avg", "exp_avg_sq"), optim.RAdam: ("exp_avg", "exp_avg_sq"),
+                   optim.Adamax: ("exp_avg", "exp_inf"), optim.ASGD: ("ax",),
+                   optim.Rprop: ("prev", "step_size")}
 
 
 def reference_run(cls, options, params, grads_seq, first_step=0, states=None):
@@ -127,11 +168,15 @@ def reference_run(cls, options, params, grads_seq, first_step=0, states=None):
     if states is None:
         init = hp.get("initial_accumulator_value", 0)
         states = {name: [np.full_like(p, init) for p in params] for name in state_names(cls, hp)}
+        if cls is optim.Rprop:
+            states["step_size"] = [np.full_like(p, hp["lr"]) for p in params]
     else:
         states = {name: [a.copy() for a in arrays] for name, arrays in states.items()}
+    # Scalar states, carried in float64 as the classes do.
+    mu_product, eta, mu = 1.0, hp["lr"], 1.0
     for t, grads in enumerate(grads_seq, start=first_step):
         lr = hp["lr"](t) if callable(hp["lr"]) else hp["lr"]
-        common = dict(lr=lr, weight_decay=hp["weight_decay"], maximize=hp["maximize"])
+        common = dict(lr=lr, weight_decay=hp.get("weight_decay", 0), maximize=hp["maximize"])
         if cls is optim.SGD:
             use_momentum = hp["momentum"] != 0
             reference.sgd_(params, grads, states.get("momentum_buffer"),
@@ -142,13 +187,36 @@ def reference_run(cls, options, params, grads_seq, first_step=0, states=None):
                                states.get("momentum_buffer"), alpha=hp["alpha"], eps=hp["eps"],
                                momentum=hp["momentum"], centered=hp["centered"], **common)
         elif cls in (optim.Adam, optim.AdamW):
-            fn = reference.adamw_ if cls is optim.AdamW else reference.adam_
+            fn = reference.adamw_ if hp["decoupled_weight_decay"] else reference.adam_
             fn(params, grads, states["exp_avg"], states["exp_avg_sq"], step=t + 1,
                beta1=hp["betas"][0], beta2=hp["betas"][1], eps=hp["eps"],
                amsgrad=hp["amsgrad"], max_exp_avg_sqs=states.get("max_exp_avg_sq"), **common)
         elif cls is optim.Adagrad:
             reference.adagrad_(params, grads, states["sum"], step=t + 1,
                                lr_decay=hp["lr_decay"], eps=hp["eps"], **common)
+        elif cls is optim.NAdam:
+            mu_product *= reference.nadam_mu(t + 1, hp["betas"][0], hp["momentum_decay"])
+            reference.nadam_(params, grads, states["exp_avg"], states["exp_avg_sq"], step=t + 1,
+                             mu_product=mu_product, beta1=hp["betas"][0], beta2=hp["betas"][1],
+                             eps=hp["eps"], momentum_decay=hp["momentum_decay"],
+                             decoupled_weight_decay=hp["decoupled_weight_decay"], **common)
+        elif cls is optim.RAdam:
+            reference.radam_(params, grads, states["exp_avg"], states["exp_avg_sq"], step=t + 1,
+                             beta1=hp["betas"][0], beta2=hp["betas"][1], eps=hp["eps"],
+                             decoupled_weight_decay=hp["decoupled_weight_decay"], **common)
+        elif cls is optim.Adamax:
+            reference.adamax_(params, grads, states["exp_avg"], states["exp_inf"], step=t + 1,
+                              beta1=hp["betas"][0], beta2=hp["betas"][1], eps=hp["eps"],
+                              **common)
+        elif cls is optim.ASGD:
+            reference.asgd_(params, grads, states["ax"], eta=eta, mu=mu, lambd=hp["lambd"],
+                            **common)
+            eta, mu = reference.asgd_next(t + 1, lr, hp["lambd"], hp["alpha"], hp["t0"])
+        elif cls is optim.Rprop:
+            reference.rprop_(params, grads, states["prev"], states["step_size"],
+                             etaminus=hp["etas"][0], etaplus=hp["etas"][1],
+                             step_size_min=hp["step_sizes"][0],
+                             step_size_max=hp["step_sizes"][1], maximize=hp["maximize"])
         else:
             reference.adadelta_(params, grads, states["square_avg"], states["acc_delta"],
                                 rho=hp["rho"], eps=hp["eps"], **common)
@@ -221,6 +289,17 @@ def test_adamw_is_an_adam():
     (optim.Adagrad, dict(lr_decay=-0.1), "invalid lr_decay"),
     (optim.Adagrad, dict(initial_accumulator_value=-1.0), "invalid initial_accumulator_value"),
     (optim.Adadelta, dict(rho=1.1), "invalid rho"),
+    (optim.NAdam, dict(momentum_decay=-1e-3), "invalid momentum_decay"),
+    (optim.NAdam, dict(betas=(0.9, 1.0)), r"invalid betas\[1\]"),
+    (optim.RAdam, dict(eps=math.nan), "invalid eps"),
+    (optim.Adamax, dict(weight_decay=-0.1), "invalid weight_decay"),
+    (optim.ASGD, dict(lambd=-1e-4), "invalid lambd"),
+    (optim.ASGD, dict(alpha=math.inf), "invalid alpha"),
+    (optim.ASGD, dict(t0=math.nan), "invalid t0"),
+    (optim.ASGD, dict(lr=lambda t: -1.0), r"invalid param_groups\[0\]\['lr'\]\(0\)"),
+    (optim.Rprop, dict(etas=(1.5, 2.0)), "invalid etas"),
+    (optim.Rprop, dict(etas=(0.5, 0.9)), "invalid etas"),
+    (optim.Rprop, dict(step_sizes=(-1e-6, 50)), r"invalid step_sizes\[0\]"),
 ])
 def test_bad_hyperparameter_is_value_error(cls, options, match):
     with pytest.raises(ValueError, match=match):
@@ -232,6 +311,11 @@ def test_bad_hyperparameter_is_value_error(cls, options, match):
     (optim.Adam, dict(betas=(0.9, 0.99, 0.9)), "betas must be a pair"),
     (optim.Adam, dict(amsgrad=1), "amsgrad must be a bool"),
     (optim.RMSprop, dict(maximize="yes"), "maximize must be a bool"),
+    (optim.Adam, dict(decoupled_weight_decay=1), "decoupled_weight_decay must be a bool"),
+    (optim.NAdam, dict(decoupled_weight_decay="no"), "decoupled_weight_decay must be a bool"),
+    (optim.Rprop, dict(etas=(0.5,)), "etas must be a pair"),
+    (optim.Rprop, dict(step_sizes=1e-6), "step_sizes must be a pair"),
+    (optim.Rprop, dict(lr=lambda t: 0.1), "lr only sets the initial step sizes"),
 ])
 def test_badly_typed_hyperparameter_is_type_error(cls, options, match):
     with pytest.raises(TypeError, match=match):
@@ -295,7 +379,8 @@ def test_group_params_may_be_a_single_array():
 def test_repr_is_torchs():
     assert repr(optim.Adam([np.zeros(3)], lr=0.5)) == (
         "Adam (\nParameter Group 0\n    amsgrad: False\n    betas: (0.9, 0.999)\n"
-        "    eps: 1e-08\n    lr: 0.5\n    maximize: False\n    weight_decay: 0\n)"
+        "    decoupled_weight_decay: False\n    eps: 1e-08\n    lr: 0.5\n    maximize: False\n"
+        "    weight_decay: 0\n)"
     )
 
 
@@ -935,4 +1020,220 @@ def test_defaults_match_installed_torch(cls):
 
     signature = inspect.signature(getattr(torch.optim, cls.__name__))
     for name, value in DEFAULTS[cls].items():
-        assert signature.parameters[name].default == value, name
+        if name in signature.parameters:  # AdamW has no decoupled_weight_decay argument
+            assert signature.parameters[name].default == value, name
+    # The param_group keys, less the flags that choose a torch implementation.
+    torch_defaults = getattr(torch.optim, cls.__name__)([torch.zeros(1)]).defaults
+    flags = {"foreach", "fused", "capturable", "differentiable"}
+    assert {k: v for k, v in torch_defaults.items() if k not in flags} == DEFAULTS[cls]
+
+
+# -- NAdam, RAdam, Adamax, ASGD, Rprop; Adam's decoupled_weight_decay ------------------------
+
+def _combos(**choices):
+    """Every combination of the given option values, as kwargs dicts."""
+    names = list(choices)
+    return [dict(zip(names, values)) for values in itertools.product(*choices.values())]
+
+
+# Every option combination of each new class (and Adam's new option) against torch.optim.
+NEW_TORCH_CASES = (
+    [(optim.NAdam, dict(lr=1e-2, **c)) for c in _combos(
+        weight_decay=[0, 0.1], decoupled_weight_decay=[False, True], maximize=[False, True])]
+    + [(optim.NAdam, dict(betas=(0.8, 0.99), eps=1e-6, momentum_decay=0.04))]
+    + [(optim.RAdam, dict(lr=1e-2, **c)) for c in _combos(
+        weight_decay=[0, 0.1], decoupled_weight_decay=[False, True], maximize=[False, True])]
+    + [(optim.RAdam, dict(betas=(0.8, 0.99), eps=1e-6))]
+    + [(optim.Adamax, dict(lr=1e-2, **c)) for c in _combos(
+        weight_decay=[0, 0.1], maximize=[False, True])]
+    + [(optim.Adamax, dict(betas=(0.5, 0.9), eps=1e-4))]
+    + [(optim.ASGD, dict(lr=0.05, **c)) for c in _combos(
+        t0=[1e6, 10], weight_decay=[0, 0.1], maximize=[False, True])]
+    + [(optim.ASGD, dict(lr=0.05, lambd=0.01, alpha=0.5, t0=10))]
+    + [(optim.Rprop, dict(lr=0.05, **c)) for c in _combos(
+        etas=[(0.5, 1.2), (0.3, 1.5)], step_sizes=[(1e-6, 50), (0.02, 0.1)],
+        maximize=[False, True])]
+    + [(optim.Adam, dict(lr=1e-2, **c)) for c in _combos(
+        amsgrad=[False, True], weight_decay=[0, 0.1], decoupled_weight_decay=[False, True])]
+)
+
+
+@pytest.fixture
+def torch_float64():
+    """torch with float64 as its default dtype, so that its 0-d scalar states (mu_product, eta,
+    mu) are float64 like the classes' (Note [Scalar states])."""
+    torch = pytest.importorskip("torch")
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield torch
+    finally:
+        torch.set_default_dtype(default)
+
+
+def _assert_matches_torch(opt, topt, params, tparams, dtype):
+    tol = tolerance(dtype)
+    sd = opt.state_dict()["state"]
+    for i, (p, tp) in enumerate(zip(params, tparams)):
+        np.testing.assert_allclose(p, tp.numpy(), **tol, err_msg=f"param {i}")
+        tstate = topt.state[tp]
+        assert list(sd[i]) == list(tstate), f"state names of param {i}"
+        for name, value in tstate.items():
+            if value.dim() == 0:  # step and the scalar states: torch's values exactly
+                assert sd[i][name] == value.item(), f"state[{i}][{name!r}]"
+            else:
+                np.testing.assert_allclose(sd[i][name], value.numpy(), **tol,
+                                           err_msg=f"state[{i}][{name!r}]")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("case", NEW_TORCH_CASES, ids=_case_id)
+def test_new_classes_match_torch_every_step(case, dtype, torch_float64):
+    torch = torch_float64
+    cls, options = case
+    params = make_params(SHAPES, dtype)
+    tparams = [torch.tensor(p.copy()) for p in params]
+    topt = getattr(torch.optim, cls.__name__)(tparams, foreach=False, **options)
+    opt = cls(params, **options)
+    for grads in make_grads(params, 50):
+        opt.step(grads)
+        for tp, g in zip(tparams, grads):
+            tp.grad = torch.tensor(g)
+        topt.step()
+        _assert_matches_torch(opt, topt, params, tparams, dtype)
+
+
+def _to_torch(sd, torch):
+    return {"state": {i: {k: torch.tensor(v) for k, v in entry.items()}
+                      for i, entry in sd["state"].items()},
+            "param_groups": [dict(g) for g in sd["param_groups"]]}
+
+
+def _from_torch(sd):
+    def value(k, v):
+        if k == "step":
+            return int(v.item())
+        return v.item() if v.dim() == 0 else v.numpy().copy()
+    return {"state": {i: {k: value(k, v) for k, v in entry.items()}
+                      for i, entry in sd["state"].items()},
+            "param_groups": [{k: v for k, v in g.items()
+                              if k not in ("foreach", "fused", "capturable", "differentiable")}
+                             for g in sd["param_groups"]]}
+
+
+@pytest.mark.parametrize("direction", ["torch_to_numpy", "numpy_to_torch"])
+@pytest.mark.parametrize("cls", [optim.NAdam, optim.RAdam, optim.Adamax, optim.ASGD,
+                                 optim.Rprop], ids=lambda c: c.__name__)
+def test_new_classes_checkpoints_move_to_and_from_torch(cls, direction, torch_float64):
+    """A torch state_dict (converted to arrays and floats) loads into the class and back, through
+    torch.save/torch.load; training then goes on as the first optimizer does."""
+    torch = torch_float64
+    options = dict(FULL[cls])
+    params = make_params(SHAPES, np.float64)
+    grads_seq = make_grads(params, 16)
+    tparams = [torch.tensor(p.copy()) for p in params]
+    topt = getattr(torch.optim, cls.__name__)(tparams, foreach=False, **options)
+    opt = cls(params, **options)
+    for grads in grads_seq[:8]:
+        opt.step(grads)
+        for tp, g in zip(tparams, grads):
+            tp.grad = torch.tensor(g)
+        topt.step()
+    buffer = io.BytesIO()
+    if direction == "torch_to_numpy":
+        torch.save(topt.state_dict(), buffer)
+        buffer.seek(0)
+        resumed = [tp.numpy().copy() for tp in tparams]
+        second = cls(resumed, **options)
+        second.load_state_dict(_from_torch(torch.load(buffer, weights_only=True)))
+        for grads in grads_seq[8:]:
+            second.step(grads)
+            for tp, g in zip(tparams, grads):
+                tp.grad = torch.tensor(g)
+            topt.step()
+            _assert_matches_torch(second, topt, resumed, tparams, np.float64)
+    else:
+        torch.save(_to_torch(opt.state_dict(), torch), buffer)
+        buffer.seek(0)
+        resumed = [torch.tensor(p.copy()) for p in params]
+        second = getattr(torch.optim, cls.__name__)(resumed, foreach=False, **options)
+        second.load_state_dict(torch.load(buffer, weights_only=True))
+        for grads in grads_seq[8:]:
+            opt.step(grads)
+            for tp, g in zip(resumed, grads):
+                tp.grad = torch.tensor(g)
+            second.step()
+            _assert_matches_torch(opt, second, params, resumed, np.float64)
+
+
+@pytest.mark.parametrize("how", ["groups differ", "missing", "out of range", "not a number"])
+def test_load_state_dict_scalar_state_errors_change_nothing(how):
+    opt = _full_opt(optim.NAdam)
+    grads_seq = make_grads(_params_of(opt), 3)
+    for grads in grads_seq:
+        opt.step(grads)
+    sd = opt.state_dict()
+    last = max(sd["state"])
+    if how == "groups differ":
+        sd["state"][last]["mu_product"] *= 0.5
+        match = "different 'mu_product' values"
+    elif how == "missing":
+        del sd["state"][last]["mu_product"]
+        match = r"\['mu_product'\] is missing"
+    elif how == "out of range":
+        for i in sd["param_groups"][-1]["params"]:
+            sd["state"][i]["mu_product"] = 1.0
+        match = "invalid .*mu_product"
+    else:
+        for i in sd["param_groups"][-1]["params"]:
+            sd["state"][i]["mu_product"] = "0.5"
+        match = "mu_product.*must be a real number"
+    before = snapshot(opt)
+    with pytest.raises((ValueError, TypeError), match=match):
+        opt.load_state_dict(sd)
+    assert_same_snapshot(before, snapshot(opt))
+
+
+def test_scalar_states_are_per_group_and_restart_with_add_param_group():
+    params = make_params([(5,), (6,)], np.float64)
+    grads_seq = make_grads(params, 6)
+    opt = optim.ASGD(params[:1], lr=0.05, t0=1)
+    for grads in grads_seq[:3]:
+        opt.step(grads[:1])
+    opt.add_param_group({"params": params[1:], "lr": 0.1})
+    for grads in grads_seq[3:]:
+        opt.step(grads)
+    sd = opt.state_dict()["state"]
+    assert (sd[0]["step"], sd[1]["step"]) == (6, 3)
+    assert sd[0]["eta"] == reference.asgd_next(6, 0.05, 1e-4, 0.75, 1)[0]
+    assert sd[1]["eta"] == reference.asgd_next(3, 0.1, 1e-4, 0.75, 1)[0]
+    assert (sd[0]["mu"], sd[1]["mu"]) == (1 / 5, 1 / 2)
+
+
+def test_asgd_callable_lr_starts_eta_at_lr_0():
+    schedule = lambda t: 0.1 * 0.5**t  # noqa: E731
+    params = make_params([(4,)], np.float64)
+    opt = optim.ASGD(params, lr=schedule)
+    assert opt.state_dict()["state"][0]["eta"] == 0.1
+    opt.step(make_grads(params, 1)[0])
+    assert opt.state_dict()["state"][0]["eta"] == reference.asgd_next(1, 0.1, 1e-4, 0.75, 1e6)[0]
+    assert opt.param_groups[0]["lr"] is schedule
+
+
+def test_rprop_step_size_starts_at_the_groups_lr():
+    p, q = make_params([(3,), (4,)], np.float32)
+    opt = optim.Rprop([{"params": [p]}, {"params": [q], "lr": 0.5}], lr=0.1)
+    np.testing.assert_array_equal(opt.state[0]["step_size"], np.full(3, 0.1, np.float32))
+    np.testing.assert_array_equal(opt.state[1]["step_size"], np.full(4, 0.5, np.float32))
+    np.testing.assert_array_equal(opt.state[1]["prev"], np.zeros(4, np.float32))
+
+
+def test_adam_decoupled_weight_decay_is_adamw():
+    params = make_params(SHAPES, np.float64)
+    twins = [p.copy() for p in params]
+    a = optim.Adam(params, lr=1e-2, weight_decay=0.1, amsgrad=True, decoupled_weight_decay=True)
+    w = optim.AdamW(twins, lr=1e-2, weight_decay=0.1, amsgrad=True)
+    for grads in make_grads(params, 10):
+        a.step(grads)
+        w.step(grads)
+    assert_same_snapshot(snapshot(a), snapshot(w))

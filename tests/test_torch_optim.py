@@ -153,7 +153,8 @@ def test_trajectory_matches_torch(case, dtype):
 
 
 def test_state_dict_layout_is_torchs():
-    for name in ["SGD", "RMSprop", "Adam", "AdamW", "Adagrad", "Adadelta"]:
+    for name in ["SGD", "RMSprop", "Adam", "AdamW", "Adagrad", "Adadelta", "NAdam", "RAdam",
+                 "Adamax", "ASGD", "Rprop"]:
         kwargs = {"momentum": 0.9} if name in ("SGD", "RMSprop") else {}
         expected = make_params(torch.float32)
         actual = clone_params(expected)
@@ -195,7 +196,10 @@ def test_param_groups_and_mixed_dtypes():
 @pytest.mark.parametrize("name,kwargs", [("Adam", {"lr": 0.01}),
                                          ("SGD", {"lr": 0.05, "momentum": 0.9}),
                                          ("Adagrad", {"lr": 0.05, "lr_decay": 0.01}),
-                                         ("RMSprop", {"momentum": 0.5, "centered": True})])
+                                         ("RMSprop", {"momentum": 0.5, "centered": True}),
+                                         ("NAdam", {"lr": 0.01, "weight_decay": 0.1}),
+                                         ("ASGD", {"lr": 0.05, "t0": 3}),
+                                         ("Rprop", {"lr": 0.05})])
 def test_param_without_grad_is_skipped_like_torch(name, kwargs):
     """A param without .grad is not touched and gets no state; when its gradients start, its
     step count (or SGD's buffer) starts from scratch while the others' go on."""
@@ -321,6 +325,11 @@ CHECKPOINT_CASES = [
     ("AdamW", dict(lr=0.01)),
     ("Adagrad", dict(lr=0.05, lr_decay=0.01, initial_accumulator_value=0.1)),
     ("Adadelta", dict(weight_decay=0.1)),
+    ("NAdam", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)),
+    ("RAdam", dict(lr=0.01, weight_decay=0.1)),
+    ("Adamax", dict(lr=0.01, weight_decay=0.1)),
+    ("ASGD", dict(lr=0.05, t0=5, weight_decay=0.1)),
+    ("Rprop", dict(lr=0.05, etas=(0.3, 1.5))),
 ]
 
 
@@ -844,3 +853,243 @@ def test_bench_smoke(tmp_path):
                            "100", "--json", str(out)])
     assert out.is_file()
     assert {row["case"] for row in results["rows"]} == {"one_tensor", "many_tensors"}
+
+
+# -- NAdam, RAdam, Adamax, ASGD, Rprop ---------------------------------------------------------
+
+NEW_NAMES = ["NAdam", "RAdam", "Adamax", "ASGD", "Rprop"]
+
+# Every option combination of the new drop-ins (torch 2.13), non-default numeric
+# hyperparameters, and a 1-element tensor lr. ASGD's t0=10 averages from step 12 on.
+NEW_CASES = (
+    [("NAdam", dict(lr=0.01, **c)) for c in options(
+        weight_decay=[0, 0.1], decoupled_weight_decay=[False, True], maximize=[False, True])]
+    + [("NAdam", dict(betas=(0.8, 0.99), eps=1e-6, momentum_decay=0.04)),
+       ("NAdam", dict(lr="tensor", weight_decay=0.1))]
+    + [("RAdam", dict(lr=0.01, **c)) for c in options(
+        weight_decay=[0, 0.1], decoupled_weight_decay=[False, True], maximize=[False, True])]
+    + [("RAdam", dict(betas=(0.8, 0.99), eps=1e-6))]
+    + [("Adamax", dict(lr=0.01, **c)) for c in options(
+        weight_decay=[0, 0.1], maximize=[False, True])]
+    + [("Adamax", dict(betas=(0.5, 0.9), eps=1e-4))]
+    + [("ASGD", dict(lr=0.05, **c)) for c in options(
+        t0=[1e6, 10], weight_decay=[0, 0.1], maximize=[False, True])]
+    + [("ASGD", dict(lr=0.05, lambd=0.01, alpha=0.5, t0=10)),
+       ("ASGD", dict(lr="tensor", t0=10))]
+    + [("Rprop", dict(lr=0.05, **c)) for c in options(
+        etas=[(0.5, 1.2), (0.3, 1.5)], step_sizes=[(1e-6, 50), (0.02, 0.1)],
+        maximize=[False, True])]
+    + [("Rprop", dict(lr="tensor"))]
+)
+
+
+def assert_same_scalars(actual_opt, expected_opt, actual_params, expected_params):
+    """The 0-d states (step, mu_product, eta, mu) are torch's bit for bit, in torch's dtype."""
+    for q, p in zip(actual_params, expected_params):
+        got, want = actual_opt.state.get(q, {}), expected_opt.state.get(p, {})
+        assert list(got) == list(want)
+        for key, value in want.items():
+            if value.dim() == 0:
+                assert got[key].dim() == 0 and got[key].dtype == value.dtype, key
+                assert got[key].item() == value.item(), key
+
+
+def run_side_by_side(name, kwargs, dtype, steps=STEPS, check_every_step=True):
+    if kwargs.get("lr") == "tensor":
+        kwargs = dict(kwargs, lr=torch.tensor(0.01, dtype=dtype))
+    expected = make_params(dtype)
+    actual = clone_params(expected)
+    ref = torch_twin(name, expected, kwargs)
+    opt = getattr(ft, name)(actual, **kwargs)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        set_grads(gen, expected, actual)
+        ref.step()
+        opt.step()
+        if check_every_step:
+            assert_same(opt, ref, actual, expected)
+            assert_same_scalars(opt, ref, actual, expected)
+    return opt, ref, actual, expected
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", NEW_CASES, ids=case_id)
+def test_new_trajectories_match_torch_every_step(case, dtype):
+    run_side_by_side(*case, dtype)
+
+
+@pytest.mark.parametrize("default", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name,kwargs", [("NAdam", dict(lr=0.01)), ("ASGD", dict(t0=5)),
+                                         ("ASGD", dict(lr="tensor", t0=5))])
+def test_scalar_states_follow_default_dtype_like_torch(name, kwargs, dtype, default):
+    """mu_product, eta and mu are created in torch's scalar dtype (float32 unless the default
+    dtype is float64) and rounded in it at every step, whatever the params' dtype."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        opt, _, actual, _ = run_side_by_side(name, kwargs, dtype, steps=12)
+    finally:
+        torch.set_default_dtype(before)
+    for key in ("step",) + opt._scalar_names:
+        assert opt.state[actual[0]][key].dtype == default
+
+
+@pytest.mark.parametrize("name", ["SGD", "RMSprop", "Adam", "AdamW", "Adagrad", "Adadelta"]
+                         + NEW_NAMES)
+def test_signature_is_torchs(name):
+    import inspect
+
+    def described(cls):
+        return [(p.name, p.kind, p.default)
+                for p in inspect.signature(cls).parameters.values()]
+
+    assert described(getattr(ft, name)) == described(getattr(torch.optim, name))
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("NAdam", dict(lr=-0.1)), ("NAdam", dict(eps=-1.0)), ("NAdam", dict(betas=(1.0, 0.9))),
+    ("NAdam", dict(betas=(0.9, -0.1))), ("NAdam", dict(weight_decay=-1.0)),
+    ("NAdam", dict(momentum_decay=-1.0)), ("NAdam", dict(lr=torch.tensor([0.1, 0.2]))),
+    ("RAdam", dict(lr=-0.1)), ("RAdam", dict(eps=-1.0)), ("RAdam", dict(betas=(0.9, 1.0))),
+    ("RAdam", dict(weight_decay=-1.0)),
+    ("Adamax", dict(lr=-0.1)), ("Adamax", dict(eps=-1.0)), ("Adamax", dict(betas=(1.5, 0.9))),
+    ("Adamax", dict(weight_decay=-1.0)),
+    ("ASGD", dict(lr=-0.1)), ("ASGD", dict(weight_decay=-1.0)),
+    ("Rprop", dict(lr=-0.1)), ("Rprop", dict(etas=(1.0, 1.2))), ("Rprop", dict(etas=(0.5, 1.0))),
+], ids=lambda v: v if isinstance(v, str) else ",".join(map(str, v)))
+def test_new_argument_checks_are_torchs(name, kwargs):
+    with pytest.raises(ValueError) as want:
+        getattr(torch.optim, name)(make_params(torch.float32), **kwargs)
+    with pytest.raises(ValueError) as got:
+        getattr(ft, name)(make_params(torch.float32), **kwargs)
+    assert str(got.value) == str(want.value)
+
+
+@pytest.mark.parametrize("flag", ["foreach", "capturable", "differentiable"])
+@pytest.mark.parametrize("name", NEW_NAMES)
+def test_new_torch_only_flags_rejected(name, flag):
+    with pytest.raises(ValueError, match=flag):
+        getattr(ft, name)(make_params(torch.float32), **{flag: True})
+    default = None if flag == "foreach" else False
+    opt = getattr(ft, name)(make_params(torch.float32), **{flag: default})
+    assert opt.param_groups[0][flag] is default
+    assert getattr(torch.optim, name)(make_params(torch.float32)).param_groups[0][flag] is default
+
+
+def _take_turns(gen, lists, opts, edit):
+    """Two steps in which params 0 and 1 take turns, with a hyperparameter ``edit`` in between:
+    then params 0 and 1 have the same step count and different scalar states."""
+    for t, skip in enumerate([{1}, {0}]):
+        set_grads(gen, *lists, skip=skip)
+        for o in opts:
+            if t == 1:
+                edit(o.param_groups[0])
+            o.step()
+
+
+@pytest.mark.parametrize("name,kwargs,edit", [
+    ("NAdam", dict(lr=0.01), lambda g: g.update(betas=(0.8, 0.999))),
+    ("NAdam", dict(lr=0.01), lambda g: g.update(momentum_decay=0.04)),
+    ("ASGD", dict(lr=0.05, t0=1), lambda g: g.update(lr=0.02)),
+], ids=["NAdam-betas", "NAdam-momentum_decay", "ASGD-lr"])
+def test_params_with_different_scalars_are_called_apart(name, kwargs, edit, monkeypatch):
+    """Equal steps, different mu_product (or eta): one kernel call per value (Note [Scalar
+    states]), and torch's result."""
+    calls = []
+    fn = name.lower() + "_"
+    real = getattr(fastoptim.functional, fn)
+
+    def spy(params, *args, **kw):
+        calls.append(len(params))
+        return real(params, *args, **kw)
+
+    monkeypatch.setattr(fastoptim.functional, fn, spy)
+    expected = make_params(torch.float32, shapes=[(5,), (6,), (7,)])
+    actual = clone_params(expected)
+    ref = torch_twin(name, expected, kwargs)
+    opt = getattr(ft, name)(actual, **kwargs)
+    gen = torch.Generator().manual_seed(0)
+    _take_turns(gen, (expected, actual), (ref, opt), edit)
+    steps = [opt.state[p]["step"].item() for p in actual]
+    assert steps == [1, 1, 2]
+    for t in range(3):
+        calls.clear()
+        set_grads(gen, expected, actual)
+        ref.step()
+        opt.step()
+        if t == 0:
+            assert [n for n in calls if n] == [1, 1, 1]  # one call per (step, scalars)
+        assert_same(opt, ref, actual, expected)
+        assert_same_scalars(opt, ref, actual, expected)
+
+
+@pytest.mark.parametrize("name,kwargs", [("NAdam", dict(lr=0.01, weight_decay=0.1)),
+                                         ("ASGD", dict(lr=0.05, t0=3))])
+def test_checkpoint_scalars_cast_to_param_dtype_like_torch(name, kwargs):
+    """torch's load_state_dict casts mu_product/eta/mu to the param's dtype: float64 params
+    then carry float64 scalars next to float32 ones in the same group, and both round as torch's
+    do from then on."""
+    gen = torch.Generator().manual_seed(0)
+    params = make_params(torch.float32, shapes=[(5,), (6,)]) + make_params(
+        torch.float64, shapes=[(7,), (3,)], seed=1)
+    first = torch_twin(name, params, kwargs)
+    for _ in range(6):
+        set_grads(gen, params)
+        first.step()
+    expected, actual = clone_params(params), clone_params(params)
+    ref = torch_twin(name, expected, kwargs)
+    opt = getattr(ft, name)(actual, **kwargs)
+    # One copy each: torch's load_state_dict keeps the checkpoint's step tensors.
+    ref.load_state_dict(save_load(first.state_dict()))
+    opt.load_state_dict(save_load(first.state_dict()))
+    for _ in range(8):
+        set_grads(gen, expected, actual)
+        ref.step()
+        opt.step()
+        assert_same(opt, ref, actual, expected)
+        assert_same_scalars(opt, ref, actual, expected)
+    dtypes = {opt.state[p][opt._scalar_names[0]].dtype for p in actual}
+    assert dtypes == {torch.float32, torch.float64}
+    # ...and fastoptim's checkpoint loads back into torch.
+    back = torch_twin(name, clone_params(actual), kwargs)
+    back.load_state_dict(save_load(opt.state_dict()))
+    assert_same_scalars(back, ref, back.param_groups[0]["params"], expected)
+
+
+def test_scalar_state_replaced_between_steps_is_seen():
+    gen = torch.Generator().manual_seed(0)
+    expected = make_params(torch.float32)
+    actual = clone_params(expected)
+    ref = torch.optim.NAdam(expected, lr=0.01, foreach=False)
+    opt = ft.NAdam(actual, lr=0.01)
+    for t in range(6):
+        set_grads(gen, expected, actual)
+        ref.step()
+        opt.step()
+        if t == 2:
+            for o, ps in ((ref, expected), (opt, actual)):
+                o.state[ps[0]]["mu_product"] = torch.tensor(0.25)
+                o.state[ps[1]]["mu_product"].fill_(0.5)
+    assert_same(opt, ref, actual, expected)
+    assert_same_scalars(opt, ref, actual, expected)
+
+
+def test_rprop_step_size_starts_at_lr_of_first_step_like_torch():
+    gen = torch.Generator().manual_seed(0)
+    expected = make_params(torch.float32)
+    actual = clone_params(expected)
+    ref = torch.optim.Rprop(expected, lr=0.01, foreach=False)
+    opt = ft.Rprop(actual, lr=0.01)
+    for o in (ref, opt):
+        o.param_groups[0]["lr"] = 0.2  # before the first step: the states start from it
+    set_grads(gen, expected, actual, skip={1})
+    ref.step()
+    opt.step()
+    for o in (ref, opt):
+        o.param_groups[0]["lr"] = 0.05  # param 1's first step comes now
+    for _ in range(3):
+        set_grads(gen, expected, actual)
+        ref.step()
+        opt.step()
+    assert_same(opt, ref, actual, expected)

@@ -8,14 +8,16 @@ from __future__ import annotations
 from . import _core, data, ema, functional, optim, reference, schedules
 from .functional import (adadelta_, adagrad_, adam_, adamax_, adamw_, asgd_, ema_, nadam_,
                          radam_, rmsprop_, rprop_, sgd_)
-from .optim import SGD, Adadelta, Adagrad, Adam, AdamW, Optimizer, RMSprop
+from .optim import (ASGD, SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, NAdam, Optimizer,
+                    RAdam, RMSprop, Rprop)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "sgd_", "rmsprop_", "adam_", "adamw_", "adagrad_", "adadelta_", "nadam_", "radam_",
     "adamax_", "asgd_", "rprop_", "ema_",
-    "Optimizer", "SGD", "RMSprop", "Adam", "AdamW", "Adagrad", "Adadelta",
+    "Optimizer", "SGD", "RMSprop", "Adam", "AdamW", "Adagrad", "Adadelta", "NAdam", "RAdam",
+    "Adamax", "ASGD", "Rprop",
     "backend_info", "set_num_threads", "get_num_threads", "set_isa",
 ]
 

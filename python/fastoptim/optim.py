@@ -55,7 +55,8 @@ import numpy as np
 
 from . import functional as F
 
-__all__ = ["Optimizer", "SGD", "RMSprop", "Adam", "AdamW", "Adagrad", "Adadelta"]
+__all__ = ["Optimizer", "SGD", "RMSprop", "Adam", "AdamW", "Adagrad", "Adadelta", "NAdam", "RAdam",
+           "Adamax", "ASGD", "Rprop"]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # What a gradient must share with its parameter; strides stand in for C-contiguity (a C-contiguous
@@ -648,23 +649,25 @@ class RMSprop(Optimizer):
 
 
 class Adam(Optimizer):
-    """Adam (torch.optim.Adam) with L2 weight decay added to the gradient.
+    """Adam (torch.optim.Adam): L2 weight decay added to the gradient, or with
+    ``decoupled_weight_decay=True`` decoupled as in AdamW (``p *= 1 - lr*wd`` first).
 
     ``lr`` is a float or a callable ``lr(t)`` (see Note [Learning-rate schedules]).
     States: ``exp_avg``, ``exp_avg_sq``; ``max_exp_avg_sq`` when ``amsgrad``.
     """
 
     _hyper = {"lr": _check_lr, "betas": _check_betas, "eps": _check_nonneg,
-              "weight_decay": _check_nonneg, "amsgrad": _check_flag, "maximize": _check_flag}
-    _decoupled = False
+              "weight_decay": _check_nonneg, "amsgrad": _check_flag, "maximize": _check_flag,
+              "decoupled_weight_decay": _check_flag}
 
     def __init__(self, params: Iterable[Any], lr: float | Callable[[int], float] = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0, amsgrad: bool = False, *,
-                 maximize: bool = False) -> None:
+                 maximize: bool = False, decoupled_weight_decay: bool = False) -> None:
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps,
                                   "weight_decay": weight_decay, "amsgrad": amsgrad,
-                                  "maximize": maximize})
+                                  "maximize": maximize,
+                                  "decoupled_weight_decay": decoupled_weight_decay})
 
     def _state_names(self, group: Mapping[str, Any]) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
@@ -672,7 +675,7 @@ class Adam(Optimizer):
     def _update(self, hp, step, params, grads, states):
         amsgrad = bool(hp["amsgrad"])
         beta1, beta2 = hp["betas"]
-        update = F.adamw_ if self._decoupled else F.adam_
+        update = F.adamw_ if hp["decoupled_weight_decay"] else F.adam_
         update(params, grads, states["exp_avg"], states["exp_avg_sq"], step=step, lr=hp["lr"],
                beta1=float(beta1), beta2=float(beta2), eps=float(hp["eps"]),
                weight_decay=float(hp["weight_decay"]), amsgrad=amsgrad,
@@ -687,13 +690,12 @@ class AdamW(Adam):
     States: ``exp_avg``, ``exp_avg_sq``; ``max_exp_avg_sq`` when ``amsgrad``.
     """
 
-    _decoupled = True
-
     def __init__(self, params: Iterable[Any], lr: float | Callable[[int], float] = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *,
                  maximize: bool = False) -> None:
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize)
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
+                         decoupled_weight_decay=True)
 
 
 class Adagrad(Optimizer):
@@ -751,3 +753,358 @@ class Adadelta(Optimizer):
         F.adadelta_(params, grads, states["square_avg"], states["acc_delta"], lr=hp["lr"],
                     rho=float(hp["rho"]), eps=float(hp["eps"]),
                     weight_decay=float(hp["weight_decay"]), maximize=bool(hp["maximize"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# NAdam, RAdam, Adamax, ASGD, Rprop.
+
+def _check_not_nan(where: str, value: Any) -> None:
+    _check_real(where, value)
+    if math.isnan(value):
+        raise ValueError(f"invalid {where}: {value!r} (must not be NaN)")
+
+
+def _check_etas(where: str, value: Any) -> None:
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(f"{where} must be a pair (etaminus, etaplus), got {value!r}")
+    _check_real(f"{where}[0]", value[0])
+    _check_real(f"{where}[1]", value[1])
+    if not 0 < value[0] < 1 < value[1] or not math.isfinite(value[1]):
+        raise ValueError(f"invalid {where}: {value!r} (must satisfy 0 < etaminus < 1 < etaplus, "
+                         "etaplus finite)")
+
+
+def _check_step_sizes(where: str, value: Any) -> None:
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(f"{where} must be a pair (step_size_min, step_size_max), got {value!r}")
+    _check_nonneg(f"{where}[0]", value[0])
+    _check_nonneg(f"{where}[1]", value[1])
+
+
+def _check_fixed_lr(where: str, value: Any) -> None:
+    if callable(value):
+        raise TypeError(f"{where} must be a number, not a schedule: Rprop's lr only sets the "
+                        "initial step sizes, so a callable lr would have no effect")
+    _check_nonneg(where, value)
+
+
+# Note [Scalar states]
+#     torch keeps NAdam's ``mu_product`` and ASGD's ``eta`` and ``mu`` as 0-d tensors per
+#     parameter, in its scalar dtype (float32 unless its default dtype is float64). All
+#     parameters of a group step together, so, like the step count, one value per group is kept
+#     here, as a Python float (float64): ``state_dict`` writes it into every parameter's entry
+#     and ``load_state_dict`` requires the entries of a group to agree. The values follow
+#     torch's arithmetic (``mu_product *= mu`` before the update; ``eta`` and ``mu`` from
+#     ``asgd_next`` after it), so they equal torch's exactly when torch's default dtype is
+#     float64; with float32 they differ from torch's by its float32 rounding.
+
+class _ScalarStates(Optimizer):
+    """Base of the optimizers with per-step scalar states (NAdam's ``mu_product``, ASGD's
+    ``eta`` and ``mu``); see Note [Scalar states].
+
+    Subclasses define ``_scalar_checks`` (name -> check, in torch's order),
+    ``_initial_scalars(group)`` and ``_scalar_step(hp, step, scalars)``, which returns the
+    keyword arguments of this step's kernel call and the scalars after the step.
+    """
+
+    _scalar_checks: Mapping[str, Callable[[str, Any], None]] = {}
+
+    def __init__(self, params: Iterable[Any], defaults: Mapping[str, Any]) -> None:
+        #: per group: {name: float}, the values after the group's last step.
+        self._scalars: list[dict[str, float]] = []
+        #: id(bucket.states) -> group index: how ``_update`` finds its group's scalars.
+        self._bucket_group: dict[int, int] = {}
+        #: per group, during ``step``: (kernel keyword arguments, scalars after the step).
+        self._pending: dict[int, tuple[dict[str, float], dict[str, float]]] = {}
+        super().__init__(params, defaults)
+
+    def _initial_scalars(self, group: Mapping[str, Any], where: str) -> dict[str, float]:
+        raise NotImplementedError
+
+    def _scalar_step(self, hp: dict[str, Any], step: int, scalars: Mapping[str, float]
+                     ) -> tuple[dict[str, float], dict[str, float]]:
+        raise NotImplementedError
+
+    def _scalar_args(self, hp: dict[str, Any], step: int,
+                     states: dict[str, list[np.ndarray]]) -> dict[str, float]:
+        """This step's scalar kernel arguments for the group that owns ``states`` (computed
+        once per group and step, whatever the number of dtype buckets)."""
+        g = self._bucket_group[id(states)]
+        pending = self._pending.get(g)
+        if pending is None:
+            pending = self._pending[g] = self._scalar_step(hp, step, self._scalars[g])
+        return pending[0]
+
+    def add_param_group(self, param_group: Mapping[str, Any]) -> None:
+        scalars: dict[str, float] = {}
+        if isinstance(param_group, Mapping) and "params" in param_group:
+            # Computed first, so that a failure leaves no half-added group.
+            scalars = self._initial_scalars({**self.defaults, **param_group},
+                                            f"param_groups[{len(self.param_groups)}]")
+        super().add_param_group(param_group)
+        self._scalars.append(scalars)
+        for bucket in self._buckets[-1]:
+            self._bucket_group[id(bucket.states)] = len(self._buckets) - 1
+
+    def step(self, grads: Sequence[np.ndarray] | np.ndarray) -> None:
+        steps = list(self._steps)
+        self._pending = {}
+        try:
+            super().step(grads)
+        finally:
+            # A group's scalars advance exactly when its step count did.
+            for g, (_, after) in self._pending.items():
+                if self._steps[g] != steps[g]:
+                    self._scalars[g] = after
+            self._pending = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """``Optimizer.state_dict`` with the group's scalar states (Python floats) in every
+        parameter's entry, after ``step`` as in torch."""
+        sd = super().state_dict()
+        for g, indices in enumerate(self._group_indices):
+            for i in indices:
+                entry = sd["state"][i]
+                sd["state"][i] = {"step": entry.pop("step"), **self._scalars[g], **entry}
+        return sd
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """``Optimizer.load_state_dict``; the scalar states of a group's entries must agree
+        (one value per group, like the step count) and are checked before anything is
+        loaded. A 0-d array or tensor is taken by its value."""
+        names = tuple(self._scalar_checks)
+        saved_state = state_dict.get("state") if isinstance(state_dict, Mapping) else None
+        saved_groups = state_dict.get("param_groups") if isinstance(state_dict, Mapping) else None
+        if (not isinstance(saved_state, Mapping) or not isinstance(saved_groups, Sequence)
+                or len(saved_groups) != len(self.param_groups)):
+            super().load_state_dict(state_dict)  # raises, naming the problem
+            return
+        new_scalars = []
+        for g, saved in enumerate(saved_groups):
+            found: dict[str, set[float]] = {name: set() for name in names}
+            indices = saved.get("params", ()) if isinstance(saved, Mapping) else ()
+            for si in indices:
+                entry = saved_state.get(si)
+                if not isinstance(entry, Mapping):
+                    continue  # Optimizer.load_state_dict reports it
+                for name, check in self._scalar_checks.items():
+                    where = f"state_dict['state'][{si!r}][{name!r}]"
+                    if name not in entry:
+                        raise ValueError(f"{where} is missing")
+                    value = _scalar_value(where, entry[name])
+                    check(where, value)
+                    found[name].add(value)
+            for name, values in found.items():
+                if len(values) > 1:
+                    raise ValueError(
+                        f"state_dict['param_groups'][{g}]: its parameters have different "
+                        f"{name!r} values {sorted(values)}; the optimizer keeps one per group"
+                    )
+            new_scalars.append({name: found[name].pop() if found[name] else self._scalars[g][name]
+                                for name in names})
+        stripped = dict(state_dict)
+        stripped["state"] = {
+            si: ({k: v for k, v in entry.items() if k not in names}
+                 if isinstance(entry, Mapping) else entry)
+            for si, entry in saved_state.items()
+        }
+        super().load_state_dict(stripped)
+        self._scalars = new_scalars
+
+
+def _scalar_value(where: str, value: Any) -> float:
+    """A scalar state as a float: a real number or anything 0-d with ``item()`` (an array or
+    a tensor)."""
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        value = value.item()
+    if not _is_real(value):
+        raise TypeError(f"{where} must be a real number, got {value!r}")
+    return float(value)
+
+
+def _check_unit_open_value(where: str, value: float) -> None:
+    if not 0 <= value < 1:
+        raise ValueError(f"invalid {where}: {value!r} (must be in [0, 1))")
+
+
+def _check_unit_value(where: str, value: float) -> None:
+    if not 0 <= value <= 1:
+        raise ValueError(f"invalid {where}: {value!r} (must be in [0, 1])")
+
+
+class NAdam(_ScalarStates):
+    """NAdam (torch.optim.NAdam), with L2 or decoupled (``decoupled_weight_decay``) weight decay.
+
+    ``lr`` is a float or a callable ``lr(t)`` (see Note [Learning-rate schedules]).
+    States: ``exp_avg``, ``exp_avg_sq``; the scalar state ``mu_product`` (float64, one per
+    group; Note [Scalar states]).
+    """
+
+    _hyper = {"lr": _check_lr, "betas": _check_betas, "eps": _check_nonneg,
+              "weight_decay": _check_nonneg, "momentum_decay": _check_nonneg,
+              "decoupled_weight_decay": _check_flag, "maximize": _check_flag}
+    _scalar_checks = {"mu_product": _check_unit_open_value}
+
+    def __init__(self, params: Iterable[Any], lr: float | Callable[[int], float] = 2e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0, momentum_decay: float = 4e-3,
+                 decoupled_weight_decay: bool = False, *, maximize: bool = False) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps,
+                                  "weight_decay": weight_decay, "momentum_decay": momentum_decay,
+                                  "decoupled_weight_decay": decoupled_weight_decay,
+                                  "maximize": maximize})
+
+    def _state_names(self, group: Mapping[str, Any]) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq")
+
+    def _initial_scalars(self, group: Mapping[str, Any], where: str) -> dict[str, float]:
+        return {"mu_product": 1.0}
+
+    def _scalar_step(self, hp, step, scalars):
+        # torch multiplies mu_product by this step's mu BEFORE the update and passes the product.
+        mu_product = scalars["mu_product"] * F.nadam_mu(
+            float(step), float(hp["betas"][0]), float(hp["momentum_decay"]))
+        return {"mu_product": mu_product}, {"mu_product": mu_product}
+
+    def _update(self, hp, step, params, grads, states):
+        beta1, beta2 = hp["betas"]
+        F.nadam_(params, grads, states["exp_avg"], states["exp_avg_sq"], step=step,
+                 **self._scalar_args(hp, step, states), lr=hp["lr"], beta1=float(beta1),
+                 beta2=float(beta2), eps=float(hp["eps"]),
+                 weight_decay=float(hp["weight_decay"]),
+                 momentum_decay=float(hp["momentum_decay"]),
+                 decoupled_weight_decay=bool(hp["decoupled_weight_decay"]),
+                 maximize=bool(hp["maximize"]))
+
+
+class RAdam(Optimizer):
+    """RAdam (torch.optim.RAdam), with L2 or decoupled (``decoupled_weight_decay``) weight decay.
+
+    ``lr`` is a float or a callable ``lr(t)`` (see Note [Learning-rate schedules]).
+    States: ``exp_avg``, ``exp_avg_sq``.
+    """
+
+    _hyper = {"lr": _check_lr, "betas": _check_betas, "eps": _check_nonneg,
+              "weight_decay": _check_nonneg, "decoupled_weight_decay": _check_flag,
+              "maximize": _check_flag}
+
+    def __init__(self, params: Iterable[Any], lr: float | Callable[[int], float] = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0, decoupled_weight_decay: bool = False, *,
+                 maximize: bool = False) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps,
+                                  "weight_decay": weight_decay,
+                                  "decoupled_weight_decay": decoupled_weight_decay,
+                                  "maximize": maximize})
+
+    def _state_names(self, group: Mapping[str, Any]) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq")
+
+    def _update(self, hp, step, params, grads, states):
+        beta1, beta2 = hp["betas"]
+        F.radam_(params, grads, states["exp_avg"], states["exp_avg_sq"], step=step, lr=hp["lr"],
+                 beta1=float(beta1), beta2=float(beta2), eps=float(hp["eps"]),
+                 weight_decay=float(hp["weight_decay"]),
+                 decoupled_weight_decay=bool(hp["decoupled_weight_decay"]),
+                 maximize=bool(hp["maximize"]))
+
+
+class Adamax(Optimizer):
+    """Adamax (torch.optim.Adamax): Adam with the infinity norm.
+
+    ``lr`` is a float or a callable ``lr(t)`` (see Note [Learning-rate schedules]).
+    States: ``exp_avg``, ``exp_inf``.
+    """
+
+    _hyper = {"lr": _check_lr, "betas": _check_betas, "eps": _check_nonneg,
+              "weight_decay": _check_nonneg, "maximize": _check_flag}
+
+    def __init__(self, params: Iterable[Any], lr: float | Callable[[int], float] = 2e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0, *, maximize: bool = False) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps,
+                                  "weight_decay": weight_decay, "maximize": maximize})
+
+    def _state_names(self, group: Mapping[str, Any]) -> tuple[str, ...]:
+        return ("exp_avg", "exp_inf")
+
+    def _update(self, hp, step, params, grads, states):
+        beta1, beta2 = hp["betas"]
+        F.adamax_(params, grads, states["exp_avg"], states["exp_inf"], step=step, lr=hp["lr"],
+                  beta1=float(beta1), beta2=float(beta2), eps=float(hp["eps"]),
+                  weight_decay=float(hp["weight_decay"]), maximize=bool(hp["maximize"]))
+
+
+class ASGD(_ScalarStates):
+    """Averaged SGD (torch.optim.ASGD).
+
+    ``lr`` is a float or a callable ``lr(t)`` (see Note [Learning-rate schedules]); it enters
+    through ``eta``, torch's decayed step size. State: ``ax`` (the average); the scalar states
+    ``eta`` (starts at the group's lr at construction, ``lr(0)`` for a callable) and ``mu``
+    (starts at 1), float64, one per group (Note [Scalar states]).
+    """
+
+    _hyper = {"lr": _check_lr, "lambd": _check_nonneg, "alpha": _check_nonneg,
+              "t0": _check_not_nan, "weight_decay": _check_nonneg, "maximize": _check_flag}
+    _scalar_checks = {"eta": _check_nonneg, "mu": _check_unit_value}
+
+    def __init__(self, params: Iterable[Any], lr: float | Callable[[int], float] = 1e-2,
+                 lambd: float = 1e-4, alpha: float = 0.75, t0: float = 1e6,
+                 weight_decay: float = 0, *, maximize: bool = False) -> None:
+        super().__init__(params, {"lr": lr, "lambd": lambd, "alpha": alpha, "t0": t0,
+                                  "weight_decay": weight_decay, "maximize": maximize})
+
+    def _state_names(self, group: Mapping[str, Any]) -> tuple[str, ...]:
+        return ("ax",)
+
+    def _initial_scalars(self, group: Mapping[str, Any], where: str) -> dict[str, float]:
+        lr = group["lr"]
+        if callable(lr):
+            lr = lr(0)
+            _check_nonneg(f"{where}['lr'](0)", lr)
+        else:
+            _check_lr(_key(where, "lr"), lr)
+        return {"eta": float(lr), "mu": 1.0}
+
+    def _scalar_step(self, hp, step, scalars):
+        # The update uses the current eta and mu; torch advances them after it.
+        eta, mu = F.asgd_next(float(step), hp["lr"], float(hp["lambd"]), float(hp["alpha"]),
+                              float(hp["t0"]))
+        return dict(scalars), {"eta": float(eta), "mu": float(mu)}
+
+    def _update(self, hp, step, params, grads, states):
+        F.asgd_(params, grads, states["ax"], **self._scalar_args(hp, step, states),
+                lambd=float(hp["lambd"]), weight_decay=float(hp["weight_decay"]),
+                maximize=bool(hp["maximize"]))
+
+
+class Rprop(Optimizer):
+    """Rprop (torch.optim.Rprop): ``etas=(etaminus, etaplus)``, ``step_sizes=(min, max)``.
+
+    ``lr`` must be a number: it only sets the initial step sizes (a callable is a TypeError).
+    States: ``prev`` (zeros) and ``step_size``, filled with the group's lr when the states are
+    allocated (at construction or ``add_param_group``; torch does it at the first step).
+    """
+
+    _hyper = {"lr": _check_fixed_lr, "etas": _check_etas, "step_sizes": _check_step_sizes,
+              "maximize": _check_flag}
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-2,
+                 etas: tuple[float, float] = (0.5, 1.2),
+                 step_sizes: tuple[float, float] = (1e-6, 50), *,
+                 maximize: bool = False) -> None:
+        super().__init__(params, {"lr": lr, "etas": etas, "step_sizes": step_sizes,
+                                  "maximize": maximize})
+
+    def _state_names(self, group: Mapping[str, Any]) -> tuple[str, ...]:
+        return ("prev", "step_size")
+
+    def _initial_value(self, group: Mapping[str, Any], name: str) -> float:
+        return float(group["lr"]) if name == "step_size" else 0.0
+
+    def _update(self, hp, step, params, grads, states):
+        etaminus, etaplus = hp["etas"]
+        step_size_min, step_size_max = hp["step_sizes"]
+        F.rprop_(params, grads, states["prev"], states["step_size"], etaminus=float(etaminus),
+                 etaplus=float(etaplus), step_size_min=float(step_size_min),
+                 step_size_max=float(step_size_max), maximize=bool(hp["maximize"]))

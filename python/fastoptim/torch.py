@@ -1,10 +1,12 @@
 """torch.optim drop-ins backed by fastoptim's fused kernels (CPU tensors).
 
-``fastoptim.torch.SGD``, ``RMSprop``, ``Adam``, ``AdamW``, ``Adagrad`` and ``Adadelta`` are
+``fastoptim.torch.SGD``, ``RMSprop``, ``Adam``, ``AdamW``, ``Adagrad``, ``Adadelta``, ``NAdam``,
+``RAdam``, ``Adamax``, ``ASGD`` and ``Rprop`` are
 ``torch.optim.Optimizer`` subclasses with torch 2.13's constructor arguments, defaults, param
 groups, ``zero_grad``, closures, hooks and ``state_dict`` layout (state keys ``step``,
 ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ``momentum_buffer``, ``square_avg``,
-``grad_avg``, ``sum``, ``acc_delta``), so checkpoints move both ways between
+``grad_avg``, ``sum``, ``acc_delta``, ``exp_inf``, ``ax``, ``prev``, ``step_size`` and the 0-d
+``mu_product``, ``eta``, ``mu``: Note [Scalar states]), so checkpoints move both ways between
 ``torch.optim.X`` and ``fastoptim.torch.X`` and learning-rate schedulers work unchanged. Each
 ``step()`` makes ONE fused call of :mod:`fastoptim.functional` per (param group, dtype), on
 zero-copy NumPy views of the tensors. ``import fastoptim`` never imports torch; this module does.
@@ -75,7 +77,8 @@ from torch.autograd.graph import increment_version
 
 from . import functional as F
 
-__all__ = ["SGD", "RMSprop", "Adam", "AdamW", "Adagrad", "Adadelta"]
+__all__ = ["SGD", "RMSprop", "Adam", "AdamW", "Adagrad", "Adadelta", "NAdam", "RAdam", "Adamax",
+           "ASGD", "Rprop"]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64)
 _grad_of = operator.attrgetter("grad")
@@ -1028,3 +1031,455 @@ class Adadelta(_FusedOptimizer):
 
     def _call(self, group, hyper, step, params, grads, states) -> None:
         F.adadelta_(params, grads, states["square_avg"], states["acc_delta"], **hyper)
+
+
+# ---------------------------------------------------------------------------------------------
+# NAdam, RAdam, Adamax, ASGD, Rprop.
+#
+# Note [Scalar states]
+#     NAdam's ``mu_product`` and ASGD's ``eta`` and ``mu`` are 0-d tensors per parameter in
+#     torch, created in torch's scalar dtype (``_scalar_dtype()``); torch's load_state_dict
+#     casts them to the parameter's dtype, so a group may hold both float32 and float64 ones.
+#     Like ``step`` (Note [Steps live in one tensor per group]), each is a 0-d view into a
+#     per-group store: one float32 and one float64 1-D tensor per name, the view taken from the
+#     store of the tensor's dtype, so that every update rounds exactly as torch's does
+#     (``mu_product *= mu`` in the tensor's dtype; ``eta.copy_(torch.as_tensor(...))``, i.e.
+#     through the default dtype into the tensor's). A step updates both stores with one NumPy
+#     operation each (the unused slot of a parameter is never read).
+#     The kernel takes one value of each scalar per call. The params of a group are therefore
+#     called in buckets of equal (dtype, step, scalar values): one call in the usual case, more
+#     when the values differ (a torch checkpoint whose parameters skipped different steps, or
+#     whose scalars were cast to different parameter dtypes). Every bucket's values are checked
+#     by the kernel (on empty lists) before the first call of the step.
+
+def _check_betas_like_torch(betas: Any) -> None:
+    if not 0.0 <= betas[0] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+    if not 0.0 <= betas[1] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+
+
+def _check_lr_like_torch(lr: Any) -> None:
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+
+
+class _ScalarStore:
+    """The scalar states of one param group's params (Note [Scalar states])."""
+
+    __slots__ = ("cache", "tensors", "arrays", "wide")
+
+    def __init__(self, cache: _GroupCache, names: tuple[str, ...]) -> None:
+        n = len(cache.ptrs)
+        self.cache = cache
+        #: name -> (float32 store, float64 store), and their NumPy views
+        self.tensors = {name: (torch.zeros(n, dtype=torch.float32),
+                               torch.zeros(n, dtype=torch.float64)) for name in names}
+        self.arrays = {name: (t32.numpy(), t64.numpy())
+                       for name, (t32, t64) in self.tensors.items()}
+        #: name -> per param: whether its tensor is a view of the float64 store
+        self.wide = {name: np.zeros(n, dtype=bool) for name in names}
+
+    def bind(self, i: int, name: str, value: Any) -> torch.Tensor:
+        """Hold ``value`` (param i's ``state[name]`` as found) and return the view to store in
+        ``state``: in the value's dtype, or torch's scalar dtype for a non-tensor (as torch's
+        ``__setstate__`` converts it)."""
+        if isinstance(value, torch.Tensor) and value.dtype in _SUPPORTED_DTYPES:
+            wide = value.dtype == torch.float64
+        else:
+            wide = _scalar_dtype() == torch.float64
+        self.wide[name][i] = wide
+        self.arrays[name][wide][i] = float(value)
+        return self.tensors[name][wide][i]
+
+    def values(self, name: str, sel: np.ndarray) -> np.ndarray:
+        """The current values of params ``sel``, as float64."""
+        narrow, wide = self.arrays[name]
+        return np.where(self.wide[name][sel], wide[sel], narrow[sel])
+
+    def write(self, name: str, sel: np.ndarray, narrow: np.ndarray, wide: np.ndarray) -> None:
+        self.arrays[name][0][sel] = narrow
+        self.arrays[name][1][sel] = wide
+
+
+class _ScalarStateOptimizer(_FusedOptimizer):
+    """A drop-in whose params also have 0-d scalar states (Note [Scalar states]).
+
+    Subclasses set ``_scalar_names`` (torch's order) and define ``_initial_scalars(group)``
+    (torch's fresh 0-d tensors), ``_dry_scalars(group, hyper)`` (the kernel's scalar arguments
+    for the hyperparameter check) and ``_scalar_plan(group, store, sel, steps)``.
+    """
+
+    _kernel_step = True
+    _scalar_names: tuple[str, ...] = ()
+
+    def _reset_caches(self) -> None:
+        super()._reset_caches()
+        self._scalar_stores: dict[int, _ScalarStore] = {}
+
+    def _initial_scalars(self, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _dry_scalars(self, group: dict[str, Any], hyper: dict[str, Any]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def _scalar_plan(self, group: dict[str, Any], store: _ScalarStore, sel: np.ndarray,
+                     steps: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, tuple]]:
+        """For params ``sel`` about to take steps ``steps``: the kernel's scalar arguments per
+        param (name -> float64 array) and the scalars after the step (name -> (float32 array,
+        float64 array), the values for either store)."""
+        raise NotImplementedError
+
+    def _init_state(self, group: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
+        state: dict[str, Any] = {"step": torch.zeros((), dtype=_scalar_dtype())}
+        state.update(self._initial_scalars(group))
+        for name in self._state_names(group):
+            state[name] = self._new_state(p, name)
+        return state
+
+    def _getter(self, names: tuple[str, ...]) -> Callable[[dict], tuple]:
+        return operator.itemgetter(*(names + ("step",) + self._scalar_names))
+
+    def _store(self, c: _GroupCache) -> _ScalarStore:
+        store = self._scalar_stores.get(id(c.group))
+        if store is None or store.cache is not c:
+            store = self._scalar_stores[id(c.group)] = _ScalarStore(c, self._scalar_names)
+        return store
+
+    def _bind(self, group: dict[str, Any], c: _GroupCache, i: int, p: torch.Tensor) -> None:
+        super()._bind(group, c, i, p)
+        state = self.state[p]
+        store = self._store(c)
+        ptrs = []
+        fresh = None
+        for name in self._scalar_names:
+            value = state.get(name)
+            if value is None:  # e.g. a hand-made state: start it as torch would
+                fresh = fresh or self._initial_scalars(group)
+                value = fresh[name]
+            state[name] = view = store.bind(i, name, value)
+            ptrs.append(view.data_ptr())
+        if c.bound[i] is not None:
+            c.bound[i] += tuple(ptrs)
+
+    def _kernel_args(self, group: dict[str, Any], hyper: dict[str, Any],
+                     step: int | tuple) -> tuple[int, dict[str, float]]:
+        """``_call``'s step: a planned ``(step, *scalars)``, or the hyperparameter check's 1."""
+        if isinstance(step, tuple):
+            return step[0], dict(zip(self._scalar_names, step[1:]))
+        return step, self._dry_scalars(group, hyper)
+
+    def _plan(self, item: _Gathered) -> list[Callable[[], None]]:
+        group, c, idx, gv, hyper = item.group, item.cache, item.idx, item.views, item.hyper
+        everyone = len(idx) == len(group["params"])
+        self._check_bound(group, c, idx, everyone)
+        if everyone and c.full is None:  # the base class's cache of the bound state
+            c.full = (c.views, {name: [sv[k] for sv in c.svs] for k, name in enumerate(c.names)},
+                      list(chain.from_iterable(c.bound)))
+        store = self._store(c)
+        sel = np.asarray(idx, dtype=np.intp)
+        steps = c.store_np[sel] + c.store_np.dtype.type(1)
+        args, after = self._scalar_plan(group, store, sel, steps)
+        columns = [args[name] for name in self._scalar_names]
+        # (dtype, (step, *scalars)) -> positions in idx
+        buckets: dict[tuple, list[int]] = {}
+        if c.one_dtype and _distinct(steps) == 1 and all(_distinct(a) == 1 for a in columns):
+            key = (int(steps[0]),) + tuple(float(a[0]) for a in columns)
+            buckets[(None, key)] = list(range(len(idx)))
+        else:
+            for j, i in enumerate(idx):
+                key = (int(steps[j]),) + tuple(float(a[j]) for a in columns)
+                buckets.setdefault((c.dtypes[i], key), []).append(j)
+        calls = []
+        for (_, key), js in buckets.items():
+            try:  # the scalars, checked by the kernel before anything is written
+                self._call(group, hyper, key, [], [], {name: [] for name in c.names})
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"{self._where(item.gi)}: {err}") from None
+            ids = [idx[j] for j in js]
+            if len(js) == len(c.views):
+                states = c.full[1]
+            else:
+                states = {name: [c.svs[i][k] for i in ids] for k, name in enumerate(c.names)}
+            run = self._split_call(group, c, hyper, key, ids, [gv[j] for j in js], states)
+            picked = np.asarray(js, dtype=np.intp)
+            calls.append(_then_write(run, store, sel[picked],
+                                     {name: (narrow[picked], wide[picked])
+                                      for name, (narrow, wide) in after.items()}))
+        return calls
+
+
+def _then_write(run: Callable[[], None], store: _ScalarStore, sel: np.ndarray,
+                after: dict[str, tuple[np.ndarray, np.ndarray]]) -> Callable[[], None]:
+    def call() -> None:
+        run()
+        for name, (narrow, wide) in after.items():
+            store.write(name, sel, narrow, wide)
+    return call
+
+
+class NAdam(_ScalarStateOptimizer):
+    """torch.optim.NAdam (momentum decay, L2 or decoupled weight decay, maximize), fused.
+
+    ``state`` holds ``step``, ``mu_product`` (Note [Scalar states]), ``exp_avg`` and
+    ``exp_avg_sq``, as in torch.
+    """
+
+    _scalar_names = ("mu_product",)
+    _flag_defaults = {"maximize": False, "foreach": None, "capturable": False,
+                      "differentiable": False, "decoupled_weight_decay": False}
+
+    def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 2e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0, momentum_decay: float = 4e-3,
+                 decoupled_weight_decay: bool = False, *, foreach: bool | None = None,
+                 maximize: bool = False, capturable: bool = False,
+                 differentiable: bool = False) -> None:
+        _reject_torch_only(type(self).__name__, foreach=foreach, capturable=capturable,
+                           differentiable=differentiable)
+        _check_lr_like_torch(lr)
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        _check_betas_like_torch(betas)
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if not 0.0 <= momentum_decay:
+            raise ValueError(f"Invalid momentum_decay value: {momentum_decay}")
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
+                    "momentum_decay": momentum_decay,
+                    "decoupled_weight_decay": decoupled_weight_decay, "maximize": maximize,
+                    "foreach": foreach, "capturable": capturable,
+                    "differentiable": differentiable}
+        super().__init__(params, defaults)
+
+    def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq")
+
+    def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
+        beta1, beta2 = group["betas"]
+        return {"lr": _scalar(group["lr"]), "beta1": _scalar(beta1), "beta2": _scalar(beta2),
+                "eps": group["eps"], "weight_decay": group["weight_decay"],
+                "momentum_decay": group["momentum_decay"],
+                "decoupled_weight_decay": group["decoupled_weight_decay"],
+                "maximize": group["maximize"]}
+
+    def _initial_scalars(self, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {"mu_product": torch.tensor(1.0, dtype=_scalar_dtype())}
+
+    def _dry_scalars(self, group: dict[str, Any], hyper: dict[str, Any]) -> dict[str, float]:
+        return {"mu_product": F.nadam_mu(1.0, hyper["beta1"], hyper["momentum_decay"])}
+
+    def _scalar_plan(self, group, store, sel, steps):
+        # torch: mu_product *= mu (in the tensor's dtype) BEFORE the update, which reads it.
+        beta1, momentum_decay = _scalar(group["betas"][0]), group["momentum_decay"]
+        narrow, wide = (a[sel] for a in store.arrays["mu_product"])
+        if _distinct(steps) == 1:
+            mu: Any = F.nadam_mu(float(steps[0]), beta1, momentum_decay)
+            narrow, wide = narrow * mu, wide * mu
+        else:
+            mu = np.array([F.nadam_mu(float(s), beta1, momentum_decay) for s in steps])
+            narrow, wide = narrow * mu.astype(np.float32), wide * mu
+        args = np.where(store.wide["mu_product"][sel], wide, narrow)
+        return {"mu_product": args}, {"mu_product": (narrow, wide)}
+
+    def _call(self, group, hyper, step, params, grads, states) -> None:
+        step, scalars = self._kernel_args(group, hyper, step)
+        F.nadam_(params, grads, states["exp_avg"], states["exp_avg_sq"], step=step, **scalars,
+                 **hyper)
+
+
+class RAdam(_FusedOptimizer):
+    """torch.optim.RAdam (rectification, L2 or decoupled weight decay, maximize), fused."""
+
+    _kernel_step = True
+    _flag_defaults = {"foreach": None, "maximize": False, "differentiable": False,
+                      "decoupled_weight_decay": False, "capturable": False}
+
+    def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0, decoupled_weight_decay: bool = False, *,
+                 foreach: bool | None = None, maximize: bool = False, capturable: bool = False,
+                 differentiable: bool = False) -> None:
+        _reject_torch_only(type(self).__name__, foreach=foreach, capturable=capturable,
+                           differentiable=differentiable)
+        _check_lr_like_torch(lr)
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        _check_betas_like_torch(betas)
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
+                    "maximize": maximize, "foreach": foreach, "capturable": capturable,
+                    "decoupled_weight_decay": decoupled_weight_decay,
+                    "differentiable": differentiable}
+        super().__init__(params, defaults)
+
+    def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq")
+
+    def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
+        beta1, beta2 = group["betas"]
+        return {"lr": _scalar(group["lr"]), "beta1": _scalar(beta1), "beta2": _scalar(beta2),
+                "eps": group["eps"], "weight_decay": group["weight_decay"],
+                "decoupled_weight_decay": group["decoupled_weight_decay"],
+                "maximize": group["maximize"]}
+
+    def _call(self, group, hyper, step, params, grads, states) -> None:
+        F.radam_(params, grads, states["exp_avg"], states["exp_avg_sq"], step=step, **hyper)
+
+
+class Adamax(_FusedOptimizer):
+    """torch.optim.Adamax (weight decay, maximize), fused."""
+
+    _kernel_step = True
+    _flag_defaults = {"foreach": None, "maximize": False, "differentiable": False,
+                      "capturable": False}
+
+    def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 2e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0, foreach: bool | None = None, *,
+                 maximize: bool = False, differentiable: bool = False,
+                 capturable: bool = False) -> None:
+        _reject_torch_only(type(self).__name__, foreach=foreach, capturable=capturable,
+                           differentiable=differentiable)
+        _check_lr_like_torch(lr)
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        _check_betas_like_torch(betas)
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
+                    "foreach": foreach, "maximize": maximize, "differentiable": differentiable,
+                    "capturable": capturable}
+        super().__init__(params, defaults)
+
+    def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("exp_avg", "exp_inf")
+
+    def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
+        beta1, beta2 = group["betas"]
+        return {"lr": _scalar(group["lr"]), "beta1": _scalar(beta1), "beta2": _scalar(beta2),
+                "eps": group["eps"], "weight_decay": group["weight_decay"],
+                "maximize": group["maximize"]}
+
+    def _call(self, group, hyper, step, params, grads, states) -> None:
+        F.adamax_(params, grads, states["exp_avg"], states["exp_inf"], step=step, **hyper)
+
+
+class ASGD(_ScalarStateOptimizer):
+    """torch.optim.ASGD (averaging from step ``t0``, weight decay, maximize), fused.
+
+    ``state`` holds ``step``, ``eta``, ``mu`` (Note [Scalar states]) and ``ax``, as in torch.
+    Unlike torch, a negative ``lambd`` is refused (the kernel's range is ``lambd >= 0``).
+    """
+
+    _scalar_names = ("eta", "mu")
+    _flag_defaults = {"foreach": None, "maximize": False, "differentiable": False,
+                      "capturable": False}
+
+    def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 1e-2,
+                 lambd: float = 1e-4, alpha: float = 0.75, t0: float = 1e6,
+                 weight_decay: float = 0, foreach: bool | None = None, maximize: bool = False,
+                 differentiable: bool = False, capturable: bool = False) -> None:
+        _reject_torch_only(type(self).__name__, foreach=foreach, capturable=capturable,
+                           differentiable=differentiable)
+        _check_lr_like_torch(lr)
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        defaults = {"lr": lr, "lambd": lambd, "alpha": alpha, "t0": t0,
+                    "weight_decay": weight_decay, "foreach": foreach, "maximize": maximize,
+                    "differentiable": differentiable, "capturable": capturable}
+        super().__init__(params, defaults)
+
+    def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("ax",)
+
+    def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
+        return {"lambd": group["lambd"], "weight_decay": group["weight_decay"],
+                "maximize": group["maximize"]}
+
+    def _initial_scalars(self, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor) and lr.dim() != 0:
+            lr = lr.squeeze()
+        return {"eta": torch.as_tensor(lr, dtype=_scalar_dtype()).clone().detach(),
+                "mu": torch.ones((), dtype=_scalar_dtype())}
+
+    def _dry_scalars(self, group: dict[str, Any], hyper: dict[str, Any]) -> dict[str, float]:
+        return {"eta": float(_scalar(group["lr"])), "mu": 1.0}
+
+    def _scalar_plan(self, group, store, sel, steps):
+        # The update reads the current eta and mu; torch then sets them from the step count,
+        # computed exactly as torch does (a tensor lr computes in its dtype) and rounded through
+        # the default dtype (torch.as_tensor) into each tensor's dtype.
+        lr, lambd, alpha, t0 = group["lr"], group["lambd"], group["alpha"], group["t0"]
+        if isinstance(lr, torch.Tensor) and lr.dim() != 0:
+            lr = lr.squeeze()
+        after: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        values = {}
+        for s in np.unique(steps).tolist():
+            eta = torch.as_tensor(lr / ((1 + lambd * lr * s) ** alpha)).item()
+            mu = torch.as_tensor(1 / max(1, s - t0)).item()
+            values[s] = (eta, mu)
+        for k, name in enumerate(self._scalar_names):
+            wide = np.array([values[s][k] for s in steps.tolist()], dtype=np.float64)
+            after[name] = (wide.astype(np.float32), wide)
+        args = {name: store.values(name, sel) for name in self._scalar_names}
+        return args, after
+
+    def _call(self, group, hyper, step, params, grads, states) -> None:
+        _, scalars = self._kernel_args(group, hyper, step)
+        F.asgd_(params, grads, states["ax"], **scalars, **hyper)
+
+
+class Rprop(_FusedOptimizer):
+    """torch.optim.Rprop (etas, step size bounds, maximize), fused.
+
+    ``step_size`` starts filled with the group's lr when a param's state is created (its first
+    step), as in torch; lr does not enter the update otherwise.
+    """
+
+    _flag_defaults = {"foreach": None, "maximize": False, "differentiable": False,
+                      "capturable": False}
+
+    def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 1e-2,
+                 etas: tuple[float, float] = (0.5, 1.2),
+                 step_sizes: tuple[float, float] = (1e-6, 50), *, capturable: bool = False,
+                 foreach: bool | None = None, maximize: bool = False,
+                 differentiable: bool = False) -> None:
+        _reject_torch_only(type(self).__name__, foreach=foreach, capturable=capturable,
+                           differentiable=differentiable)
+        _check_lr_like_torch(lr)
+        if not 0.0 < etas[0] < 1.0 < etas[1]:
+            raise ValueError(f"Invalid eta values: {etas[0]}, {etas[1]}")
+        defaults = {"lr": lr, "etas": etas, "step_sizes": step_sizes, "foreach": foreach,
+                    "maximize": maximize, "differentiable": differentiable,
+                    "capturable": capturable}
+        super().__init__(params, defaults)
+
+    def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("prev", "step_size")
+
+    def _fresh(self, group: dict[str, Any], p: torch.Tensor, name: str) -> torch.Tensor:
+        if name == "step_size":
+            return torch.full_like(p, _scalar(group["lr"]), memory_format=torch.preserve_format)
+        return torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _init_state(self, group: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
+        return {"step": torch.zeros((), dtype=_scalar_dtype()),
+                "prev": self._fresh(group, p, "prev"),
+                "step_size": self._fresh(group, p, "step_size")}
+
+    def _missing_state(self, c, i, p, name, state) -> torch.Tensor:
+        state[name] = t = self._fresh(c.group, p, name)
+        return t
+
+    def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
+        (etaminus, etaplus), (step_size_min, step_size_max) = group["etas"], group["step_sizes"]
+        return {"etaminus": etaminus, "etaplus": etaplus, "step_size_min": step_size_min,
+                "step_size_max": step_size_max, "maximize": group["maximize"]}
+
+    def _call(self, group, hyper, step, params, grads, states) -> None:
+        F.rprop_(params, grads, states["prev"], states["step_size"], **hyper)
