@@ -1211,6 +1211,11 @@ class _ScalarStateOptimizer(_FusedOptimizer):
         return calls
 
 
+def _distinct(values: np.ndarray) -> int:
+    """0, 1 or 2: no value, one value, more than one."""
+    return 0 if values.size == 0 else 1 + int(values.min() != values.max())
+
+
 def _then_write(run: Callable[[], None], store: _ScalarStore, sel: np.ndarray,
                 after: dict[str, tuple[np.ndarray, np.ndarray]]) -> Callable[[], None]:
     def call() -> None:
@@ -1237,7 +1242,7 @@ class NAdam(_ScalarStateOptimizer):
                  decoupled_weight_decay: bool = False, *, foreach: bool | None = None,
                  maximize: bool = False, capturable: bool = False,
                  differentiable: bool = False) -> None:
-        _reject_torch_only(type(self).__name__, foreach=foreach, capturable=capturable,
+        _check_flags(type(self).__name__, foreach=foreach, capturable=capturable,
                            differentiable=differentiable)
         _check_lr_like_torch(lr)
         if not 0.0 <= eps:
@@ -1302,7 +1307,7 @@ class RAdam(_FusedOptimizer):
                  weight_decay: float = 0, decoupled_weight_decay: bool = False, *,
                  foreach: bool | None = None, maximize: bool = False, capturable: bool = False,
                  differentiable: bool = False) -> None:
-        _reject_torch_only(type(self).__name__, foreach=foreach, capturable=capturable,
+        _check_flags(type(self).__name__, foreach=foreach, capturable=capturable,
                            differentiable=differentiable)
         _check_lr_like_torch(lr)
         if not 0.0 <= eps:
@@ -1342,7 +1347,7 @@ class Adamax(_FusedOptimizer):
                  weight_decay: float = 0, foreach: bool | None = None, *,
                  maximize: bool = False, differentiable: bool = False,
                  capturable: bool = False) -> None:
-        _reject_torch_only(type(self).__name__, foreach=foreach, capturable=capturable,
+        _check_flags(type(self).__name__, foreach=foreach, capturable=capturable,
                            differentiable=differentiable)
         _check_lr_like_torch(lr)
         if not 0.0 <= eps:
@@ -1383,7 +1388,7 @@ class ASGD(_ScalarStateOptimizer):
                  lambd: float = 1e-4, alpha: float = 0.75, t0: float = 1e6,
                  weight_decay: float = 0, foreach: bool | None = None, maximize: bool = False,
                  differentiable: bool = False, capturable: bool = False) -> None:
-        _reject_torch_only(type(self).__name__, foreach=foreach, capturable=capturable,
+        _check_flags(type(self).__name__, foreach=foreach, capturable=capturable,
                            differentiable=differentiable)
         _check_lr_like_torch(lr)
         if not 0.0 <= weight_decay:
@@ -1449,7 +1454,7 @@ class Rprop(_FusedOptimizer):
                  step_sizes: tuple[float, float] = (1e-6, 50), *, capturable: bool = False,
                  foreach: bool | None = None, maximize: bool = False,
                  differentiable: bool = False) -> None:
-        _reject_torch_only(type(self).__name__, foreach=foreach, capturable=capturable,
+        _check_flags(type(self).__name__, foreach=foreach, capturable=capturable,
                            differentiable=differentiable)
         _check_lr_like_torch(lr)
         if not 0.0 < etas[0] < 1.0 < etas[1]:
