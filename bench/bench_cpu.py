@@ -238,6 +238,7 @@ CASES = [
          scalars=asgd_scalars),
     Case("rprop", "Rprop", "rprop_", ("prev", "step_size"), _lr, "Rprop", {}, "Rprop", _lr,
          takes_step=False, initial={"step_size": LR}),
+    Case("lion", "Lion", "lion_", ("exp_avg",), _lr, "Lion", _lr, "Lion", _lr, takes_step=False),
 ]
 CASES_BY_KEY = {c.key: c for c in CASES}
 MAX_STATES = max(len(c.states) for c in CASES)
@@ -246,7 +247,7 @@ MAX_STATES = max(len(c.states) for c in CASES)
 assert {c.key: c.bytes_per_element for c in CASES} == {
     "sgd": 12, "sgd_momentum": 20, "rmsprop": 20, "rmsprop_centered_momentum": 36, "adam": 28,
     "adamw": 28, "adam_amsgrad": 36, "adagrad": 20, "adadelta": 28, "nadam": 28, "radam": 28,
-    "adamax": 28, "asgd": 16, "asgd_averaging": 20, "rprop": 28}
+    "adamax": 28, "asgd": 16, "asgd_averaging": 20, "rprop": 28, "lion": 20}
 
 
 # ---------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ a stateful NumPy user keeps them. The benchmark checks every class against
 
 import numpy as np
 
-__all__ = ["SGD", "RMSprop", "Adam", "Adagrad", "Adadelta", "NAdam", "RAdam", "Adamax", "ASGD",
+__all__ = ["SGD", "RMSprop", "Adam", "Adagrad", "Adadelta", "NAdam", "RAdam", "Adamax", "ASGD", "Lion",
            "Rprop"]
 
 
@@ -445,3 +445,31 @@ class Rprop(_Optimizer):
             np.sign(prev, out=t)  # p -= sign(prev)*step_size
             t *= size
             p -= t
+
+
+class Lion(_Optimizer):
+    """Lion (Chen et al. 2023): ``p = p*(1 - lr*wd) - lr*sign(beta1*m + (1-beta1)*g)``, then
+    ``m = beta2*m + (1-beta2)*g``. Written for finite gradients (np.sign(NaN) is NaN)."""
+
+    def __init__(self, params, grads, exp_avgs, *, lr=1e-4, beta1=0.9, beta2=0.99,
+                 weight_decay=0.0):
+        super().__init__(params, grads, [exp_avgs], 1)
+        self.lr, self.beta1, self.beta2 = float(lr), float(beta1), float(beta2)
+        self.decay = 1 - self.lr * float(weight_decay)
+
+    def step(self):
+        self.step_count += 1
+        b1, b2 = self.beta1, self.beta2
+        for p, g, m, s in self._tensors():
+            t = s[0]
+            np.subtract(g, m, out=t)  # c = m + (1-beta1)*(g - m)
+            t *= 1 - b1
+            t += m
+            np.sign(t, out=t)
+            t *= -self.lr
+            if self.decay != 1:
+                p *= self.decay
+            p += t
+            np.subtract(g, m, out=t)  # m += (1-beta2)*(g - m)
+            t *= 1 - b2
+            m += t

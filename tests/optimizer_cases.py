@@ -22,6 +22,7 @@ STATE_ARGS = {
     "adamax": ["exp_avgs", "exp_infs"],
     "asgd": ["axs"],
     "rprop": ["prevs", "step_sizes"],
+    "lion": ["exp_avgs"],
     "ema": [],
 }
 
@@ -187,6 +188,10 @@ CASES = [
     ("rprop", dict(lr=0.1, step_size_min=0.05, step_size_max=0.2)),
     ("rprop", dict(lr=0.1, etaminus=0.3, etaplus=1.5, step_size_min=0.05, step_size_max=0.3,
                    maximize=True)),
+    ("lion", dict()),
+    ("lion", dict(lr=0.01, beta1=0.5, beta2=0.9)),
+    ("lion", dict(lr=0.01, weight_decay=0.5)),
+    ("lion", dict(lr=0.01, beta1=0.95, beta2=0.98, weight_decay=0.1, maximize=True)),
     ("ema", dict(beta=0.3)),
     ("ema", dict(beta=0.0)),
     ("ema", dict(beta=0.999)),

@@ -80,8 +80,9 @@ TORCH_CLASS = {"sgd": "SGD", "rmsprop": "RMSprop", "adam": "Adam", "adamw": "Ada
 # torch.optim keeps a "step" in every state of these rules (SGD, RMSprop and Adadelta too).
 TORCH_COUNTS_STEPS = set(TORCH_CLASS) - {"sgd"}
 
-# The shared table of cases (optimizer_cases.py) without ema, which torch.optim lacks.
-CASES = [case for case in ALL_CASES if case[0] != "ema"]
+# The shared table of cases (optimizer_cases.py) without ema and lion, which torch.optim lacks
+# (test_lion_matches_the_papers_algorithm checks lion).
+CASES = [case for case in ALL_CASES if case[0] not in ("ema", "lion")]
 
 
 def torch_kwargs(rule, hyper):
@@ -347,3 +348,33 @@ def test_reference_computes_float32_in_float32(case):
 def test_missing_state_raises(rule, missing, hyper):
     with pytest.raises(ValueError, match=missing):
         getattr(reference, rule + "_")([np.zeros(3)], [np.ones(3)], **hyper)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("hyper", [h for r, h in ALL_CASES if r == "lion"],
+                         ids=lambda h: case_id(("lion", h)))
+def test_lion_matches_the_papers_algorithm(hyper, dtype):
+    """Lion, Algorithm 2 of Chen et al. 2023, written a second time with torch ops the way
+    lion-pytorch writes it (sign_ of the interpolation, decoupled decay), 50 steps, every
+    element of params and exp_avg compared after each."""
+    h = full_hyper("lion", hyper)
+    rng = np.random.default_rng(11)
+    p = rng.uniform(-2, 2, 1000).astype(dtype)
+    m = np.zeros_like(p)
+    tp, tm = torch.from_numpy(p.copy()), torch.zeros(1000, dtype=tp_dtype(dtype))
+    for _ in range(50):
+        grad = rng.standard_normal(1000).astype(dtype)
+        grad[::9] = 0.0  # c = 0 on the first step there: sign(0) = 0
+        reference.lion_(p, grad, m, **hyper)
+        g = -torch.from_numpy(grad) if h["maximize"] else torch.from_numpy(grad)
+        tp.mul_(1 - h["lr"] * h["weight_decay"])
+        update = tm.clone().mul_(h["beta1"]).add(g, alpha=1 - h["beta1"]).sign_()
+        tp.add_(update, alpha=-h["lr"])
+        tm.mul_(h["beta2"]).add_(g, alpha=1 - h["beta2"])
+        rtol = 1e-6 if dtype == np.float32 else 1e-14
+        np.testing.assert_allclose(p, tp.numpy(), rtol=rtol, atol=rtol)
+        np.testing.assert_allclose(m, tm.numpy(), rtol=rtol, atol=rtol)
+
+
+def tp_dtype(dtype):
+    return torch.float32 if dtype == np.float32 else torch.float64

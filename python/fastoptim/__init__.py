@@ -6,18 +6,18 @@ Functional in-place updates (``adam_``, ``sgd_``, ...), thin stateful classes (`
 from __future__ import annotations
 
 from . import _core, data, ema, functional, optim, reference, schedules
-from .functional import (adadelta_, adagrad_, adam_, adamax_, adamw_, asgd_, ema_, nadam_,
-                         radam_, rmsprop_, rprop_, sgd_)
-from .optim import (ASGD, SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, NAdam, Optimizer,
+from .functional import (adadelta_, adagrad_, adam_, adamax_, adamw_, asgd_, ema_, lion_,
+                         nadam_, radam_, rmsprop_, rprop_, sgd_)
+from .optim import (ASGD, SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Lion, NAdam, Optimizer,
                     RAdam, RMSprop, Rprop)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "sgd_", "rmsprop_", "adam_", "adamw_", "adagrad_", "adadelta_", "nadam_", "radam_",
-    "adamax_", "asgd_", "rprop_", "ema_",
+    "adamax_", "asgd_", "rprop_", "lion_", "ema_",
     "Optimizer", "SGD", "RMSprop", "Adam", "AdamW", "Adagrad", "Adadelta", "NAdam", "RAdam",
-    "Adamax", "ASGD", "Rprop",
+    "Adamax", "ASGD", "Rprop", "Lion",
     "backend_info", "set_num_threads", "get_num_threads", "set_isa",
 ]
 

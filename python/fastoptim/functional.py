@@ -15,7 +15,7 @@ from __future__ import annotations
 from . import _core
 
 __all__ = ["sgd_", "rmsprop_", "adam_", "adamw_", "adagrad_", "adadelta_", "nadam_", "radam_",
-           "adamax_", "asgd_", "rprop_", "ema_", "nadam_mu", "asgd_next"]
+           "adamax_", "asgd_", "rprop_", "lion_", "ema_", "nadam_mu", "asgd_next"]
 
 # Note [one declaration per rule]
 #     Each function below passes its arguments positionally to ``_core.<rule>`` in the order of
@@ -136,6 +136,18 @@ def rprop_(params, grads, prevs, step_sizes, *, lr=1e-2, etaminus=0.5, etaplus=1
     """
     _core.rprop(params, grads, prevs, step_sizes, etaminus, etaplus, step_size_min,
                 step_size_max, maximize)
+
+
+def lion_(params, grads, exp_avgs, *, lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.0,
+          maximize=False):
+    """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms")::
+
+        c = beta1*m + (1-beta1)*g;  p = p*(1 - lr*wd) - lr*sign(c);  m = beta2*m + (1-beta2)*g
+
+    ``sign(0) = 0`` (as ``torch.sign``; also for NaN): an element whose interpolation ``c`` is
+    exactly zero is only decayed. ``exp_avgs`` (the paper's ``m``) start at zero.
+    """
+    _core.lion(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maximize)
 
 
 def ema_(averages, values, *, beta):

@@ -56,7 +56,7 @@ import numpy as np
 from . import functional as F
 
 __all__ = ["Optimizer", "SGD", "RMSprop", "Adam", "AdamW", "Adagrad", "Adadelta", "NAdam", "RAdam",
-           "Adamax", "ASGD", "Rprop"]
+           "Adamax", "ASGD", "Rprop", "Lion"]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # What a gradient must share with its parameter; strides stand in for C-contiguity (a C-contiguous
@@ -1108,3 +1108,31 @@ class Rprop(Optimizer):
         F.rprop_(params, grads, states["prev"], states["step_size"], etaminus=float(etaminus),
                  etaplus=float(etaplus), step_size_min=float(step_size_min),
                  step_size_max=float(step_size_max), maximize=bool(hp["maximize"]))
+
+
+class Lion(Optimizer):
+    """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"; see
+    :func:`fastoptim.lion_`): the sign of an interpolated momentum, decoupled weight decay.
+    torch.optim has no Lion; the arguments are the paper's (and lion-pytorch's).
+
+    ``lr`` is a float or a callable ``lr(t)`` (see Note [Learning-rate schedules]).
+    State: ``exp_avg``.
+    """
+
+    _hyper = {"lr": _check_lr, "betas": _check_betas, "weight_decay": _check_nonneg,
+              "maximize": _check_flag}
+
+    def __init__(self, params: Iterable[Any], lr: float | Callable[[int], float] = 1e-4,
+                 betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0, *,
+                 maximize: bool = False) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay,
+                                  "maximize": maximize})
+
+    def _state_names(self, group: Mapping[str, Any]) -> tuple[str, ...]:
+        return ("exp_avg",)
+
+    def _update(self, hp, step, params, grads, states):
+        beta1, beta2 = hp["betas"]
+        F.lion_(params, grads, states["exp_avg"], lr=hp["lr"], beta1=float(beta1),
+                beta2=float(beta2), weight_decay=float(hp["weight_decay"]),
+                maximize=bool(hp["maximize"]))

@@ -29,7 +29,7 @@ import operator
 import numpy as np
 
 __all__ = ["sgd_", "rmsprop_", "adam_", "adamw_", "adagrad_", "adadelta_", "nadam_", "radam_",
-           "adamax_", "asgd_", "rprop_", "ema_", "nadam_mu", "asgd_next"]
+           "adamax_", "asgd_", "rprop_", "lion_", "ema_", "nadam_mu", "asgd_next"]
 
 
 def _as_list(arrays):
@@ -412,6 +412,25 @@ def rprop_(params, grads, prevs, step_sizes, *, lr=1e-2, etaminus=0.5, etaplus=1
         g[shrink] = 0
         p -= _torch_sign(g) * step_size
         prev[...] = g
+
+
+def lion_(params, grads, exp_avgs, *, lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.0,
+          maximize=False):
+    """Lion, Algorithm 2 of Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"
+    (arXiv:2302.06675), with decoupled weight decay as there, and ``sign`` as ``torch.sign``
+    (``sign(0) = 0``, and 0 for NaN)."""
+    lr, beta1, beta2, weight_decay = map(float, (lr, beta1, beta2, weight_decay))
+    params, grads = _as_list(params), _as_list(grads)
+    exp_avgs = _require(exp_avgs, "exp_avgs")
+
+    for p, grad, m in zip(params, grads, exp_avgs, strict=True):
+        g = -grad if maximize else grad
+        c = beta1 * m + (1 - beta1) * g  # the interpolation whose sign is the update
+        if weight_decay != 0:
+            p *= 1 - lr * weight_decay
+        p -= lr * _torch_sign(c)
+        m *= beta2
+        m += (1 - beta2) * g
 
 
 def ema_(averages, values, *, beta):

@@ -78,7 +78,7 @@ from torch.autograd.graph import increment_version
 from . import functional as F
 
 __all__ = ["SGD", "RMSprop", "Adam", "AdamW", "Adagrad", "Adadelta", "NAdam", "RAdam", "Adamax",
-           "ASGD", "Rprop"]
+           "ASGD", "Rprop", "Lion"]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64)
 _grad_of = operator.attrgetter("grad")
@@ -1488,3 +1488,39 @@ class Rprop(_FusedOptimizer):
 
     def _call(self, group, hyper, step, params, grads, states) -> None:
         F.rprop_(params, grads, states["prev"], states["step_size"], **hyper)
+
+
+class Lion(_FusedOptimizer):
+    """Lion (Chen et al. 2023; :func:`fastoptim.lion_`), fused. torch.optim has no Lion: the
+    arguments and the state (``exp_avg`` only, no ``step``) are lion-pytorch's, so its
+    checkpoints load."""
+
+    _with_step = False
+    _flag_defaults = {"maximize": False, "foreach": None, "fused": None}
+
+    def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 1e-4,
+                 betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0, *,
+                 maximize: bool = False, foreach: bool | None = None,
+                 fused: bool | None = None) -> None:
+        _check_flags(type(self).__name__, foreach=foreach, fused=fused)
+        _check_lr_like_torch(lr)
+        _check_betas_like_torch(betas)
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        defaults = {"lr": lr, "betas": betas, "weight_decay": weight_decay, "maximize": maximize,
+                    "foreach": foreach, "fused": fused}
+        super().__init__(params, defaults)
+
+    def _init_state(self, group: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
+        return {"exp_avg": self._new_state(p, "exp_avg")}
+
+    def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("exp_avg",)
+
+    def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
+        beta1, beta2 = group["betas"]
+        return {"lr": _scalar(group["lr"]), "beta1": _scalar(beta1), "beta2": _scalar(beta2),
+                "weight_decay": _scalar(group["weight_decay"]), "maximize": group["maximize"]}
+
+    def _call(self, group, hyper, step, params, grads, states) -> None:
+        F.lion_(params, grads, states["exp_avg"], **hyper)

@@ -732,6 +732,62 @@ struct Rprop {
 };
 
 // ---------------------------------------------------------------------------------------
+// Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms", Algorithm 2).
+// Slots: 2 = exp_avg (the paper's m).
+//   g = -grad if maximize
+//   c = beta1 * m + (1 - beta1) * g
+//   p = p * (1 - lr * wd) - lr * sign(c)      sign as torch.sign: sign(0) = 0 (and NaN -> 0)
+//   m = beta2 * m + (1 - beta2) * g
+// sign(0) = 0: an element whose interpolation is exactly 0 only decays; the paper leaves it
+// open, and torch.sign (lion-pytorch, bitsandbytes' CUDA kernel) gives 0 as well.
+struct Lion {
+  static constexpr const char* kName = "lion";
+  static constexpr const char* kParams = "params";
+  static constexpr const char* kGrads = "grads";
+  static constexpr auto kStates = specs(StateSpec{"exp_avgs", ""});
+  static constexpr StepUse kStep = StepUse::kNone;
+  enum : int { lr, beta1, beta2, weight_decay };
+  static constexpr auto kHyper = specs(HyperSpec{"lr", Range::kNonNegative},
+                                       HyperSpec{"beta1", Range::kUnitClosed},
+                                       HyperSpec{"beta2", Range::kUnitClosed},
+                                       HyperSpec{"weight_decay", Range::kNonNegative});
+  enum : int { maximize };
+  static constexpr auto kFlags = names("maximize");
+
+  static constexpr int kMaskBits = 2;
+  static constexpr bool reachable(unsigned) { return true; }
+  static const char* check(const CallValues&) { return nullptr; }
+  static unsigned mask(const CallValues& v) {
+    return bits_if(v.f[maximize], kMaximize) | bits_if(v.h[weight_decay] != 0.0, kWeightDecay);
+  }
+  struct Args {
+    double lr, beta1, beta2, decay;
+  };
+  static Args args(const CallValues& v) {
+    return {v.h[lr], v.h[beta1], v.h[beta2], 1.0 - v.h[lr] * v.h[weight_decay]};
+  }
+
+  template <unsigned M> struct Rule {
+    static constexpr unsigned kReads = bit(kParam) | bit(kGrad) | bit(kState0);
+    static constexpr unsigned kWrites = bit(kParam) | bit(kState0);
+    template <class V> struct Consts {
+      V neg_lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay;
+      FO_HD explicit Consts(const Args& a)
+          : neg_lr(sp<V>(-a.lr)), beta1(sp<V>(a.beta1)), one_minus_beta1(sp<V>(1.0 - a.beta1)),
+            beta2(sp<V>(a.beta2)), one_minus_beta2(sp<V>(1.0 - a.beta2)), decay(sp<V>(a.decay)) {}
+    };
+    template <class V> static FO_HD FO_INLINE void apply(V* x, const Consts<V>& c) {
+      V g = x[kGrad];
+      if constexpr ((M & kMaximize) != 0) g = -g;
+      const V update = vfma(c.one_minus_beta1, g, c.beta1 * x[kState0]);
+      if constexpr ((M & kWeightDecay) != 0) x[kParam] = x[kParam] * c.decay;
+      x[kParam] = vfma(c.neg_lr, vsign(update), x[kParam]);
+      x[kState0] = vfma(c.one_minus_beta2, g, c.beta2 * x[kState0]);
+    }
+  };
+};
+
+// ---------------------------------------------------------------------------------------
 // Exponentially weighted average. Slots: 0 = average (written), 1 = value (read only).
 //   avg = lerp(avg, value, 1 - beta) = beta * avg + (1 - beta) * value
 struct Ema {
@@ -807,6 +863,7 @@ struct Stream {
   X(Adamax)                \
   X(Asgd)                  \
   X(Rprop)                 \
+  X(Lion)                  \
   X(Ema)
 #define FO_RULES(X) FO_UPDATE_RULES(X) X(Stream)
 
