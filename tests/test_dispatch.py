@@ -74,11 +74,31 @@ def test_set_num_threads():
     try:
         fastoptim.set_num_threads(1)
         assert fastoptim.backend_info()["num_threads"] == 1
-        with pytest.raises(ValueError, match="n must be >= 1"):
-            fastoptim.set_num_threads(0)
-        assert fastoptim.get_num_threads() == 1
+        fastoptim.set_num_threads(np.int64(3))  # any integer type (operator.index)
+        assert fastoptim.get_num_threads() == 3
+        fastoptim.set_num_threads(1024)  # the documented maximum; no update runs here
+        assert fastoptim.get_num_threads() == 1024
     finally:
         fastoptim.set_num_threads(before)
+
+
+@pytest.mark.parametrize("bad", [2.5, 2.0, "2", None, True, np.float64(2)],
+                         ids=["2.5", "2.0", "str", "None", "bool", "np.float64"])
+def test_set_num_threads_rejects_non_integers(bad):
+    # Used to truncate 2.5 to 2 and parse "2" (int(n)).
+    before = fastoptim.get_num_threads()
+    with pytest.raises(TypeError, match=r"set_num_threads: n must be an int, got "):
+        fastoptim.set_num_threads(bad)
+    assert fastoptim.get_num_threads() == before
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1025, 2048, 10**6, 10**30])
+def test_set_num_threads_rejects_out_of_range(bad):
+    # Used to accept 10**6 (and at 2048 a large update started 2047 threads on 2 cores).
+    before = fastoptim.get_num_threads()
+    with pytest.raises(ValueError, match=rf"set_num_threads: n must be in 1\.\.1024, got {bad}$"):
+        fastoptim.set_num_threads(bad)
+    assert fastoptim.get_num_threads() == before
 
 
 def test_small_arrays_never_start_a_parallel_region():

@@ -5,6 +5,8 @@ Functional in-place updates (``adam_``, ``sgd_``, ...), thin stateful classes (`
 """
 from __future__ import annotations
 
+import operator
+
 from . import _core, data, ema, functional, optim, reference, schedules
 from .functional import (adadelta_, adagrad_, adam_, adamax_, adamw_, asgd_, ema_, lion_,
                          nadam_, radam_, rmsprop_, rprop_, sgd_)
@@ -30,8 +32,20 @@ def backend_info() -> dict:
 
 
 def set_num_threads(n: int) -> None:
-    """Threads used by one update (default: all cores). Small arrays always use one."""
-    _core.set_num_threads(int(n))
+    """Threads used by one update: an int (not bool) in 1..1024; the default is the number of
+    CPUs this process may run on (at most 1024). An update uses at most one thread per 32768
+    elements, so arrays under 65536 elements in total always use one. More threads than CPUs
+    are allowed but only add contention.
+
+    Raises TypeError if ``n`` is not an integer (``2.5``, ``"2"``, ``True``) and ValueError
+    if it is outside 1..1024."""
+    if isinstance(n, bool):
+        raise TypeError("set_num_threads: n must be an int, got bool")
+    try:
+        n = operator.index(n)
+    except TypeError:
+        raise TypeError(f"set_num_threads: n must be an int, got {type(n).__name__}") from None
+    _core.set_num_threads(n)
 
 
 def get_num_threads() -> int:

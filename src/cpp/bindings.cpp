@@ -683,9 +683,13 @@ PYBIND11_MODULE(_core, m) {
       throw py::value_error(e.what());
     }
   });
-  m.def("set_num_threads", [](int n) {
-    if (n < 1) throw py::value_error("set_num_threads: n must be >= 1, got " + std::to_string(n));
-    set_num_threads(n);
+  m.def("set_num_threads", [](const py::int_& n) {  // fastoptim.set_num_threads checks the type
+    int overflow = 0;
+    const long long v = PyLong_AsLongLongAndOverflow(n.ptr(), &overflow);
+    if (overflow != 0 || v < 1 || v > kMaxThreads)
+      throw py::value_error("set_num_threads: n must be in 1.." + std::to_string(kMaxThreads) +
+                            ", got " + py::str(n).cast<std::string>());
+    set_num_threads(static_cast<int>(v));
   });
   m.def("get_num_threads", &num_threads);
   cuda::def_plan_hooks(m);
@@ -718,4 +722,6 @@ PYBIND11_MODULE(_core, m) {
 #endif
   // Test hook: how many threads a call over `total` elements uses (Note [small arrays ...]).
   m.def("_threads_for", [](int64_t total) { return threads_for(total); }, arg("total"));
+  // Test hook: threads that ran chunks of the most recent parallel call (parallel.h).
+  m.def("_last_threads_used", &last_threads_used);
 }

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "kernel_api.h"
+#include "parallel.h"  // kMaxThreads; last_threads_used() (a test hook of the bindings)
 
 namespace fastoptim {
 
@@ -22,7 +23,7 @@ void set_isa(const std::string& name);
 void init_dispatch();
 
 int num_threads();
-void set_num_threads(int n);  // n >= 1, checked by the caller
+void set_num_threads(int n);  // 1..kMaxThreads (parallel.h), checked by the caller; clamped
 int threads_for(int64_t total_elements);
 
 // Runs variant `mask` of kernel `rule` for `dtype` over the whole batch on the current ISA, handing chunks of

@@ -10,10 +10,25 @@
 // worker holding a stale word just fails its CAS. Workers count the chunks they finish in
 // `done_by_workers_`; the caller, once no chunk is left to claim, waits until that count
 // equals the chunks it did not run itself. Only then does the job end and its fields change.
+//
+// Note [floating-point mode]
+// MXCSR (flush-to-zero, denormals-are-zero, rounding) is per thread, and a new thread inherits
+// its creator's. The caller's mode at the time of the call is the one the update must use
+// (torch.set_flush_denormal(True) changes it long after the workers exist), so each job
+// carries the caller's MXCSR; a thread that claims a chunk switches to it first, and a worker
+// goes back to its own mode when it runs out of chunks. A 2-thread result is then bitwise the
+// 1-thread result in every mode.
+//
+// Note [fork]
+// fork() copies only the forking thread. If another thread was inside parallel_for, the child
+// inherits the one-job lock `g_busy` held (by a thread that does not exist there), and every
+// child update would run on one thread; its pool's workers do not exist either. A pthread_atfork child handler, which runs in the child while it is still
+// single-threaded, gives the child a fresh lock and no pool; the old ones are leaked (a locked
+// mutex may not be destroyed). The child's first parallel call starts its own workers.
 #include "parallel.h"
 
+#include <pthread.h>
 #include <sched.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -32,6 +47,25 @@
 namespace fastoptim {
 namespace {
 
+std::atomic<int> g_last_threads_used{1};
+
+// The calling thread's floating-point mode (Note [floating-point mode]); 0 where untracked.
+inline uint32_t fp_mode() {
+#if defined(__x86_64__) || defined(__i386__)
+  return _mm_getcsr();
+#else
+  return 0;
+#endif
+}
+
+inline void set_fp_mode(uint32_t mode) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (_mm_getcsr() != mode) _mm_setcsr(mode);
+#else
+  (void)mode;
+#endif
+}
+
 constexpr int kCountBits = 20;
 constexpr uint64_t kCountMask = (uint64_t{1} << kCountBits) - 1;
 constexpr uint64_t kMaxChunks = kCountMask;             // chunk count fits 20 bits
@@ -44,8 +78,6 @@ inline uint64_t count_of(uint64_t s) { return s & kCountMask; }
 
 class Pool {
  public:
-  Pool() : pid_(getpid()) {}
-
   void run(int n_threads, int64_t total, int64_t chunk, RangeFn fn, const void* ctx) {
     chunk = std::max<int64_t>(chunk, (total + static_cast<int64_t>(kMaxChunks) - 1) /
                                          static_cast<int64_t>(kMaxChunks));
@@ -53,6 +85,7 @@ class Pool {
     const int helpers = std::min<int64_t>(n_threads - 1, static_cast<int64_t>(n) - 1);
     if (helpers <= 0) {
       fn(ctx, 0, total);
+      g_last_threads_used.store(1, std::memory_order_relaxed);
       return;
     }
     ensure_workers(helpers);
@@ -62,8 +95,10 @@ class Pool {
     ctx_.store(ctx, std::memory_order_relaxed);
     total_.store(total, std::memory_order_relaxed);
     chunk_.store(chunk, std::memory_order_relaxed);
+    fp_mode_.store(fp_mode(), std::memory_order_relaxed);
     active_workers_.store(helpers, std::memory_order_relaxed);
     done_by_workers_.store(0, std::memory_order_relaxed);
+    participants_.store(0, std::memory_order_relaxed);
     const uint64_t gen = (state_.load(std::memory_order_relaxed) >> kGenShift) + 1;
     state_.store((gen << kGenShift) | n, std::memory_order_seq_cst);
     if (sleepers_.load(std::memory_order_seq_cst) > 0) {
@@ -78,9 +113,9 @@ class Pool {
     for (int spins = 0; done_by_workers_.load(std::memory_order_acquire) != theirs; ++spins) {
       if (spins < 4096) FO_PAUSE(); else std::this_thread::yield();
     }
+    g_last_threads_used.store(participants_.load(std::memory_order_relaxed) + (mine > 0 ? 1 : 0),
+                              std::memory_order_relaxed);
   }
-
-  bool forked() const { return getpid() != pid_; }
 
  private:
   // Claims and runs one chunk of the live job; false when none is left.
@@ -93,6 +128,7 @@ class Pool {
         const int64_t chunk = chunk_.load(std::memory_order_relaxed);
         const int64_t total = total_.load(std::memory_order_relaxed);
         const int64_t begin = k * chunk;
+        set_fp_mode(fp_mode_.load(std::memory_order_relaxed));  // a no-op on the caller
         fn_.load(std::memory_order_relaxed)(ctx_.load(std::memory_order_relaxed), begin,
                                             std::min(total, begin + chunk));
         return true;
@@ -107,12 +143,19 @@ class Pool {
   }
 
   void worker_loop(int index) {
+    const uint32_t own_fp_mode = fp_mode();
     uint64_t seen = 0;
     for (;;) {
       for (int spins = 0; spins < kSpinBeforeSleep; ++spins) {
         if (work_available(index)) {
-          while (index < active_workers_.load(std::memory_order_relaxed) && run_one())
+          bool first = true;
+          while (index < active_workers_.load(std::memory_order_relaxed) && run_one()) {
+            // Counted before the chunk is reported done, so the caller sees it (release).
+            if (first) participants_.fetch_add(1, std::memory_order_relaxed);
+            first = false;
             done_by_workers_.fetch_add(1, std::memory_order_release);
+          }
+          set_fp_mode(own_fp_mode);
           spins = 0;
         }
         FO_PAUSE();
@@ -134,24 +177,37 @@ class Pool {
     }
   }
 
-  const pid_t pid_;
   std::vector<std::thread> workers_;
   std::atomic<uint64_t> state_{0};
   std::atomic<RangeFn> fn_{nullptr};
   std::atomic<const void*> ctx_{nullptr};
   std::atomic<int64_t> total_{0};
   std::atomic<int64_t> chunk_{1};
+  std::atomic<uint32_t> fp_mode_{0};  // the caller's MXCSR (Note [floating-point mode])
   std::atomic<int> active_workers_{0};
   std::atomic<int64_t> done_by_workers_{0};
+  std::atomic<int> participants_{0};  // workers that ran a chunk of the live job
   std::atomic<int> sleepers_{0};
   std::mutex mu_;
   std::condition_variable cv_;
   uint64_t wake_seq_ = 0;
 };
 
-// Never destroyed: detached workers may still be parked in it at interpreter exit. After a
-// fork() the child gets a fresh pool (the parent's workers do not exist there).
+// Never destroyed: detached workers may still be parked in it at interpreter exit. Both are
+// replaced in a forked child (Note [fork]); only that handler writes the pointers after load.
 Pool* g_pool = nullptr;
+// One job at a time: the GIL is released during updates, so two Python threads may call in
+// at once. The second one does not queue; it runs its update on its own thread.
+std::mutex* g_busy = new std::mutex;
+
+void reset_in_forked_child() {
+  g_busy = new std::mutex;
+  g_pool = nullptr;
+}
+
+struct AtforkRegistration {
+  AtforkRegistration() { pthread_atfork(nullptr, nullptr, &reset_in_forked_child); }
+} g_atfork_registration;
 
 }  // namespace
 
@@ -159,19 +215,20 @@ void parallel_for(int n_threads, int64_t total, int64_t chunk, RangeFn fn, const
   if (total <= 0) return;
   if (n_threads <= 1) {
     fn(ctx, 0, total);
+    g_last_threads_used.store(1, std::memory_order_relaxed);
     return;
   }
-  // One job at a time: the GIL is released during updates, so two Python threads may call in
-  // at once. The second one does not queue; it runs its update on its own thread.
-  static std::mutex busy;
-  std::unique_lock<std::mutex> lock(busy, std::try_to_lock);
+  std::unique_lock<std::mutex> lock(*g_busy, std::try_to_lock);
   if (!lock.owns_lock()) {
     fn(ctx, 0, total);
+    g_last_threads_used.store(1, std::memory_order_relaxed);
     return;
   }
-  if (g_pool == nullptr || g_pool->forked()) g_pool = new Pool();
-  g_pool->run(n_threads, total, chunk, fn, ctx);
+  if (g_pool == nullptr) g_pool = new Pool();
+  g_pool->run(std::min(n_threads, kMaxThreads), total, chunk, fn, ctx);
 }
+
+int last_threads_used() { return g_last_threads_used.load(std::memory_order_relaxed); }
 
 int available_cpus() {
   cpu_set_t set;
