@@ -14,6 +14,7 @@
 //   reachable(M)                every mask(v) is reachable; unreachable masks are never compiled
 //   Rule<M>                     the formula of variant M (kReads, kWrites, Consts<V>, apply)
 //   Args, args(v)               the per-call scalars the formula needs, computed on the host
+// (rules.h's RuleDefaults gives the usual kParams/kGrads, reachable and check.)
 // From it come the CPU kernel table of every ISA (kernels.h), the CUDA launchers (src/cuda/),
 // the bindings' entry point with its validation (bindings.cpp), rules() for Python, and the
 // CPU emulation of the CUDA kernel; nothing else names a rule.

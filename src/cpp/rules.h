@@ -65,6 +65,14 @@ template <class V> FO_HD FO_INLINE V vsign(V x) {
   return vselect(vgt(x, zero), sp<V>(1.0), vselect(vlt(x, zero), sp<V>(-1.0), zero));
 }
 
+// What most declarations share; a declaration says otherwise by declaring the member itself.
+struct RuleDefaults {
+  static constexpr const char* kParams = "params";
+  static constexpr const char* kGrads = "grads";
+  static constexpr bool reachable(unsigned) { return true; }  // every variant can occur
+  static const char* check(const CallValues&) { return nullptr; }  // no cross-argument rule
+};
+
 // The options shared by most rules: the lowest two bits of every optimizer's mask.
 enum : unsigned { kMaximize = 1u, kWeightDecay = 2u };
 constexpr unsigned bits_if(bool b, unsigned m) { return b ? m : 0u; }
@@ -76,10 +84,8 @@ constexpr unsigned bits_if(bool b, unsigned m) { return b ? m : 0u; }
 //   buf = momentum * buf + (1 - dampening) * g (later steps)
 //   g = g + momentum * buf  (nesterov)  or  g = buf
 //   p = p - lr * g
-struct Sgd {
+struct Sgd : RuleDefaults {
   static constexpr const char* kName = "sgd";
-  static constexpr const char* kParams = "params";
-  static constexpr const char* kGrads = "grads";
   static constexpr auto kStates = specs(StateSpec{"momentum_buffers", "when momentum != 0"});
   static constexpr StepUse kStep = StepUse::kOptional;
   enum : int { lr, momentum, dampening, weight_decay };
@@ -152,10 +158,8 @@ struct Sgd {
 //   avg = avg + eps
 //   momentum:  buf = momentum * buf + g / avg;  p = p - lr * buf
 //   else:      p = p - lr * g / avg
-struct Rmsprop {
+struct Rmsprop : RuleDefaults {
   static constexpr const char* kName = "rmsprop";
-  static constexpr const char* kParams = "params";
-  static constexpr const char* kGrads = "grads";
   static constexpr auto kStates = specs(StateSpec{"square_avgs", ""},
                                         StateSpec{"grad_avgs", "when centered=True"},
                                         StateSpec{"momentum_buffers", "when momentum > 0"});
@@ -171,8 +175,6 @@ struct Rmsprop {
 
   enum : unsigned { kCentered = 4u, kMomentum = 8u };
   static constexpr int kMaskBits = 4;
-  static constexpr bool reachable(unsigned) { return true; }
-  static const char* check(const CallValues&) { return nullptr; }
   static unsigned mask(const CallValues& v) {
     return bits_if(v.f[maximize], kMaximize) | bits_if(v.h[weight_decay] != 0.0, kWeightDecay) |
            bits_if(v.f[centered], kCentered) | bits_if(v.h[momentum] > 0.0, kMomentum);
@@ -228,10 +230,8 @@ struct Rmsprop {
 //   p = p - (lr / (1 - beta1^step)) * exp_avg / denom
 // The division by sqrt(1 - beta2^step) is a multiplication by its reciprocal, computed once
 // on the host (Note [fewer long-latency ops]).
-struct Adam {
+struct Adam : RuleDefaults {
   static constexpr const char* kName = "adam";
-  static constexpr const char* kParams = "params";
-  static constexpr const char* kGrads = "grads";
   static constexpr auto kStates = specs(StateSpec{"exp_avgs", ""}, StateSpec{"exp_avg_sqs", ""},
                                         StateSpec{"max_exp_avg_sqs", "when amsgrad=True"});
   static constexpr StepUse kStep = StepUse::kRequired;
@@ -247,7 +247,6 @@ struct Adam {
   enum : unsigned { kDecoupled = 4u, kAmsgrad = 8u };
   static constexpr int kMaskBits = 4;
   static constexpr bool reachable(unsigned m) { return !(m & kDecoupled) || (m & kWeightDecay); }
-  static const char* check(const CallValues&) { return nullptr; }
   static unsigned mask(const CallValues& v) {
     const bool wd = v.h[weight_decay] != 0.0;
     return bits_if(v.f[maximize], kMaximize) | bits_if(wd, kWeightDecay) |
@@ -303,10 +302,8 @@ struct Adam {
 // ---------------------------------------------------------------------------------------
 // Adagrad (torch.optim.Adagrad). Slots: 2 = sum.
 //   sum = sum + g^2;  p = p - clr * g / (sqrt(sum) + eps),  clr = lr / (1 + (step - 1) * lr_decay)
-struct Adagrad {
+struct Adagrad : RuleDefaults {
   static constexpr const char* kName = "adagrad";
-  static constexpr const char* kParams = "params";
-  static constexpr const char* kGrads = "grads";
   static constexpr auto kStates = specs(StateSpec{"state_sums", ""});
   static constexpr StepUse kStep = StepUse::kRequired;
   enum : int { lr, lr_decay, weight_decay, eps };
@@ -318,8 +315,6 @@ struct Adagrad {
   static constexpr auto kFlags = names("maximize");
 
   static constexpr int kMaskBits = 2;
-  static constexpr bool reachable(unsigned) { return true; }
-  static const char* check(const CallValues&) { return nullptr; }
   static unsigned mask(const CallValues& v) {
     return bits_if(v.f[maximize], kMaximize) | bits_if(v.h[weight_decay] != 0.0, kWeightDecay);
   }
@@ -356,10 +351,8 @@ struct Adagrad {
 //                 underflows to a subnormal for |g| near the overflow bound, 10% off)
 //   acc_delta  = rho * acc_delta + (1 - rho) * delta^2
 //   p = p - lr * delta
-struct Adadelta {
+struct Adadelta : RuleDefaults {
   static constexpr const char* kName = "adadelta";
-  static constexpr const char* kParams = "params";
-  static constexpr const char* kGrads = "grads";
   static constexpr auto kStates = specs(StateSpec{"square_avgs", ""}, StateSpec{"acc_deltas", ""});
   static constexpr StepUse kStep = StepUse::kNone;
   enum : int { lr, rho, eps, weight_decay };
@@ -371,8 +364,6 @@ struct Adadelta {
   static constexpr auto kFlags = names("maximize");
 
   static constexpr int kMaskBits = 2;
-  static constexpr bool reachable(unsigned) { return true; }
-  static const char* check(const CallValues&) { return nullptr; }
   static unsigned mask(const CallValues& v) {
     return bits_if(v.f[maximize], kMaximize) | bits_if(v.h[weight_decay] != 0.0, kWeightDecay);
   }
@@ -409,10 +400,8 @@ struct Adadelta {
 //   denom = sqrt(exp_avg_sq / (1 - beta2^step)) + eps
 //   p = p - lr * (1 - mu) / (1 - mu_product) * g / denom
 //   p = p - lr * mu_next / (1 - mu_product * mu_next) * exp_avg / denom
-struct Nadam {
+struct Nadam : RuleDefaults {
   static constexpr const char* kName = "nadam";
-  static constexpr const char* kParams = "params";
-  static constexpr const char* kGrads = "grads";
   static constexpr auto kStates = specs(StateSpec{"exp_avgs", ""}, StateSpec{"exp_avg_sqs", ""});
   static constexpr StepUse kStep = StepUse::kRequired;
   enum : int { mu_product, lr, beta1, beta2, eps, weight_decay, momentum_decay };
@@ -429,7 +418,6 @@ struct Nadam {
   enum : unsigned { kDecoupled = 4u };
   static constexpr int kMaskBits = 3;
   static constexpr bool reachable(unsigned m) { return !(m & kDecoupled) || (m & kWeightDecay); }
-  static const char* check(const CallValues&) { return nullptr; }
   static unsigned mask(const CallValues& v) {
     const bool wd = v.h[weight_decay] != 0.0;
     return bits_if(v.f[maximize], kMaximize) | bits_if(wd, kWeightDecay) |
@@ -486,10 +474,8 @@ struct Nadam {
 //     p = p - exp_avg / (1 - beta1^step) * lr * sqrt(1 - beta2^step) / (sqrt(exp_avg_sq) + eps) * rect
 //     rect = sqrt((rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf - 4)(rho_inf - 2) rho_t))
 //   else: p = p - exp_avg / (1 - beta1^step) * lr
-struct Radam {
+struct Radam : RuleDefaults {
   static constexpr const char* kName = "radam";
-  static constexpr const char* kParams = "params";
-  static constexpr const char* kGrads = "grads";
   static constexpr auto kStates = specs(StateSpec{"exp_avgs", ""}, StateSpec{"exp_avg_sqs", ""});
   static constexpr StepUse kStep = StepUse::kRequired;
   enum : int { lr, beta1, beta2, eps, weight_decay };
@@ -504,7 +490,6 @@ struct Radam {
   enum : unsigned { kDecoupled = 4u, kRectified = 8u };
   static constexpr int kMaskBits = 4;
   static constexpr bool reachable(unsigned m) { return !(m & kDecoupled) || (m & kWeightDecay); }
-  static const char* check(const CallValues&) { return nullptr; }
   static double rho_t(const CallValues& v, double* rho_inf) {
     const double s = static_cast<double>(v.step);
     *rho_inf = 2.0 / (1.0 - v.h[beta2]) - 1.0;
@@ -566,10 +551,8 @@ struct Radam {
 //   exp_avg = lerp(exp_avg, g, 1 - beta1)
 //   exp_inf = maximum(beta2 * exp_inf, |g| + eps)       (NaN-propagating, as torch.maximum)
 //   p = p - lr / (1 - beta1^step) * exp_avg / exp_inf
-struct Adamax {
+struct Adamax : RuleDefaults {
   static constexpr const char* kName = "adamax";
-  static constexpr const char* kParams = "params";
-  static constexpr const char* kGrads = "grads";
   static constexpr auto kStates = specs(StateSpec{"exp_avgs", ""}, StateSpec{"exp_infs", ""});
   static constexpr StepUse kStep = StepUse::kRequired;
   enum : int { lr, beta1, beta2, eps, weight_decay };
@@ -582,8 +565,6 @@ struct Adamax {
   static constexpr auto kFlags = names("maximize");
 
   static constexpr int kMaskBits = 2;
-  static constexpr bool reachable(unsigned) { return true; }
-  static const char* check(const CallValues&) { return nullptr; }
   static unsigned mask(const CallValues& v) {
     return bits_if(v.f[maximize], kMaximize) | bits_if(v.h[weight_decay] != 0.0, kWeightDecay);
   }
@@ -620,10 +601,8 @@ struct Adamax {
 //   ax = ax + (p - ax) * mu   (mu != 1)      ax = p   (mu == 1: ax is not read)
 // eta and mu are torch's per-parameter scalar states: the caller passes their current values
 // and advances them after the step (fastoptim.functional.asgd_next).
-struct Asgd {
+struct Asgd : RuleDefaults {
   static constexpr const char* kName = "asgd";
-  static constexpr const char* kParams = "params";
-  static constexpr const char* kGrads = "grads";
   static constexpr auto kStates = specs(StateSpec{"axs", ""});
   static constexpr StepUse kStep = StepUse::kNone;
   enum : int { eta, mu, lambd, weight_decay };
@@ -636,8 +615,6 @@ struct Asgd {
 
   enum : unsigned { kAverage = 4u };
   static constexpr int kMaskBits = 3;
-  static constexpr bool reachable(unsigned) { return true; }
-  static const char* check(const CallValues&) { return nullptr; }
   static unsigned mask(const CallValues& v) {
     return bits_if(v.f[maximize], kMaximize) | bits_if(v.h[weight_decay] != 0.0, kWeightDecay) |
            bits_if(v.h[mu] != 1.0, kAverage);
@@ -679,10 +656,8 @@ struct Asgd {
 //   g = 0 where f == etaminus
 //   p = p - sign(g) * step_size;  prev = g
 // torch has no weight decay for Rprop; the learning rate only initialises step_size.
-struct Rprop {
+struct Rprop : RuleDefaults {
   static constexpr const char* kName = "rprop";
-  static constexpr const char* kParams = "params";
-  static constexpr const char* kGrads = "grads";
   static constexpr auto kStates = specs(StateSpec{"prevs", ""}, StateSpec{"step_sizes", ""});
   static constexpr StepUse kStep = StepUse::kNone;
   enum : int { etaminus, etaplus, step_size_min, step_size_max };
@@ -694,7 +669,6 @@ struct Rprop {
   static constexpr auto kFlags = names("maximize");
 
   static constexpr int kMaskBits = 1;
-  static constexpr bool reachable(unsigned) { return true; }
   static const char* check(const CallValues& v) {
     if (!(v.h[etaminus] > 0.0 && v.h[etaminus] < 1.0 && v.h[etaplus] > 1.0))
       return "etas must satisfy 0 < etaminus < 1 < etaplus";
@@ -740,10 +714,8 @@ struct Rprop {
 //   m = beta2 * m + (1 - beta2) * g
 // sign(0) = 0: an element whose interpolation is exactly 0 only decays; the paper leaves it
 // open, and torch.sign (lion-pytorch, bitsandbytes' CUDA kernel) gives 0 as well.
-struct Lion {
+struct Lion : RuleDefaults {
   static constexpr const char* kName = "lion";
-  static constexpr const char* kParams = "params";
-  static constexpr const char* kGrads = "grads";
   static constexpr auto kStates = specs(StateSpec{"exp_avgs", ""});
   static constexpr StepUse kStep = StepUse::kNone;
   enum : int { lr, beta1, beta2, weight_decay };
@@ -755,8 +727,6 @@ struct Lion {
   static constexpr auto kFlags = names("maximize");
 
   static constexpr int kMaskBits = 2;
-  static constexpr bool reachable(unsigned) { return true; }
-  static const char* check(const CallValues&) { return nullptr; }
   static unsigned mask(const CallValues& v) {
     return bits_if(v.f[maximize], kMaximize) | bits_if(v.h[weight_decay] != 0.0, kWeightDecay);
   }
@@ -790,7 +760,7 @@ struct Lion {
 // ---------------------------------------------------------------------------------------
 // Exponentially weighted average. Slots: 0 = average (written), 1 = value (read only).
 //   avg = lerp(avg, value, 1 - beta) = beta * avg + (1 - beta) * value
-struct Ema {
+struct Ema : RuleDefaults {
   static constexpr const char* kName = "ema";
   static constexpr const char* kParams = "averages";
   static constexpr const char* kGrads = "values";
@@ -801,8 +771,6 @@ struct Ema {
   static constexpr auto kFlags = names();
 
   static constexpr int kMaskBits = 0;
-  static constexpr bool reachable(unsigned) { return true; }
-  static const char* check(const CallValues&) { return nullptr; }
   static unsigned mask(const CallValues&) { return 0; }
   struct Args {
     double beta;
@@ -827,10 +795,9 @@ struct Ema {
 // trivial arithmetic, so it runs at what the memory system allows for that traffic. Variant M
 // reads R = M + 2 streams and writes the first W = M + 1: x[k] = x[k] + scale * x[R-1], k < W.
 // Not an optimizer: bindings.cpp gives it its own entry point (a list of streams).
-struct Stream {
+struct Stream : RuleDefaults {
   static constexpr const char* kName = "stream";
   static constexpr int kMaskBits = 2;
-  static constexpr bool reachable(unsigned) { return true; }
   struct Args {
     double scale;
   };
