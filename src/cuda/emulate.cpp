@@ -6,7 +6,7 @@
 // every element belongs to exactly one thread (tests/test_launch_plan.py proves it), so the
 // tests can compare the result bit for bit with the CPU kernels. The bindings validate the call
 // exactly as for a real update (_core._emulate_kernel). Built only with the CUDA backend (there
-// is nothing to emulate otherwise), and at -O1 (cuda.cmake): a test hook, compiled for every rule.
+// is nothing to emulate otherwise), and at -O0 (cuda.cmake): a test hook, compiled for every rule.
 #include <cstdint>
 #include <vector>
 
