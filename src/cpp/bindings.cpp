@@ -23,6 +23,7 @@
 #include <cstring>
 #include <memory>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -569,6 +570,8 @@ template <class D, class RunFn> void call_rule(const std::string& fn_name, py::a
   if (const char* problem = D::check(v)) value_error(fn_name + ": " + problem);
   const unsigned mask = D::mask(v);
   const unsigned used = slots_of<D>(mask);
+  if (used == 0)  // D::mask gave a variant D::reachable excludes: a bug in the declaration
+    throw std::logic_error(fn_name + ": variant " + std::to_string(mask) + " was not compiled");
   CallBuilder call(fn);
   call.add(kParam, D::kParams, a[0], true);
   call.add(kGrad, D::kGrads, a[1], false);
