@@ -6,6 +6,7 @@ Functional in-place updates (``adam_``, ``sgd_``, ...), thin stateful classes (`
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 from . import _core, data, ema, functional, optim, reference, schedules
 from .functional import (adadelta_, adagrad_, adam_, adamax_, adamw_, asgd_, ema_, lion_,
@@ -24,7 +25,7 @@ __all__ = [
 ]
 
 
-def backend_info() -> dict:
+def backend_info() -> dict[str, Any]:
     """Which CPU path and how many threads are in use, and the CUDA build and devices."""
     info = dict(_core.info())  # "cuda": {"built": ..., "device_count": ..., ...}
     info["version"] = __version__

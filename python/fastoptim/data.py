@@ -27,13 +27,14 @@ import numbers
 from typing import Any, Iterator, Union
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 __all__ = ["random_mini_batches", "iter_mini_batches"]
 
 SeedLike = Union[None, int, np.random.Generator]
 
 
-def _examples_axis(name: str, a: np.ndarray, axis: int) -> int:
+def _examples_axis(name: str, a: NDArray[Any], axis: int) -> int:
     if a.ndim == 0:
         raise ValueError(f"{name} must have at least one dimension (the examples), got a scalar")
     if a.ndim == 1:
@@ -43,7 +44,8 @@ def _examples_axis(name: str, a: np.ndarray, axis: int) -> int:
     return axis % a.ndim
 
 
-def _prepare(X: Any, Y: Any, batch_size: Any, seed: SeedLike, axis: Any):
+def _prepare(X: ArrayLike, Y: ArrayLike, batch_size: Any, seed: SeedLike, axis: Any
+             ) -> tuple[NDArray[Any], NDArray[Any], int, int, NDArray[np.int64], int]:
     if isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, numbers.Integral):
         raise TypeError(f"batch_size must be an integer, got {batch_size!r}")
     if batch_size < 1:
@@ -68,8 +70,8 @@ def _prepare(X: Any, Y: Any, batch_size: Any, seed: SeedLike, axis: Any):
     return X, Y, x_axis, y_axis, perm, int(batch_size)
 
 
-def iter_mini_batches(X: Any, Y: Any, batch_size: int, *, seed: SeedLike,
-                      axis: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def iter_mini_batches(X: ArrayLike, Y: ArrayLike, batch_size: int, *, seed: SeedLike,
+                      axis: int = 0) -> Iterator[tuple[NDArray[Any], NDArray[Any]]]:
     """Yield ``(X_batch, Y_batch)`` pairs of one shuffled epoch, one batch at a time.
 
     X and Y are shuffled with the same permutation along the examples ``axis`` (see the module
@@ -83,15 +85,16 @@ def iter_mini_batches(X: Any, Y: Any, batch_size: int, *, seed: SeedLike,
     return _batches(X, Y, x_axis, y_axis, perm, batch_size)
 
 
-def _batches(X: np.ndarray, Y: np.ndarray, x_axis: int, y_axis: int, perm: np.ndarray,
-             batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _batches(X: NDArray[Any], Y: NDArray[Any], x_axis: int, y_axis: int,
+             perm: NDArray[np.int64], batch_size: int
+             ) -> Iterator[tuple[NDArray[Any], NDArray[Any]]]:
     for start in range(0, perm.size, batch_size):
         idx = perm[start:start + batch_size]
         yield X.take(idx, axis=x_axis), Y.take(idx, axis=y_axis)
 
 
-def random_mini_batches(X: Any, Y: Any, batch_size: int, *, seed: SeedLike,
-                        axis: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+def random_mini_batches(X: ArrayLike, Y: ArrayLike, batch_size: int, *, seed: SeedLike,
+                        axis: int = 0) -> list[tuple[NDArray[Any], NDArray[Any]]]:
     """Shuffle X and Y with the same permutation along ``axis`` and split them into batches.
 
     Returns the list of ``(X_batch, Y_batch)`` of one epoch: ``ceil(m / batch_size)`` pairs,

@@ -27,7 +27,7 @@ from .optim import _check_float_array
 __all__ = ["EMA", "ModelEMA"]
 
 
-def _check_beta(beta: Any) -> float:
+def _check_beta(beta: float) -> float:
     if not isinstance(beta, numbers.Real) or isinstance(beta, (bool, np.bool_)):
         raise TypeError(f"beta must be a real number, got {beta!r}")
     if not 0 <= beta < 1:  # also rejects NaN
@@ -127,7 +127,7 @@ class ModelEMA:
             by_dtype.setdefault(p.dtype, []).append(i)
         self._groups = list(by_dtype.values())
 
-    def _check_like(self, name: str, arrays: Any) -> list[np.ndarray]:
+    def _check_like(self, name: str, arrays: ArrayList) -> list[np.ndarray]:
         arrays = _as_list(name, arrays)
         if len(arrays) != len(self.averages):
             raise ValueError(f"{name} has {len(arrays)} arrays, the EMA tracks "
@@ -164,7 +164,9 @@ class ModelEMA:
     def corrected(self) -> list[np.ndarray]:
         """New arrays holding the averages, bias-corrected when ``bias_correction``."""
         denominator = self._denominator()
-        return [avg / np.asarray(denominator, dtype=avg.dtype) for avg in self.averages]
+        corrected: list[np.ndarray] = [avg / np.asarray(denominator, dtype=avg.dtype)
+                                       for avg in self.averages]
+        return corrected
 
     def copy_to(self, arrays: ArrayList) -> None:
         """Write the (corrected) averages into ``arrays`` (same shapes and dtypes), in place."""

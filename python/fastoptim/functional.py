@@ -9,10 +9,14 @@ plainly in NumPy, and docs/api.md the full contract.
 Everything is validated before the first byte is written: a bad call raises ``TypeError`` or
 ``ValueError`` naming the argument (``exp_avgs[3]``, ``beta2``, ...) and leaves every array
 as it was. Non-finite gradients are not checked; NaN and Inf propagate as in torch.
+
+The annotations are for static checkers only (``ArrayOrList``: :mod:`fastoptim.typing`);
+nothing here checks them at run time, the kernels check the values.
 """
 from __future__ import annotations
 
 from . import _core
+from .typing import ArrayOrList
 
 __all__ = ["sgd_", "rmsprop_", "adam_", "adamw_", "adagrad_", "adadelta_", "nadam_", "radam_",
            "adamax_", "asgd_", "rprop_", "lion_", "ema_", "nadam_mu", "asgd_next"]
@@ -25,8 +29,10 @@ __all__ = ["sgd_", "rmsprop_", "adam_", "adamw_", "adagrad_", "adadelta_", "nada
 #     names, a reference, a class and a torch drop-in.
 
 
-def sgd_(params, grads, momentum_buffers=None, *, step=None, lr=1e-3, momentum=0.0,
-         dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False):
+def sgd_(params: ArrayOrList, grads: ArrayOrList, momentum_buffers: ArrayOrList | None = None,
+         *, step: int | None = None, lr: float = 1e-3, momentum: float = 0.0,
+         dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
+         maximize: bool = False) -> None:
     """SGD with optional heavy-ball or Nesterov momentum (torch.optim.SGD).
 
     ``step`` (1-based) is required when ``momentum != 0``: at ``step == 1`` the buffer is set
@@ -36,18 +42,22 @@ def sgd_(params, grads, momentum_buffers=None, *, step=None, lr=1e-3, momentum=0
               nesterov, maximize)
 
 
-def rmsprop_(params, grads, square_avgs, grad_avgs=None, momentum_buffers=None, *, lr=1e-2,
-             alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False,
-             maximize=False):
+def rmsprop_(params: ArrayOrList, grads: ArrayOrList, square_avgs: ArrayOrList,
+             grad_avgs: ArrayOrList | None = None, momentum_buffers: ArrayOrList | None = None,
+             *, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
+             weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False,
+             maximize: bool = False) -> None:
     """RMSprop (torch.optim.RMSprop); ``grad_avgs`` when centered, ``momentum_buffers`` when
     momentum > 0 (torch initialises all states with zeros)."""
     _core.rmsprop(params, grads, square_avgs, grad_avgs, momentum_buffers, lr, alpha, eps,
                   weight_decay, momentum, centered, maximize)
 
 
-def adam_(params, grads, exp_avgs, exp_avg_sqs, *, step, lr=1e-3, beta1=0.9, beta2=0.999,
-          eps=1e-8, weight_decay=0.0, amsgrad=False, max_exp_avg_sqs=None, maximize=False,
-          decoupled_weight_decay=False):
+def adam_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
+          exp_avg_sqs: ArrayOrList, *, step: int, lr: float = 1e-3, beta1: float = 0.9,
+          beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
+          amsgrad: bool = False, max_exp_avg_sqs: ArrayOrList | None = None,
+          maximize: bool = False, decoupled_weight_decay: bool = False) -> None:
     """Adam with bias correction and optional AMSGrad (torch.optim.Adam); L2 weight decay, or
     decoupled weight decay ``p *= 1 - lr*wd`` (AdamW) with ``decoupled_weight_decay=True``.
 
@@ -57,34 +67,42 @@ def adam_(params, grads, exp_avgs, exp_avg_sqs, *, step, lr=1e-3, beta1=0.9, bet
                eps, weight_decay, amsgrad, maximize, decoupled_weight_decay)
 
 
-def adamw_(params, grads, exp_avgs, exp_avg_sqs, *, step, lr=1e-3, beta1=0.9, beta2=0.999,
-           eps=1e-8, weight_decay=1e-2, amsgrad=False, max_exp_avg_sqs=None, maximize=False):
+def adamw_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
+           exp_avg_sqs: ArrayOrList, *, step: int, lr: float = 1e-3, beta1: float = 0.9,
+           beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 1e-2,
+           amsgrad: bool = False, max_exp_avg_sqs: ArrayOrList | None = None,
+           maximize: bool = False) -> None:
     """AdamW (torch.optim.AdamW): Adam with decoupled weight decay ``p *= 1 - lr*wd``."""
     _core.adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step, lr, beta1, beta2,
                eps, weight_decay, amsgrad, maximize, True)
 
 
-def adagrad_(params, grads, state_sums, *, step, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
-             eps=1e-10, maximize=False):
+def adagrad_(params: ArrayOrList, grads: ArrayOrList, state_sums: ArrayOrList, *, step: int,
+             lr: float = 1e-2, lr_decay: float = 0.0, weight_decay: float = 0.0,
+             eps: float = 1e-10, maximize: bool = False) -> None:
     """Adagrad (torch.optim.Adagrad); ``clr = lr / (1 + (step-1)*lr_decay)``."""
     _core.adagrad(params, grads, state_sums, step, lr, lr_decay, weight_decay, eps, maximize)
 
 
-def adadelta_(params, grads, square_avgs, acc_deltas, *, lr=1.0, rho=0.9, eps=1e-6,
-              weight_decay=0.0, maximize=False):
+def adadelta_(params: ArrayOrList, grads: ArrayOrList, square_avgs: ArrayOrList,
+              acc_deltas: ArrayOrList, *, lr: float = 1.0, rho: float = 0.9, eps: float = 1e-6,
+              weight_decay: float = 0.0, maximize: bool = False) -> None:
     """Adadelta (torch.optim.Adadelta)."""
     _core.adadelta(params, grads, square_avgs, acc_deltas, lr, rho, eps, weight_decay, maximize)
 
 
-def nadam_mu(step, beta1, momentum_decay):
+def nadam_mu(step: float, beta1: float, momentum_decay: float) -> float:
     """NAdam's momentum coefficient ``mu_step = beta1 * (1 - 0.5 * 0.96**(step*momentum_decay))``
     (torch.optim.NAdam); ``mu_product`` is the running product of these."""
-    return beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
+    mu: float = beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
+    return mu
 
 
-def nadam_(params, grads, exp_avgs, exp_avg_sqs, *, step, mu_product, lr=2e-3, beta1=0.9,
-           beta2=0.999, eps=1e-8, weight_decay=0.0, momentum_decay=4e-3,
-           decoupled_weight_decay=False, maximize=False):
+def nadam_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
+           exp_avg_sqs: ArrayOrList, *, step: int, mu_product: float, lr: float = 2e-3,
+           beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+           weight_decay: float = 0.0, momentum_decay: float = 4e-3,
+           decoupled_weight_decay: bool = False, maximize: bool = False) -> None:
     """NAdam (torch.optim.NAdam), with L2 or decoupled weight decay.
 
     ``mu_product`` is ``nadam_mu(1) * ... * nadam_mu(step)``, this step included: torch's
@@ -94,29 +112,35 @@ def nadam_(params, grads, exp_avgs, exp_avg_sqs, *, step, mu_product, lr=2e-3, b
                 weight_decay, momentum_decay, decoupled_weight_decay, maximize)
 
 
-def radam_(params, grads, exp_avgs, exp_avg_sqs, *, step, lr=1e-3, beta1=0.9, beta2=0.999,
-           eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, maximize=False):
+def radam_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
+           exp_avg_sqs: ArrayOrList, *, step: int, lr: float = 1e-3, beta1: float = 0.9,
+           beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
+           decoupled_weight_decay: bool = False, maximize: bool = False) -> None:
     """RAdam (torch.optim.RAdam): Adam with the variance rectification, which is off while the
     approximated SMA length ``rho_t <= 5`` (the first steps)."""
     _core.radam(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay,
                 decoupled_weight_decay, maximize)
 
 
-def adamax_(params, grads, exp_avgs, exp_infs, *, step, lr=2e-3, beta1=0.9, beta2=0.999,
-            eps=1e-8, weight_decay=0.0, maximize=False):
+def adamax_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
+            exp_infs: ArrayOrList, *, step: int, lr: float = 2e-3, beta1: float = 0.9,
+            beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
+            maximize: bool = False) -> None:
     """Adamax (torch.optim.Adamax): Adam with the infinity norm ``exp_inf``."""
     _core.adamax(params, grads, exp_avgs, exp_infs, step, lr, beta1, beta2, eps, weight_decay,
                  maximize)
 
 
-def asgd_next(step, lr, lambd, alpha, t0):
+def asgd_next(step: float, lr: float, lambd: float, alpha: float,
+              t0: float) -> tuple[float, float]:
     """ASGD's ``(eta, mu)`` after step ``step`` (torch.optim.ASGD): the values the NEXT step
     uses. They start at ``(lr, 1.0)``."""
     return lr / ((1 + lambd * lr * step) ** alpha), 1 / max(1, step - t0)
 
 
-def asgd_(params, grads, axs, *, eta, mu, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6,
-          weight_decay=0.0, maximize=False):
+def asgd_(params: ArrayOrList, grads: ArrayOrList, axs: ArrayOrList, *, eta: float, mu: float,
+          lr: float = 1e-2, lambd: float = 1e-4, alpha: float = 0.75, t0: float = 1e6,
+          weight_decay: float = 0.0, maximize: bool = False) -> None:
     """Averaged SGD (torch.optim.ASGD): ``p *= 1 - lambd*eta; p -= eta*g``, then the average
     ``ax`` moves towards ``p`` by ``mu`` (``ax = p`` when ``mu == 1``).
 
@@ -127,8 +151,10 @@ def asgd_(params, grads, axs, *, eta, mu, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e
     _core.asgd(params, grads, axs, eta, mu, lambd, weight_decay, maximize)
 
 
-def rprop_(params, grads, prevs, step_sizes, *, lr=1e-2, etaminus=0.5, etaplus=1.2,
-           step_size_min=1e-6, step_size_max=50.0, maximize=False):
+def rprop_(params: ArrayOrList, grads: ArrayOrList, prevs: ArrayOrList,
+           step_sizes: ArrayOrList, *, lr: float = 1e-2, etaminus: float = 0.5,
+           etaplus: float = 1.2, step_size_min: float = 1e-6, step_size_max: float = 50.0,
+           maximize: bool = False) -> None:
     """Rprop (torch.optim.Rprop, ``etas=(etaminus, etaplus)``, ``step_sizes=(min, max)``).
 
     ``step_sizes`` start filled with ``lr`` (torch's state init), ``prevs`` with zeros; ``lr``
@@ -138,8 +164,9 @@ def rprop_(params, grads, prevs, step_sizes, *, lr=1e-2, etaminus=0.5, etaplus=1
                 step_size_max, maximize)
 
 
-def lion_(params, grads, exp_avgs, *, lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.0,
-          maximize=False):
+def lion_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, *, lr: float = 1e-4,
+          beta1: float = 0.9, beta2: float = 0.99, weight_decay: float = 0.0,
+          maximize: bool = False) -> None:
     """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms")::
 
         c = beta1*m + (1-beta1)*g;  p = p*(1 - lr*wd) - lr*sign(c);  m = beta2*m + (1-beta2)*g
@@ -150,6 +177,6 @@ def lion_(params, grads, exp_avgs, *, lr=1e-4, beta1=0.9, beta2=0.99, weight_dec
     _core.lion(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maximize)
 
 
-def ema_(averages, values, *, beta):
+def ema_(averages: ArrayOrList, values: ArrayOrList, *, beta: float) -> None:
     """Exponentially weighted average in place: ``avg = beta*avg + (1-beta)*value``."""
     _core.ema(averages, values, beta)

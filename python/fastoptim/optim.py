@@ -47,13 +47,14 @@ import math
 import numbers
 import operator
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from itertools import repeat
 from typing import Any
 
 import numpy as np
 
 from . import functional as F
+from .typing import Params
 
 __all__ = ["Optimizer", "SGD", "RMSprop", "Adam", "AdamW", "Adagrad", "Adadelta", "NAdam", "RAdam",
            "Adamax", "ASGD", "Rprop", "Lion"]
@@ -203,7 +204,7 @@ class Optimizer:
 
     _hyper: Mapping[str, Callable[[str, Any], None]] = {}
 
-    def __init__(self, params: Iterable[Any], defaults: Mapping[str, Any]) -> None:
+    def __init__(self, params: Params, defaults: Mapping[str, Any]) -> None:
         self.defaults: dict[str, Any] = dict(defaults)
         self._check_group(self.defaults, "")
         self.param_groups: list[dict[str, Any]] = []
@@ -230,7 +231,7 @@ class Optimizer:
                 "params must be a list of numpy arrays or a list of param-group dicts, got "
                 f"{type(params).__name__} (wrap a single array in a list)"
             )
-        groups = list(params)
+        groups: list[Any] = list(params)
         if not groups:
             raise ValueError("optimizer got an empty parameter list")
         if all(isinstance(g, Mapping) for g in groups):
@@ -589,7 +590,7 @@ class SGD(Optimizer):
     _hyper = {"lr": _check_lr, "momentum": _check_unit, "dampening": _check_unit,
               "weight_decay": _check_nonneg, "nesterov": _check_flag, "maximize": _check_flag}
 
-    def __init__(self, params: Iterable[Any], lr: float | Callable[[int], float] = 1e-3,
+    def __init__(self, params: Params, lr: float | Callable[[int], float] = 1e-3,
                  momentum: float = 0, dampening: float = 0, weight_decay: float = 0,
                  nesterov: bool = False, *, maximize: bool = False) -> None:
         super().__init__(params, {"lr": lr, "momentum": momentum, "dampening": dampening,
@@ -605,7 +606,8 @@ class SGD(Optimizer):
     def _state_names(self, group: Mapping[str, Any]) -> tuple[str, ...]:
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
-    def _update(self, hp, step, params, grads, states):
+    def _update(self, hp: dict[str, Any], step: int, params: list[np.ndarray],
+                grads: Sequence[np.ndarray], states: dict[str, list[np.ndarray]]) -> None:
         use_momentum = hp["momentum"] != 0
         F.sgd_(params, grads, states["momentum_buffer"] if use_momentum else None,
                step=step if use_momentum else None, lr=hp["lr"],
@@ -626,7 +628,7 @@ class RMSprop(Optimizer):
               "weight_decay": _check_nonneg, "momentum": _check_unit, "centered": _check_flag,
               "maximize": _check_flag}
 
-    def __init__(self, params: Iterable[Any], lr: float | Callable[[int], float] = 1e-2,
+    def __init__(self, params: Params, lr: float | Callable[[int], float] = 1e-2,
                  alpha: float = 0.99, eps: float = 1e-8, weight_decay: float = 0,
                  momentum: float = 0, centered: bool = False, *,
                  maximize: bool = False) -> None:
@@ -638,7 +640,8 @@ class RMSprop(Optimizer):
         return (("square_avg",) + (("momentum_buffer",) if group["momentum"] > 0 else ())
                 + (("grad_avg",) if group["centered"] else ()))
 
-    def _update(self, hp, step, params, grads, states):
+    def _update(self, hp: dict[str, Any], step: int, params: list[np.ndarray],
+                grads: Sequence[np.ndarray], states: dict[str, list[np.ndarray]]) -> None:
         momentum, centered = hp["momentum"], bool(hp["centered"])
         F.rmsprop_(params, grads, states["square_avg"],
                    states["grad_avg"] if centered else None,
@@ -660,7 +663,7 @@ class Adam(Optimizer):
               "weight_decay": _check_nonneg, "amsgrad": _check_flag, "maximize": _check_flag,
               "decoupled_weight_decay": _check_flag}
 
-    def __init__(self, params: Iterable[Any], lr: float | Callable[[int], float] = 1e-3,
+    def __init__(self, params: Params, lr: float | Callable[[int], float] = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0, amsgrad: bool = False, *,
                  maximize: bool = False, decoupled_weight_decay: bool = False) -> None:
@@ -672,7 +675,8 @@ class Adam(Optimizer):
     def _state_names(self, group: Mapping[str, Any]) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
 
-    def _update(self, hp, step, params, grads, states):
+    def _update(self, hp: dict[str, Any], step: int, params: list[np.ndarray],
+                grads: Sequence[np.ndarray], states: dict[str, list[np.ndarray]]) -> None:
         amsgrad = bool(hp["amsgrad"])
         beta1, beta2 = hp["betas"]
         update = F.adamw_ if hp["decoupled_weight_decay"] else F.adam_
@@ -690,7 +694,7 @@ class AdamW(Adam):
     States: ``exp_avg``, ``exp_avg_sq``; ``max_exp_avg_sq`` when ``amsgrad``.
     """
 
-    def __init__(self, params: Iterable[Any], lr: float | Callable[[int], float] = 1e-3,
+    def __init__(self, params: Params, lr: float | Callable[[int], float] = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *,
                  maximize: bool = False) -> None:
@@ -709,7 +713,7 @@ class Adagrad(Optimizer):
               "weight_decay": _check_nonneg, "initial_accumulator_value": _check_nonneg,
               "maximize": _check_flag}
 
-    def __init__(self, params: Iterable[Any], lr: float | Callable[[int], float] = 1e-2,
+    def __init__(self, params: Params, lr: float | Callable[[int], float] = 1e-2,
                  lr_decay: float = 0, weight_decay: float = 0,
                  initial_accumulator_value: float = 0, eps: float = 1e-10, *,
                  maximize: bool = False) -> None:
@@ -724,7 +728,8 @@ class Adagrad(Optimizer):
     def _initial_value(self, group: Mapping[str, Any], name: str) -> float:
         return float(group["initial_accumulator_value"])
 
-    def _update(self, hp, step, params, grads, states):
+    def _update(self, hp: dict[str, Any], step: int, params: list[np.ndarray],
+                grads: Sequence[np.ndarray], states: dict[str, list[np.ndarray]]) -> None:
         F.adagrad_(params, grads, states["sum"], step=step, lr=hp["lr"],
                    lr_decay=float(hp["lr_decay"]), weight_decay=float(hp["weight_decay"]),
                    eps=float(hp["eps"]), maximize=bool(hp["maximize"]))
@@ -740,7 +745,7 @@ class Adadelta(Optimizer):
     _hyper = {"lr": _check_lr, "rho": _check_unit, "eps": _check_nonneg,
               "weight_decay": _check_nonneg, "maximize": _check_flag}
 
-    def __init__(self, params: Iterable[Any], lr: float | Callable[[int], float] = 1.0,
+    def __init__(self, params: Params, lr: float | Callable[[int], float] = 1.0,
                  rho: float = 0.9, eps: float = 1e-6, weight_decay: float = 0, *,
                  maximize: bool = False) -> None:
         super().__init__(params, {"lr": lr, "rho": rho, "eps": eps,
@@ -749,7 +754,8 @@ class Adadelta(Optimizer):
     def _state_names(self, group: Mapping[str, Any]) -> tuple[str, ...]:
         return ("square_avg", "acc_delta")
 
-    def _update(self, hp, step, params, grads, states):
+    def _update(self, hp: dict[str, Any], step: int, params: list[np.ndarray],
+                grads: Sequence[np.ndarray], states: dict[str, list[np.ndarray]]) -> None:
         F.adadelta_(params, grads, states["square_avg"], states["acc_delta"], lr=hp["lr"],
                     rho=float(hp["rho"]), eps=float(hp["eps"]),
                     weight_decay=float(hp["weight_decay"]), maximize=bool(hp["maximize"]))
@@ -809,7 +815,7 @@ class _ScalarStates(Optimizer):
 
     _scalar_checks: Mapping[str, Callable[[str, Any], None]] = {}
 
-    def __init__(self, params: Iterable[Any], defaults: Mapping[str, Any]) -> None:
+    def __init__(self, params: Params, defaults: Mapping[str, Any]) -> None:
         #: per group: {name: float}, the values after the group's last step.
         self._scalars: list[dict[str, float]] = []
         #: id(bucket.states) -> group index: how ``_update`` finds its group's scalars.
@@ -945,7 +951,7 @@ class NAdam(_ScalarStates):
               "decoupled_weight_decay": _check_flag, "maximize": _check_flag}
     _scalar_checks = {"mu_product": _check_unit_open_value}
 
-    def __init__(self, params: Iterable[Any], lr: float | Callable[[int], float] = 2e-3,
+    def __init__(self, params: Params, lr: float | Callable[[int], float] = 2e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0, momentum_decay: float = 4e-3,
                  decoupled_weight_decay: bool = False, *, maximize: bool = False) -> None:
@@ -960,13 +966,15 @@ class NAdam(_ScalarStates):
     def _initial_scalars(self, group: Mapping[str, Any], where: str) -> dict[str, float]:
         return {"mu_product": 1.0}
 
-    def _scalar_step(self, hp, step, scalars):
+    def _scalar_step(self, hp: dict[str, Any], step: int, scalars: Mapping[str, float]
+                     ) -> tuple[dict[str, float], dict[str, float]]:
         # torch multiplies mu_product by this step's mu BEFORE the update and passes the product.
         mu_product = scalars["mu_product"] * F.nadam_mu(
             float(step), float(hp["betas"][0]), float(hp["momentum_decay"]))
         return {"mu_product": mu_product}, {"mu_product": mu_product}
 
-    def _update(self, hp, step, params, grads, states):
+    def _update(self, hp: dict[str, Any], step: int, params: list[np.ndarray],
+                grads: Sequence[np.ndarray], states: dict[str, list[np.ndarray]]) -> None:
         beta1, beta2 = hp["betas"]
         F.nadam_(params, grads, states["exp_avg"], states["exp_avg_sq"], step=step,
                  **self._scalar_args(hp, step, states), lr=hp["lr"], beta1=float(beta1),
@@ -988,7 +996,7 @@ class RAdam(Optimizer):
               "weight_decay": _check_nonneg, "decoupled_weight_decay": _check_flag,
               "maximize": _check_flag}
 
-    def __init__(self, params: Iterable[Any], lr: float | Callable[[int], float] = 1e-3,
+    def __init__(self, params: Params, lr: float | Callable[[int], float] = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0, decoupled_weight_decay: bool = False, *,
                  maximize: bool = False) -> None:
@@ -1000,7 +1008,8 @@ class RAdam(Optimizer):
     def _state_names(self, group: Mapping[str, Any]) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq")
 
-    def _update(self, hp, step, params, grads, states):
+    def _update(self, hp: dict[str, Any], step: int, params: list[np.ndarray],
+                grads: Sequence[np.ndarray], states: dict[str, list[np.ndarray]]) -> None:
         beta1, beta2 = hp["betas"]
         F.radam_(params, grads, states["exp_avg"], states["exp_avg_sq"], step=step, lr=hp["lr"],
                  beta1=float(beta1), beta2=float(beta2), eps=float(hp["eps"]),
@@ -1019,7 +1028,7 @@ class Adamax(Optimizer):
     _hyper = {"lr": _check_lr, "betas": _check_betas, "eps": _check_nonneg,
               "weight_decay": _check_nonneg, "maximize": _check_flag}
 
-    def __init__(self, params: Iterable[Any], lr: float | Callable[[int], float] = 2e-3,
+    def __init__(self, params: Params, lr: float | Callable[[int], float] = 2e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0, *, maximize: bool = False) -> None:
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps,
@@ -1028,7 +1037,8 @@ class Adamax(Optimizer):
     def _state_names(self, group: Mapping[str, Any]) -> tuple[str, ...]:
         return ("exp_avg", "exp_inf")
 
-    def _update(self, hp, step, params, grads, states):
+    def _update(self, hp: dict[str, Any], step: int, params: list[np.ndarray],
+                grads: Sequence[np.ndarray], states: dict[str, list[np.ndarray]]) -> None:
         beta1, beta2 = hp["betas"]
         F.adamax_(params, grads, states["exp_avg"], states["exp_inf"], step=step, lr=hp["lr"],
                   beta1=float(beta1), beta2=float(beta2), eps=float(hp["eps"]),
@@ -1048,7 +1058,7 @@ class ASGD(_ScalarStates):
               "t0": _check_not_nan, "weight_decay": _check_nonneg, "maximize": _check_flag}
     _scalar_checks = {"eta": _check_nonneg, "mu": _check_unit_value}
 
-    def __init__(self, params: Iterable[Any], lr: float | Callable[[int], float] = 1e-2,
+    def __init__(self, params: Params, lr: float | Callable[[int], float] = 1e-2,
                  lambd: float = 1e-4, alpha: float = 0.75, t0: float = 1e6,
                  weight_decay: float = 0, *, maximize: bool = False) -> None:
         super().__init__(params, {"lr": lr, "lambd": lambd, "alpha": alpha, "t0": t0,
@@ -1066,13 +1076,15 @@ class ASGD(_ScalarStates):
             _check_lr(_key(where, "lr"), lr)
         return {"eta": float(lr), "mu": 1.0}
 
-    def _scalar_step(self, hp, step, scalars):
+    def _scalar_step(self, hp: dict[str, Any], step: int, scalars: Mapping[str, float]
+                     ) -> tuple[dict[str, float], dict[str, float]]:
         # The update uses the current eta and mu; torch advances them after it.
         eta, mu = F.asgd_next(float(step), hp["lr"], float(hp["lambd"]), float(hp["alpha"]),
                               float(hp["t0"]))
         return dict(scalars), {"eta": float(eta), "mu": float(mu)}
 
-    def _update(self, hp, step, params, grads, states):
+    def _update(self, hp: dict[str, Any], step: int, params: list[np.ndarray],
+                grads: Sequence[np.ndarray], states: dict[str, list[np.ndarray]]) -> None:
         F.asgd_(params, grads, states["ax"], **self._scalar_args(hp, step, states),
                 lambd=float(hp["lambd"]), weight_decay=float(hp["weight_decay"]),
                 maximize=bool(hp["maximize"]))
@@ -1089,7 +1101,7 @@ class Rprop(Optimizer):
     _hyper = {"lr": _check_fixed_lr, "etas": _check_etas, "step_sizes": _check_step_sizes,
               "maximize": _check_flag}
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-2,
+    def __init__(self, params: Params, lr: float = 1e-2,
                  etas: tuple[float, float] = (0.5, 1.2),
                  step_sizes: tuple[float, float] = (1e-6, 50), *,
                  maximize: bool = False) -> None:
@@ -1102,7 +1114,8 @@ class Rprop(Optimizer):
     def _initial_value(self, group: Mapping[str, Any], name: str) -> float:
         return float(group["lr"]) if name == "step_size" else 0.0
 
-    def _update(self, hp, step, params, grads, states):
+    def _update(self, hp: dict[str, Any], step: int, params: list[np.ndarray],
+                grads: Sequence[np.ndarray], states: dict[str, list[np.ndarray]]) -> None:
         etaminus, etaplus = hp["etas"]
         step_size_min, step_size_max = hp["step_sizes"]
         F.rprop_(params, grads, states["prev"], states["step_size"], etaminus=float(etaminus),
@@ -1122,7 +1135,7 @@ class Lion(Optimizer):
     _hyper = {"lr": _check_lr, "betas": _check_betas, "weight_decay": _check_nonneg,
               "maximize": _check_flag}
 
-    def __init__(self, params: Iterable[Any], lr: float | Callable[[int], float] = 1e-4,
+    def __init__(self, params: Params, lr: float | Callable[[int], float] = 1e-4,
                  betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0, *,
                  maximize: bool = False) -> None:
         super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay,
@@ -1131,7 +1144,8 @@ class Lion(Optimizer):
     def _state_names(self, group: Mapping[str, Any]) -> tuple[str, ...]:
         return ("exp_avg",)
 
-    def _update(self, hp, step, params, grads, states):
+    def _update(self, hp: dict[str, Any], step: int, params: list[np.ndarray],
+                grads: Sequence[np.ndarray], states: dict[str, list[np.ndarray]]) -> None:
         beta1, beta2 = hp["betas"]
         F.lion_(params, grads, states["exp_avg"], lr=hp["lr"], beta1=float(beta1),
                 beta2=float(beta2), weight_decay=float(hp["weight_decay"]),

@@ -24,15 +24,27 @@ This module is a test oracle, not the product: it checks only what it needs to r
 missing state list or step raises ValueError) and leaves argument validation to the kernels.
 """
 
+from __future__ import annotations
+
 import operator
+from typing import Any, overload
 
 import numpy as np
+from numpy.typing import NDArray
+
+from .typing import ArrayOrList
 
 __all__ = ["sgd_", "rmsprop_", "adam_", "adamw_", "adagrad_", "adadelta_", "nadam_", "radam_",
            "adamax_", "asgd_", "rprop_", "lion_", "ema_", "nadam_mu", "asgd_next"]
 
 
-def _as_list(arrays):
+@overload
+def _as_list(arrays: None) -> None: ...
+@overload
+def _as_list(arrays: ArrayOrList) -> list[Any]: ...
+
+
+def _as_list(arrays: Any) -> list[Any] | None:
     """Return ``arrays`` as a list: a single array becomes a one-element list."""
     if arrays is None:
         return None
@@ -41,14 +53,14 @@ def _as_list(arrays):
     return list(arrays)
 
 
-def _require(arrays, name, when=None):
+def _require(arrays: ArrayOrList | None, name: str, when: str | None = None) -> list[Any]:
     """Return ``_as_list(arrays)``; raise ValueError when the state list is missing."""
     if arrays is None:
         raise ValueError(f"{name} is required" + (f" {when}" if when else ""))
     return _as_list(arrays)
 
 
-def _require_step(step):
+def _require_step(step: int | None) -> int:
     """Return ``step`` as a Python int >= 1 (the step count after torch's increment)."""
     if step is None:
         raise ValueError("step is required")
@@ -58,18 +70,20 @@ def _require_step(step):
     return step
 
 
-def sgd_(params, grads, momentum_buffers=None, *, step=None, lr=1e-3, momentum=0.0,
-         dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False):
+def sgd_(params: ArrayOrList, grads: ArrayOrList, momentum_buffers: ArrayOrList | None = None,
+         *, step: int | None = None, lr: float = 1e-3, momentum: float = 0.0,
+         dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
+         maximize: bool = False) -> None:
     """SGD with optional momentum, dampening, Nesterov momentum and L2 weight decay."""
     lr, momentum, dampening, weight_decay = map(float, (lr, momentum, dampening, weight_decay))
     params, grads = _as_list(params), _as_list(grads)
     if momentum != 0:
-        momentum_buffers = _require(momentum_buffers, "momentum_buffers", "when momentum != 0")
+        buffer_list = _require(momentum_buffers, "momentum_buffers", "when momentum != 0")
         step = _require_step(step)
     else:
-        momentum_buffers = [None] * len(params)
+        buffer_list = [None] * len(params)
 
-    for p, grad, buf in zip(params, grads, momentum_buffers, strict=True):
+    for p, grad, buf in zip(params, grads, buffer_list, strict=True):
         g = -grad if maximize else grad
         if weight_decay != 0:
             g = g + weight_decay * p
@@ -87,22 +101,25 @@ def sgd_(params, grads, momentum_buffers=None, *, step=None, lr=1e-3, momentum=0
         p += -lr * g
 
 
-def rmsprop_(params, grads, square_avgs, grad_avgs=None, momentum_buffers=None, *, lr=1e-2,
-             alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False,
-             maximize=False):
+def rmsprop_(params: ArrayOrList, grads: ArrayOrList, square_avgs: ArrayOrList,
+             grad_avgs: ArrayOrList | None = None, momentum_buffers: ArrayOrList | None = None,
+             *, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
+             weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False,
+             maximize: bool = False) -> None:
     """RMSprop, optionally centered and with momentum."""
     lr, alpha, eps, weight_decay, momentum = map(float, (lr, alpha, eps, weight_decay, momentum))
     params, grads = _as_list(params), _as_list(grads)
     square_avgs = _require(square_avgs, "square_avgs")
     n = len(params)
-    grad_avgs = _require(grad_avgs, "grad_avgs", "when centered") if centered else [None] * n
+    grad_avg_list = (_require(grad_avgs, "grad_avgs", "when centered") if centered
+                     else [None] * n)
     if momentum > 0:
-        momentum_buffers = _require(momentum_buffers, "momentum_buffers", "when momentum > 0")
+        buffer_list = _require(momentum_buffers, "momentum_buffers", "when momentum > 0")
     else:
-        momentum_buffers = [None] * n
+        buffer_list = [None] * n
 
     for p, grad, square_avg, grad_avg, buf in zip(
-        params, grads, square_avgs, grad_avgs, momentum_buffers, strict=True
+        params, grads, square_avgs, grad_avg_list, buffer_list, strict=True
     ):
         g = -grad if maximize else grad
         if weight_decay != 0:
@@ -123,8 +140,10 @@ def rmsprop_(params, grads, square_avgs, grad_avgs=None, momentum_buffers=None, 
             p += -lr * g / avg
 
 
-def _adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, step, lr, beta1, beta2,
-          eps, weight_decay, amsgrad, maximize, decoupled_weight_decay):
+def _adam(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
+          exp_avg_sqs: ArrayOrList, max_exp_avg_sqs: ArrayOrList | None, *, step: int,
+          lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, amsgrad: bool,
+          maximize: bool, decoupled_weight_decay: bool) -> None:
     """Adam and AdamW: torch's ``_single_tensor_adam`` (AdamW passes decoupled=True)."""
     lr, beta1, beta2, eps, weight_decay = map(float, (lr, beta1, beta2, eps, weight_decay))
     step = _require_step(step)
@@ -132,9 +151,9 @@ def _adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, step, lr, be
     exp_avgs = _require(exp_avgs, "exp_avgs")
     exp_avg_sqs = _require(exp_avg_sqs, "exp_avg_sqs")
     if amsgrad:
-        max_exp_avg_sqs = _require(max_exp_avg_sqs, "max_exp_avg_sqs", "when amsgrad=True")
+        max_sq_list = _require(max_exp_avg_sqs, "max_exp_avg_sqs", "when amsgrad=True")
     else:
-        max_exp_avg_sqs = [None] * len(params)
+        max_sq_list = [None] * len(params)
 
     # Per-step scalars, once per call, as Python floats.
     bias_correction1 = 1 - beta1**step
@@ -143,7 +162,7 @@ def _adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, step, lr, be
     bias_correction2_sqrt = bias_correction2**0.5
 
     for p, grad, exp_avg, exp_avg_sq, max_exp_avg_sq in zip(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, strict=True
+        params, grads, exp_avgs, exp_avg_sqs, max_sq_list, strict=True
     ):
         g = -grad if maximize else grad
         if weight_decay != 0:
@@ -162,9 +181,11 @@ def _adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, step, lr, be
         p += -step_size * exp_avg / denom
 
 
-def adam_(params, grads, exp_avgs, exp_avg_sqs, *, step, lr=1e-3, beta1=0.9, beta2=0.999,
-          eps=1e-8, weight_decay=0.0, amsgrad=False, max_exp_avg_sqs=None, maximize=False,
-          decoupled_weight_decay=False):
+def adam_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
+          exp_avg_sqs: ArrayOrList, *, step: int, lr: float = 1e-3, beta1: float = 0.9,
+          beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
+          amsgrad: bool = False, max_exp_avg_sqs: ArrayOrList | None = None,
+          maximize: bool = False, decoupled_weight_decay: bool = False) -> None:
     """Adam, optionally AMSGrad; L2 weight decay added to the gradient, or decoupled
     ``p *= 1 - lr*weight_decay`` (torch.optim.Adam's ``decoupled_weight_decay``)."""
     _adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step=step, lr=lr,
@@ -172,16 +193,20 @@ def adam_(params, grads, exp_avgs, exp_avg_sqs, *, step, lr=1e-3, beta1=0.9, bet
           maximize=maximize, decoupled_weight_decay=bool(decoupled_weight_decay))
 
 
-def adamw_(params, grads, exp_avgs, exp_avg_sqs, *, step, lr=1e-3, beta1=0.9, beta2=0.999,
-           eps=1e-8, weight_decay=1e-2, amsgrad=False, max_exp_avg_sqs=None, maximize=False):
+def adamw_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
+           exp_avg_sqs: ArrayOrList, *, step: int, lr: float = 1e-3, beta1: float = 0.9,
+           beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 1e-2,
+           amsgrad: bool = False, max_exp_avg_sqs: ArrayOrList | None = None,
+           maximize: bool = False) -> None:
     """AdamW: Adam with decoupled weight decay ``p *= 1 - lr*weight_decay``."""
     _adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step=step, lr=lr,
           beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
           maximize=maximize, decoupled_weight_decay=True)
 
 
-def adagrad_(params, grads, state_sums, *, step, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
-             eps=1e-10, maximize=False):
+def adagrad_(params: ArrayOrList, grads: ArrayOrList, state_sums: ArrayOrList, *, step: int,
+             lr: float = 1e-2, lr_decay: float = 0.0, weight_decay: float = 0.0,
+             eps: float = 1e-10, maximize: bool = False) -> None:
     """Adagrad with learning-rate decay ``clr = lr / (1 + (step-1)*lr_decay)``."""
     lr, lr_decay, weight_decay, eps = map(float, (lr, lr_decay, weight_decay, eps))
     step = _require_step(step)
@@ -199,8 +224,9 @@ def adagrad_(params, grads, state_sums, *, step, lr=1e-2, lr_decay=0.0, weight_d
         p += -clr * g / std
 
 
-def adadelta_(params, grads, square_avgs, acc_deltas, *, lr=1.0, rho=0.9, eps=1e-6,
-              weight_decay=0.0, maximize=False):
+def adadelta_(params: ArrayOrList, grads: ArrayOrList, square_avgs: ArrayOrList,
+              acc_deltas: ArrayOrList, *, lr: float = 1.0, rho: float = 0.9, eps: float = 1e-6,
+              weight_decay: float = 0.0, maximize: bool = False) -> None:
     """Adadelta."""
     lr, rho, eps, weight_decay = map(float, (lr, rho, eps, weight_decay))
     params, grads = _as_list(params), _as_list(grads)
@@ -222,18 +248,21 @@ def adadelta_(params, grads, square_avgs, acc_deltas, *, lr=1.0, rho=0.9, eps=1e
         p += -lr * delta
 
 
-def nadam_mu(step, beta1, momentum_decay):
+def nadam_mu(step: float, beta1: float, momentum_decay: float) -> float:
     """NAdam's momentum cache ``mu_t = beta1*(1 - 0.5*0.96**(t*momentum_decay))``, a float.
 
     torch multiplies its 0-d ``mu_product`` state by ``nadam_mu(step, ...)`` before the update
     of step ``step``; ``nadam_`` takes that product (this step's mu included).
     """
-    return float(beta1) * (1.0 - 0.5 * (0.96 ** (step * float(momentum_decay))))
+    mu: float = float(beta1) * (1.0 - 0.5 * (0.96 ** (step * float(momentum_decay))))
+    return mu
 
 
-def nadam_(params, grads, exp_avgs, exp_avg_sqs, *, step, mu_product, lr=2e-3, beta1=0.9,
-           beta2=0.999, eps=1e-8, weight_decay=0.0, momentum_decay=4e-3,
-           decoupled_weight_decay=False, maximize=False):
+def nadam_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
+           exp_avg_sqs: ArrayOrList, *, step: int, mu_product: float, lr: float = 2e-3,
+           beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+           weight_decay: float = 0.0, momentum_decay: float = 4e-3,
+           decoupled_weight_decay: bool = False, maximize: bool = False) -> None:
     """NAdam (Dozat 2016) with torch's momentum decay schedule.
 
     ``mu_product`` is ``mu_1 * ... * mu_step`` (``nadam_mu``), this step's mu included.
@@ -271,8 +300,10 @@ def nadam_(params, grads, exp_avgs, exp_avg_sqs, *, step, mu_product, lr=2e-3, b
         p += exp_avg_coef * exp_avg / denom
 
 
-def radam_(params, grads, exp_avgs, exp_avg_sqs, *, step, lr=1e-3, beta1=0.9, beta2=0.999,
-           eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, maximize=False):
+def radam_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
+           exp_avg_sqs: ArrayOrList, *, step: int, lr: float = 1e-3, beta1: float = 0.9,
+           beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
+           decoupled_weight_decay: bool = False, maximize: bool = False) -> None:
     """RAdam (Liu et al. 2019): Adam with the variance rectified once ``rho_t > 5``; before
     that (the first steps), SGD with the bias-corrected momentum."""
     lr, beta1, beta2, eps, weight_decay = map(float, (lr, beta1, beta2, eps, weight_decay))
@@ -311,8 +342,10 @@ def radam_(params, grads, exp_avgs, exp_avg_sqs, *, step, lr=1e-3, beta1=0.9, be
             p -= bias_corrected_exp_avg * lr
 
 
-def adamax_(params, grads, exp_avgs, exp_infs, *, step, lr=2e-3, beta1=0.9, beta2=0.999,
-            eps=1e-8, weight_decay=0.0, maximize=False):
+def adamax_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
+            exp_infs: ArrayOrList, *, step: int, lr: float = 2e-3, beta1: float = 0.9,
+            beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
+            maximize: bool = False) -> None:
     """Adamax (Kingma & Ba 2015, sec. 7): Adam with the infinity norm ``max(beta2*u, |g|+eps)``."""
     lr, beta1, beta2, eps, weight_decay = map(float, (lr, beta1, beta2, eps, weight_decay))
     step = _require_step(step)
@@ -333,7 +366,8 @@ def adamax_(params, grads, exp_avgs, exp_infs, *, step, lr=2e-3, beta1=0.9, beta
         p += -clr * exp_avg / exp_inf
 
 
-def asgd_next(step, lr, lambd, alpha, t0):
+def asgd_next(step: float, lr: float, lambd: float, alpha: float,
+              t0: float) -> tuple[float, float]:
     """ASGD's ``(eta, mu)`` after step ``step``, as torch sets its 0-d states (Python floats):
     ``eta = lr / (1 + lambd*lr*step)**alpha``, ``mu = 1 / max(1, step - t0)``."""
     lr, lambd, alpha, t0 = map(float, (lr, lambd, alpha, t0))
@@ -342,8 +376,9 @@ def asgd_next(step, lr, lambd, alpha, t0):
     return eta, float(mu)
 
 
-def asgd_(params, grads, axs, *, eta, mu, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6,
-          weight_decay=0.0, maximize=False):
+def asgd_(params: ArrayOrList, grads: ArrayOrList, axs: ArrayOrList, *, eta: float, mu: float,
+          lr: float = 1e-2, lambd: float = 1e-4, alpha: float = 0.75, t0: float = 1e6,
+          weight_decay: float = 0.0, maximize: bool = False) -> None:
     """Averaged SGD (Polyak & Juditsky 1992) as torch.optim.ASGD.
 
     ``eta`` and ``mu`` are the values torch holds before this step (``lr`` and 1 at the first
@@ -366,7 +401,7 @@ def asgd_(params, grads, axs, *, eta, mu, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e
             ax[...] = p
 
 
-def _torch_sign(x):
+def _torch_sign(x: NDArray[Any]) -> NDArray[Any]:
     """``torch.sign``: -1, 0 or 1, and 0 for NaN (``np.sign(NaN)`` is NaN).
 
     Note [Rprop and NaN]: through this, a NaN gradient leaves its step size as it is and
@@ -375,13 +410,15 @@ def _torch_sign(x):
     An infinite gradient moves the param by one step size: sign(inf) = 1, and on the first
     step inf*prev = inf*0 = NaN keeps the step size.
     """
-    sign = np.sign(x)
+    sign: NDArray[Any] = np.sign(x)
     sign[np.isnan(sign)] = 0
     return sign
 
 
-def rprop_(params, grads, prevs, step_sizes, *, lr=1e-2, etaminus=0.5, etaplus=1.2,
-           step_size_min=1e-6, step_size_max=50.0, maximize=False):
+def rprop_(params: ArrayOrList, grads: ArrayOrList, prevs: ArrayOrList,
+           step_sizes: ArrayOrList, *, lr: float = 1e-2, etaminus: float = 0.5,
+           etaplus: float = 1.2, step_size_min: float = 1e-6, step_size_max: float = 50.0,
+           maximize: bool = False) -> None:
     """Rprop (Riedmiller & Braun 1993), torch's variant: where the gradient changed sign the
     step size shrinks by ``etaminus`` and that element does not move; where it kept its sign
     it grows by ``etaplus``; ``sign(0) = 0`` keeps the step size, and so does a NaN
@@ -414,8 +451,9 @@ def rprop_(params, grads, prevs, step_sizes, *, lr=1e-2, etaminus=0.5, etaplus=1
         prev[...] = g
 
 
-def lion_(params, grads, exp_avgs, *, lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.0,
-          maximize=False):
+def lion_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, *, lr: float = 1e-4,
+          beta1: float = 0.9, beta2: float = 0.99, weight_decay: float = 0.0,
+          maximize: bool = False) -> None:
     """Lion, Algorithm 2 of Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"
     (arXiv:2302.06675), with decoupled weight decay as there, and ``sign`` as ``torch.sign``
     (``sign(0) = 0``, and 0 for NaN)."""
@@ -433,7 +471,7 @@ def lion_(params, grads, exp_avgs, *, lr=1e-4, beta1=0.9, beta2=0.99, weight_dec
         m += (1 - beta2) * g
 
 
-def ema_(averages, values, *, beta):
+def ema_(averages: ArrayOrList, values: ArrayOrList, *, beta: float) -> None:
     """Exponential moving average ``avg = beta*avg + (1-beta)*value``, as a lerp."""
     beta = float(beta)
     for avg, value in zip(_as_list(averages), _as_list(values), strict=True):

@@ -58,7 +58,7 @@ ScheduleLike = Union["Schedule", Callable[[int], float], float]
 # the value converted to a plain Python float/int, so that a NumPy scalar argument never turns
 # the schedule's arithmetic into float32.
 
-def _real(name: str, value: Any) -> float:
+def _real(name: str, value: object) -> float:
     if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a real number, got {value!r}")
     value = float(value)
@@ -67,14 +67,14 @@ def _real(name: str, value: Any) -> float:
     return value
 
 
-def _nonneg(name: str, value: Any) -> float:
+def _nonneg(name: str, value: object) -> float:
     value = _real(name, value)
     if value < 0:
         raise ValueError(f"{name} must be >= 0, got {value!r}")
     return value
 
 
-def _positive(name: str, value: Any) -> float:
+def _positive(name: str, value: object) -> float:
     value = _real(name, value)
     if value <= 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
@@ -95,7 +95,7 @@ def _flag(name: str, value: Any) -> bool:
     return bool(value)
 
 
-def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     return value
@@ -111,7 +111,7 @@ def _increasing_ints(name: str, values: Any, minimum: int) -> list[int]:
     return out
 
 
-def _schedule(name: str, value: Any) -> Callable[[int], float]:
+def _schedule(name: str, value: ScheduleLike) -> Callable[[int], float]:
     if callable(value):
         return value
     return Constant(_nonneg(name, value))
@@ -218,7 +218,8 @@ class ExponentialDecay(Schedule):
         exponent = step / self.decay_steps
         if self.staircase:
             exponent = math.floor(exponent)
-        return self.lr0 * self.decay_rate ** exponent
+        lr: float = self.lr0 * self.decay_rate ** exponent
+        return lr
 
 
 class InverseSqrtDecay(Schedule):
@@ -310,7 +311,8 @@ class PolynomialDecay(Schedule):
             fraction = step / (self.decay_steps * periods)
         else:
             fraction = min(step, self.decay_steps) / self.decay_steps
-        return (self.lr0 - self.end_value) * (1.0 - fraction) ** self.power + self.end_value
+        lr: float = (self.lr0 - self.end_value) * (1.0 - fraction) ** self.power + self.end_value
+        return lr
 
 
 class CosineDecay(Schedule):

@@ -170,7 +170,7 @@ class _GroupCache:
                  "one_dtype", "dicts", "gen", "svs", "bound", "pending", "store", "store_np",
                  "full", "nbytes", "spans")
 
-    def __init__(self, group: dict, names: tuple[str, ...], ptrs: list[int],
+    def __init__(self, group: dict[str, Any], names: tuple[str, ...], ptrs: list[int],
                  with_step: bool) -> None:
         params = group["params"]
         n = len(params)
@@ -178,7 +178,7 @@ class _GroupCache:
         self.names = names
         self.ptrs = ptrs
         self.views: list[np.ndarray | None] = [None] * n
-        self.metas: list[tuple | None] = [None] * n
+        self.metas: list[tuple[Any, ...] | None] = [None] * n
         self.errors: list[tuple[type[Exception], str] | None] = [None] * n
         self.flat: set[int] = set()
         self.dtypes: list[Any] = [None] * n
@@ -202,7 +202,7 @@ class _GroupCache:
         self.one_dtype = len(set(self.dtypes)) == 1
         #: per param: its ``state`` dict as last looked up, valid while ``gen`` is the
         #: optimizer's (Note [Views are cached]).
-        self.dicts: list[dict | None] = [None] * n
+        self.dicts: list[dict[str, Any] | None] = [None] * n
         self.gen = -1
         #: per param: its state views in ``names`` order, and the data_ptr()s of the state
         #: tensors they view (``names`` then ``step``); None while unbound.
@@ -213,7 +213,7 @@ class _GroupCache:
         self.store = torch.zeros(n, dtype=_scalar_dtype()) if with_step else None
         self.store_np = self.store.numpy() if with_step else None
         #: (param views, {name: state views}, bound pointers flattened) once all are bound.
-        self.full: tuple | None = None
+        self.full: tuple[Any, ...] | None = None
         #: per param: the byte spans [lo, hi) it and its bound states occupy, with what they
         #: are; None until needed and after any (re)binding (Note [All or nothing]).
         self.spans: list[list[tuple[int, int, str | None]]] | None = None
@@ -224,8 +224,8 @@ class _Gathered:
 
     __slots__ = ("gi", "group", "cache", "idx", "grads", "views", "hyper", "checked")
 
-    def __init__(self, gi: int, group: dict, cache: _GroupCache, idx: range | list[int],
-                 grads: list, views: list, hyper: dict[str, Any]) -> None:
+    def __init__(self, gi: int, group: dict[str, Any], cache: _GroupCache, idx: range | list[int],
+                 grads: list[Any], views: list[Any], hyper: dict[str, Any]) -> None:
         self.gi = gi
         self.group = group
         self.cache = cache
@@ -251,7 +251,7 @@ class _Written:
 
     __slots__ = ("entries", "grads", "starts", "reach", "sizes", "arrays")
 
-    def __init__(self, entries: list[tuple], grads: list[tuple[int, int, int]]) -> None:
+    def __init__(self, entries: list[tuple[Any, ...]], grads: list[tuple[int, int, int]]) -> None:
         self.entries = entries
         self.grads = grads
         self.starts = [-1] + [e[0] for e in entries]
@@ -298,13 +298,13 @@ class _FusedOptimizer(torch.optim.Optimizer):
     def _reset_caches(self) -> None:
         self._caches: dict[int, _GroupCache] = {}
         #: per group: the hyperparameters the kernel last accepted (Note [All or nothing])
-        self._checked: dict[int, tuple] = {}
+        self._checked: dict[int, tuple[Any, ...]] = {}
         #: (``self.state``, its values) at the end of the last step, and a generation number
         #: that changes whenever they no longer match: then the per-param dicts are looked up.
-        self._snapshot: tuple[Any, list] | None = None
+        self._snapshot: tuple[Any, list[Any]] | None = None
         self._gen = 0
         #: the spans the last checked step wrote, and what they were computed from
-        self._written_cache: tuple[list, _Written] | None = None
+        self._written_cache: tuple[list[Any], _Written] | None = None
 
     # -- torch.optim.Optimizer overrides --------------------------------------------------------
 
@@ -381,7 +381,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _call(self, group: dict[str, Any], hyper: dict[str, Any], step: int | None,
-              params: list, grads: list, states: dict[str, list]) -> None:
+              params: list[np.ndarray], grads: list[np.ndarray],
+              states: dict[str, list[np.ndarray]]) -> None:
         raise NotImplementedError
 
     def _init_state(self, group: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
@@ -505,7 +506,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{where}: its gradient is not contiguous (strides {g.stride()}); "
                              f"fastoptim needs contiguous gradients")
 
-    def _getter(self, names: tuple[str, ...]) -> Callable[[dict], tuple]:
+    def _getter(self, names: tuple[str, ...]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
         keys = names + ("step",) if self._with_step else names
         if len(keys) == 1:
             key = keys[0]
@@ -610,7 +611,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             new = c.store_np[np.asarray(idx, dtype=np.intp)] + c.store_np.dtype.type(1)
             if self._kernel_step and new.size and not new.min() >= 1:
                 self._bad_step(item, new)
-        buckets: dict[tuple, list[int]] = {}
+        buckets: dict[tuple[Any, ...], list[int]] = {}
         for j, i in enumerate(idx):
             key = (c.dtypes[i], self._step_key(c, i, None if new is None else new[j]))
             buckets.setdefault(key, []).append(j)
@@ -707,8 +708,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
                          f"optimizer state (pass a copy)")
 
     def _split_call(self, group: dict[str, Any], c: _GroupCache, hyper: dict[str, Any],
-                    step: int | None, ids: list[int], grads: list,
-                    states: dict[str, list]) -> Callable[[], None]:
+                    step: int | None, ids: list[int], grads: list[Any],
+                    states: dict[str, list[Any]]) -> Callable[[], None]:
         pviews = [c.views[i] for i in ids]
         store_np = c.store_np
         sel = np.asarray(ids, dtype=np.intp)
@@ -721,11 +722,12 @@ class _FusedOptimizer(torch.optim.Optimizer):
         return run
 
 
-def _same_objects(a: list, b: list) -> bool:
+def _same_objects(a: list[Any], b: list[Any]) -> bool:
     return len(a) == len(b) and all(map(operator.is_, a, b))
 
 
-def _bound_ptrs(state: dict | None, getter: Callable[[dict], tuple]) -> tuple[int, ...] | None:
+def _bound_ptrs(state: dict[str, Any] | None,
+                getter: Callable[[dict[str, Any]], tuple[Any, ...]]) -> tuple[int, ...] | None:
     try:
         return tuple(map(_data_ptr, getter(state)))
     except (TypeError, KeyError, AttributeError):
@@ -792,13 +794,16 @@ class SGD(_FusedOptimizer):
                 "dampening": group["dampening"], "nesterov": group["nesterov"],
                 "weight_decay": _scalar(group["weight_decay"]), "maximize": group["maximize"]}
 
-    def _call(self, group, hyper, step, params, grads, states) -> None:
+    def _call(self, group: dict[str, Any], hyper: dict[str, Any], step: int | None,
+              params: list[np.ndarray], grads: list[np.ndarray],
+              states: dict[str, list[np.ndarray]]) -> None:
         F.sgd_(params, grads, states.get("momentum_buffer"), step=step, **hyper)
 
     def _init_state(self, group: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
         return {}
 
-    def _missing_state(self, c, i, p, name, state) -> torch.Tensor:
+    def _missing_state(self, c: _GroupCache, i: int, p: torch.Tensor, name: str,
+                       state: dict[str, Any]) -> torch.Tensor:
         # torch's "no buffer yet": a new buffer that the kernel fills at step 1.
         c.pending[i] = t = self._new_state(p, name)
         return t
@@ -857,7 +862,9 @@ class RMSprop(_FusedOptimizer):
                 "weight_decay": group["weight_decay"], "momentum": group["momentum"],
                 "centered": group["centered"], "maximize": group["maximize"]}
 
-    def _call(self, group, hyper, step, params, grads, states) -> None:
+    def _call(self, group: dict[str, Any], hyper: dict[str, Any], step: int | None,
+              params: list[np.ndarray], grads: list[np.ndarray],
+              states: dict[str, list[np.ndarray]]) -> None:
         F.rmsprop_(params, grads, states["square_avg"], states.get("grad_avg"),
                    states.get("momentum_buffer"), **hyper)
 
@@ -917,7 +924,9 @@ class Adam(_FusedOptimizer):
                 "eps": group["eps"], "weight_decay": group["weight_decay"],
                 "amsgrad": group["amsgrad"], "maximize": group["maximize"]}
 
-    def _call(self, group, hyper, step, params, grads, states) -> None:
+    def _call(self, group: dict[str, Any], hyper: dict[str, Any], step: int | None,
+              params: list[np.ndarray], grads: list[np.ndarray],
+              states: dict[str, list[np.ndarray]]) -> None:
         update = F.adamw_ if group["decoupled_weight_decay"] else F.adam_
         update(params, grads, states["exp_avg"], states["exp_avg_sq"], step=step,
                max_exp_avg_sqs=states.get("max_exp_avg_sq"), **hyper)
@@ -996,7 +1005,9 @@ class Adagrad(_FusedOptimizer):
                 "weight_decay": group["weight_decay"], "eps": group["eps"],
                 "maximize": group["maximize"]}
 
-    def _call(self, group, hyper, step, params, grads, states) -> None:
+    def _call(self, group: dict[str, Any], hyper: dict[str, Any], step: int | None,
+              params: list[np.ndarray], grads: list[np.ndarray],
+              states: dict[str, list[np.ndarray]]) -> None:
         F.adagrad_(params, grads, states["sum"], step=step, **hyper)
 
 
@@ -1029,7 +1040,9 @@ class Adadelta(_FusedOptimizer):
         return {"lr": _scalar(group["lr"]), "rho": group["rho"], "eps": group["eps"],
                 "weight_decay": group["weight_decay"], "maximize": group["maximize"]}
 
-    def _call(self, group, hyper, step, params, grads, states) -> None:
+    def _call(self, group: dict[str, Any], hyper: dict[str, Any], step: int | None,
+              params: list[np.ndarray], grads: list[np.ndarray],
+              states: dict[str, list[np.ndarray]]) -> None:
         F.adadelta_(params, grads, states["square_avg"], states["acc_delta"], **hyper)
 
 
@@ -1126,7 +1139,8 @@ class _ScalarStateOptimizer(_FusedOptimizer):
         raise NotImplementedError
 
     def _scalar_plan(self, group: dict[str, Any], store: _ScalarStore, sel: np.ndarray,
-                     steps: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, tuple]]:
+                     steps: np.ndarray
+                     ) -> tuple[dict[str, np.ndarray], dict[str, tuple[Any, ...]]]:
         """For params ``sel`` about to take steps ``steps``: the kernel's scalar arguments per
         param (name -> float64 array) and the scalars after the step (name -> (float32 array,
         float64 array), the values for either store)."""
@@ -1139,7 +1153,7 @@ class _ScalarStateOptimizer(_FusedOptimizer):
             state[name] = self._new_state(p, name)
         return state
 
-    def _getter(self, names: tuple[str, ...]) -> Callable[[dict], tuple]:
+    def _getter(self, names: tuple[str, ...]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
         return operator.itemgetter(*(names + ("step",) + self._scalar_names))
 
     def _store(self, c: _GroupCache) -> _ScalarStore:
@@ -1165,7 +1179,7 @@ class _ScalarStateOptimizer(_FusedOptimizer):
             c.bound[i] += tuple(ptrs)
 
     def _kernel_args(self, group: dict[str, Any], hyper: dict[str, Any],
-                     step: int | tuple) -> tuple[int, dict[str, float]]:
+                     step: int | tuple[Any, ...]) -> tuple[int, dict[str, float]]:
         """``_call``'s step: a planned ``(step, *scalars)``, or the hyperparameter check's 1."""
         if isinstance(step, tuple):
             return step[0], dict(zip(self._scalar_names, step[1:]))
@@ -1184,7 +1198,7 @@ class _ScalarStateOptimizer(_FusedOptimizer):
         args, after = self._scalar_plan(group, store, sel, steps)
         columns = [args[name] for name in self._scalar_names]
         # (dtype, (step, *scalars)) -> positions in idx
-        buckets: dict[tuple, list[int]] = {}
+        buckets: dict[tuple[Any, ...], list[int]] = {}
         if c.one_dtype and _distinct(steps) == 1 and all(_distinct(a) == 1 for a in columns):
             key = (int(steps[0]),) + tuple(float(a[0]) for a in columns)
             buckets[(None, key)] = list(range(len(idx)))
@@ -1276,7 +1290,9 @@ class NAdam(_ScalarStateOptimizer):
     def _dry_scalars(self, group: dict[str, Any], hyper: dict[str, Any]) -> dict[str, float]:
         return {"mu_product": F.nadam_mu(1.0, hyper["beta1"], hyper["momentum_decay"])}
 
-    def _scalar_plan(self, group, store, sel, steps):
+    def _scalar_plan(self, group: dict[str, Any], store: _ScalarStore, sel: np.ndarray,
+                     steps: np.ndarray
+                     ) -> tuple[dict[str, np.ndarray], dict[str, tuple[Any, ...]]]:
         # torch: mu_product *= mu (in the tensor's dtype) BEFORE the update, which reads it.
         beta1, momentum_decay = _scalar(group["betas"][0]), group["momentum_decay"]
         narrow, wide = (a[sel] for a in store.arrays["mu_product"])
@@ -1289,7 +1305,9 @@ class NAdam(_ScalarStateOptimizer):
         args = np.where(store.wide["mu_product"][sel], wide, narrow)
         return {"mu_product": args}, {"mu_product": (narrow, wide)}
 
-    def _call(self, group, hyper, step, params, grads, states) -> None:
+    def _call(self, group: dict[str, Any], hyper: dict[str, Any], step: int | None,
+              params: list[np.ndarray], grads: list[np.ndarray],
+              states: dict[str, list[np.ndarray]]) -> None:
         step, scalars = self._kernel_args(group, hyper, step)
         F.nadam_(params, grads, states["exp_avg"], states["exp_avg_sq"], step=step, **scalars,
                  **hyper)
@@ -1331,7 +1349,9 @@ class RAdam(_FusedOptimizer):
                 "decoupled_weight_decay": group["decoupled_weight_decay"],
                 "maximize": group["maximize"]}
 
-    def _call(self, group, hyper, step, params, grads, states) -> None:
+    def _call(self, group: dict[str, Any], hyper: dict[str, Any], step: int | None,
+              params: list[np.ndarray], grads: list[np.ndarray],
+              states: dict[str, list[np.ndarray]]) -> None:
         F.radam_(params, grads, states["exp_avg"], states["exp_avg_sq"], step=step, **hyper)
 
 
@@ -1369,7 +1389,9 @@ class Adamax(_FusedOptimizer):
                 "eps": group["eps"], "weight_decay": group["weight_decay"],
                 "maximize": group["maximize"]}
 
-    def _call(self, group, hyper, step, params, grads, states) -> None:
+    def _call(self, group: dict[str, Any], hyper: dict[str, Any], step: int | None,
+              params: list[np.ndarray], grads: list[np.ndarray],
+              states: dict[str, list[np.ndarray]]) -> None:
         F.adamax_(params, grads, states["exp_avg"], states["exp_inf"], step=step, **hyper)
 
 
@@ -1415,7 +1437,9 @@ class ASGD(_ScalarStateOptimizer):
     def _dry_scalars(self, group: dict[str, Any], hyper: dict[str, Any]) -> dict[str, float]:
         return {"eta": float(_scalar(group["lr"])), "mu": 1.0}
 
-    def _scalar_plan(self, group, store, sel, steps):
+    def _scalar_plan(self, group: dict[str, Any], store: _ScalarStore, sel: np.ndarray,
+                     steps: np.ndarray
+                     ) -> tuple[dict[str, np.ndarray], dict[str, tuple[Any, ...]]]:
         # The update reads the current eta and mu; torch then sets them from the step count,
         # computed exactly as torch does (a tensor lr computes in its dtype) and rounded through
         # the default dtype (torch.as_tensor) into each tensor's dtype.
@@ -1434,7 +1458,9 @@ class ASGD(_ScalarStateOptimizer):
         args = {name: store.values(name, sel) for name in self._scalar_names}
         return args, after
 
-    def _call(self, group, hyper, step, params, grads, states) -> None:
+    def _call(self, group: dict[str, Any], hyper: dict[str, Any], step: int | None,
+              params: list[np.ndarray], grads: list[np.ndarray],
+              states: dict[str, list[np.ndarray]]) -> None:
         _, scalars = self._kernel_args(group, hyper, step)
         F.asgd_(params, grads, states["ax"], **scalars, **hyper)
 
@@ -1477,7 +1503,8 @@ class Rprop(_FusedOptimizer):
                 "prev": self._fresh(group, p, "prev"),
                 "step_size": self._fresh(group, p, "step_size")}
 
-    def _missing_state(self, c, i, p, name, state) -> torch.Tensor:
+    def _missing_state(self, c: _GroupCache, i: int, p: torch.Tensor, name: str,
+                       state: dict[str, Any]) -> torch.Tensor:
         state[name] = t = self._fresh(c.group, p, name)
         return t
 
@@ -1486,7 +1513,9 @@ class Rprop(_FusedOptimizer):
         return {"etaminus": etaminus, "etaplus": etaplus, "step_size_min": step_size_min,
                 "step_size_max": step_size_max, "maximize": group["maximize"]}
 
-    def _call(self, group, hyper, step, params, grads, states) -> None:
+    def _call(self, group: dict[str, Any], hyper: dict[str, Any], step: int | None,
+              params: list[np.ndarray], grads: list[np.ndarray],
+              states: dict[str, list[np.ndarray]]) -> None:
         F.rprop_(params, grads, states["prev"], states["step_size"], **hyper)
 
 
@@ -1522,5 +1551,7 @@ class Lion(_FusedOptimizer):
         return {"lr": _scalar(group["lr"]), "beta1": _scalar(beta1), "beta2": _scalar(beta2),
                 "weight_decay": _scalar(group["weight_decay"]), "maximize": group["maximize"]}
 
-    def _call(self, group, hyper, step, params, grads, states) -> None:
+    def _call(self, group: dict[str, Any], hyper: dict[str, Any], step: int | None,
+              params: list[np.ndarray], grads: list[np.ndarray],
+              states: dict[str, list[np.ndarray]]) -> None:
         F.lion_(params, grads, states["exp_avg"], **hyper)

@@ -1,0 +1,71 @@
+# Type stub of the compiled module fastoptim._core (src/cpp/bindings.cpp,
+# src/cuda/plan_hooks.cpp), written by hand. tests/test_typing.py checks it against the module:
+# the same names (_emulate_kernel exists only where CUDA is built), each rule's positional
+# arguments in the order and with the optionality that ``rules`` declares, and the parameter
+# names pybind11 reports for the other functions.
+#
+# Each rule function validates everything itself (Note [one declaration per rule],
+# functional.py); the annotations say what it accepts: arrays as in fastoptim.typing, a
+# hyperparameter any real number (not bool), a flag a bool.
+from collections.abc import Sequence
+from typing import Any
+
+from .typing import ArrayOrList
+
+#: rule name -> {"arrays": (params name, grads name), "states": [(name, when)], "step":
+#: "none" | "optional" | "required", "hyper": [(name, range)], "flags": [name]}
+rules: dict[str, dict[str, Any]]
+
+def sgd(params: ArrayOrList, grads: ArrayOrList, momentum_buffers: ArrayOrList | None,
+        step: int | None, lr: float, momentum: float, dampening: float, weight_decay: float,
+        nesterov: bool, maximize: bool, /) -> None: ...
+def rmsprop(params: ArrayOrList, grads: ArrayOrList, square_avgs: ArrayOrList,
+            grad_avgs: ArrayOrList | None, momentum_buffers: ArrayOrList | None, lr: float,
+            alpha: float, eps: float, weight_decay: float, momentum: float, centered: bool,
+            maximize: bool, /) -> None: ...
+def adam(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
+         exp_avg_sqs: ArrayOrList, max_exp_avg_sqs: ArrayOrList | None, step: int, lr: float,
+         beta1: float, beta2: float, eps: float, weight_decay: float, amsgrad: bool,
+         maximize: bool, decoupled_weight_decay: bool, /) -> None: ...
+def adagrad(params: ArrayOrList, grads: ArrayOrList, state_sums: ArrayOrList, step: int,
+            lr: float, lr_decay: float, weight_decay: float, eps: float, maximize: bool,
+            /) -> None: ...
+def adadelta(params: ArrayOrList, grads: ArrayOrList, square_avgs: ArrayOrList,
+             acc_deltas: ArrayOrList, lr: float, rho: float, eps: float, weight_decay: float,
+             maximize: bool, /) -> None: ...
+def nadam(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
+          exp_avg_sqs: ArrayOrList, step: int, mu_product: float, lr: float, beta1: float,
+          beta2: float, eps: float, weight_decay: float, momentum_decay: float,
+          decoupled_weight_decay: bool, maximize: bool, /) -> None: ...
+def radam(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
+          exp_avg_sqs: ArrayOrList, step: int, lr: float, beta1: float, beta2: float,
+          eps: float, weight_decay: float, decoupled_weight_decay: bool, maximize: bool,
+          /) -> None: ...
+def adamax(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
+           exp_infs: ArrayOrList, step: int, lr: float, beta1: float, beta2: float, eps: float,
+           weight_decay: float, maximize: bool, /) -> None: ...
+def asgd(params: ArrayOrList, grads: ArrayOrList, axs: ArrayOrList, eta: float, mu: float,
+         lambd: float, weight_decay: float, maximize: bool, /) -> None: ...
+def rprop(params: ArrayOrList, grads: ArrayOrList, prevs: ArrayOrList, step_sizes: ArrayOrList,
+          etaminus: float, etaplus: float, step_size_min: float, step_size_max: float,
+          maximize: bool, /) -> None: ...
+def lion(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, lr: float,
+         beta1: float, beta2: float, weight_decay: float, maximize: bool, /) -> None: ...
+def ema(averages: ArrayOrList, values: ArrayOrList, beta: float, /) -> None: ...
+
+def stream_rmw(streams: list[ArrayOrList], writes: int, scale: float = 0.0) -> None: ...
+def info() -> dict[str, Any]: ...
+def set_isa(name: str, /) -> None: ...
+def set_num_threads(n: int, /) -> None: ...
+def get_num_threads() -> int: ...
+
+# Test hooks (tests/test_threads.py, tests/test_launch_plan.py, tests/test_cuda.py).
+def _threads_for(total: int) -> int: ...
+def _last_threads_used() -> int: ...
+def _plan_coverage(sizes: Sequence[int], align_offsets: Sequence[int] | None = None, *,
+                   itemsize: int = 4, slot_mask: int = 31, sm_count: int = 132, chunk: int = 0,
+                   block: int = 0, grid: int = 0, chunks: Sequence[int] | None = None,
+                   blocks: Sequence[int] | None = None) -> dict[str, Any]: ...
+# Only where CUDA is built (FASTOPTIM_HAVE_CUDA).
+def _emulate_kernel(rule: str, args: tuple[Any, ...], *, sm_count: int = 132, chunk: int = 0,
+                    block: int = 0, grid: int = 0) -> None: ...

@@ -1,0 +1,45 @@
+"""Types of fastoptim's public API, to annotate code that calls it (checked by mypy --strict,
+tests/test_typing.py).
+
+``ArrayOrList`` is what every array argument of the updates (:mod:`fastoptim.functional`,
+:mod:`fastoptim.reference`) takes: ONE array, or a list or tuple of arrays, where an array is
+
+* a NumPy array of floats (``FloatArray``, ``NDArray[np.floating[Any]]``, so that code
+  generic over the dtype type-checks): the kernels take float32 and float64 and raise
+  TypeError for float16 or longdouble, which this type lets through, or
+* a CUDA array (``CudaArray``): any object with ``__cuda_array_interface__`` (CuPy, Numba,
+  torch CUDA tensors). This is a structural type, so every ``torch.Tensor`` matches it, CPU
+  ones included; the kernels refuse what is not CUDA memory when they are called.
+  :mod:`fastoptim.reference` has the same annotations but computes with NumPy only.
+
+The sequence part is ``Sequence`` (so a ``list[NDArray[np.float32]]`` is accepted, which an
+invariant ``list[...]`` would reject), but at run time only a ``list`` or a ``tuple`` counts
+as several arrays. Nothing here is checked at run time: these are annotations only.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol, TypeAlias, Union
+
+import numpy as np
+from numpy.typing import NDArray
+
+__all__ = ["FloatArray", "CudaArray", "Array", "ArrayOrList", "Params"]
+
+
+class CudaArray(Protocol):
+    """An object that exposes CUDA device memory through ``__cuda_array_interface__``."""
+
+    @property
+    def __cuda_array_interface__(self) -> Mapping[str, Any]: ...
+
+
+#: A NumPy array of floats (float32 or float64 at run time).
+FloatArray: TypeAlias = NDArray[np.floating[Any]]
+#: One array argument: a NumPy float array or a CUDA array.
+Array: TypeAlias = Union[FloatArray, CudaArray]
+#: One array, or a list/tuple of them (one per parameter).
+ArrayOrList: TypeAlias = Union[Array, Sequence[Array]]
+#: What the classes of :mod:`fastoptim.optim` take as ``params``: arrays, or param-group dicts
+#: (``{"params": [...], "lr": ...}``).
+Params: TypeAlias = Union[Iterable[FloatArray], Iterable[Mapping[str, Any]]]
