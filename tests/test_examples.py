@@ -81,9 +81,41 @@ def test_train_mlp_adam_and_momentum_beat_plain_gd(mlp_results):
         assert r["loss"] < runs["gd"]["loss"], (key, r["loss"], runs["gd"]["loss"])
 
 
+def assert_gif(path, min_frames=11, max_bytes=2_000_000):
+    """An animated GIF whose frames change (the race moves)."""
+    from PIL import Image
+
+    path = Path(path)
+    assert path.read_bytes()[:6] == b"GIF89a"
+    assert path.stat().st_size < max_bytes
+    with Image.open(path) as gif:
+        assert gif.n_frames >= min_frames
+        first = np.asarray(gif.convert("RGB"))
+        gif.seek(gif.n_frames - 1)
+        last = np.asarray(gif.convert("RGB"))
+        assert first.shape[0] > 300 and first.shape[1] > 300
+        assert (first != last).any(axis=-1).mean() > 0.005  # paths drawn between them
+        return gif.n_frames
+
+
+def test_train_mlp_class_colours_match():
+    # The region predicted as a class has the hue of that class's points (light and dark
+    # shades of one colour), and not the hue of the other class.
+    from matplotlib.colors import rgb_to_hsv, to_rgb
+
+    colours = load_example("train_mlp").CLASS_COLORS
+    hue = lambda c: rgb_to_hsv(to_rgb(c))[0]  # noqa: E731
+    for c in (0, 1):
+        same = abs(hue(colours["region"][c]) - hue(colours["point"][c]))
+        other = abs(hue(colours["region"][c]) - hue(colours["point"][1 - c]))
+        assert min(same, 1 - same) < 0.05 < min(other, 1 - other), c
+
+
 def test_trajectories(tmp_path):
     results = load_example("trajectories").main(["--quick", "--out", str(tmp_path)])
     assert_nontrivial_png(results["figures"]["trajectories"])
+    assert results["race_frames"] == 15
+    assert assert_gif(results["figures"]["race"]) == results["race_frames"]
     surfaces = results["surfaces"]
     assert set(surfaces) == {"saddle", "rosenbrock", "beale", "local_min"}
     for key, paths in surfaces.items():
@@ -102,7 +134,47 @@ def test_trajectories(tmp_path):
         assert surfaces[key]["Adam"]["value"] < surfaces[key]["GD"]["value"], key
 
 
-@pytest.mark.parametrize("name", ["train_mlp", "trajectories"])
+def test_trajectories_race_clock():
+    race_steps = load_example("trajectories").race_steps
+    shown = race_steps(800, 100)
+    assert shown[0] == 0 and shown[-1] == 800
+    assert (np.diff(shown) >= 1).all()           # every frame moves the clock on
+    assert (np.diff(shown)[:30] == 1).all()       # one step a frame at the start
+    assert (race_steps(5, 20) <= 5).all() and race_steps(5, 20)[-1] == 5
+
+
+def test_ema_bias_correction_of_a_constant():
+    # A constant series: the bias-corrected average is the constant from the first step on;
+    # the uncorrected one starts at (1 - beta) times it and climbs as 1 - beta**t.
+    averages = load_example("ema_bias_correction").averages
+    t = np.arange(1, 201)
+    for beta in (0.5, 0.9, 0.98):
+        np.testing.assert_allclose(averages(np.full(200, 7.0), beta, True), 7.0, rtol=1e-13)
+        np.testing.assert_allclose(averages(np.full(200, 7.0), beta, False),
+                                   7.0 * (1 - beta**t), rtol=1e-12)
+
+
+def test_ema_bias_correction_example(tmp_path):
+    results = load_example("ema_bias_correction").main(["--quick", "--out", str(tmp_path)])
+    assert_nontrivial_png(results["figures"]["ema_bias_correction"])
+    series = np.array(results["series"])
+    assert len(series) == results["days"] == 120
+    roughness = []
+    for beta in (0.5, 0.9, 0.98):
+        corrected = np.array(results["corrected"][beta])
+        raw = np.array(results["raw"][beta])
+        # Day 1: the corrected average is the first value, the raw one (1 - beta) of it.
+        assert corrected[0] == pytest.approx(series[0], rel=1e-12)
+        assert raw[0] == pytest.approx((1 - beta) * series[0], rel=1e-12)
+        # After 2 / (1 - beta) days the two differ by less than beta**t of the average.
+        t = int(2 / (1 - beta))
+        assert abs(corrected[t] - raw[t]) < 1.01 * beta ** (t + 1) * abs(corrected[t])
+        roughness.append(np.abs(np.diff(corrected[t:])).mean())
+    # A larger beta averages more days: a smoother curve.
+    assert roughness[0] > roughness[1] > roughness[2]
+
+
+@pytest.mark.parametrize("name", ["train_mlp", "trajectories", "ema_bias_correction"])
 def test_command_line_help(name):
     # The subprocess imports the same fastoptim as this test (installed, or PYTHONPATH=python).
     proc = subprocess.run([sys.executable, str(EXAMPLES / f"{name}.py"), "--help"],
@@ -115,3 +187,8 @@ def test_command_line_help(name):
                          ids=lambda p: p.name)
 def test_committed_pictures_are_small(png):
     assert png.stat().st_size < 300_000
+
+
+@pytest.mark.skipif(not (DOCS_IMG / "race.gif").is_file(), reason="no docs/img/race.gif")
+def test_committed_race_gif():
+    assert assert_gif(DOCS_IMG / "race.gif", min_frames=50) <= 150
