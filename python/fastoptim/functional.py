@@ -32,63 +32,71 @@ __all__ = ["sgd_", "rmsprop_", "adam_", "adamw_", "adagrad_", "adadelta_", "nada
 def sgd_(params: ArrayOrList, grads: ArrayOrList, momentum_buffers: ArrayOrList | None = None,
          *, step: int | None = None, lr: float = 1e-3, momentum: float = 0.0,
          dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
-         maximize: bool = False) -> None:
+         maximize: bool = False,
+         param_copies: ArrayOrList | None = None) -> None:
     """SGD with optional heavy-ball or Nesterov momentum (torch.optim.SGD).
 
     ``step`` (1-based) is required when ``momentum != 0``: at ``step == 1`` the buffer is set
     to the gradient (torch's first step), later ``buf = momentum*buf + (1-dampening)*g``.
     """
-    _core.sgd(params, grads, momentum_buffers, step, lr, momentum, dampening, weight_decay,
-              nesterov, maximize)
+    _core.sgd(params, grads, momentum_buffers, param_copies, step, lr, momentum, dampening,
+              weight_decay, nesterov, maximize)
 
 
 def rmsprop_(params: ArrayOrList, grads: ArrayOrList, square_avgs: ArrayOrList,
              grad_avgs: ArrayOrList | None = None, momentum_buffers: ArrayOrList | None = None,
              *, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
              weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False,
-             maximize: bool = False) -> None:
+             maximize: bool = False,
+             param_copies: ArrayOrList | None = None) -> None:
     """RMSprop (torch.optim.RMSprop); ``grad_avgs`` when centered, ``momentum_buffers`` when
     momentum > 0 (torch initialises all states with zeros)."""
-    _core.rmsprop(params, grads, square_avgs, grad_avgs, momentum_buffers, lr, alpha, eps,
-                  weight_decay, momentum, centered, maximize)
+    _core.rmsprop(params, grads, square_avgs, grad_avgs, momentum_buffers, param_copies, lr,
+                  alpha, eps, weight_decay, momentum, centered, maximize)
 
 
 def adam_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
           exp_avg_sqs: ArrayOrList, *, step: int, lr: float = 1e-3, beta1: float = 0.9,
           beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
           amsgrad: bool = False, max_exp_avg_sqs: ArrayOrList | None = None,
-          maximize: bool = False, decoupled_weight_decay: bool = False) -> None:
+          maximize: bool = False, decoupled_weight_decay: bool = False,
+          param_copies: ArrayOrList | None = None) -> None:
     """Adam with bias correction and optional AMSGrad (torch.optim.Adam); L2 weight decay, or
     decoupled weight decay ``p *= 1 - lr*wd`` (AdamW) with ``decoupled_weight_decay=True``.
 
     ``step`` is the 1-based number of this step (torch's ``state["step"]`` after increment).
     """
-    _core.adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step, lr, beta1, beta2,
-               eps, weight_decay, amsgrad, maximize, decoupled_weight_decay)
+    _core.adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, param_copies, step, lr,
+               beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay)
 
 
 def adamw_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
            exp_avg_sqs: ArrayOrList, *, step: int, lr: float = 1e-3, beta1: float = 0.9,
            beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 1e-2,
            amsgrad: bool = False, max_exp_avg_sqs: ArrayOrList | None = None,
-           maximize: bool = False) -> None:
+           maximize: bool = False,
+           param_copies: ArrayOrList | None = None) -> None:
     """AdamW (torch.optim.AdamW): Adam with decoupled weight decay ``p *= 1 - lr*wd``."""
-    _core.adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step, lr, beta1, beta2,
-               eps, weight_decay, amsgrad, maximize, True)
+    _core.adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, param_copies, step, lr,
+               beta1, beta2, eps, weight_decay, amsgrad, maximize, True)
 
 
 def adagrad_(params: ArrayOrList, grads: ArrayOrList, state_sums: ArrayOrList, *, step: int,
              lr: float = 1e-2, lr_decay: float = 0.0, weight_decay: float = 0.0,
-             eps: float = 1e-10, maximize: bool = False) -> None:
+             eps: float = 1e-10, maximize: bool = False,
+             param_copies: ArrayOrList | None = None) -> None:
     """Adagrad (torch.optim.Adagrad); ``clr = lr / (1 + (step-1)*lr_decay)``."""
-    _core.adagrad(params, grads, state_sums, step, lr, lr_decay, weight_decay, eps, maximize)
+    _core.adagrad(params, grads, state_sums, param_copies, step, lr, lr_decay, weight_decay,
+                  eps, maximize)
 
 
 def adadelta_(params: ArrayOrList, grads: ArrayOrList, square_avgs: ArrayOrList,
               acc_deltas: ArrayOrList, *, lr: float = 1.0, rho: float = 0.9, eps: float = 1e-6,
-              weight_decay: float = 0.0, maximize: bool = False) -> None:
+              weight_decay: float = 0.0, maximize: bool = False,
+              param_copies: ArrayOrList | None = None) -> None:
     """Adadelta (torch.optim.Adadelta)."""
-    _core.adadelta(params, grads, square_avgs, acc_deltas, lr, rho, eps, weight_decay, maximize)
+    _core.adadelta(params, grads, square_avgs, acc_deltas, param_copies, lr, rho, eps,
+                   weight_decay, maximize)
 
 
 def nadam_mu(step: float, beta1: float, momentum_decay: float) -> float:
@@ -102,33 +110,36 @@ def nadam_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
            exp_avg_sqs: ArrayOrList, *, step: int, mu_product: float, lr: float = 2e-3,
            beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
            weight_decay: float = 0.0, momentum_decay: float = 4e-3,
-           decoupled_weight_decay: bool = False, maximize: bool = False) -> None:
+           decoupled_weight_decay: bool = False, maximize: bool = False,
+           param_copies: ArrayOrList | None = None) -> None:
     """NAdam (torch.optim.NAdam), with L2 or decoupled weight decay.
 
     ``mu_product`` is ``nadam_mu(1) * ... * nadam_mu(step)``, this step included: torch's
     ``state["mu_product"]`` after its update (a stateful caller keeps it; the classes do).
     """
-    _core.nadam(params, grads, exp_avgs, exp_avg_sqs, step, mu_product, lr, beta1, beta2, eps,
-                weight_decay, momentum_decay, decoupled_weight_decay, maximize)
+    _core.nadam(params, grads, exp_avgs, exp_avg_sqs, param_copies, step, mu_product, lr, beta1,
+                beta2, eps, weight_decay, momentum_decay, decoupled_weight_decay, maximize)
 
 
 def radam_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
            exp_avg_sqs: ArrayOrList, *, step: int, lr: float = 1e-3, beta1: float = 0.9,
            beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
-           decoupled_weight_decay: bool = False, maximize: bool = False) -> None:
+           decoupled_weight_decay: bool = False, maximize: bool = False,
+           param_copies: ArrayOrList | None = None) -> None:
     """RAdam (torch.optim.RAdam): Adam with the variance rectification, which is off while the
     approximated SMA length ``rho_t <= 5`` (the first steps)."""
-    _core.radam(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay,
-                decoupled_weight_decay, maximize)
+    _core.radam(params, grads, exp_avgs, exp_avg_sqs, param_copies, step, lr, beta1, beta2, eps,
+                weight_decay, decoupled_weight_decay, maximize)
 
 
 def adamax_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
             exp_infs: ArrayOrList, *, step: int, lr: float = 2e-3, beta1: float = 0.9,
             beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
-            maximize: bool = False) -> None:
+            maximize: bool = False,
+            param_copies: ArrayOrList | None = None) -> None:
     """Adamax (torch.optim.Adamax): Adam with the infinity norm ``exp_inf``."""
-    _core.adamax(params, grads, exp_avgs, exp_infs, step, lr, beta1, beta2, eps, weight_decay,
-                 maximize)
+    _core.adamax(params, grads, exp_avgs, exp_infs, param_copies, step, lr, beta1, beta2, eps,
+                 weight_decay, maximize)
 
 
 def asgd_next(step: float, lr: float, lambd: float, alpha: float,
@@ -140,7 +151,8 @@ def asgd_next(step: float, lr: float, lambd: float, alpha: float,
 
 def asgd_(params: ArrayOrList, grads: ArrayOrList, axs: ArrayOrList, *, eta: float, mu: float,
           lr: float = 1e-2, lambd: float = 1e-4, alpha: float = 0.75, t0: float = 1e6,
-          weight_decay: float = 0.0, maximize: bool = False) -> None:
+          weight_decay: float = 0.0, maximize: bool = False,
+          param_copies: ArrayOrList | None = None) -> None:
     """Averaged SGD (torch.optim.ASGD): ``p *= 1 - lambd*eta; p -= eta*g``, then the average
     ``ax`` moves towards ``p`` by ``mu`` (``ax = p`` when ``mu == 1``).
 
@@ -148,25 +160,27 @@ def asgd_(params: ArrayOrList, grads: ArrayOrList, axs: ArrayOrList, *, eta: flo
     the caller advances after each step with :func:`asgd_next`; ``lr``, ``alpha`` and ``t0``
     enter only there and are accepted here for symmetry with torch.optim.ASGD.
     """
-    _core.asgd(params, grads, axs, eta, mu, lambd, weight_decay, maximize)
+    _core.asgd(params, grads, axs, param_copies, eta, mu, lambd, weight_decay, maximize)
 
 
 def rprop_(params: ArrayOrList, grads: ArrayOrList, prevs: ArrayOrList,
            step_sizes: ArrayOrList, *, lr: float = 1e-2, etaminus: float = 0.5,
            etaplus: float = 1.2, step_size_min: float = 1e-6, step_size_max: float = 50.0,
-           maximize: bool = False) -> None:
+           maximize: bool = False,
+           param_copies: ArrayOrList | None = None) -> None:
     """Rprop (torch.optim.Rprop, ``etas=(etaminus, etaplus)``, ``step_sizes=(min, max)``).
 
     ``step_sizes`` start filled with ``lr`` (torch's state init), ``prevs`` with zeros; ``lr``
     itself does not enter the update.
     """
-    _core.rprop(params, grads, prevs, step_sizes, etaminus, etaplus, step_size_min,
-                step_size_max, maximize)
+    _core.rprop(params, grads, prevs, step_sizes, param_copies, etaminus, etaplus,
+                step_size_min, step_size_max, maximize)
 
 
 def lion_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, *, lr: float = 1e-4,
           beta1: float = 0.9, beta2: float = 0.99, weight_decay: float = 0.0,
-          maximize: bool = False) -> None:
+          maximize: bool = False,
+          param_copies: ArrayOrList | None = None) -> None:
     """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms")::
 
         c = beta1*m + (1-beta1)*g;  p = p*(1 - lr*wd) - lr*sign(c);  m = beta2*m + (1-beta2)*g
@@ -174,9 +188,10 @@ def lion_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, *, lr:
     ``sign(0) = 0`` (as ``torch.sign``; also for NaN): an element whose interpolation ``c`` is
     exactly zero is only decayed. ``exp_avgs`` (the paper's ``m``) start at zero.
     """
-    _core.lion(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maximize)
+    _core.lion(params, grads, exp_avgs, param_copies, lr, beta1, beta2, weight_decay, maximize)
 
 
-def ema_(averages: ArrayOrList, values: ArrayOrList, *, beta: float) -> None:
+def ema_(averages: ArrayOrList, values: ArrayOrList, *, beta: float,
+         param_copies: ArrayOrList | None = None) -> None:
     """Exponentially weighted average in place: ``avg = beta*avg + (1-beta)*value``."""
-    _core.ema(averages, values, beta)
+    _core.ema(averages, values, param_copies, beta)

@@ -26,9 +26,13 @@ missing state list or step raises ValueError) and leaves argument validation to 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import operator
-from typing import Any, overload
+from collections.abc import Callable
+from typing import Any, TypeVar, overload
 
+import ml_dtypes
 import numpy as np
 from numpy.typing import NDArray
 
@@ -70,10 +74,57 @@ def _require_step(step: int | None) -> int:
     return step
 
 
+# Note [storage formats]: the kernels compute bfloat16 and float16 data in float32 registers,
+# widening at load and rounding to nearest even once at store (kernel_api.h). The oracle does
+# the same thing in plain NumPy: every bfloat16/float16 array of a call is widened to a
+# float32 working copy, the update runs unchanged on the copies (float32 arithmetic), and each
+# written array is stored back with one cast (ml_dtypes and NumPy round to nearest even).
+# ``param_copies`` (a copy format's low-precision copies of float32 params) get the params cast
+# to their dtype after the update.
+_LOW_PRECISION = (np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16))
+_F = TypeVar("_F", bound=Callable[..., None])
+
+
+def _formats(fn: _F) -> _F:
+    signature = inspect.signature(fn)
+    first, read_only = next(iter(signature.parameters)), list(signature.parameters)[1]
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        bound = signature.bind(*args, **kwargs)
+        copies = bound.arguments.pop("param_copies", None)
+        stored: list[tuple[np.ndarray, np.ndarray]] = []
+
+        def widen(value: Any, written: bool) -> Any:
+            if isinstance(value, np.ndarray):
+                if value.dtype not in _LOW_PRECISION:
+                    return value
+                work = value.astype(np.float32)
+                if written:
+                    stored.append((value, work))
+                return work
+            if isinstance(value, (list, tuple)) and all(isinstance(v, np.ndarray) for v in value):
+                return [widen(v, written) for v in value]
+            return value
+
+        for name, value in list(bound.arguments.items()):
+            bound.arguments[name] = widen(value, name != read_only)
+        fn(*bound.args, **bound.kwargs)
+        for original, work in stored:
+            original[...] = work.astype(original.dtype)
+        if copies is not None:
+            for copy, param in zip(_as_list(copies), _as_list(bound.arguments[first]), strict=True):
+                copy[...] = param.astype(copy.dtype)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@_formats
 def sgd_(params: ArrayOrList, grads: ArrayOrList, momentum_buffers: ArrayOrList | None = None,
          *, step: int | None = None, lr: float = 1e-3, momentum: float = 0.0,
          dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
-         maximize: bool = False) -> None:
+         maximize: bool = False,
+         param_copies: ArrayOrList | None = None) -> None:
     """SGD with optional momentum, dampening, Nesterov momentum and L2 weight decay."""
     lr, momentum, dampening, weight_decay = map(float, (lr, momentum, dampening, weight_decay))
     params, grads = _as_list(params), _as_list(grads)
@@ -101,11 +152,13 @@ def sgd_(params: ArrayOrList, grads: ArrayOrList, momentum_buffers: ArrayOrList 
         p += -lr * g
 
 
+@_formats
 def rmsprop_(params: ArrayOrList, grads: ArrayOrList, square_avgs: ArrayOrList,
              grad_avgs: ArrayOrList | None = None, momentum_buffers: ArrayOrList | None = None,
              *, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
              weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False,
-             maximize: bool = False) -> None:
+             maximize: bool = False,
+             param_copies: ArrayOrList | None = None) -> None:
     """RMSprop, optionally centered and with momentum."""
     lr, alpha, eps, weight_decay, momentum = map(float, (lr, alpha, eps, weight_decay, momentum))
     params, grads = _as_list(params), _as_list(grads)
@@ -181,11 +234,13 @@ def _adam(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
         p += -step_size * exp_avg / denom
 
 
+@_formats
 def adam_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
           exp_avg_sqs: ArrayOrList, *, step: int, lr: float = 1e-3, beta1: float = 0.9,
           beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
           amsgrad: bool = False, max_exp_avg_sqs: ArrayOrList | None = None,
-          maximize: bool = False, decoupled_weight_decay: bool = False) -> None:
+          maximize: bool = False, decoupled_weight_decay: bool = False,
+          param_copies: ArrayOrList | None = None) -> None:
     """Adam, optionally AMSGrad; L2 weight decay added to the gradient, or decoupled
     ``p *= 1 - lr*weight_decay`` (torch.optim.Adam's ``decoupled_weight_decay``)."""
     _adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step=step, lr=lr,
@@ -193,20 +248,24 @@ def adam_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
           maximize=maximize, decoupled_weight_decay=bool(decoupled_weight_decay))
 
 
+@_formats
 def adamw_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
            exp_avg_sqs: ArrayOrList, *, step: int, lr: float = 1e-3, beta1: float = 0.9,
            beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 1e-2,
            amsgrad: bool = False, max_exp_avg_sqs: ArrayOrList | None = None,
-           maximize: bool = False) -> None:
+           maximize: bool = False,
+           param_copies: ArrayOrList | None = None) -> None:
     """AdamW: Adam with decoupled weight decay ``p *= 1 - lr*weight_decay``."""
     _adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step=step, lr=lr,
           beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
           maximize=maximize, decoupled_weight_decay=True)
 
 
+@_formats
 def adagrad_(params: ArrayOrList, grads: ArrayOrList, state_sums: ArrayOrList, *, step: int,
              lr: float = 1e-2, lr_decay: float = 0.0, weight_decay: float = 0.0,
-             eps: float = 1e-10, maximize: bool = False) -> None:
+             eps: float = 1e-10, maximize: bool = False,
+             param_copies: ArrayOrList | None = None) -> None:
     """Adagrad with learning-rate decay ``clr = lr / (1 + (step-1)*lr_decay)``."""
     lr, lr_decay, weight_decay, eps = map(float, (lr, lr_decay, weight_decay, eps))
     step = _require_step(step)
@@ -224,9 +283,11 @@ def adagrad_(params: ArrayOrList, grads: ArrayOrList, state_sums: ArrayOrList, *
         p += -clr * g / std
 
 
+@_formats
 def adadelta_(params: ArrayOrList, grads: ArrayOrList, square_avgs: ArrayOrList,
               acc_deltas: ArrayOrList, *, lr: float = 1.0, rho: float = 0.9, eps: float = 1e-6,
-              weight_decay: float = 0.0, maximize: bool = False) -> None:
+              weight_decay: float = 0.0, maximize: bool = False,
+              param_copies: ArrayOrList | None = None) -> None:
     """Adadelta."""
     lr, rho, eps, weight_decay = map(float, (lr, rho, eps, weight_decay))
     params, grads = _as_list(params), _as_list(grads)
@@ -258,11 +319,13 @@ def nadam_mu(step: float, beta1: float, momentum_decay: float) -> float:
     return mu
 
 
+@_formats
 def nadam_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
            exp_avg_sqs: ArrayOrList, *, step: int, mu_product: float, lr: float = 2e-3,
            beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
            weight_decay: float = 0.0, momentum_decay: float = 4e-3,
-           decoupled_weight_decay: bool = False, maximize: bool = False) -> None:
+           decoupled_weight_decay: bool = False, maximize: bool = False,
+           param_copies: ArrayOrList | None = None) -> None:
     """NAdam (Dozat 2016) with torch's momentum decay schedule.
 
     ``mu_product`` is ``mu_1 * ... * mu_step`` (``nadam_mu``), this step's mu included.
@@ -300,10 +363,12 @@ def nadam_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
         p += exp_avg_coef * exp_avg / denom
 
 
+@_formats
 def radam_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
            exp_avg_sqs: ArrayOrList, *, step: int, lr: float = 1e-3, beta1: float = 0.9,
            beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
-           decoupled_weight_decay: bool = False, maximize: bool = False) -> None:
+           decoupled_weight_decay: bool = False, maximize: bool = False,
+           param_copies: ArrayOrList | None = None) -> None:
     """RAdam (Liu et al. 2019): Adam with the variance rectified once ``rho_t > 5``; before
     that (the first steps), SGD with the bias-corrected momentum."""
     lr, beta1, beta2, eps, weight_decay = map(float, (lr, beta1, beta2, eps, weight_decay))
@@ -342,10 +407,12 @@ def radam_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
             p -= bias_corrected_exp_avg * lr
 
 
+@_formats
 def adamax_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
             exp_infs: ArrayOrList, *, step: int, lr: float = 2e-3, beta1: float = 0.9,
             beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
-            maximize: bool = False) -> None:
+            maximize: bool = False,
+            param_copies: ArrayOrList | None = None) -> None:
     """Adamax (Kingma & Ba 2015, sec. 7): Adam with the infinity norm ``max(beta2*u, |g|+eps)``."""
     lr, beta1, beta2, eps, weight_decay = map(float, (lr, beta1, beta2, eps, weight_decay))
     step = _require_step(step)
@@ -376,9 +443,11 @@ def asgd_next(step: float, lr: float, lambd: float, alpha: float,
     return eta, float(mu)
 
 
+@_formats
 def asgd_(params: ArrayOrList, grads: ArrayOrList, axs: ArrayOrList, *, eta: float, mu: float,
           lr: float = 1e-2, lambd: float = 1e-4, alpha: float = 0.75, t0: float = 1e6,
-          weight_decay: float = 0.0, maximize: bool = False) -> None:
+          weight_decay: float = 0.0, maximize: bool = False,
+          param_copies: ArrayOrList | None = None) -> None:
     """Averaged SGD (Polyak & Juditsky 1992) as torch.optim.ASGD.
 
     ``eta`` and ``mu`` are the values torch holds before this step (``lr`` and 1 at the first
@@ -415,10 +484,12 @@ def _torch_sign(x: NDArray[Any]) -> NDArray[Any]:
     return sign
 
 
+@_formats
 def rprop_(params: ArrayOrList, grads: ArrayOrList, prevs: ArrayOrList,
            step_sizes: ArrayOrList, *, lr: float = 1e-2, etaminus: float = 0.5,
            etaplus: float = 1.2, step_size_min: float = 1e-6, step_size_max: float = 50.0,
-           maximize: bool = False) -> None:
+           maximize: bool = False,
+           param_copies: ArrayOrList | None = None) -> None:
     """Rprop (Riedmiller & Braun 1993), torch's variant: where the gradient changed sign the
     step size shrinks by ``etaminus`` and that element does not move; where it kept its sign
     it grows by ``etaplus``; ``sign(0) = 0`` keeps the step size, and so does a NaN
@@ -451,9 +522,11 @@ def rprop_(params: ArrayOrList, grads: ArrayOrList, prevs: ArrayOrList,
         prev[...] = g
 
 
+@_formats
 def lion_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, *, lr: float = 1e-4,
           beta1: float = 0.9, beta2: float = 0.99, weight_decay: float = 0.0,
-          maximize: bool = False) -> None:
+          maximize: bool = False,
+          param_copies: ArrayOrList | None = None) -> None:
     """Lion, Algorithm 2 of Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"
     (arXiv:2302.06675), with decoupled weight decay as there, and ``sign`` as ``torch.sign``
     (``sign(0) = 0``, and 0 for NaN)."""
@@ -471,7 +544,9 @@ def lion_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, *, lr:
         m += (1 - beta2) * g
 
 
-def ema_(averages: ArrayOrList, values: ArrayOrList, *, beta: float) -> None:
+@_formats
+def ema_(averages: ArrayOrList, values: ArrayOrList, *, beta: float,
+         param_copies: ArrayOrList | None = None) -> None:
     """Exponential moving average ``avg = beta*avg + (1-beta)*value``, as a lerp."""
     beta = float(beta)
     for avg, value in zip(_as_list(averages), _as_list(values), strict=True):

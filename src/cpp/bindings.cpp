@@ -38,6 +38,46 @@ namespace {
 
 constexpr int kNpyFloat = 11;   // NPY_FLOAT
 constexpr int kNpyDouble = 12;  // NPY_DOUBLE
+constexpr int kNpyHalf = 23;    // NPY_HALF
+
+// Element types of a stream, and the formats (kernel_api.h, Note [storage formats]) as the
+// element types of (params, grads, states, param_copies); kNone: no copies.
+enum Elem : int { kNone = -1, kElemF32 = 0, kElemF64, kElemBF16, kElemF16 };
+constexpr const char* kElemNames[] = {"float32", "float64", "bfloat16", "float16"};
+constexpr int kElemSize[] = {4, 8, 2, 2};
+struct FormatRow {
+  Format format;
+  Elem param, grad, state, copy;
+};
+constexpr FormatRow kFormatTable[] = {
+    {kF32, kElemF32, kElemF32, kElemF32, kNone},
+    {kF64, kElemF64, kElemF64, kElemF64, kNone},
+    {kBF16, kElemBF16, kElemBF16, kElemBF16, kNone},
+    {kF16, kElemF16, kElemF16, kElemF16, kNone},
+    {kBF16F32States, kElemBF16, kElemBF16, kElemF32, kNone},
+    {kF16F32States, kElemF16, kElemF16, kElemF32, kNone},
+    {kF32BF16Grads, kElemF32, kElemBF16, kElemF32, kNone},
+    {kF32F16Grads, kElemF32, kElemF16, kElemF32, kNone},
+    {kF32BF16GradsCopy, kElemF32, kElemBF16, kElemF32, kElemBF16},
+    {kF32F16GradsCopy, kElemF32, kElemF16, kElemF32, kElemF16},
+};
+static_assert(sizeof(kFormatTable) / sizeof(kFormatTable[0]) == kNumFormats,
+              "kFormatTable lists every Format once");
+
+// ml_dtypes.bfloat16 is a NumPy user dtype (its type number is assigned at run time): it is
+// recognised by its scalar type's name (kind 'V', itemsize 2).
+bool is_bfloat16(const py::detail::PyArrayDescr_Proxy* d) {
+  if (d->typeobj == nullptr) return false;
+  const char* name = reinterpret_cast<PyTypeObject*>(d->typeobj)->tp_name;
+  return std::strcmp(name, "ml_dtypes.bfloat16") == 0 || std::strcmp(name, "bfloat16") == 0;
+}
+Elem elem_of(const py::detail::PyArrayDescr_Proxy* d) {
+  if (d->type_num == kNpyFloat) return kElemF32;
+  if (d->type_num == kNpyDouble) return kElemF64;
+  if (d->type_num == kNpyHalf) return kElemF16;
+  if (is_bfloat16(d)) return kElemBF16;
+  return kNone;
+}
 constexpr int kNpyCContiguous = 0x0001;
 constexpr int kNpyWriteable = 0x0400;
 constexpr int64_t kReleaseGilFrom = 4096;  // elements; below this the GIL round trip costs more
@@ -161,6 +201,14 @@ class CallBuilder {
   // Adds an argument. `obj` is one ndarray or a list/tuple of ndarrays. The first call
   // defines the tensor count and shapes every later argument must match.
   void add(int slot, const char* name, py::handle obj, bool written) {
+    add_to(slots_[slot], slot < kState0 ? slot : kRoleStates, name, obj, written);
+  }
+
+  // The low-precision copies of the params that a copy format writes (Note [storage formats]).
+  void add_copies(const char* name, py::handle obj) { add_to(copies_, kRoleCopies, name, obj, true); }
+
+ private:
+  void add_to(std::vector<void*>& ptrs, int role, const char* name, py::handle obj, bool written) {
     const int arg = static_cast<int>(names_.size());
     const bool is_list = PyList_Check(obj.ptr()) || PyTuple_Check(obj.ptr());
     names_.push_back({name, is_list});
@@ -183,13 +231,14 @@ class CallBuilder {
       value_error(std::string(fn_) + ": " + name + " has " + std::to_string(n) + " array(s) but " +
                   names_[0].name + " has " + std::to_string(n_));
     }
-    std::vector<void*>& ptrs = slots_[slot];
     ptrs.resize(n);
     for (int64_t i = 0; i < n; ++i) {
       PyObject* item = is_list ? PyTuple_GET_ITEM(seq, i) : seq;
-      ptrs[i] = check_array(arg, i, item, written);
+      ptrs[i] = check_array(arg, i, item, written, role);
     }
   }
+
+ public:
 
   // Verifies that no written array overlaps any other array (Note [aliasing]).
   void check_overlaps() {
@@ -218,9 +267,28 @@ class CallBuilder {
     b.n_tensors = n_;
     b.offsets = offsets_.data();
     for (int s = 0; s < kMaxSlots; ++s) b.slots[s] = slots_[s].empty() ? nullptr : slots_[s].data();
+    b.copies = copies_.empty() ? nullptr : copies_.data();
     return b;
   }
-  DType dtype() const { return dtype_num_ == kNpyDouble ? kF64 : kF32; }
+
+  // The call's format, from the dtypes of its params, grads, states and copies: one row of
+  // kFormatTable, or a TypeError naming the dtypes.
+  Format format() const {
+    if (mode_ == kModeDevice) return dtype_num_ == kNpyDouble ? kF64 : kF32;
+    const Elem p = roles_[0].elem, g = roles_[1].elem, st = roles_[kRoleStates].elem,
+               c = roles_[kRoleCopies].elem;
+    if (p == kNone) return kF32;  // no arrays: nothing runs
+    for (const FormatRow& f : kFormatTable)
+      if (f.param == p && f.grad == g && (st == kNone || f.state == st) && f.copy == c) return f.format;
+    std::string got = std::string("params ") + kElemNames[p] + " (" + role_label(0) + "), grads " +
+                      (g == kNone ? "-" : kElemNames[g]);
+    if (st != kNone) got += std::string(", states ") + kElemNames[st] + " (" + role_label(kRoleStates) + ")";
+    if (c != kNone) got += std::string(", param_copies ") + kElemNames[c];
+    type_error(std::string(fn_) + ": unsupported combination of dtypes: " + got +
+               "; supported (params, grads, states[, param_copies]): float32; float64; bfloat16; "
+               "float16; bfloat16, bfloat16, float32; float16, float16, float32; float32, "
+               "bfloat16, float32[, bfloat16]; float32, float16, float32[, float16]");
+  }
   int64_t total() const { return offsets_.back(); }
   int64_t count() const { return n_; }
   bool on_device() const { return mode_ == kModeDevice; }
@@ -253,7 +321,7 @@ class CallBuilder {
                     "; all arrays of one call must be on one device");
       }
     }
-    const cuda::Launch l{rule, mask, dtype(), &b, args, where[ref].device, dev_->stream,
+    const cuda::Launch l{rule, mask, format(), &b, args, where[ref].device, dev_->stream,
                          dev_->wait_streams};
     py::gil_scoped_release release;
     cuda::launch(l);
@@ -265,29 +333,22 @@ class CallBuilder {
     return a.is_list ? std::string(a.name) + "[" + std::to_string(i) + "]" : std::string(a.name);
   }
 
-  void* check_array(int arg, int64_t i, PyObject* item, bool written) {
-    if (!py::isinstance<py::array>(item)) return check_device_array(arg, i, item, written);
+  void* check_array(int arg, int64_t i, PyObject* item, bool written, int role) {
+    if (!py::isinstance<py::array>(item)) return check_device_array(arg, i, item, written, role);
     if (Py_TYPE(item) != py::detail::npy_api::get().PyArray_Type_) check_subclass(arg, i, item);
     if (mode_ == kModeDevice) mixed_devices(arg, i);
     mode_ = kModeHost;
     auto* a = py::detail::array_proxy(item);
     auto* d = py::detail::array_descriptor_proxy(a->descr);
     const bool native = d->byteorder != '>';
-    if ((d->type_num != kNpyFloat && d->type_num != kNpyDouble) || !native) {
+    const Elem elem = elem_of(d);
+    if (elem == kNone || !native) {
       type_error(std::string(fn_) + ": " + label(arg, i) + " has dtype " +
                  std::string(py::str(py::handle(item).attr("dtype"))) +
-                 "; fastoptim supports float32 and float64 (native byte order)");
+                 "; fastoptim supports float32, float64, float16 and bfloat16 (ml_dtypes), "
+                 "native byte order");
     }
-    if (dtype_num_ < 0) {
-      dtype_num_ = d->type_num;
-      dtype_item_ = item;
-      dtype_label_ = label(arg, i);
-    } else if (d->type_num != dtype_num_) {
-      type_error(std::string(fn_) + ": " + label(arg, i) + " has dtype " +
-                 std::string(py::str(py::handle(item).attr("dtype"))) + " but " + dtype_label_ +
-                 " has dtype " + std::string(py::str(py::handle(dtype_item_).attr("dtype"))) +
-                 "; all arrays of one call must share one dtype");
-    }
+    note_dtype(arg, i, item, role, elem);
     int64_t size = 1;
     for (int k = 0; k < a->nd; ++k) size *= a->dimensions[k];
     if (arg == 0) {
@@ -309,12 +370,38 @@ class CallBuilder {
     if (written && !(a->flags & kNpyWriteable)) {
       value_error(std::string(fn_) + ": " + label(arg, i) + " is read-only; it is updated in place");
     }
-    const int64_t itemsize = d->type_num == kNpyDouble ? 8 : 4;
+    const int64_t itemsize = kElemSize[elem];
     if (size > 0) {
       const auto lo = reinterpret_cast<uintptr_t>(a->data);
       intervals_.push_back({lo, lo + static_cast<uintptr_t>(size * itemsize), arg, i, written});
     }
     return a->data;
+  }
+
+  static constexpr int kRoleStates = 2, kRoleCopies = 3;
+  static constexpr const char* kRoleRule[] = {
+      "all params of one call share one dtype", "all grads of one call share one dtype",
+      "all optimizer states of one call share one dtype",
+      "all param_copies of one call share one dtype"};
+  struct RoleDtype {
+    Elem elem = kNone;
+    int arg = 0;  // the first array of the role, for messages
+    int64_t index = 0;
+    PyObject* item = nullptr;
+  };
+
+  std::string role_label(int role) const { return label(roles_[role].arg, roles_[role].index); }
+
+  void note_dtype(int arg, int64_t i, PyObject* item, int role, Elem elem) {
+    RoleDtype& r = roles_[role];
+    if (r.elem == kNone) {
+      r = {elem, arg, i, item};
+    } else if (r.elem != elem) {
+      type_error(std::string(fn_) + ": " + label(arg, i) + " has dtype " +
+                 std::string(py::str(py::handle(item).attr("dtype"))) + " but " +
+                 label(r.arg, r.index) + " has dtype " +
+                 std::string(py::str(py::handle(r.item).attr("dtype"))) + "; " + kRoleRule[role]);
+    }
   }
 
   // ndarray subclasses: numpy.ma.MaskedArray would be updated under its mask; refuse it.
@@ -370,7 +457,12 @@ class CallBuilder {
 
   // The ndarray checks of check_array, on the fields of a CUDA Array Interface (v0..v3).
   // Out of line: inlined, it would slow the ndarray path it branches off.
-  __attribute__((noinline)) void* check_device_array(int arg, int64_t i, PyObject* item, bool written) {
+  __attribute__((noinline)) void* check_device_array(int arg, int64_t i, PyObject* item, bool written,
+                                                     int role) {
+    if (role == kRoleCopies) {
+      type_error(std::string(fn_) + ": " + label(arg, i) + " is not a numpy.ndarray; param_copies "
+                 "(the low-precision formats) are supported on the CPU only");
+    }
     PyObject* raw = PyObject_GetAttrString(item, "__cuda_array_interface__");
     if (!raw) {
       if (!PyErr_ExceptionMatches(PyExc_AttributeError)) throw py::error_already_set();
@@ -411,7 +503,8 @@ class CallBuilder {
     const int type_num = typestr == "<f4" ? kNpyFloat : typestr == "<f8" ? kNpyDouble : -1;
     if (type_num < 0) {
       type_error(std::string(fn_) + ": " + label(arg, i) + " has dtype " + typestr_name(typestr) +
-                 "; fastoptim supports float32 and float64 (native byte order)");
+                 "; fastoptim supports float32 and float64 on CUDA (the low-precision formats "
+                 "run on the CPU only)");
     }
     if (dtype_num_ < 0) {
       dtype_num_ = type_num;
@@ -522,6 +615,8 @@ class CallBuilder {
   std::vector<int64_t> offsets_;
   std::vector<PyObject*> ref_;
   std::vector<void*> slots_[kMaxSlots];
+  std::vector<void*> copies_;
+  RoleDtype roles_[4];
   std::vector<Interval> intervals_;
 };
 
@@ -534,17 +629,18 @@ void run(CallBuilder& call, RuleId rule, unsigned mask, const void* args) {
   }
   if (call.total() >= kReleaseGilFrom) {
     py::gil_scoped_release release;
-    execute(rule, mask, call.dtype(), b, args);
+    execute(rule, mask, call.format(), b, args);
   } else {
-    execute(rule, mask, call.dtype(), b, args);
+    execute(rule, mask, call.format(), b, args);
   }
 }
 
 // ---- entry points: one per rule of FO_RULES, from its declaration (rules.h) ----------------
-// _core.<name>(params, grads, <states...>, [step,] <hyperparameters...>, <flags...>), all
-// positional, in the declaration's order (python/fastoptim/functional.py passes them).
+// All positional, in the declaration's order (python/fastoptim/functional.py passes them);
+// param_copies (None, or the low-precision copies a copy format writes) is every rule's.
+// _core.<name>(params, grads, <states...>, param_copies, [step,] <hyperparameters...>, <flags...>)
 template <class D> constexpr size_t num_args() {
-  return 2 + D::kStates.size() + (D::kStep == StepUse::kNone ? 0 : 1) + D::kHyper.size() +
+  return 3 + D::kStates.size() + (D::kStep == StepUse::kNone ? 0 : 1) + D::kHyper.size() +
          D::kFlags.size();
 }
 
@@ -556,7 +652,8 @@ template <class D, class RunFn> void call_rule(const std::string& fn_name, py::a
   if (a.size() != kArgs)
     type_error(fn_name + ": expected " + std::to_string(kArgs) + " positional arguments, got " +
                std::to_string(a.size()) + " (call fastoptim." + fn_name + ", not _core)");
-  size_t k = 2 + D::kStates.size();
+  const size_t copies_at = 2 + D::kStates.size();
+  size_t k = copies_at + 1;
   int64_t step = 0;
   if constexpr (D::kStep != StepUse::kNone) step = step_arg(fn, a[k++].ptr(), D::kStep);
   double h[D::kHyper.size() + 1];
@@ -583,6 +680,7 @@ template <class D, class RunFn> void call_rule(const std::string& fn_name, py::a
       value_error(fn_name + ": " + st.name + " is required" + (*st.when ? " " : "") + st.when);
     call.add(slot, st.name, a[2 + j], true);
   }
+  if (!a[copies_at].is_none()) call.add_copies("param_copies", a[copies_at]);
   const typename D::Args args = D::args(v);
   run_fn(call, RuleIdOf<D>::value, mask, &args);
 }
@@ -619,6 +717,7 @@ template <class D> py::dict rule_info() {
   static const char* kStepNames[] = {"none", "optional", "required"};
   d["arrays"] = py::make_tuple(D::kParams, D::kGrads);
   d["states"] = states;
+  d["copies"] = "param_copies";
   d["step"] = kStepNames[static_cast<int>(D::kStep)];
   d["hyper"] = hyper;
   d["flags"] = flags;
@@ -702,10 +801,12 @@ PYBIND11_MODULE(_core, m) {
       [](const std::string& rule, py::tuple args, int sm_count, int64_t chunk, int64_t block,
          int64_t grid) {
         const auto emulate = [&](CallBuilder& call, RuleId id, unsigned mask, const void* a) {
+          if (call.format() != kF32 && call.format() != kF64)
+            throw py::type_error("_emulate_kernel: the CUDA kernel runs float32 and float64 only");
           call.check_overlaps();
           const Batch b = call.batch();
           py::gil_scoped_release release;
-          cuda::emulate(id, mask, call.dtype(), b, a, sm_count, chunk, block, grid);
+          cuda::emulate(id, mask, call.format(), b, a, sm_count, chunk, block, grid);
         };
         bool found = false;
 #define FO_EMULATE(D)                                               \

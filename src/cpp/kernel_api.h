@@ -17,6 +17,8 @@ struct Batch {
   int64_t n_tensors = 0;
   const int64_t* offsets = nullptr;        // n_tensors + 1 prefix sums of element counts
   void* const* slots[kMaxSlots] = {};       // slots[s][t]: data of stream s of tensor t (or null)
+  void* const* copies = nullptr;            // copies[t]: the low-precision copy of param t that
+                                            // the copy formats write (Note [storage formats])
 };
 
 // One id per rule of FO_RULES (rules.h), in its order: kRuleSgd, kRuleAdam, ...
@@ -29,13 +31,34 @@ template <class D> struct RuleIdOf;
 FO_RULES(FO_RULE_ID_OF)
 #undef FO_RULE_ID_OF
 
-enum DType : int { kF32 = 0, kF64 = 1, kNumDTypes = 2 };
+// Note [storage formats]
+// A format says how each stream of a call is stored: params, grads, states (all states of a
+// call share one storage type) and, for the copy formats, a low-precision copy of the params
+// written in the same pass. The math runs in fp32 registers (fp64 for kF64); loads widen and
+// stores round to nearest even (vec.h's vload_from / vstore_to). The rules never see a format.
+//                        params    grads     states    copy
+//   kF32                 float32   float32   float32   -
+//   kF64                 float64   float64   float64   -
+//   kBF16                bfloat16  bfloat16  bfloat16  -         torch fused's all-bf16
+//   kF16                 float16   float16   float16   -
+//   kBF16F32States       bfloat16  bfloat16  float32   -
+//   kF16F32States        float16   float16   float32   -
+//   kF32BF16Grads        float32   bfloat16  float32   -         fp32 master weights
+//   kF32F16Grads         float32   float16   float32   -
+//   kF32BF16GradsCopy    float32   bfloat16  float32   bfloat16  + the model's bf16 copy
+//   kF32F16GradsCopy     float32   float16   float32   float16
+// CUDA runs kF32 and kF64 only (the bindings refuse the others on device arrays).
+enum Format : int {
+  kF32 = 0, kF64 = 1, kBF16, kF16, kBF16F32States, kF16F32States, kF32BF16Grads, kF32F16Grads,
+  kF32BF16GradsCopy, kF32F16GradsCopy, kNumFormats
+};
+using DType = Format;  // the CUDA backend's name for the two formats it runs
 
 using KernelFn = void (*)(const Batch&, int64_t begin, int64_t end, const void* args, unsigned mask);
 
 struct KernelTable {
   const char* isa = nullptr;
-  KernelFn fn[kNumRules][kNumDTypes] = {};
+  KernelFn fn[kNumRules][kNumFormats] = {};
 };
 
 // One per compiled ISA (isa_<name>.cpp).

@@ -17,6 +17,8 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
+#include <utility>
 
 #include "kernel_api.h"
 
@@ -55,47 +57,91 @@ template <class T> struct IsaVec;
 template <> struct IsaVec<float> { using type = FO_VEC_F32; };
 template <> struct IsaVec<double> { using type = FO_VEC_F64; };
 
-template <class Rule, class V, class T>
-FO_INLINE void apply_at(T* const* ptr, int64_t i, const typename Rule::template Consts<V>& c) {
-  V x[kMaxSlots];
-#pragma GCC unroll 8
-  for (int s = 0; s < kMaxSlots; ++s)
-    if (Rule::kReads & bit(s)) x[s] = vload<V>(ptr[s] + i);
-  Rule::template apply<V>(x, c);
-#pragma GCC unroll 8
-  for (int s = 0; s < kMaxSlots; ++s)
-    if (Rule::kWrites & bit(s)) vstore(ptr[s] + i, x[s]);
+// How each stream of a format is stored (Note [storage formats], kernel_api.h). Compute is the
+// register type; Copy is void when the format writes no copy of the params.
+template <class P, class G, class S, class C, class Compute_>
+struct Layout {
+  using Compute = Compute_;
+  using Copy = C;
+  template <int kSlot> using Elem = std::conditional_t<kSlot == kParam, P,
+                                    std::conditional_t<kSlot == kGrad, G, S>>;
+};
+template <Format F> struct LayoutOf;
+template <> struct LayoutOf<kF32> { using type = Layout<float, float, float, void, float>; };
+template <> struct LayoutOf<kF64> { using type = Layout<double, double, double, void, double>; };
+template <> struct LayoutOf<kBF16> { using type = Layout<bf16, bf16, bf16, void, float>; };
+template <> struct LayoutOf<kF16> { using type = Layout<f16, f16, f16, void, float>; };
+template <> struct LayoutOf<kBF16F32States> { using type = Layout<bf16, bf16, float, void, float>; };
+template <> struct LayoutOf<kF16F32States> { using type = Layout<f16, f16, float, void, float>; };
+template <> struct LayoutOf<kF32BF16Grads> { using type = Layout<float, bf16, float, void, float>; };
+template <> struct LayoutOf<kF32F16Grads> { using type = Layout<float, f16, float, void, float>; };
+template <> struct LayoutOf<kF32BF16GradsCopy> { using type = Layout<float, bf16, float, bf16, float>; };
+template <> struct LayoutOf<kF32F16GradsCopy> { using type = Layout<float, f16, float, f16, float>; };
+
+// f(std::integral_constant<int, s>{}) for every slot s: a slot's storage type is a
+// compile-time function of s.
+template <class F, int... S> FO_INLINE void each_slot_impl(F& f, std::integer_sequence<int, S...>) {
+  (f(std::integral_constant<int, S>{}), ...);
+}
+template <class F> FO_INLINE void each_slot(F&& f) {
+  each_slot_impl(f, std::make_integer_sequence<int, kMaxSlots>{});
 }
 
-template <class Rule, class T>
-FO_INLINE void run_span(T* const* ptr, int64_t i, int64_t n,
-                        const typename Rule::template Consts<typename IsaVec<T>::type>& cv,
-                        const typename Rule::template Consts<T>& cs) {
+template <class L, int kSlot> FO_INLINE auto* elem_ptr(void* const* ptr) {
+  return static_cast<typename L::template Elem<kSlot>*>(ptr[kSlot]);
+}
+
+// One lane group at element i: load the rule's slots (widening), apply, store (rounding),
+// and write the params' copy where the format has one.
+template <class Rule, class L, class V>
+FO_INLINE void apply_at(void* const* ptr, void* copy, int64_t i,
+                        const typename Rule::template Consts<V>& c) {
+  V x[kMaxSlots];
+  each_slot([&](auto s) {
+    if constexpr ((Rule::kReads & bit(s)) != 0) x[s] = vload_from<V>(elem_ptr<L, s>(ptr) + i);
+  });
+  Rule::template apply<V>(x, c);
+  each_slot([&](auto s) {
+    if constexpr ((Rule::kWrites & bit(s)) != 0) vstore_to(elem_ptr<L, s>(ptr) + i, x[s]);
+  });
+  if constexpr (!std::is_void_v<typename L::Copy>)
+    vstore_to(static_cast<typename L::Copy*>(copy) + i, x[kParam]);
+}
+
+template <class Rule, class L>
+FO_INLINE void run_span(void* const* ptr, void* copy, int64_t i, int64_t n,
+                        const typename Rule::template Consts<typename IsaVec<typename L::Compute>::type>& cv,
+                        const typename Rule::template Consts<typename L::Compute>& cs) {
+  using T = typename L::Compute;
   using V = typename IsaVec<T>::type;
+  using P = typename L::template Elem<kParam>;
   constexpr int kW = VecTraits<V>::kWidth;
   if constexpr (kW > 1) {
-    constexpr uintptr_t kAlign = kW * sizeof(T);
-    const uintptr_t addr = reinterpret_cast<uintptr_t>(ptr[0] + i);
-    int64_t head = static_cast<int64_t>(((kAlign - addr % kAlign) % kAlign) / sizeof(T));
+    // Align the param stream to its vector size (its element size times the lane count).
+    constexpr uintptr_t kAlign = kW * sizeof(P);
+    const uintptr_t addr = reinterpret_cast<uintptr_t>(elem_ptr<L, kParam>(ptr) + i);
+    int64_t head = static_cast<int64_t>(((kAlign - addr % kAlign) % kAlign) / sizeof(P));
     head = min64(head, n - i);
-    for (; head > 0; --head, ++i) apply_at<Rule, T>(ptr, i, cs);
+    for (; head > 0; --head, ++i) apply_at<Rule, L, T>(ptr, copy, i, cs);
     for (; i + 2 * kW <= n; i += 2 * kW) {
-#pragma GCC unroll 8
-      for (int s = 0; s < kMaxSlots; ++s)
-        if (Rule::kReads & bit(s))
+      each_slot([&](auto s) {
+        if constexpr ((Rule::kReads & bit(s)) != 0)
           __builtin_prefetch(reinterpret_cast<const void*>(  // integer math: may pass the end
-              reinterpret_cast<uintptr_t>(ptr[s] + i) + kPrefetchAhead * sizeof(T)), 0, 0);
-      apply_at<Rule, V>(ptr, i, cv);
-      apply_at<Rule, V>(ptr, i + kW, cv);
+              reinterpret_cast<uintptr_t>(elem_ptr<L, s>(ptr) + i) +
+              kPrefetchAhead * sizeof(typename L::template Elem<s>)), 0, 0);
+      });
+      apply_at<Rule, L, V>(ptr, copy, i, cv);
+      apply_at<Rule, L, V>(ptr, copy, i + kW, cv);
     }
-    for (; i + kW <= n; i += kW) apply_at<Rule, V>(ptr, i, cv);
+    for (; i + kW <= n; i += kW) apply_at<Rule, L, V>(ptr, copy, i, cv);
   }
-  for (; i < n; ++i) apply_at<Rule, T>(ptr, i, cs);
+  for (; i < n; ++i) apply_at<Rule, L, T>(ptr, copy, i, cs);
 }
 
 // Process the global element range [begin, end) of a batch.
-template <class Rule, class T, class Args>
+template <class Rule, class L, class Args>
 void run_range(const Batch& b, int64_t begin, int64_t end, const Args& a) {
+  using T = typename L::Compute;
   using V = typename IsaVec<T>::type;
   const typename Rule::template Consts<V> cv(a);
   const typename Rule::template Consts<T> cs(a);
@@ -104,26 +150,29 @@ void run_range(const Batch& b, int64_t begin, int64_t end, const Args& a) {
   for (; t < b.n_tensors && off[t] < end; ++t) {
     const int64_t lo = max64(begin, off[t]) - off[t];
     const int64_t hi = min64(end, off[t + 1]) - off[t];
-    T* ptr[kMaxSlots];
-    for (int s = 0; s < kMaxSlots; ++s)
-      ptr[s] = b.slots[s] ? static_cast<T*>(b.slots[s][t]) : nullptr;
-    run_span<Rule, T>(ptr, lo, hi, cv, cs);
+    void* ptr[kMaxSlots];
+    for (int s = 0; s < kMaxSlots; ++s) ptr[s] = b.slots[s] ? b.slots[s][t] : nullptr;
+    run_span<Rule, L>(ptr, b.copies ? b.copies[t] : nullptr, lo, hi, cv, cs);
   }
 }
 
-// One entry per (rule, dtype): the call's variant -> its instantiation (rule_api.h).
-template <class D, class T>
+// One entry per (rule, format): the call's variant -> its instantiation (rule_api.h).
+template <class D, Format F>
 void entry(const Batch& b, int64_t lo, int64_t hi, const void* p, unsigned mask) {
   const auto& a = *static_cast<const typename D::Args*>(p);
-  dispatch_mask<D>(mask, [&](auto tag) { run_range<typename decltype(tag)::type, T>(b, lo, hi, a); });
+  dispatch_mask<D>(mask, [&](auto tag) {
+    run_range<typename decltype(tag)::type, typename LayoutOf<F>::type>(b, lo, hi, a);
+  });
+}
+
+template <class D, int... Fs> void fill_rule(KernelTable* t, std::integer_sequence<int, Fs...>) {
+  ((t->fn[RuleIdOf<D>::value][Fs] = &entry<D, static_cast<Format>(Fs)>), ...);
 }
 
 }  // namespace
 
 void FO_FILL_TABLE(KernelTable* t) {
-#define FO_FILL(D)                                   \
-  t->fn[kRule##D][kF32] = &entry<D, float>; \
-  t->fn[kRule##D][kF64] = &entry<D, double>;
+#define FO_FILL(D) fill_rule<D>(t, std::make_integer_sequence<int, kNumFormats>{});
   FO_RULES(FO_FILL)
 #undef FO_FILL
 }

@@ -749,7 +749,9 @@ struct Lion : RuleDefaults {
     template <class V> static FO_HD FO_INLINE void apply(V* x, const Consts<V>& c) {
       V g = x[kGrad];
       if constexpr ((M & kMaximize) != 0) g = -g;
-      const V update = vfma(c.one_minus_beta1, g, c.beta1 * x[kState0]);
+      // Not fused: the sign of c decides a step of lr, so c is rounded exactly as the paper's
+      // expression (and the reference) rounds it, product by product.
+      const V update = c.beta1 * x[kState0] + c.one_minus_beta1 * g;
       if constexpr ((M & kWeightDecay) != 0) x[kParam] = x[kParam] * c.decay;
       x[kParam] = vfma(c.neg_lr, vsign(update), x[kParam]);
       x[kState0] = vfma(c.one_minus_beta2, g, c.beta2 * x[kState0]);

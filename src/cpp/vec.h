@@ -235,4 +235,61 @@ FO_INLINE M8 veq(F64x8 a, F64x8 b) { return {_mm512_cmp_pd_mask(a.v, b.v, _CMP_E
 FO_INLINE F64x8 vselect(M8 m, F64x8 a, F64x8 b) { return {_mm512_mask_blend_pd(m.k, b.v, a.v)}; }
 #endif
 
+
+// ---- storage formats (TEMPORARY generic stand-in; replaced by the per-ISA conversions) ----
+struct bf16 { uint16_t bits; };
+struct f16 { uint16_t bits; };
+FO_INLINE float widen_scalar(bf16 h) { const uint32_t u = uint32_t(h.bits) << 16; float f; __builtin_memcpy(&f, &u, 4); return f; }
+FO_INLINE bf16 narrow_bf16(float f) {
+  uint32_t u; __builtin_memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return {static_cast<uint16_t>((u >> 16) | 0x0040u) };
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return {static_cast<uint16_t>(u >> 16)};
+}
+FO_INLINE float widen_scalar(f16 h) {
+  const uint32_t sign = uint32_t(h.bits & 0x8000u) << 16, e = (h.bits >> 10) & 0x1fu, m = h.bits & 0x3ffu;
+  uint32_t u;
+  if (e == 0) {
+    if (m == 0) { u = sign; } else { float f = static_cast<float>(m) * 5.9604644775390625e-08f; __builtin_memcpy(&u, &f, 4); u |= sign; }
+  } else if (e == 31) { u = sign | 0x7f800000u | (m << 13) | (m ? 0x400000u : 0u); }
+  else { u = sign | ((e + 112u) << 23) | (m << 13); }
+  float f; __builtin_memcpy(&f, &u, 4); return f;
+}
+FO_INLINE f16 narrow_f16(float f) {
+  uint32_t u; __builtin_memcpy(&u, &f, 4);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return {static_cast<uint16_t>(sign | 0x7e00u | ((a >> 13) & 0x3ffu))};
+  if (a >= 0x477ff000u) return {static_cast<uint16_t>(sign | 0x7c00u)};  // rounds to >= 65520: inf
+  if (a < 0x38800000u) {  // subnormal or zero in f16: round a * 2^24 to an integer, RNE
+    float af; __builtin_memcpy(&af, &a, 4);
+    const float scaled = af * 16777216.0f;  // exact
+    const float r = __builtin_nearbyintf(scaled);
+    return {static_cast<uint16_t>(sign | static_cast<uint16_t>(r))};
+  }
+  const uint32_t rounded = a + 0xfffu + ((a >> 13) & 1u);
+  return {static_cast<uint16_t>(sign | ((rounded - 0x38000000u) >> 13))};
+}
+template <class E> FO_INLINE E narrow_scalar(float f);
+template <> FO_INLINE bf16 narrow_scalar<bf16>(float f) { return narrow_bf16(f); }
+template <> FO_INLINE f16 narrow_scalar<f16>(float f) { return narrow_f16(f); }
+template <class V, class E> FO_INLINE V vload_from(const E* p) {
+  if constexpr (sizeof(E) == sizeof(typename VecTraits<V>::Scalar)) {
+    return vload<V>(reinterpret_cast<const typename VecTraits<V>::Scalar*>(p));
+  } else {
+    alignas(64) float tmp[VecTraits<V>::kWidth];
+    for (int l = 0; l < VecTraits<V>::kWidth; ++l) tmp[l] = widen_scalar(p[l]);
+    return vload<V>(tmp);
+  }
+}
+template <class E, class V> FO_INLINE void vstore_to(E* p, V v) {
+  if constexpr (sizeof(E) == sizeof(typename VecTraits<V>::Scalar)) {
+    vstore(reinterpret_cast<typename VecTraits<V>::Scalar*>(p), v);
+  } else {
+    alignas(64) float tmp[VecTraits<V>::kWidth];
+    vstore(tmp, v);
+    for (int l = 0; l < VecTraits<V>::kWidth; ++l) p[l] = narrow_scalar<E>(tmp[l]);
+  }
+}
+
 }  // namespace fastoptim
