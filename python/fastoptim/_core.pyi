@@ -8,7 +8,10 @@
 # functional.py); the annotations say what it accepts: arrays as in fastoptim.typing, a
 # hyperparameter any real number (not bool), a flag a bool.
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
+
+import numpy as np
+from numpy.typing import NDArray
 
 from .typing import ArrayOrList
 
@@ -59,9 +62,15 @@ def set_isa(name: str, /) -> None: ...
 def set_num_threads(n: int, /) -> None: ...
 def get_num_threads() -> int: ...
 
-# Test hooks (tests/test_threads.py, tests/test_launch_plan.py, tests/test_cuda.py).
+# Test hooks (tests/test_threads.py, tests/test_launch_plan.py, tests/test_cuda.py,
+# tests/test_formats_convert.py).
 def _threads_for(total: int) -> int: ...
 def _last_threads_used() -> int: ...
+# One ISA's storage conversions (src/cpp/vec.h): float32 -> format bits, and back.
+def _convert(src: NDArray[np.float32], dst: NDArray[np.uint16],
+             fmt: Literal["bfloat16", "float16"], isa: str) -> None: ...
+def _widen(src: NDArray[np.uint16], dst: NDArray[np.float32],
+           fmt: Literal["bfloat16", "float16"], isa: str) -> None: ...
 def _plan_coverage(sizes: Sequence[int], align_offsets: Sequence[int] | None = None, *,
                    itemsize: int = 4, slot_mask: int = 31, sm_count: int = 132, chunk: int = 0,
                    block: int = 0, grid: int = 0, chunks: Sequence[int] | None = None,

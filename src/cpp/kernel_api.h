@@ -33,9 +33,15 @@ enum DType : int { kF32 = 0, kF64 = 1, kNumDTypes = 2 };
 
 using KernelFn = void (*)(const Batch&, int64_t begin, int64_t end, const void* args, unsigned mask);
 
+// 16-bit storage formats (vec.h, Note [storage formats]).
+enum Format : int { kBf16 = 0, kF16 = 1, kNumFormats = 2 };
+// Converts n elements: fp32 -> format, or format -> fp32 (a test hook of the conversions).
+using ConvertFn = void (*)(const void* src, void* dst, int64_t n);
+
 struct KernelTable {
   const char* isa = nullptr;
   KernelFn fn[kNumRules][kNumDTypes] = {};
+  ConvertFn convert[kNumFormats][2] = {};  // [format][widen]
 };
 
 // One per compiled ISA (isa_<name>.cpp).
