@@ -237,3 +237,49 @@ def test_param_copies_overlapping_a_param_are_refused():
 def _read_only(a):
     a.flags.writeable = False
     return a
+
+
+# ---- all-low-precision formats against torch's fused CPU kernels -----------------------------
+
+torch = pytest.importorskip("torch")
+TORCH_DTYPES = {"bfloat16": (BF16, torch.bfloat16), "float16": (F16, torch.float16)}
+
+
+@pytest.mark.parametrize("low", TORCH_DTYPES)
+@pytest.mark.parametrize("name, torch_kwargs, ours", [
+    ("Adam", dict(lr=1e-2), lambda p, g, st, step: fastoptim.adam_(
+        p, g, st["exp_avg"], st["exp_avg_sq"], step=step, lr=1e-2)),
+    ("Adam", dict(lr=1e-2, weight_decay=0.1, amsgrad=True), lambda p, g, st, step: fastoptim.adam_(
+        p, g, st["exp_avg"], st["exp_avg_sq"], step=step, lr=1e-2, weight_decay=0.1,
+        amsgrad=True, max_exp_avg_sqs=st["max_exp_avg_sq"])),
+    ("AdamW", dict(lr=1e-2), lambda p, g, st, step: fastoptim.adamw_(
+        p, g, st["exp_avg"], st["exp_avg_sq"], step=step, lr=1e-2)),
+    ("SGD", dict(lr=1e-2, momentum=0.9), lambda p, g, st, step: fastoptim.sgd_(
+        p, g, st["momentum_buffer"], step=step, lr=1e-2, momentum=0.9)),
+    ("Adagrad", dict(lr=1e-2), lambda p, g, st, step: fastoptim.adagrad_(
+        p, g, st["sum"], step=step, lr=1e-2)),
+], ids=["Adam", "Adam-wd-amsgrad", "AdamW", "SGD-momentum", "Adagrad"])
+def test_all_low_precision_matches_torch_fused_within_one_ulp(name, torch_kwargs, ours, low):
+    """20 steps of torch.optim.<name>(fused=True) on low-precision CPU tensors (fp32 math,
+    states in the param's dtype) against the same format here, every element of params and
+    states within one ulp after every step."""
+    np_dtype, torch_dtype = TORCH_DTYPES[low]
+    gen = torch.Generator().manual_seed(0)
+    t_param = torch.nn.Parameter(torch.randn(4099, generator=gen).to(torch_dtype))
+    opt = getattr(torch.optim, name)([t_param], fused=True, **torch_kwargs)
+    p = t_param.detach().float().numpy().astype(np_dtype)
+    states = None
+    for step in range(1, 21):
+        g = torch.randn(4099, generator=gen).to(torch_dtype)
+        t_param.grad = g
+        opt.step()
+        t_state = opt.state[t_param]
+        if states is None:
+            states = {k: np.zeros(4099, np_dtype) for k, v in t_state.items() if v.dim() == 1}
+            if name == "SGD":  # torch's buffer starts as the first gradient: step=1 does that
+                pass
+        ours(p, g.float().numpy().astype(np_dtype), states, step)
+        where = f"{name} {low} step {step}"
+        assert_format_close(p, t_param.detach().float().numpy().astype(np_dtype), where + " param")
+        for k, arr in states.items():
+            assert_format_close(arr, t_state[k].float().numpy().astype(np_dtype), f"{where} {k}")

@@ -18,7 +18,7 @@ OPTIMIZERS = [r for r in RULES if r != "ema"]
 def declared_order(rule):
     """The positional arguments of _core.<rule>, by name, in the declaration's order."""
     d = _core.rules[rule]
-    names = list(d["arrays"]) + [name for name, _ in d["states"]]
+    names = list(d["arrays"]) + [name for name, _ in d["states"]] + [d["copies"]]
     if d["step"] != "none":
         names.append("step")
     names += [name for name, _ in d["hyper"]] + list(d["flags"])

@@ -109,6 +109,7 @@ def test_stub_rule_signature_is_the_declaration(rule):
     expected = [(name, "ArrayOrList") for name in d["arrays"]]
     expected += [(name, "ArrayOrList | None" if when else "ArrayOrList")
                  for name, when in d["states"]]
+    expected.append((d["copies"], "ArrayOrList | None"))
     if d["step"] != "none":
         expected.append(("step", "int | None" if d["step"] == "optional" else "int"))
     expected += [(name, "float") for name, _ in d["hyper"]]

@@ -8,7 +8,10 @@
 # functional.py); the annotations say what it accepts: arrays as in fastoptim.typing, a
 # hyperparameter any real number (not bool), a flag a bool.
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
+
+import numpy as np
+from numpy.typing import NDArray
 
 from .typing import ArrayOrList
 
@@ -16,42 +19,42 @@ from .typing import ArrayOrList
 #: "none" | "optional" | "required", "hyper": [(name, range)], "flags": [name]}
 rules: dict[str, dict[str, Any]]
 
-def sgd(params: ArrayOrList, grads: ArrayOrList, momentum_buffers: ArrayOrList | None,
+def sgd(params: ArrayOrList, grads: ArrayOrList, momentum_buffers: ArrayOrList | None, param_copies: ArrayOrList | None,
         step: int | None, lr: float, momentum: float, dampening: float, weight_decay: float,
         nesterov: bool, maximize: bool, /) -> None: ...
 def rmsprop(params: ArrayOrList, grads: ArrayOrList, square_avgs: ArrayOrList,
-            grad_avgs: ArrayOrList | None, momentum_buffers: ArrayOrList | None, lr: float,
+            grad_avgs: ArrayOrList | None, momentum_buffers: ArrayOrList | None, param_copies: ArrayOrList | None, lr: float,
             alpha: float, eps: float, weight_decay: float, momentum: float, centered: bool,
             maximize: bool, /) -> None: ...
 def adam(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
-         exp_avg_sqs: ArrayOrList, max_exp_avg_sqs: ArrayOrList | None, step: int, lr: float,
+         exp_avg_sqs: ArrayOrList, max_exp_avg_sqs: ArrayOrList | None, param_copies: ArrayOrList | None, step: int, lr: float,
          beta1: float, beta2: float, eps: float, weight_decay: float, amsgrad: bool,
          maximize: bool, decoupled_weight_decay: bool, /) -> None: ...
-def adagrad(params: ArrayOrList, grads: ArrayOrList, state_sums: ArrayOrList, step: int,
+def adagrad(params: ArrayOrList, grads: ArrayOrList, state_sums: ArrayOrList, param_copies: ArrayOrList | None, step: int,
             lr: float, lr_decay: float, weight_decay: float, eps: float, maximize: bool,
             /) -> None: ...
 def adadelta(params: ArrayOrList, grads: ArrayOrList, square_avgs: ArrayOrList,
-             acc_deltas: ArrayOrList, lr: float, rho: float, eps: float, weight_decay: float,
+             acc_deltas: ArrayOrList, param_copies: ArrayOrList | None, lr: float, rho: float, eps: float, weight_decay: float,
              maximize: bool, /) -> None: ...
 def nadam(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
-          exp_avg_sqs: ArrayOrList, step: int, mu_product: float, lr: float, beta1: float,
+          exp_avg_sqs: ArrayOrList, param_copies: ArrayOrList | None, step: int, mu_product: float, lr: float, beta1: float,
           beta2: float, eps: float, weight_decay: float, momentum_decay: float,
           decoupled_weight_decay: bool, maximize: bool, /) -> None: ...
 def radam(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
-          exp_avg_sqs: ArrayOrList, step: int, lr: float, beta1: float, beta2: float,
+          exp_avg_sqs: ArrayOrList, param_copies: ArrayOrList | None, step: int, lr: float, beta1: float, beta2: float,
           eps: float, weight_decay: float, decoupled_weight_decay: bool, maximize: bool,
           /) -> None: ...
 def adamax(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
-           exp_infs: ArrayOrList, step: int, lr: float, beta1: float, beta2: float, eps: float,
+           exp_infs: ArrayOrList, param_copies: ArrayOrList | None, step: int, lr: float, beta1: float, beta2: float, eps: float,
            weight_decay: float, maximize: bool, /) -> None: ...
-def asgd(params: ArrayOrList, grads: ArrayOrList, axs: ArrayOrList, eta: float, mu: float,
+def asgd(params: ArrayOrList, grads: ArrayOrList, axs: ArrayOrList, param_copies: ArrayOrList | None, eta: float, mu: float,
          lambd: float, weight_decay: float, maximize: bool, /) -> None: ...
-def rprop(params: ArrayOrList, grads: ArrayOrList, prevs: ArrayOrList, step_sizes: ArrayOrList,
+def rprop(params: ArrayOrList, grads: ArrayOrList, prevs: ArrayOrList, step_sizes: ArrayOrList, param_copies: ArrayOrList | None,
           etaminus: float, etaplus: float, step_size_min: float, step_size_max: float,
           maximize: bool, /) -> None: ...
-def lion(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, lr: float,
+def lion(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, param_copies: ArrayOrList | None, lr: float,
          beta1: float, beta2: float, weight_decay: float, maximize: bool, /) -> None: ...
-def ema(averages: ArrayOrList, values: ArrayOrList, beta: float, /) -> None: ...
+def ema(averages: ArrayOrList, values: ArrayOrList, param_copies: ArrayOrList | None, beta: float, /) -> None: ...
 
 def stream_rmw(streams: list[ArrayOrList], writes: int, scale: float = 0.0) -> None: ...
 def info() -> dict[str, Any]: ...
@@ -59,9 +62,15 @@ def set_isa(name: str, /) -> None: ...
 def set_num_threads(n: int, /) -> None: ...
 def get_num_threads() -> int: ...
 
-# Test hooks (tests/test_threads.py, tests/test_launch_plan.py, tests/test_cuda.py).
+# Test hooks (tests/test_threads.py, tests/test_launch_plan.py, tests/test_cuda.py,
+# tests/test_formats_convert.py).
 def _threads_for(total: int) -> int: ...
 def _last_threads_used() -> int: ...
+# One ISA's storage conversions (src/cpp/vec.h): float32 -> format bits, and back.
+def _convert(src: NDArray[np.float32], dst: NDArray[np.uint16],
+             fmt: Literal["bfloat16", "float16"], isa: str) -> None: ...
+def _widen(src: NDArray[np.uint16], dst: NDArray[np.float32],
+           fmt: Literal["bfloat16", "float16"], isa: str) -> None: ...
 def _plan_coverage(sizes: Sequence[int], align_offsets: Sequence[int] | None = None, *,
                    itemsize: int = 4, slot_mask: int = 31, sm_count: int = 132, chunk: int = 0,
                    block: int = 0, grid: int = 0, chunks: Sequence[int] | None = None,

@@ -977,7 +977,8 @@ class NAdam(_ScalarStates):
                 grads: Sequence[np.ndarray], states: dict[str, list[np.ndarray]]) -> None:
         beta1, beta2 = hp["betas"]
         F.nadam_(params, grads, states["exp_avg"], states["exp_avg_sq"], step=step,
-                 **self._scalar_args(hp, step, states), lr=hp["lr"], beta1=float(beta1),
+                 mu_product=self._scalar_args(hp, step, states)["mu_product"], lr=hp["lr"],
+                 beta1=float(beta1),
                  beta2=float(beta2), eps=float(hp["eps"]),
                  weight_decay=float(hp["weight_decay"]),
                  momentum_decay=float(hp["momentum_decay"]),
@@ -1085,7 +1086,8 @@ class ASGD(_ScalarStates):
 
     def _update(self, hp: dict[str, Any], step: int, params: list[np.ndarray],
                 grads: Sequence[np.ndarray], states: dict[str, list[np.ndarray]]) -> None:
-        F.asgd_(params, grads, states["ax"], **self._scalar_args(hp, step, states),
+        scalars = self._scalar_args(hp, step, states)
+        F.asgd_(params, grads, states["ax"], eta=scalars["eta"], mu=scalars["mu"],
                 lambd=float(hp["lambd"]), weight_decay=float(hp["weight_decay"]),
                 maximize=bool(hp["maximize"]))
 

@@ -4,9 +4,10 @@ tests/test_typing.py).
 ``ArrayOrList`` is what every array argument of the updates (:mod:`fastoptim.functional`,
 :mod:`fastoptim.reference`) takes: ONE array, or a list or tuple of arrays, where an array is
 
-* a NumPy array of floats (``FloatArray``, ``NDArray[np.floating[Any]]``, so that code
-  generic over the dtype type-checks): the kernels take float32 and float64 and raise
-  TypeError for float16 or longdouble, which this type lets through, or
+* a NumPy array (``FloatArray``, ``NDArray[Any]``: ``ml_dtypes.bfloat16`` is not a
+  ``np.floating`` to a type checker): the kernels take float32, float64, float16 and
+  ml_dtypes.bfloat16 in the combinations of docs/api.md ("Storage formats") and raise
+  TypeError for any other dtype, which this type lets through, or
 * a CUDA array (``CudaArray``): any object with ``__cuda_array_interface__`` (CuPy, Numba,
   torch CUDA tensors). This is a structural type, so every ``torch.Tensor`` matches it, CPU
   ones included; the kernels refuse what is not CUDA memory when they are called.
@@ -34,8 +35,8 @@ class CudaArray(Protocol):
     def __cuda_array_interface__(self) -> Mapping[str, Any]: ...
 
 
-#: A NumPy array of floats (float32 or float64 at run time).
-FloatArray: TypeAlias = NDArray[np.floating[Any]]
+#: A NumPy array (float32, float64, float16 or ml_dtypes.bfloat16 at run time).
+FloatArray: TypeAlias = NDArray[Any]
 #: One array argument: a NumPy float array or a CUDA array.
 Array: TypeAlias = Union[FloatArray, CudaArray]
 #: One array, or a list/tuple of them (one per parameter).

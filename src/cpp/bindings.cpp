@@ -756,6 +756,35 @@ py::dict info() {
   return d;
 }
 
+// _core._convert (float32 -> format bits, uint16) and _core._widen (the reverse) with the
+// conversions of the named ISA, on this thread.
+void convert_hook(const char* name, bool widen, const py::object& src, const py::object& dst,
+                  const std::string& fmt, const std::string& isa) {
+  const auto checked = [&](const py::object& o, const char* what, bool f32) {
+    const char* want = f32 ? "float32" : "uint16";
+    if (!py::isinstance<py::array>(o))
+      type_error(std::string(name) + ": " + what + " must be an ndarray");
+    const auto a = py::reinterpret_borrow<py::array>(o);
+    if (!a.dtype().equal(f32 ? py::dtype::of<float>() : py::dtype::of<uint16_t>()) ||
+        !(a.flags() & py::array::c_style))
+      type_error(std::string(name) + ": " + what + " must be a C-contiguous " + want + " array");
+    return a;
+  };
+  const py::array s = checked(src, "src", !widen);
+  py::array d = checked(dst, "dst", widen);
+  if (d.size() != s.size() || !d.writeable())
+    value_error(std::string(name) + ": dst must be writeable and of src's size");
+  if (fmt != "bfloat16" && fmt != "float16")
+    value_error(std::string(name) + ": fmt must be 'bfloat16' or 'float16', got '" + fmt + "'");
+  try {
+    void* out = d.mutable_data();
+    py::gil_scoped_release release;
+    run_convert(isa, fmt == "bfloat16" ? kStorageBF16 : kStorageF16, widen, s.data(), out, s.size());
+  } catch (const std::invalid_argument& e) {
+    value_error(e.what());
+  }
+}
+
 }  // namespace
 }  // namespace fastoptim
 
@@ -828,4 +857,12 @@ PYBIND11_MODULE(_core, m) {
   m.def("_threads_for", [](int64_t total) { return threads_for(total); }, arg("total"));
   // Test hook: threads that ran chunks of the most recent parallel call (parallel.h).
   m.def("_last_threads_used", &last_threads_used);
+  // Test hooks: one ISA's storage conversions over a whole array (vec.h, Note [storage formats]).
+  using Str = const std::string&;
+  m.def("_convert", [](py::object src, py::object dst, Str fmt, Str isa) {
+    convert_hook("_convert", false, src, dst, fmt, isa);
+  }, arg("src"), arg("dst"), arg("fmt"), arg("isa"));
+  m.def("_widen", [](py::object src, py::object dst, Str fmt, Str isa) {
+    convert_hook("_widen", true, src, dst, fmt, isa);
+  }, arg("src"), arg("dst"), arg("fmt"), arg("isa"));
 }

@@ -66,8 +66,13 @@ bool isa_cpu_has(Isa isa) {
   __builtin_cpu_init();
   switch (isa) {
     case Isa::kScalar: return true;
-    case Isa::kAvx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    case Isa::kAvx512: return __builtin_cpu_supports("avx512f");
+    // Each vector TU is also compiled with -mf16c (f16 storage, vec.h): every AVX2 CPU has it.
+    case Isa::kAvx2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+             __builtin_cpu_supports("f16c");
+    case Isa::kAvx512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma") &&
+             __builtin_cpu_supports("f16c");
   }
   return false;
 #else
@@ -79,7 +84,9 @@ bool isa_tested(Isa) { return true; }  // every compiled path (Note [untested IS
 
 Isa current_isa() { return static_cast<Isa>(g_isa.load(std::memory_order_relaxed)); }
 
-void set_isa(const std::string& name) {
+namespace {
+// The ISA called `name`, if this build and this CPU can run it.
+Isa usable_isa(const std::string& name) {
   for (int i = 0; i < kNumIsas; ++i) {
     const Isa isa = static_cast<Isa>(i);
     if (name != isa_name(isa)) continue;
@@ -87,10 +94,14 @@ void set_isa(const std::string& name) {
       throw std::invalid_argument("ISA '" + name + "' was not compiled into this build of fastoptim");
     if (!isa_cpu_has(isa))
       throw std::invalid_argument("ISA '" + name + "' is not supported by this CPU");
-    g_isa.store(static_cast<int>(isa), std::memory_order_relaxed);
-    return;
+    return isa;
   }
   throw std::invalid_argument("unknown ISA '" + name + "'; expected one of scalar, avx2, avx512");
+}
+}  // namespace
+
+void set_isa(const std::string& name) {
+  g_isa.store(static_cast<int>(usable_isa(name)), std::memory_order_relaxed);
 }
 
 void init_dispatch() {
@@ -152,6 +163,11 @@ void execute(RuleId rule, unsigned mask, DType dtype, const Batch& batch, const 
   if (total == 0) return;
   const Job job{fn, &batch, args, mask};
   parallel_for(threads_for(total), total, kChunk, &run_job, &job);
+}
+
+void run_convert(const std::string& isa, Storage fmt, bool widen, const void* src, void* dst,
+                 int64_t n) {
+  g_tables[static_cast<int>(usable_isa(isa))].convert[fmt][widen](src, dst, n);
 }
 
 }  // namespace fastoptim

@@ -30,4 +30,10 @@ int threads_for(int64_t total_elements);
 // the global element range to the caller-runs pool when it is large enough (parallel.h).
 void execute(RuleId rule, unsigned mask, DType dtype, const Batch& batch, const void* args);
 
+// Test hook (_core._convert, _core._widen): converts n elements fp32 -> fmt (widen = false) or
+// fmt -> fp32 (widen = true) with the named ISA's vstore_to / vload_from, on this thread.
+// Throws std::invalid_argument as set_isa does.
+void run_convert(const std::string& isa, Storage fmt, bool widen, const void* src, void* dst,
+                 int64_t n);
+
 }  // namespace fastoptim

@@ -56,9 +56,15 @@ using DType = Format;  // the CUDA backend's name for the two formats it runs
 
 using KernelFn = void (*)(const Batch&, int64_t begin, int64_t end, const void* args, unsigned mask);
 
+// The 16-bit element types (vec.h, Note [storage formats] there).
+enum Storage : int { kStorageBF16 = 0, kStorageF16 = 1, kNumStorage = 2 };
+// Converts n elements: fp32 -> storage, or storage -> fp32 (a test hook of the conversions).
+using ConvertFn = void (*)(const void* src, void* dst, int64_t n);
+
 struct KernelTable {
   const char* isa = nullptr;
   KernelFn fn[kNumRules][kNumFormats] = {};
+  ConvertFn convert[kNumStorage][2] = {};  // [storage][widen]
 };
 
 // One per compiled ISA (isa_<name>.cpp).

@@ -169,12 +169,40 @@ template <class D, int... Fs> void fill_rule(KernelTable* t, std::integer_sequen
   ((t->fn[RuleIdOf<D>::value][Fs] = &entry<D, static_cast<Format>(Fs)>), ...);
 }
 
+// Test hook of the storage conversions (vec.h, Note [storage formats]): n elements fp32 -> E
+// (kWiden false) or E -> fp32, split as run_span splits a span: scalar head until src is
+// vector-aligned, whole vectors, scalar tail.
+template <class E, bool kWiden>
+void convert_span(const void* src, void* dst, int64_t n) {
+  const auto at = [&](auto lane, int64_t i) {
+    using V = decltype(lane);
+    if constexpr (kWiden)
+      vstore(static_cast<float*>(dst) + i, vload_from<V>(static_cast<const E*>(src) + i));
+    else
+      vstore_to(static_cast<E*>(dst) + i, vload<V>(static_cast<const float*>(src) + i));
+  };
+  using V = FO_VEC_F32;
+  constexpr int64_t kW = VecTraits<V>::kWidth;
+  constexpr uintptr_t kSrcSize = kWiden ? sizeof(E) : sizeof(float);
+  constexpr uintptr_t kAlign = kW * kSrcSize;
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(src);
+  const int64_t head = min64(n, static_cast<int64_t>((kAlign - addr % kAlign) % kAlign / kSrcSize));
+  int64_t i = 0;
+  for (; i < head; ++i) at(float{}, i);
+  for (; i + kW <= n; i += kW) at(V{}, i);
+  for (; i < n; ++i) at(float{}, i);
+}
+
 }  // namespace
 
 void FO_FILL_TABLE(KernelTable* t) {
 #define FO_FILL(D) fill_rule<D>(t, std::make_integer_sequence<int, kNumFormats>{});
   FO_RULES(FO_FILL)
 #undef FO_FILL
+  t->convert[kStorageBF16][0] = &convert_span<bf16, false>;
+  t->convert[kStorageBF16][1] = &convert_span<bf16, true>;
+  t->convert[kStorageF16][0] = &convert_span<f16, false>;
+  t->convert[kStorageF16][1] = &convert_span<f16, true>;
 }
 
 }  // namespace fastoptim

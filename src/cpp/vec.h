@@ -7,14 +7,16 @@
 // and supports: + - * / and unary -, vfma(a, b, c) = a*b + c rounded once, vsqrt, vabs, vmax and
 // vmin (NaN propagating, like torch.maximum/minimum), splat<V>(scalar), vload<V>(ptr),
 // vstore(ptr, v), and the comparisons vgt/vlt/veq, which give a MaskOf<V> that
-// vselect(mask, a, b) (= mask ? a : b, lane by lane) consumes.
+// vselect(mask, a, b) (= mask ? a : b, lane by lane) consumes. Storage formats (bf16, f16)
+// enter and leave through vload_from<V>(ptr) and vstore_to(ptr, v) (Note [storage formats]).
 //
 // Note [bitwise identical paths]
 // Every operation here is correctly rounded IEEE arithmetic (add, sub, mul, div, sqrt, fma),
 // and the project compiles with -ffp-contract=off, so the compiler never fuses a*b+c on its
 // own. Hence a rule gives bitwise the same result per element whatever V is: scalar tails,
 // AVX2 bodies, AVX-512 bodies and CUDA threads agree to the last bit, and the tests assert
-// it. Precision conversion (fp16/bf16) would belong in vload/vstore, never in a rule.
+// it. Precision conversion (fp16/bf16) belongs to load/store, never to a rule: the end of
+// this file.
 #pragma once
 
 #include <cmath>
@@ -235,61 +237,206 @@ FO_INLINE M8 veq(F64x8 a, F64x8 b) { return {_mm512_cmp_pd_mask(a.v, b.v, _CMP_E
 FO_INLINE F64x8 vselect(M8 m, F64x8 a, F64x8 b) { return {_mm512_mask_blend_pd(m.k, b.v, a.v)}; }
 #endif
 
-
-// ---- storage formats (TEMPORARY generic stand-in; replaced by the per-ISA conversions) ----
+// ---- storage formats: bf16 and f16 in memory, fp32 in registers --------------------------
+// Note [storage formats]
+// A rule never sees a storage format. vload_from<V>(const E* p) loads kWidth elements of E and
+// widens them to the fp32 (or fp64) lanes of V; vstore_to(E* p, V v) narrows them back. E is
+// the vector's own scalar (float, double: plain vload/vstore), bf16 or f16 (fp32 vectors
+// only). Every (V, E) pair gives bitwise the same elements on every ISA, NaN payloads
+// included (tests/test_formats_convert.py checks all 2^32 fp32 and all 2^16 16-bit inputs):
+//   bf16 widen:  bits << 16, exact (a signalling NaN stays signalling).
+//   bf16 narrow: round to nearest even, as ml_dtypes and torch's c10::BFloat16
+//                round_to_nearest_even: (x + 0x7FFF + lsb) >> 16 on the bits, so fp32
+//                subnormals round to bf16 subnormals (never flushed) and values from
+//                0x1.FFp127 up round to inf. A NaN becomes sign | 0x7FC0, the canonical
+//                quiet NaN of ml_dtypes (torch's scalar path drops the sign, its vector path
+//                writes 0xFFFF; neither is a payload anyone relies on).
+//                Integer emulation on EVERY ISA: AVX512_BF16's vcvtneps2bf16 flushes
+//                subnormal inputs to zero, which ml_dtypes and torch do not.
+//   f16 widen:   exact (subnormals normalised); a NaN is quieted, payload kept:
+//                sign | 0x7FC00000 | mantissa << 13 (what vcvtph2ps does).
+//   f16 narrow:  round to nearest even, overflow to inf from 65520 up, fp32 values below
+//                2^-25 to a signed zero; a NaN is quieted and keeps the top of its payload:
+//                sign | 0x7E00 | mantissa >> 13 (what vcvtps2ph does; NumPy's own cast keeps
+//                a signalling NaN signalling and so differs on NaN bits only).
+// AVX2 and AVX-512 convert f16 with F16C (vcvtph2ps / vcvtps2ph with an explicit
+// round-to-nearest immediate); the scalar lane emulates those two instructions bit for bit in
+// plain integer code, usable on a CUDA device as well. The scalar lane is also the head and
+// tail of the vector paths, so the emulation runs in every translation unit. No path does
+// floating-point arithmetic, so FTZ/DAZ (torch.set_flush_denormal) change no result.
 struct bf16 { uint16_t bits; };
 struct f16 { uint16_t bits; };
-FO_INLINE float widen_scalar(bf16 h) { const uint32_t u = uint32_t(h.bits) << 16; float f; __builtin_memcpy(&f, &u, 4); return f; }
-FO_INLINE bf16 narrow_bf16(float f) {
-  uint32_t u; __builtin_memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return {static_cast<uint16_t>((u >> 16) | 0x0040u) };
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return {static_cast<uint16_t>(u >> 16)};
-}
-FO_INLINE float widen_scalar(f16 h) {
-  const uint32_t sign = uint32_t(h.bits & 0x8000u) << 16, e = (h.bits >> 10) & 0x1fu, m = h.bits & 0x3ffu;
+static_assert(sizeof(bf16) == 2 && sizeof(f16) == 2, "storage formats are 2 bytes");
+
+FO_HD FO_INLINE uint32_t f32_to_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
   uint32_t u;
-  if (e == 0) {
-    if (m == 0) { u = sign; } else { float f = static_cast<float>(m) * 5.9604644775390625e-08f; __builtin_memcpy(&u, &f, 4); u |= sign; }
-  } else if (e == 31) { u = sign | 0x7f800000u | (m << 13) | (m ? 0x400000u : 0u); }
-  else { u = sign | ((e + 112u) << 23) | (m << 13); }
-  float f; __builtin_memcpy(&f, &u, 4); return f;
+  __builtin_memcpy(&u, &x, sizeof u);
+  return u;
+#endif
 }
-FO_INLINE f16 narrow_f16(float f) {
-  uint32_t u; __builtin_memcpy(&u, &f, 4);
-  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
-  const uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return {static_cast<uint16_t>(sign | 0x7e00u | ((a >> 13) & 0x3ffu))};
-  if (a >= 0x477ff000u) return {static_cast<uint16_t>(sign | 0x7c00u)};  // rounds to >= 65520: inf
-  if (a < 0x38800000u) {  // subnormal or zero in f16: round a * 2^24 to an integer, RNE
-    float af; __builtin_memcpy(&af, &a, 4);
-    const float scaled = af * 16777216.0f;  // exact
-    const float r = __builtin_nearbyintf(scaled);
-    return {static_cast<uint16_t>(sign | static_cast<uint16_t>(r))};
+FO_HD FO_INLINE float f32_from_bits(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float x;
+  __builtin_memcpy(&x, &u, sizeof x);
+  return x;
+#endif
+}
+
+// fp32 bits -> bf16 bits, round to nearest even; NaN -> sign | 0x7FC0.
+FO_HD FO_INLINE uint16_t bf16_bits_from_f32(uint32_t x) {
+  if ((x & 0x7FFFFFFFu) > 0x7F800000u)
+    return static_cast<uint16_t>(((x >> 16) & 0x8000u) | 0x7FC0u);
+  return static_cast<uint16_t>((x + 0x7FFFu + ((x >> 16) & 1u)) >> 16);
+}
+
+// fp32 bits -> f16 bits exactly as vcvtps2ph with round to nearest even.
+FO_HD FO_INLINE uint16_t f16_bits_from_f32(uint32_t x) {
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  const uint32_t a = x & 0x7FFFFFFFu;
+  if (a > 0x7F800000u) return static_cast<uint16_t>(sign | 0x7E00u | ((a >> 13) & 0x3FFu));
+  if (a >= 0x477FF000u) return static_cast<uint16_t>(sign | 0x7C00u);  // >= 65520: inf
+  if (a >= 0x38800000u) {  // >= 2^-14: normal; a carry out of the mantissa bumps the exponent
+    const uint32_t r = a + 0xFFFu + ((a >> 13) & 1u);
+    return static_cast<uint16_t>(sign | ((r - 0x38000000u) >> 13));
   }
-  const uint32_t rounded = a + 0xfffu + ((a >> 13) & 1u);
-  return {static_cast<uint16_t>(sign | ((rounded - 0x38000000u) >> 13))};
+  // Subnormal (or zero): the result counts units of 2^-24, value = m * 2^(e - 150).
+  const uint32_t e = a >> 23;
+  const uint32_t shift = 126u - e;  // >= 14
+  if (shift > 24u) return static_cast<uint16_t>(sign);  // below 2^-25: rounds to zero
+  const uint32_t m = (a & 0x7FFFFFu) | 0x800000u;
+  const uint32_t q = m >> shift;
+  const uint32_t rem = m & ((1u << shift) - 1u);
+  const uint32_t half = 1u << (shift - 1u);
+  const uint32_t up = (rem > half || (rem == half && (q & 1u))) ? 1u : 0u;
+  return static_cast<uint16_t>(sign | (q + up));  // q + up == 0x400 is the smallest normal
 }
-template <class E> FO_INLINE E narrow_scalar(float f);
-template <> FO_INLINE bf16 narrow_scalar<bf16>(float f) { return narrow_bf16(f); }
-template <> FO_INLINE f16 narrow_scalar<f16>(float f) { return narrow_f16(f); }
-template <class V, class E> FO_INLINE V vload_from(const E* p) {
-  if constexpr (sizeof(E) == sizeof(typename VecTraits<V>::Scalar)) {
-    return vload<V>(reinterpret_cast<const typename VecTraits<V>::Scalar*>(p));
-  } else {
-    alignas(64) float tmp[VecTraits<V>::kWidth];
-    for (int l = 0; l < VecTraits<V>::kWidth; ++l) tmp[l] = widen_scalar(p[l]);
-    return vload<V>(tmp);
+
+// f16 bits -> fp32 bits exactly as vcvtph2ps (exact; NaN quieted, payload kept).
+FO_HD FO_INLINE uint32_t f32_bits_from_f16(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t e = (h >> 10) & 0x1Fu;
+  uint32_t m = h & 0x3FFu;
+  if (e == 0x1Fu) return sign | (m ? 0x7FC00000u | (m << 13) : 0x7F800000u);
+  if (e != 0u) return sign | ((e + 112u) << 23) | (m << 13);
+  if (m == 0u) return sign;
+  uint32_t e32 = 113u;  // subnormal: normalise (at most 10 shifts)
+  while ((m & 0x400u) == 0u) {
+    m <<= 1;
+    --e32;
   }
+  return sign | (e32 << 23) | ((m & 0x3FFu) << 13);
 }
-template <class E, class V> FO_INLINE void vstore_to(E* p, V v) {
-  if constexpr (sizeof(E) == sizeof(typename VecTraits<V>::Scalar)) {
-    vstore(reinterpret_cast<typename VecTraits<V>::Scalar*>(p), v);
-  } else {
-    alignas(64) float tmp[VecTraits<V>::kWidth];
-    vstore(tmp, v);
-    for (int l = 0; l < VecTraits<V>::kWidth; ++l) p[l] = narrow_scalar<E>(tmp[l]);
+
+// How V is loaded from and stored to E; undefined for a pair that is not supported.
+template <class V, class E> struct StorageIO;
+template <class V> struct StorageIO<V, typename VecTraits<V>::Scalar> {
+  using E = typename VecTraits<V>::Scalar;
+  static FO_HD FO_INLINE V load(const E* p) { return vload<V>(p); }
+  static FO_HD FO_INLINE void store(E* p, V v) { vstore(p, v); }
+};
+
+template <class V, class E> FO_HD FO_INLINE V vload_from(const E* p) {
+  return StorageIO<V, E>::load(p);
+}
+template <class E, class V> FO_HD FO_INLINE void vstore_to(E* p, V v) {
+  StorageIO<V, E>::store(p, v);
+}
+
+// Scalar lane: 2-byte memcpy, an element need not be aligned (Note [unaligned elements]).
+template <> struct StorageIO<float, bf16> {
+  static FO_HD FO_INLINE float load(const bf16* p) {
+    uint16_t h;
+    __builtin_memcpy(&h, p, sizeof h);
+    return f32_from_bits(static_cast<uint32_t>(h) << 16);
   }
-}
+  static FO_HD FO_INLINE void store(bf16* p, float v) {
+    const uint16_t h = bf16_bits_from_f32(f32_to_bits(v));
+    __builtin_memcpy(p, &h, sizeof h);
+  }
+};
+template <> struct StorageIO<float, f16> {
+  static FO_HD FO_INLINE float load(const f16* p) {
+    uint16_t h;
+    __builtin_memcpy(&h, p, sizeof h);
+    return f32_from_bits(f32_bits_from_f16(h));
+  }
+  static FO_HD FO_INLINE void store(f16* p, float v) {
+    const uint16_t h = f16_bits_from_f32(f32_to_bits(v));
+    __builtin_memcpy(p, &h, sizeof h);
+  }
+};
+
+#if defined(__AVX2__) && defined(__FMA__)
+#if !defined(__F16C__)
+#error "the AVX2 and AVX-512 paths convert f16 with F16C: compile them with -mf16c"
+#endif
+template <> struct StorageIO<F32x8, bf16> {
+  static FO_INLINE F32x8 load(const bf16* p) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))};
+  }
+  static FO_INLINE void store(bf16* p, F32x8 v) {
+    const __m256i x = _mm256_castps_si256(v.v);
+    const __m256i hi = _mm256_srli_epi32(x, 16);
+    const __m256i one = _mm256_set1_epi32(1);
+    const __m256i bias = _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), _mm256_and_si256(hi, one));
+    const __m256i rne = _mm256_srli_epi32(_mm256_add_epi32(x, bias), 16);
+    const __m256i abs = _mm256_and_si256(x, _mm256_set1_epi32(0x7FFFFFFF));
+    const __m256i nan = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7F800000));
+    const __m256i sign = _mm256_and_si256(hi, _mm256_set1_epi32(0x8000));
+    const __m256i qnan = _mm256_or_si256(sign, _mm256_set1_epi32(0x7FC0));
+    const __m256i r = _mm256_blendv_epi8(rne, qnan, nan);
+    // Every lane is < 2^16, so the saturating pack is exact; it packs within 128-bit halves.
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  }
+};
+template <> struct StorageIO<F32x8, f16> {
+  static FO_INLINE F32x8 load(const f16* p) {
+    return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))};
+  }
+  static FO_INLINE void store(f16* p, F32x8 v) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                     _mm256_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+};
+#endif
+
+#if defined(__AVX512F__)
+template <> struct StorageIO<F32x16, bf16> {
+  static FO_INLINE F32x16 load(const bf16* p) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))};
+  }
+  static FO_INLINE void store(bf16* p, F32x16 v) {
+    const __m512i x = _mm512_castps_si512(v.v);
+    const __m512i hi = _mm512_srli_epi32(x, 16);
+    const __m512i one = _mm512_set1_epi32(1);
+    const __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(hi, one));
+    const __m512i rne = _mm512_srli_epi32(_mm512_add_epi32(x, bias), 16);
+    const __m512i abs = _mm512_and_si512(x, _mm512_set1_epi32(0x7FFFFFFF));
+    const __mmask16 nan = _mm512_cmpgt_epi32_mask(abs, _mm512_set1_epi32(0x7F800000));
+    const __m512i sign = _mm512_and_si512(hi, _mm512_set1_epi32(0x8000));
+    const __m512i qnan = _mm512_or_si512(sign, _mm512_set1_epi32(0x7FC0));
+    const __m512i r = _mm512_mask_mov_epi32(rne, nan, qnan);
+    // vpmovdw (AVX-512F) keeps the low 16 bits of each lane; every lane is < 2^16.
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  }
+};
+template <> struct StorageIO<F32x16, f16> {
+  static FO_INLINE F32x16 load(const f16* p) {
+    return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
+  }
+  static FO_INLINE void store(f16* p, F32x16 v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                        _mm512_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+};
+#endif
 
 }  // namespace fastoptim
