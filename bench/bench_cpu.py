@@ -13,9 +13,9 @@ effective bandwidth (GB/s: the minimal bytes an update must move, divided by tha
 
 bench/README.md explains what is measured and how to read the table.
 
-    python bench/bench_cpu.py            # the headline rows, about 2 minutes on 2 cores
-    python bench/bench_cpu.py --full     # every optimizer at every size, about 15 minutes
-    python bench/bench_cpu.py --quick    # every optimizer at in-cache sizes, about 2 minutes
+    python bench/bench_cpu.py            # the headline rows, under a minute on 2 cores
+    python bench/bench_cpu.py --full     # every optimizer at every size, about 11 minutes
+    python bench/bench_cpu.py --quick    # every optimizer at in-cache sizes, 1-2 minutes
 """
 from __future__ import annotations
 
@@ -1012,7 +1012,7 @@ def parse_args(argv):
     which = ap.add_mutually_exclusive_group()
     which.add_argument("--full", action="store_true", help="every optimizer at 2^16, 2^18, "
                        "..., 2^26 and 2000x4096; 11 repetitions, 0.2 s per implementation per "
-                       "cell (about 15 minutes and 3 GiB on 2 cores)")
+                       "cell (about 11 minutes and 2.6 GiB on 2 cores)")
     which.add_argument("--quick", action="store_true", help="every optimizer at 2^16, 2^18, "
                        "2^20 and 256x16384; 5 repetitions, 0.05 s per implementation per cell")
     ap.add_argument("--sizes", help="comma-separated: 2^k, an element count, or COUNTxSIZE for "
@@ -1147,8 +1147,9 @@ def main(argv=None) -> int:
         print(f"note: {note}")
     # The arrays (2 + MAX_STATES streams), NumPy's scratch (up to 3), torch's temporaries.
     peak = max(s.total for s in args.sizes) * ITEMSIZE * (2 + MAX_STATES + 3 + 3)
-    print(f"peak memory about {peak / 2**30:.1f} GiB (an upper estimate; "
-          f"available {machine.get('mem_available_gib', '?')} GiB)", flush=True)
+    print(f"arrays and scratch about {peak / 2**30:.1f} GiB (an estimate; the libraries add "
+          f"~0.2 GiB, and the peak is printed at the end; available "
+          f"{machine.get('mem_available_gib', '?')} GiB)", flush=True)
 
     start = time.perf_counter()
     progress = Progress(len(args.threads) * (len(args.sizes) * len(args.cases) + 1))
