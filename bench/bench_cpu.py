@@ -13,8 +13,9 @@ effective bandwidth (GB/s: the minimal bytes an update must move, divided by tha
 
 bench/README.md explains what is measured and how to read the table.
 
-    python bench/bench_cpu.py            # the full run, about 15 minutes
-    python bench/bench_cpu.py --quick    # small sizes, fewer repetitions, about a minute
+    python bench/bench_cpu.py            # the headline rows, under a minute on 2 cores
+    python bench/bench_cpu.py --full     # every optimizer at every size, about 11 minutes
+    python bench/bench_cpu.py --quick    # every optimizer at in-cache sizes, 1-2 minutes
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ import json
 import math
 import os
 import platform
+import resource
+import shutil
 import statistics
 import sys
 import time
@@ -72,6 +75,29 @@ CHECK_STEPS = 8
 # A row is flagged "noisy" when some implementation had more than this share of its calls
 # over twice its median: something else ran on the machine.
 NOISY_FRACTION = 0.1
+
+# Note [stalled cells]
+# On a busy machine a parallel region can wait for a CPU: an OpenMP worker (torch) that is
+# not running when the region starts delays the whole region by a scheduler slice (a few
+# ms), so a torch step of 0.1 ms took 8-190 ms in runs on a loaded 2-vCPU VM, in some cells
+# on EVERY call (median and minimum alike: no "noisy" flag), which printed ratios such as
+# "x vs fused 3645". An implementation's figure in a cell is "stalled" when
+#   * its median is over STALL_OVER_MIN times its fastest call (most calls waited), or
+#   * at N > 1 threads, its median is over STALL_OVER_ONE_THREAD times the same
+#     implementation's median at 1 thread in this run (more threads made it much slower:
+#     it waited for CPUs or memory bandwidth that other load held).
+# A stalled implementation is measured again at once (its threads woken first); if it is
+# still stalled, its time carries STALL_MARK and so does every figure derived from it (% of
+# ceiling, the ratios). The JSON keeps both measurements. (One whose median call is over
+# REMEASURE_MAX_CALL_S is marked after one measurement: see the time limits below.)
+STALL_OVER_MIN = 2.0
+STALL_OVER_ONE_THREAD = 1.5
+STALL_MARK = "!"
+# Time limits for stalled cells (one stalled torch step took 24 s in a run on that VM): an
+# implementation's timed calls stop at BUDGET_FACTOR times what they should take (measure),
+# and one whose median call is over REMEASURE_MAX_CALL_S is marked without a second try.
+BUDGET_FACTOR = 3.0
+REMEASURE_MAX_CALL_S = 1.0
 
 IMPL_TITLES = {"fastoptim": "fastoptim", "numpy": "NumPy", "torch_foreach": "torch foreach",
                "torch_fused": "torch fused", "ceiling": "ceiling"}
@@ -250,6 +276,27 @@ assert {c.key: c.bytes_per_element for c in CASES} == {
     "adamax": 28, "asgd": 16, "asgd_averaging": 20, "rprop": 28, "lion": 20}
 
 
+# What a run covers unless --sizes, --optimizers, --reps or --min-time say otherwise.
+# Note [the default run]
+# The default is the headline: the optimizers most used (Adam, AdamW, SGD momentum), RMSprop
+# (torch has no fused CPU RMSprop: "x vs best" is against foreach) and NAdam (a newer rule,
+# foreach only in torch), at 2^20 (4 MiB per array: in L3 here, the divider binds), 2^24
+# (64 MiB per array: DRAM, the memory wall) and 256 tensors of 16,384 elements (a model's
+# parameter list: ResNet-50 has 161 tensors, BERT-base about 200, LLaMA-7B 291; the
+# per-tensor overhead counts), with fewer repetitions than --full. --quick is every case at
+# the two smaller sizes and the list. Only --full has 2,000 x 4,096:
+# on a busy machine a multi-threaded torch step there can wait a scheduler tick per tensor
+# (15 s a step, seen on a 2-vCPU VM), and one such call would take the default's whole time.
+PRESETS = {
+    "default": {"cases": ("sgd_momentum", "rmsprop", "adam", "adamw", "nadam"),
+                "sizes": ("2^20", "2^24", "256x16384"), "reps": 7, "min_time": 0.1},
+    "quick": {"cases": None, "sizes": ("2^16", "2^18", "2^20", "256x16384"), "reps": 5,
+              "min_time": 0.05},
+    "full": {"cases": None, "sizes": tuple(f"2^{k}" for k in range(16, 27, 2)) + ("2000x4096",),
+             "reps": 11, "min_time": 0.2},
+}
+
+
 # ---------------------------------------------------------------------------------------
 # Sizes and arrays
 
@@ -365,7 +412,14 @@ def make_torch(case: Case, arrays: dict, params: list, mode: str) -> Callable:
     if cls is None:
         raise TypeError(f"torch.optim has no {case.torch_class}")
     opt = cls(params, **case.torch_hyper, **{mode: True})
-    opt.step()
+    # This first step, untimed, only makes the states; on one thread, since on a busy machine
+    # a multi-threaded torch step over many tensors can take seconds (Note [stalled cells]).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        opt.step()
+    finally:
+        torch.set_num_threads(threads)
     for p, *states in zip(params, *(as_list(arrays[s]) for s in case.states)):
         st = opt.state[p]
         for name, array in zip(case.states, states):
@@ -385,35 +439,43 @@ def set_threads(n: int) -> None:
 # Timing
 
 class ThreadPrimer:
-    """Wakes the worker threads before a timed batch (untimed): parallel ``stream_rmw`` calls
-    on two small arrays until ``good`` calls in a row take under 1 ms, or ``max_s`` passed.
+    """Wakes the worker threads before a timed batch (untimed): a small parallel operation,
+    repeated until ``good`` calls in a row take under 1 ms, or ``max_s`` passed. By default
+    the operation is fastoptim's (``stream_rmw`` on two small arrays); ``torch_primer`` gives
+    one for torch's OpenMP threads.
 
     Note [priming the thread pool]
     After the main thread has worked alone for some milliseconds (NumPy, a torch foreach
     step over small tensors, which runs on one thread, refilling the states), some kernels
-    (VMs that pack idle vCPUs) put the sleeping OpenMP workers on the main thread's CPU;
-    every parallel call then waits for a scheduler tick, ~8 ms, until the workers are moved
-    back, which can take a second. Such a stall would land on whichever implementation comes
-    next, so each batch is preceded by the primer, and the benchmark times back-to-back
-    steps. On a machine without the effect the primer costs well under a millisecond; on a
-    busy one it gives up after ``max_s`` (after 10 such give-ups, after 50 ms).
+    (VMs that pack idle vCPUs) put the sleeping workers on the main thread's CPU; every
+    parallel call then waits for a scheduler tick, ~8 ms, until the workers are moved back,
+    which can take a second. Such a stall would land on whichever implementation comes next,
+    so each batch is preceded by a primer for the threads that implementation uses (fastoptim's
+    pool for fastoptim and the ceiling, torch's OpenMP threads for torch), and the benchmark
+    times back-to-back steps. On a machine without the effect a primer costs well under a
+    millisecond; on a busy one it gives up after ``max_s`` (after 10 such give-ups, after
+    ``later_max_s``).
     """
 
-    def __init__(self, threads: int, good: int = 20, max_s: float = 1.0):
-        # threads * 2^16 elements: every thread gets a share (the dispatcher gives each at
-        # least 2^15 elements) and the arrays stay in cache.
-        n = threads * 2**16
-        self.streams = [np.zeros(n, DTYPE), np.zeros(n, DTYPE)]
-        self.good, self.max_s = good, max_s
+    def __init__(self, threads: int, op: Callable | None = None, good: int = 20,
+                 max_s: float = 1.0, later_max_s: float = 0.05):
+        if op is None:
+            # threads * 2^16 elements: every thread gets a share (the dispatcher gives each
+            # at least 2^15 elements) and the arrays stay in cache.
+            streams = [np.zeros(threads * 2**16, DTYPE), np.zeros(threads * 2**16, DTYPE)]
+            op = lambda: _core.stream_rmw(streams, 1)  # noqa: E731
+        self.op, self.good, self.max_s, self.later_max_s = op, good, max_s, later_max_s
         self.stalls = 0  # calls over 1 ms seen while priming
         self.unsettled = 0  # primes that gave up
+        self.primes = 0
 
     def __call__(self) -> None:
-        clock, rmw, streams = time.perf_counter, _core.stream_rmw, self.streams
+        clock, op = time.perf_counter, self.op
         start, good = clock(), 0
+        self.primes += 1
         while good < self.good:
             t0 = clock()
-            rmw(streams, 1)
+            op()
             t1 = clock()
             if t1 - t0 < 1e-3:
                 good += 1
@@ -423,39 +485,75 @@ class ThreadPrimer:
             if t1 - start > self.max_s:
                 self.unsettled += 1
                 if self.unsettled == 10:
-                    self.max_s = 0.05
+                    self.max_s = self.later_max_s
                 return
 
+    def counts(self) -> dict:
+        return {"primes": self.primes, "stalled_calls": self.stalls,
+                "unsettled_batches": self.unsettled}
 
-def calibrate(fns: dict, target_s: float, cap: int, before_batch=None) -> dict:
+
+def torch_primer(threads: int) -> ThreadPrimer:
+    """A ThreadPrimer for torch's OpenMP threads: ``torch.add`` of two tensors of
+    threads * 2^16 float32 (torch splits elementwise work in grains of 32,768 elements, so
+    every thread gets some; 0.5 MiB each, in cache). It gives up sooner than fastoptim's
+    (0.25 s, then 20 ms): on a loaded machine torch's threads may never settle (every call
+    a scheduler tick late), and every torch batch is primed."""
+    a, b = torch.zeros(threads * 2**16), torch.ones(threads * 2**16)
+    out = torch.empty_like(a)
+    return ThreadPrimer(threads, lambda: torch.add(a, b, out=out), max_s=0.25,
+                        later_max_s=0.02)
+
+
+def primers_for(fns: dict, primers: dict) -> dict:
+    """Each implementation's primer: torch's for the torch columns, fastoptim's for fastoptim
+    and the ceiling, none for NumPy (one thread)."""
+    return {name: primers.get("torch" if name.startswith("torch") else
+                              None if name == "numpy" else "fastoptim") for name in fns}
+
+
+def calibrate(fns: dict, target_s: float, cap: int,
+              before_batch: dict | None = None) -> tuple[dict, dict]:
     """Warm each callable up and choose its calls per repetition: enough to last about
-    ``target_s``, between 1 and ``cap``."""
-    calls = {}
+    ``target_s``, between 1 and ``cap``. ``before_batch[name]``, if any, runs first. Returns
+    (calls per repetition, seconds per call seen). A first call that lasts ``target_s`` or
+    more is the only one (a stalled torch step can take seconds)."""
+    calls, per_call = {}, {}
+    clock = time.perf_counter
     for name, fn in fns.items():
-        if before_batch is not None:
-            before_batch()
+        if before_batch and before_batch.get(name) is not None:
+            before_batch[name]()
+        t0 = clock()
         fn()  # first touch, lazy initialisation
-        n, t0 = 0, time.perf_counter()
-        while True:
-            fn()
-            n += 1
-            elapsed = time.perf_counter() - t0
-            if elapsed >= min(target_s, 0.01) or n >= cap:
-                break
-        calls[name] = max(1, min(cap, math.ceil(target_s / (elapsed / n))))
-    return calls
+        n, elapsed = 1, clock() - t0
+        if elapsed < target_s:
+            n, t0 = 0, clock()
+            while True:
+                fn()
+                n += 1
+                elapsed = clock() - t0
+                if elapsed >= min(target_s, 0.01) or n >= cap:
+                    break
+        per_call[name] = elapsed / n
+        calls[name] = max(1, min(cap, math.ceil(target_s / per_call[name])))
+    return calls, per_call
 
 
-def interleaved(fns: dict, reps: int, calls: dict, before_rep=None, before_batch=None,
-                per_call: bool = True) -> dict:
+def interleaved(fns: dict, reps: int, calls: dict, before_rep=None,
+                before_batch: dict | None = None, per_call: bool = True,
+                budget: dict | None = None) -> dict:
     """Time the callables interleaved (repetition 1 runs a, b, c; repetition 2 runs a, b, c;
     ...) so that drift in clock frequency or load hits all of them alike: ``calls[name]``
-    calls of each per repetition, ``before_rep`` and ``before_batch`` untimed.
+    calls of each per repetition, ``before_rep`` and ``before_batch[name]`` untimed.
 
-    Returns per callable the seconds of every call (``per_call``) or of each repetition's
-    mean call (a batch timed as one: for calls of a few microseconds).
+    Returns per callable the seconds of every call, one list per repetition (``per_call``),
+    or of each repetition's mean call (a batch timed as one: for calls of a few
+    microseconds). A callable whose timed calls have taken ``budget[name]`` seconds is timed
+    no more (a stalled cell must not hold the run for minutes): its list is shorter.
     """
     samples = {name: [] for name in fns}
+    spent = dict.fromkeys(fns, 0.0)
+    limit = budget or {}
     clock = time.perf_counter
     gc_was_enabled = gc.isenabled()
     gc.disable()
@@ -464,14 +562,21 @@ def interleaved(fns: dict, reps: int, calls: dict, before_rep=None, before_batch
             if before_rep is not None:
                 before_rep()
             for name, fn in fns.items():
+                if spent[name] > limit.get(name, math.inf):
+                    continue
                 k, out = calls[name], samples[name]
-                if before_batch is not None:
-                    before_batch()
+                if before_batch and before_batch.get(name) is not None:
+                    before_batch[name]()
                 if per_call:
+                    batch = []
                     for _ in range(k):
                         t0 = clock()
                         fn()
-                        out.append(clock() - t0)
+                        batch.append(clock() - t0)
+                        spent[name] += batch[-1]
+                        if spent[name] > limit.get(name, math.inf):
+                            break
+                    out.append(batch)
                 else:
                     t0 = clock()
                     for _ in range(k):
@@ -483,18 +588,84 @@ def interleaved(fns: dict, reps: int, calls: dict, before_rep=None, before_batch
     return samples
 
 
-def describe(times: list, reps: int) -> dict:
-    """Statistics of one implementation's call times (seconds, repetition-major).
+def describe(per_rep: list) -> dict:
+    """Statistics of one implementation's call times (seconds, one list per repetition).
     ``median_s`` is the figure reported; ``slow_fraction`` is the share of calls over twice
     the median (stalls: something else took a core)."""
-    a = np.asarray(times)
+    a = np.concatenate([np.asarray(r, dtype=float) for r in per_rep])
     med = float(np.median(a))
-    per_rep = np.array_split(a, reps)
     return {"median_s": med, "mean_s": float(a.mean()), "min_s": float(a.min()),
             "p10_s": float(np.percentile(a, 10)), "p90_s": float(np.percentile(a, 90)),
             "calls": int(a.size), "slow_fraction": float((a > 2 * med).mean()),
             "rep_median_s": [float(np.median(r)) for r in per_rep],
-            "rep_mean_s": [float(r.mean()) for r in per_rep]}
+            "rep_mean_s": [float(np.mean(r)) for r in per_rep]}
+
+
+def measure(fns: dict, reps: int, min_time: float, reset: Callable, primers: dict,
+            expected: dict | None = None) -> dict:
+    """One cell's timing: calibrate, then ``reps`` interleaved repetitions. Returns each
+    implementation's ``describe`` statistics with its calls per repetition.
+
+    An implementation's timed calls get BUDGET_FACTOR times what its cell should take:
+    ``reps`` calls of its ``expected`` seconds (its 1-thread median, when known; else the
+    calibration's time per call), at least ``min_time``. One that runs past it (stalled) is
+    left with the calls it has (``cut_short``); one whose warm-up call alone took longer is
+    not timed again: that call is its only sample (``warmup_only``)."""
+    reset()
+    before = primers_for(fns, primers)
+    calls, seen = calibrate(fns, min_time / reps, MAX_CALLS_PER_REP, before)
+    expected = expected or {}
+    budget = {k: BUDGET_FACTOR * max(min_time, reps * expected.get(k, seen[k])) for k in fns}
+    timed = {k: fn for k, fn in fns.items() if seen[k] <= budget[k]}
+    samples = interleaved(timed, reps, calls, reset, before, budget=budget)
+    stats = {}
+    for k in fns:
+        if k in samples:
+            stats[k] = dict(describe(samples[k]), calls_per_rep=calls[k])
+            if stats[k]["calls"] < reps * calls[k]:
+                stats[k]["cut_short"] = True
+        else:
+            stats[k] = dict(describe([[seen[k]]]), calls_per_rep=0, cut_short=True,
+                            warmup_only=True)
+    return stats
+
+
+def stall_reasons(stats: dict, threads: int, one_thread: dict) -> dict:
+    """The implementations of a cell whose figure is stalled (Note [stalled cells]), each
+    with the reasons: ``{name: ["median 3.1x its fastest call", ...]}``. ``one_thread`` holds
+    the same cell's medians at 1 thread (empty when there are none)."""
+    stalled = {}
+    for name, st in stats.items():
+        reasons = []
+        if st["median_s"] > STALL_OVER_MIN * st["min_s"]:
+            reasons.append(f"median {st['median_s'] / st['min_s']:.1f}x its fastest call")
+        base = one_thread.get(name)
+        if threads > 1 and base and st["median_s"] > STALL_OVER_ONE_THREAD * base:
+            reasons.append(f"median {st['median_s'] / base:.1f}x its 1-thread median")
+        if reasons:
+            stalled[name] = reasons
+    return stalled
+
+
+def measure_cell(fns: dict, args, reset: Callable, primers: dict, threads: int,
+                 one_thread: dict) -> tuple[dict, dict]:
+    """Measure a cell; measure its stalled implementations once more (their threads woken
+    first) and keep the second figure. Returns (stats, first attempts of the re-measured):
+    a stats entry has ``stalled`` (the reasons) when the second figure is stalled too."""
+    stats = measure(fns, args.reps, args.min_time, reset, primers, one_thread)
+    stalled = stall_reasons(stats, threads, one_thread)
+    hopeless = {k: v for k, v in stalled.items()
+                if stats[k]["median_s"] > REMEASURE_MAX_CALL_S}
+    again = [k for k in stalled if k not in hopeless]
+    first = {k: dict(stats[k], stalled=stalled[k]) for k in again}
+    if again:
+        stats.update(measure({k: fns[k] for k in again}, args.reps, args.min_time, reset,
+                             primers, one_thread))
+        stalled = dict(hopeless, **stall_reasons({k: stats[k] for k in again}, threads,
+                                                 one_thread))
+    for name, reasons in stalled.items():
+        stats[name]["stalled"] = reasons
+    return stats, first
 
 
 # ---------------------------------------------------------------------------------------
@@ -599,16 +770,103 @@ def loadavg() -> list | None:
         return None
 
 
+class LoadMeter:
+    """How busy the machine is: the load average, and between two samples the CPU time that
+    OTHER processes used (all CPUs' busy time in /proc/stat minus this process's, both over
+    the wall time: "0.9 CPUs" means other work kept about one CPU busy) and the time the
+    hypervisor stole."""
+
+    def __init__(self):
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.first = self.last = self._read()
+
+    def _read(self) -> dict:
+        own = os.times()
+        reading = {"wall": time.perf_counter(), "own": own.user + own.system}
+        try:
+            lines = Path("/proc/stat").read_text().splitlines()
+            f = [int(x) for x in lines[0].split()[1:9]]
+            # user nice system idle iowait irq softirq steal (guest time is inside user)
+            reading["busy"] = (f[0] + f[1] + f[2] + f[5] + f[6]) / self.tick
+            reading["steal"] = f[7] / self.tick
+            reading["cpus"] = sum(1 for ln in lines[1:] if ln.startswith("cpu"))
+        except (OSError, ValueError, IndexError):
+            pass
+        return reading
+
+    def sample(self, label: str, since_first: bool = False) -> dict:
+        """The load average now and the other processes' CPU since the previous sample (or
+        since the meter was made)."""
+        now, last = self._read(), self.first if since_first else self.last
+        self.last = now
+        wall = now["wall"] - last["wall"]
+        out = {"when": label, "loadavg": loadavg(), "seconds": round(wall, 1)}
+        if "busy" in now and "busy" in last and wall > 0:
+            out["other_cpus"] = round(max(0.0, (now["busy"] - last["busy"]
+                                                - (now["own"] - last["own"])) / wall), 2)
+            out["steal_cpus"] = round((now["steal"] - last["steal"]) / wall, 2)
+            out["cpus"] = now["cpus"]
+        return out
+
+
+def fmt_load(sample: dict) -> str:
+    text = f"load average {sample['loadavg']}"
+    if "other_cpus" in sample:
+        text += (f"; other processes used {sample['other_cpus']:.2f} of {sample['cpus']} CPUs "
+                 f"over the last {sample['seconds']:g} s (steal {sample['steal_cpus']:.2f})")
+    return text
+
+
+class Progress:
+    """Progress on stderr, plain text: one line redrawn with \r on a terminal, otherwise a
+    line per finished cell."""
+
+    def __init__(self, total: int, stream=sys.stderr):
+        self.total, self.stream, self.done = total, stream, 0
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self.start = time.perf_counter()
+
+    def _clock(self) -> str:
+        elapsed = time.perf_counter() - self.start
+        if not self.done:
+            return f"{elapsed:.0f} s"
+        return f"{elapsed:.0f} s, ~{elapsed / self.done * (self.total - self.done):.0f} s left"
+
+    def begin(self, what: str) -> None:
+        if self.tty:
+            bar = "#" * (20 * self.done // self.total)
+            line = f"[{bar:-<20}] {self.done}/{self.total} {what} ({self._clock()})"
+            width = shutil.get_terminal_size((100, 20)).columns - 1
+            self.stream.write("\r" + line[:width].ljust(width))
+            self.stream.flush()
+
+    def end(self, summary: str) -> None:
+        self.done += 1
+        if not self.tty:
+            self.stream.write(f"[{self.done:3}/{self.total}] {summary}  [{self._clock()}]\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            width = shutil.get_terminal_size((100, 20)).columns - 1
+            self.stream.write("\r" + " " * width + "\r")
+            self.stream.flush()
+
+
 # ---------------------------------------------------------------------------------------
 # One cell, the latency row, the output
 
 def summarize(stats: dict, case: Case, size: Size, threads: int) -> dict:
-    """A row: per implementation the call statistics and the GB/s of the median, and the
-    ratios of medians."""
+    """A row: per implementation the call statistics and the GB/s of the median, the ratios
+    of medians, and which of them derive from a stalled figure (Note [stalled cells])."""
     med = {k: v["median_s"] for k, v in stats.items()}
     nbytes = size.total * case.bytes_per_element
     fo = med["fastoptim"]
-    torch_times = [med[k] for k in ("torch_foreach", "torch_fused") if k in med]
+    torch_impls = [k for k in ("torch_foreach", "torch_fused") if k in med]
+    stalled = sorted(k for k, v in stats.items() if v.get("stalled"))
+    derived = {"pct_of_ceiling": ("fastoptim", "ceiling"), "x_vs_numpy": ("fastoptim", "numpy"),
+               "x_vs_torch_fused": ("fastoptim", "torch_fused"),
+               "x_vs_torch_best": ("fastoptim", *torch_impls)}
     return {
         "optimizer": case.key, "label": case.label, "size": size.label,
         "tensors": size.tensors, "elements_per_tensor": size.elements, "elements": size.total,
@@ -619,8 +877,11 @@ def summarize(stats: dict, case: Case, size: Size, threads: int) -> dict:
         "pct_of_ceiling": 100 * med["ceiling"] / fo,
         "x_vs_numpy": med["numpy"] / fo if "numpy" in med else None,
         "x_vs_torch_fused": med["torch_fused"] / fo if "torch_fused" in med else None,
-        "x_vs_torch_best": min(torch_times) / fo if torch_times else None,
+        "x_vs_torch_best": min(med[k] for k in torch_impls) / fo if torch_impls else None,
         "noisy": any(v["slow_fraction"] > NOISY_FRACTION for v in stats.values()),
+        "stalled": stalled,
+        "stalled_figures": sorted(k for k, inputs in derived.items()
+                                  if any(i in stalled for i in inputs)),
         "stats": stats,
     }
 
@@ -644,12 +905,33 @@ def latency(threads: int, use_numpy: bool, use_torch: bool, reps: int, prime: bo
     set_threads(threads)
     reset = lambda: reset_states(arrays, case)  # noqa: E731
     reset()
-    primer = ThreadPrimer(threads) if threads > 1 and prime else None
-    calls = calibrate(fns, 2e-3, 1000, primer)
-    samples = interleaved(fns, reps, calls, reset, primer, per_call=False)
+    primers = make_primers(threads, prime, use_torch)
+    before = primers_for(fns, primers)
+    calls, _ = calibrate(fns, 2e-3, 1000, before)
+    samples = interleaved(fns, reps, calls, reset, before, per_call=False)
     return {"threads": threads, "elements": 1024, "optimizer": "adam",
             "median_us": {k: 1e6 * statistics.median(v) for k, v in samples.items()},
+            "min_us": {k: 1e6 * min(v) for k, v in samples.items()},
             "rep_mean_s": samples, "calls_per_rep": calls, "finite": all_finite(arrays)}
+
+
+def mark_latency(lat: list) -> None:
+    """Note [stalled cells] for the latency row: on the repetitions' mean calls, against the
+    1-thread entry."""
+    one = next((e["median_us"] for e in lat if e["threads"] == 1), {})
+    for e in lat:
+        stats = {k: {"median_s": v, "min_s": e["min_us"][k]} for k, v in e["median_us"].items()}
+        e["stalled"] = stall_reasons(stats, e["threads"], one)
+
+
+def make_primers(threads: int, prime: bool, use_torch: bool) -> dict:
+    """The thread primers of a thread count: none at 1 thread or with --no-prime."""
+    if threads == 1 or not prime:
+        return {}
+    primers = {"fastoptim": ThreadPrimer(threads)}
+    if use_torch:
+        primers["torch"] = torch_primer(threads)
+    return primers
 
 
 def fmt_ms(seconds) -> str:
@@ -666,35 +948,53 @@ def fmt_num(x, digits=1) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def print_table(rows: list, threads: int) -> None:
+def fmt_marked(text: str, marked: bool) -> str:
+    """A figure and one column for its mark (STALL_MARK or a space)."""
+    return text + (STALL_MARK if marked and text != "-" else " ")
+
+
+def table_lines(rows: list, threads: int, load: dict | None = None) -> list:
+    """One thread count's table as lines of text. A stalled implementation's ms and every
+    figure derived from it carry STALL_MARK; the size carries * when the row is noisy."""
     plural = "s" if threads > 1 else ""
-    print(f"\n== {threads} thread{plural} (fastoptim, torch, ceiling); NumPy single-threaded ==")
-    print(f"{'':16} {'':>10} | {'fastoptim':^14} | {'NumPy':^14} | {'torch foreach':^14} | "
-          f"{'torch fused':^14} | {'ceiling':>7} | {'% of':>5} {'x vs':>6} {'x vs':>6} {'x vs':>6}")
-    print(f"{'optimizer':16} {'N':>10} | " + " | ".join([f"{'ms':>7} {'GB/s':>6}"] * 4)
-          + f" | {'GB/s':>7} | {'ceil':>5} {'NumPy':>6} {'fused':>6} {'best':>6}")
+    lines = [f"\n== {threads} thread{plural} (fastoptim, torch, ceiling); "
+             "NumPy single-threaded =="]
+    if load is not None:
+        lines.append(f"   during this pass: {fmt_load(load)}")
+    lines.append(f"{'':16} {'':>10} | {'fastoptim':^15} | {'NumPy':^15} | "
+                 f"{'torch foreach':^15} | {'torch fused':^15} | {'ceiling':>7} | "
+                 f"{'% of':>6} {'x vs':>7} {'x vs':>7} {'x vs':>7}")
+    lines.append(f"{'optimizer':16} {'N':>10} | " + " | ".join([f"{'ms':>8} {'GB/s':>6}"] * 4)
+                 + f" | {'GB/s':>7} | {'ceil':>6} {'NumPy':>7} {'fused':>7} {'best':>7}")
     last = None
     for r in rows:
         if last is not None and r["optimizer"] != last:
-            print()
+            lines.append("")
         last = r["optimizer"]
-        med, gbps = r["median_s"], r["gbps"]
-        impls = " | ".join(f"{fmt_ms(med.get(i)):>7} {fmt_num(gbps.get(i)):>6}"
+        med, gbps, stalled = r["median_s"], r["gbps"], set(r.get("stalled", ()))
+        marked = set(r.get("stalled_figures", ()))
+        impls = " | ".join(f"{fmt_marked(fmt_ms(med.get(i)), i in stalled):>8} "
+                           f"{fmt_num(gbps.get(i)):>6}"
                            for i in ("fastoptim", "numpy", "torch_foreach", "torch_fused"))
         size = r["size"] + ("*" if r["noisy"] else " ")
-        print(f"{r['label']:16} {size:>10} | {impls} | {fmt_num(gbps.get('ceiling')):>7} | "
-              f"{fmt_num(r['pct_of_ceiling'], 0):>5} {fmt_num(r['x_vs_numpy']):>6} "
-              f"{fmt_num(r['x_vs_torch_fused']):>6} {fmt_num(r['x_vs_torch_best']):>6}")
+        ratios = " ".join(f"{fmt_marked(fmt_num(r[k]), k in marked):>7}"
+                          for k in ("x_vs_numpy", "x_vs_torch_fused", "x_vs_torch_best"))
+        pct = fmt_marked(fmt_num(r["pct_of_ceiling"], 0), "pct_of_ceiling" in marked)
+        ceiling = fmt_num(gbps.get("ceiling")) + (STALL_MARK if "ceiling" in stalled else "")
+        lines.append(f"{r['label']:16} {size:>10} | {impls} | {ceiling:>7} | {pct:>6} {ratios}")
+    return lines
 
 
 def print_latency(lat: list) -> None:
     print("\n== Latency: one Adam step on 1,024 float32, end to end from Python (median, us) ==")
     impls = [i for i in ("fastoptim", "numpy", "torch_fused", "torch_foreach")
              if i in lat[0]["median_us"]]
-    print(f"{'threads':>7} " + " ".join(f"{IMPL_TITLES[i]:>14}" for i in impls))
+    print(f"{'threads':>7} " + " ".join(f"{IMPL_TITLES[i]:>14} " for i in impls))
     for entry in lat:
-        print(f"{entry['threads']:>7} "
-              + " ".join(f"{entry['median_us'][i]:>14.1f}" for i in impls))
+        stalled = entry.get("stalled", {})
+        print(f"{entry['threads']:>7} " + " ".join(
+            f"{fmt_marked(format(entry['median_us'][i], '.1f'), i in stalled):>15}"
+            for i in impls))
 
 
 def default_json_path() -> Path:
@@ -709,15 +1009,21 @@ def default_json_path() -> Path:
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="2^16, 2^18, 2^20 and 2000x4096; "
-                    "5 repetitions, 0.05 s per implementation per cell")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--full", action="store_true", help="every optimizer at 2^16, 2^18, "
+                       "..., 2^26 and 2000x4096; 11 repetitions, 0.2 s per implementation per "
+                       "cell (about 11 minutes and 2.6 GiB on 2 cores)")
+    which.add_argument("--quick", action="store_true", help="every optimizer at 2^16, 2^18, "
+                       "2^20 and 256x16384; 5 repetitions, 0.05 s per implementation per cell")
     ap.add_argument("--sizes", help="comma-separated: 2^k, an element count, or COUNTxSIZE for "
-                    "a list of COUNT arrays (default 2^16,2^18,...,2^26,2000x4096)")
+                    "a list of COUNT arrays (default 2^20,2^24,256x16384)")
     ap.add_argument("--threads", help="comma-separated thread counts (default: 1 and all)")
-    ap.add_argument("--optimizers", help="comma-separated subset of: " + ", ".join(CASES_BY_KEY))
-    ap.add_argument("--reps", type=int, help="repetitions per cell (default 11; --quick 5)")
+    ap.add_argument("--optimizers", help="comma-separated subset of: " + ", ".join(CASES_BY_KEY)
+                    + " (default " + ",".join(PRESETS["default"]["cases"]) + ")")
+    ap.add_argument("--reps", type=int, help="repetitions per cell (default 7; --full 11; "
+                    "--quick 5)")
     ap.add_argument("--min-time", type=float, help="seconds per implementation per cell, all "
-                    "repetitions together (default 0.2; --quick 0.05)")
+                    "repetitions together (default 0.1; --full 0.2; --quick 0.05)")
     ap.add_argument("--no-torch", action="store_true", help="skip torch.optim")
     ap.add_argument("--no-numpy", action="store_true", help="skip the NumPy baseline")
     ap.add_argument("--numpy-block", type=int, default=0, metavar="ELEMS",
@@ -729,31 +1035,28 @@ def parse_args(argv):
     ap.add_argument("--json", type=Path,
                     help="output file (default bench/results/cpu-<date>.json, never overwritten)")
     args = ap.parse_args(argv)
+    args.preset = "full" if args.full else "quick" if args.quick else "default"
+    preset = PRESETS[args.preset]
     try:
-        if args.sizes:
-            args.sizes = [parse_size(s) for s in args.sizes.split(",")]
-        elif args.quick:
-            args.sizes = [parse_size(s) for s in ("2^16", "2^18", "2^20", "2000x4096")]
-        else:
-            args.sizes = [parse_size(f"2^{k}") for k in range(16, 27, 2)] + [
-                parse_size("2000x4096")]
+        args.sizes = [parse_size(s) for s in
+                      (args.sizes.split(",") if args.sizes else preset["sizes"])]
         args.threads = (sorted({int(t) for t in args.threads.split(",")}) if args.threads
                         else sorted({1, usable_cpus()}))
         if min(args.threads) < 1:
             raise ValueError("thread counts must be >= 1")
-        args.cases = ([CASES_BY_KEY[k.strip()] for k in args.optimizers.split(",")]
-                      if args.optimizers else CASES)
+        keys = (args.optimizers.split(",") if args.optimizers else preset["cases"])
+        args.cases = [CASES_BY_KEY[k.strip()] for k in keys] if keys else CASES
     except KeyError as exc:
         ap.error(f"unknown optimizer {exc}; choose from {', '.join(CASES_BY_KEY)}")
     except ValueError as exc:
         ap.error(str(exc))
-    args.reps = args.reps or (5 if args.quick else 11)
-    args.min_time = args.min_time or (0.05 if args.quick else 0.2)
+    args.reps = args.reps or preset["reps"]
+    args.min_time = args.min_time or preset["min_time"]
     args.use_torch = torch is not None and not args.no_torch
     return args
 
 
-def print_header(args, machine: dict, load: list | None) -> None:
+def print_header(args, machine: dict, load: dict) -> None:
     fo = machine["fastoptim"]
     print(f"CPU       {machine['cpu']} ({machine['usable_cpus']} usable of "
           f"{machine['logical_cpus']} logical CPUs; {', '.join(machine.get('cpu_flags', []))}); "
@@ -762,25 +1065,29 @@ def print_header(args, machine: dict, load: list | None) -> None:
           f" supported {','.join(fo['isas_supported'])}), threading={fo['threading']}, "
           f"default threads={fo['num_threads']}")
     print(f"numpy {np.__version__}; torch {machine['torch'] or 'not installed'}; "
-          f"python {machine['python']}; load average {load}")
-    print(f"sizes {', '.join(s.label for s in args.sizes)} (float32); threads {args.threads}; "
+          f"python {machine['python']}")
+    print(f"load at the start: {fmt_load(load)}")
+    more = "" if args.preset == "full" else " (--full: every optimizer and size)"
+    print(f"run {args.preset}{more}: {', '.join(c.key for c in args.cases)}; sizes "
+          f"{', '.join(s.label for s in args.sizes)} (float32); threads {args.threads}; "
           f"{args.reps} reps, ~{args.min_time:g} s per implementation per cell; median of calls")
 
 
-def run_cells(args, unavailable: set) -> tuple[list, dict]:
-    """Every (threads, size, case) cell, in that order; returns the rows and the primers'
-    counts per thread count."""
-    rows, priming = [], {}
+def run_cells(args, unavailable: set, meter: LoadMeter, progress: Progress) -> tuple:
+    """Every (threads, size, case) cell, in that order; returns the rows, the primers' counts
+    per thread count and the load of each thread count's pass."""
+    rows, priming, loads = [], {}, {}
     numpy_stats = {}  # (case, size) -> stats: NumPy runs on one thread, measured once
-    total = len(args.threads) * len(args.sizes) * len(args.cases)
-    start = time.perf_counter()
+    one_thread = {}  # (case, size) -> {implementation: median at 1 thread}
     for threads in args.threads:
         set_threads(threads)
-        primer = ThreadPrimer(threads) if threads > 1 and not args.no_prime else None
+        meter.sample(f"before {threads} threads")
+        primers = make_primers(threads, not args.no_prime, args.use_torch)
         for size in args.sizes:
             pool = allocate(size, np.random.default_rng(0))
             params = torch_params(pool) if args.use_torch else None
             for case in args.cases:
+                progress.begin(f"{threads} thr {case.label} {size.label}")
                 arrays = case_arrays(pool, case)
                 fns = {"fastoptim": make_fastoptim(case, arrays)}
                 key = (case.key, size.label)
@@ -793,30 +1100,34 @@ def run_cells(args, unavailable: set) -> tuple[list, dict]:
                 fns["ceiling"] = make_ceiling(case, arrays)
 
                 reset = lambda: reset_states(arrays, case)  # noqa: E731
-                reset()
-                calls = calibrate(fns, args.min_time / args.reps, MAX_CALLS_PER_REP, primer)
-                samples = interleaved(fns, args.reps, calls, reset, primer)
+                cell_start = time.perf_counter()
+                stats, first = measure_cell(fns, args, reset, primers, threads,
+                                            one_thread.get(key, {}))
                 del fns  # frees torch's optimizers before the next case builds its own
-                stats = {k: dict(describe(v, args.reps), calls_per_rep=calls[k])
-                         for k, v in samples.items()}
                 if "numpy" in stats:
                     numpy_stats[key] = dict(stats["numpy"], measured_with_threads=threads)
                 if key in numpy_stats:
                     stats["numpy"] = numpy_stats[key]
+                if threads == 1:
+                    one_thread[key] = {k: v["median_s"] for k, v in stats.items()
+                                       if k != "numpy"}
                 row = summarize(stats, case, size, threads)
+                row["remeasured"] = first
+                row["seconds"] = round(time.perf_counter() - cell_start, 2)
                 row["finite"] = all_finite(arrays)
                 rows.append(row)
-                print(f"[{len(rows):3}/{total}] {threads} thr {case.label:16} {size.label:>9}: "
-                      f"fastoptim {fmt_ms(row['median_s']['fastoptim'])} ms, "
-                      f"{row['pct_of_ceiling']:.0f}% of ceiling"
-                      f"{' (noisy)' if row['noisy'] else ''}  "
-                      f"[{time.perf_counter() - start:.0f} s]", file=sys.stderr, flush=True)
+                flags = "".join([" (noisy)" if row["noisy"] else "",
+                                 f" (re-measured {','.join(first)})" if first else "",
+                                 f" (stalled {','.join(row['stalled'])})"
+                                 if row["stalled"] else ""])
+                progress.end(f"{threads} thr {case.label:16} {size.label:>9}: fastoptim "
+                             f"{fmt_ms(row['median_s']['fastoptim'])} ms, "
+                             f"{row['pct_of_ceiling']:.0f}% of ceiling{flags}")
             del pool, params, arrays
             gc.collect()
-        if primer is not None:
-            priming[threads] = {"stalled_calls": primer.stalls,
-                                "unsettled_batches": primer.unsettled}
-    return rows, priming
+        loads[threads] = meter.sample(f"{threads} threads")
+        priming[threads] = {k: p.counts() for k, p in primers.items()}
+    return rows, priming, loads
 
 
 def main(argv=None) -> int:
@@ -824,7 +1135,9 @@ def main(argv=None) -> int:
     if args.isa:
         fastoptim.set_isa(args.isa)
     machine = machine_info()
-    load_start = loadavg()
+    meter = LoadMeter()
+    time.sleep(0.5)  # a short window for the other processes' CPU use
+    load_start = meter.sample("start")
     print_header(args, machine, load_start)
 
     notes, unavailable = check_implementations(args.cases, args.use_torch)
@@ -834,25 +1147,46 @@ def main(argv=None) -> int:
         print(f"note: {note}")
     # The arrays (2 + MAX_STATES streams), NumPy's scratch (up to 3), torch's temporaries.
     peak = max(s.total for s in args.sizes) * ITEMSIZE * (2 + MAX_STATES + 3 + 3)
-    print(f"peak memory about {peak / 2**30:.1f} GiB "
-          f"(available {machine.get('mem_available_gib', '?')} GiB)", flush=True)
+    print(f"arrays and scratch about {peak / 2**30:.1f} GiB (an estimate; the libraries add "
+          f"~0.2 GiB, and the peak is printed at the end; available "
+          f"{machine.get('mem_available_gib', '?')} GiB)", flush=True)
 
     start = time.perf_counter()
-    rows, priming = run_cells(args, unavailable)
-    lat = [latency(t, not args.no_numpy and i == 0, args.use_torch, 3 * max(args.reps, 11),
-                   not args.no_prime) for i, t in enumerate(args.threads)]
+    progress = Progress(len(args.threads) * (len(args.sizes) * len(args.cases) + 1))
+    try:
+        rows, priming, loads = run_cells(args, unavailable, meter, progress)
+        lat = []
+        for i, t in enumerate(args.threads):
+            progress.begin(f"{t} thr latency row")
+            lat.append(latency(t, not args.no_numpy and i == 0, args.use_torch,
+                               3 * max(args.reps, 11), not args.no_prime))
+            progress.end(f"{t} thr latency row")
+    finally:
+        progress.close()
     for entry in lat[1:]:
         if "numpy" in lat[0]["median_us"]:
             entry["median_us"]["numpy"] = lat[0]["median_us"]["numpy"]
+            entry["min_us"]["numpy"] = lat[0]["min_us"]["numpy"]
+    mark_latency(lat)
+    seconds = time.perf_counter() - start
 
     order = {c.key: i for i, c in enumerate(args.cases)}
     for threads in args.threads:
-        print_table(sorted((r for r in rows if r["threads"] == threads),
-                           key=lambda r: (order[r["optimizer"]], r["tensors"] > 0, r["elements"])),
-                    threads)
+        print("\n".join(table_lines(
+            sorted((r for r in rows if r["threads"] == threads),
+                   key=lambda r: (order[r["optimizer"]], r["tensors"] > 0, r["elements"])),
+            threads, loads.get(threads))))
+    print()
     if any(r["noisy"] for r in rows):
-        print(f"\n* noisy: over {NOISY_FRACTION:.0%} of some implementation's calls took more "
+        print(f"* noisy: over {NOISY_FRACTION:.0%} of some implementation's calls took more "
               "than twice its median (other load on the machine); the median is still shown")
+    stalled = [r for r in rows if r["stalled"]]
+    print(f"{STALL_MARK} stalled: the implementation's median was over {STALL_OVER_MIN:g}x its "
+          f"fastest call, or over {STALL_OVER_ONE_THREAD:g}x its own 1-thread median, in two "
+          f"measurements (in one when its calls took over {REMEASURE_MAX_CALL_S:g} s): it "
+          "waited for CPUs or memory that other load held. Every figure derived from it "
+          f"carries {STALL_MARK}. {len(stalled)} of {len(rows)} rows have one; "
+          f"{sum(1 for r in rows if r['remeasured'])} rows were re-measured.")
     print_latency(lat)
 
     nonfinite = [f"{r['optimizer']} {r['size']} threads={r['threads']}"
@@ -860,22 +1194,29 @@ def main(argv=None) -> int:
     nonfinite += [f"latency threads={e['threads']}" for e in lat if not e["finite"]]
     for note in notes:
         print(f"note: {note}")
-    for threads, p in priming.items():
-        if p["stalled_calls"]:
-            print(f"note: {threads} threads: {p['stalled_calls']} parallel calls stalled (> 1 ms) "
-                  f"while waking the threads before timed batches, {p['unsettled_batches']} "
-                  "batches started unsettled (ThreadPrimer in bench_cpu.py)")
+    for threads, counts in priming.items():
+        for who, p in counts.items():
+            if p["stalled_calls"]:
+                print(f"note: {threads} threads: {p['stalled_calls']} of {who}'s parallel calls "
+                      f"stalled (> 1 ms) while waking its threads before {p['primes']} timed "
+                      f"batches, {p['unsettled_batches']} batches started unsettled "
+                      "(ThreadPrimer in bench_cpu.py)")
     if nonfinite:
         print(f"WARNING: non-finite values after timing: {', '.join(nonfinite)}")
-    load_end = loadavg()
-    print(f"load average at the end {load_end}; {time.perf_counter() - start:.0f} s")
+    load_end = meter.sample("end (the whole run)", since_first=True)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    print(f"load at the end: {fmt_load(load_end)}")
+    print(f"benchmark {seconds:.0f} s; peak memory (max RSS) {peak_rss:.2f} GiB")
 
-    config = {"argv": sys.argv[1:] if argv is None else list(argv), "quick": args.quick,
+    config = {"argv": sys.argv[1:] if argv is None else list(argv), "preset": args.preset,
               "sizes": [dataclasses.asdict(s) for s in args.sizes], "threads": args.threads,
               "optimizers": [c.key for c in args.cases], "reps": args.reps,
               "min_time_s": args.min_time, "max_calls_per_rep": MAX_CALLS_PER_REP,
               "numpy_block": args.numpy_block, "prime_threads": not args.no_prime,
               "statistic": "median of every timed call (perf_counter per call), interleaved",
+              "stall_rule": {"over_min": STALL_OVER_MIN,
+                             "over_one_thread": STALL_OVER_ONE_THREAD, "mark": STALL_MARK,
+                             "remeasured_once": True},
               "dtype": "float32",
               "cases": {c.key: {"bytes_per_element": c.bytes_per_element,
                                 "streams_read_written": list(c.streams),
@@ -885,8 +1226,12 @@ def main(argv=None) -> int:
                                 "fastoptim": [c.function, c.hyper],
                                 "numpy": [c.numpy_class, c.numpy_hyper],
                                 "torch": [c.torch_class, c.torch_hyper]} for c in args.cases}}
-    doc = {"schema": 1, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-           "machine": machine, "load_average": {"start": load_start, "end": load_end},
+    doc = {"schema": 2, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+           "machine": machine,
+           "load_average": {"start": load_start["loadavg"], "end": load_end["loadavg"]},
+           "load": {"start": load_start, "passes": {str(t): v for t, v in loads.items()},
+                    "end": load_end},
+           "seconds": round(seconds, 1), "peak_rss_gib": round(peak_rss, 3),
            "config": config, "notes": notes, "nonfinite": nonfinite, "priming": priming,
            "results": rows, "latency": lat}
     out = args.json or default_json_path()

@@ -4,10 +4,13 @@ implementation against fastoptim.reference before timing)."""
 
 import functools
 import importlib.util
+import io
 import itertools
 import json
 import re
 import sys
+import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -89,11 +92,132 @@ def test_functional_carries_scalars(bench):
 
 def test_smoke(bench, tmp_path):
     out = tmp_path / "bench.json"
-    assert bench.main(["--sizes", "1000,3x100", "--threads", "1", "--reps", "1", "--min-time",
-                       "0.001", "--json", str(out)]) == 0
+    assert bench.main(["--quick", "--sizes", "1000,3x100", "--threads", "1", "--reps", "1",
+                       "--min-time", "0.001", "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
     rows = doc["results"]
     assert {(r["optimizer"], r["size"]) for r in rows} == {
         (c.key, s) for c in bench.CASES for s in ("1000", "3x100")}
     assert all(r["finite"] for r in rows) and not doc["nonfinite"]
     assert all(np.isfinite(r["median_s"]["fastoptim"]) for r in rows)
+    # The machine's load at the start, per thread-count pass and at the end.
+    assert set(doc["load"]) == {"start", "passes", "end"} and set(doc["load"]["passes"]) == {"1"}
+    assert doc["config"]["stall_rule"]["mark"] == bench.STALL_MARK
+    assert doc["peak_rss_gib"] > 0 and doc["seconds"] > 0
+
+
+def test_presets(bench):
+    """The default run is the headline (README, bench/README.md); --full is every case at
+    every size; --quick every case at in-cache sizes and the list; sizes, optimizers and
+    repetitions override a preset's."""
+    default = bench.parse_args([])
+    assert default.preset == "default"
+    assert [c.key for c in default.cases] == ["sgd_momentum", "rmsprop", "adam", "adamw",
+                                              "nadam"]
+    assert [s.label for s in default.sizes] == ["2^20", "2^24", "256x16384"]
+    assert (default.reps, default.min_time) == (7, 0.1)
+    assert 1 in default.threads
+    full = bench.parse_args(["--full"])
+    assert full.cases == bench.CASES and (full.reps, full.min_time) == (11, 0.2)
+    assert [s.label for s in full.sizes] == [f"2^{k}" for k in range(16, 27, 2)] + ["2000x4096"]
+    quick = bench.parse_args(["--quick"])
+    assert quick.cases == bench.CASES and (quick.reps, quick.min_time) == (5, 0.05)
+    assert [s.label for s in quick.sizes] == ["2^16", "2^18", "2^20", "256x16384"]
+    mixed = bench.parse_args(["--full", "--optimizers", "lion", "--sizes", "2^10", "--reps", "3"])
+    assert ([c.key for c in mixed.cases], [s.label for s in mixed.sizes], mixed.reps,
+            mixed.min_time) == (["lion"], ["2^10"], 3, 0.2)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--full", "--quick"])
+
+
+def stats(median, fastest=None):
+    return {"median_s": median, "min_s": fastest or median, "slow_fraction": 0.0}
+
+
+def test_stall_reasons(bench):
+    """Note [stalled cells]: a median over 2x the fastest call, or at N > 1 threads over 1.5x
+    the same implementation's 1-thread median."""
+    cell = {"fastoptim": stats(1e-3, 0.9e-3), "torch_fused": stats(8e-3, 0.1e-3),
+            "torch_foreach": stats(55e-3, 52e-3), "ceiling": stats(1.4e-3, 1.3e-3)}
+    one = {"fastoptim": 1e-3, "torch_fused": 0.4e-3, "torch_foreach": 1e-3, "ceiling": 1e-3}
+    assert set(bench.stall_reasons(cell, 2, one)) == {"torch_fused", "torch_foreach"}
+    assert bench.stall_reasons(cell, 2, one)["torch_foreach"] == [
+        "median 55.0x its 1-thread median"]
+    assert set(bench.stall_reasons(cell, 1, {})) == {"torch_fused"}  # no 1-thread comparison
+    assert set(bench.stall_reasons(cell, 2, {})) == {"torch_fused"}
+
+
+def test_no_unmarked_ratio_from_a_stalled_figure(bench):
+    """Every figure derived from a stalled implementation carries the mark; the others not."""
+    case, size = bench.CASES_BY_KEY["adam"], bench.parse_size("2^20")
+    cell = {"fastoptim": stats(1e-3), "numpy": stats(6e-3), "torch_foreach": stats(2e-3),
+            "torch_fused": dict(stats(3e-1), stalled=["median 300x its 1-thread median"]),
+            "ceiling": stats(1e-3)}
+    row = bench.summarize(cell, case, size, 2)
+    assert row["stalled"] == ["torch_fused"]
+    assert row["stalled_figures"] == ["x_vs_torch_best", "x_vs_torch_fused"]
+    line = bench.table_lines([row], 2)[-1]
+    cells = line.replace("|", " ").split()
+    assert cells[-3:] == ["6.0", "300.0" + bench.STALL_MARK, "2.0" + bench.STALL_MARK]
+    assert "300.0" + bench.STALL_MARK in cells and cells.count(bench.STALL_MARK) == 0
+    marked = [c for c in cells if c.endswith(bench.STALL_MARK)]
+    assert marked == ["300.0" + bench.STALL_MARK] * 2 + ["2.0" + bench.STALL_MARK]
+    # fastoptim stalled: every ratio and the % of ceiling are marked.
+    cell["fastoptim"]["stalled"] = ["median 2.5x its fastest call"]
+    row = bench.summarize(cell, case, size, 2)
+    assert row["stalled_figures"] == ["pct_of_ceiling", "x_vs_numpy", "x_vs_torch_best",
+                                      "x_vs_torch_fused"]
+    cells = bench.table_lines([row], 2)[-1].replace("|", " ").split()
+    assert all(c.endswith(bench.STALL_MARK) for c in cells[-4:])
+
+
+def sleeper(seconds):
+    """A callable that sleeps for the next of ``seconds`` at each call (the last one after)."""
+    it = iter(seconds)
+    last = [0.0]
+
+    def call():
+        last[0] = next(it, last[0])
+        time.sleep(last[0])
+    return call
+
+
+def test_measure_cell_remeasures_once(bench):
+    """A stalled implementation is measured again; a transient stall leaves no mark (the first
+    attempt is kept in the JSON), a lasting one is marked; calls far over their budget are
+    cut short."""
+    args = types.SimpleNamespace(reps=3, min_time=0.003)
+    # Calls of 2 ms against a 1-thread median of 5 ms (margins for a loaded machine), stalls
+    # of 60 ms: the budget is 3 x max(min_time, reps x 5 ms) = 45 ms.
+    one = {"fastoptim": 5e-3, "transient": 5e-3, "lasting": 5e-3}
+    fns = {"fastoptim": sleeper([2e-3]), "transient": sleeper([60e-3, 2e-3]),
+           "lasting": sleeper([2e-3, 60e-3])}
+    stats_, first = bench.measure_cell(fns, args, lambda: None, {}, 2, one)
+    assert set(first) == {"transient", "lasting"}
+    assert first["transient"]["warmup_only"]  # its warm-up call alone was over the budget
+    assert "stalled" not in stats_["fastoptim"] and "stalled" not in stats_["transient"]
+    assert stats_["transient"]["calls"] == 3 and stats_["transient"]["median_s"] < 30e-3
+    assert stats_["lasting"]["stalled"] and stats_["lasting"]["median_s"] > 50e-3
+    # The first timed call is over the budget: the calls stop there.
+    assert first["lasting"]["cut_short"] and first["lasting"]["calls"] == 1
+    assert stats_["lasting"]["cut_short"] and stats_["lasting"]["calls"] == 1
+
+
+def test_progress_lines_without_a_terminal(bench):
+    out = io.StringIO()
+    progress = bench.Progress(2, out)
+    for what in ("a", "b"):
+        progress.begin(what)
+        progress.end(f"{what} done")
+    progress.close()
+    lines = out.getvalue().splitlines()
+    assert [ln.split("]")[0] for ln in lines] == ["[  1/2", "[  2/2"]
+    assert "\r" not in out.getvalue()
+
+
+def test_load_meter(bench):
+    meter = bench.LoadMeter()
+    sample = meter.sample("now")
+    assert sample["when"] == "now" and "loadavg" in sample
+    if Path("/proc/stat").exists():
+        assert sample["other_cpus"] >= 0 and sample["cpus"] >= 1

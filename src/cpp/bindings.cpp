@@ -363,9 +363,14 @@ class CallBuilder {
       }
     }
     if (!(a->flags & kNpyCContiguous)) {
-      value_error(std::string(fn_) + ": " + label(arg, i) +
-                  " is not C-contiguous; fastoptim updates contiguous buffers in place (a copy "
-                  "made with numpy.ascontiguousarray would not be updated)");
+      // A read-only argument (a gradient) may be a contiguous copy; a written one may not:
+      // the update would go to the copy.
+      value_error(std::string(fn_) + ": " + label(arg, i) + " is not C-contiguous; " +
+                  (written ? "it is updated in place, so it must be contiguous itself "
+                             "(numpy.ascontiguousarray would make a copy, and the copy would be "
+                             "updated, not " + label(arg, i) + ")"
+                           : "it is only read, so a contiguous copy works: "
+                             "numpy.ascontiguousarray(" + label(arg, i) + ")"));
     }
     if (written && !(a->flags & kNpyWriteable)) {
       value_error(std::string(fn_) + ": " + label(arg, i) + " is read-only; it is updated in place");
