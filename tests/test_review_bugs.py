@@ -180,3 +180,14 @@ def test_masked_arrays_are_refused_and_nothing_written(which):
     for k, arrays in before.items():
         for a, b in zip(call[k], arrays):
             assert np.array_equal(np.asarray(a), b)
+
+
+def test_non_contiguous_message_says_what_to_do_per_argument_kind():
+    """A gradient is only read: a contiguous copy is the fix. A param or state is updated in
+    place: a copy would be updated instead, so the array itself must be contiguous."""
+    p, g = np.zeros(8), np.zeros(16)[::2]
+    with pytest.raises(ValueError, match=r"grads.*ascontiguousarray"):
+        fastoptim.sgd_(p, g, lr=0.1)
+    with pytest.raises(ValueError, match=r"params") as info:
+        fastoptim.sgd_(np.zeros(16)[::2], np.zeros(8), lr=0.1)
+    assert "ascontiguousarray(params" not in str(info.value)
