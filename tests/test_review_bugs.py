@@ -191,3 +191,10 @@ def test_non_contiguous_message_says_what_to_do_per_argument_kind():
     with pytest.raises(ValueError, match=r"params") as info:
         fastoptim.sgd_(np.zeros(16)[::2], np.zeros(8), lr=0.1)
     assert "ascontiguousarray(params" not in str(info.value)
+
+
+def test_import_fastoptim_does_not_import_ml_dtypes():
+    """ml_dtypes' extension takes ~0.5 s to import here; fastoptim needs it only where the
+    caller already has bfloat16 arrays, so `import fastoptim` must not pay for it."""
+    r = run_python("import sys, fastoptim; print('ml_dtypes' in sys.modules)")
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr[-2000:]

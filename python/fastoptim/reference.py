@@ -32,7 +32,6 @@ import operator
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
-import ml_dtypes
 import numpy as np
 from numpy.typing import NDArray
 
@@ -81,7 +80,11 @@ def _require_step(step: int | None) -> int:
 # written array is stored back with one cast (ml_dtypes and NumPy round to nearest even).
 # ``param_copies`` (a copy format's low-precision copies of float32 params) get the params cast
 # to their dtype after the update.
-_LOW_PRECISION = (np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16))
+def _low_precision(dtype: np.dtype) -> bool:
+    # by name: a bfloat16 array exists only where ml_dtypes is imported already, and importing
+    # it here would add its start-up time to every `import fastoptim`
+    return dtype == np.float16 or dtype.name == "bfloat16"
+
 _F = TypeVar("_F", bound=Callable[..., None])
 
 
@@ -97,7 +100,7 @@ def _formats(fn: _F) -> _F:
 
         def widen(value: Any, written: bool) -> Any:
             if isinstance(value, np.ndarray):
-                if value.dtype not in _LOW_PRECISION:
+                if not _low_precision(value.dtype):
                     return value
                 work = value.astype(np.float32)
                 if written:
