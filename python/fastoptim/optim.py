@@ -128,7 +128,8 @@ def _check_float_array(where: str, p: Any) -> None:
         raise TypeError(f"{where} is a numpy.ma.MaskedArray; fastoptim reads and writes every "
                         f"element and cannot honour a mask (pass its .data to ignore the mask)")
     if p.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{where} has dtype {p.dtype}; must be float32 or float64")
+        raise TypeError(f"{where} has dtype {p.dtype}; must be float32 or float64 (bfloat16/"
+                        f"float16 run in the functional API, not yet in the classes)")
     if not p.flags.c_contiguous:
         raise ValueError(f"{where} is not C-contiguous")
 

@@ -147,8 +147,9 @@ def _problem(t: torch.Tensor) -> tuple[type[Exception], str] | None:
     if t.is_complex():
         return TypeError, f"is complex ({t.dtype}); fastoptim supports float32 and float64 only"
     if t.dtype not in _SUPPORTED_DTYPES:
-        return TypeError, (f"has dtype {t.dtype}; fastoptim supports float32 and float64 only "
-                           f"(no float16/bfloat16 kernels yet)")
+        return TypeError, (f"has dtype {t.dtype}; fastoptim.torch supports float32 and float64 only "
+                           f"(bfloat16/float16 run in the functional API, fastoptim.adam_ etc., "
+                           f"not yet in the drop-ins)")
     if not (t.is_contiguous() or _is_dense(t)):
         return ValueError, (f"is not contiguous (shape {tuple(t.shape)}, strides {t.stride()}); "
                             f"fastoptim needs contiguous tensors (or dense ones such as "
