@@ -288,3 +288,49 @@ def test_all_low_precision_matches_torch_fused_within_one_ulp(name, torch_kwargs
         assert_format_close(p, t_param.detach().float().numpy().astype(np_dtype), where + " param")
         for k, arr in states.items():
             assert_format_close(arr, t_state[k].float().numpy().astype(np_dtype), f"{where} {k}")
+
+
+# ---- the NumPy classes keep low-precision params' states in the params' dtype ---------------
+
+CLASS_UPDATES = {
+    # class: (constructor kwargs, the functional update the class must equal, state names)
+    "SGD": (dict(lr=0.01, momentum=0.9), lambda p, g, st, s: fastoptim.sgd_(
+        p, g, st["momentum_buffer"], step=s, lr=0.01, momentum=0.9)),
+    "Adam": (dict(lr=0.01, amsgrad=True), lambda p, g, st, s: fastoptim.adam_(
+        p, g, st["exp_avg"], st["exp_avg_sq"], step=s, lr=0.01, amsgrad=True,
+        max_exp_avg_sqs=st["max_exp_avg_sq"])),
+    "AdamW": (dict(lr=0.01), lambda p, g, st, s: fastoptim.adamw_(
+        p, g, st["exp_avg"], st["exp_avg_sq"], step=s, lr=0.01)),
+    "Adagrad": (dict(lr=0.01), lambda p, g, st, s: fastoptim.adagrad_(
+        p, g, st["sum"], step=s, lr=0.01)),
+    "RAdam": (dict(lr=0.01), lambda p, g, st, s: fastoptim.radam_(
+        p, g, st["exp_avg"], st["exp_avg_sq"], step=s, lr=0.01)),
+    "Lion": (dict(lr=0.01, weight_decay=0.1), lambda p, g, st, s: fastoptim.lion_(
+        p, g, st["exp_avg"], lr=0.01, weight_decay=0.1)),
+    "Rprop": (dict(lr=0.01), lambda p, g, st, s: fastoptim.rprop_(
+        p, g, st["prev"], st["step_size"])),
+}
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("name", CLASS_UPDATES)
+def test_numpy_classes_take_low_precision_params(name, dtype):
+    """A class over bfloat16/float16 params keeps its states in that dtype (the all-low
+    format) and equals the functional update bit for bit, state_dict included."""
+    kwargs, update = CLASS_UPDATES[name]
+    rng = np.random.default_rng(3)
+    params = [rng.standard_normal(s).astype(np.float32).astype(dtype) for s in (17, 4099)]
+    twins = [p.copy() for p in params]
+    opt = getattr(fastoptim, name)(params, **kwargs)
+    states = [{k: v.copy() for k, v in opt.state[i].items()} for i in range(2)]
+    assert all(v.dtype == dtype for st in states for v in st.values())
+    for step in range(1, 6):
+        grads = [rng.standard_normal(p.shape).astype(np.float32).astype(dtype) for p in params]
+        opt.step(grads)
+        for i, (q, g) in enumerate(zip(twins, grads)):
+            update(q, g, states[i], step)
+            assert q.tobytes() == params[i].tobytes(), f"{name} step {step} param {i}"
+            for k, v in states[i].items():
+                assert v.tobytes() == opt.state[i][k].tobytes(), f"{name} step {step} {k}"
+    saved = opt.state_dict()
+    assert saved["state"][1][next(iter(states[1]))].dtype == dtype

@@ -329,7 +329,8 @@ def test_bad_group_hyperparameter_names_the_group():
 
 @pytest.mark.parametrize("params, error, match", [
     ([np.zeros(3, dtype=np.int32)], TypeError, "dtype int32"),
-    ([np.zeros(3, dtype=np.float16)], TypeError, "dtype float16"),
+    ([np.zeros(3, dtype=np.longdouble)], TypeError, "dtype float128"),
+    ([np.zeros(3, dtype=np.complex64)], TypeError, "dtype complex64"),
     ([[0.0, 1.0]], TypeError, "must be a numpy.ndarray"),
     ([np.zeros((4, 4))[:, ::2]], ValueError, "not C-contiguous"),
     ([np.broadcast_to(np.zeros(1), (3,))], ValueError, "not C-contiguous|not writeable"),

@@ -59,7 +59,12 @@ from .typing import Params
 __all__ = ["Optimizer", "SGD", "RMSprop", "Adam", "AdamW", "Adagrad", "Adadelta", "NAdam", "RAdam",
            "Adamax", "ASGD", "Rprop", "Lion"]
 
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16))
+
+
+def _supported_dtype(dtype: np.dtype) -> bool:
+    # bfloat16 (ml_dtypes) by name: importing ml_dtypes here would slow `import fastoptim`
+    return dtype in _FLOAT_DTYPES or dtype.name == "bfloat16"
 # What a gradient must share with its parameter; strides stand in for C-contiguity (a C-contiguous
 # array of the parameter's shape and dtype has the parameter's strides, up to size-1 dimensions,
 # which the exact check in Optimizer._check_grads then accepts).
@@ -120,16 +125,18 @@ def _key(where: str, name: str) -> str:
 
 
 def _check_float_array(where: str, p: Any) -> None:
-    """A float32/float64, C-contiguous numpy.ndarray (what the kernels update or read)."""
+    """A float32/float64/float16/bfloat16, C-contiguous numpy.ndarray (what the kernels update
+    or read; a class keeps a param's states in the param's dtype: docs/api.md, "Storage
+    formats", the all-low-precision rows)."""
     if not isinstance(p, np.ndarray):
         raise TypeError(f"{where} must be a numpy.ndarray, got {type(p).__name__}")
     if isinstance(p, np.ma.MaskedArray):
         # The kernels would read and write every element, masked or not.
         raise TypeError(f"{where} is a numpy.ma.MaskedArray; fastoptim reads and writes every "
                         f"element and cannot honour a mask (pass its .data to ignore the mask)")
-    if p.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{where} has dtype {p.dtype}; must be float32 or float64 (bfloat16/"
-                        f"float16 run in the functional API, not yet in the classes)")
+    if not _supported_dtype(p.dtype):
+        raise TypeError(f"{where} has dtype {p.dtype}; must be float32, float64, float16 or "
+                        f"bfloat16 (ml_dtypes)")
     if not p.flags.c_contiguous:
         raise ValueError(f"{where} is not C-contiguous")
 
