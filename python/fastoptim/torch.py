@@ -758,6 +758,13 @@ def _check_weight_decay(weight_decay: Any) -> None:
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
 
 
+def _check_betas(betas: Any) -> None:
+    if not 0.0 <= betas[0] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+    if not 0.0 <= betas[1] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+
+
 class SGD(_FusedOptimizer):
     """torch.optim.SGD (momentum, dampening, Nesterov, weight decay, maximize), fused.
 
@@ -889,10 +896,7 @@ class Adam(_FusedOptimizer):
                 "lr as a Tensor is not supported for capturable=False and foreach=True")
         _check_lr(lr)
         _check_eps(eps)
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        _check_betas(betas)
         _check_weight_decay(weight_decay)
         # torch's rule: isinstance(b, float) (a Python int is refused) or both Tensors.
         if not (all(isinstance(b, float) for b in betas[:2])
@@ -1065,19 +1069,6 @@ class Adadelta(_FusedOptimizer):
 #     when the values differ (a torch checkpoint whose parameters skipped different steps, or
 #     whose scalars were cast to different parameter dtypes). Every bucket's values are checked
 #     by the kernel (on empty lists) before the first call of the step.
-
-def _check_betas_like_torch(betas: Any) -> None:
-    if not 0.0 <= betas[0] < 1.0:
-        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-    if not 0.0 <= betas[1] < 1.0:
-        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-
-
-def _check_lr_like_torch(lr: Any) -> None:
-    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-        raise ValueError("Tensor lr must be 1-element")
-    if not 0.0 <= lr:
-        raise ValueError(f"Invalid learning rate: {lr}")
 
 
 class _ScalarStore:
@@ -1259,12 +1250,10 @@ class NAdam(_ScalarStateOptimizer):
                  differentiable: bool = False) -> None:
         _check_flags(type(self).__name__, foreach=foreach, capturable=capturable,
                            differentiable=differentiable)
-        _check_lr_like_torch(lr)
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        _check_betas_like_torch(betas)
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        _check_lr(lr)
+        _check_eps(eps)
+        _check_betas(betas)
+        _check_weight_decay(weight_decay)
         if not 0.0 <= momentum_decay:
             raise ValueError(f"Invalid momentum_decay value: {momentum_decay}")
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
@@ -1328,12 +1317,10 @@ class RAdam(_FusedOptimizer):
                  differentiable: bool = False) -> None:
         _check_flags(type(self).__name__, foreach=foreach, capturable=capturable,
                            differentiable=differentiable)
-        _check_lr_like_torch(lr)
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        _check_betas_like_torch(betas)
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        _check_lr(lr)
+        _check_eps(eps)
+        _check_betas(betas)
+        _check_weight_decay(weight_decay)
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
                     "maximize": maximize, "foreach": foreach, "capturable": capturable,
                     "decoupled_weight_decay": decoupled_weight_decay,
@@ -1370,12 +1357,10 @@ class Adamax(_FusedOptimizer):
                  capturable: bool = False) -> None:
         _check_flags(type(self).__name__, foreach=foreach, capturable=capturable,
                            differentiable=differentiable)
-        _check_lr_like_torch(lr)
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        _check_betas_like_torch(betas)
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        _check_lr(lr)
+        _check_eps(eps)
+        _check_betas(betas)
+        _check_weight_decay(weight_decay)
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
                     "foreach": foreach, "maximize": maximize, "differentiable": differentiable,
                     "capturable": capturable}
@@ -1413,9 +1398,8 @@ class ASGD(_ScalarStateOptimizer):
                  differentiable: bool = False, capturable: bool = False) -> None:
         _check_flags(type(self).__name__, foreach=foreach, capturable=capturable,
                            differentiable=differentiable)
-        _check_lr_like_torch(lr)
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        _check_lr(lr)
+        _check_weight_decay(weight_decay)
         defaults = {"lr": lr, "lambd": lambd, "alpha": alpha, "t0": t0,
                     "weight_decay": weight_decay, "foreach": foreach, "maximize": maximize,
                     "differentiable": differentiable, "capturable": capturable}
@@ -1483,7 +1467,7 @@ class Rprop(_FusedOptimizer):
                  differentiable: bool = False) -> None:
         _check_flags(type(self).__name__, foreach=foreach, capturable=capturable,
                            differentiable=differentiable)
-        _check_lr_like_torch(lr)
+        _check_lr(lr)
         if not 0.0 < etas[0] < 1.0 < etas[1]:
             raise ValueError(f"Invalid eta values: {etas[0]}, {etas[1]}")
         defaults = {"lr": lr, "etas": etas, "step_sizes": step_sizes, "foreach": foreach,
@@ -1533,10 +1517,9 @@ class Lion(_FusedOptimizer):
                  maximize: bool = False, foreach: bool | None = None,
                  fused: bool | None = None) -> None:
         _check_flags(type(self).__name__, foreach=foreach, fused=fused)
-        _check_lr_like_torch(lr)
-        _check_betas_like_torch(betas)
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        _check_lr(lr)
+        _check_betas(betas)
+        _check_weight_decay(weight_decay)
         defaults = {"lr": lr, "betas": betas, "weight_decay": weight_decay, "maximize": maximize,
                     "foreach": foreach, "fused": fused}
         super().__init__(params, defaults)
