@@ -7,8 +7,9 @@
 //   3. only then release the GIL and run ONE fused kernel over all tensors.
 // Nothing is written before step 3, so a bad call leaves every array as it was.
 //
-// Dtype dispatch lives here and only here: one switch over the supported dtypes
-// (float32, float64); all arrays of a call share one dtype, anything else is a TypeError.
+// Dtype dispatch lives here and only here: the dtypes of a call's params, grads, states and
+// param_copies select one row of kFormatTable (kernel_api.h, Note [storage formats]); any other
+// combination is a TypeError naming the dtypes.
 //
 // Device: an array that is not a numpy.ndarray but exposes __cuda_array_interface__ (CuPy,
 // torch CUDA tensors, Numba) goes through the same checks on the interface's fields, and

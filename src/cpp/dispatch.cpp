@@ -157,8 +157,8 @@ void run_job(const void* ctx, int64_t begin, int64_t end) {
 }
 }  // namespace
 
-void execute(RuleId rule, unsigned mask, DType dtype, const Batch& batch, const void* args) {
-  const KernelFn fn = g_tables[static_cast<int>(g_isa)].fn[rule][dtype];
+void execute(RuleId rule, unsigned mask, Format format, const Batch& batch, const void* args) {
+  const KernelFn fn = g_tables[static_cast<int>(g_isa)].fn[rule][format];
   const int64_t total = batch.offsets[batch.n_tensors];
   if (total == 0) return;
   const Job job{fn, &batch, args, mask};

@@ -26,9 +26,9 @@ int num_threads();
 void set_num_threads(int n);  // 1..kMaxThreads (parallel.h), checked by the caller; clamped
 int threads_for(int64_t total_elements);
 
-// Runs variant `mask` of kernel `rule` for `dtype` over the whole batch on the current ISA, handing chunks of
+// Runs variant `mask` of kernel `rule` in `format` over the whole batch on the current ISA, handing chunks of
 // the global element range to the caller-runs pool when it is large enough (parallel.h).
-void execute(RuleId rule, unsigned mask, DType dtype, const Batch& batch, const void* args);
+void execute(RuleId rule, unsigned mask, Format format, const Batch& batch, const void* args);
 
 // Test hook (_core._convert, _core._widen): converts n elements fp32 -> fmt (widen = false) or
 // fmt -> fp32 (widen = true) with the named ISA's vstore_to / vload_from, on this thread.

@@ -52,7 +52,6 @@ enum Format : int {
   kF32 = 0, kF64 = 1, kBF16, kF16, kBF16F32States, kF16F32States, kF32BF16Grads, kF32F16Grads,
   kF32BF16GradsCopy, kF32F16GradsCopy, kNumFormats
 };
-using DType = Format;  // the CUDA backend's name for the two formats it runs
 
 using KernelFn = void (*)(const Batch&, int64_t begin, int64_t end, const void* args, unsigned mask);
 

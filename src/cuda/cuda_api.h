@@ -51,7 +51,7 @@ constexpr uintptr_t kStreamPerThread = 2;  // cudaStreamPerThread
 struct Launch {
   RuleId rule;
   unsigned mask;              // the rule's variant (rule_api.h)
-  DType dtype;
+  Format format;              // kF32 or kF64: the bindings refuse the others on device arrays
   const Batch* batch;         // host copies of offsets and slot pointer tables (device addresses)
   const void* args;           // the rule's Args (rules.h)
   int device;                 // every array's device (checked by the caller)
@@ -64,7 +64,7 @@ void launch(const Launch& l);
 
 // Test hook (emulate.cpp, CUDA builds only): the kernel body of `launch`, run on the CPU over
 // host arrays, block after block and thread after thread; chunk/block/grid 0 = the launcher's.
-void emulate(RuleId rule, unsigned mask, DType dtype, const Batch& b, const void* args,
+void emulate(RuleId rule, unsigned mask, Format format, const Batch& b, const void* args,
              int sm_count, int64_t chunk, int64_t block, int64_t grid);
 
 }  // namespace cuda

@@ -194,7 +194,7 @@ void launch(const Launch& l) {
 
   LaunchCtx ctx;
   ctx.plan = plan::make_plan(total, n, 0, ds.sm_count);
-  ctx.dtype = l.dtype;
+  ctx.format = l.format;
   ctx.mask = l.mask;
   ctx.args = l.args;
   ctx.stream = stream;

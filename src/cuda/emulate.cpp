@@ -28,24 +28,24 @@ void emulate_typed(plan::LaunchPlan p, const plan::MetaView& m, const Args& a) {
 }
 
 template <class D>
-void emulate_rule(unsigned mask, DType dtype, const plan::LaunchPlan& p, const plan::MetaView& m,
+void emulate_rule(unsigned mask, Format format, const plan::LaunchPlan& p, const plan::MetaView& m,
                   const void* args) {
   const auto& a = *static_cast<const typename D::Args*>(args);
   dispatch_mask<D>(mask, [&](auto tag) {
     using Rule = typename decltype(tag)::type;
-    if (dtype == kF64) emulate_typed<Rule, double>(p, m, a);
+    if (format == kF64) emulate_typed<Rule, double>(p, m, a);
     else emulate_typed<Rule, float>(p, m, a);
   });
 }
 
-using EmulateFn = void (*)(unsigned, DType, const plan::LaunchPlan&, const plan::MetaView&, const void*);
+using EmulateFn = void (*)(unsigned, Format, const plan::LaunchPlan&, const plan::MetaView&, const void*);
 #define FO_EMULATE_ENTRY(D) &emulate_rule<D>,
 constexpr EmulateFn kEmulate[kNumRules] = {FO_RULES(FO_EMULATE_ENTRY)};
 #undef FO_EMULATE_ENTRY
 
 }  // namespace
 
-void emulate(RuleId rule, unsigned mask, DType dtype, const Batch& b, const void* args,
+void emulate(RuleId rule, unsigned mask, Format format, const Batch& b, const void* args,
              int sm_count, int64_t chunk, int64_t block, int64_t grid) {
   const int64_t n = b.n_tensors;
   std::vector<void*> ptrs(static_cast<size_t>(n) * kMaxSlots, nullptr);
@@ -53,7 +53,7 @@ void emulate(RuleId rule, unsigned mask, DType dtype, const Batch& b, const void
     for (int s = 0; s < kMaxSlots; ++s) ptrs[t * kMaxSlots + s] = b.slots[s] ? b.slots[s][t] : nullptr;
   const plan::LaunchPlan p = geometry(b.offsets[n], n, 0, sm_count, chunk, block, grid);
   const plan::MetaView m{b.offsets, ptrs.data()};
-  kEmulate[rule](mask, dtype, p, m, args);
+  kEmulate[rule](mask, format, p, m, args);
 }
 
 }  // namespace cuda

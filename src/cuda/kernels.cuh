@@ -1,6 +1,6 @@
 // kernels.cuh: the CUDA kernel that runs a rule of rules.h over a multi-tensor call.
 //
-// One kernel template per (rule instantiation, dtype). Its body is plan::block_body of
+// One kernel template per (rule instantiation, float type). Its body is plan::block_body of
 // src/cpp/launch_plan.h (the grid walk the CPU tests execute) with RuleVisitor of
 // rule_visitor.h, which loads the rule's slots, calls Rule::apply<T> (T = float or double, one
 // lane at a time: the same text as the scalar C++ path), and stores the written slots; the
@@ -37,7 +37,7 @@ struct InlineMeta {
 // What the backend hands to a rule's launcher (one per call).
 struct LaunchCtx {
   plan::LaunchPlan plan;                  // slot_mask is set by launch_typed
-  DType dtype;
+  Format format;                          // kF32 or kF64 (the formats CUDA runs)
   unsigned mask;                          // the rule's variant (rule_api.h)
   const void* args;                       // the rule's Args
   cudaStream_t stream;
@@ -77,7 +77,7 @@ void launch_typed(const LaunchCtx& ctx, const Args& a) {
 }
 
 template <class Rule, class Args> void launch_rule(const LaunchCtx& ctx, const Args& a) {
-  if (ctx.dtype == kF64) launch_typed<Rule, double>(ctx, a);
+  if (ctx.format == kF64) launch_typed<Rule, double>(ctx, a);
   else launch_typed<Rule, float>(ctx, a);
 }
 
