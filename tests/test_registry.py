@@ -27,14 +27,15 @@ def declared_order(rule):
 
 class _Recorder:
     def __getattr__(self, name):
-        def record(*args):
+        def record(*args, **options):
             self.call = (name, args)
+            self.options = options
         return record
 
 
 def test_every_declared_rule_has_a_functional_update_and_nothing_else_does():
     exported = {name[:-1] for name in functional.__all__ if name.endswith("_")}
-    assert exported - {"adamw"} == set(RULES)
+    assert exported - {"adamw", "unscale_and_check"} == set(RULES)
     for rule in RULES:
         assert getattr(fastoptim, rule + "_") is getattr(functional, rule + "_")
 
@@ -46,13 +47,17 @@ def test_functional_passes_the_declared_arguments_in_order(rule, monkeypatch):
     names = declared_order(rule)
     missing = [n for n in names if n not in params]
     assert not missing, f"{rule}_ lacks declared arguments {missing}"
-    sentinels = {n: object() for n in params}
+    assert params["options"].kind is inspect.Parameter.VAR_KEYWORD
+    sentinels = {n: object() for n in params if n != "options"}
+    options = {name: object() for name in ("grad_scale", "found_inf", "stochastic_rounding",
+                                           "compensation")}
     recorder = _Recorder()
     monkeypatch.setattr(functional, "_core", recorder)
-    fn(**sentinels)
+    fn(**sentinels, **options)
     called, args = recorder.call
     assert called == rule
     assert list(args) == [sentinels[n] for n in names]
+    assert recorder.options == options  # the load/store options reach the kernel as keywords
 
 
 @pytest.mark.parametrize("rule", RULES)

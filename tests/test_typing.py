@@ -117,8 +117,10 @@ def test_stub_rule_signature_is_the_declaration(rule):
 
     fn = _stub()[0][rule]
     a = fn.args
-    assert not (a.args or a.vararg or a.kwonlyargs or a.kwarg or a.defaults), \
+    assert not (a.args or a.vararg or a.kwonlyargs or a.defaults), \
         f"_core.{rule} takes positional arguments only, without defaults"
+    assert a.kwarg is not None and ast.unparse(a.kwarg.annotation) == "Unpack[UpdateOptions]", \
+        f"_core.{rule} takes the load/store options as **options: Unpack[UpdateOptions]"
     assert [(arg.arg, ast.unparse(arg.annotation)) for arg in a.posonlyargs] == expected
     assert ast.unparse(fn.returns) == "None"
 

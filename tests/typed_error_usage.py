@@ -18,6 +18,8 @@ fastoptim.rmsprop_(params, grads, params, bogus=True)  # error
 reference.lion_(params, grads, params, maximize="yes")  # error
 fastoptim.set_num_threads("2")  # error
 threads: str = fastoptim.get_num_threads()  # error
+fastoptim.adam_(params, grads, params, params, step=1, stochastic_rounding=5)  # error
+fastoptim.sgd_(params, grads, grad_scale="2")  # error
 optim.Adam(params, lr="1e-3")  # error
 optim.SGD(params).step("grads")  # error
 EMA(0.9).update("x")  # error

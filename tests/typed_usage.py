@@ -53,6 +53,13 @@ def functional_steps() -> None:
     axs = [p.copy() for p in params]
     fastoptim.asgd_(params, grads, axs, eta=eta, mu=mu)
 
+    # Mixed-precision options: AMP scaling, clipping folded into grad_scale, reductions.
+    norm: float = fastoptim.global_norm(grads)
+    fastoptim.adam_(params, grads, exp_avgs, exp_avg_sqs, step=4, grad_scale=max(1.0, norm),
+                    found_inf=np.float32(0.0))
+    found: bool = fastoptim.unscale_and_check_(grads, 1.0)
+    assert not found
+
 
 def train() -> tuple[float, float]:
     """Fits a linear model; returns the first and the last mini-batch loss."""

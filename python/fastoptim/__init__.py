@@ -9,8 +9,8 @@ import operator
 from typing import Any
 
 from . import _core, data, ema, functional, optim, reference, schedules
-from .functional import (adadelta_, adagrad_, adam_, adamax_, adamw_, asgd_, ema_, lion_,
-                         nadam_, radam_, rmsprop_, rprop_, sgd_)
+from .functional import (adadelta_, adagrad_, adam_, adamax_, adamw_, asgd_, ema_, global_norm,
+                         lion_, nadam_, radam_, rmsprop_, rprop_, sgd_, unscale_and_check_)
 from .optim import (ASGD, SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Lion, NAdam, Optimizer,
                     RAdam, RMSprop, Rprop)
 
@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "sgd_", "rmsprop_", "adam_", "adamw_", "adagrad_", "adadelta_", "nadam_", "radam_",
-    "adamax_", "asgd_", "rprop_", "lion_", "ema_",
+    "adamax_", "asgd_", "rprop_", "lion_", "ema_", "global_norm", "unscale_and_check_",
     "Optimizer", "SGD", "RMSprop", "Adam", "AdamW", "Adagrad", "Adadelta", "NAdam", "RAdam",
     "Adamax", "ASGD", "Rprop", "Lion",
     "backend_info", "set_num_threads", "get_num_threads", "set_isa",

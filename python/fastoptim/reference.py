@@ -35,10 +35,17 @@ from typing import Any, TypeVar, overload
 import numpy as np
 from numpy.typing import NDArray
 
+from typing import TYPE_CHECKING
+
 from .typing import ArrayOrList
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from .typing import UpdateOptions
+
 __all__ = ["sgd_", "rmsprop_", "adam_", "adamw_", "adagrad_", "adadelta_", "nadam_", "radam_",
-           "adamax_", "asgd_", "rprop_", "lion_", "ema_", "nadam_mu", "asgd_next"]
+           "adamax_", "asgd_", "rprop_", "lion_", "ema_", "nadam_mu", "asgd_next", "global_norm", "unscale_and_check_"]
 
 
 @overload
@@ -87,34 +94,111 @@ def _low_precision(dtype: np.dtype) -> bool:
 
 _F = TypeVar("_F", bound=Callable[..., None])
 
+_OPTIONS = ("grad_scale", "found_inf", "stochastic_rounding", "compensation")
+
+
+# Note [stochastic rounding] (src/cpp/vec.h): the same counter-based generator in NumPy. The
+# key is sr_key_of(seed, counter); element i of the call (its tensor's offset in the
+# concatenation of all params plus its index in the tensor) gets the bits sr_hash(key, i), and
+# a finite float32 x is stored as the top 16 bits of bits(x) + (sr_hash & 0xFFFF).
+_M64 = (1 << 64) - 1
+
+
+def _splitmix64(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def sr_key_of(seed: int, counter: int) -> int:
+    """The 32-bit key of one call's stochastic rounding."""
+    return _splitmix64(_splitmix64(seed) ^ counter) >> 32
+
+
+def sr_hash(key: int, index: NDArray[np.uint64]) -> NDArray[np.uint32]:
+    """The random bits of elements ``index`` (uint64) under ``key``."""
+    lo = (index & 0xFFFFFFFF).astype(np.uint32)
+    hi = (index >> np.uint64(32)).astype(np.uint32)
+    h = (lo * np.uint32(0x9E3779B1)) ^ (hi * np.uint32(0x85EBCA77)) ^ np.uint32(key)
+    h ^= h >> np.uint32(16)
+    h *= np.uint32(0x85EBCA6B)
+    h ^= h >> np.uint32(13)
+    h *= np.uint32(0xC2B2AE35)
+    h ^= h >> np.uint32(16)
+    return h
+
+
+def round_bf16_stochastic(x: NDArray[np.float32], key: int, first_index: int) -> NDArray[Any]:
+    """float32 -> bfloat16 bits (uint16) with stochastic rounding; infinities and NaN round
+    to nearest (NaN quieted), as the kernels do."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).reshape(-1).view(np.uint32)
+    index = np.arange(first_index, first_index + bits.size, dtype=np.uint64)
+    r = sr_hash(key, index) & np.uint32(0xFFFF)
+    special = (bits & np.uint32(0x7FFFFFFF)) >= np.uint32(0x7F800000)
+    out = ((bits + np.where(special, np.uint32(0), r)) >> np.uint32(16)).astype(np.uint16)
+    nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    qnan = ((bits >> np.uint32(16)) & np.uint32(0x8000)).astype(np.uint16) | np.uint16(0x7FC0)
+    return np.where(nan, qnan, out).reshape(np.shape(x))
+
 
 def _formats(fn: _F) -> _F:
+    """The storage formats and the load/store options around a float32 update (see the Notes
+    above): grads are multiplied by float32(1/grad_scale) as they are loaded; found_inf != 0
+    skips the call; compensation (Kahan) is added to bfloat16 params before the update and
+    receives the rounding error of their store after it; stochastic_rounding=(seed, counter)
+    stores bfloat16 params with the counter-based stochastic rounding."""
     signature = inspect.signature(fn)
     first, read_only = next(iter(signature.parameters)), list(signature.parameters)[1]
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> None:
+        options = {name: kwargs.pop(name, None) for name in _OPTIONS}
+        if options["found_inf"] is not None and float(options["found_inf"]) != 0:
+            return  # nonzero or NaN: torch's fused optimizers leave everything untouched
         bound = signature.bind(*args, **kwargs)
         copies = bound.arguments.pop("param_copies", None)
         stored: list[tuple[np.ndarray, np.ndarray]] = []
+        params_work: list[tuple[np.ndarray, np.ndarray]] = []
+        comps = _as_list(options["compensation"])
+        scale = options["grad_scale"]
 
-        def widen(value: Any, written: bool) -> Any:
+        def widen(value: Any, name: str, index: int = 0) -> Any:
             if isinstance(value, np.ndarray):
+                if name == read_only and scale is not None:
+                    work_type = np.float64 if value.dtype == np.float64 else np.float32
+                    work: NDArray[Any] = value.astype(work_type)
+                    return work * work.dtype.type(1.0 / float(scale))
                 if not _low_precision(value.dtype):
                     return value
                 work = value.astype(np.float32)
-                if written:
+                if name == first:  # the params
+                    if comps is not None:
+                        work += comps[index].astype(np.float32)
+                    params_work.append((value, work))
+                elif name != read_only:
                     stored.append((value, work))
                 return work
             if isinstance(value, (list, tuple)) and all(isinstance(v, np.ndarray) for v in value):
-                return [widen(v, written) for v in value]
+                return [widen(v, name, k) for k, v in enumerate(value)]
             return value
 
         for name, value in list(bound.arguments.items()):
-            bound.arguments[name] = widen(value, name != read_only)
+            bound.arguments[name] = widen(value, name)
         fn(*bound.args, **bound.kwargs)
         for original, work in stored:
             original[...] = work.astype(original.dtype)
+        offset = 0
+        for k, (original, work) in enumerate(params_work):
+            if options["stochastic_rounding"] is not None:
+                seed, counter = options["stochastic_rounding"]
+                bits = round_bf16_stochastic(work, sr_key_of(seed, counter), offset)
+                original.view(np.uint16)[...] = bits
+            else:
+                original[...] = work.astype(original.dtype)
+            if comps is not None:
+                comps[k][...] = (work - original.astype(np.float32)).astype(comps[k].dtype)
+            offset += original.size
         if copies is not None:
             for copy, param in zip(_as_list(copies), _as_list(bound.arguments[first]), strict=True):
                 copy[...] = param.astype(copy.dtype)
@@ -127,7 +211,8 @@ def sgd_(params: ArrayOrList, grads: ArrayOrList, momentum_buffers: ArrayOrList 
          *, step: int | None = None, lr: float = 1e-3, momentum: float = 0.0,
          dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
          maximize: bool = False,
-         param_copies: ArrayOrList | None = None) -> None:
+         param_copies: ArrayOrList | None = None,
+         **options: Unpack[UpdateOptions]) -> None:
     """SGD with optional momentum, dampening, Nesterov momentum and L2 weight decay."""
     lr, momentum, dampening, weight_decay = map(float, (lr, momentum, dampening, weight_decay))
     params, grads = _as_list(params), _as_list(grads)
@@ -161,7 +246,8 @@ def rmsprop_(params: ArrayOrList, grads: ArrayOrList, square_avgs: ArrayOrList,
              *, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
              weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False,
              maximize: bool = False,
-             param_copies: ArrayOrList | None = None) -> None:
+             param_copies: ArrayOrList | None = None,
+             **options: Unpack[UpdateOptions]) -> None:
     """RMSprop, optionally centered and with momentum."""
     lr, alpha, eps, weight_decay, momentum = map(float, (lr, alpha, eps, weight_decay, momentum))
     params, grads = _as_list(params), _as_list(grads)
@@ -243,7 +329,8 @@ def adam_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
           beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
           amsgrad: bool = False, max_exp_avg_sqs: ArrayOrList | None = None,
           maximize: bool = False, decoupled_weight_decay: bool = False,
-          param_copies: ArrayOrList | None = None) -> None:
+          param_copies: ArrayOrList | None = None,
+          **options: Unpack[UpdateOptions]) -> None:
     """Adam, optionally AMSGrad; L2 weight decay added to the gradient, or decoupled
     ``p *= 1 - lr*weight_decay`` (torch.optim.Adam's ``decoupled_weight_decay``)."""
     _adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step=step, lr=lr,
@@ -257,7 +344,8 @@ def adamw_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
            beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 1e-2,
            amsgrad: bool = False, max_exp_avg_sqs: ArrayOrList | None = None,
            maximize: bool = False,
-           param_copies: ArrayOrList | None = None) -> None:
+           param_copies: ArrayOrList | None = None,
+           **options: Unpack[UpdateOptions]) -> None:
     """AdamW: Adam with decoupled weight decay ``p *= 1 - lr*weight_decay``."""
     _adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step=step, lr=lr,
           beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
@@ -268,7 +356,8 @@ def adamw_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
 def adagrad_(params: ArrayOrList, grads: ArrayOrList, state_sums: ArrayOrList, *, step: int,
              lr: float = 1e-2, lr_decay: float = 0.0, weight_decay: float = 0.0,
              eps: float = 1e-10, maximize: bool = False,
-             param_copies: ArrayOrList | None = None) -> None:
+             param_copies: ArrayOrList | None = None,
+             **options: Unpack[UpdateOptions]) -> None:
     """Adagrad with learning-rate decay ``clr = lr / (1 + (step-1)*lr_decay)``."""
     lr, lr_decay, weight_decay, eps = map(float, (lr, lr_decay, weight_decay, eps))
     step = _require_step(step)
@@ -290,7 +379,8 @@ def adagrad_(params: ArrayOrList, grads: ArrayOrList, state_sums: ArrayOrList, *
 def adadelta_(params: ArrayOrList, grads: ArrayOrList, square_avgs: ArrayOrList,
               acc_deltas: ArrayOrList, *, lr: float = 1.0, rho: float = 0.9, eps: float = 1e-6,
               weight_decay: float = 0.0, maximize: bool = False,
-              param_copies: ArrayOrList | None = None) -> None:
+              param_copies: ArrayOrList | None = None,
+              **options: Unpack[UpdateOptions]) -> None:
     """Adadelta."""
     lr, rho, eps, weight_decay = map(float, (lr, rho, eps, weight_decay))
     params, grads = _as_list(params), _as_list(grads)
@@ -328,7 +418,8 @@ def nadam_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
            beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
            weight_decay: float = 0.0, momentum_decay: float = 4e-3,
            decoupled_weight_decay: bool = False, maximize: bool = False,
-           param_copies: ArrayOrList | None = None) -> None:
+           param_copies: ArrayOrList | None = None,
+           **options: Unpack[UpdateOptions]) -> None:
     """NAdam (Dozat 2016) with torch's momentum decay schedule.
 
     ``mu_product`` is ``mu_1 * ... * mu_step`` (``nadam_mu``), this step's mu included.
@@ -371,7 +462,8 @@ def radam_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
            exp_avg_sqs: ArrayOrList, *, step: int, lr: float = 1e-3, beta1: float = 0.9,
            beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
            decoupled_weight_decay: bool = False, maximize: bool = False,
-           param_copies: ArrayOrList | None = None) -> None:
+           param_copies: ArrayOrList | None = None,
+           **options: Unpack[UpdateOptions]) -> None:
     """RAdam (Liu et al. 2019): Adam with the variance rectified once ``rho_t > 5``; before
     that (the first steps), SGD with the bias-corrected momentum."""
     lr, beta1, beta2, eps, weight_decay = map(float, (lr, beta1, beta2, eps, weight_decay))
@@ -415,7 +507,8 @@ def adamax_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
             exp_infs: ArrayOrList, *, step: int, lr: float = 2e-3, beta1: float = 0.9,
             beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
             maximize: bool = False,
-            param_copies: ArrayOrList | None = None) -> None:
+            param_copies: ArrayOrList | None = None,
+            **options: Unpack[UpdateOptions]) -> None:
     """Adamax (Kingma & Ba 2015, sec. 7): Adam with the infinity norm ``max(beta2*u, |g|+eps)``."""
     lr, beta1, beta2, eps, weight_decay = map(float, (lr, beta1, beta2, eps, weight_decay))
     step = _require_step(step)
@@ -450,7 +543,8 @@ def asgd_next(step: float, lr: float, lambd: float, alpha: float,
 def asgd_(params: ArrayOrList, grads: ArrayOrList, axs: ArrayOrList, *, eta: float, mu: float,
           lr: float = 1e-2, lambd: float = 1e-4, alpha: float = 0.75, t0: float = 1e6,
           weight_decay: float = 0.0, maximize: bool = False,
-          param_copies: ArrayOrList | None = None) -> None:
+          param_copies: ArrayOrList | None = None,
+          **options: Unpack[UpdateOptions]) -> None:
     """Averaged SGD (Polyak & Juditsky 1992) as torch.optim.ASGD.
 
     ``eta`` and ``mu`` are the values torch holds before this step (``lr`` and 1 at the first
@@ -492,7 +586,8 @@ def rprop_(params: ArrayOrList, grads: ArrayOrList, prevs: ArrayOrList,
            step_sizes: ArrayOrList, *, lr: float = 1e-2, etaminus: float = 0.5,
            etaplus: float = 1.2, step_size_min: float = 1e-6, step_size_max: float = 50.0,
            maximize: bool = False,
-           param_copies: ArrayOrList | None = None) -> None:
+           param_copies: ArrayOrList | None = None,
+           **options: Unpack[UpdateOptions]) -> None:
     """Rprop (Riedmiller & Braun 1993), torch's variant: where the gradient changed sign the
     step size shrinks by ``etaminus`` and that element does not move; where it kept its sign
     it grows by ``etaplus``; ``sign(0) = 0`` keeps the step size, and so does a NaN
@@ -529,7 +624,8 @@ def rprop_(params: ArrayOrList, grads: ArrayOrList, prevs: ArrayOrList,
 def lion_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, *, lr: float = 1e-4,
           beta1: float = 0.9, beta2: float = 0.99, weight_decay: float = 0.0,
           maximize: bool = False,
-          param_copies: ArrayOrList | None = None) -> None:
+          param_copies: ArrayOrList | None = None,
+          **options: Unpack[UpdateOptions]) -> None:
     """Lion, Algorithm 2 of Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"
     (arXiv:2302.06675), with decoupled weight decay as there, and ``sign`` as ``torch.sign``
     (``sign(0) = 0``, and 0 for NaN)."""
@@ -549,8 +645,30 @@ def lion_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, *, lr:
 
 @_formats
 def ema_(averages: ArrayOrList, values: ArrayOrList, *, beta: float,
-         param_copies: ArrayOrList | None = None) -> None:
+         param_copies: ArrayOrList | None = None,
+         **options: Unpack[UpdateOptions]) -> None:
     """Exponential moving average ``avg = beta*avg + (1-beta)*value``, as a lerp."""
     beta = float(beta)
     for avg, value in zip(_as_list(averages), _as_list(values), strict=True):
         avg += (1 - beta) * (value - avg)
+
+
+def global_norm(grads: ArrayOrList) -> float:
+    """The L2 norm of all elements of all arrays: sqrt of the float64 sum of squares."""
+    total = 0.0
+    for g in _as_list(grads):
+        w = g.astype(np.float64)
+        total += float(np.sum(w * w))
+    return float(np.sqrt(total))
+
+
+def unscale_and_check_(grads: ArrayOrList, inv_scale: float) -> bool:
+    """``g *= inv_scale`` (float32 math; float64 for float64 arrays); True if any element was
+    inf or NaN before."""
+    found = False
+    for g in _as_list(grads):
+        work_type = np.float64 if g.dtype == np.float64 else np.float32
+        w = g.astype(work_type)
+        found = found or not bool(np.all(np.isfinite(w)))
+        g[...] = (w * work_type(inv_scale)).astype(g.dtype)
+    return found

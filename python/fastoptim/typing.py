@@ -20,12 +20,12 @@ as several arrays. Nothing here is checked at run time: these are annotations on
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Protocol, TypeAlias, Union
+from typing import Any, Protocol, SupportsFloat, TypeAlias, TypedDict, Union
 
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["FloatArray", "CudaArray", "Array", "ArrayOrList", "Params"]
+__all__ = ["FloatArray", "CudaArray", "Array", "ArrayOrList", "Params", "UpdateOptions"]
 
 
 class CudaArray(Protocol):
@@ -44,3 +44,15 @@ ArrayOrList: TypeAlias = Union[Array, Sequence[Array]]
 #: What the classes of :mod:`fastoptim.optim` take as ``params``: arrays, or param-group dicts
 #: (``{"params": [...], "lr": ...}``).
 Params: TypeAlias = Union[Iterable[FloatArray], Iterable[Mapping[str, Any]]]
+
+
+class UpdateOptions(TypedDict, total=False):
+    """The keyword options every update of :mod:`fastoptim.functional` takes (docs/api.md,
+    "Mixed precision"): torch.amp's ``grad_scale`` (grads are divided by it as they are
+    loaded) and ``found_inf`` (nonzero: nothing is written), stochastic rounding of bfloat16
+    params keyed by ``(seed, counter)``, and the Kahan ``compensation`` of bfloat16 params."""
+
+    grad_scale: SupportsFloat | None
+    found_inf: SupportsFloat | None
+    stochastic_rounding: tuple[int, int] | None
+    compensation: ArrayOrList | None

@@ -48,7 +48,7 @@ constexpr const char* kElemNames[] = {"float32", "float64", "bfloat16", "float16
 constexpr int kElemSize[] = {4, 8, 2, 2};
 struct FormatRow {
   Format format;
-  Elem param, grad, state, copy;
+  Elem param, grad, state, copy, comp = kNone;  // comp: the Kahan compensation (kBF16Kahan)
 };
 constexpr FormatRow kFormatTable[] = {
     {kF32, kElemF32, kElemF32, kElemF32, kNone},
@@ -61,6 +61,7 @@ constexpr FormatRow kFormatTable[] = {
     {kF32F16Grads, kElemF32, kElemF16, kElemF32, kNone},
     {kF32BF16GradsCopy, kElemF32, kElemBF16, kElemF32, kElemBF16},
     {kF32F16GradsCopy, kElemF32, kElemF16, kElemF32, kElemF16},
+    {kBF16Kahan, kElemBF16, kElemBF16, kElemBF16, kNone, kElemBF16},
 };
 static_assert(sizeof(kFormatTable) / sizeof(kFormatTable[0]) == kNumFormats,
               "kFormatTable lists every Format once");
@@ -207,6 +208,13 @@ class CallBuilder {
 
   // The low-precision copies of the params that a copy format writes (Note [storage formats]).
   void add_copies(const char* name, py::handle obj) { add_to(copies_, kRoleCopies, name, obj, true); }
+  // The params' Kahan compensation (kBF16Kahan): read and written, in the copies stream.
+  void add_compensation(const char* name, py::handle obj) {
+    add_to(copies_, kRoleComp, name, obj, true);
+  }
+  // Load/store options of the call (kernel_api.h, Note [load/store options]).
+  void set_grad_scale(double scale) { grad_scale_ = scale; }
+  void set_stochastic_rounding(uint32_t key) { sr_ = true; sr_key_ = key; }
 
  private:
   void add_to(std::vector<void*>& ptrs, int role, const char* name, py::handle obj, bool written) {
@@ -269,26 +277,35 @@ class CallBuilder {
     b.offsets = offsets_.data();
     for (int s = 0; s < kMaxSlots; ++s) b.slots[s] = slots_[s].empty() ? nullptr : slots_[s].data();
     b.copies = copies_.empty() ? nullptr : copies_.data();
+    b.grad_scale_inv_d = 1.0 / grad_scale_;
+    b.grad_scale_inv_f = static_cast<float>(b.grad_scale_inv_d);
+    b.sr = sr_;
+    b.sr_key = sr_key_;
     return b;
   }
+  // The element type of the first argument's arrays (the reductions' single argument).
+  Elem first_elem() const { return roles_[0].elem; }
 
   // The call's format, from the dtypes of its params, grads, states and copies: one row of
   // kFormatTable, or a TypeError naming the dtypes.
   Format format() const {
     if (mode_ == kModeDevice) return dtype_num_ == kNpyDouble ? kF64 : kF32;
     const Elem p = roles_[0].elem, g = roles_[1].elem, st = roles_[kRoleStates].elem,
-               c = roles_[kRoleCopies].elem;
+               c = roles_[kRoleCopies].elem, k = roles_[kRoleComp].elem;
     if (p == kNone) return kF32;  // no arrays: nothing runs
     for (const FormatRow& f : kFormatTable)
-      if (f.param == p && f.grad == g && (st == kNone || f.state == st) && f.copy == c) return f.format;
+      if (f.param == p && f.grad == g && (st == kNone || f.state == st) && f.copy == c && f.comp == k)
+        return f.format;
     std::string got = std::string("params ") + kElemNames[p] + " (" + role_label(0) + "), grads " +
                       (g == kNone ? "-" : kElemNames[g]);
     if (st != kNone) got += std::string(", states ") + kElemNames[st] + " (" + role_label(kRoleStates) + ")";
     if (c != kNone) got += std::string(", param_copies ") + kElemNames[c];
+    if (k != kNone) got += std::string(", compensation ") + kElemNames[k];
     type_error(std::string(fn_) + ": unsupported combination of dtypes: " + got +
                "; supported (params, grads, states[, param_copies]): float32; float64; bfloat16; "
                "float16; bfloat16, bfloat16, float32; float16, float16, float32; float32, "
-               "bfloat16, float32[, bfloat16]; float32, float16, float32[, float16]");
+               "bfloat16, float32[, bfloat16]; float32, float16, float32[, float16]; with "
+               "compensation (bfloat16): bfloat16 params, grads and states");
   }
   int64_t total() const { return offsets_.back(); }
   int64_t count() const { return n_; }
@@ -384,11 +401,12 @@ class CallBuilder {
     return a->data;
   }
 
-  static constexpr int kRoleStates = 2, kRoleCopies = 3;
+  static constexpr int kRoleStates = 2, kRoleCopies = 3, kRoleComp = 4, kNumRoles = 5;
   static constexpr const char* kRoleRule[] = {
       "all params of one call share one dtype", "all grads of one call share one dtype",
       "all optimizer states of one call share one dtype",
-      "all param_copies of one call share one dtype"};
+      "all param_copies of one call share one dtype",
+      "all compensation arrays of one call share one dtype"};
   struct RoleDtype {
     Elem elem = kNone;
     int arg = 0;  // the first array of the role, for messages
@@ -465,9 +483,10 @@ class CallBuilder {
   // Out of line: inlined, it would slow the ndarray path it branches off.
   __attribute__((noinline)) void* check_device_array(int arg, int64_t i, PyObject* item, bool written,
                                                      int role) {
-    if (role == kRoleCopies) {
-      type_error(std::string(fn_) + ": " + label(arg, i) + " is not a numpy.ndarray; param_copies "
-                 "(the low-precision formats) are supported on the CPU only");
+    if (role == kRoleCopies || role == kRoleComp) {
+      type_error(std::string(fn_) + ": " + label(arg, i) + " is not a numpy.ndarray; " +
+                 (role == kRoleCopies ? "param_copies" : "compensation") +
+                 " (the low-precision formats) are supported on the CPU only");
     }
     PyObject* raw = PyObject_GetAttrString(item, "__cuda_array_interface__");
     if (!raw) {
@@ -622,7 +641,10 @@ class CallBuilder {
   std::vector<PyObject*> ref_;
   std::vector<void*> slots_[kMaxSlots];
   std::vector<void*> copies_;
-  RoleDtype roles_[4];
+  RoleDtype roles_[kNumRoles];
+  double grad_scale_ = 1.0;
+  bool sr_ = false;
+  uint32_t sr_key_ = 0;
   std::vector<Interval> intervals_;
 };
 
@@ -650,14 +672,77 @@ template <class D> constexpr size_t num_args() {
          D::kFlags.size();
 }
 
+// The keyword options every rule takes (kernel_api.h, Note [load/store options]):
+//   grad_scale=None            torch.amp's scale: grads are divided by it as they are loaded
+//                              (multiplied by 1/grad_scale, exact for the powers of two
+//                              GradScaler uses); finite and > 0
+//   found_inf=None             a number (or 0-d/1-element array or tensor): nonzero, or NaN,
+//                              leaves every array untouched, after every check (torch fused)
+//   stochastic_rounding=None   (seed, counter), integers in [0, 2**64): bfloat16 params are
+//                              stored with stochastic rounding keyed by them
+//   compensation=None          bfloat16 arrays like params: Kahan-compensated bf16 params
+struct CallOptions {
+  double grad_scale = 1.0;
+  bool skip = false;
+  bool sr = false;
+  uint64_t seed = 0, counter = 0;
+  py::object compensation;
+};
+
+uint64_t u64_arg(const char* fn, const char* name, PyObject* o) {
+  if (!PyLong_Check(o) || is_bool(o))
+    type_error(std::string(fn) + ": " + name + " must be an int, got " + type_name(o));
+  const unsigned long long v = PyLong_AsUnsignedLongLong(o);
+  if (v == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
+    PyErr_Clear();
+    value_error(std::string(fn) + ": " + name + " must be in [0, 2**64), got " +
+                std::string(py::str(py::handle(o))));
+  }
+  return static_cast<uint64_t>(v);
+}
+
+CallOptions options_arg(const std::string& fn_name, const py::kwargs& kw) {
+  const char* fn = fn_name.c_str();
+  CallOptions o;
+  for (const auto& item : kw) {
+    const std::string key = py::str(item.first);
+    PyObject* v = item.second.ptr();
+    if (key == "grad_scale") {
+      if (v == Py_None) continue;
+      o.grad_scale = real_arg(fn, "grad_scale", v);
+      if (!(o.grad_scale > 0.0) || !std::isfinite(o.grad_scale))
+        value_error(fn_name + ": grad_scale must be finite and > 0, got " + fmt(o.grad_scale));
+    } else if (key == "found_inf") {
+      if (v == Py_None) continue;
+      const double f = real_arg(fn, "found_inf", v);
+      o.skip = f != 0.0;  // NaN too
+    } else if (key == "stochastic_rounding") {
+      if (v == Py_None) continue;
+      if (!PyTuple_Check(v) || PyTuple_GET_SIZE(v) != 2)
+        type_error(fn_name + ": stochastic_rounding must be None or a tuple (seed, counter), got " +
+                   type_name(v));
+      o.sr = true;
+      o.seed = u64_arg(fn, "stochastic_rounding seed", PyTuple_GET_ITEM(v, 0));
+      o.counter = u64_arg(fn, "stochastic_rounding counter", PyTuple_GET_ITEM(v, 1));
+    } else if (key == "compensation") {
+      if (v != Py_None) o.compensation = py::reinterpret_borrow<py::object>(v);
+    } else {
+      type_error(fn_name + ": unexpected keyword argument '" + key + "'");
+    }
+  }
+  return o;
+}
+
 // Validates one call of rule D and fills `call`; `run_fn` then runs it (the CPU or CUDA kernel,
 // or the CUDA kernel's emulation).
-template <class D, class RunFn> void call_rule(const std::string& fn_name, py::args a, RunFn&& run_fn) {
+template <class D, class RunFn>
+void call_rule(const std::string& fn_name, py::args a, const py::kwargs& kw, RunFn&& run_fn) {
   const char* fn = fn_name.c_str();
   constexpr size_t kArgs = num_args<D>();
   if (a.size() != kArgs)
     type_error(fn_name + ": expected " + std::to_string(kArgs) + " positional arguments, got " +
                std::to_string(a.size()) + " (call fastoptim." + fn_name + ", not _core)");
+  const CallOptions opt = options_arg(fn_name, kw);
   const size_t copies_at = 2 + D::kStates.size();
   size_t k = copies_at + 1;
   int64_t step = 0;
@@ -686,14 +771,81 @@ template <class D, class RunFn> void call_rule(const std::string& fn_name, py::a
       value_error(fn_name + ": " + st.name + " is required" + (*st.when ? " " : "") + st.when);
     call.add(slot, st.name, a[2 + j], true);
   }
-  if (!a[copies_at].is_none()) call.add_copies("param_copies", a[copies_at]);
+  if (!a[copies_at].is_none()) {
+    if (opt.compensation)
+      value_error(fn_name + ": param_copies and compensation exclude each other (a format "
+                  "writes either a copy of the params or their compensation)");
+    call.add_copies("param_copies", a[copies_at]);
+  }
+  if (opt.compensation) call.add_compensation("compensation", opt.compensation);
+  const Format format = call.format();  // a TypeError for an unsupported combination
+  if (opt.grad_scale != 1.0 || opt.sr) {
+    if (call.on_device())
+      value_error(fn_name + ": grad_scale and stochastic_rounding are supported on the CPU only");
+    call.set_grad_scale(opt.grad_scale);
+  }
+  if (opt.sr) {
+    if (format != kBF16 && format != kBF16F32States)
+      value_error(fn_name + ": stochastic_rounding rounds bfloat16 params, without compensation; "
+                  "this call's params are not bfloat16 or it passes compensation");
+    call.set_stochastic_rounding(sr_key_of(opt.seed, opt.counter));
+  }
+  if (opt.skip) {  // found_inf: everything checked, nothing written
+    call.check_overlaps();
+    return;
+  }
   const typename D::Args args = D::args(v);
   run_fn(call, RuleIdOf<D>::value, mask, &args);
 }
 
 template <class D> void def_rule(py::module_& m) {
   const std::string fn_name = std::string(D::kName) + "_";
-  m.def(D::kName, [fn_name](py::args a) { call_rule<D>(fn_name, std::move(a), &run); });
+  m.def(D::kName, [fn_name](py::args a, py::kwargs kw) {
+    call_rule<D>(fn_name, std::move(a), kw, &run);
+  });
+}
+
+// A call of one list of arrays (the reductions): grads checked like a rule's params.
+CallBuilder reduction_call(const char* fn, py::handle grads, bool written) {
+  CallBuilder call(fn);
+  call.add(kParam, "grads", grads, written);
+  if (call.on_device())
+    type_error(std::string(fn) + ": grads are CUDA arrays; this function runs on the CPU only");
+  call.check_overlaps();
+  return call;
+}
+GradType grad_type(Elem e) {
+  return e == kElemF64 ? kGradF64 : e == kElemBF16 ? kGradBF16 : e == kElemF16 ? kGradF16 : kGradF32;
+}
+
+// global_norm(grads): the L2 norm of all elements of all arrays, in fp64, deterministic.
+double global_norm(py::handle grads) {
+  CallBuilder call = reduction_call("global_norm", grads, false);
+  const Batch b = call.batch();
+  const GradType type = grad_type(call.first_elem());
+  double sum;
+  if (call.total() >= kReleaseGilFrom) {
+    py::gil_scoped_release release;
+    sum = sum_of_squares(type, b);
+  } else {
+    sum = sum_of_squares(type, b);
+  }
+  return std::sqrt(sum);
+}
+
+// unscale_and_check_(grads, inv_scale): grads *= inv_scale in place; True if any was not finite.
+bool unscale_and_check(py::handle grads, py::handle inv_scale) {
+  const double s = real_arg("unscale_and_check_", "inv_scale", inv_scale.ptr());
+  if (!std::isfinite(s))
+    value_error("unscale_and_check_: inv_scale must be finite, got " + fmt(s));
+  CallBuilder call = reduction_call("unscale_and_check_", grads, true);
+  const Batch b = call.batch();
+  const GradType type = grad_type(call.first_elem());
+  if (call.total() >= kReleaseGilFrom) {
+    py::gil_scoped_release release;
+    return unscale(type, b, s);
+  }
+  return unscale(type, b, s);
 }
 
 // The bandwidth ceiling of the benchmark: streams[k] (one array or a list) for k < reads;
@@ -811,6 +963,8 @@ PYBIND11_MODULE(_core, m) {
   FO_UPDATE_RULES(FO_INFO)
 #undef FO_INFO
   m.attr("rules") = rules;
+  m.def("global_norm", &global_norm, arg("grads"));
+  m.def("unscale_and_check_", &unscale_and_check, arg("grads"), arg("inv_scale"));
   m.def("stream_rmw", &stream_rmw, arg("streams"), arg("writes"), arg("scale") = 0.0);
   m.def("info", &info);
   m.def("set_isa", [](const std::string& name) {
@@ -847,7 +1001,7 @@ PYBIND11_MODULE(_core, m) {
 #define FO_EMULATE(D)                                               \
   if (!found && rule == D::kName) {                                 \
     found = true;                                                   \
-    call_rule<D>(rule + "_", py::reinterpret_borrow<py::args>(args), emulate); \
+    call_rule<D>(rule + "_", py::reinterpret_borrow<py::args>(args), py::kwargs(), emulate); \
   }
         FO_UPDATE_RULES(FO_EMULATE)
 #undef FO_EMULATE

@@ -18,6 +18,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <stdexcept>
+#include <vector>
 
 #include "parallel.h"
 
@@ -163,6 +164,59 @@ void execute(RuleId rule, unsigned mask, Format format, const Batch& batch, cons
   if (total == 0) return;
   const Job job{fn, &batch, args, mask};
   parallel_for(threads_for(total), total, kChunk, &run_job, &job);
+}
+
+namespace {
+struct NormJob {
+  NormFn fn;
+  const Batch* batch;
+  const int64_t* block_offsets;
+  double* partial;
+};
+void run_norm(const void* ctx, int64_t begin, int64_t end) {
+  const NormJob& j = *static_cast<const NormJob*>(ctx);
+  j.fn(*j.batch, j.block_offsets, begin, end, j.partial);
+}
+struct UnscaleJob {
+  UnscaleFn fn;
+  const Batch* batch;
+  double scale;
+  mutable std::atomic<bool> found{false};
+};
+void run_unscale(const void* ctx, int64_t begin, int64_t end) {
+  const UnscaleJob& j = *static_cast<const UnscaleJob*>(ctx);
+  if (j.fn(*j.batch, begin, end, j.scale)) j.found.store(true, std::memory_order_relaxed);
+}
+}  // namespace
+
+double sum_of_squares(GradType type, const Batch& batch) {
+  std::vector<int64_t> block_offsets(batch.n_tensors + 1, 0);
+  for (int64_t t = 0; t < batch.n_tensors; ++t) {
+    const int64_t n = batch.offsets[t + 1] - batch.offsets[t];
+    block_offsets[t + 1] = block_offsets[t] + (n + kNormBlock - 1) / kNormBlock;
+  }
+  const int64_t blocks = block_offsets.back();
+  if (blocks == 0) return 0.0;
+  std::vector<double> partial(blocks, 0.0);
+  const NormJob job{g_tables[static_cast<int>(g_isa)].sumsq[type], &batch, block_offsets.data(),
+                    partial.data()};
+  // Whole blocks per chunk; the thread count follows the element count as in execute().
+  parallel_for(threads_for(batch.offsets[batch.n_tensors]), blocks,
+               std::max<int64_t>(1, kChunk / kNormBlock), &run_norm, &job);
+  double sum = 0.0;
+  for (const double p : partial) sum += p;  // block order: deterministic
+  return sum;
+}
+
+bool unscale(GradType type, const Batch& batch, double scale) {
+  const int64_t total = batch.offsets[batch.n_tensors];
+  if (total == 0) return false;
+  UnscaleJob job;
+  job.fn = g_tables[static_cast<int>(g_isa)].unscale[type];
+  job.batch = &batch;
+  job.scale = scale;
+  parallel_for(threads_for(total), total, kChunk, &run_unscale, &job);
+  return job.found.load();
 }
 
 void run_convert(const std::string& isa, Storage fmt, bool widen, const void* src, void* dst,

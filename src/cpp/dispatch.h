@@ -30,6 +30,13 @@ int threads_for(int64_t total_elements);
 // the global element range to the caller-runs pool when it is large enough (parallel.h).
 void execute(RuleId rule, unsigned mask, Format format, const Batch& batch, const void* args);
 
+// The sum of squares of every element of slot 0 of a batch, the same whatever the thread
+// count or ISA (kernels.h, Note [deterministic norm]).
+double sum_of_squares(GradType type, const Batch& batch);
+// Multiplies every element of slot 0 in place by `scale` (in fp32; fp64 for float64); returns
+// whether any element was inf or NaN before (torch.amp's unscale, fused).
+bool unscale(GradType type, const Batch& batch, double scale);
+
 // Test hook (_core._convert, _core._widen): converts n elements fp32 -> fmt (widen = false) or
 // fmt -> fp32 (widen = true) with the named ISA's vstore_to / vload_from, on this thread.
 // Throws std::invalid_argument as set_isa does.

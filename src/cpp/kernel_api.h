@@ -18,7 +18,18 @@ struct Batch {
   const int64_t* offsets = nullptr;        // n_tensors + 1 prefix sums of element counts
   void* const* slots[kMaxSlots] = {};       // slots[s][t]: data of stream s of tensor t (or null)
   void* const* copies = nullptr;            // copies[t]: the low-precision copy of param t that
-                                            // the copy formats write (Note [storage formats])
+                                            // the copy formats write (Note [storage formats]),
+                                            // or its Kahan compensation (kBF16Kahan)
+  // Note [load/store options]: per-call options of the loads and stores, never of a rule.
+  //   grad_scale_inv  every grad is multiplied by it as it is loaded (torch.amp's unscaling,
+  //                   fused); 1.0 changes no bit. Held in fp32 and fp64, per compute type.
+  //   sr, sr_key      stochastic rounding of the bfloat16 param store, keyed by the call's
+  //                   (seed, counter) mixed into sr_key and the element's index in the call
+  //                   (vec.h, Note [stochastic rounding]); off: round to nearest even.
+  float grad_scale_inv_f = 1.0f;
+  double grad_scale_inv_d = 1.0;
+  bool sr = false;
+  uint32_t sr_key = 0;
 };
 
 // One id per rule of FO_RULES (rules.h), in its order: kRuleSgd, kRuleAdam, ...
@@ -47,10 +58,14 @@ FO_RULES(FO_RULE_ID_OF)
 //   kF32F16Grads         float32   float16   float32   -
 //   kF32BF16GradsCopy    float32   bfloat16  float32   bfloat16  + the model's bf16 copy
 //   kF32F16GradsCopy     float32   float16   float32   float16
+//   kBF16Kahan           bfloat16  bfloat16  bfloat16  (bfloat16 compensation, read and written)
+// kBF16Kahan keeps, per param, the bf16 rounding error of its last store ("compensation", in
+// the copies stream): the rule sees p + compensation, and the store writes p' = bf16(x) and
+// compensation' = bf16(x - p') (Kahan-compensated bf16 params without an fp32 master).
 // CUDA runs kF32 and kF64 only (the bindings refuse the others on device arrays).
 enum Format : int {
   kF32 = 0, kF64 = 1, kBF16, kF16, kBF16F32States, kF16F32States, kF32BF16Grads, kF32F16Grads,
-  kF32BF16GradsCopy, kF32F16GradsCopy, kNumFormats
+  kF32BF16GradsCopy, kF32F16GradsCopy, kBF16Kahan, kNumFormats
 };
 
 using KernelFn = void (*)(const Batch&, int64_t begin, int64_t end, const void* args, unsigned mask);
@@ -60,10 +75,24 @@ enum Storage : int { kStorageBF16 = 0, kStorageF16 = 1, kNumStorage = 2 };
 // Converts n elements: fp32 -> storage, or storage -> fp32 (a test hook of the conversions).
 using ConvertFn = void (*)(const void* src, void* dst, int64_t n);
 
+// Element types of a reduction's input (global_norm, unscale): f32, f64, bf16, f16.
+enum GradType : int { kGradF32 = 0, kGradF64, kGradBF16, kGradF16, kNumGradTypes };
+// Sum of squares of global elements [begin, end) of slot 0 of a batch, which are whole blocks
+// of kNormBlock elements of their tensors (Note [deterministic norm], kernels.h): partial[k]
+// receives block k's sum, blocks numbered over the whole batch in order.
+constexpr int64_t kNormBlock = 1 << 14;
+using NormFn = void (*)(const Batch&, const int64_t* block_offsets, int64_t first_block,
+                        int64_t end_block, double* partial);
+// Multiplies elements [begin, end) of slot 0 in place by `scale`; returns true if any element
+// was not finite BEFORE the multiplication (torch's _amp_foreach_non_finite_check_and_unscale_).
+using UnscaleFn = bool (*)(const Batch&, int64_t begin, int64_t end, double scale);
+
 struct KernelTable {
   const char* isa = nullptr;
   KernelFn fn[kNumRules][kNumFormats] = {};
   ConvertFn convert[kNumStorage][2] = {};  // [storage][widen]
+  NormFn sumsq[kNumGradTypes] = {};
+  UnscaleFn unscale[kNumGradTypes] = {};
 };
 
 // One per compiled ISA (isa_<name>.cpp).

@@ -58,11 +58,13 @@ template <> struct IsaVec<float> { using type = FO_VEC_F32; };
 template <> struct IsaVec<double> { using type = FO_VEC_F64; };
 
 // How each stream of a format is stored (Note [storage formats], kernel_api.h). Compute is the
-// register type; Copy is void when the format writes no copy of the params.
-template <class P, class G, class S, class C, class Compute_>
+// register type; Copy is void when the format writes no copy of the params; kKahan: the copies
+// stream is the params' compensation, read and written (kBF16Kahan).
+template <class P, class G, class S, class C, class Compute_, bool kKahan_ = false>
 struct Layout {
   using Compute = Compute_;
   using Copy = C;
+  static constexpr bool kKahan = kKahan_;
   template <int kSlot> using Elem = std::conditional_t<kSlot == kParam, P,
                                     std::conditional_t<kSlot == kGrad, G, S>>;
 };
@@ -77,6 +79,16 @@ template <> struct LayoutOf<kF32BF16Grads> { using type = Layout<float, bf16, fl
 template <> struct LayoutOf<kF32F16Grads> { using type = Layout<float, f16, float, void, float>; };
 template <> struct LayoutOf<kF32BF16GradsCopy> { using type = Layout<float, bf16, float, bf16, float>; };
 template <> struct LayoutOf<kF32F16GradsCopy> { using type = Layout<float, f16, float, f16, float>; };
+template <> struct LayoutOf<kBF16Kahan> { using type = Layout<bf16, bf16, bf16, bf16, float, true>; };
+
+// The load/store options of one span (kernel_api.h, Note [load/store options]) for lane type V.
+template <class V> struct Io {
+  V grad_scale_inv;
+  void* copy;       // this tensor's copy or compensation (or null)
+  uint64_t base;    // this tensor's first element's index in the call (stochastic rounding)
+  uint32_t sr_key;
+  bool sr;
+};
 
 // f(std::integral_constant<int, s>{}) for every slot s: a slot's storage type is a
 // compile-time function of s.
@@ -91,27 +103,47 @@ template <class L, int kSlot> FO_INLINE auto* elem_ptr(void* const* ptr) {
   return static_cast<typename L::template Elem<kSlot>*>(ptr[kSlot]);
 }
 
-// One lane group at element i: load the rule's slots (widening), apply, store (rounding),
-// and write the params' copy where the format has one.
+// One lane group at element i: load the rule's slots (widening; grads unscaled, params plus
+// their compensation under kKahan), apply, store (rounding: to nearest even, or stochastically
+// for bf16 params when io.sr), and write the params' copy where the format has one.
 template <class Rule, class L, class V>
-FO_INLINE void apply_at(void* const* ptr, void* copy, int64_t i,
+FO_INLINE void apply_at(void* const* ptr, const Io<V>& io, int64_t i,
                         const typename Rule::template Consts<V>& c) {
+  using P = typename L::template Elem<kParam>;
   V x[kMaxSlots];
   each_slot([&](auto s) {
-    if constexpr ((Rule::kReads & bit(s)) != 0) x[s] = vload_from<V>(elem_ptr<L, s>(ptr) + i);
+    if constexpr ((Rule::kReads & bit(s)) != 0) {
+      x[s] = vload_from<V>(elem_ptr<L, s>(ptr) + i);
+      if constexpr (s == kGrad) x[s] = x[s] * io.grad_scale_inv;
+      if constexpr (s == kParam && L::kKahan)
+        x[s] = x[s] + vload_from<V>(static_cast<const typename L::Copy*>(io.copy) + i);
+    }
   });
   Rule::template apply<V>(x, c);
   each_slot([&](auto s) {
-    if constexpr ((Rule::kWrites & bit(s)) != 0) vstore_to(elem_ptr<L, s>(ptr) + i, x[s]);
+    if constexpr ((Rule::kWrites & bit(s)) != 0) {
+      auto* dst = elem_ptr<L, s>(ptr) + i;
+      if constexpr (s == kParam && L::kKahan) {
+        vstore_to(dst, x[s]);  // p' = bf16(x); compensation' = bf16(x - p') (x - p' is exact)
+        vstore_to(static_cast<typename L::Copy*>(io.copy) + i, x[s] - vload_from<V>(dst));
+      } else if constexpr (s == kParam && std::is_same_v<P, bf16>) {
+        if (io.sr) vstore_sr(dst, x[s], io.sr_key, io.base + static_cast<uint64_t>(i));
+        else vstore_to(dst, x[s]);
+      } else {
+        vstore_to(dst, x[s]);
+      }
+    }
   });
-  if constexpr (!std::is_void_v<typename L::Copy>)
-    vstore_to(static_cast<typename L::Copy*>(copy) + i, x[kParam]);
+  if constexpr (!std::is_void_v<typename L::Copy> && !L::kKahan)
+    vstore_to(static_cast<typename L::Copy*>(io.copy) + i, x[kParam]);
 }
 
 template <class Rule, class L>
-FO_INLINE void run_span(void* const* ptr, void* copy, int64_t i, int64_t n,
+FO_INLINE void run_span(void* const* ptr, int64_t i, int64_t n,
                         const typename Rule::template Consts<typename IsaVec<typename L::Compute>::type>& cv,
-                        const typename Rule::template Consts<typename L::Compute>& cs) {
+                        const typename Rule::template Consts<typename L::Compute>& cs,
+                        const Io<typename IsaVec<typename L::Compute>::type>& iov,
+                        const Io<typename L::Compute>& ios) {
   using T = typename L::Compute;
   using V = typename IsaVec<T>::type;
   using P = typename L::template Elem<kParam>;
@@ -122,7 +154,7 @@ FO_INLINE void run_span(void* const* ptr, void* copy, int64_t i, int64_t n,
     const uintptr_t addr = reinterpret_cast<uintptr_t>(elem_ptr<L, kParam>(ptr) + i);
     int64_t head = static_cast<int64_t>(((kAlign - addr % kAlign) % kAlign) / sizeof(P));
     head = min64(head, n - i);
-    for (; head > 0; --head, ++i) apply_at<Rule, L, T>(ptr, copy, i, cs);
+    for (; head > 0; --head, ++i) apply_at<Rule, L, T>(ptr, ios, i, cs);
     for (; i + 2 * kW <= n; i += 2 * kW) {
       each_slot([&](auto s) {
         if constexpr ((Rule::kReads & bit(s)) != 0)
@@ -130,12 +162,12 @@ FO_INLINE void run_span(void* const* ptr, void* copy, int64_t i, int64_t n,
               reinterpret_cast<uintptr_t>(elem_ptr<L, s>(ptr) + i) +
               kPrefetchAhead * sizeof(typename L::template Elem<s>)), 0, 0);
       });
-      apply_at<Rule, L, V>(ptr, copy, i, cv);
-      apply_at<Rule, L, V>(ptr, copy, i + kW, cv);
+      apply_at<Rule, L, V>(ptr, iov, i, cv);
+      apply_at<Rule, L, V>(ptr, iov, i + kW, cv);
     }
-    for (; i + kW <= n; i += kW) apply_at<Rule, L, V>(ptr, copy, i, cv);
+    for (; i + kW <= n; i += kW) apply_at<Rule, L, V>(ptr, iov, i, cv);
   }
-  for (; i < n; ++i) apply_at<Rule, L, T>(ptr, copy, i, cs);
+  for (; i < n; ++i) apply_at<Rule, L, T>(ptr, ios, i, cs);
 }
 
 // Process the global element range [begin, end) of a batch.
@@ -145,6 +177,7 @@ void run_range(const Batch& b, int64_t begin, int64_t end, const Args& a) {
   using V = typename IsaVec<T>::type;
   const typename Rule::template Consts<V> cv(a);
   const typename Rule::template Consts<T> cs(a);
+  const T inv = static_cast<T>(std::is_same_v<T, float> ? b.grad_scale_inv_f : b.grad_scale_inv_d);
   const int64_t* off = b.offsets;
   int64_t t = tensor_of(off, b.n_tensors, begin);
   for (; t < b.n_tensors && off[t] < end; ++t) {
@@ -152,8 +185,104 @@ void run_range(const Batch& b, int64_t begin, int64_t end, const Args& a) {
     const int64_t hi = min64(end, off[t + 1]) - off[t];
     void* ptr[kMaxSlots];
     for (int s = 0; s < kMaxSlots; ++s) ptr[s] = b.slots[s] ? b.slots[s][t] : nullptr;
-    run_span<Rule, L>(ptr, b.copies ? b.copies[t] : nullptr, lo, hi, cv, cs);
+    void* copy = b.copies ? b.copies[t] : nullptr;
+    const auto base = static_cast<uint64_t>(off[t]);
+    const Io<V> iov{splat<V>(inv), copy, base, b.sr_key, b.sr};
+    const Io<T> ios{inv, copy, base, b.sr_key, b.sr};
+    run_span<Rule, L>(ptr, lo, hi, cv, cs, iov, ios);
   }
+}
+
+// Note [deterministic norm]
+// global_norm's sum of squares must not depend on the thread count or the ISA. Each tensor is
+// cut into blocks of kNormBlock elements (kernel_api.h); a block is summed by one thread, in
+// fp64, into 16 accumulators, element i of the tensor into accumulator i % 16 in index order
+// (the square of an fp32 value is exact in fp64, so only the additions round, always in the
+// same order), and the 16 are added in a fixed tree. The caller adds the blocks' sums in block
+// order. The vector ISAs only widen 16 elements at a time into a buffer; the fp64 loop is the
+// same text in every translation unit.
+template <class E>
+void sumsq_blocks(const Batch& b, const int64_t* boff, int64_t k0, int64_t k1, double* partial) {
+  using V = FO_VEC_F32;
+  constexpr int kW = VecTraits<V>::kWidth;
+  static_assert(16 % kW == 0, "a group of 16 is whole vectors");
+  int64_t t = tensor_of(boff, b.n_tensors, k0);
+  for (int64_t k = k0; k < k1; ++k) {
+    while (boff[t + 1] <= k) ++t;
+    const auto* g = static_cast<const E*>(b.slots[0][t]);
+    const int64_t n = b.offsets[t + 1] - b.offsets[t];
+    int64_t i = (k - boff[t]) * kNormBlock;
+    const int64_t hi = min64(n, i + kNormBlock);
+    double acc[16] = {};
+    float buf[16];
+    for (; i + 16 <= hi; i += 16) {
+      for (int j = 0; j < 16; j += kW) vstore(buf + j, vload_from<V>(g + i + j));
+      for (int j = 0; j < 16; ++j) {
+        const double d = buf[j];
+        acc[j] += d * d;
+      }
+    }
+    for (; i < hi; ++i) {
+      const double d = vload_from<float>(g + i);
+      acc[i & 15] += d * d;
+    }
+    for (int w = 8; w >= 1; w /= 2)
+      for (int j = 0; j < w; ++j) acc[j] = acc[j] + acc[j + w];
+    partial[k] = acc[0];
+  }
+}
+template <>
+void sumsq_blocks<double>(const Batch& b, const int64_t* boff, int64_t k0, int64_t k1,
+                          double* partial) {
+  int64_t t = tensor_of(boff, b.n_tensors, k0);
+  for (int64_t k = k0; k < k1; ++k) {
+    while (boff[t + 1] <= k) ++t;
+    const auto* g = static_cast<const double*>(b.slots[0][t]);
+    const int64_t n = b.offsets[t + 1] - b.offsets[t];
+    int64_t i = (k - boff[t]) * kNormBlock;
+    const int64_t hi = min64(n, i + kNormBlock);
+    double acc[16] = {};
+    for (; i + 16 <= hi; i += 16)
+      for (int j = 0; j < 16; ++j) acc[j] += g[i + j] * g[i + j];
+    for (; i < hi; ++i) acc[i & 15] += g[i] * g[i];
+    for (int w = 8; w >= 1; w /= 2)
+      for (int j = 0; j < w; ++j) acc[j] = acc[j] + acc[j + w];
+    partial[k] = acc[0];
+  }
+}
+
+// torch.amp's unscale: every element is checked (non-finite before scaling) and multiplied by
+// `scale` in the compute type (fp32; fp64 for float64), stored back rounded to nearest even.
+template <class E>
+bool unscale_range(const Batch& b, int64_t begin, int64_t end, double scale) {
+  using T = std::conditional_t<std::is_same_v<E, double>, double, float>;
+  using V = typename IsaVec<T>::type;
+  constexpr int kW = VecTraits<V>::kWidth;
+  const V sv = splat<V>(static_cast<T>(scale));
+  const V zero = splat<V>(T(0));
+  V bad = zero;    // x*0 is NaN exactly for inf and NaN; the sum keeps any NaN
+  T bad_s = T(0);
+  const int64_t* off = b.offsets;
+  for (int64_t t = tensor_of(off, b.n_tensors, begin); t < b.n_tensors && off[t] < end; ++t) {
+    auto* g = static_cast<E*>(b.slots[0][t]);
+    const int64_t hi = min64(end, off[t + 1]) - off[t];
+    int64_t i = max64(begin, off[t]) - off[t];
+    for (; i + kW <= hi; i += kW) {
+      const V x = vload_from<V>(g + i);
+      bad = bad + x * zero;
+      vstore_to(g + i, x * sv);
+    }
+    for (; i < hi; ++i) {
+      const T x = vload_from<T>(g + i);
+      bad_s = bad_s + x * T(0);
+      vstore_to(g + i, x * static_cast<T>(scale));
+    }
+  }
+  T lanes[kW];
+  vstore(lanes, bad);
+  bool found = bad_s != bad_s;
+  for (int j = 0; j < kW; ++j) found = found || lanes[j] != lanes[j];
+  return found;
 }
 
 // One entry per (rule, format): the call's variant -> its instantiation (rule_api.h).
@@ -203,6 +332,14 @@ void FO_FILL_TABLE(KernelTable* t) {
   t->convert[kStorageBF16][1] = &convert_span<bf16, true>;
   t->convert[kStorageF16][0] = &convert_span<f16, false>;
   t->convert[kStorageF16][1] = &convert_span<f16, true>;
+  t->sumsq[kGradF32] = &sumsq_blocks<float>;
+  t->sumsq[kGradF64] = &sumsq_blocks<double>;
+  t->sumsq[kGradBF16] = &sumsq_blocks<bf16>;
+  t->sumsq[kGradF16] = &sumsq_blocks<f16>;
+  t->unscale[kGradF32] = &unscale_range<float>;
+  t->unscale[kGradF64] = &unscale_range<double>;
+  t->unscale[kGradBF16] = &unscale_range<bf16>;
+  t->unscale[kGradF16] = &unscale_range<f16>;
 }
 
 }  // namespace fastoptim

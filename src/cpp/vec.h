@@ -371,6 +371,58 @@ template <> struct StorageIO<float, f16> {
   }
 };
 
+// Note [stochastic rounding]
+// A bfloat16 param store may round stochastically: x rounds up (away from zero) to the next
+// bf16 with probability equal to the fraction of the gap that x covers, so the expected stored
+// value is x and tiny updates are not lost (Gupta et al. 2015; llm.c uses the same idea). The
+// random bits are a pure function of (key, element index): sr_key_of(seed, counter) once per
+// call on the host, sr_hash(key, index) per element, with `index` the element's position in
+// the call (its tensor's offset in the concatenation plus its index in the tensor). So the
+// result does not depend on the ISA, the thread count or the run. sr_hash is the murmur3
+// 32-bit finaliser over the two 32-bit halves of the index, each multiplied by an odd
+// constant, xor the key. The store adds the hash's low 16 bits to the fp32 bits and truncates;
+// infinities and NaN take the round-to-nearest path (an infinity stays infinite, a NaN is
+// quieted). A finite value may round up to infinity, with the probability it covers of the
+// gap to 2^128. fastoptim.reference writes the same functions in NumPy.
+FO_HD FO_INLINE uint64_t splitmix64(uint64_t z) {
+  z += 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+FO_HD FO_INLINE uint32_t sr_key_of(uint64_t seed, uint64_t counter) {
+  return static_cast<uint32_t>(splitmix64(splitmix64(seed) ^ counter) >> 32);
+}
+constexpr uint32_t kSrMulLo = 0x9E3779B1u, kSrMulHi = 0x85EBCA77u;
+constexpr uint32_t kFmix1 = 0x85EBCA6Bu, kFmix2 = 0xC2B2AE35u;
+FO_HD FO_INLINE uint32_t sr_hash(uint32_t key, uint64_t index) {
+  uint32_t h = (static_cast<uint32_t>(index) * kSrMulLo) ^
+               (static_cast<uint32_t>(index >> 32) * kSrMulHi) ^ key;
+  h ^= h >> 16;
+  h *= kFmix1;
+  h ^= h >> 13;
+  h *= kFmix2;
+  h ^= h >> 16;
+  return h;
+}
+// fp32 bits -> bf16 bits, rounded stochastically with the random bits r (low 16 used).
+FO_HD FO_INLINE uint16_t bf16_bits_sr(uint32_t x, uint32_t r) {
+  if ((x & 0x7FFFFFFFu) >= 0x7F800000u) return bf16_bits_from_f32(x);  // inf, NaN
+  return static_cast<uint16_t>((x + (r & 0xFFFFu)) >> 16);
+}
+
+// How V is stored to bf16 with stochastic rounding; `index` is the first lane's element index.
+template <class V> struct SrStore;
+template <> struct SrStore<float> {
+  static FO_HD FO_INLINE void store(bf16* p, float v, uint32_t key, uint64_t index) {
+    const uint16_t h = bf16_bits_sr(f32_to_bits(v), sr_hash(key, index));
+    __builtin_memcpy(p, &h, sizeof h);
+  }
+};
+template <class V> FO_HD FO_INLINE void vstore_sr(bf16* p, V v, uint32_t key, uint64_t index) {
+  SrStore<V>::store(p, v, key, index);
+}
+
 #if defined(__AVX2__) && defined(__FMA__)
 #if !defined(__F16C__)
 #error "the AVX2 and AVX-512 paths convert f16 with F16C: compile them with -mf16c"
@@ -405,6 +457,37 @@ template <> struct StorageIO<F32x8, f16> {
                      _mm256_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
 };
+template <> struct SrStore<F32x8> {
+  static FO_INLINE void store(bf16* p, F32x8 v, uint32_t key, uint64_t index) {
+    const uint32_t lo0 = static_cast<uint32_t>(index), hi0 = static_cast<uint32_t>(index >> 32);
+    const __m256i base = _mm256_set1_epi32(static_cast<int>(lo0));
+    const __m256i lo = _mm256_add_epi32(base, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    // A lane whose low half wrapped carries into the high half (unsigned lo < base).
+    const __m256i flip = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+    const __m256i carry = _mm256_cmpgt_epi32(_mm256_xor_si256(base, flip), _mm256_xor_si256(lo, flip));
+    const __m256i hi = _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int>(hi0)), carry);
+    __m256i h = _mm256_xor_si256(
+        _mm256_xor_si256(_mm256_mullo_epi32(lo, _mm256_set1_epi32(static_cast<int>(kSrMulLo))),
+                         _mm256_mullo_epi32(hi, _mm256_set1_epi32(static_cast<int>(kSrMulHi)))),
+        _mm256_set1_epi32(static_cast<int>(key)));
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+    h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int>(kFmix1)));
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
+    h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int>(kFmix2)));
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+    const __m256i x = _mm256_castps_si256(v.v);
+    const __m256i abs = _mm256_and_si256(x, _mm256_set1_epi32(0x7FFFFFFF));
+    const __m256i special = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7F7FFFFF));  // inf, NaN
+    const __m256i nan = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7F800000));
+    const __m256i r = _mm256_andnot_si256(special, _mm256_and_si256(h, _mm256_set1_epi32(0xFFFF)));
+    const __m256i hiw = _mm256_srli_epi32(_mm256_add_epi32(x, r), 16);
+    const __m256i qnan = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(0x8000)),
+                                         _mm256_set1_epi32(0x7FC0));
+    const __m256i out = _mm256_blendv_epi8(hiw, qnan, nan);
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(out, out), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  }
+};
 #endif
 
 #if defined(__AVX512F__)
@@ -435,6 +518,36 @@ template <> struct StorageIO<F32x16, f16> {
   static FO_INLINE void store(f16* p, F32x16 v) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
                         _mm512_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+};
+template <> struct SrStore<F32x16> {
+  static FO_INLINE void store(bf16* p, F32x16 v, uint32_t key, uint64_t index) {
+    const uint32_t lo0 = static_cast<uint32_t>(index), hi0 = static_cast<uint32_t>(index >> 32);
+    const __m512i base = _mm512_set1_epi32(static_cast<int>(lo0));
+    const __m512i lo = _mm512_add_epi32(
+        base, _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    const __mmask16 carry = _mm512_cmplt_epu32_mask(lo, base);  // the low half wrapped
+    const __m512i hi1 = _mm512_set1_epi32(static_cast<int>(hi0));
+    const __m512i hi = _mm512_mask_add_epi32(hi1, carry, hi1, _mm512_set1_epi32(1));
+    __m512i h = _mm512_xor_si512(
+        _mm512_xor_si512(_mm512_mullo_epi32(lo, _mm512_set1_epi32(static_cast<int>(kSrMulLo))),
+                         _mm512_mullo_epi32(hi, _mm512_set1_epi32(static_cast<int>(kSrMulHi)))),
+        _mm512_set1_epi32(static_cast<int>(key)));
+    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+    h = _mm512_mullo_epi32(h, _mm512_set1_epi32(static_cast<int>(kFmix1)));
+    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 13));
+    h = _mm512_mullo_epi32(h, _mm512_set1_epi32(static_cast<int>(kFmix2)));
+    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+    const __m512i x = _mm512_castps_si512(v.v);
+    const __m512i abs = _mm512_and_si512(x, _mm512_set1_epi32(0x7FFFFFFF));
+    const __mmask16 finite = _mm512_cmple_epi32_mask(abs, _mm512_set1_epi32(0x7F7FFFFF));
+    const __mmask16 nan = _mm512_cmpgt_epi32_mask(abs, _mm512_set1_epi32(0x7F800000));
+    const __m512i r = _mm512_maskz_and_epi32(finite, h, _mm512_set1_epi32(0xFFFF));
+    const __m512i hiw = _mm512_srli_epi32(_mm512_add_epi32(x, r), 16);
+    const __m512i qnan = _mm512_or_si512(
+        _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(0x8000)), _mm512_set1_epi32(0x7FC0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                        _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(hiw, nan, qnan)));
   }
 };
 #endif
