@@ -27,14 +27,14 @@ def test_backend_info_reports_isa_and_threads():
 
 def test_default_isa_is_best_tested_path():
     info = fastoptim.backend_info()
-    eligible = [i for i in ("avx512", "avx2", "scalar")
+    eligible = [i for i in ("avx512bf16", "avx512", "avx2", "scalar")
                 if i in info["isas_supported"] and i in info["isas_default_eligible"]]
     out = run_python("import fastoptim; print(fastoptim.backend_info()['isa'])", FASTOPTIM_ISA="")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == eligible[0]
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512bf16"])
 def test_env_var_forces_isa(isa):
     code = "import fastoptim; print(fastoptim.backend_info()['isa'])"
     out = run_python(code, FASTOPTIM_ISA=isa)

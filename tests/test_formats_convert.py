@@ -20,7 +20,7 @@ ml_dtypes = pytest.importorskip("ml_dtypes")
 
 from fastoptim import _core  # noqa: E402
 
-ISAS = ["scalar", "avx2", "avx512"]
+ISAS = ["scalar", "avx2", "avx512", "avx512bf16"]
 SUPPORTED = [isa for isa in ISAS if isa in _core.info()["isas_supported"]]
 FORMATS = ["bfloat16", "float16"]
 CHUNK = 1 << 24  # fp32 patterns per step of the exhaustive sweep (64 MiB of input)

@@ -18,7 +18,7 @@ DTYPES = [np.float32, np.float64]
 THREADS = [1, 2]
 SMALL_SIZES = [0, 1, 7, 8, 9, 15, 16, 17, 4099]
 BIG_SIZE = 2**20 + 3
-KNOWN_ISAS = ["scalar", "avx2", "avx512"]
+KNOWN_ISAS = ["scalar", "avx2", "avx512", "avx512bf16"]
 ISAS = KNOWN_ISAS + [
     isa for isa in fastoptim.backend_info()["isas_supported"] if isa not in KNOWN_ISAS
 ]

@@ -429,3 +429,29 @@ def test_global_norm_folded_into_grad_scale_clips_in_one_pass():
     fastoptim.adam_(p, g, m, v, step=1, grad_scale=1.0 / factor)
     fastoptim.adam_(p2, clipped, m2, v2, step=1)
     assert same_bits(p, p2) and same_bits(m, m2) and same_bits(v, v2)
+
+
+def test_bf16_stores_of_subnormals_and_nan_agree_on_every_isa():
+    """kernels.h, Note [native bf16 stores]: the avx512bf16 path's instruction flushes
+    subnormals and keeps NaN payloads, so vectors holding either take the integer code. Results
+    that are subnormal, NaN, inf or zero, sprinkled through normal ones, store the same bits on
+    every ISA and as the reference (ml_dtypes' rounding of the float32 result)."""
+    rng = np.random.default_rng(12)
+    n = 4099
+    values = rng.standard_normal(n).astype(np.float32)
+    special = rng.choice(n, 300, replace=False)
+    values[special] = rng.choice(np.array([1e-39, -3e-40, 2.0**-130, np.nan, np.inf, -np.inf,
+                                           0.0, -0.0, 3e38], np.float32), 300)
+    values[:64] = np.float32(1.5e-39)  # whole vectors of subnormals
+    values = values.astype(BF16)
+    expected = np.zeros(n, BF16)
+    reference.ema_(expected, values, beta=0.25)
+    saved = fastoptim.backend_info()["isa"]
+    try:
+        for isa in fastoptim.backend_info()["isas_supported"]:
+            fastoptim.set_isa(isa)
+            avg = np.zeros(n, BF16)
+            fastoptim.ema_(avg, values, beta=0.25)
+            assert avg.tobytes() == expected.tobytes(), isa
+    finally:
+        fastoptim.set_isa(saved)

@@ -45,6 +45,7 @@ const char* isa_name(Isa isa) {
     case Isa::kScalar: return "scalar";
     case Isa::kAvx2: return "avx2";
     case Isa::kAvx512: return "avx512";
+    case Isa::kAvx512Bf16: return "avx512bf16";
   }
   return "?";
 }
@@ -57,6 +58,9 @@ bool isa_compiled(Isa isa) {
 #endif
 #if defined(FASTOPTIM_HAVE_AVX512)
     case Isa::kAvx512: return true;
+#endif
+#if defined(FASTOPTIM_HAVE_AVX512) && defined(FASTOPTIM_HAVE_AVX512BF16)
+    case Isa::kAvx512Bf16: return true;
 #endif
     default: return false;
   }
@@ -74,6 +78,9 @@ bool isa_cpu_has(Isa isa) {
     case Isa::kAvx512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma") &&
              __builtin_cpu_supports("f16c");
+    case Isa::kAvx512Bf16:
+      return isa_cpu_has(Isa::kAvx512) && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
   }
   return false;
 #else
@@ -97,7 +104,8 @@ Isa usable_isa(const std::string& name) {
       throw std::invalid_argument("ISA '" + name + "' is not supported by this CPU");
     return isa;
   }
-  throw std::invalid_argument("unknown ISA '" + name + "'; expected one of scalar, avx2, avx512");
+  throw std::invalid_argument("unknown ISA '" + name +
+                              "'; expected one of scalar, avx2, avx512, avx512bf16");
 }
 }  // namespace
 
@@ -114,6 +122,21 @@ void init_dispatch() {
 #endif
 #if defined(FASTOPTIM_HAVE_AVX512)
   if (isa_cpu_has(Isa::kAvx512)) fill_table_avx512(&g_tables[2]);
+#endif
+#if defined(FASTOPTIM_HAVE_AVX512) && defined(FASTOPTIM_HAVE_AVX512BF16)
+  if (isa_cpu_has(Isa::kAvx512Bf16)) {
+    // the avx512 table, with the entries of the bfloat16-storing formats replaced
+    KernelTable bf;
+    fill_table_avx512bf16(&bf);
+    g_tables[3] = g_tables[2];
+    g_tables[3].isa = "avx512bf16";
+    for (int r = 0; r < kNumRules; ++r)
+      for (int f = 0; f < kNumFormats; ++f)
+        if (bf.fn[r][f] != nullptr) g_tables[3].fn[r][f] = bf.fn[r][f];
+    for (int k = 0; k < kNumStorage; ++k)
+      for (int w = 0; w < 2; ++w)
+        if (bf.convert[k][w] != nullptr) g_tables[3].convert[k][w] = bf.convert[k][w];
+  }
 #endif
   g_threads.store(std::min(available_cpus(), kMaxThreads), std::memory_order_relaxed);
   Isa best = Isa::kScalar;

@@ -9,8 +9,8 @@
 
 namespace fastoptim {
 
-enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
-constexpr int kNumIsas = 3;
+enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+constexpr int kNumIsas = 4;
 
 const char* isa_name(Isa isa);
 bool isa_compiled(Isa isa);

@@ -99,5 +99,6 @@ struct KernelTable {
 void fill_table_scalar(KernelTable*);
 void fill_table_avx2(KernelTable*);
 void fill_table_avx512(KernelTable*);
+void fill_table_avx512bf16(KernelTable*);  // the bfloat16-storing formats only
 
 }  // namespace fastoptim

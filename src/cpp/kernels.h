@@ -81,6 +81,38 @@ template <> struct LayoutOf<kF32BF16GradsCopy> { using type = Layout<float, bf16
 template <> struct LayoutOf<kF32F16GradsCopy> { using type = Layout<float, f16, float, f16, float>; };
 template <> struct LayoutOf<kBF16Kahan> { using type = Layout<bf16, bf16, bf16, bf16, float, true>; };
 
+// Note [native bf16 stores]
+// The avx512bf16 translation unit (isa_avx512bf16.cpp, compiled with -mavx512bf16) stores
+// 16 lanes of bfloat16 with vcvtneps2bf16 instead of the integer code of vec.h: the same
+// round to nearest even, but the instruction flushes subnormal inputs to zero and keeps a
+// NaN's payload, where vec.h (and ml_dtypes) do not. A vector with any subnormal or NaN lane
+// takes vec.h's code, so the bits stored are the same as on every other path.
+#if defined(__AVX512BF16__)
+FO_INLINE void store_bf16_native(bf16* p, F32x16 v) {
+  const __m512i x = _mm512_castps_si512(v.v);
+  const __m512i abs = _mm512_and_si512(x, _mm512_set1_epi32(0x7FFFFFFF));
+  const __mmask16 subnormal = _mm512_cmplt_epu32_mask(
+      _mm512_sub_epi32(abs, _mm512_set1_epi32(1)), _mm512_set1_epi32(0x007FFFFF));
+  const __mmask16 nan = _mm512_cmpgt_epi32_mask(abs, _mm512_set1_epi32(0x7F800000));
+  if (__builtin_expect((subnormal | nan) != 0, 0)) {
+    vstore_to(p, v);
+    return;
+  }
+  const __m256bh r = _mm512_cvtneps_pbh(v.v);
+  __builtin_memcpy(p, &r, sizeof r);
+}
+#endif
+// Every store of the kernels: vec.h's vstore_to, or the native bf16 store above.
+template <class E, class V> FO_INLINE void store_elem(E* p, V v) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<E, bf16> && std::is_same_v<V, F32x16>) {
+    store_bf16_native(p, v);
+    return;
+  }
+#endif
+  vstore_to(p, v);
+}
+
 // The load/store options of one span (kernel_api.h, Note [load/store options]) for lane type V.
 template <class V> struct Io {
   V grad_scale_inv;
@@ -124,18 +156,18 @@ FO_INLINE void apply_at(void* const* ptr, const Io<V>& io, int64_t i,
     if constexpr ((Rule::kWrites & bit(s)) != 0) {
       auto* dst = elem_ptr<L, s>(ptr) + i;
       if constexpr (s == kParam && L::kKahan) {
-        vstore_to(dst, x[s]);  // p' = bf16(x); compensation' = bf16(x - p') (x - p' is exact)
-        vstore_to(static_cast<typename L::Copy*>(io.copy) + i, x[s] - vload_from<V>(dst));
+        store_elem(dst, x[s]);  // p' = bf16(x); compensation' = bf16(x - p') (x - p' is exact)
+        store_elem(static_cast<typename L::Copy*>(io.copy) + i, x[s] - vload_from<V>(dst));
       } else if constexpr (s == kParam && std::is_same_v<P, bf16>) {
         if (io.sr) vstore_sr(dst, x[s], io.sr_key, io.base + static_cast<uint64_t>(i));
-        else vstore_to(dst, x[s]);
+        else store_elem(dst, x[s]);
       } else {
-        vstore_to(dst, x[s]);
+        store_elem(dst, x[s]);
       }
     }
   });
   if constexpr (!std::is_void_v<typename L::Copy> && !L::kKahan)
-    vstore_to(static_cast<typename L::Copy*>(io.copy) + i, x[kParam]);
+    store_elem(static_cast<typename L::Copy*>(io.copy) + i, x[kParam]);
 }
 
 template <class Rule, class L>
@@ -294,8 +326,17 @@ void entry(const Batch& b, int64_t lo, int64_t hi, const void* p, unsigned mask)
   });
 }
 
+// FO_FORMAT_FILTER(F): whether this translation unit fills format F (isa_avx512bf16.cpp fills
+// only the formats that store bfloat16; dispatch.cpp takes the rest from the avx512 table).
+#if !defined(FO_FORMAT_FILTER)
+#define FO_FORMAT_FILTER(F) true
+#endif
+template <class D, int F> void fill_one(KernelTable* t) {
+  if constexpr (FO_FORMAT_FILTER(static_cast<Format>(F)))
+    t->fn[RuleIdOf<D>::value][F] = &entry<D, static_cast<Format>(F)>;
+}
 template <class D, int... Fs> void fill_rule(KernelTable* t, std::integer_sequence<int, Fs...>) {
-  ((t->fn[RuleIdOf<D>::value][Fs] = &entry<D, static_cast<Format>(Fs)>), ...);
+  (fill_one<D, Fs>(t), ...);
 }
 
 // Test hook of the storage conversions (vec.h, Note [storage formats]): n elements fp32 -> E
@@ -308,7 +349,7 @@ void convert_span(const void* src, void* dst, int64_t n) {
     if constexpr (kWiden)
       vstore(static_cast<float*>(dst) + i, vload_from<V>(static_cast<const E*>(src) + i));
     else
-      vstore_to(static_cast<E*>(dst) + i, vload<V>(static_cast<const float*>(src) + i));
+      store_elem(static_cast<E*>(dst) + i, vload<V>(static_cast<const float*>(src) + i));
   };
   using V = FO_VEC_F32;
   constexpr int64_t kW = VecTraits<V>::kWidth;
