@@ -13,8 +13,10 @@ Rows (docs/api.md, "Storage formats"; bytes per element moved by one step in bra
   ... +bf16 copy            + the model's bfloat16 copy of the params, written   [28]
   fp16 / fp16/f32 states / f32 master/fp16 grads (+copy): the float16 twins
   fp32 +grad_scale          fp32 with torch.amp's grad_scale unscaled in the kernel [28]
-torch rows: torch.optim.AdamW(fused=True) on the bf16 and the fp32 tensors whose memory the
-fastoptim rows update (the ndarrays are views of torch's own tensors).
+torch rows: torch.optim.AdamW(fused=True) on the bf16, fp16 and fp32 tensors whose memory the
+fastoptim rows update (the ndarrays are views of torch's own tensors); and torch's fp32 step
+followed by `bf16_copy.copy_(param)`, what the master-weights rows do in one pass (torch's
+fp32 step reads the fp32 grad, 2 bytes more than ours: its total is 28 + 6 bytes).
 
 Ceiling: `_core.stream_rmw` over four float32 arrays of the same memory as the fp32 row (read
 4, write 3: 28 B/element), as GB/s; each row's "% ceiling" is its GB/s over that, i.e. the
@@ -74,6 +76,14 @@ def main() -> None:
     Gb, Gh = G32.astype(BF16), G32.astype(np.float16)
     Cb, Ch = np.zeros(n, BF16), np.zeros(n, np.float16)
     K = np.zeros(n, BF16)
+    # torch's way to the master-weights row: its fp32 fused step, then the bf16 copy
+    p32_t = t_f32.param_groups[0]["params"][0]
+    copy_t = torch.empty(n, dtype=torch.bfloat16)
+
+    def torch_master() -> None:
+        t_f32.step()
+        copy_t.copy_(p32_t.data)
+
     kw = dict(step=5, lr=1e-4)
     rows = {
         "fp32": (28, lambda: fastoptim.adamw_(P32, G32, M32, V32, **kw)),
@@ -97,6 +107,7 @@ def main() -> None:
         "torch fused bf16": (14, t_bf16.step),
         "torch fused fp16": (14, t_f16.step),
         "torch fused fp32": (28, t_f32.step),
+        "torch fp32 step + bf16 copy": (34, torch_master),
         "ceiling (fp32 rmw 4r/3w)": (28, lambda: fastoptim._core.stream_rmw(
             [P32, M32, V32, G32], 3, 0.0)),
     }
@@ -127,6 +138,9 @@ def main() -> None:
             results.append(row)
             print(f"{name:28s} {b:4d} {row['ms']:8.2f} {gbs:6.1f} {row['pct_ceiling']:6.0f} "
                   f"{row['x_torch_bf16']:12.2f} {row['x_torch_fp32']:12.2f}")
+        print(f"bf16 x torch fused bf16: {med['torch fused bf16'] / med['bf16']:.2f}; "
+              f"f32 master/bf16 grads+copy x torch fp32 step + bf16 copy: "
+              f"{med['torch fp32 step + bf16 copy'] / med['f32 master/bf16 grads+copy']:.2f}")
     os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
     out = os.path.join(os.path.dirname(__file__), "results", f"formats_2e{args.log2}.json")
     with open(out, "w") as f:
