@@ -450,13 +450,16 @@ def test_version_counter_is_bumped():
 
 def test_many_tensors_one_call_per_group_and_dtype(monkeypatch):
     calls = []
-    real = fastoptim.functional.adam_
 
-    def spy(params, *args, **kwargs):
-        calls.append(len(params))
-        return real(params, *args, **kwargs)
+    def spy(real, pointers):
+        def call(params, *args, **kwargs):
+            # The pointer path's params: (dtype, element counts, pointers) (Note [pointer path])
+            calls.append(len(params[2]) if pointers else len(params))
+            return real(params, *args, **kwargs)
+        return call
 
-    monkeypatch.setattr(fastoptim.functional, "adam_", spy)
+    monkeypatch.setattr(fastoptim.functional, "adam_", spy(fastoptim.functional.adam_, False))
+    monkeypatch.setattr(ft._P, "adam_", spy(ft._P.adam_, True))
     params = make_params(torch.float32, shapes=[(5,)] * 40) + make_params(torch.float64,
                                                                           shapes=[(3,)] * 7)
     opt = ft.Adam([{"params": params[:30]}, {"params": params[30:]}])

@@ -8,8 +8,8 @@ groups, ``zero_grad``, closures, hooks and ``state_dict`` layout (state keys ``s
 ``grad_avg``, ``sum``, ``acc_delta``, ``exp_inf``, ``ax``, ``prev``, ``step_size`` and the 0-d
 ``mu_product``, ``eta``, ``mu``: Note [Scalar states]), so checkpoints move both ways between
 ``torch.optim.X`` and ``fastoptim.torch.X`` and learning-rate schedulers work unchanged. Each
-``step()`` makes ONE fused call of :mod:`fastoptim.functional` per (param group, dtype), on
-zero-copy NumPy views of the tensors. ``import fastoptim`` never imports torch; this module does.
+``step()`` makes ONE fused call per (param group, dtype), on the tensors' memory (Note [pointer
+path]). ``import fastoptim`` never imports torch; this module does.
 
 Note [Views are cached]
     Building a NumPy view costs about a microsecond, so the views of parameters and states are
@@ -18,7 +18,31 @@ Note [Views are cached]
     parameter whose memory moved (``p.data = ...``, ``share_memory_()``, ZeRO bucket views) or
     a state tensor that was replaced (``load_state_dict``, ZeroRedundancyOptimizer writing
     ``optim.state[p]``, a hand edit) is re-viewed before use. Gradients are viewed afresh every
-    step: ``zero_grad()`` replaces them.
+    step: ``zero_grad()`` replaces them, unless the pointer path takes them (below).
+
+Note [pointer path]
+    Building a gradient's NumPy view costs 0.5-1 us, per gradient per step; on 2,000 small
+    tensors that is as much as the update itself. When a whole group steps in one call and every
+    gradient is a plain dense CPU tensor with its parameter's dtype, shape and strides (compared
+    as lists of metadata, about 0.3 us per gradient), the call passes data pointers instead:
+    ``_core._pointers(rule, args)`` (src/cpp/bindings.cpp) takes the same arguments as
+    ``_core.<rule>`` with lists of pointers for the arrays, and checks the counts, the pointers
+    and that nothing it writes overlaps anything else of the call before it writes. The
+    parameters' and states' pointers are the cached ones (Note [Views are cached]). ``_P`` holds
+    :mod:`fastoptim.functional`'s own update functions bound to those entries, so both paths
+    pass the same arguments in the same order. Any other gradient (a subclass, another dtype or
+    layout, a negative view) takes the NumPy path, which checks it and names the param. This
+    object holds the tensors while the kernel runs without the GIL.
+
+Note [DTensor and FSDP2]
+    ``fully_shard`` (FSDP2) and tensor parallelism hand the optimizer DTensor parameters and
+    gradients. The update is elementwise, so each rank updates its local shard
+    (``DTensor._local_tensor``, what ``to_local()`` returns, without its 15 us of autograd
+    bookkeeping): the views, pointers and checks of a group with a DTensor use the local
+    tensors. States are created as torch creates them, ``torch.zeros_like(param)``: DTensors
+    with the param's mesh and placements, so ``state_dict()`` and distributed checkpointing see
+    torch's layout; the kernel writes their local shards. ``step`` stays a plain 0-d tensor, as
+    in torch.
 
 Note [Steps live in one tensor per group]
     torch keeps ``state[p]["step"]`` as a 0-d float32 tensor per parameter and adds 1 to each
@@ -65,16 +89,22 @@ Note [SGD's first momentum step]
 
 from __future__ import annotations
 
+import itertools
 import operator
+import sys
+import types
+import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from itertools import chain, compress, repeat
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch.autograd.graph import increment_version
 
+from . import _core
 from . import functional as F
 
 __all__ = ["SGD", "RMSprop", "Adam", "AdamW", "Adagrad", "Adadelta", "NAdam", "RAdam", "Adamax",
@@ -82,15 +112,110 @@ __all__ = ["SGD", "RMSprop", "Adam", "AdamW", "Adagrad", "Adadelta", "NAdam", "R
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64)
 _grad_of = operator.attrgetter("grad")
+_stride = torch.Tensor.stride
+_is_neg = torch.Tensor.is_neg
+# What a gradient must share with its parameter for the pointer path (Note [pointer path]).
+_grad_meta = operator.attrgetter("__class__", "dtype", "shape", "layout", "is_cpu")
 _data_ptr = torch.Tensor.data_ptr
 _to_numpy = torch.Tensor.numpy
 # What a gradient's view must share with its parameter's view: class, dtype, shape, strides.
 _view_meta = operator.attrgetter("__class__", "dtype", "shape", "strides")
 
+
+
+def _entry(entry: Callable[..., None], rule: str) -> Callable[..., None]:
+    return lambda *args: entry(rule, args)
+
+
+def _pointer_functional() -> Any:
+    """fastoptim.functional's updates calling ``_core._pointers(rule, args)`` (Note [pointer
+    path]): the same function bodies, so the same positional arguments in the same order, with
+    ``_core`` bound to the pointer entries. None when the compiled module predates them."""
+    entry = getattr(_core, "_pointers", None)
+    if entry is None:
+        return None
+    core = SimpleNamespace(**{name: _entry(entry, name) for name in _core.rules})
+    env = dict(vars(F), _core=core)
+    updates = {}
+    for name in F.__all__:
+        f = getattr(F, name)
+        if "_core" not in f.__code__.co_names:
+            continue
+        g = types.FunctionType(f.__code__, env, name, f.__defaults__, f.__closure__)
+        g.__kwdefaults__ = f.__kwdefaults__
+        updates[name] = g
+    return SimpleNamespace(**updates)
+
+
+_P = _pointer_functional()
+
+# Note [torch.compile]
+#     Dynamo cannot trace a step (NumPy, the compiled kernels, the caches), and a graph break
+#     there would warn in every compiled training step. So, while torch.compile traces,
+#     ``step()`` collects the params that have gradients and emits one custom op,
+#     ``fastoptim::optimizer_step_(key, where, params, grads)``, which declares that it mutates
+#     the params; ``key`` names the optimizer (a weak registry) and ``where`` each param's
+#     (group, index). At run time the op runs the ordinary step with the gradients it was given
+#     (not ``.grad``, which a compiled graph may not have written back yet), so hyperparameters
+#     are read when the op runs: a scheduler's new ``lr`` causes no recompilation. Should the
+#     compiler hand the op copies of the params instead of the params (functionalization
+#     without reinplacing), the updated values are copied into them, so that the graph's
+#     copy-back writes the same values.
+_LIVE: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+_KEYS = itertools.count(1)
+
+
+def _register(opt: Any) -> int:
+    key = next(_KEYS)
+    _LIVE[key] = opt
+    return key
+
+
+def _optimizer_step(key: int, where: list[int], params: list[torch.Tensor],
+                    grads: list[torch.Tensor]) -> None:
+    opt = _LIVE.get(key)
+    if opt is None:
+        raise RuntimeError("fastoptim.torch: the optimizer of this compiled step no longer "
+                           "exists")
+    groups = opt.param_groups
+    by_group: dict[int, list[Any]] = {gi: [None] * len(g["params"]) for gi, g in enumerate(groups)}
+    for k, g in enumerate(grads):
+        by_group[where[2 * k]][where[2 * k + 1]] = g
+    opt._step(by_group)
+    with torch.no_grad():
+        for k, q in enumerate(params):
+            p = groups[where[2 * k]]["params"][where[2 * k + 1]]
+            if q is not p and _local_ptr(q) != _local_ptr(p):
+                q.copy_(p)
+
+
+try:
+    _optimizer_step_op = torch.library.custom_op(
+        "fastoptim::optimizer_step_", _optimizer_step, mutates_args=("params",))
+    _optimizer_step_op.register_fake(lambda key, where, params, grads: None)
+except RuntimeError:  # this module imported a second time (importlib.reload)
+    pass
+
 _REFUSED = {
     "capturable": "graph capture needs a CUDA backend, which fastoptim does not have yet",
     "differentiable": "the fused kernels update tensors in place, outside autograd",
 }
+
+
+def _dtensor_class() -> type | None:
+    # A DTensor exists only once its module is imported, so this never imports it.
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
+def _local(t: Any) -> Any:
+    """A DTensor's local shard (Note [DTensor and FSDP2]); any other object as it is."""
+    dtensor = _dtensor_class()
+    return t._local_tensor if dtensor is not None and isinstance(t, dtensor) else t
+
+
+def _local_ptr(t: torch.Tensor) -> int:
+    return int(_local(t).data_ptr())
 
 
 def _check_flags(cls: str, *, foreach: Any = None, fused: Any = None, capturable: Any = False,
@@ -157,6 +282,16 @@ def _problem(t: torch.Tensor) -> tuple[type[Exception], str] | None:
     return None
 
 
+def _same_sharding(t: Any, p: torch.Tensor) -> bool:
+    """Whether state t is sharded as parameter p is (both plain tensors, or both DTensors with
+    one global shape, mesh and placements)."""
+    dtensor = _dtensor_class()
+    if dtensor is None or not (isinstance(t, dtensor) or isinstance(p, dtensor)):
+        return True
+    return (isinstance(t, dtensor) and isinstance(p, dtensor) and t.shape == p.shape
+            and t.device_mesh == p.device_mesh and t.placements == p.placements)
+
+
 def _same_layout(t: Any, p: torch.Tensor) -> bool:
     """Whether a state tensor can be used as it is for parameter p."""
     return (isinstance(t, torch.Tensor) and t.layout is torch.strided and t.device == p.device
@@ -167,7 +302,8 @@ def _same_layout(t: Any, p: torch.Tensor) -> bool:
 class _GroupCache:
     """The NumPy views of one param group (Note [Views are cached])."""
 
-    __slots__ = ("group", "names", "ptrs", "views", "metas", "errors", "flat", "dtypes",
+    __slots__ = ("group", "names", "ptrs", "dtensor", "locals", "grad_metas", "strides",
+                 "numels", "fmt", "views", "metas", "errors", "flat", "dtypes",
                  "one_dtype", "dicts", "gen", "svs", "bound", "pending", "store", "store_np",
                  "full", "nbytes", "spans")
 
@@ -175,16 +311,21 @@ class _GroupCache:
                  with_step: bool) -> None:
         params = group["params"]
         n = len(params)
+        dtensor = _dtensor_class()
+        #: whether a param is a DTensor: then the update runs on the local shards
+        self.dtensor = dtensor is not None and any(isinstance(p, dtensor) for p in params)
+        #: the tensors the kernel updates: the params, or their local shards
+        self.locals = list(map(_local, params)) if self.dtensor else params
         self.group = group
         self.names = names
-        self.ptrs = ptrs
+        self.ptrs = list(map(_data_ptr, self.locals)) if self.dtensor else ptrs
         self.views: list[np.ndarray | None] = [None] * n
         self.metas: list[tuple[Any, ...] | None] = [None] * n
         self.errors: list[tuple[type[Exception], str] | None] = [None] * n
         self.flat: set[int] = set()
         self.dtypes: list[Any] = [None] * n
         self.nbytes: list[int] = [0] * n
-        for i, p in enumerate(params):
+        for i, p in enumerate(self.locals):
             self.errors[i] = _problem(p)
             if self.errors[i] is not None:
                 continue
@@ -201,6 +342,12 @@ class _GroupCache:
                 view = _flat(view)
             self.views[i] = view
         self.one_dtype = len(set(self.dtypes)) == 1
+        #: what each gradient must match for the pointer path (Note [pointer path])
+        self.grad_metas = [(torch.Tensor, p.dtype, p.shape, torch.strided, True)
+                           for p in self.locals]
+        self.strides = list(map(_stride, self.locals))
+        self.numels = list(map(torch.Tensor.numel, self.locals))
+        self.fmt = str(self.dtypes[0]) if self.one_dtype and n else ""
         #: per param: its ``state`` dict as last looked up, valid while ``gen`` is the
         #: optimizer's (Note [Views are cached]).
         self.dicts: list[dict[str, Any] | None] = [None] * n
@@ -213,26 +360,48 @@ class _GroupCache:
         self.pending: dict[int, torch.Tensor] = {}
         self.store = torch.zeros(n, dtype=_scalar_dtype()) if with_step else None
         self.store_np = self.store.numpy() if with_step else None
-        #: (param views, {name: state views}, bound pointers flattened) once all are bound.
-        self.full: tuple[Any, ...] | None = None
+        #: every param's views and pointers, once all are bound (``complete``).
+        self.full: _Full | None = None
         #: per param: the byte spans [lo, hi) it and its bound states occupy, with what they
         #: are; None until needed and after any (re)binding (Note [All or nothing]).
         self.spans: list[list[tuple[int, int, str | None]]] | None = None
 
 
+class _Full(NamedTuple):
+    """A group's arrays once every param's state is bound."""
+
+    views: list[np.ndarray]  #: the params' views
+    states: dict[str, list[np.ndarray]]  #: name -> the states' views
+    ptrs: list[int]  #: the bound pointers, flattened (Note [Views are cached])
+    pointers: tuple[str, list[int], list[int]]  #: the params for the pointer path
+    pstates: dict[str, list[int]]  #: name -> the states' pointers
+
+
+def _complete(c: _GroupCache, bound: bool) -> _Full:
+    """The group's full-call arrays (``bound``: its states have been bound)."""
+    if c.full is None:
+        names = c.names
+        c.full = _Full(
+            c.views, {name: [sv[k] for sv in c.svs] for k, name in enumerate(names)},
+            list(chain.from_iterable(c.bound)) if bound else [], (c.fmt, c.numels, c.ptrs),
+            {name: [b[k] for b in c.bound] for k, name in enumerate(names)})
+    return c.full
+
+
 class _Gathered:
-    """One group's part of a step: its params with gradients and their views."""
+    """One group's part of a step: its params with gradients, and the gradients' views once
+    a call needs them."""
 
     __slots__ = ("gi", "group", "cache", "idx", "grads", "views", "hyper", "checked")
 
     def __init__(self, gi: int, group: dict[str, Any], cache: _GroupCache, idx: range | list[int],
-                 grads: list[Any], views: list[Any], hyper: dict[str, Any]) -> None:
+                 grads: list[Any], hyper: dict[str, Any]) -> None:
         self.gi = gi
         self.group = group
         self.cache = cache
         self.idx = idx
         self.grads = grads
-        self.views = views
+        self.views: list[np.ndarray] | None = None
         self.hyper = hyper
         self.checked = False
 
@@ -297,6 +466,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     def _reset_caches(self) -> None:
+        self._compile_key = _register(self)
         self._caches: dict[int, _GroupCache] = {}
         #: per group: the hyperparameters the kernel last accepted (Note [All or nothing])
         self._checked: dict[int, tuple[Any, ...]] = {}
@@ -335,6 +505,27 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if torch.compiler.is_compiling():
+            self._traced_step()
+        else:
+            self._step(None)
+        return loss
+
+    def _traced_step(self) -> None:
+        """``step()`` as torch.compile traces it: one custom op (Note [torch.compile])."""
+        where: list[int] = []
+        params, grads = [], []
+        for gi, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    where += [gi, i]
+                    params.append(p)
+                    grads.append(p.grad)
+        if params:
+            torch.ops.fastoptim.optimizer_step_(self._compile_key, where, params, grads)
+
+    def _step(self, grads: dict[int, list[Any]] | None) -> None:
+        """The step; ``grads``: per group index, the gradients to use instead of ``.grad``."""
         snapshot = self._snapshot
         if (snapshot is None or snapshot[0] is not self.state
                 or not _same_objects(snapshot[1], list(self.state.values()))):
@@ -342,7 +533,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self._snapshot = None
         gathered = []
         for gi, group in enumerate(self.param_groups):
-            item = self._gather(gi, group)
+            item = self._gather(gi, group, None if grads is None else grads[gi])
             if item is not None:
                 gathered.append(item)
         calls = [call for item in gathered for call in self._plan(item)]
@@ -368,8 +559,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
         for item in gathered:
             group, idx = item.group, item.idx
             params = group["params"]
-            increment_version(params if len(idx) == len(params) else [params[i] for i in idx])
-        return loss
+            stepped = params if len(idx) == len(params) else [params[i] for i in idx]
+            increment_version(stepped)
+            if item.cache.dtensor:
+                increment_version([_local(p) for p in stepped if _local(p) is not p])
 
     # -- subclass hooks -------------------------------------------------------------------------
 
@@ -381,7 +574,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         """The group's hyperparameters as keyword arguments of the functional update."""
         raise NotImplementedError
 
-    def _call(self, group: dict[str, Any], hyper: dict[str, Any], step: int | None,
+    def _call(self, fn: Any, group: dict[str, Any], hyper: dict[str, Any], step: Any,
               params: list[np.ndarray], grads: list[np.ndarray],
               states: dict[str, list[np.ndarray]]) -> None:
         raise NotImplementedError
@@ -426,7 +619,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if checked is not None and checked[0] is group and checked[1] == (hyper, names):
             return hyper
         try:
-            self._call(group, hyper, 1, [], [], {name: [] for name in names})
+            self._call(F, group, hyper, 1, [], [], {name: [] for name in names})
         except (TypeError, ValueError) as err:
             raise type(err)(f"{self._where(gi)}: {err}") from None
         self._checked[id(group)] = (group, (hyper, names))
@@ -434,17 +627,21 @@ class _FusedOptimizer(torch.optim.Optimizer):
 
     def _cache(self, group: dict[str, Any]) -> _GroupCache:
         names = self._state_names(group)
-        ptrs = list(map(_data_ptr, group["params"]))
         c = self._caches.get(id(group))
+        ptrs = list(map(_local_ptr if c is not None and c.dtensor else _data_ptr,
+                        group["params"]))
         if c is None or c.group is not group or c.names != names or c.ptrs != ptrs:
             c = _GroupCache(group, names, ptrs, self._with_step)
             self._caches[id(group)] = c
         return c
 
-    def _gather(self, gi: int, group: dict[str, Any]) -> _Gathered | None:
-        """Check one group's gradients, parameters and hyperparameters; writes nothing."""
+    def _gather(self, gi: int, group: dict[str, Any],
+                grads: list[Any] | None = None) -> _Gathered | None:
+        """Check one group's gradients (``.grad``, or ``grads``), parameters and
+        hyperparameters; writes nothing."""
         params = group["params"]
-        grads = list(map(_grad_of, params))
+        if grads is None:
+            grads = list(map(_grad_of, params))
         has_grad = list(map(operator.is_not, grads, repeat(None)))
         if all(has_grad):
             idx: range | list[int] = range(len(params))
@@ -455,32 +652,51 @@ class _FusedOptimizer(torch.optim.Optimizer):
             grads = [grads[i] for i in idx]
         hyper = self._dry_run(group, gi)
         c = self._cache(group)
+        if c.dtensor:
+            grads = list(map(_local, grads))
         if any(c.errors):
             for i in idx:
                 if c.errors[i] is not None:
                     kind, text = c.errors[i]
                     raise kind(f"{self._where(gi, i)} {text}")
+        return _Gathered(gi, group, c, idx, grads, hyper)
+
+    def _views(self, item: _Gathered) -> list[np.ndarray]:
+        """The gradients' NumPy views, for the calls that take them (Note [pointer path])."""
+        if item.views is not None:
+            return item.views
+        c, idx, grads = item.cache, item.idx, item.grads
         try:
             gv = list(map(_to_numpy, grads))
         except (TypeError, RuntimeError):
-            gv = [self._grad_view(gi, i, g) for i, g in zip(idx, grads)]
-        item = _Gathered(gi, group, c, idx, grads, gv, hyper)
+            gv = [self._grad_view(item.gi, i, g) for i, g in zip(idx, grads)]
+        item.views = gv
         if c.flat:
             # The kernel sees 1-D views here, so it cannot check the layouts: check them now.
             self._check_grads(item)
             for j, i in enumerate(idx):
                 if i in c.flat:
                     gv[j] = _flat(gv[j])
-        return item
+        return gv
+
+    def _grads_match(self, item: _Gathered) -> bool:
+        """Whether every gradient of a whole group is a plain dense CPU tensor with its
+        parameter's dtype, shape and strides: then the kernel can take data pointers."""
+        c, grads = item.cache, item.grads
+        if (_P is None or list(map(_grad_meta, grads)) != c.grad_metas
+                or list(map(_stride, grads)) != c.strides or any(map(_is_neg, grads))):
+            return False
+        item.checked = True
+        return True
 
     def _check_grads(self, item: _Gathered) -> None:
         """Each gradient against its parameter (dtype, shape, layout); raises naming the param."""
-        c, idx, gv = item.cache, item.idx, item.views
+        c, idx, gv = item.cache, item.idx, self._views(item)
         metas = c.metas if len(idx) == len(c.metas) else [c.metas[i] for i in idx]
         if list(map(_view_meta, gv)) != metas:
             params = item.group["params"]
             for j, i in enumerate(idx):
-                self._check_grad(item.gi, i, params[i], item.grads[j], gv[j], c)
+                self._check_grad(item.gi, i, c.locals[i], item.grads[j], gv[j], c)
         item.checked = True
 
     def _grad_view(self, gi: int, i: int, g: torch.Tensor) -> np.ndarray:
@@ -516,17 +732,13 @@ class _FusedOptimizer(torch.optim.Optimizer):
 
     def _plan(self, item: _Gathered) -> list[Callable[[], None]]:
         """Bind the group's states and return its kernel calls (Note [All or nothing])."""
-        group, c, idx, gv, hyper = item.group, item.cache, item.idx, item.views, item.hyper
+        group, c, idx, hyper = item.group, item.cache, item.idx, item.hyper
         everyone = len(idx) == len(group["params"])
         if c.names or self._with_step:
             self._check_bound(group, c, idx, everyone)
         if c.pending or not everyone or not c.one_dtype:
             return self._plan_split(item)
-        if c.full is None:
-            states = {name: [sv[k] for sv in c.svs] for k, name in enumerate(c.names)}
-            ptrs = list(chain.from_iterable(c.bound)) if (c.names or self._with_step) else []
-            c.full = (c.views, states, ptrs)
-        pviews, states, _ = c.full
+        full = _complete(c, bool(c.names or self._with_step))
         store_np = c.store_np
         step = self._step_key(c, -1, None) if not self._kernel_step else None
         if self._kernel_step:
@@ -537,9 +749,14 @@ class _FusedOptimizer(torch.optim.Optimizer):
             if low != new.max():
                 return self._plan_split(item)
             step = int(low)
+        if self._grads_match(item):
+            fn: Any = _P
+            pargs, gargs, states = full.pointers, list(map(_data_ptr, item.grads)), full.pstates
+        else:
+            fn, pargs, gargs, states = F, full.views, self._views(item), full.states
 
         def run() -> None:
-            self._call(group, hyper, step, pviews, gv, states)
+            self._call(fn, group, hyper, step, pargs, gargs, states)
             if store_np is not None:
                 store_np[...] += store_np.dtype.type(1)
         return [run]
@@ -554,12 +771,13 @@ class _FusedOptimizer(torch.optim.Optimizer):
             c.gen = self._gen
         dicts = c.dicts if everyone else [c.dicts[i] for i in idx]
         try:
-            current = list(map(_data_ptr, chain.from_iterable(map(getter, dicts))))
+            current = list(map(_local_ptr if c.dtensor else _data_ptr,
+                               chain.from_iterable(map(getter, dicts))))
         except (TypeError, KeyError, AttributeError):
             current = None
         if current is not None:
             if everyone and c.full is not None:
-                expected = c.full[2]
+                expected = c.full.ptrs
             else:
                 bound = c.bound if everyone else [c.bound[i] for i in idx]
                 expected = None if None in bound else list(chain.from_iterable(bound))
@@ -567,7 +785,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 return
         with torch.no_grad():  # binding may create or convert state tensors
             for j, i in enumerate(idx):
-                if c.bound[i] is None or _bound_ptrs(dicts[j], getter) != c.bound[i]:
+                if c.bound[i] is None or _bound_ptrs(dicts[j], getter, c.dtensor) != c.bound[i]:
                     self._bind(group, c, i, params[i])
 
     def _bind(self, group: dict[str, Any], c: _GroupCache, i: int, p: torch.Tensor) -> None:
@@ -584,16 +802,18 @@ class _FusedOptimizer(torch.optim.Optimizer):
             t = state.get(name)
             if t is None:
                 t = self._missing_state(c, i, p, name, state)
-            elif not _same_layout(t, p):  # e.g. loaded from a checkpoint saved elsewhere
+            elif not (_same_layout(_local(t), c.locals[i]) and _same_sharding(t, p)):
+                # e.g. loaded from a checkpoint saved elsewhere
                 if t.shape != p.shape:
                     raise ValueError(f"{type(self).__name__}: state[{name!r}] of a parameter of "
                                      f"shape {tuple(p.shape)} has shape {tuple(t.shape)}")
                 new = torch.empty_like(p, memory_format=torch.preserve_format)
                 new.copy_(t.detach())
                 state[name] = t = new
-            view = t.numpy()
+            local = _local(t)
+            view = local.numpy()
             views.append(_flat(view) if i in c.flat else view)
-            ptrs.append(t.data_ptr())
+            ptrs.append(local.data_ptr())
         if self._with_step:
             step = state.get("step")
             c.store_np[i] = 0.0 if step is None else float(step)
@@ -606,7 +826,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
 
     def _plan_split(self, item: _Gathered) -> list[Callable[[], None]]:
         """One call per (dtype, kernel step) for a group whose params differ in either."""
-        group, c, idx, gv, hyper = item.group, item.cache, item.idx, item.views, item.hyper
+        group, c, idx, hyper = item.group, item.cache, item.idx, item.hyper
+        gv = self._views(item)
         new = None
         if self._with_step:
             new = c.store_np[np.asarray(idx, dtype=np.intp)] + c.store_np.dtype.type(1)
@@ -716,7 +937,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         sel = np.asarray(ids, dtype=np.intp)
 
         def run() -> None:
-            self._call(group, hyper, step, pviews, grads, states)
+            self._call(F, group, hyper, step, pviews, grads, states)
             if store_np is not None:
                 store_np[sel] += store_np.dtype.type(1)
             self._commit(c, ids)
@@ -728,9 +949,10 @@ def _same_objects(a: list[Any], b: list[Any]) -> bool:
 
 
 def _bound_ptrs(state: dict[str, Any] | None,
-                getter: Callable[[dict[str, Any]], tuple[Any, ...]]) -> tuple[int, ...] | None:
+                getter: Callable[[dict[str, Any]], tuple[Any, ...]],
+                dtensor: bool) -> tuple[int, ...] | None:
     try:
-        return tuple(map(_data_ptr, getter(state)))
+        return tuple(map(_local_ptr if dtensor else _data_ptr, getter(state)))
     except (TypeError, KeyError, AttributeError):
         return None
 
@@ -802,10 +1024,10 @@ class SGD(_FusedOptimizer):
                 "dampening": group["dampening"], "nesterov": group["nesterov"],
                 "weight_decay": _scalar(group["weight_decay"]), "maximize": group["maximize"]}
 
-    def _call(self, group: dict[str, Any], hyper: dict[str, Any], step: int | None,
+    def _call(self, fn: Any, group: dict[str, Any], hyper: dict[str, Any], step: Any,
               params: list[np.ndarray], grads: list[np.ndarray],
               states: dict[str, list[np.ndarray]]) -> None:
-        F.sgd_(params, grads, states.get("momentum_buffer"), step=step, **hyper)
+        fn.sgd_(params, grads, states.get("momentum_buffer"), step=step, **hyper)
 
     def _init_state(self, group: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
         return {}
@@ -830,7 +1052,7 @@ class SGD(_FusedOptimizer):
             if buf is not None:
                 self.state[params[i]]["momentum_buffer"] = buf
                 c.dicts[i] = self.state[params[i]]
-                c.bound[i] = (buf.data_ptr(),)
+                c.bound[i] = (_local_ptr(buf),)
                 c.full = None
                 c.spans = None
 
@@ -870,10 +1092,10 @@ class RMSprop(_FusedOptimizer):
                 "weight_decay": group["weight_decay"], "momentum": group["momentum"],
                 "centered": group["centered"], "maximize": group["maximize"]}
 
-    def _call(self, group: dict[str, Any], hyper: dict[str, Any], step: int | None,
+    def _call(self, fn: Any, group: dict[str, Any], hyper: dict[str, Any], step: Any,
               params: list[np.ndarray], grads: list[np.ndarray],
               states: dict[str, list[np.ndarray]]) -> None:
-        F.rmsprop_(params, grads, states["square_avg"], states.get("grad_avg"),
+        fn.rmsprop_(params, grads, states["square_avg"], states.get("grad_avg"),
                    states.get("momentum_buffer"), **hyper)
 
 
@@ -929,10 +1151,10 @@ class Adam(_FusedOptimizer):
                 "eps": group["eps"], "weight_decay": group["weight_decay"],
                 "amsgrad": group["amsgrad"], "maximize": group["maximize"]}
 
-    def _call(self, group: dict[str, Any], hyper: dict[str, Any], step: int | None,
+    def _call(self, fn: Any, group: dict[str, Any], hyper: dict[str, Any], step: Any,
               params: list[np.ndarray], grads: list[np.ndarray],
               states: dict[str, list[np.ndarray]]) -> None:
-        update = F.adamw_ if group["decoupled_weight_decay"] else F.adam_
+        update = fn.adamw_ if group["decoupled_weight_decay"] else fn.adam_
         update(params, grads, states["exp_avg"], states["exp_avg_sq"], step=step,
                max_exp_avg_sqs=states.get("max_exp_avg_sq"), **hyper)
 
@@ -1010,10 +1232,10 @@ class Adagrad(_FusedOptimizer):
                 "weight_decay": group["weight_decay"], "eps": group["eps"],
                 "maximize": group["maximize"]}
 
-    def _call(self, group: dict[str, Any], hyper: dict[str, Any], step: int | None,
+    def _call(self, fn: Any, group: dict[str, Any], hyper: dict[str, Any], step: Any,
               params: list[np.ndarray], grads: list[np.ndarray],
               states: dict[str, list[np.ndarray]]) -> None:
-        F.adagrad_(params, grads, states["sum"], step=step, **hyper)
+        fn.adagrad_(params, grads, states["sum"], step=step, **hyper)
 
 
 class Adadelta(_FusedOptimizer):
@@ -1045,10 +1267,10 @@ class Adadelta(_FusedOptimizer):
         return {"lr": _scalar(group["lr"]), "rho": group["rho"], "eps": group["eps"],
                 "weight_decay": group["weight_decay"], "maximize": group["maximize"]}
 
-    def _call(self, group: dict[str, Any], hyper: dict[str, Any], step: int | None,
+    def _call(self, fn: Any, group: dict[str, Any], hyper: dict[str, Any], step: Any,
               params: list[np.ndarray], grads: list[np.ndarray],
               states: dict[str, list[np.ndarray]]) -> None:
-        F.adadelta_(params, grads, states["square_avg"], states["acc_delta"], **hyper)
+        fn.adadelta_(params, grads, states["square_avg"], states["acc_delta"], **hyper)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1178,12 +1400,12 @@ class _ScalarStateOptimizer(_FusedOptimizer):
         return step, self._dry_scalars(group, hyper)
 
     def _plan(self, item: _Gathered) -> list[Callable[[], None]]:
-        group, c, idx, gv, hyper = item.group, item.cache, item.idx, item.views, item.hyper
+        group, c, idx, hyper = item.group, item.cache, item.idx, item.hyper
+        gv = self._views(item)
         everyone = len(idx) == len(group["params"])
         self._check_bound(group, c, idx, everyone)
-        if everyone and c.full is None:  # the base class's cache of the bound state
-            c.full = (c.views, {name: [sv[k] for sv in c.svs] for k, name in enumerate(c.names)},
-                      list(chain.from_iterable(c.bound)))
+        if everyone:  # the base class's cache of the bound state
+            _complete(c, True)
         store = self._store(c)
         sel = np.asarray(idx, dtype=np.intp)
         steps = c.store_np[sel] + c.store_np.dtype.type(1)
@@ -1201,12 +1423,12 @@ class _ScalarStateOptimizer(_FusedOptimizer):
         calls = []
         for (_, key), js in buckets.items():
             try:  # the scalars, checked by the kernel before anything is written
-                self._call(group, hyper, key, [], [], {name: [] for name in c.names})
+                self._call(F, group, hyper, key, [], [], {name: [] for name in c.names})
             except (TypeError, ValueError) as err:
                 raise type(err)(f"{self._where(item.gi)}: {err}") from None
             ids = [idx[j] for j in js]
             if len(js) == len(c.views):
-                states = c.full[1]
+                states = c.full.states
             else:
                 states = {name: [c.svs[i][k] for i in ids] for k, name in enumerate(c.names)}
             run = self._split_call(group, c, hyper, key, ids, [gv[j] for j in js], states)
@@ -1295,11 +1517,11 @@ class NAdam(_ScalarStateOptimizer):
         args = np.where(store.wide["mu_product"][sel], wide, narrow)
         return {"mu_product": args}, {"mu_product": (narrow, wide)}
 
-    def _call(self, group: dict[str, Any], hyper: dict[str, Any], step: int | None,
+    def _call(self, fn: Any, group: dict[str, Any], hyper: dict[str, Any], step: Any,
               params: list[np.ndarray], grads: list[np.ndarray],
               states: dict[str, list[np.ndarray]]) -> None:
         step, scalars = self._kernel_args(group, hyper, step)
-        F.nadam_(params, grads, states["exp_avg"], states["exp_avg_sq"], step=step, **scalars,
+        fn.nadam_(params, grads, states["exp_avg"], states["exp_avg_sq"], step=step, **scalars,
                  **hyper)
 
 
@@ -1337,10 +1559,10 @@ class RAdam(_FusedOptimizer):
                 "decoupled_weight_decay": group["decoupled_weight_decay"],
                 "maximize": group["maximize"]}
 
-    def _call(self, group: dict[str, Any], hyper: dict[str, Any], step: int | None,
+    def _call(self, fn: Any, group: dict[str, Any], hyper: dict[str, Any], step: Any,
               params: list[np.ndarray], grads: list[np.ndarray],
               states: dict[str, list[np.ndarray]]) -> None:
-        F.radam_(params, grads, states["exp_avg"], states["exp_avg_sq"], step=step, **hyper)
+        fn.radam_(params, grads, states["exp_avg"], states["exp_avg_sq"], step=step, **hyper)
 
 
 class Adamax(_FusedOptimizer):
@@ -1375,10 +1597,10 @@ class Adamax(_FusedOptimizer):
                 "eps": group["eps"], "weight_decay": group["weight_decay"],
                 "maximize": group["maximize"]}
 
-    def _call(self, group: dict[str, Any], hyper: dict[str, Any], step: int | None,
+    def _call(self, fn: Any, group: dict[str, Any], hyper: dict[str, Any], step: Any,
               params: list[np.ndarray], grads: list[np.ndarray],
               states: dict[str, list[np.ndarray]]) -> None:
-        F.adamax_(params, grads, states["exp_avg"], states["exp_inf"], step=step, **hyper)
+        fn.adamax_(params, grads, states["exp_avg"], states["exp_inf"], step=step, **hyper)
 
 
 class ASGD(_ScalarStateOptimizer):
@@ -1443,11 +1665,11 @@ class ASGD(_ScalarStateOptimizer):
         args = {name: store.values(name, sel) for name in self._scalar_names}
         return args, after
 
-    def _call(self, group: dict[str, Any], hyper: dict[str, Any], step: int | None,
+    def _call(self, fn: Any, group: dict[str, Any], hyper: dict[str, Any], step: Any,
               params: list[np.ndarray], grads: list[np.ndarray],
               states: dict[str, list[np.ndarray]]) -> None:
         _, scalars = self._kernel_args(group, hyper, step)
-        F.asgd_(params, grads, states["ax"], **scalars, **hyper)
+        fn.asgd_(params, grads, states["ax"], **scalars, **hyper)
 
 
 class Rprop(_FusedOptimizer):
@@ -1498,10 +1720,10 @@ class Rprop(_FusedOptimizer):
         return {"etaminus": etaminus, "etaplus": etaplus, "step_size_min": step_size_min,
                 "step_size_max": step_size_max, "maximize": group["maximize"]}
 
-    def _call(self, group: dict[str, Any], hyper: dict[str, Any], step: int | None,
+    def _call(self, fn: Any, group: dict[str, Any], hyper: dict[str, Any], step: Any,
               params: list[np.ndarray], grads: list[np.ndarray],
               states: dict[str, list[np.ndarray]]) -> None:
-        F.rprop_(params, grads, states["prev"], states["step_size"], **hyper)
+        fn.rprop_(params, grads, states["prev"], states["step_size"], **hyper)
 
 
 class Lion(_FusedOptimizer):
@@ -1535,7 +1757,7 @@ class Lion(_FusedOptimizer):
         return {"lr": _scalar(group["lr"]), "beta1": _scalar(beta1), "beta2": _scalar(beta2),
                 "weight_decay": _scalar(group["weight_decay"]), "maximize": group["maximize"]}
 
-    def _call(self, group: dict[str, Any], hyper: dict[str, Any], step: int | None,
+    def _call(self, fn: Any, group: dict[str, Any], hyper: dict[str, Any], step: Any,
               params: list[np.ndarray], grads: list[np.ndarray],
               states: dict[str, list[np.ndarray]]) -> None:
-        F.lion_(params, grads, states["exp_avg"], **hyper)
+        fn.lion_(params, grads, states["exp_avg"], **hyper)
