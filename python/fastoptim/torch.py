@@ -122,6 +122,38 @@ _to_numpy = torch.Tensor.numpy
 _view_meta = operator.attrgetter("__class__", "dtype", "shape", "strides")
 
 
+def _meta(view: Any) -> tuple[Any, ...]:
+    """A view's class, dtype, shape and layout: a NumPy view, or a CUDA tensor (which the
+    kernels take through ``__cuda_array_interface__``)."""
+    if isinstance(view, np.ndarray):
+        return _view_meta(view)
+    return (view.__class__, view.dtype, view.shape, view.stride(), view.device)
+
+
+def _contiguous(view: Any) -> bool:
+    return bool(view.flags.c_contiguous if isinstance(view, np.ndarray) else view.is_contiguous())
+
+
+def _param_view(p: torch.Tensor) -> Any:
+    """What the kernels update for parameter p: a NumPy view, or the CUDA tensor itself."""
+    if p.is_cuda:
+        if p.is_neg():
+            raise RuntimeError("its negative bit is set")
+        return p.detach()
+    return p.detach().numpy()
+
+
+_CUDA: list[bool] = []
+
+
+def _cuda_ready() -> bool:
+    """Whether fastoptim was built with CUDA and sees a device (looked up once)."""
+    if not _CUDA:
+        info = _core.info()["cuda"]
+        _CUDA.append(bool(info["built"]) and info["device_count"] > 0)
+    return _CUDA[0]
+
+
 
 def _entry(entry: Callable[..., None], rule: str) -> Callable[..., None]:
     return lambda *args: entry(rule, args)
@@ -265,10 +297,18 @@ def _problem(t: torch.Tensor) -> tuple[type[Exception], str] | None:
     if t.layout is not torch.strided:
         what = "sparse" if t.is_sparse else str(t.layout).replace("torch.", "")
         return TypeError, f"is {what}; fastoptim supports dense (strided) tensors only"
-    if t.device.type != "cpu":
+    if t.device.type == "cuda":
+        if not _cuda_ready():
+            return ValueError, (f"is on {t.device}, but this fastoptim was built without CUDA "
+                                f"or sees no CUDA device (docs/cuda.md); use CPU tensors or "
+                                f"torch.optim")
+        if t.dtype in _SUPPORTED_DTYPES and not t.is_contiguous():
+            return ValueError, (f"is not contiguous (shape {tuple(t.shape)}, strides "
+                                f"{t.stride()}); fastoptim needs contiguous CUDA tensors")
+    elif t.device.type != "cpu":
         return ValueError, (f"is on {t.device}: fastoptim.torch has no {t.device.type.upper()} "
-                            f"backend yet (CPU tensors only; fastoptim's CUDA kernels have not "
-                            f"been run on a GPU yet, docs/cuda.md)")
+                            f"backend (CPU tensors, and CUDA tensors where fastoptim is built "
+                            f"with CUDA)")
     if t.is_complex():
         return TypeError, f"is complex ({t.dtype}); fastoptim supports float32 and float64 only"
     if t.dtype not in _SUPPORTED_DTYPES:
@@ -303,7 +343,7 @@ class _GroupCache:
     """The NumPy views of one param group (Note [Views are cached])."""
 
     __slots__ = ("group", "names", "ptrs", "dtensor", "locals", "grad_metas", "strides",
-                 "numels", "fmt", "views", "metas", "errors", "flat", "dtypes",
+                 "numels", "fmt", "views", "metas", "errors", "flat", "dtypes", "kinds",
                  "one_dtype", "dicts", "gen", "svs", "bound", "pending", "store", "store_np",
                  "full", "nbytes", "spans")
 
@@ -324,24 +364,27 @@ class _GroupCache:
         self.errors: list[tuple[type[Exception], str] | None] = [None] * n
         self.flat: set[int] = set()
         self.dtypes: list[Any] = [None] * n
+        #: (dtype, device): the params of one kernel call share both
+        self.kinds: list[Any] = [None] * n
         self.nbytes: list[int] = [0] * n
         for i, p in enumerate(self.locals):
             self.errors[i] = _problem(p)
             if self.errors[i] is not None:
                 continue
             try:
-                view = p.detach().numpy()
+                view = _param_view(p)
             except RuntimeError as err:  # e.g. a parameter with its negative bit set
                 self.errors[i] = (ValueError, f"cannot be viewed as a NumPy array ({err})")
                 continue
-            self.metas[i] = _view_meta(view)
+            self.metas[i] = _meta(view)
             self.dtypes[i] = view.dtype
+            self.kinds[i] = (view.dtype, p.device)
             self.nbytes[i] = view.nbytes
-            if not view.flags.c_contiguous:
+            if not _contiguous(view):
                 self.flat.add(i)
                 view = _flat(view)
             self.views[i] = view
-        self.one_dtype = len(set(self.dtypes)) == 1
+        self.one_dtype = len(set(self.kinds)) == 1
         #: what each gradient must match for the pointer path (Note [pointer path])
         self.grad_metas = [(torch.Tensor, p.dtype, p.shape, torch.strided, True)
                            for p in self.locals]
@@ -693,7 +736,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         """Each gradient against its parameter (dtype, shape, layout); raises naming the param."""
         c, idx, gv = item.cache, item.idx, self._views(item)
         metas = c.metas if len(idx) == len(c.metas) else [c.metas[i] for i in idx]
-        if list(map(_view_meta, gv)) != metas:
+        if list(map(_meta, gv)) != metas:
             params = item.group["params"]
             for j, i in enumerate(idx):
                 self._check_grad(item.gi, i, c.locals[i], item.grads[j], gv[j], c)
@@ -705,11 +748,15 @@ class _FusedOptimizer(torch.optim.Optimizer):
             kind, text = problem
             raise kind(f"{self._where(gi, i)}: its gradient {text}")
         g = g.detach()  # a gradient that requires grad (backward with create_graph=True)
-        return (g.resolve_neg() if g.is_neg() else g).numpy()
+        g = g.resolve_neg() if g.is_neg() else g
+        return g if g.is_cuda else g.numpy()
 
     def _check_grad(self, gi: int, i: int, p: torch.Tensor, g: torch.Tensor, view: np.ndarray,
                     c: _GroupCache) -> None:
         where = self._where(gi, i)
+        if g.device != p.device:
+            raise ValueError(f"{where}: its gradient is on {g.device}, the parameter on "
+                             f"{p.device}")
         if view.dtype != c.dtypes[i]:
             raise TypeError(f"{where}: its gradient has dtype {g.dtype}, the parameter {p.dtype}")
         if view.shape != c.metas[i][2]:
@@ -719,7 +766,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             if g.stride() != p.stride():
                 raise ValueError(f"{where}: its gradient has strides {g.stride()}, the parameter "
                                  f"{p.stride()}; fastoptim needs one memory layout for both")
-        elif not view.flags.c_contiguous:
+        elif not _contiguous(view):
             raise ValueError(f"{where}: its gradient is not contiguous (strides {g.stride()}); "
                              f"fastoptim needs contiguous gradients")
 
@@ -811,7 +858,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 new.copy_(t.detach())
                 state[name] = t = new
             local = _local(t)
-            view = local.numpy()
+            view = local.detach() if local.is_cuda else local.numpy()
             views.append(_flat(view) if i in c.flat else view)
             ptrs.append(local.data_ptr())
         if self._with_step:
@@ -835,7 +882,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 self._bad_step(item, new)
         buckets: dict[tuple[Any, ...], list[int]] = {}
         for j, i in enumerate(idx):
-            key = (c.dtypes[i], self._step_key(c, i, None if new is None else new[j]))
+            key = (c.kinds[i], self._step_key(c, i, None if new is None else new[j]))
             buckets.setdefault(key, []).append(j)
         calls = []
         for (_, step), js in buckets.items():
@@ -1419,7 +1466,7 @@ class _ScalarStateOptimizer(_FusedOptimizer):
         else:
             for j, i in enumerate(idx):
                 key = (int(steps[j]),) + tuple(float(a[j]) for a in columns)
-                buckets.setdefault((c.dtypes[i], key), []).append(j)
+                buckets.setdefault((c.kinds[i], key), []).append(j)
         calls = []
         for (_, key), js in buckets.items():
             try:  # the scalars, checked by the kernel before anything is written
