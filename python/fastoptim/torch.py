@@ -115,7 +115,8 @@ _grad_of = operator.attrgetter("grad")
 _stride = torch.Tensor.stride
 _is_neg = torch.Tensor.is_neg
 # What a gradient must share with its parameter for the pointer path (Note [pointer path]).
-_grad_meta = operator.attrgetter("__class__", "dtype", "shape", "layout", "is_cpu")
+# (The layout needs no check: stride() raises for a sparse or other non-strided tensor.)
+_grad_meta = operator.attrgetter("__class__", "dtype", "shape", "is_cpu")
 _data_ptr = torch.Tensor.data_ptr
 _to_numpy = torch.Tensor.numpy
 # What a gradient's view must share with its parameter's view: class, dtype, shape, strides.
@@ -386,7 +387,7 @@ class _GroupCache:
             self.views[i] = view
         self.one_dtype = len(set(self.kinds)) == 1
         #: what each gradient must match for the pointer path (Note [pointer path])
-        self.grad_metas = [(torch.Tensor, p.dtype, p.shape, torch.strided, True)
+        self.grad_metas = [(torch.Tensor, p.dtype, p.shape, True)
                            for p in self.locals]
         self.strides = list(map(_stride, self.locals))
         self.numels = list(map(torch.Tensor.numel, self.locals))
@@ -726,8 +727,11 @@ class _FusedOptimizer(torch.optim.Optimizer):
         """Whether every gradient of a whole group is a plain dense CPU tensor with its
         parameter's dtype, shape and strides: then the kernel can take data pointers."""
         c, grads = item.cache, item.grads
-        if (_P is None or list(map(_grad_meta, grads)) != c.grad_metas
-                or list(map(_stride, grads)) != c.strides or any(map(_is_neg, grads))):
+        try:
+            if (_P is None or list(map(_grad_meta, grads)) != c.grad_metas
+                    or list(map(_stride, grads)) != c.strides or any(map(_is_neg, grads))):
+                return False
+        except RuntimeError:  # no strides: a sparse (or other non-strided) gradient
             return False
         item.checked = True
         return True
