@@ -1,4 +1,5 @@
-"""torch.optim drop-ins backed by fastoptim's fused kernels (CPU tensors).
+"""torch.optim drop-ins backed by fastoptim's fused kernels (CPU tensors; CUDA tensors where
+fastoptim is built with CUDA).
 
 ``fastoptim.torch.SGD``, ``RMSprop``, ``Adam``, ``AdamW``, ``Adagrad``, ``Adadelta``, ``NAdam``,
 ``RAdam``, ``Adamax``, ``ASGD`` and ``Rprop`` are
@@ -8,8 +9,9 @@ groups, ``zero_grad``, closures, hooks and ``state_dict`` layout (state keys ``s
 ``grad_avg``, ``sum``, ``acc_delta``, ``exp_inf``, ``ax``, ``prev``, ``step_size`` and the 0-d
 ``mu_product``, ``eta``, ``mu``: Note [Scalar states]), so checkpoints move both ways between
 ``torch.optim.X`` and ``fastoptim.torch.X`` and learning-rate schedulers work unchanged. Each
-``step()`` makes ONE fused call per (param group, dtype), on the tensors' memory (Note [pointer
-path]). ``import fastoptim`` never imports torch; this module does.
+``step()`` makes ONE fused call per (param group, dtype, device), on the tensors' memory
+(Note [pointer path]); CUDA tensors go to the CUDA kernels through ``__cuda_array_interface__``.
+``import fastoptim`` never imports torch; this module does.
 
 Note [Views are cached]
     Building a NumPy view costs about a microsecond, so the views of parameters and states are
@@ -21,10 +23,9 @@ Note [Views are cached]
     step: ``zero_grad()`` replaces them, unless the pointer path takes them (below).
 
 Note [pointer path]
-    Building a gradient's NumPy view costs 0.5-1 us, per gradient per step; on 2,000 small
-    tensors that is as much as the update itself. When a whole group steps in one call and every
-    gradient is a plain dense CPU tensor with its parameter's dtype, shape and strides (compared
-    as lists of metadata, about 0.3 us per gradient), the call passes data pointers instead:
+    Building a gradient's NumPy view costs 0.5-1 us, per gradient per step. When a whole group
+    steps in one call and every gradient is a plain dense CPU tensor with its parameter's dtype,
+    shape and strides (compared as lists of metadata), the call passes data pointers instead:
     ``_core._pointers(rule, args)`` (src/cpp/bindings.cpp) takes the same arguments as
     ``_core.<rule>`` with lists of pointers for the arrays, and checks the counts, the pointers
     and that nothing it writes overlaps anything else of the call before it writes. The
@@ -33,6 +34,12 @@ Note [pointer path]
     pass the same arguments in the same order. Any other gradient (a subclass, another dtype or
     layout, a negative view) takes the NumPy path, which checks it and names the param. This
     object holds the tensors while the kernel runs without the GIL.
+    What it saves is smaller than the view: each tensor a step touches from Python (a
+    parameter's pointer, a state's, a gradient's metadata, the version counter) costs 0.1-0.3 us,
+    mostly a cache miss on a TensorImpl the previous update evicted, and a parameter of Adam has
+    five such tensors; the per-parameter cost measured is about 1.5-2 us against the raw call's
+    0.3 (bench/bench_torch.py, many_tensors). Going lower needs torch's tensor metadata read in
+    C++, i.e. an extension built against libtorch, which fastoptim does not link.
 
 Note [DTensor and FSDP2]
     ``fully_shard`` (FSDP2) and tensor parallelism hand the optimizer DTensor parameters and
@@ -54,8 +61,9 @@ Note [Steps live in one tensor per group]
 
 Note [All or nothing]
     A step checks everything before the first kernel call: every parameter that has a gradient
-    (float32 or float64, CPU, contiguous or dense in another order such as channels_last),
-    every gradient (dense, CPU, the parameter's dtype, shape and layout), every group's
+    (float32 or float64, CPU and contiguous or dense in another order such as channels_last, or
+    CUDA and contiguous), every gradient (dense, the parameter's device, dtype, shape and
+    layout), every group's
     hyperparameters (the kernel's own checks, run on empty lists whenever they change) and the
     step counts the kernels will get (a checkpoint may hold a negative one). The kernels check
     memory overlaps within their own call only, so when the step makes several calls it also
