@@ -1,27 +1,34 @@
 #!/usr/bin/env python3
-"""fastoptim.torch.Adam against torch.optim.Adam and against the raw fastoptim.adam_ call.
+"""fastoptim.torch.Adam/AdamW against torch.optim and against the raw fastoptim call.
 
-Two models, float32, every parameter with a gradient:
+Four parameter sets (``--cases``), float32, every parameter with a gradient:
 
 * ``one_tensor``: one tensor of 2^24 elements (``--numel``). What the wrapper adds to the raw
   call is fixed per step and per tensor, so here it should vanish (the issue's goal: at most
   10% over the raw call).
 * ``many_tensors``: 2,000 tensors of 4,096 elements (``--tensors``, ``--tensor-numel``), where
   per-tensor costs dominate (the goal: faster than ``torch.optim.Adam(fused=True)``).
+* ``gpt2_small``: the 148 parameter tensors of GPT-2 small (124.4M elements: token and
+  position embeddings, 12 blocks of two LayerNorms, attention and MLP weights and biases, the
+  final LayerNorm), stepped with AdamW (weight decay 0.01), as transformers are trained.
+* ``resnet50``: the 161 parameter tensors of ResNet-50 (25.6M elements: 53 convolutions, 53
+  BatchNorms' weights and biases, the classifier), many of them small, with AdamW.
 
 Implementations, each stepping the SAME parameter and gradient tensors with its own states:
 
 * ``fastoptim.torch``: ``fastoptim.torch.Adam.step()``;
-* ``raw adam_``: ``fastoptim.adam_`` on NumPy views of those params, grads and the
+* ``raw adam_``: ``fastoptim.adam_`` (``adamw_`` for AdamW) on NumPy views of those params, grads and the
   fastoptim.torch optimizer's own states, built once (the floor the wrapper is measured against);
 * ``torch foreach`` and ``torch fused``: ``torch.optim.Adam(foreach=True)`` / ``(fused=True)``.
 
 The implementations are timed in turn within each round, so a burst of load from elsewhere
 lands on all of them; the table shows the median and the minimum over the rounds. torch and
-fastoptim use the same number of threads (``--threads``, default: fastoptim's, i.e. all cores).
+fastoptim use the same number of threads (``--threads``, one or more counts, each a separate
+run; default: fastoptim's, i.e. all cores).
 
     python bench/bench_torch.py                          # about a minute
     python bench/bench_torch.py --quick --json /tmp/bench_torch.json
+    python bench/bench_torch.py --cases gpt2_small resnet50 --threads 1 2 --repeats 7
 """
 from __future__ import annotations
 
@@ -50,30 +57,77 @@ import fastoptim.torch as ft
 LR = 1e-3
 
 
-def make_params(count: int, numel: int, seed: int = 0) -> list[torch.Tensor]:
+def gpt2_small_shapes(layers: int = 12, width: int = 768, vocab: int = 50257,
+                     context: int = 1024) -> list[tuple[int, ...]]:
+    """GPT-2 small's parameter shapes (the output projection is tied to the embedding)."""
+    shapes: list[tuple[int, ...]] = [(vocab, width), (context, width)]
+    for _ in range(layers):
+        shapes += [(width,), (width,),                      # ln_1
+                   (width, 3 * width), (3 * width,),        # attn.c_attn
+                   (width, width), (width,),                # attn.c_proj
+                   (width,), (width,),                      # ln_2
+                   (width, 4 * width), (4 * width,),        # mlp.c_fc
+                   (4 * width, width), (width,)]            # mlp.c_proj
+    return shapes + [(width,), (width,)]                     # ln_f
+
+
+def resnet50_shapes(classes: int = 1000) -> list[tuple[int, ...]]:
+    """ResNet-50's parameter shapes: convolutions without bias, BatchNorm weight and bias."""
+    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
+    channels = 64
+    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for b in range(blocks):
+            shapes += [(width, channels, 1, 1), (width,), (width,),
+                       (width, width, 3, 3), (width,), (width,),
+                       (4 * width, width, 1, 1), (4 * width,), (4 * width,)]
+            if b == 0:  # the projection shortcut
+                shapes += [(4 * width, channels, 1, 1), (4 * width,), (4 * width,)]
+            channels = 4 * width
+    return shapes + [(classes, channels), (classes,)]
+
+
+def case_shapes(case: str, args: argparse.Namespace) -> list[tuple[int, ...]]:
+    if case == "one_tensor":
+        return [(args.numel,)]
+    if case == "many_tensors":
+        return [(args.tensor_numel,)] * args.tensors
+    return {"gpt2_small": gpt2_small_shapes, "resnet50": resnet50_shapes}[case]()
+
+
+CASES = ("one_tensor", "many_tensors", "gpt2_small", "resnet50")
+# AdamW for the real models, as they are trained; Adam for the synthetic cases.
+DECOUPLED = {"gpt2_small": True, "resnet50": True}
+WEIGHT_DECAY = 0.01
+
+
+def make_params(shapes: list[tuple[int, ...]], seed: int = 0) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     params = []
-    for _ in range(count):
-        p = torch.randn(numel, generator=gen).requires_grad_()
-        p.grad = torch.randn(numel, generator=gen) * 1e-3
+    for shape in shapes:
+        p = torch.randn(shape, generator=gen).requires_grad_()
+        p.grad = torch.randn(shape, generator=gen) * 1e-3
         params.append(p)
     return params
 
 
-def implementations(params: list[torch.Tensor]) -> dict[str, Callable[[], None]]:
-    fast = ft.Adam(params, lr=LR)
+def implementations(params: list[torch.Tensor],
+                    decoupled: bool = False) -> dict[str, Callable[[], None]]:
+    name = "AdamW" if decoupled else "Adam"
+    kwargs = {"lr": LR, "weight_decay": WEIGHT_DECAY} if decoupled else {"lr": LR}
+    fast = getattr(ft, name)(params, **kwargs)
     fast.step()  # creates the states the raw call will use
     state = [fast.state[p] for p in params]
     views = ([p.detach().numpy() for p in params], [p.grad.numpy() for p in params],
              [s["exp_avg"].numpy() for s in state], [s["exp_avg_sq"].numpy() for s in state])
     step = [2]
+    update = fastoptim.adamw_ if decoupled else fastoptim.adam_
 
     def raw() -> None:
-        fastoptim.adam_(*views, step=step[0], lr=LR)
+        update(*views, step=step[0], **kwargs)
         step[0] += 1
 
-    foreach = torch.optim.Adam(params, lr=LR, foreach=True)
-    fused = torch.optim.Adam(params, lr=LR, fused=True)
+    foreach = getattr(torch.optim, name)(params, foreach=True, **kwargs)
+    fused = getattr(torch.optim, name)(params, fused=True, **kwargs)
     return {"fastoptim.torch": fast.step, "raw adam_": raw, "torch foreach": foreach.step,
             "torch fused": fused.step}
 
@@ -104,13 +158,15 @@ def time_round_robin(impls: dict[str, Callable[[], None]], repeats: int,
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cases", nargs="+", choices=CASES, default=["one_tensor", "many_tensors"],
+                    help="parameter sets (default: one_tensor many_tensors)")
     ap.add_argument("--quick", action="store_true", help="fewer rounds (5 instead of 25)")
     ap.add_argument("--repeats", type=int, help="timed rounds per case")
     ap.add_argument("--numel", type=int, default=1 << 24, help="one_tensor size (2^24)")
     ap.add_argument("--tensors", type=int, default=2000, help="many_tensors count (2000)")
     ap.add_argument("--tensor-numel", type=int, default=4096, help="many_tensors size (4096)")
-    ap.add_argument("--threads", type=int, help="threads for torch and fastoptim (default: "
-                                                "fastoptim's default, all cores)")
+    ap.add_argument("--threads", type=int, nargs="+", help="threads for torch and fastoptim, "
+                    "one run per count (default: fastoptim's default, all cores)")
     ap.add_argument("--json", type=Path, help="write the results to this file")
     return ap.parse_args(argv)
 
@@ -118,63 +174,78 @@ def parse_args(argv):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     repeats = args.repeats or (5 if args.quick else 25)
-    threads = args.threads or fastoptim.get_num_threads()
+    thread_counts = args.threads or [fastoptim.get_num_threads()]
     saved_threads = torch.get_num_threads(), fastoptim.get_num_threads()
-    torch.set_num_threads(threads)
-    fastoptim.set_num_threads(threads)
-    cases = {"one_tensor": (1, args.numel), "many_tensors": (args.tensors, args.tensor_numel)}
     rows = []
     try:
-        for case, (count, numel) in cases.items():
-            params = make_params(count, numel)
-            times = time_round_robin(implementations(params), repeats, warmup=2)
-            for impl, ts in times.items():
-                rows.append({"case": case, "tensors": count, "numel": numel, "impl": impl,
-                             "median_ms": 1e3 * statistics.median(ts), "min_ms": 1e3 * min(ts),
-                             "repeats": repeats})
-            del params, times
+        for case in args.cases:
+            shapes = case_shapes(case, args)
+            params = make_params(shapes)
+            for threads in thread_counts:
+                torch.set_num_threads(threads)
+                fastoptim.set_num_threads(threads)
+                impls = implementations(params, DECOUPLED.get(case, False))
+                times = time_round_robin(impls, repeats, warmup=2)
+                for impl, ts in times.items():
+                    rows.append({"case": case, "tensors": len(shapes),
+                                 "numel": sum(p.numel() for p in params), "threads": threads,
+                                 "impl": impl, "median_ms": 1e3 * statistics.median(ts),
+                                 "min_ms": 1e3 * min(ts), "repeats": repeats})
+                del impls, times
+                gc.collect()
+            del params
             gc.collect()
     finally:
         torch.set_num_threads(saved_threads[0])
         fastoptim.set_num_threads(saved_threads[1])
 
-    def stat(case: str, impl: str, key: str = "median_ms") -> float:
-        return next(r[key] for r in rows if r["case"] == case and r["impl"] == impl)
+    def stat(case: str, threads: int, impl: str, key: str = "median_ms") -> float:
+        return next(r[key] for r in rows
+                    if r["case"] == case and r["threads"] == threads and r["impl"] == impl)
 
-    count = {"one_tensor": 1, "many_tensors": args.tensors}
     summary = {}
-    for case in cases:
-        # The wrapper's cost as a ratio of medians, and as the difference of the minimums
-        # (steadier on a loaded machine: the fastest round of each had the least interference).
-        summary[f"{case}_wrapper_overhead_vs_raw"] = (
-            stat(case, "fastoptim.torch") / stat(case, "raw adam_") - 1)
-        extra_ms = stat(case, "fastoptim.torch", "min_ms") - stat(case, "raw adam_", "min_ms")
-        summary[f"{case}_wrapper_overhead_min_ms"] = extra_ms
-        summary[f"{case}_wrapper_overhead_min_us_per_tensor"] = 1e3 * extra_ms / count[case]
-        for other in ("torch fused", "torch foreach"):
-            key = other.replace(" ", "_")
-            summary[f"{case}_speedup_vs_{key}"] = stat(case, other) / stat(case, "fastoptim.torch")
+    for case in args.cases:
+        count = next(r["tensors"] for r in rows if r["case"] == case)
+        for threads in thread_counts:
+            tag = f"{case}_{threads}t"
+            # The wrapper's cost as a ratio of medians, and as the difference of the minimums
+            # (steadier on a loaded machine: the fastest round of each had the least
+            # interference).
+            summary[f"{tag}_wrapper_overhead_vs_raw"] = (
+                stat(case, threads, "fastoptim.torch") / stat(case, threads, "raw adam_") - 1)
+            extra_ms = (stat(case, threads, "fastoptim.torch", "min_ms")
+                        - stat(case, threads, "raw adam_", "min_ms"))
+            summary[f"{tag}_wrapper_overhead_min_ms"] = extra_ms
+            summary[f"{tag}_wrapper_overhead_min_us_per_tensor"] = 1e3 * extra_ms / count
+            for other in ("torch fused", "torch foreach"):
+                key = other.replace(" ", "_")
+                summary[f"{tag}_speedup_vs_{key}"] = (stat(case, threads, other)
+                                                      / stat(case, threads, "fastoptim.torch"))
     print(f"fastoptim {fastoptim.__version__} ({fastoptim.backend_info()['isa']}), torch "
-          f"{torch.__version__}, {threads} thread(s), Adam float32, {repeats} rounds")
-    header = f"{'case':<14}{'tensors x numel':>18}  {'implementation':<17}{'median':>11}{'min':>11}"
+          f"{torch.__version__}, float32, {repeats} rounds; Adam (AdamW for "
+          f"{', '.join(DECOUPLED)})")
+    header = (f"{'case':<14}{'tensors':>8}{'elements':>12}{'threads':>8}  {'implementation':<17}"
+              f"{'median':>11}{'min':>11}")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['case']:<14}{r['tensors']:>8} x {r['numel']:<8}  {r['impl']:<17}"
-              f"{r['median_ms']:>8.3f} ms{r['min_ms']:>8.3f} ms")
-    for case in cases:
-        print(f"{case}: fastoptim.torch over the raw call "
-              f"{100 * summary[f'{case}_wrapper_overhead_vs_raw']:+.1f}% (medians), "
-              f"{summary[f'{case}_wrapper_overhead_min_ms']:+.3f} ms (minimums, "
-              f"{summary[f'{case}_wrapper_overhead_min_us_per_tensor']:+.2f} us per tensor); "
-              f"{summary[f'{case}_speedup_vs_torch_fused']:.2f}x torch fused, "
-              f"{summary[f'{case}_speedup_vs_torch_foreach']:.2f}x torch foreach")
+        print(f"{r['case']:<14}{r['tensors']:>8}{r['numel']:>12}{r['threads']:>8}  "
+              f"{r['impl']:<17}{r['median_ms']:>8.3f} ms{r['min_ms']:>8.3f} ms")
+    for case in args.cases:
+        for threads in thread_counts:
+            tag = f"{case}_{threads}t"
+            print(f"{case}, {threads} thread(s): fastoptim.torch over the raw call "
+                  f"{100 * summary[f'{tag}_wrapper_overhead_vs_raw']:+.1f}% (medians), "
+                  f"{summary[f'{tag}_wrapper_overhead_min_ms']:+.3f} ms (minimums, "
+                  f"{summary[f'{tag}_wrapper_overhead_min_us_per_tensor']:+.2f} us per tensor); "
+                  f"{summary[f'{tag}_speedup_vs_torch_fused']:.2f}x torch fused, "
+                  f"{summary[f'{tag}_speedup_vs_torch_foreach']:.2f}x torch foreach")
     results = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpu_count": os.cpu_count()},
+                    "cpu_count": os.cpu_count(), "load_average": os.getloadavg()},
         "fastoptim": fastoptim.backend_info(), "torch": torch.__version__,
-        "threads": threads, "rows": rows, "summary": summary,
+        "threads": thread_counts, "rows": rows, "summary": summary,
     }
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -1,4 +1,5 @@
-"""torch.optim drop-ins backed by fastoptim's fused kernels (CPU tensors).
+"""torch.optim drop-ins backed by fastoptim's fused kernels (CPU tensors; CUDA tensors where
+fastoptim is built with CUDA).
 
 ``fastoptim.torch.SGD``, ``RMSprop``, ``Adam``, ``AdamW``, ``Adagrad``, ``Adadelta``, ``NAdam``,
 ``RAdam``, ``Adamax``, ``ASGD`` and ``Rprop`` are
@@ -8,8 +9,9 @@ groups, ``zero_grad``, closures, hooks and ``state_dict`` layout (state keys ``s
 ``grad_avg``, ``sum``, ``acc_delta``, ``exp_inf``, ``ax``, ``prev``, ``step_size`` and the 0-d
 ``mu_product``, ``eta``, ``mu``: Note [Scalar states]), so checkpoints move both ways between
 ``torch.optim.X`` and ``fastoptim.torch.X`` and learning-rate schedulers work unchanged. Each
-``step()`` makes ONE fused call of :mod:`fastoptim.functional` per (param group, dtype), on
-zero-copy NumPy views of the tensors. ``import fastoptim`` never imports torch; this module does.
+``step()`` makes ONE fused call per (param group, dtype, device), on the tensors' memory
+(Note [pointer path]); CUDA tensors go to the CUDA kernels through ``__cuda_array_interface__``.
+``import fastoptim`` never imports torch; this module does.
 
 Note [Views are cached]
     Building a NumPy view costs about a microsecond, so the views of parameters and states are
@@ -18,7 +20,36 @@ Note [Views are cached]
     parameter whose memory moved (``p.data = ...``, ``share_memory_()``, ZeRO bucket views) or
     a state tensor that was replaced (``load_state_dict``, ZeroRedundancyOptimizer writing
     ``optim.state[p]``, a hand edit) is re-viewed before use. Gradients are viewed afresh every
-    step: ``zero_grad()`` replaces them.
+    step: ``zero_grad()`` replaces them, unless the pointer path takes them (below).
+
+Note [pointer path]
+    Building a gradient's NumPy view costs 0.5-1 us, per gradient per step. When a whole group
+    steps in one call and every gradient is a plain dense CPU tensor with its parameter's dtype,
+    shape and strides (compared as lists of metadata), the call passes data pointers instead:
+    ``_core._pointers(rule, args)`` (src/cpp/bindings.cpp) takes the same arguments as
+    ``_core.<rule>`` with lists of pointers for the arrays, and checks the counts, the pointers
+    and that nothing it writes overlaps anything else of the call before it writes. The
+    parameters' and states' pointers are the cached ones (Note [Views are cached]). ``_P`` holds
+    :mod:`fastoptim.functional`'s own update functions bound to those entries, so both paths
+    pass the same arguments in the same order. Any other gradient (a subclass, another dtype or
+    layout, a negative view) takes the NumPy path, which checks it and names the param. This
+    object holds the tensors while the kernel runs without the GIL.
+    What it saves is smaller than the view: each tensor a step touches from Python (a
+    parameter's pointer, a state's, a gradient's metadata, the version counter) costs 0.1-0.3 us,
+    mostly a cache miss on a TensorImpl the previous update evicted, and a parameter of Adam has
+    five such tensors; the per-parameter cost measured is about 1.5-2 us against the raw call's
+    0.3 (bench/bench_torch.py, many_tensors). Going lower needs torch's tensor metadata read in
+    C++, i.e. an extension built against libtorch, which fastoptim does not link.
+
+Note [DTensor and FSDP2]
+    ``fully_shard`` (FSDP2) and tensor parallelism hand the optimizer DTensor parameters and
+    gradients. The update is elementwise, so each rank updates its local shard
+    (``DTensor._local_tensor``, what ``to_local()`` returns, without its 15 us of autograd
+    bookkeeping): the views, pointers and checks of a group with a DTensor use the local
+    tensors. States are created as torch creates them, ``torch.zeros_like(param)``: DTensors
+    with the param's mesh and placements, so ``state_dict()`` and distributed checkpointing see
+    torch's layout; the kernel writes their local shards. ``step`` stays a plain 0-d tensor, as
+    in torch.
 
 Note [Steps live in one tensor per group]
     torch keeps ``state[p]["step"]`` as a 0-d float32 tensor per parameter and adds 1 to each
@@ -30,8 +61,9 @@ Note [Steps live in one tensor per group]
 
 Note [All or nothing]
     A step checks everything before the first kernel call: every parameter that has a gradient
-    (float32 or float64, CPU, contiguous or dense in another order such as channels_last),
-    every gradient (dense, CPU, the parameter's dtype, shape and layout), every group's
+    (float32 or float64, CPU and contiguous or dense in another order such as channels_last, or
+    CUDA and contiguous), every gradient (dense, the parameter's device, dtype, shape and
+    layout), every group's
     hyperparameters (the kernel's own checks, run on empty lists whenever they change) and the
     step counts the kernels will get (a checkpoint may hold a negative one). The kernels check
     memory overlaps within their own call only, so when the step makes several calls it also
@@ -65,16 +97,22 @@ Note [SGD's first momentum step]
 
 from __future__ import annotations
 
+import itertools
 import operator
+import sys
+import types
+import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from itertools import chain, compress, repeat
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch.autograd.graph import increment_version
 
+from . import _core
 from . import functional as F
 
 __all__ = ["SGD", "RMSprop", "Adam", "AdamW", "Adagrad", "Adadelta", "NAdam", "RAdam", "Adamax",
@@ -82,15 +120,143 @@ __all__ = ["SGD", "RMSprop", "Adam", "AdamW", "Adagrad", "Adadelta", "NAdam", "R
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64)
 _grad_of = operator.attrgetter("grad")
+_stride = torch.Tensor.stride
+_is_neg = torch.Tensor.is_neg
+# What a gradient must share with its parameter for the pointer path (Note [pointer path]).
+# (The layout needs no check: stride() raises for a sparse or other non-strided tensor.)
+_grad_meta = operator.attrgetter("__class__", "dtype", "shape", "is_cpu")
 _data_ptr = torch.Tensor.data_ptr
 _to_numpy = torch.Tensor.numpy
 # What a gradient's view must share with its parameter's view: class, dtype, shape, strides.
 _view_meta = operator.attrgetter("__class__", "dtype", "shape", "strides")
 
+
+def _meta(view: Any) -> tuple[Any, ...]:
+    """A view's class, dtype, shape and layout: a NumPy view, or a CUDA tensor (which the
+    kernels take through ``__cuda_array_interface__``)."""
+    if isinstance(view, np.ndarray):
+        return _view_meta(view)
+    return (view.__class__, view.dtype, view.shape, view.stride(), view.device)
+
+
+def _contiguous(view: Any) -> bool:
+    return bool(view.flags.c_contiguous if isinstance(view, np.ndarray) else view.is_contiguous())
+
+
+def _param_view(p: torch.Tensor) -> Any:
+    """What the kernels update for parameter p: a NumPy view, or the CUDA tensor itself."""
+    if p.is_cuda:
+        if p.is_neg():
+            raise RuntimeError("its negative bit is set")
+        return p.detach()
+    return p.detach().numpy()
+
+
+_CUDA: list[bool] = []
+
+
+def _cuda_ready() -> bool:
+    """Whether fastoptim was built with CUDA and sees a device (looked up once)."""
+    if not _CUDA:
+        info = _core.info()["cuda"]
+        _CUDA.append(bool(info["built"]) and info["device_count"] > 0)
+    return _CUDA[0]
+
+
+
+def _entry(entry: Callable[..., None], rule: str) -> Callable[..., None]:
+    return lambda *args: entry(rule, args)
+
+
+def _pointer_functional() -> Any:
+    """fastoptim.functional's updates calling ``_core._pointers(rule, args)`` (Note [pointer
+    path]): the same function bodies, so the same positional arguments in the same order, with
+    ``_core`` bound to the pointer entries. None when the compiled module predates them."""
+    entry = getattr(_core, "_pointers", None)
+    if entry is None:
+        return None
+    core = SimpleNamespace(**{name: _entry(entry, name) for name in _core.rules})
+    env = dict(vars(F), _core=core)
+    updates = {}
+    for name in F.__all__:
+        f = getattr(F, name)
+        if "_core" not in f.__code__.co_names:
+            continue
+        g = types.FunctionType(f.__code__, env, name, f.__defaults__, f.__closure__)
+        g.__kwdefaults__ = f.__kwdefaults__
+        updates[name] = g
+    return SimpleNamespace(**updates)
+
+
+_P = _pointer_functional()
+
+# Note [torch.compile]
+#     Dynamo cannot trace a step (NumPy, the compiled kernels, the caches), and a graph break
+#     there would warn in every compiled training step. So, while torch.compile traces,
+#     ``step()`` collects the params that have gradients and emits one custom op,
+#     ``fastoptim::optimizer_step_(key, where, params, grads)``, which declares that it mutates
+#     the params; ``key`` names the optimizer (a weak registry) and ``where`` each param's
+#     (group, index). At run time the op runs the ordinary step with the gradients it was given
+#     (not ``.grad``, which a compiled graph may not have written back yet), so hyperparameters
+#     are read when the op runs: a scheduler's new ``lr`` causes no recompilation. Should the
+#     compiler hand the op copies of the params instead of the params (functionalization
+#     without reinplacing), the updated values are copied into them, so that the graph's
+#     copy-back writes the same values.
+_LIVE: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+_KEYS = itertools.count(1)
+
+
+def _register(opt: Any) -> int:
+    key = next(_KEYS)
+    _LIVE[key] = opt
+    return key
+
+
+def _optimizer_step(key: int, where: list[int], params: list[torch.Tensor],
+                    grads: list[torch.Tensor]) -> None:
+    opt = _LIVE.get(key)
+    if opt is None:
+        raise RuntimeError("fastoptim.torch: the optimizer of this compiled step no longer "
+                           "exists")
+    groups = opt.param_groups
+    by_group: dict[int, list[Any]] = {gi: [None] * len(g["params"]) for gi, g in enumerate(groups)}
+    for k, g in enumerate(grads):
+        by_group[where[2 * k]][where[2 * k + 1]] = g
+    opt._step(by_group)
+    with torch.no_grad():
+        for k, q in enumerate(params):
+            p = groups[where[2 * k]]["params"][where[2 * k + 1]]
+            if q is not p and _local_ptr(q) != _local_ptr(p):
+                q.copy_(p)
+
+
+try:
+    _optimizer_step_op = torch.library.custom_op(
+        "fastoptim::optimizer_step_", _optimizer_step, mutates_args=("params",))
+    _optimizer_step_op.register_fake(lambda key, where, params, grads: None)
+except RuntimeError:  # this module imported a second time (importlib.reload)
+    pass
+
 _REFUSED = {
     "capturable": "graph capture needs a CUDA backend, which fastoptim does not have yet",
     "differentiable": "the fused kernels update tensors in place, outside autograd",
 }
+
+
+def _dtensor_class() -> type | None:
+    # A DTensor exists only once its module is imported, so this never imports it.
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
+def _local(t: Any) -> Any:
+    """A DTensor's local shard (Note [DTensor and FSDP2]); any other object as it is."""
+    dtensor = _dtensor_class()
+    return t._local_tensor if dtensor is not None and isinstance(t, dtensor) else t
+
+
+def _local_ptr(t: torch.Tensor) -> int:
+    return int(_local(t).data_ptr())
 
 
 def _check_flags(cls: str, *, foreach: Any = None, fused: Any = None, capturable: Any = False,
@@ -140,10 +306,18 @@ def _problem(t: torch.Tensor) -> tuple[type[Exception], str] | None:
     if t.layout is not torch.strided:
         what = "sparse" if t.is_sparse else str(t.layout).replace("torch.", "")
         return TypeError, f"is {what}; fastoptim supports dense (strided) tensors only"
-    if t.device.type != "cpu":
+    if t.device.type == "cuda":
+        if not _cuda_ready():
+            return ValueError, (f"is on {t.device}, but this fastoptim was built without CUDA "
+                                f"or sees no CUDA device (docs/cuda.md); use CPU tensors or "
+                                f"torch.optim")
+        if t.dtype in _SUPPORTED_DTYPES and not t.is_contiguous():
+            return ValueError, (f"is not contiguous (shape {tuple(t.shape)}, strides "
+                                f"{t.stride()}); fastoptim needs contiguous CUDA tensors")
+    elif t.device.type != "cpu":
         return ValueError, (f"is on {t.device}: fastoptim.torch has no {t.device.type.upper()} "
-                            f"backend yet (CPU tensors only; fastoptim's CUDA kernels have not "
-                            f"been run on a GPU yet, docs/cuda.md)")
+                            f"backend (CPU tensors, and CUDA tensors where fastoptim is built "
+                            f"with CUDA)")
     if t.is_complex():
         return TypeError, f"is complex ({t.dtype}); fastoptim supports float32 and float64 only"
     if t.dtype not in _SUPPORTED_DTYPES:
@@ -157,6 +331,16 @@ def _problem(t: torch.Tensor) -> tuple[type[Exception], str] | None:
     return None
 
 
+def _same_sharding(t: Any, p: torch.Tensor) -> bool:
+    """Whether state t is sharded as parameter p is (both plain tensors, or both DTensors with
+    one global shape, mesh and placements)."""
+    dtensor = _dtensor_class()
+    if dtensor is None or not (isinstance(t, dtensor) or isinstance(p, dtensor)):
+        return True
+    return (isinstance(t, dtensor) and isinstance(p, dtensor) and t.shape == p.shape
+            and t.device_mesh == p.device_mesh and t.placements == p.placements)
+
+
 def _same_layout(t: Any, p: torch.Tensor) -> bool:
     """Whether a state tensor can be used as it is for parameter p."""
     return (isinstance(t, torch.Tensor) and t.layout is torch.strided and t.device == p.device
@@ -167,7 +351,8 @@ def _same_layout(t: Any, p: torch.Tensor) -> bool:
 class _GroupCache:
     """The NumPy views of one param group (Note [Views are cached])."""
 
-    __slots__ = ("group", "names", "ptrs", "views", "metas", "errors", "flat", "dtypes",
+    __slots__ = ("group", "names", "ptrs", "dtensor", "locals", "grad_metas", "strides",
+                 "numels", "fmt", "views", "metas", "errors", "flat", "dtypes", "kinds",
                  "one_dtype", "dicts", "gen", "svs", "bound", "pending", "store", "store_np",
                  "full", "nbytes", "spans")
 
@@ -175,32 +360,46 @@ class _GroupCache:
                  with_step: bool) -> None:
         params = group["params"]
         n = len(params)
+        dtensor = _dtensor_class()
+        #: whether a param is a DTensor: then the update runs on the local shards
+        self.dtensor = dtensor is not None and any(isinstance(p, dtensor) for p in params)
+        #: the tensors the kernel updates: the params, or their local shards
+        self.locals = list(map(_local, params)) if self.dtensor else params
         self.group = group
         self.names = names
-        self.ptrs = ptrs
+        self.ptrs = list(map(_data_ptr, self.locals)) if self.dtensor else ptrs
         self.views: list[np.ndarray | None] = [None] * n
         self.metas: list[tuple[Any, ...] | None] = [None] * n
         self.errors: list[tuple[type[Exception], str] | None] = [None] * n
         self.flat: set[int] = set()
         self.dtypes: list[Any] = [None] * n
+        #: (dtype, device): the params of one kernel call share both
+        self.kinds: list[Any] = [None] * n
         self.nbytes: list[int] = [0] * n
-        for i, p in enumerate(params):
+        for i, p in enumerate(self.locals):
             self.errors[i] = _problem(p)
             if self.errors[i] is not None:
                 continue
             try:
-                view = p.detach().numpy()
+                view = _param_view(p)
             except RuntimeError as err:  # e.g. a parameter with its negative bit set
                 self.errors[i] = (ValueError, f"cannot be viewed as a NumPy array ({err})")
                 continue
-            self.metas[i] = _view_meta(view)
+            self.metas[i] = _meta(view)
             self.dtypes[i] = view.dtype
+            self.kinds[i] = (view.dtype, p.device)
             self.nbytes[i] = view.nbytes
-            if not view.flags.c_contiguous:
+            if not _contiguous(view):
                 self.flat.add(i)
                 view = _flat(view)
             self.views[i] = view
-        self.one_dtype = len(set(self.dtypes)) == 1
+        self.one_dtype = len(set(self.kinds)) == 1
+        #: what each gradient must match for the pointer path (Note [pointer path])
+        self.grad_metas = [(torch.Tensor, p.dtype, p.shape, True)
+                           for p in self.locals]
+        self.strides = list(map(_stride, self.locals))
+        self.numels = list(map(torch.Tensor.numel, self.locals))
+        self.fmt = str(self.dtypes[0]) if self.one_dtype and n else ""
         #: per param: its ``state`` dict as last looked up, valid while ``gen`` is the
         #: optimizer's (Note [Views are cached]).
         self.dicts: list[dict[str, Any] | None] = [None] * n
@@ -213,26 +412,48 @@ class _GroupCache:
         self.pending: dict[int, torch.Tensor] = {}
         self.store = torch.zeros(n, dtype=_scalar_dtype()) if with_step else None
         self.store_np = self.store.numpy() if with_step else None
-        #: (param views, {name: state views}, bound pointers flattened) once all are bound.
-        self.full: tuple[Any, ...] | None = None
+        #: every param's views and pointers, once all are bound (``complete``).
+        self.full: _Full | None = None
         #: per param: the byte spans [lo, hi) it and its bound states occupy, with what they
         #: are; None until needed and after any (re)binding (Note [All or nothing]).
         self.spans: list[list[tuple[int, int, str | None]]] | None = None
 
 
+class _Full(NamedTuple):
+    """A group's arrays once every param's state is bound."""
+
+    views: list[np.ndarray]  #: the params' views
+    states: dict[str, list[np.ndarray]]  #: name -> the states' views
+    ptrs: list[int]  #: the bound pointers, flattened (Note [Views are cached])
+    pointers: tuple[str, list[int], list[int]]  #: the params for the pointer path
+    pstates: dict[str, list[int]]  #: name -> the states' pointers
+
+
+def _complete(c: _GroupCache, bound: bool) -> _Full:
+    """The group's full-call arrays (``bound``: its states have been bound)."""
+    if c.full is None:
+        names = c.names
+        c.full = _Full(
+            c.views, {name: [sv[k] for sv in c.svs] for k, name in enumerate(names)},
+            list(chain.from_iterable(c.bound)) if bound else [], (c.fmt, c.numels, c.ptrs),
+            {name: [b[k] for b in c.bound] for k, name in enumerate(names)})
+    return c.full
+
+
 class _Gathered:
-    """One group's part of a step: its params with gradients and their views."""
+    """One group's part of a step: its params with gradients, and the gradients' views once
+    a call needs them."""
 
     __slots__ = ("gi", "group", "cache", "idx", "grads", "views", "hyper", "checked")
 
     def __init__(self, gi: int, group: dict[str, Any], cache: _GroupCache, idx: range | list[int],
-                 grads: list[Any], views: list[Any], hyper: dict[str, Any]) -> None:
+                 grads: list[Any], hyper: dict[str, Any]) -> None:
         self.gi = gi
         self.group = group
         self.cache = cache
         self.idx = idx
         self.grads = grads
-        self.views = views
+        self.views: list[np.ndarray] | None = None
         self.hyper = hyper
         self.checked = False
 
@@ -297,6 +518,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     def _reset_caches(self) -> None:
+        self._compile_key = _register(self)
         self._caches: dict[int, _GroupCache] = {}
         #: per group: the hyperparameters the kernel last accepted (Note [All or nothing])
         self._checked: dict[int, tuple[Any, ...]] = {}
@@ -335,6 +557,27 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if torch.compiler.is_compiling():
+            self._traced_step()
+        else:
+            self._step(None)
+        return loss
+
+    def _traced_step(self) -> None:
+        """``step()`` as torch.compile traces it: one custom op (Note [torch.compile])."""
+        where: list[int] = []
+        params, grads = [], []
+        for gi, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    where += [gi, i]
+                    params.append(p)
+                    grads.append(p.grad)
+        if params:
+            torch.ops.fastoptim.optimizer_step_(self._compile_key, where, params, grads)
+
+    def _step(self, grads: dict[int, list[Any]] | None) -> None:
+        """The step; ``grads``: per group index, the gradients to use instead of ``.grad``."""
         snapshot = self._snapshot
         if (snapshot is None or snapshot[0] is not self.state
                 or not _same_objects(snapshot[1], list(self.state.values()))):
@@ -342,7 +585,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self._snapshot = None
         gathered = []
         for gi, group in enumerate(self.param_groups):
-            item = self._gather(gi, group)
+            item = self._gather(gi, group, None if grads is None else grads[gi])
             if item is not None:
                 gathered.append(item)
         calls = [call for item in gathered for call in self._plan(item)]
@@ -368,8 +611,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
         for item in gathered:
             group, idx = item.group, item.idx
             params = group["params"]
-            increment_version(params if len(idx) == len(params) else [params[i] for i in idx])
-        return loss
+            stepped = params if len(idx) == len(params) else [params[i] for i in idx]
+            increment_version(stepped)
+            if item.cache.dtensor:
+                increment_version([_local(p) for p in stepped if _local(p) is not p])
 
     # -- subclass hooks -------------------------------------------------------------------------
 
@@ -381,7 +626,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         """The group's hyperparameters as keyword arguments of the functional update."""
         raise NotImplementedError
 
-    def _call(self, group: dict[str, Any], hyper: dict[str, Any], step: int | None,
+    def _call(self, fn: Any, group: dict[str, Any], hyper: dict[str, Any], step: Any,
               params: list[np.ndarray], grads: list[np.ndarray],
               states: dict[str, list[np.ndarray]]) -> None:
         raise NotImplementedError
@@ -426,7 +671,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if checked is not None and checked[0] is group and checked[1] == (hyper, names):
             return hyper
         try:
-            self._call(group, hyper, 1, [], [], {name: [] for name in names})
+            self._call(F, group, hyper, 1, [], [], {name: [] for name in names})
         except (TypeError, ValueError) as err:
             raise type(err)(f"{self._where(gi)}: {err}") from None
         self._checked[id(group)] = (group, (hyper, names))
@@ -434,17 +679,21 @@ class _FusedOptimizer(torch.optim.Optimizer):
 
     def _cache(self, group: dict[str, Any]) -> _GroupCache:
         names = self._state_names(group)
-        ptrs = list(map(_data_ptr, group["params"]))
         c = self._caches.get(id(group))
+        ptrs = list(map(_local_ptr if c is not None and c.dtensor else _data_ptr,
+                        group["params"]))
         if c is None or c.group is not group or c.names != names or c.ptrs != ptrs:
             c = _GroupCache(group, names, ptrs, self._with_step)
             self._caches[id(group)] = c
         return c
 
-    def _gather(self, gi: int, group: dict[str, Any]) -> _Gathered | None:
-        """Check one group's gradients, parameters and hyperparameters; writes nothing."""
+    def _gather(self, gi: int, group: dict[str, Any],
+                grads: list[Any] | None = None) -> _Gathered | None:
+        """Check one group's gradients (``.grad``, or ``grads``), parameters and
+        hyperparameters; writes nothing."""
         params = group["params"]
-        grads = list(map(_grad_of, params))
+        if grads is None:
+            grads = list(map(_grad_of, params))
         has_grad = list(map(operator.is_not, grads, repeat(None)))
         if all(has_grad):
             idx: range | list[int] = range(len(params))
@@ -455,32 +704,54 @@ class _FusedOptimizer(torch.optim.Optimizer):
             grads = [grads[i] for i in idx]
         hyper = self._dry_run(group, gi)
         c = self._cache(group)
+        if c.dtensor:
+            grads = list(map(_local, grads))
         if any(c.errors):
             for i in idx:
                 if c.errors[i] is not None:
                     kind, text = c.errors[i]
                     raise kind(f"{self._where(gi, i)} {text}")
+        return _Gathered(gi, group, c, idx, grads, hyper)
+
+    def _views(self, item: _Gathered) -> list[np.ndarray]:
+        """The gradients' NumPy views, for the calls that take them (Note [pointer path])."""
+        if item.views is not None:
+            return item.views
+        c, idx, grads = item.cache, item.idx, item.grads
         try:
             gv = list(map(_to_numpy, grads))
         except (TypeError, RuntimeError):
-            gv = [self._grad_view(gi, i, g) for i, g in zip(idx, grads)]
-        item = _Gathered(gi, group, c, idx, grads, gv, hyper)
+            gv = [self._grad_view(item.gi, i, g) for i, g in zip(idx, grads)]
+        item.views = gv
         if c.flat:
             # The kernel sees 1-D views here, so it cannot check the layouts: check them now.
             self._check_grads(item)
             for j, i in enumerate(idx):
                 if i in c.flat:
                     gv[j] = _flat(gv[j])
-        return item
+        return gv
+
+    def _grads_match(self, item: _Gathered) -> bool:
+        """Whether every gradient of a whole group is a plain dense CPU tensor with its
+        parameter's dtype, shape and strides: then the kernel can take data pointers."""
+        c, grads = item.cache, item.grads
+        try:
+            if (_P is None or list(map(_grad_meta, grads)) != c.grad_metas
+                    or list(map(_stride, grads)) != c.strides or any(map(_is_neg, grads))):
+                return False
+        except RuntimeError:  # no strides: a sparse (or other non-strided) gradient
+            return False
+        item.checked = True
+        return True
 
     def _check_grads(self, item: _Gathered) -> None:
         """Each gradient against its parameter (dtype, shape, layout); raises naming the param."""
-        c, idx, gv = item.cache, item.idx, item.views
+        c, idx, gv = item.cache, item.idx, self._views(item)
         metas = c.metas if len(idx) == len(c.metas) else [c.metas[i] for i in idx]
-        if list(map(_view_meta, gv)) != metas:
+        if list(map(_meta, gv)) != metas:
             params = item.group["params"]
             for j, i in enumerate(idx):
-                self._check_grad(item.gi, i, params[i], item.grads[j], gv[j], c)
+                self._check_grad(item.gi, i, c.locals[i], item.grads[j], gv[j], c)
         item.checked = True
 
     def _grad_view(self, gi: int, i: int, g: torch.Tensor) -> np.ndarray:
@@ -489,11 +760,15 @@ class _FusedOptimizer(torch.optim.Optimizer):
             kind, text = problem
             raise kind(f"{self._where(gi, i)}: its gradient {text}")
         g = g.detach()  # a gradient that requires grad (backward with create_graph=True)
-        return (g.resolve_neg() if g.is_neg() else g).numpy()
+        g = g.resolve_neg() if g.is_neg() else g
+        return g if g.is_cuda else g.numpy()
 
     def _check_grad(self, gi: int, i: int, p: torch.Tensor, g: torch.Tensor, view: np.ndarray,
                     c: _GroupCache) -> None:
         where = self._where(gi, i)
+        if g.device != p.device:
+            raise ValueError(f"{where}: its gradient is on {g.device}, the parameter on "
+                             f"{p.device}")
         if view.dtype != c.dtypes[i]:
             raise TypeError(f"{where}: its gradient has dtype {g.dtype}, the parameter {p.dtype}")
         if view.shape != c.metas[i][2]:
@@ -503,7 +778,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             if g.stride() != p.stride():
                 raise ValueError(f"{where}: its gradient has strides {g.stride()}, the parameter "
                                  f"{p.stride()}; fastoptim needs one memory layout for both")
-        elif not view.flags.c_contiguous:
+        elif not _contiguous(view):
             raise ValueError(f"{where}: its gradient is not contiguous (strides {g.stride()}); "
                              f"fastoptim needs contiguous gradients")
 
@@ -516,17 +791,13 @@ class _FusedOptimizer(torch.optim.Optimizer):
 
     def _plan(self, item: _Gathered) -> list[Callable[[], None]]:
         """Bind the group's states and return its kernel calls (Note [All or nothing])."""
-        group, c, idx, gv, hyper = item.group, item.cache, item.idx, item.views, item.hyper
+        group, c, idx, hyper = item.group, item.cache, item.idx, item.hyper
         everyone = len(idx) == len(group["params"])
         if c.names or self._with_step:
             self._check_bound(group, c, idx, everyone)
         if c.pending or not everyone or not c.one_dtype:
             return self._plan_split(item)
-        if c.full is None:
-            states = {name: [sv[k] for sv in c.svs] for k, name in enumerate(c.names)}
-            ptrs = list(chain.from_iterable(c.bound)) if (c.names or self._with_step) else []
-            c.full = (c.views, states, ptrs)
-        pviews, states, _ = c.full
+        full = _complete(c, bool(c.names or self._with_step))
         store_np = c.store_np
         step = self._step_key(c, -1, None) if not self._kernel_step else None
         if self._kernel_step:
@@ -537,9 +808,14 @@ class _FusedOptimizer(torch.optim.Optimizer):
             if low != new.max():
                 return self._plan_split(item)
             step = int(low)
+        if self._grads_match(item):
+            fn: Any = _P
+            pargs, gargs, states = full.pointers, list(map(_data_ptr, item.grads)), full.pstates
+        else:
+            fn, pargs, gargs, states = F, full.views, self._views(item), full.states
 
         def run() -> None:
-            self._call(group, hyper, step, pviews, gv, states)
+            self._call(fn, group, hyper, step, pargs, gargs, states)
             if store_np is not None:
                 store_np[...] += store_np.dtype.type(1)
         return [run]
@@ -554,12 +830,13 @@ class _FusedOptimizer(torch.optim.Optimizer):
             c.gen = self._gen
         dicts = c.dicts if everyone else [c.dicts[i] for i in idx]
         try:
-            current = list(map(_data_ptr, chain.from_iterable(map(getter, dicts))))
+            current = list(map(_local_ptr if c.dtensor else _data_ptr,
+                               chain.from_iterable(map(getter, dicts))))
         except (TypeError, KeyError, AttributeError):
             current = None
         if current is not None:
             if everyone and c.full is not None:
-                expected = c.full[2]
+                expected = c.full.ptrs
             else:
                 bound = c.bound if everyone else [c.bound[i] for i in idx]
                 expected = None if None in bound else list(chain.from_iterable(bound))
@@ -567,7 +844,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 return
         with torch.no_grad():  # binding may create or convert state tensors
             for j, i in enumerate(idx):
-                if c.bound[i] is None or _bound_ptrs(dicts[j], getter) != c.bound[i]:
+                if c.bound[i] is None or _bound_ptrs(dicts[j], getter, c.dtensor) != c.bound[i]:
                     self._bind(group, c, i, params[i])
 
     def _bind(self, group: dict[str, Any], c: _GroupCache, i: int, p: torch.Tensor) -> None:
@@ -584,16 +861,18 @@ class _FusedOptimizer(torch.optim.Optimizer):
             t = state.get(name)
             if t is None:
                 t = self._missing_state(c, i, p, name, state)
-            elif not _same_layout(t, p):  # e.g. loaded from a checkpoint saved elsewhere
+            elif not (_same_layout(_local(t), c.locals[i]) and _same_sharding(t, p)):
+                # e.g. loaded from a checkpoint saved elsewhere
                 if t.shape != p.shape:
                     raise ValueError(f"{type(self).__name__}: state[{name!r}] of a parameter of "
                                      f"shape {tuple(p.shape)} has shape {tuple(t.shape)}")
                 new = torch.empty_like(p, memory_format=torch.preserve_format)
                 new.copy_(t.detach())
                 state[name] = t = new
-            view = t.numpy()
+            local = _local(t)
+            view = local.detach() if local.is_cuda else local.numpy()
             views.append(_flat(view) if i in c.flat else view)
-            ptrs.append(t.data_ptr())
+            ptrs.append(local.data_ptr())
         if self._with_step:
             step = state.get("step")
             c.store_np[i] = 0.0 if step is None else float(step)
@@ -606,7 +885,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
 
     def _plan_split(self, item: _Gathered) -> list[Callable[[], None]]:
         """One call per (dtype, kernel step) for a group whose params differ in either."""
-        group, c, idx, gv, hyper = item.group, item.cache, item.idx, item.views, item.hyper
+        group, c, idx, hyper = item.group, item.cache, item.idx, item.hyper
+        gv = self._views(item)
         new = None
         if self._with_step:
             new = c.store_np[np.asarray(idx, dtype=np.intp)] + c.store_np.dtype.type(1)
@@ -614,7 +894,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 self._bad_step(item, new)
         buckets: dict[tuple[Any, ...], list[int]] = {}
         for j, i in enumerate(idx):
-            key = (c.dtypes[i], self._step_key(c, i, None if new is None else new[j]))
+            key = (c.kinds[i], self._step_key(c, i, None if new is None else new[j]))
             buckets.setdefault(key, []).append(j)
         calls = []
         for (_, step), js in buckets.items():
@@ -716,7 +996,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         sel = np.asarray(ids, dtype=np.intp)
 
         def run() -> None:
-            self._call(group, hyper, step, pviews, grads, states)
+            self._call(F, group, hyper, step, pviews, grads, states)
             if store_np is not None:
                 store_np[sel] += store_np.dtype.type(1)
             self._commit(c, ids)
@@ -728,9 +1008,10 @@ def _same_objects(a: list[Any], b: list[Any]) -> bool:
 
 
 def _bound_ptrs(state: dict[str, Any] | None,
-                getter: Callable[[dict[str, Any]], tuple[Any, ...]]) -> tuple[int, ...] | None:
+                getter: Callable[[dict[str, Any]], tuple[Any, ...]],
+                dtensor: bool) -> tuple[int, ...] | None:
     try:
-        return tuple(map(_data_ptr, getter(state)))
+        return tuple(map(_local_ptr if dtensor else _data_ptr, getter(state)))
     except (TypeError, KeyError, AttributeError):
         return None
 
@@ -802,10 +1083,10 @@ class SGD(_FusedOptimizer):
                 "dampening": group["dampening"], "nesterov": group["nesterov"],
                 "weight_decay": _scalar(group["weight_decay"]), "maximize": group["maximize"]}
 
-    def _call(self, group: dict[str, Any], hyper: dict[str, Any], step: int | None,
+    def _call(self, fn: Any, group: dict[str, Any], hyper: dict[str, Any], step: Any,
               params: list[np.ndarray], grads: list[np.ndarray],
               states: dict[str, list[np.ndarray]]) -> None:
-        F.sgd_(params, grads, states.get("momentum_buffer"), step=step, **hyper)
+        fn.sgd_(params, grads, states.get("momentum_buffer"), step=step, **hyper)
 
     def _init_state(self, group: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
         return {}
@@ -830,7 +1111,7 @@ class SGD(_FusedOptimizer):
             if buf is not None:
                 self.state[params[i]]["momentum_buffer"] = buf
                 c.dicts[i] = self.state[params[i]]
-                c.bound[i] = (buf.data_ptr(),)
+                c.bound[i] = (_local_ptr(buf),)
                 c.full = None
                 c.spans = None
 
@@ -870,10 +1151,10 @@ class RMSprop(_FusedOptimizer):
                 "weight_decay": group["weight_decay"], "momentum": group["momentum"],
                 "centered": group["centered"], "maximize": group["maximize"]}
 
-    def _call(self, group: dict[str, Any], hyper: dict[str, Any], step: int | None,
+    def _call(self, fn: Any, group: dict[str, Any], hyper: dict[str, Any], step: Any,
               params: list[np.ndarray], grads: list[np.ndarray],
               states: dict[str, list[np.ndarray]]) -> None:
-        F.rmsprop_(params, grads, states["square_avg"], states.get("grad_avg"),
+        fn.rmsprop_(params, grads, states["square_avg"], states.get("grad_avg"),
                    states.get("momentum_buffer"), **hyper)
 
 
@@ -929,10 +1210,10 @@ class Adam(_FusedOptimizer):
                 "eps": group["eps"], "weight_decay": group["weight_decay"],
                 "amsgrad": group["amsgrad"], "maximize": group["maximize"]}
 
-    def _call(self, group: dict[str, Any], hyper: dict[str, Any], step: int | None,
+    def _call(self, fn: Any, group: dict[str, Any], hyper: dict[str, Any], step: Any,
               params: list[np.ndarray], grads: list[np.ndarray],
               states: dict[str, list[np.ndarray]]) -> None:
-        update = F.adamw_ if group["decoupled_weight_decay"] else F.adam_
+        update = fn.adamw_ if group["decoupled_weight_decay"] else fn.adam_
         update(params, grads, states["exp_avg"], states["exp_avg_sq"], step=step,
                max_exp_avg_sqs=states.get("max_exp_avg_sq"), **hyper)
 
@@ -1010,10 +1291,10 @@ class Adagrad(_FusedOptimizer):
                 "weight_decay": group["weight_decay"], "eps": group["eps"],
                 "maximize": group["maximize"]}
 
-    def _call(self, group: dict[str, Any], hyper: dict[str, Any], step: int | None,
+    def _call(self, fn: Any, group: dict[str, Any], hyper: dict[str, Any], step: Any,
               params: list[np.ndarray], grads: list[np.ndarray],
               states: dict[str, list[np.ndarray]]) -> None:
-        F.adagrad_(params, grads, states["sum"], step=step, **hyper)
+        fn.adagrad_(params, grads, states["sum"], step=step, **hyper)
 
 
 class Adadelta(_FusedOptimizer):
@@ -1045,10 +1326,10 @@ class Adadelta(_FusedOptimizer):
         return {"lr": _scalar(group["lr"]), "rho": group["rho"], "eps": group["eps"],
                 "weight_decay": group["weight_decay"], "maximize": group["maximize"]}
 
-    def _call(self, group: dict[str, Any], hyper: dict[str, Any], step: int | None,
+    def _call(self, fn: Any, group: dict[str, Any], hyper: dict[str, Any], step: Any,
               params: list[np.ndarray], grads: list[np.ndarray],
               states: dict[str, list[np.ndarray]]) -> None:
-        F.adadelta_(params, grads, states["square_avg"], states["acc_delta"], **hyper)
+        fn.adadelta_(params, grads, states["square_avg"], states["acc_delta"], **hyper)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1178,12 +1459,12 @@ class _ScalarStateOptimizer(_FusedOptimizer):
         return step, self._dry_scalars(group, hyper)
 
     def _plan(self, item: _Gathered) -> list[Callable[[], None]]:
-        group, c, idx, gv, hyper = item.group, item.cache, item.idx, item.views, item.hyper
+        group, c, idx, hyper = item.group, item.cache, item.idx, item.hyper
+        gv = self._views(item)
         everyone = len(idx) == len(group["params"])
         self._check_bound(group, c, idx, everyone)
-        if everyone and c.full is None:  # the base class's cache of the bound state
-            c.full = (c.views, {name: [sv[k] for sv in c.svs] for k, name in enumerate(c.names)},
-                      list(chain.from_iterable(c.bound)))
+        if everyone:  # the base class's cache of the bound state
+            _complete(c, True)
         store = self._store(c)
         sel = np.asarray(idx, dtype=np.intp)
         steps = c.store_np[sel] + c.store_np.dtype.type(1)
@@ -1197,16 +1478,16 @@ class _ScalarStateOptimizer(_FusedOptimizer):
         else:
             for j, i in enumerate(idx):
                 key = (int(steps[j]),) + tuple(float(a[j]) for a in columns)
-                buckets.setdefault((c.dtypes[i], key), []).append(j)
+                buckets.setdefault((c.kinds[i], key), []).append(j)
         calls = []
         for (_, key), js in buckets.items():
             try:  # the scalars, checked by the kernel before anything is written
-                self._call(group, hyper, key, [], [], {name: [] for name in c.names})
+                self._call(F, group, hyper, key, [], [], {name: [] for name in c.names})
             except (TypeError, ValueError) as err:
                 raise type(err)(f"{self._where(item.gi)}: {err}") from None
             ids = [idx[j] for j in js]
             if len(js) == len(c.views):
-                states = c.full[1]
+                states = c.full.states
             else:
                 states = {name: [c.svs[i][k] for i in ids] for k, name in enumerate(c.names)}
             run = self._split_call(group, c, hyper, key, ids, [gv[j] for j in js], states)
@@ -1295,11 +1576,11 @@ class NAdam(_ScalarStateOptimizer):
         args = np.where(store.wide["mu_product"][sel], wide, narrow)
         return {"mu_product": args}, {"mu_product": (narrow, wide)}
 
-    def _call(self, group: dict[str, Any], hyper: dict[str, Any], step: int | None,
+    def _call(self, fn: Any, group: dict[str, Any], hyper: dict[str, Any], step: Any,
               params: list[np.ndarray], grads: list[np.ndarray],
               states: dict[str, list[np.ndarray]]) -> None:
         step, scalars = self._kernel_args(group, hyper, step)
-        F.nadam_(params, grads, states["exp_avg"], states["exp_avg_sq"], step=step, **scalars,
+        fn.nadam_(params, grads, states["exp_avg"], states["exp_avg_sq"], step=step, **scalars,
                  **hyper)
 
 
@@ -1337,10 +1618,10 @@ class RAdam(_FusedOptimizer):
                 "decoupled_weight_decay": group["decoupled_weight_decay"],
                 "maximize": group["maximize"]}
 
-    def _call(self, group: dict[str, Any], hyper: dict[str, Any], step: int | None,
+    def _call(self, fn: Any, group: dict[str, Any], hyper: dict[str, Any], step: Any,
               params: list[np.ndarray], grads: list[np.ndarray],
               states: dict[str, list[np.ndarray]]) -> None:
-        F.radam_(params, grads, states["exp_avg"], states["exp_avg_sq"], step=step, **hyper)
+        fn.radam_(params, grads, states["exp_avg"], states["exp_avg_sq"], step=step, **hyper)
 
 
 class Adamax(_FusedOptimizer):
@@ -1375,10 +1656,10 @@ class Adamax(_FusedOptimizer):
                 "eps": group["eps"], "weight_decay": group["weight_decay"],
                 "maximize": group["maximize"]}
 
-    def _call(self, group: dict[str, Any], hyper: dict[str, Any], step: int | None,
+    def _call(self, fn: Any, group: dict[str, Any], hyper: dict[str, Any], step: Any,
               params: list[np.ndarray], grads: list[np.ndarray],
               states: dict[str, list[np.ndarray]]) -> None:
-        F.adamax_(params, grads, states["exp_avg"], states["exp_inf"], step=step, **hyper)
+        fn.adamax_(params, grads, states["exp_avg"], states["exp_inf"], step=step, **hyper)
 
 
 class ASGD(_ScalarStateOptimizer):
@@ -1443,11 +1724,11 @@ class ASGD(_ScalarStateOptimizer):
         args = {name: store.values(name, sel) for name in self._scalar_names}
         return args, after
 
-    def _call(self, group: dict[str, Any], hyper: dict[str, Any], step: int | None,
+    def _call(self, fn: Any, group: dict[str, Any], hyper: dict[str, Any], step: Any,
               params: list[np.ndarray], grads: list[np.ndarray],
               states: dict[str, list[np.ndarray]]) -> None:
         _, scalars = self._kernel_args(group, hyper, step)
-        F.asgd_(params, grads, states["ax"], **scalars, **hyper)
+        fn.asgd_(params, grads, states["ax"], **scalars, **hyper)
 
 
 class Rprop(_FusedOptimizer):
@@ -1498,10 +1779,10 @@ class Rprop(_FusedOptimizer):
         return {"etaminus": etaminus, "etaplus": etaplus, "step_size_min": step_size_min,
                 "step_size_max": step_size_max, "maximize": group["maximize"]}
 
-    def _call(self, group: dict[str, Any], hyper: dict[str, Any], step: int | None,
+    def _call(self, fn: Any, group: dict[str, Any], hyper: dict[str, Any], step: Any,
               params: list[np.ndarray], grads: list[np.ndarray],
               states: dict[str, list[np.ndarray]]) -> None:
-        F.rprop_(params, grads, states["prev"], states["step_size"], **hyper)
+        fn.rprop_(params, grads, states["prev"], states["step_size"], **hyper)
 
 
 class Lion(_FusedOptimizer):
@@ -1535,7 +1816,7 @@ class Lion(_FusedOptimizer):
         return {"lr": _scalar(group["lr"]), "beta1": _scalar(beta1), "beta2": _scalar(beta2),
                 "weight_decay": _scalar(group["weight_decay"]), "maximize": group["maximize"]}
 
-    def _call(self, group: dict[str, Any], hyper: dict[str, Any], step: int | None,
+    def _call(self, fn: Any, group: dict[str, Any], hyper: dict[str, Any], step: Any,
               params: list[np.ndarray], grads: list[np.ndarray],
               states: dict[str, list[np.ndarray]]) -> None:
-        F.lion_(params, grads, states["exp_avg"], **hyper)
+        fn.lion_(params, grads, states["exp_avg"], **hyper)

@@ -848,6 +848,160 @@ bool unscale_and_check(py::handle grads, py::handle inv_scale) {
   return unscale(type, b, s);
 }
 
+// ---- fastoptim.torch's pointer path (Note [pointer path]) ---------------------------------
+// Note [pointer path]
+//   _core._pointers(rule, args) takes, in args, _core.<rule>'s positional arguments, except that each
+//   array argument is a list of data pointers (Python ints) or None, and that params is a
+//   tuple (dtype name, element counts, pointers). fastoptim.torch checks its tensors from
+//   cached metadata (CPU, dense, one dtype, each gradient with its parameter's shape and
+//   strides) and so skips building a NumPy view of every gradient every step (Note [Views
+//   are cached] in torch.py). What can still be checked here is, before the first write: the
+//   counts, every pointer (non-null where there is data, aligned to the element size) and
+//   that no written span overlaps any other span of the call (Note [aliasing]). The caller
+//   holds the tensors for the duration of the call, which runs without the GIL.
+struct PointerArrays {
+  explicit PointerArrays(const char* name) : fn(name) {}
+  const char* fn;
+  int64_t n = 0;
+  int64_t itemsize = 0;
+  std::vector<int64_t> offsets{0};
+  std::vector<void*> slots[kMaxSlots];
+  std::vector<Interval> intervals;
+  const char* names[kMaxSlots] = {};
+
+  std::string label(const Interval& a) const {
+    return std::string(names[a.arg]) + "[" + std::to_string(a.index) + "]";
+  }
+
+  void add(int slot, const char* name, py::handle obj, bool written) {
+    if (!PyList_Check(obj.ptr()))
+      type_error(std::string(fn) + ": " + name + " must be a list of data pointers");
+    const py::list ptrs = py::reinterpret_borrow<py::list>(obj);
+    if (static_cast<int64_t>(ptrs.size()) != n) {
+      value_error(std::string(fn) + ": " + name + " has " + std::to_string(ptrs.size()) +
+                  " pointer(s) but there are " + std::to_string(n) + " element counts");
+    }
+    names[slot] = name;
+    std::vector<void*>& out = slots[slot];
+    out.resize(n);
+    for (int64_t i = 0; i < n; ++i) {
+      const auto ptr = reinterpret_cast<uintptr_t>(PyLong_AsVoidPtr(PyList_GET_ITEM(ptrs.ptr(), i)));
+      if (PyErr_Occurred()) throw py::error_already_set();
+      const int64_t size = offsets[i + 1] - offsets[i];
+      if (size > 0 && (ptr == 0 || ptr % static_cast<uintptr_t>(itemsize) != 0)) {
+        value_error(std::string(fn) + ": " + name + "[" + std::to_string(i) +
+                    "] is not a valid pointer aligned to " + std::to_string(itemsize) + " bytes");
+      }
+      if (size > 0)
+        intervals.push_back({ptr, ptr + static_cast<uintptr_t>(size * itemsize), slot, i, written});
+      out[i] = reinterpret_cast<void*>(ptr);
+    }
+  }
+
+  void check_overlaps() {
+    std::sort(intervals.begin(), intervals.end(),
+              [](const Interval& a, const Interval& b) { return a.lo < b.lo; });
+    const Interval* max_all = nullptr;
+    const Interval* max_written = nullptr;
+    for (const Interval& cur : intervals) {
+      const Interval* other = nullptr;
+      if (cur.written && max_all && max_all->hi > cur.lo) other = max_all;
+      else if (max_written && max_written->hi > cur.lo) other = max_written;
+      if (other) {
+        value_error(std::string(fn) + ": " + label(cur) + " overlaps " + label(*other) +
+                    " in memory; parameters and optimizer states must not share memory with any other "
+                    "array of the call");
+      }
+      if (!max_all || cur.hi > max_all->hi) max_all = &cur;
+      if (cur.written && (!max_written || cur.hi > max_written->hi)) max_written = &cur;
+    }
+  }
+};
+
+template <class D> void call_rule_pointers(const std::string& fn_name, py::args a) {
+  const char* fn = fn_name.c_str();
+  constexpr size_t kArgs = num_args<D>();
+  if (a.size() != kArgs)
+    type_error(fn_name + ": expected " + std::to_string(kArgs) + " positional arguments, got " +
+               std::to_string(a.size()));
+  const size_t copies_at = 2 + D::kStates.size();
+  if (!a[copies_at].is_none()) type_error(fn_name + ": param_copies are not supported here");
+  size_t k = copies_at + 1;
+  int64_t step = 0;
+  if constexpr (D::kStep != StepUse::kNone) step = step_arg(fn, a[k++].ptr(), D::kStep);
+  double h[D::kHyper.size() + 1];
+  bool f[D::kFlags.size() + 1];
+  for (size_t j = 0; j < D::kHyper.size(); ++j) {
+    h[j] = real_arg(fn, D::kHyper[j].name, a[k++].ptr());
+    check_range(fn, D::kHyper[j], h[j]);
+  }
+  for (size_t j = 0; j < D::kFlags.size(); ++j) f[j] = flag_arg(fn, D::kFlags[j], a[k++].ptr());
+  const CallValues v{h, f, step};
+  if (const char* problem = D::check(v)) value_error(fn_name + ": " + problem);
+  const unsigned mask = D::mask(v);
+  const unsigned used = slots_of<D>(mask);
+  if (used == 0)
+    throw std::logic_error(fn_name + ": variant " + std::to_string(mask) + " was not compiled");
+  // params: (dtype name, element counts, pointers)
+  PyObject* head = a[0].ptr();
+  if (!PyTuple_Check(head) || PyTuple_GET_SIZE(head) != 3 ||
+      !PyUnicode_Check(PyTuple_GET_ITEM(head, 0)) || !PyList_Check(PyTuple_GET_ITEM(head, 1)))
+    type_error(fn_name + ": params must be a tuple (dtype name, element counts, pointers)");
+  const std::string dtype = py::reinterpret_borrow<py::str>(PyTuple_GET_ITEM(head, 0));
+  const bool f64 = dtype == "float64";
+  if (!f64 && dtype != "float32")
+    type_error(fn_name + ": dtype must be 'float32' or 'float64', got '" + dtype + "'");
+  PointerArrays arrays(fn);
+  arrays.itemsize = f64 ? 8 : 4;
+  const py::list counts = py::reinterpret_borrow<py::list>(PyTuple_GET_ITEM(head, 1));
+  arrays.n = static_cast<int64_t>(counts.size());
+  arrays.offsets.reserve(arrays.n + 1);
+  for (int64_t i = 0; i < arrays.n; ++i) {
+    const long long c = PyLong_AsLongLong(PyList_GET_ITEM(counts.ptr(), i));
+    if (c == -1 && PyErr_Occurred()) throw py::error_already_set();
+    if (c < 0) value_error(fn_name + ": element counts must be >= 0");
+    arrays.offsets.push_back(arrays.offsets.back() + c);
+  }
+  arrays.add(kParam, D::kParams, PyTuple_GET_ITEM(head, 2), true);
+  arrays.add(kGrad, D::kGrads, a[1], false);
+  for (size_t j = 0; j < D::kStates.size(); ++j) {
+    const int slot = kState0 + static_cast<int>(j);
+    if (!(used & bit(slot))) continue;
+    if (a[2 + j].is_none())
+      value_error(fn_name + ": " + D::kStates[j].name + " is required");
+    arrays.add(slot, D::kStates[j].name, a[2 + j], true);
+  }
+  arrays.check_overlaps();
+  Batch b;
+  b.n_tensors = arrays.n;
+  b.offsets = arrays.offsets.data();
+  for (int s = 0; s < kMaxSlots; ++s)
+    b.slots[s] = arrays.slots[s].empty() ? nullptr : arrays.slots[s].data();
+  const typename D::Args args = D::args(v);
+  const Format format = f64 ? kF64 : kF32;
+  if (arrays.offsets.back() >= kReleaseGilFrom) {
+    py::gil_scoped_release release;
+    execute(RuleIdOf<D>::value, mask, format, b, &args);
+  } else {
+    execute(RuleIdOf<D>::value, mask, format, b, &args);
+  }
+}
+
+void def_pointer_path(py::module_& m) {
+  m.def(
+      "_pointers",
+      [](const std::string& rule, py::tuple args) {
+        const auto a = py::reinterpret_borrow<py::args>(args);
+#define FO_POINTERS(D) \
+  if (rule == D::kName) return call_rule_pointers<D>(rule + "_", a);
+        FO_UPDATE_RULES(FO_POINTERS)
+#undef FO_POINTERS
+        value_error("_pointers: unknown rule '" + rule + "'");
+      },
+      py::arg("rule"), py::arg("args"));
+}
+// ---- end of the pointer path ----------------------------------------------------------------
+
 // The bandwidth ceiling of the benchmark: streams[k] (one array or a list) for k < reads;
 // the first `writes` streams are read, modified and written in place.
 void stream_rmw(py::list streams, int writes, double scale) {
@@ -984,6 +1138,7 @@ PYBIND11_MODULE(_core, m) {
   });
   m.def("get_num_threads", &num_threads);
   cuda::def_plan_hooks(m);
+  def_pointer_path(m);  // fastoptim.torch (Note [pointer path])
 #if defined(FASTOPTIM_HAVE_CUDA)
   m.def(
       "_emulate_kernel",

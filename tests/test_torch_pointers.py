@@ -1,0 +1,203 @@
+"""fastoptim.torch's pointer path (Note [pointer path] in fastoptim/torch.py) and the
+``_core._pointers`` entry it calls (src/cpp/bindings.cpp).
+
+The drop-in passes data pointers when a whole group steps in one call and every gradient is a
+plain dense CPU tensor with its parameter's dtype, shape and strides; anything else takes the
+NumPy path. Both must give torch's result, and the entry must refuse bad pointers, counts and
+overlaps before it writes anything.
+"""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import fastoptim  # noqa: E402
+import fastoptim.torch as ft  # noqa: E402
+from fastoptim import _core  # noqa: E402
+
+pytestmark = pytest.mark.skipif(ft._P is None, reason="_core has no pointer entry")
+
+
+def spy_paths(monkeypatch):
+    """Count the calls of adam_ on each path: {"pointers": n, "views": n} (empty calls, the
+    hyperparameter checks, not counted)."""
+    counts = {"pointers": 0, "views": 0}
+
+    def spy(real, key):
+        def call(params, *args, **kwargs):
+            if len(params[2] if key == "pointers" else params):
+                counts[key] += 1
+            return real(params, *args, **kwargs)
+        return call
+
+    monkeypatch.setattr(fastoptim.functional, "adam_", spy(fastoptim.functional.adam_, "views"))
+    monkeypatch.setattr(ft._P, "adam_", spy(ft._P.adam_, "pointers"))
+    return counts
+
+
+def twins(shapes, dtype=torch.float32, memory_format=None):
+    gen = torch.Generator().manual_seed(0)
+    expected = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
+    if memory_format is not None:
+        expected = [p.contiguous(memory_format=memory_format) for p in expected]
+    actual = [p.clone() for p in expected]
+    return ([p.requires_grad_() for p in expected], [p.requires_grad_() for p in actual])
+
+
+def step_both(ref, opt, expected, actual, make_grad, steps=3):
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p, q in zip(expected, actual):
+            g = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+            p.grad = g.clone()
+            q.grad = make_grad(g.clone())
+        ref.step()
+        opt.step()
+    for p, q in zip(expected, actual):
+        torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-6, atol=1e-7)
+        for key, want in ref.state[p].items():
+            torch.testing.assert_close(ft._local(opt.state[q][key]), want, rtol=1e-6, atol=1e-7)
+
+
+def test_plain_gradients_take_the_pointer_path(monkeypatch):
+    counts = spy_paths(monkeypatch)
+    expected, actual = twins([(3, 5), (17,), (0,), (4099,)])
+    ref = torch.optim.Adam(expected, lr=0.01, foreach=False)
+    opt = ft.Adam(actual, lr=0.01)
+    step_both(ref, opt, expected, actual, lambda g: g)
+    assert counts == {"pointers": 3, "views": 0}
+
+
+def test_channels_last_params_and_gradients_take_the_pointer_path(monkeypatch):
+    counts = spy_paths(monkeypatch)
+    expected, actual = twins([(2, 3, 4, 5)], memory_format=torch.channels_last)
+    ref = torch.optim.Adam(expected, lr=0.01, foreach=False)
+    opt = ft.Adam(actual, lr=0.01)
+    step_both(ref, opt, expected, actual,
+              lambda g: g.contiguous(memory_format=torch.channels_last))
+    assert counts == {"pointers": 3, "views": 0}
+
+
+def test_gradients_that_require_grad_take_the_pointer_path(monkeypatch):
+    """backward(create_graph=True) leaves gradients that require grad: the update reads them
+    outside autograd, as torch.optim does."""
+    counts = spy_paths(monkeypatch)
+    expected, actual = twins([(3, 5), (17,)])
+    ref = torch.optim.Adam(expected, lr=0.01, foreach=False)
+    opt = ft.Adam(actual, lr=0.01)
+    step_both(ref, opt, expected, actual, lambda g: g.requires_grad_())
+    assert counts == {"pointers": 3, "views": 0}
+
+
+@pytest.mark.parametrize("kind", ["negative_view", "subclass"])
+def test_other_gradients_take_the_numpy_path_with_torchs_result(monkeypatch, kind):
+    class Marked(torch.Tensor):
+        pass
+
+    make_grad = {
+        "negative_view": lambda g: torch._neg_view(-g),  # the neg bit set, values g
+        "subclass": lambda g: g.as_subclass(Marked),
+    }[kind]
+    counts = spy_paths(monkeypatch)
+    expected, actual = twins([(3, 5), (17,)])
+    ref = torch.optim.Adam(expected, lr=0.01, foreach=False)
+    opt = ft.Adam(actual, lr=0.01)
+    step_both(ref, opt, expected, actual, make_grad)
+    assert counts == {"pointers": 0, "views": 3}
+
+
+def test_a_gradient_with_other_strides_is_refused_naming_the_param():
+    p = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    opt = ft.Adam([p], lr=0.01)
+    p.grad = torch.randn(2, 3, 4, 5)  # contiguous, the param channels_last
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match=r"params'\]\[0\]: its gradient has strides"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+    assert opt.state[p]["step"].item() == 0
+    assert not opt.state[p]["exp_avg"].any()
+
+
+def test_a_state_replaced_in_place_of_its_memory_is_followed():
+    """``state['exp_avg'].data = ...`` moves the state's memory: the cached pointer must not
+    be used again (it may be freed)."""
+    expected, actual = twins([(6,), (5,)])
+    ref = torch.optim.Adam(expected, lr=0.01, foreach=False)
+    opt = ft.Adam(actual, lr=0.01)
+    step_both(ref, opt, expected, actual, lambda g: g, steps=1)
+    for p, q in zip(expected, actual):
+        opt.state[q]["exp_avg"].data = opt.state[q]["exp_avg"].detach().clone()
+        opt.state[q]["exp_avg_sq"].data = opt.state[q]["exp_avg_sq"].detach().clone()
+    step_both(ref, opt, expected, actual, lambda g: g, steps=2)
+
+
+# -- _core._pointers itself ----------------------------------------------------------------------
+
+def adam_args(params, grads, exp_avgs, exp_avg_sqs, counts=None, dtype="float32"):
+    """_core.adam's positional arguments with pointer lists for the arrays."""
+    ptr = [a.ctypes.data for a in params]
+    counts = [a.size for a in params] if counts is None else counts
+    return ((dtype, counts, ptr), [a.ctypes.data for a in grads],
+            [a.ctypes.data for a in exp_avgs], [a.ctypes.data for a in exp_avg_sqs], None, None,
+            1, 0.1, 0.9, 0.999, 1e-8, 0.0, False, False, False)
+
+
+def arrays(n, size=9):
+    rng = np.random.default_rng(0)
+    return [[rng.standard_normal(size).astype(np.float32) for _ in range(n)] for _ in range(4)]
+
+
+def test_pointers_update_equals_the_ndarray_update():
+    a = arrays(3)
+    b = [[x.copy() for x in xs] for xs in a]
+    _core._pointers("adam", adam_args(*a))
+    fastoptim.adam_(*b, step=1, lr=0.1)
+    for xs, ys in zip(a, b):
+        for x, y in zip(xs, ys):
+            np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("overlap", "overlaps"),
+    ("grad_overlaps_param", "overlaps"),
+    ("count_mismatch", "has 2 pointer"),
+    ("misaligned", "not a valid pointer aligned to 4 bytes"),
+    ("null", "not a valid pointer"),
+    ("dtype", "dtype must be 'float32' or 'float64'"),
+    ("negative_count", "element counts must be >= 0"),
+])
+def test_pointers_refuse_bad_input_before_writing(case, match):
+    a = arrays(3)
+    before = [[x.copy() for x in xs] for xs in a]
+    args = list(adam_args(*a))
+    params = list(args[0])
+    if case == "overlap":
+        args[2] = list(args[2])
+        args[2][1] = args[3][1]  # exp_avgs[1] is exp_avg_sqs[1]
+    elif case == "grad_overlaps_param":
+        args[1] = list(args[1])
+        args[1][2] = params[2][2] + 4
+    elif case == "count_mismatch":
+        args[1] = args[1][:2]
+    elif case == "misaligned":
+        params[2] = list(params[2])
+        params[2][1] += 2
+    elif case == "null":
+        args[3] = list(args[3])
+        args[3][0] = 0
+    elif case == "dtype":
+        params[0] = "float16"
+    elif case == "negative_count":
+        params[1] = [9, -1, 9]
+    args[0] = tuple(params)
+    with pytest.raises((TypeError, ValueError), match=match):
+        _core._pointers("adam", tuple(args))
+    for xs, ys in zip(a, before):
+        for x, y in zip(xs, ys):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_pointers_unknown_rule():
+    with pytest.raises(ValueError, match="unknown rule 'nope'"):
+        _core._pointers("nope", ())
