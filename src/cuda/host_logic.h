@@ -41,7 +41,7 @@ inline std::string capture_problem(const StreamCapture& launch, const StreamCapt
     if (launch.status == Capture::kActive && w.status == Capture::kNone)
       return who + " is not being captured but the stream of params[0] is: a captured graph "
              "cannot be ordered with work outside it (use the capturing stream for every array, "
-             "or make " + who.substr(4) + " join the capture first)";
+             "or make " + who + " join the capture first)";
     if (launch.status == Capture::kNone && w.status == Capture::kActive)
       return who + " is being captured but the stream of params[0] is not: an uncaptured "
              "launch cannot wait for captured work";
