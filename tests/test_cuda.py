@@ -791,13 +791,15 @@ def test_fresh_thread_keeps_no_context():
     cuda = _driver()
     p, g = cp.ones(4096, cp.float32), cp.ones(4096, cp.float32)
     cp.cuda.Device().synchronize()
+    # The interfaces are read here: the worker makes no CUDA call but fastoptim's (and ctypes').
+    fp, fg = _Reported(p, 1), _Reported(g, 1)
     seen = {}
 
     def worker():
         ctx = ctypes.c_void_p()
         seen["rc_before"] = cuda.cuCtxGetCurrent(ctypes.byref(ctx))
         seen["before"] = ctx.value
-        fastoptim.sgd_(p, g, lr=0.5)
+        fastoptim.sgd_(fp, fg, lr=0.5)
         seen["rc_after"] = cuda.cuCtxGetCurrent(ctypes.byref(ctx))
         seen["after"] = ctx.value
 

@@ -295,12 +295,11 @@ class CallBuilder {
   bool on_device() const { return mode_ == kModeDevice; }
 
   // Device arrays, after every other check: all on one CUDA device, then the launches on
-  // params[0]'s stream, without the GIL. The device is DLPack's, or else comes from
-  // cudaPointerGetAttributes, asked once per CUDA allocation rather than once per array:
-  // arrays are taken in address order,
-  // and one that lies inside the allocation of the previous answer (its range, by
-  // cuMemGetAddressRange) is on that device. The arrays are alive for the whole call, so their
-  // allocations cannot be freed and reused meanwhile.
+  // params[0]'s stream, without the GIL. The device is DLPack's, or else the driver's
+  // (cuda::pointer_info), asked once per CUDA allocation rather than once per array: arrays
+  // are taken in address order, and one that lies inside the allocation range of the previous
+  // answer is on that device. The arrays are alive for the whole call, so their allocations
+  // cannot be freed and reused meanwhile.
   void launch_cuda(const Batch& b, RuleId rule, unsigned mask, const void* args) {
     if (total() == 0) return;
     cuda::require_device();
@@ -505,7 +504,7 @@ class CallBuilder {
     std::vector<int64_t> strides;  // in bytes
     uintptr_t ptr = 0;
     bool read_only = false;
-    int device = -1;               // known (DLPack), or -1: cudaPointerGetAttributes
+    int device = -1;               // known (DLPack), or -1: ask the driver (launch_cuda)
   };
 
   // DLPack's ABI (dlpack.h, v0.x / 1.x; only the legacy capsule is used).

@@ -36,8 +36,8 @@ RuntimeInfo runtime_info();
 // Throws std::runtime_error unless the CUDA runtime reports at least one device.
 void require_device();
 
-// Where a pointer lives, from cudaPointerGetAttributes, and the CUDA allocation holding it
-// (cuMemGetAddressRange; [p, p + 1) where the driver gives no range).
+// Where a pointer lives, and the CUDA allocation holding it ([p, p + 1) where the driver gives
+// no range), from the driver's cuPointerGetAttributes (no context needed, none created).
 struct PointerInfo {
   bool device_memory = false;  // device or managed memory
   int device = -1;

@@ -84,7 +84,7 @@ struct Driver {
   CUresult(CUDAAPI* ctx_get)(CUcontext*) = nullptr;
   CUresult(CUDAAPI* ctx_set)(CUcontext) = nullptr;
   CUresult(CUDAAPI* ctx_device)(CUdevice*) = nullptr;
-  CUresult(CUDAAPI* address_range)(CUdeviceptr*, size_t*, CUdeviceptr) = nullptr;
+  CUresult(CUDAAPI* pointer_attributes)(unsigned, CUpointer_attribute*, void**, CUdeviceptr) = nullptr;
 };
 Driver load_driver() {
   Driver r;
@@ -98,7 +98,7 @@ Driver load_driver() {
   load("cuCtxGetCurrent", reinterpret_cast<void**>(&r.ctx_get));
   load("cuCtxSetCurrent", reinterpret_cast<void**>(&r.ctx_set));
   load("cuCtxGetDevice", reinterpret_cast<void**>(&r.ctx_device));
-  load("cuMemGetAddressRange", reinterpret_cast<void**>(&r.address_range));
+  load("cuPointerGetAttributes", reinterpret_cast<void**>(&r.pointer_attributes));
   return r;
 }
 const Driver& driver() {
@@ -201,21 +201,34 @@ void require_device() {
     throw std::runtime_error("fastoptim CUDA: CUDA arrays were passed but no CUDA device was found");
 }
 
+// The driver's cuPointerGetAttributes, not cudaPointerGetAttributes: a runtime call may make
+// the current device's primary context current in a thread that has none (creating it on
+// device 0), which is what Note [current device] avoids; the driver query needs no context.
+// A pointer that CUDA does not know gets the attributes' null values (not device memory).
 PointerInfo pointer_info(const void* p) {
-  cudaPointerAttributes a;
-  check(cudaPointerGetAttributes(&a, p), "cudaPointerGetAttributes");
+  CUpointer_attribute attrs[] = {CU_POINTER_ATTRIBUTE_MEMORY_TYPE, CU_POINTER_ATTRIBUTE_IS_MANAGED,
+                                 CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+                                 CU_POINTER_ATTRIBUTE_RANGE_START_ADDR,
+                                 CU_POINTER_ATTRIBUTE_RANGE_SIZE};
+  constexpr unsigned kN = sizeof(attrs) / sizeof(attrs[0]);
+  // Zeroed 8-byte slots: each attribute writes 1 (bool), 4 (enum, int) or 8 bytes, and the
+  // low bytes are read back (little-endian x86-64 / aarch64).
+  uint64_t v[kN] = {};
+  void* data[kN];
+  for (unsigned k = 0; k < kN; ++k) data[k] = &v[k];
+  const auto ptr = static_cast<CUdeviceptr>(reinterpret_cast<uintptr_t>(p));
+  check_driver(driver().pointer_attributes(kN, attrs, data, ptr), "cuPointerGetAttributes");
   PointerInfo r;
-  r.device_memory = a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged;
-  r.device = a.device;
+  const auto memory_type = static_cast<uint32_t>(v[0]);
+  const bool managed = static_cast<uint8_t>(v[1]) != 0;
+  r.device_memory = memory_type == CU_MEMORYTYPE_DEVICE || managed;
+  r.device = static_cast<int32_t>(static_cast<uint32_t>(v[2]));
   r.base = reinterpret_cast<uintptr_t>(p);
   r.end = r.base + 1;
-  CUdeviceptr base = 0;
-  size_t size = 0;
-  if (r.device_memory &&
-      driver().address_range(&base, &size, static_cast<CUdeviceptr>(r.base)) == CUDA_SUCCESS &&
-      base <= r.base && r.base < base + size) {
-    r.base = static_cast<uintptr_t>(base);
-    r.end = r.base + size;
+  const uintptr_t base = static_cast<uintptr_t>(v[3]), size = static_cast<uintptr_t>(v[4]);
+  if (r.device_memory && size > 0 && base <= r.base && r.base < base + size) {
+    r.base = base;
+    r.end = base + size;
   }
   return r;
 }
