@@ -3,8 +3,8 @@
 
 float32 Adam, one step, timed with CUDA events on the stream the work runs on:
 
-* ``fastoptim``: ``fastoptim.adam_`` on CuPy arrays (one launch per call, any number of
-  tensors);
+* ``fastoptim``: ``fastoptim.adam_`` on CuPy arrays (one launch per 576 tensors, the
+  metadata in the kernel parameters);
 * ``torch fused`` / ``torch foreach``: ``torch.optim.Adam(fused=True)`` / ``(foreach=True)``
   on torch CUDA tensors (its own step counter included, as in training);
 * ``cupy kernel``: the same update as one fused ``cupy.ElementwiseKernel``, launched once
@@ -13,8 +13,9 @@ float32 Adam, one step, timed with CUDA events on the stream the work runs on:
   per element) and ``stream_rmw`` (``fastoptim._core.stream_rmw``: Adam's exact traffic,
   4 streams read and 3 written, with no arithmetic).
 
-Workloads: single buffers of 2^20 .. 2^28 elements; 5,000 tensors of 4,096 elements; and a
-transformer-like mix (GPT-2 small's 148 parameter tensors, 124M elements).
+Workloads: single buffers of 2^20 .. 2^28 elements; 5,000 tensors of 4,096 elements; 5,000
+tensors of 17 elements (launch-bound: host cost per call); and a transformer-like mix (GPT-2
+small's 148 parameter tensors, 124M elements).
 
 Bandwidth (GB/s) is the minimal traffic of the update (Adam: 28 bytes per element; copy: 8)
 divided by the median time. ``--json`` writes every measurement with the GPU, driver and
@@ -61,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-log2", type=int, default=28, help="largest single buffer, log2 elements")
     ap.add_argument("--tensors", type=int, default=5000, help="many-tensors case: tensor count")
     ap.add_argument("--tensor-numel", type=int, default=4096, help="many-tensors case: elements each")
+    ap.add_argument("--small-numel", type=int, default=17,
+                    help="many-small-tensors case: elements each (0: skip)")
     ap.add_argument("--no-transformer", action="store_true", help="skip the GPT-2-small size mix")
     ap.add_argument("--no-torch", action="store_true", help="skip torch.optim")
     ap.add_argument("--iters", type=int, default=20, help="steps per timed repeat")
@@ -285,6 +288,8 @@ def main(argv=None) -> int:
     for k in range(args.min_log2, args.max_log2 + 1):
         bench.run(f"1 x 2^{k}", [(2**k,)])
     bench.run(f"{args.tensors} x {args.tensor_numel}", [(args.tensor_numel,)] * args.tensors)
+    if args.small_numel > 0:
+        bench.run(f"{args.tensors} x {args.small_numel}", [(args.small_numel,)] * args.tensors)
     if not args.no_transformer:
         bench.run("gpt2-small mix", gpt2_small_shapes())
     if args.json:

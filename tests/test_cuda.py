@@ -12,10 +12,15 @@ Three groups of tests:
   NumPy arrays, bit for bit against the CPU kernels, for every rule and option.
 * GPU tests, with CuPy arrays: every rule and option against the NumPy oracle
   (``fastoptim.reference``) and bit for bit against fastoptim's own CPU kernels (the same rule
-  text; CUDA compiled with --fmad=false), lists of 1 to 5,000 arrays of odd sizes, slices at
-  odd offsets of one buffer, streams, bad inputs that must leave every array unchanged, and a
-  buffer of more than 2^31 elements. They skip, with the reason, where fastoptim was built
-  without CUDA, CuPy is missing, or no GPU is visible.
+  text; CUDA compiled with --fmad=false), lists of 1 to 5,000 arrays of odd sizes (one to nine
+  launches), slices at odd offsets of one buffer, streams joined both ways, CUDA graph capture
+  and replay after 100 other calls, the current context of a fresh thread, bad inputs that
+  must leave every array unchanged, and a buffer of more than 2^31 elements. They skip, with
+  the reason, where fastoptim was built without CUDA, CuPy is missing, or no GPU is visible.
+  NONE OF THEM HAS EVER RUN: no GPU was lent while they were written (docs/cuda.md).
+
+The launcher's host-side decisions (capture states, device switch) are tested on the CPU in
+tests/test_cuda_host_logic.py, the launch groups and grid walk in tests/test_launch_plan.py.
 """
 
 import math
@@ -424,8 +429,10 @@ def carve_host(buffers, sizes, shifts):
     return out
 
 
+# group: tensors per launch (Note [launch groups]); 1 and 4 split the 9 slices into 9 and 3
+# launches, as 5,000 tensors are split into groups of 576.
 GEOMETRIES = [dict(), dict(chunk=13, block=3, grid=2), dict(chunk=64, block=32, grid=5),
-              dict(chunk=4, block=1, grid=1)]
+              dict(chunk=4, block=1, grid=1), dict(group=1), dict(group=4, chunk=13, block=3)]
 
 
 @needs_emulation
@@ -466,10 +473,10 @@ def test_emulated_kernel_equals_cpu_kernels(case, dtype, geometry):
 
 @needs_emulation
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
-@pytest.mark.parametrize("n_arrays", [1, 9, 1000])
+@pytest.mark.parametrize("n_arrays", [1, 9, 576, 577, 1000])
 def test_emulated_kernel_many_arrays(n_arrays, dtype):
-    """1,000 arrays of odd sizes in one launch with the launcher's own geometry; the bandwidth
-    ceiling (stream_rmw, reads 4 and writes 3) too."""
+    """Up to 1,000 arrays of odd sizes with the launcher's own geometry and groups (577 and
+    1,000 arrays: two launches)."""
     rng = np.random.default_rng(9)
     sizes = odd_sizes(n_arrays, rng)
     hyper = FULL["adam"]
@@ -531,7 +538,8 @@ def test_trajectory_100_steps(rule, dtype):
 
 
 @needs_gpu
-@pytest.mark.parametrize("n_arrays", [1, 2, 8, 9, 100, 5000])  # 8: inline metadata; 9: copied
+# 8 / 9: the small / large parameter block; 576 / 577: one / two launches
+@pytest.mark.parametrize("n_arrays", [1, 2, 8, 9, 100, 576, 577, 5000])
 @pytest.mark.parametrize("rule", ["adam", "sgd", "ema"])
 def test_many_arrays_odd_sizes(rule, n_arrays):
     hyper = FULL[rule]
@@ -640,12 +648,12 @@ def test_runs_on_the_arrays_stream():
 
 
 @needs_gpu
-def test_metadata_buffers_are_reused_safely():
-    """Many more calls than metadata buffers (16), queued without waiting while the GPU is
-    busy (a large first array), lists of changing length > 8 (copied metadata), then calls
-    alternating between streams; one check against the CPU kernels at the end."""
+def test_many_calls_many_streams():
+    """Many calls queued without waiting while the GPU is busy (a large first array), lists of
+    changing length around the group size (one or two launches), then calls alternating
+    between streams; one check against the CPU kernels at the end."""
     rng = np.random.default_rng(6)
-    sizes = [1 << 22] + odd_sizes(39, rng)
+    sizes = [1 << 22] + odd_sizes(700, rng)
     host = initial_state("ema", FULL["ema"], sizes, np.float32, rng)
     dev = to_device(host)
     values = [rng.uniform(-1, 1, s).astype(np.float32) for s in sizes]
@@ -654,7 +662,7 @@ def test_metadata_buffers_are_reused_safely():
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:
         for k in range(60):
-            m = 9 + k % 31
+            m = 9 + (k * 37) % 690
             fastoptim.ema_(dev["averages"][:m], dvalues[:m], beta=0.9)
             fastoptim.ema_(host["averages"][:m], values[:m], beta=0.9)
     stream.synchronize()
@@ -666,6 +674,160 @@ def test_metadata_buffers_are_reused_safely():
         streams[k % 3].synchronize()  # the arrays are shared between the streams
         fastoptim.ema_(host["averages"][:m], values[:m], beta=0.9)
     assert_bitwise(to_host(dev), host, "after 80 calls")
+
+
+def _slow_fill(x, value, rounds=30):
+    """Queues a slow kernel sequence on the current stream that ends with x[:] = value."""
+    tmp = cp.zeros_like(x)
+    for _ in range(rounds):
+        tmp = cp.sin(tmp + 1.0)
+    x[:] = tmp * 0 + value
+
+
+@needs_gpu
+def test_streams_joined_both_ways():
+    """Note [stream joins]: params on stream A, grads reported on stream B. Before: the
+    update waits for B's producer (a slow fill of the grads). After: work queued on B right
+    after the call (zeroing the grads) waits for the update, which must read the filled
+    grads. Without either join the result would (very likely) differ."""
+    n = 1 << 24
+    a, b = cp.cuda.Stream(non_blocking=True), cp.cuda.Stream(non_blocking=True)
+    p, g = cp.ones(n, cp.float32), cp.zeros(n, cp.float32)
+    cp.cuda.Device().synchronize()
+    with b:
+        _slow_fill(g, 2.0)  # the producer of the grads, on B
+    fastoptim.sgd_(_Reported(p, a.ptr), _Reported(g, b.ptr), lr=0.5)  # launched on A
+    with b:
+        g.fill(0)  # queued on B right after the call
+    a.synchronize()
+    b.synchronize()
+    # 1 - 0.5 * 2: the update read the filled grads (1 - 0.5 * 0 if either join was missing)
+    np.testing.assert_array_equal(cp.asnumpy(p[:: n // 64]), np.zeros(64, np.float32))
+
+
+class _Reported:
+    """A device array that reports a given stream in its interface (as CuPy does for its
+    current stream at the time of the access)."""
+
+    def __init__(self, array, stream_ptr):
+        iface = dict(array.__cuda_array_interface__)
+        iface["stream"] = stream_ptr
+        self.__cuda_array_interface__ = iface
+        self._keep = array
+
+
+def _capture(stream, fn):
+    stream.begin_capture()
+    try:
+        fn()
+    finally:
+        graph = stream.end_capture()
+    return graph
+
+
+@needs_gpu
+@pytest.mark.parametrize("n_arrays", [3, 9, 1500])  # small block, large block, 3 launches
+def test_graph_replays_after_100_other_calls(n_arrays):
+    """A captured update replays correctly after 100 other calls (with other arrays and list
+    lengths) have run: everything it needs was captured by value."""
+    rng = np.random.default_rng(10)
+    sizes = odd_sizes(n_arrays, rng)
+    hyper = FULL["adam"]
+    host = initial_state("adam", hyper, sizes, np.float32, rng)
+    grads = random_grads(sizes, np.float32, rng)
+    dev = to_device(host)
+    dgrads = [cp.asarray(g) for g in grads]
+    other = to_device(initial_state("adam", hyper, odd_sizes(700, rng), np.float32, rng))
+    other_g = [cp.ones_like(a) for a in other["params"]]
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        graph = _capture(stream, lambda: call(fastoptim, "adam", hyper, dev, dgrads, 4))
+        for k in range(100):
+            m = 1 + (k * 53) % 700
+            part = {name: arrays[:m] for name, arrays in other.items()}
+            call(fastoptim, "adam", hyper, part, other_g[:m], 4)
+        for _ in range(3):
+            graph.launch(stream)
+    stream.synchronize()
+    for _ in range(3):
+        call(fastoptim, "adam", hyper, host, grads, 4)
+    assert_bitwise(to_host(dev), host, "3 replays after 100 other calls")
+
+
+@needs_gpu
+def test_capture_refuses_an_uncaptured_stream():
+    """grads reported on a stream that is not being captured while params' stream is: a
+    RuntimeError naming grads[0], and the capture is still usable (nothing was enqueued)."""
+    p, g = cp.ones(1000, cp.float32), cp.ones(1000, cp.float32)
+    cp.cuda.Device().synchronize()
+    capturing, other = cp.cuda.Stream(non_blocking=True), cp.cuda.Stream(non_blocking=True)
+    with capturing:
+        capturing.begin_capture()
+        try:
+            with pytest.raises(RuntimeError, match=r"grads\[0\].*not being captured"):
+                fastoptim.sgd_([p], [_Reported(g, other.ptr)], lr=0.5)
+            fastoptim.sgd_([p], [g], lr=0.5)
+        finally:
+            graph = capturing.end_capture()
+        graph.launch(capturing)
+    capturing.synchronize()
+    np.testing.assert_array_equal(cp.asnumpy(p), np.full(1000, 0.5, np.float32))
+
+
+def _driver():
+    import ctypes
+    try:
+        return ctypes.CDLL("libcuda.so.1")
+    except OSError as e:
+        pytest.skip(f"libcuda.so.1 cannot be loaded: {e}")
+
+
+@needs_gpu
+def test_fresh_thread_keeps_no_context():
+    """Note [current device]: a thread that never used CUDA has no current context; after a
+    call it still has none (restoring with cudaSetDevice(0) would have created one)."""
+    import ctypes
+    import threading
+    cuda = _driver()
+    p, g = cp.ones(4096, cp.float32), cp.ones(4096, cp.float32)
+    cp.cuda.Device().synchronize()
+    # The interfaces are read here: the worker makes no CUDA call but fastoptim's (and ctypes').
+    fp, fg = _Reported(p, 1), _Reported(g, 1)
+    seen = {}
+
+    def worker():
+        ctx = ctypes.c_void_p()
+        seen["rc_before"] = cuda.cuCtxGetCurrent(ctypes.byref(ctx))
+        seen["before"] = ctx.value
+        fastoptim.sgd_(fp, fg, lr=0.5)
+        seen["rc_after"] = cuda.cuCtxGetCurrent(ctypes.byref(ctx))
+        seen["after"] = ctx.value
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen["rc_before"] == 0 and seen["rc_after"] == 0
+    assert seen["before"] is None, "the fresh thread already had a context"
+    assert seen["after"] is None, "the call left a current context in the thread"
+    cp.cuda.Device().synchronize()
+    np.testing.assert_array_equal(cp.asnumpy(p), np.full(4096, 0.5, np.float32))
+
+
+@needs_gpu
+def test_other_device_leaves_current_device():
+    """With two GPUs: arrays on device 1 from a thread whose current device is 0 run on
+    device 1 and leave device 0 current."""
+    if cp.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("needs two GPUs")
+    with cp.cuda.Device(1):
+        p, g = cp.ones(4096, cp.float32), cp.ones(4096, cp.float32)
+        cp.cuda.Device().synchronize()
+    with cp.cuda.Device(0):
+        fastoptim.sgd_(p, g, lr=0.5)
+        assert cp.cuda.runtime.getDevice() == 0
+    with cp.cuda.Device(1):
+        cp.cuda.Device().synchronize()
+        np.testing.assert_array_equal(cp.asnumpy(p), np.full(4096, 0.5, np.float32))
 
 
 @needs_gpu
@@ -682,6 +844,29 @@ def test_torch_cuda_tensors():
     hp, hm, hv = p0.copy(), np.zeros_like(p0), np.zeros_like(p0)
     fastoptim.adam_(hp, g0, hm, hv, step=1, lr=0.01)
     assert p.cpu().numpy().tobytes() == hp.tobytes()
+
+
+@needs_gpu
+def test_torch_stream_handshake():
+    """torch tensors are read through DLPack (their interface has no stream): under
+    torch.cuda.stream(s), the update runs after the work queued on s (a slow producer of the
+    grads), by DLPack's stream handshake."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA")
+    n = 1 << 24
+    p = torch.ones(n, device="cuda")
+    g = torch.zeros(n, device="cuda")
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        tmp = torch.zeros_like(g)
+        for _ in range(30):
+            tmp = torch.sin(tmp + 1.0)
+        g.copy_(tmp * 0 + 2.0)  # the grads are ready only at the end of this on s
+        fastoptim.sgd_(p, g, lr=0.5)
+    torch.cuda.synchronize()
+    assert torch.count_nonzero(p).item() == 0, "the update read the grads before s wrote them"
 
 
 @needs_gpu

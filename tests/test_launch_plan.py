@@ -1,8 +1,14 @@
 """The CUDA launch plan (src/cpp/launch_plan.h), executed on the CPU.
 
-``_core._plan_coverage`` runs the kernel body of the CUDA backend (``plan::block_body``, the
-same code the GPU runs) for every (block, thread) of a launch over FAKE device pointers and
-records what each thread would load and store. These tests prove, without a GPU, that
+``_core._plan_coverage`` splits a call into launches as the CUDA launcher does (groups of at
+most 576 non-empty tensors, Note [launch groups]) and runs the kernel body of the CUDA backend
+(``plan::block_body``, the same code the GPU runs) for every (block, thread) of every launch
+over FAKE device pointers, recording what each thread would load and store. These tests
+prove, without a GPU, that
+
+* a call is split into launches of at most 576 tensors, in order, empty tensors left out, and
+  each tensor is cut into its own chunks (one block per (tensor, chunk), Note [chunks per
+  tensor]): 5,000 tensors of 17 elements are 5,000 chunks, not 21;
 
 * every element of every tensor is visited exactly once (``counts == 1``): tails, chunk
   boundaries, empty tensors, misaligned starts, 1 to 5,000 tensors of odd sizes, and tiny
@@ -25,7 +31,14 @@ from fastoptim import _core
 CHUNK = 4096  # plan::kChunk
 BLOCK = 256  # plan::kBlockThreads
 BLOCKS_PER_SM = 32  # plan::kBlocksPerSm
+GROUP = 576  # plan::kGroupLarge: tensors per launch (kernel parameter space)
 ALL_SLOTS = 0b11111
+
+
+def chunk_starts(sizes, chunk=CHUNK):
+    """First chunk of each non-empty tensor, tensor after tensor (Note [chunks per tensor])."""
+    per = [-(-s // chunk) for s in sizes if s > 0]
+    return np.concatenate([[0], np.cumsum(per, dtype=np.int64)]).astype(np.int64)
 
 
 def vec_width(itemsize):
@@ -69,6 +82,67 @@ def test_launcher_geometry(sm_count, total):
 def test_empty_call_has_no_grid():
     r = walk([0, 0, 0])
     assert r["num_chunks"] == 0 and r["grid"] == 0 and r["counts"].size == 0
+    assert r["launches"] == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch groups and chunks per tensor
+
+
+def test_small_tensors_get_a_block_each():
+    """The review's case: 5,000 tensors of 17 elements on a 132-SM GPU. One chunk (one block)
+    per tensor, 9 launches of at most 576 tensors; each launch's grid covers its chunks in one
+    wave of blocks, so no block walks more than one span."""
+    sizes = [17] * 5000
+    r = assert_covered_once(sizes)
+    assert r["num_chunks"] == 5000
+    launches = r["launches"]
+    assert len(launches) == -(-5000 // GROUP)
+    assert [t for l in launches for t in l["tensors"]] == list(range(5000))
+    for l in launches:
+        assert len(l["tensors"]) <= GROUP
+        assert l["num_chunks"] == len(l["tensors"]) == l["grid"]
+        assert list(l["chunk_starts"]) == list(range(len(l["tensors"]) + 1))
+
+
+@pytest.mark.parametrize("group", [1, 2, 3, 7, 0])
+def test_groups_leave_out_empty_tensors(group):
+    sizes = [0, 5, 0, 0, CHUNK + 1, 3, 0, 2 * CHUNK, 1, 0]
+    r = assert_covered_once(sizes, group=group)
+    g = group or GROUP
+    nonempty = [t for t, s in enumerate(sizes) if s > 0]
+    launches = r["launches"]
+    assert [t for l in launches for t in l["tensors"]] == nonempty
+    assert [len(l["tensors"]) for l in launches] == [
+        min(g, len(nonempty) - k) for k in range(0, len(nonempty), g)]
+    for l in launches:
+        want = chunk_starts([sizes[t] for t in l["tensors"]])
+        assert list(l["chunk_starts"]) == list(want)
+        assert l["num_chunks"] == want[-1]
+
+
+@pytest.mark.parametrize("n_tensors", [GROUP - 1, GROUP, GROUP + 1, 2 * GROUP + 5])
+def test_group_boundaries(n_tensors):
+    sizes = [(t % 7) * 3 + 1 for t in range(n_tensors)]
+    r = assert_covered_once(sizes, itemsize=8)
+    assert len(r["launches"]) == -(-n_tensors // GROUP)
+    assert max(len(l["tensors"]) for l in r["launches"]) <= GROUP
+
+
+def test_large_tensor_chunks_stay_in_their_tensor():
+    """A chunk never spans two tensors: every visit of chunk c is in the tensor that
+    chunk_starts names, at local indices (c - start) * chunk ...."""
+    sizes = [CHUNK + 5, 3, 2 * CHUNK - 1]
+    starts = chunk_starts(sizes)
+    for c in range(int(starts[-1])):
+        r = walk(sizes, chunks=[c], itemsize=4)
+        t = int(np.searchsorted(starts, c, side="right") - 1)
+        lo = (c - starts[t]) * CHUNK
+        hi = min(lo + CHUNK, sizes[t])
+        v = r["visits"]
+        assert set(v[:, 0]) == {t}
+        idx = np.sort(np.concatenate([np.arange(i, i + w) for _, i, w in v]))
+        assert np.array_equal(idx, np.arange(lo, hi))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,14 +266,20 @@ def _elements(starts, widths):
 
 
 def _assert_visits_cover(r, sizes, chunks):
-    """The visits of a sparse walk cover exactly the elements of `chunks`, each once."""
-    off = np.concatenate([[0], np.cumsum(np.asarray(sizes, dtype=np.int64))])
-    total = int(off[-1])
+    """The visits of a sparse walk cover exactly the elements of `chunks`, each once: chunk c
+    is the part [(c - starts[t]) * chunk, ...) of the tensor t that holds it."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    off = np.concatenate([[0], np.cumsum(sizes)])
+    nonempty = np.flatnonzero(sizes > 0)
+    starts = chunk_starts(sizes.tolist(), r["chunk"])
     v = r["visits"]
     covered = np.sort(_elements(off[v[:, 0]] + v[:, 1], v[:, 2]))
     chunks = np.asarray(chunks, dtype=np.int64)
-    lo = chunks * r["chunk"]
-    want = np.sort(_elements(lo, np.minimum(lo + r["chunk"], total) - lo))
+    k = np.searchsorted(starts, chunks, side="right") - 1
+    t = nonempty[k]
+    lo = (chunks - starts[k]) * r["chunk"]
+    hi = np.minimum(lo + r["chunk"], sizes[t])
+    want = np.sort(_elements(off[t] + lo, hi - lo))
     assert covered.size == want.size, "some elements of the walked chunks were missed or doubled"
     assert np.array_equal(covered, want)
 
@@ -215,13 +295,15 @@ BIG = [3, 2**31 - 5, 2**32 + 7, 2**20 + 1]  # 6.4e9 elements; tensor boundaries 
 
 @pytest.mark.parametrize("itemsize", [4, 8])
 def test_index_math_beyond_2_31(itemsize):
-    total = sum(BIG)
-    last = (total - 1) // CHUNK
+    starts = chunk_starts(BIG)
+    last = int(starts[-1]) - 1
     near = []
-    for boundary in (2**31, 2**32, 2**31 - 2, 2**31 - 2 + 2**32 + 7):  # powers, tensor ends
-        c = boundary // CHUNK
+    for t in range(len(BIG)):  # the first and last chunks of each tensor, and their neighbours
+        near += [starts[t] - 1, starts[t], starts[t] + 1, starts[t + 1] - 2, starts[t + 1] - 1]
+    for local in (2**31, 2**32):  # local element indices past 2^31 and 2^32 in tensor 2
+        c = starts[2] + local // CHUNK
         near += [c - 1, c, c + 1]
-    chunks = sorted(set(near + [last - 1, last]))
+    chunks = sorted({int(c) for c in near if 0 <= c <= last})
     r = _check_chunks(BIG, chunks, itemsize=itemsize)
     assert r["num_chunks"] == last + 1
     assert r["grid"] == 132 * BLOCKS_PER_SM
@@ -229,7 +311,7 @@ def test_index_math_beyond_2_31(itemsize):
     v = r["visits"]
     ends = v[:, 1] + v[:, 2]
     assert ends[v[:, 0] == 3].max() == BIG[3]
-    assert ends[v[:, 0] == 2].max() > 2**32  # local indices past 2^32 in tensor 2
+    assert ends[v[:, 0] == 2].max() == BIG[2]  # local indices past 2^32 in tensor 2
 
 
 @pytest.mark.parametrize("itemsize", [4, 8])
@@ -248,6 +330,7 @@ def test_chunk_indices_beyond_2_31():
     chunks = [0, 2**31 - 1, 2**31, 2**31 + 1, 2**32 - 1, 2**32, sum(BIG) - 1]
     r = _check_chunks(BIG, chunks, chunk=1)
     assert r["num_chunks"] == sum(BIG)
+    assert r["visits"][-1].tolist() == [3, BIG[3] - 1, 1]  # the very last element
 
 
 def test_misaligned_single_buffer_beyond_2_32():
@@ -277,3 +360,7 @@ def test_hook_rejects_bad_arguments():
         _core._plan_coverage([4], blocks=[1])
     with pytest.raises(ValueError):
         _core._plan_coverage([4], chunks=[0], blocks=[0])
+    with pytest.raises(ValueError, match="one launch"):
+        _core._plan_coverage([4, 4], chunks=[0], group=1)
+    with pytest.raises(ValueError, match="group"):
+        _core._plan_coverage([4], group=GROUP + 1)

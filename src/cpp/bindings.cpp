@@ -311,26 +311,49 @@ class CallBuilder {
   int64_t count() const { return n_; }
   bool on_device() const { return mode_ == kModeDevice; }
 
-  // Device arrays, after every other check: all on one CUDA device (cudaPointerGetAttributes),
-  // then one launch on params[0]'s stream, without the GIL.
+  // Device arrays, after every other check: all on one CUDA device, then the launches on
+  // params[0]'s stream, without the GIL. The device is DLPack's, or else the driver's
+  // (cuda::pointer_info), asked once per CUDA allocation rather than once per array: arrays
+  // are taken in address order, and one that lies inside the allocation range of the previous
+  // answer is on that device. The arrays are alive for the whole call, so their allocations
+  // cannot be freed and reused meanwhile.
   void launch_cuda(const Batch& b, RuleId rule, unsigned mask, const void* args) {
     if (total() == 0) return;
     cuda::require_device();
-    std::vector<cuda::PointerInfo> where(intervals_.size());
+    const size_t n = intervals_.size();
+    std::vector<size_t> order(n);
+    for (size_t k = 0; k < n; ++k) order[k] = k;
+    std::sort(order.begin(), order.end(),
+              [&](size_t x, size_t y) { return intervals_[x].lo < intervals_[y].lo; });
+    std::vector<cuda::PointerInfo> where(n);
+    std::sort(dev_->known_devices.begin(), dev_->known_devices.end());
+    cuda::PointerInfo known;  // the allocation of the last query
+    for (size_t k : order) {
+      const Interval& a = intervals_[k];
+      const auto named = std::lower_bound(dev_->known_devices.begin(), dev_->known_devices.end(),
+                                          std::make_pair(a.lo, -1));
+      if (named != dev_->known_devices.end() && named->first == a.lo) {  // DLPack named it
+        where[k].device_memory = true;
+        where[k].device = named->second;
+        continue;
+      }
+      if (!(known.device_memory && a.lo >= known.base && a.hi <= known.end))
+        known = cuda::pointer_info(reinterpret_cast<const void*>(a.lo));
+      where[k] = known;
+    }
     size_t ref = 0;  // the first non-empty array in argument order names the device
-    for (size_t k = 0; k < intervals_.size(); ++k) {
-      where[k] = cuda::pointer_info(reinterpret_cast<const void*>(intervals_[k].lo));
+    for (size_t k = 0; k < n; ++k) {
       const Interval& a = intervals_[k];
       const Interval& r = intervals_[ref];
       if (a.arg < r.arg || (a.arg == r.arg && a.index < r.index)) ref = k;
     }
-    for (size_t k = 0; k < intervals_.size(); ++k) {
+    for (size_t k = 0; k < n; ++k) {
       if (!where[k].device_memory) {
         value_error(std::string(fn_) + ": " + label(intervals_[k].arg, intervals_[k].index) +
                     " exposes __cuda_array_interface__ but its data is not CUDA device memory");
       }
     }
-    for (size_t k = 0; k < intervals_.size(); ++k) {
+    for (size_t k = 0; k < n; ++k) {
       if (where[k].device != where[ref].device) {
         value_error(std::string(fn_) + ": " + label(intervals_[k].arg, intervals_[k].index) +
                     " is on CUDA device " + std::to_string(where[k].device) + " but " +
@@ -340,7 +363,7 @@ class CallBuilder {
       }
     }
     const cuda::Launch l{rule, mask, format(), &b, args, where[ref].device, dev_->stream,
-                         dev_->wait_streams};
+                         dev_->wait_streams, dev_->wait_names};
     py::gil_scoped_release release;
     cuda::launch(l);
   }
@@ -442,14 +465,16 @@ class CallBuilder {
     }
   }
 
-  // ---- device arrays (__cuda_array_interface__) ----
+  // ---- device arrays (__cuda_array_interface__, DLPack) ----
   static constexpr int kModeHost = 1, kModeDevice = 2;
   struct DeviceCall {
     std::vector<py::ssize_t> dims;       // shapes of params, concatenated
     std::vector<size_t> dims_start{0};   // params[t]'s shape is dims[dims_start[t] ..]
     std::string dtype_name;              // of the array that fixed the call's dtype
     uintptr_t stream = cuda::kStreamDefault;
-    std::vector<uintptr_t> wait_streams;
+    std::vector<uintptr_t> wait_streams;  // the other streams reported (Note [stream joins])
+    std::vector<std::string> wait_names;  // the first array reporting each
+    std::vector<std::pair<uintptr_t, int>> known_devices;  // (data, device) of DLPack arrays
   };
 
   [[noreturn]] void mixed_devices(int arg, int64_t i) const {
@@ -479,8 +504,68 @@ class CallBuilder {
     }
   }
 
-  // The ndarray checks of check_array, on the fields of a CUDA Array Interface (v0..v3).
-  // Out of line: inlined, it would slow the ndarray path it branches off.
+  // Note [DLPack input]
+  // An array is read through its __cuda_array_interface__ (CuPy, Numba, torch, JAX) or, when it
+  // has none, through DLPack (__dlpack_device__ + __dlpack__). An interface without a 'stream'
+  // key (v2: torch) says nothing about ordering, so an object that also exports DLPack is read
+  // through DLPack instead: __dlpack__(stream=S) with S the call's launch stream (params[0]'s,
+  // or 1, the legacy default stream) is DLPack's stream handshake: the producer makes S wait
+  // for the work it queued on its own current stream (torch under torch.cuda.stream(s): for
+  // s), so the update reads finished gradients. The legacy capsule ('dltensor') is kept, not
+  // consumed, until the call returns; its destructor calls the producer's deleter. DLPack
+  // names the device, so such an array needs no pointer query (launch_cuda).
+  struct DeviceView {  // what the checks need from either interface
+    std::vector<py::ssize_t> dims;
+    int type_num = -1;             // kNpyFloat or kNpyDouble
+    std::string dtype_name;        // numpy's name, for messages
+    bool has_strides = false;
+    std::vector<int64_t> strides;  // in bytes
+    uintptr_t ptr = 0;
+    bool read_only = false;
+    int device = -1;               // known (DLPack), or -1: ask the driver (launch_cuda)
+  };
+
+  // DLPack's ABI (dlpack.h, v0.x / 1.x; only the legacy capsule is used).
+  struct DLDevice { int32_t device_type, device_id; };
+  struct DLDataType { uint8_t code, bits; uint16_t lanes; };
+  struct DLTensor {
+    void* data;
+    DLDevice device;
+    int32_t ndim;
+    DLDataType dtype;
+    int64_t* shape;
+    int64_t* strides;  // in elements; null: C-contiguous
+    uint64_t byte_offset;
+  };
+  struct DLManagedTensor {
+    DLTensor dl_tensor;
+    void* manager_ctx;
+    void (*deleter)(DLManagedTensor*);
+  };
+  static constexpr int kDLCPU = 1, kDLCUDA = 2, kDLCUDAHost = 3, kDLCUDAManaged = 13;
+
+  [[noreturn]] void bad_dlpack(int arg, int64_t i, const std::string& what) const {
+    type_error(std::string(fn_) + ": " + label(arg, i) + " has an invalid DLPack export: " + what);
+  }
+
+  static bool has_attr(PyObject* item, const char* name) {
+    const int r = PyObject_HasAttrString(item, name);
+    return r == 1;
+  }
+
+  void enter_device_mode(int arg, int64_t i, PyObject* item) {
+    if (!cuda::built()) {
+      type_error(std::string(fn_) + ": " + label(arg, i) + " is a CUDA array (" + type_name(item) +
+                 ") but fastoptim was built without CUDA (docs/cuda.md: FASTOPTIM_CUDA)");
+    }
+    if (mode_ == kModeHost) mixed_devices(arg, i);
+    mode_ = kModeDevice;
+    if (!dev_) dev_ = std::make_unique<DeviceCall>();
+  }
+
+  // The ndarray checks of check_array, on the fields of a CUDA Array Interface (v0..v3), or of
+  // a DLPack export (Note [DLPack input]). Out of line: inlined, it would slow the ndarray path
+  // it branches off.
   __attribute__((noinline)) void* check_device_array(int arg, int64_t i, PyObject* item, bool written,
                                                      int role) {
     if (role == kRoleCopies || role == kRoleComp) {
@@ -492,92 +577,50 @@ class CallBuilder {
     if (!raw) {
       if (!PyErr_ExceptionMatches(PyExc_AttributeError)) throw py::error_already_set();
       PyErr_Clear();
+      if (has_attr(item, "__dlpack__") && has_attr(item, "__dlpack_device__"))
+        return check_dlpack_array(arg, i, item, written);
       type_error(std::string(fn_) + ": " + label(arg, i) +
                  " must be a numpy.ndarray or a CUDA array (an object with "
-                 "__cuda_array_interface__), got " + type_name(item));
+                 "__cuda_array_interface__ or __dlpack__), got " + type_name(item));
     }
     const py::object cai = py::reinterpret_steal<py::object>(raw);
-    if (!cuda::built()) {
-      type_error(std::string(fn_) + ": " + label(arg, i) + " is a CUDA array (" + type_name(item) +
-                 ") but fastoptim was built without CUDA (docs/cuda.md: FASTOPTIM_CUDA)");
-    }
-    if (mode_ == kModeHost) mixed_devices(arg, i);
-    mode_ = kModeDevice;
-    if (!dev_) dev_ = std::make_unique<DeviceCall>();
+    enter_device_mode(arg, i, item);
     if (!PyDict_Check(cai.ptr())) bad_interface(arg, i, "not a dict");
     const py::dict d = py::reinterpret_borrow<py::dict>(cai);
     auto field = [&](const char* key) -> py::object {
       PyObject* v = PyDict_GetItemString(d.ptr(), key);
       return v ? py::reinterpret_borrow<py::object>(v) : py::object();
     };
+    if (!field("stream") && has_attr(item, "__dlpack__") && has_attr(item, "__dlpack_device__"))
+      return check_dlpack_array(arg, i, item, written);  // Note [DLPack input]
+    DeviceView v;
     // shape
     const py::object shape_obj = field("shape");
     if (!shape_obj || !PyTuple_Check(shape_obj.ptr())) bad_interface(arg, i, "'shape' must be a tuple");
-    std::vector<py::ssize_t> dims;
     for (const py::handle h : py::reinterpret_borrow<py::tuple>(shape_obj)) {
       if (!PyLong_Check(h.ptr()) || h.cast<int64_t>() < 0)
         bad_interface(arg, i, "'shape' must hold integers >= 0");
-      dims.push_back(h.cast<py::ssize_t>());
+      v.dims.push_back(h.cast<py::ssize_t>());
     }
-    const int nd = static_cast<int>(dims.size());
+    const int nd = static_cast<int>(v.dims.size());
     // dtype
     const py::object typestr_obj = field("typestr");
     if (!typestr_obj || !PyUnicode_Check(typestr_obj.ptr()))
       bad_interface(arg, i, "'typestr' must be a str");
     const std::string typestr = typestr_obj.cast<std::string>();
-    const int type_num = typestr == "<f4" ? kNpyFloat : typestr == "<f8" ? kNpyDouble : -1;
-    if (type_num < 0) {
-      type_error(std::string(fn_) + ": " + label(arg, i) + " has dtype " + typestr_name(typestr) +
-                 "; fastoptim supports float32 and float64 on CUDA (the low-precision formats "
-                 "run on the CPU only)");
-    }
-    if (dtype_num_ < 0) {
-      dtype_num_ = type_num;
-      dtype_item_ = item;
-      dtype_label_ = label(arg, i);
-      dev_->dtype_name = typestr_name(typestr);
-    } else if (type_num != dtype_num_) {
-      type_error(std::string(fn_) + ": " + label(arg, i) + " has dtype " + typestr_name(typestr) +
-                 " but " + dtype_label_ + " has dtype " + dev_->dtype_name +
-                 "; all arrays of one call must share one dtype");
-    }
-    const int64_t itemsize = type_num == kNpyDouble ? 8 : 4;
-    // shape against params
-    int64_t size = 1;
-    for (py::ssize_t k : dims) size *= k;
-    if (arg == 0) {
-      offsets_.push_back(offsets_.back() + size);
-      dev_->dims.insert(dev_->dims.end(), dims.begin(), dims.end());
-      dev_->dims_start.push_back(dev_->dims.size());
-    } else {
-      const py::ssize_t* ref = dev_->dims.data() + dev_->dims_start[i];
-      const int ref_nd = static_cast<int>(dev_->dims_start[i + 1] - dev_->dims_start[i]);
-      if (ref_nd != nd || !std::equal(dims.begin(), dims.end(), ref)) {
-        value_error(std::string(fn_) + ": " + label(arg, i) + " has shape " +
-                    shape_str(nd, dims.data()) + " but " + label(0, i) + " has shape " +
-                    shape_str(ref_nd, ref));
-      }
-    }
-    // C-contiguity: strides absent/None, or C strides (numpy's rule: size-1 dimensions and
-    // empty arrays have no stride requirement)
+    v.type_num = typestr == "<f4" ? kNpyFloat : typestr == "<f8" ? kNpyDouble : -1;
+    v.dtype_name = typestr_name(typestr);
+    // strides: None or absent, or one integer per dimension
     const py::object strides_obj = field("strides");
     if (strides_obj && !strides_obj.is_none()) {
       if (!PyTuple_Check(strides_obj.ptr()) ||
           static_cast<int>(PyTuple_GET_SIZE(strides_obj.ptr())) != nd)
         bad_interface(arg, i, "'strides' must be None or a tuple with one entry per dimension");
-      const py::tuple strides = py::reinterpret_borrow<py::tuple>(strides_obj);
-      bool contiguous = true;
-      int64_t expected = itemsize;
-      for (int k = nd - 1; k >= 0 && size > 0; --k) {
-        if (!PyLong_Check(strides[k].ptr())) bad_interface(arg, i, "'strides' must hold integers");
-        if (dims[k] != 1 && strides[k].cast<int64_t>() != expected) contiguous = false;
-        expected *= dims[k];
+      for (const py::handle h : py::reinterpret_borrow<py::tuple>(strides_obj)) {
+        if (!PyLong_Check(h.ptr())) bad_interface(arg, i, "'strides' must hold integers");
+        v.strides.push_back(h.cast<int64_t>());
       }
-      if (!contiguous) {
-        value_error(std::string(fn_) + ": " + label(arg, i) +
-                    " is not C-contiguous; fastoptim updates contiguous buffers in place (a "
-                    "contiguous copy would not be updated)");
-      }
+      v.has_strides = true;
     }
     const py::object mask = field("mask");
     if (mask && !mask.is_none()) {
@@ -589,19 +632,13 @@ class CallBuilder {
     if (!data || !PyTuple_Check(data.ptr()) || PyTuple_GET_SIZE(data.ptr()) != 2 ||
         !PyLong_Check(PyTuple_GET_ITEM(data.ptr(), 0)))
       bad_interface(arg, i, "'data' must be a tuple (pointer, read_only)");
-    const auto ptr = static_cast<uintptr_t>(PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(data.ptr(), 0)));
+    v.ptr = static_cast<uintptr_t>(PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(data.ptr(), 0)));
     if (PyErr_Occurred()) throw py::error_already_set();
     const int read_only = PyObject_IsTrue(PyTuple_GET_ITEM(data.ptr(), 1));
     if (read_only < 0) throw py::error_already_set();
-    if (written && read_only) {
-      value_error(std::string(fn_) + ": " + label(arg, i) + " is read-only; it is updated in place");
-    }
-    if (size > 0 && (ptr == 0 || ptr % static_cast<uintptr_t>(itemsize) != 0)) {
-      value_error(std::string(fn_) + ": " + label(arg, i) + " has data pointer " + std::to_string(ptr) +
-                  ", which is not a valid address aligned to its itemsize (" + std::to_string(itemsize) +
-                  " bytes)");
-    }
-    // stream (v3): params[0]'s is the launch stream; the launch waits for the others'
+    v.read_only = read_only != 0;
+    // stream (v3): params[0]'s is the launch stream; the others are joined with it both ways
+    // (Note [stream joins], src/cuda/cuda_backend.cu)
     const py::object stream_obj = field("stream");
     if (stream_obj && !stream_obj.is_none()) {
       if (!PyLong_Check(stream_obj.ptr())) bad_interface(arg, i, "'stream' must be None or an integer");
@@ -617,15 +654,135 @@ class CallBuilder {
                                                  dev_->wait_streams.end(), st) ==
                                            dev_->wait_streams.end()) {
         dev_->wait_streams.push_back(st);
+        dev_->wait_names.push_back(label(arg, i));
       }
+    }
+    return accept_device_array(arg, i, item, written, v);
+  }
+
+  // numpy's name of a DLPack dtype, for messages.
+  static std::string dlpack_dtype_name(const DLDataType& t) {
+    static const char* kCodes[] = {"int", "uint", "float", "opaque", "bfloat", "complex", "bool"};
+    std::string s = t.code < 7 ? kCodes[t.code] : "code" + std::to_string(t.code) + "_";
+    if (t.code != 6) s += std::to_string(t.bits);
+    if (t.lanes != 1) s += "x" + std::to_string(t.lanes);
+    return s;
+  }
+
+  // Note [DLPack input]
+  __attribute__((noinline)) void* check_dlpack_array(int arg, int64_t i, PyObject* item, bool written) {
+    const py::handle h(item);
+    const py::object where = h.attr("__dlpack_device__")();
+    if (!PyTuple_Check(where.ptr()) || PyTuple_GET_SIZE(where.ptr()) != 2)
+      bad_dlpack(arg, i, "__dlpack_device__() must return (device_type, device_id)");
+    const int dev_type = where[py::int_(0)].cast<int>();
+    const int dev_id = where[py::int_(1)].cast<int>();
+    if (dev_type == kDLCUDAHost) {
+      value_error(std::string(fn_) + ": " + label(arg, i) + " is CUDA pinned host memory (DLPack "
+                  "kDLCUDAHost), not CUDA device memory");
+    }
+    if (dev_type != kDLCUDA && dev_type != kDLCUDAManaged) {
+      type_error(std::string(fn_) + ": " + label(arg, i) + " is a DLPack array on " +
+                 (dev_type == kDLCPU ? std::string("the CPU") : "device type " + std::to_string(dev_type)) +
+                 "; fastoptim takes numpy.ndarray for host memory (numpy.from_dlpack converts "
+                 "without a copy) and CUDA arrays");
+    }
+    enter_device_mode(arg, i, item);
+    const uintptr_t launch = dev_->stream != cuda::kStreamDefault ? dev_->stream : cuda::kStreamLegacy;
+    py::object capsule = h.attr("__dlpack__")(py::arg("stream") = launch);
+    held_.push_back(capsule);  // Note [references held]; its destructor calls the deleter
+    if (!PyCapsule_IsValid(capsule.ptr(), "dltensor"))
+      bad_dlpack(arg, i, "__dlpack__() must return an unconsumed 'dltensor' capsule");
+    const auto* mt = static_cast<const DLManagedTensor*>(PyCapsule_GetPointer(capsule.ptr(), "dltensor"));
+    if (!mt) throw py::error_already_set();
+    const DLTensor& t = mt->dl_tensor;
+    if (t.device.device_type != dev_type || t.device.device_id != dev_id)
+      bad_dlpack(arg, i, "its device differs from __dlpack_device__()");
+    if (t.ndim < 0 || (t.ndim > 0 && !t.shape)) bad_dlpack(arg, i, "no shape");
+    DeviceView v;
+    for (int k = 0; k < t.ndim; ++k) {
+      if (t.shape[k] < 0) bad_dlpack(arg, i, "negative shape");
+      v.dims.push_back(static_cast<py::ssize_t>(t.shape[k]));
+    }
+    const bool f = t.dtype.code == 2 && t.dtype.lanes == 1;
+    v.type_num = f && t.dtype.bits == 32 ? kNpyFloat : f && t.dtype.bits == 64 ? kNpyDouble : -1;
+    v.dtype_name = dlpack_dtype_name(t.dtype);
+    const int64_t itemsize = (t.dtype.bits / 8) * (t.dtype.lanes ? t.dtype.lanes : 1);
+    if (t.strides) {
+      v.has_strides = true;
+      for (int k = 0; k < t.ndim; ++k) v.strides.push_back(t.strides[k] * itemsize);
+    }
+    v.ptr = reinterpret_cast<uintptr_t>(t.data) + static_cast<uintptr_t>(t.byte_offset);
+    v.device = dev_id;
+    return accept_device_array(arg, i, item, written, v);
+  }
+
+  // The checks common to both interfaces.
+  void* accept_device_array(int arg, int64_t i, PyObject* item, bool written, const DeviceView& v) {
+    const int nd = static_cast<int>(v.dims.size());
+    if (v.type_num < 0) {
+      type_error(std::string(fn_) + ": " + label(arg, i) + " has dtype " + v.dtype_name +
+                 "; fastoptim supports float32 and float64 on CUDA (the low-precision formats "
+                 "run on the CPU only)");
+    }
+    if (dtype_num_ < 0) {
+      dtype_num_ = v.type_num;
+      dtype_item_ = item;
+      dtype_label_ = label(arg, i);
+      dev_->dtype_name = v.dtype_name;
+    } else if (v.type_num != dtype_num_) {
+      type_error(std::string(fn_) + ": " + label(arg, i) + " has dtype " + v.dtype_name +
+                 " but " + dtype_label_ + " has dtype " + dev_->dtype_name +
+                 "; all arrays of one call must share one dtype");
+    }
+    const int64_t itemsize = v.type_num == kNpyDouble ? 8 : 4;
+    // shape against params
+    int64_t size = 1;
+    for (py::ssize_t k : v.dims) size *= k;
+    if (arg == 0) {
+      offsets_.push_back(offsets_.back() + size);
+      dev_->dims.insert(dev_->dims.end(), v.dims.begin(), v.dims.end());
+      dev_->dims_start.push_back(dev_->dims.size());
+    } else {
+      const py::ssize_t* ref = dev_->dims.data() + dev_->dims_start[i];
+      const int ref_nd = static_cast<int>(dev_->dims_start[i + 1] - dev_->dims_start[i]);
+      if (ref_nd != nd || !std::equal(v.dims.begin(), v.dims.end(), ref)) {
+        value_error(std::string(fn_) + ": " + label(arg, i) + " has shape " +
+                    shape_str(nd, v.dims.data()) + " but " + label(0, i) + " has shape " +
+                    shape_str(ref_nd, ref));
+      }
+    }
+    // C-contiguity: no strides, or C strides (numpy's rule: size-1 dimensions and empty arrays
+    // have no stride requirement)
+    if (v.has_strides) {
+      bool contiguous = true;
+      int64_t expected = itemsize;
+      for (int k = nd - 1; k >= 0 && size > 0; --k) {
+        if (v.dims[k] != 1 && v.strides[k] != expected) contiguous = false;
+        expected *= v.dims[k];
+      }
+      if (!contiguous) {
+        value_error(std::string(fn_) + ": " + label(arg, i) +
+                    " is not C-contiguous; fastoptim updates contiguous buffers in place (a "
+                    "contiguous copy would not be updated)");
+      }
+    }
+    if (written && v.read_only) {
+      value_error(std::string(fn_) + ": " + label(arg, i) + " is read-only; it is updated in place");
+    }
+    if (size > 0 && (v.ptr == 0 || v.ptr % static_cast<uintptr_t>(itemsize) != 0)) {
+      value_error(std::string(fn_) + ": " + label(arg, i) + " has data pointer " +
+                  std::to_string(v.ptr) + ", which is not a valid address aligned to its itemsize (" +
+                  std::to_string(itemsize) + " bytes)");
     }
     // resize + assign, not push_back: a second push_back call site changes how GCC compiles
     // the ndarray path's (measured: ~4 ns more per array).
     if (size > 0) {
       intervals_.resize(intervals_.size() + 1);
-      intervals_.back() = {ptr, ptr + static_cast<uintptr_t>(size * itemsize), arg, i, written};
+      intervals_.back() = {v.ptr, v.ptr + static_cast<uintptr_t>(size * itemsize), arg, i, written};
+      if (v.device >= 0) dev_->known_devices.emplace_back(v.ptr, v.device);
     }
-    return reinterpret_cast<void*>(ptr);
+    return reinterpret_cast<void*>(v.ptr);
   }
 
   const char* fn_;
@@ -1143,14 +1300,14 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "_emulate_kernel",
       [](const std::string& rule, py::tuple args, int sm_count, int64_t chunk, int64_t block,
-         int64_t grid) {
+         int64_t grid, int64_t group) {
         const auto emulate = [&](CallBuilder& call, RuleId id, unsigned mask, const void* a) {
           if (call.format() != kF32 && call.format() != kF64)
             throw py::type_error("_emulate_kernel: the CUDA kernel runs float32 and float64 only");
           call.check_overlaps();
           const Batch b = call.batch();
           py::gil_scoped_release release;
-          cuda::emulate(id, mask, call.format(), b, a, sm_count, chunk, block, grid);
+          cuda::emulate(id, mask, call.format(), b, a, sm_count, chunk, block, grid, group);
         };
         bool found = false;
 #define FO_EMULATE(D)                                               \
@@ -1163,10 +1320,11 @@ PYBIND11_MODULE(_core, m) {
         if (!found) throw py::value_error("_emulate_kernel: unknown rule '" + rule + "'");
       },
       arg("rule"), arg("args"), py::kw_only(), arg("sm_count") = 132, arg("chunk") = 0,
-      arg("block") = 0, arg("grid") = 0,
-      "Test hook: run the CUDA kernel body (launch plan + RuleVisitor) on the CPU, in place on "
-      "NumPy arrays. rule: a name of _core.rules; args: exactly the positional arguments of "
-      "_core.<rule>; chunk/block/grid: 0 = the launcher's choice.");
+      arg("block") = 0, arg("grid") = 0, arg("group") = 0,
+      "Test hook: run the CUDA launches of a call (launch groups, plan, RuleVisitor) on the CPU, "
+      "in place on NumPy arrays. rule: a name of _core.rules; args: exactly the positional "
+      "arguments of _core.<rule>; chunk/block/grid/group (tensors per launch): 0 = the "
+      "launcher's choice.");
 #endif
   // Test hook: how many threads a call over `total` elements uses (Note [small arrays ...]).
   m.def("_threads_for", [](int64_t total) { return threads_for(total); }, arg("total"));

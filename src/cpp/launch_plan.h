@@ -1,17 +1,31 @@
-// launch_plan.h: how ONE CUDA launch covers every element of every tensor of a call.
+// launch_plan.h: how CUDA launches cover every element of every tensor of a call.
 //
-// The index space is the CPU Batch's (kernel_api.h): a GLOBAL element index over the
-// concatenation of the call's tensors, offsets[t] .. offsets[t + 1] being tensor t. It is cut
-// into chunks of `plan.chunk` elements. Block b of a grid of G blocks takes chunks
-// b, b + G, b + 2G, ... (a grid-stride loop, so one launch covers any size); inside a chunk,
-// the block finds the tensor of its first element by binary search (tensor_of, the same
-// semantics as kernels.h) and walks the tensors the chunk touches, one SPAN (the part of one
-// tensor inside the chunk) at a time. The threads of the block share a span round-robin.
+// Note [chunks per tensor]
+// Each tensor is cut into chunks of `plan.chunk` elements (its last chunk shorter); the
+// chunks of a launch are numbered tensor after tensor: chunk_starts[t] is the number of the
+// first chunk of tensor t, chunk_starts[n] the launch's num_chunks (an empty tensor has no
+// chunk). Block b of a grid of G blocks takes chunks b, b + G, b + 2G, ... (a grid-stride
+// loop, so one launch covers any size); for chunk c it finds the tensor by binary search over
+// chunk_starts (tensor_of), and its 256 threads share that one SPAN (the part of one tensor
+// inside the chunk) round-robin. One block per (tensor, chunk) is the mapping of the usual
+// multi-tensor kernels: 5,000 tensors of 17 elements are 5,000 blocks spread over every SM,
+// not 21 blocks walking 240 spans each (which a chunking of the concatenated index space gave).
 //
-// Everything here is host + device (FO_HD) and written as a function of
+// Note [launch groups]
+// The metadata of a launch (per tensor: its size, its first chunk and its 5 slot pointers,
+// 56 bytes) travels INSIDE the kernel's parameters (__grid_constant__): no host buffer, no
+// copy, nothing for a CUDA graph to capture but the launch itself, whose parameters the graph
+// stores by value. The parameter space holds kGroupLarge tensors (CUDA 12.1+ on sm_70+:
+// 32,764 bytes); a call with more non-empty tensors is split into several launches on the
+// same stream, of at most kGroupLarge tensors each, in order (for_each_group). A launch of at
+// most kGroupSmall tensors uses a kernel with a small parameter block (less to upload per
+// launch for the usual few-tensor call). Empty tensors take no place.
+//
+// Everything the kernel executes is host + device (FO_HD) and written as a function of
 // (blockIdx, threadIdx, blockDim, gridDim), so the CUDA kernel (src/cuda/kernels.cuh) and the
-// CPU test hook (_core._plan_coverage, src/cuda/plan_hooks.cpp) execute the SAME code: the
-// tests walk the whole grid on the CPU and prove that every element is visited exactly once.
+// CPU test hooks (_core._plan_coverage, src/cuda/plan_hooks.cpp; _core._emulate_kernel) run
+// the SAME code, groups included: the tests walk whole grids on the CPU and prove that every
+// element is visited exactly once.
 //
 // Note [vector path]
 // A span is processed with 16-byte loads and stores (float4 / double2) when, at its first
@@ -23,13 +37,14 @@
 // never extends past the span: the last partial vector is done by scalar visits (tail).
 //
 // Note [64-bit indexing]
-// Every element index, offset, chunk number and product of them is int64_t. The CUDA
+// Every element index, size, chunk number and product of them is int64_t. The CUDA
 // built-ins are 32-bit unsigned; they enter as uint32_t and are widened before any product,
 // so a buffer of more than 2^31 (or 2^32) elements is addressed correctly. The host test
 // walks the chunks around 2^31 and the last chunk of such a buffer without allocating it.
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "rules.h"
 
@@ -42,43 +57,85 @@ constexpr int64_t kChunk = kBlockThreads * kElemsPerThread;  // 4,096 elements p
 constexpr int64_t kBlocksPerSm = 32;      // grid cap: a few waves of resident blocks per SM
 constexpr uintptr_t kVecBytes = 16;       // float4 / double2
 
+// Note [launch groups]: tensors per launch. 576 x 56 bytes = 32,256 bytes, below the 32,764
+// bytes of kernel parameters with room for the plan and the rule's constants (kernels.cuh
+// static_asserts the total per kernel).
+constexpr int64_t kGroupSmall = 8;
+constexpr int64_t kGroupLarge = 576;
+constexpr int64_t kMetaBytesPerTensor = 2 * sizeof(int64_t) + kMaxSlots * sizeof(void*);
+
 // The geometry of one launch.
 struct LaunchPlan {
-  int64_t total = 0;        // elements over all tensors (offsets[n_tensors])
-  int64_t n_tensors = 0;
+  int64_t n_tensors = 0;    // tensors of this launch (empty ones are never in a launch)
   int64_t chunk = kChunk;   // elements per chunk; any value >= 1 is correct
-  int64_t num_chunks = 0;   // ceil(total / chunk)
+  int64_t num_chunks = 0;   // chunk_starts[n_tensors]
   uint32_t block = kBlockThreads;
-  uint32_t grid = 0;        // 0 only when total == 0 (no launch)
+  uint32_t grid = 0;        // 0 only when num_chunks == 0 (no launch)
   unsigned slot_mask = 0;   // slots the rule loads or stores (Rule::kReads | Rule::kWrites)
 };
 
-// Where the tensors are: offsets[n_tensors + 1] (prefix sums of element counts) and
-// ptrs[t * kMaxSlots + s], the data of slot s of tensor t (null for slots the rule ignores).
+// Where the tensors of one launch are (Note [chunks per tensor]).
 struct MetaView {
-  const int64_t* offsets;
-  void* const* ptrs;
+  const int64_t* sizes;         // sizes[t]: elements of tensor t (> 0)
+  const int64_t* chunk_starts;  // [n_tensors + 1]: first chunk of tensor t; [n] = num_chunks
+  void* const* ptrs;            // ptrs[t * kMaxSlots + s]: slot s of tensor t (null if unused)
 };
 
-// The plan the CUDA launcher uses for `total` elements on a device with `sm_count` SMs.
-inline LaunchPlan make_plan(int64_t total, int64_t n_tensors, unsigned slot_mask, int sm_count) {
-  LaunchPlan p;
-  p.total = total;
-  p.n_tensors = n_tensors;
-  p.slot_mask = slot_mask;
-  p.num_chunks = total > 0 ? (total + p.chunk - 1) / p.chunk : 0;
+// Blocks of a launch of `num_chunks` chunks on a device with `sm_count` SMs.
+inline uint32_t grid_for(int64_t num_chunks, int sm_count) {
   const int64_t cap = static_cast<int64_t>(sm_count > 0 ? sm_count : 1) * kBlocksPerSm;
-  p.grid = static_cast<uint32_t>(p.num_chunks < cap ? p.num_chunks : cap);
+  return static_cast<uint32_t>(num_chunks < cap ? num_chunks : cap);
+}
+
+// Host: calls fn(tensors, count) for each launch of a call whose tensor t has
+// offsets[t + 1] - offsets[t] elements: the non-empty tensors, in order, `cap` at a time
+// (Note [launch groups]). `tensors` are indices into the call's tensors.
+template <class Fn> void for_each_group(const int64_t* offsets, int64_t n, int64_t cap, Fn&& fn) {
+  std::vector<int64_t> group;
+  group.reserve(static_cast<size_t>(n < cap ? n : cap));
+  for (int64_t t = 0; t < n; ++t) {
+    if (offsets[t + 1] == offsets[t]) continue;
+    group.push_back(t);
+    if (static_cast<int64_t>(group.size()) == cap) {
+      fn(group.data(), cap);
+      group.clear();
+    }
+  }
+  if (!group.empty()) fn(group.data(), static_cast<int64_t>(group.size()));
+}
+
+// Host: fills one launch's metadata (capacity >= count) for the tensors `tensors` of a call
+// (offsets as above; slots[s][t] the data of slot s of tensor t, slots[s] null if unused) and
+// returns its plan. Only the slots of slot_mask are kept; the others are null.
+inline LaunchPlan fill_group(const int64_t* offsets, void* const* const* slots, const int64_t* tensors,
+                             int64_t count, unsigned slot_mask, int64_t chunk, int sm_count,
+                             int64_t* sizes, int64_t* chunk_starts, void** ptrs) {
+  LaunchPlan p;
+  p.n_tensors = count;
+  p.chunk = chunk;
+  p.slot_mask = slot_mask;
+  int64_t c = 0;
+  for (int64_t k = 0; k < count; ++k) {
+    const int64_t t = tensors[k];
+    sizes[k] = offsets[t + 1] - offsets[t];
+    chunk_starts[k] = c;
+    c += (sizes[k] + chunk - 1) / chunk;
+    for (int s = 0; s < kMaxSlots; ++s)
+      ptrs[k * kMaxSlots + s] = (slot_mask & (1u << s)) && slots[s] ? slots[s][t] : nullptr;
+  }
+  chunk_starts[count] = c;
+  p.num_chunks = c;
+  p.grid = grid_for(c, sm_count);
   return p;
 }
 
-// Index of the tensor holding global element `i`: the last t with off[t] <= i, so empty
-// tensors before a non-empty one are skipped (kernels.h's tensor_of, host + device).
-FO_HD FO_INLINE int64_t tensor_of(const int64_t* off, int64_t n, int64_t i) {
-  int64_t lo = 0, hi = n;  // off[lo] <= i holds; answer in [lo, hi]
+// Index of the tensor holding chunk `c`: the last t with starts[t] <= c, so tensors without
+// chunks before a non-empty one are skipped (kernels.h's tensor_of semantics, host + device).
+FO_HD FO_INLINE int64_t tensor_of(const int64_t* starts, int64_t n, int64_t c) {
+  int64_t lo = 0, hi = n;  // starts[lo] <= c holds; answer in [lo, hi]
   while (lo < hi) {
     const int64_t mid = lo + (hi - lo + 1) / 2;
-    if (off[mid] <= i) lo = mid; else hi = mid - 1;
+    if (starts[mid] <= c) lo = mid; else hi = mid - 1;
   }
   return lo;
 }
@@ -88,7 +145,6 @@ template <class T> struct SpanPtrs {
 };
 
 FO_HD FO_INLINE int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-FO_HD FO_INLINE int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
 // Byte address of element i of a slot, as an integer (also for the CPU walk's fake pointers,
 // which are never dereferenced).
@@ -125,25 +181,20 @@ FO_HD FO_INLINE void span_body(const SpanPtrs<T>& sp, unsigned slot_mask, int64_
   for (int64_t i = tail + tid; i < hi; i += nthreads) v.scalar(sp, t, i);
 }
 
-// One thread's share of chunk c: every span of every tensor the chunk touches.
+// One thread's share of chunk c: the span of the one tensor the chunk belongs to.
 #if defined(__CUDACC__)
 #pragma nv_exec_check_disable
 #endif
 template <class T, class Visitor>
 FO_HD FO_INLINE void chunk_body(const LaunchPlan& plan, const MetaView& m, int64_t c, int64_t tid,
                                 int64_t nthreads, Visitor& v) {
-  const int64_t begin = c * plan.chunk;
-  const int64_t end = min64(begin + plan.chunk, plan.total);
-  const int64_t* off = m.offsets;
-  for (int64_t t = tensor_of(off, plan.n_tensors, begin); t < plan.n_tensors && off[t] < end; ++t) {
-    const int64_t lo = max64(begin, off[t]) - off[t];
-    const int64_t hi = min64(end, off[t + 1]) - off[t];
-    if (lo >= hi) continue;  // an empty tensor
-    SpanPtrs<T> sp;
-    for (int s = 0; s < kMaxSlots; ++s)
-      sp.p[s] = (plan.slot_mask & (1u << s)) ? static_cast<T*>(m.ptrs[t * kMaxSlots + s]) : nullptr;
-    span_body<T>(sp, plan.slot_mask, t, lo, hi, tid, nthreads, v);
-  }
+  const int64_t t = tensor_of(m.chunk_starts, plan.n_tensors, c);
+  const int64_t lo = (c - m.chunk_starts[t]) * plan.chunk;
+  const int64_t hi = min64(lo + plan.chunk, m.sizes[t]);
+  SpanPtrs<T> sp;
+  for (int s = 0; s < kMaxSlots; ++s)
+    sp.p[s] = (plan.slot_mask & (1u << s)) ? static_cast<T*>(m.ptrs[t * kMaxSlots + s]) : nullptr;
+  span_body<T>(sp, plan.slot_mask, t, lo, hi, tid, nthreads, v);
 }
 
 // The whole kernel body of thread (block_idx, thread_idx): its block's chunks, grid-stride.

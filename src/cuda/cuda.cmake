@@ -3,12 +3,21 @@
 #   -DFASTOPTIM_CUDA=AUTO  (default) build it when check_language(CUDA) finds a working nvcc
 #   -DFASTOPTIM_CUDA=ON    build it or fail the configure step
 #   -DFASTOPTIM_CUDA=OFF   never build it (device arrays then raise TypeError)
-#   -DCMAKE_CUDA_ARCHITECTURES=...   default "80;90": SASS for sm_80 and sm_90 plus PTX for
-#                                    both (newer GPUs JIT-compile the compute_90 PTX)
+#   -DCMAKE_CUDA_ARCHITECTURES=...   default "75-real;80-real;90": SASS for sm_75 (T4),
+#                                    sm_80 (A100) and sm_90 (H100), plus compute_90 PTX that
+#                                    newer GPUs (Blackwell, ...) JIT-compile at first use
 #
 # Either way the module gets the host-only pieces: cuda_api.h's functions (the real ones from
-# cuda_backend.cu, or cuda_stub.cpp) and the launch-plan test hook (plan_hooks.cpp). The CUDA
-# runtime is linked statically, so the module imports on a machine without a GPU driver.
+# cuda_backend.cu, or cuda_stub.cpp) and the launch-plan test hooks (plan_hooks.cpp).
+#
+# Note [runtime policy]
+# The CUDA runtime is linked statically, so the module imports on a machine without a GPU
+# driver, and the driver it needs is the one of the toolkit it was built with: CUDA 13.x needs
+# a driver of branch r580 or newer (CUDA minor version compatibility covers all of 13.x), a
+# CUDA 12.x build r525 or newer; the kernels' parameter blocks of up to 32,764 bytes (Note
+# [launch groups] in src/cpp/launch_plan.h) need CUDA 12.1 and sm_70, hence nvcc >= 12.1 and no
+# architecture below sm_70. A wheel for older drivers is a build with a 12.x toolkit (nothing
+# in the sources depends on 13); docs/cuda.md says which driver each needs.
 
 set(FASTOPTIM_CUDA "AUTO" CACHE STRING "Build the CUDA backend: AUTO, ON or OFF")
 set_property(CACHE FASTOPTIM_CUDA PROPERTY STRINGS AUTO ON OFF)
@@ -27,7 +36,8 @@ if(NOT _fo_cuda_mode STREQUAL "OFF")
     set(_fo_user_host_compiler "${CMAKE_CUDA_HOST_COMPILER}")
   endif()
   if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES AND NOT DEFINED ENV{CUDAARCHS})
-    set(CMAKE_CUDA_ARCHITECTURES "80;90" CACHE STRING "CUDA architectures of the fastoptim kernels")
+    set(CMAKE_CUDA_ARCHITECTURES "75-real;80-real;90" CACHE STRING
+        "CUDA architectures of the fastoptim kernels")
   endif()
   include(CheckLanguage)
   check_language(CUDA)
@@ -37,8 +47,9 @@ if(NOT _fo_cuda_mode STREQUAL "OFF")
   endif()
   if(CMAKE_CUDA_COMPILER)
     enable_language(CUDA)
-    if(CMAKE_CUDA_COMPILER_VERSION VERSION_LESS 12.0)
-      set(_fo_cuda_why "nvcc ${CMAKE_CUDA_COMPILER_VERSION} is older than 12.0")
+    if(CMAKE_CUDA_COMPILER_VERSION VERSION_LESS 12.1)
+      set(_fo_cuda_why "nvcc ${CMAKE_CUDA_COMPILER_VERSION} is older than 12.1 (kernel parameters "
+                       "of 32,764 bytes, Note [runtime policy])")
     else()
       set(_fo_cuda_build ON)
     endif()
@@ -103,9 +114,15 @@ set_target_properties(_core PROPERTIES
   CUDA_SEPARABLE_COMPILATION OFF
   CUDA_VISIBILITY_PRESET hidden)
 string(REPLACE ";" "," _fo_archs "${CMAKE_CUDA_ARCHITECTURES}")
-target_compile_definitions(_core PRIVATE FASTOPTIM_HAVE_CUDA=1 "FASTOPTIM_CUDA_ARCHS=\"${_fo_archs}\"")
+target_compile_definitions(_core PRIVATE FASTOPTIM_HAVE_CUDA=1)
+# Only the file that reports it: a change of architectures must not recompile the CPU kernels.
+set_source_files_properties(src/cuda/cuda_backend.cu PROPERTIES
+  COMPILE_DEFINITIONS "FASTOPTIM_CUDA_ARCHS=\"${_fo_archs}\"")
 # Note [bitwise identical paths] (src/cpp/vec.h): nvcc contracts a*b+c into fma by default;
 # --fmad=false keeps the rules' explicit vfma the only fused operations, so a GPU thread
 # rounds exactly like the scalar C++ path. Division and sqrt stay IEEE (no fast math).
+# -Xfatbin=-compress-all: each kernel with the large parameter block (Note [launch groups])
+# carries its ~32-39 KB constant bank image, zeros, in the cubin; compressed, the module's
+# .nv_fatbin shrinks about 12x (35 MB -> ~3 MB measured); the driver decompresses once at load.
 target_compile_options(_core PRIVATE
-  "$<$<COMPILE_LANGUAGE:CUDA>:--fmad=false;-Xcompiler=-ffp-contract=off,-fno-math-errno,-Wall,-Wextra>")
+  "$<$<COMPILE_LANGUAGE:CUDA>:--fmad=false;-Xfatbin=-compress-all;-Xcompiler=-ffp-contract=off,-fno-math-errno,-Wall,-Wextra>")

@@ -36,10 +36,12 @@ RuntimeInfo runtime_info();
 // Throws std::runtime_error unless the CUDA runtime reports at least one device.
 void require_device();
 
-// Where a pointer lives, from cudaPointerGetAttributes.
+// Where a pointer lives, and the CUDA allocation holding it ([p, p + 1) where the driver gives
+// no range), from the driver's cuPointerGetAttributes (no context needed, none created).
 struct PointerInfo {
   bool device_memory = false;  // device or managed memory
   int device = -1;
+  uintptr_t base = 0, end = 0;
 };
 PointerInfo pointer_info(const void* p);
 
@@ -56,16 +58,20 @@ struct Launch {
   const void* args;           // the rule's Args (rules.h)
   int device;                 // every array's device (checked by the caller)
   uintptr_t stream;           // params[0]'s stream: the launch stream
-  std::vector<uintptr_t> wait_streams;  // other arrays' streams, waited on before the launch
+  std::vector<uintptr_t> wait_streams;   // other arrays' streams (Note [stream joins])
+  std::vector<std::string> wait_names;   // the first array reporting each, for messages
 };
 
-// Enqueues the update on `stream` (asynchronous, like any CUDA op). Thread-safe.
+// Enqueues the update on `stream` (asynchronous, like any CUDA op): one launch per group of
+// tensors (Note [launch groups] in launch_plan.h), ordered with wait_streams both ways, also
+// inside a CUDA graph capture (Note [graph capture] in host_logic.h). Thread-safe.
 void launch(const Launch& l);
 
 // Test hook (emulate.cpp, CUDA builds only): the kernel body of `launch`, run on the CPU over
-// host arrays, block after block and thread after thread; chunk/block/grid 0 = the launcher's.
+// host arrays, group after group, block after block and thread after thread; chunk/block/grid
+// 0 = the launcher's, group 0 = the launcher's group size (plan::kGroupLarge).
 void emulate(RuleId rule, unsigned mask, Format format, const Batch& b, const void* args,
-             int sm_count, int64_t chunk, int64_t block, int64_t grid);
+             int sm_count, int64_t chunk, int64_t block, int64_t grid, int64_t group);
 
 }  // namespace cuda
 }  // namespace fastoptim

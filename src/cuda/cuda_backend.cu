@@ -1,30 +1,33 @@
 // cuda_backend.cu: the host side of the CUDA backend (cuda_api.h): device queries, the
-// metadata buffers, streams, and ONE kernel launch per call.
+// current device, streams, and the launches of a call.
 //
 // Note [static runtime]
 // The module links the CUDA runtime statically (cuda.cmake), so it imports on a machine
 // without a GPU driver; the first runtime call there fails and is reported (info(), or a
 // RuntimeError when device arrays are passed). This runtime is not the one CuPy or torch
 // load, but all of them use the driver's primary context of each device, so memory and
-// streams are shared. The current device is per thread and also shared: launch() switches
-// to the arrays' device and switches back.
+// streams are shared. The current context is per thread and also shared: launch() switches
+// to the arrays' device and restores the thread's previous context (Note [current device] in
+// host_logic.h).
 //
-// Note [metadata ring]
-// Calls with more than kInlineTensors tensors copy their metadata (offsets and pointers,
-// 48 bytes per tensor) from pinned host memory to device memory with cudaMemcpyAsync on the
-// launch stream, right before the launch. Each device has kRing such buffer pairs, used in
-// turn; an event recorded after the launch marks when a pair may be reused, so the host
-// never overwrites a buffer that a copy or kernel still reads, whatever stream the next call
-// uses. The host waits only when it is kRing calls ahead of the device.
+// Note [stream joins]
+// The launch stream is params[0]'s. Every other stream an array reports (CUDA Array Interface
+// v3) is joined both ways: the launch stream waits for it before the first kernel (its
+// producer's work on the array is done), and it waits for the launch stream after the last
+// kernel (work that the user queues there next, such as zeroing or freeing the gradients,
+// cannot overtake the update). Each join is an event record + cudaStreamWaitEvent, which a
+// graph capture records as an edge (Note [graph capture] in host_logic.h). Nothing here
+// allocates, copies or synchronizes: a call only enqueues.
+#include <cuda.h>
 #include <cuda_runtime.h>
 
-#include <cstring>
 #include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "cuda_api.h"
+#include "host_logic.h"
 #include "kernels.cuh"
 
 #ifndef FASTOPTIM_CUDA_ARCHS
@@ -35,8 +38,6 @@ namespace fastoptim {
 namespace cuda {
 namespace {
 
-constexpr int kRing = 16;
-
 [[noreturn]] void fail(const char* what, cudaError_t e) {
   cudaGetLastError();  // clear a non-sticky error so it is not reported again by a later call
   throw std::runtime_error(std::string("fastoptim CUDA: ") + what + " failed: " +
@@ -46,20 +47,11 @@ void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) fail(what, e);
 }
 
-struct MetaBuffers {
-  char* host = nullptr;  // pinned
-  char* dev = nullptr;
-  size_t cap = 0;
-  cudaEvent_t done = nullptr;
-  bool pending = false;  // `done` was recorded after the last use
-};
-
 struct DeviceState {
   bool ready = false;
   int sm_count = 0;
-  cudaEvent_t wait_event = nullptr;  // for cross-stream waits
-  MetaBuffers ring[kRing];
-  int next = 0;
+  cudaEvent_t join = nullptr;           // Note [stream joins], outside a capture
+  cudaEvent_t join_captured = nullptr;  // ... inside one (never mixed with uncaptured use)
 };
 
 // Process lifetime: never freed (a static destructor may run after the runtime has gone).
@@ -78,33 +70,70 @@ DeviceState& device_state(int device) {
   if (!d.ready) {  // the caller made `device` current
     check(cudaDeviceGetAttribute(&d.sm_count, cudaDevAttrMultiProcessorCount, device),
           "cudaDeviceGetAttribute(MultiProcessorCount)");
-    check(cudaEventCreateWithFlags(&d.wait_event, cudaEventDisableTiming), "cudaEventCreate");
-    for (MetaBuffers& b : d.ring)
-      check(cudaEventCreateWithFlags(&b.done, cudaEventDisableTiming), "cudaEventCreate");
+    check(cudaEventCreateWithFlags(&d.join, cudaEventDisableTiming), "cudaEventCreate");
+    check(cudaEventCreateWithFlags(&d.join_captured, cudaEventDisableTiming), "cudaEventCreate");
     d.ready = true;
   }
   return d;
 }
 
-// Makes `device` current for the scope of a launch, then restores the caller's device.
+// The driver functions the runtime does not wrap, through the runtime (no link to libcuda,
+// which the static runtime loads itself): Note [current device] in host_logic.h, and the
+// allocation ranges of pointer_info.
+struct Driver {
+  CUresult(CUDAAPI* ctx_get)(CUcontext*) = nullptr;
+  CUresult(CUDAAPI* ctx_set)(CUcontext) = nullptr;
+  CUresult(CUDAAPI* ctx_device)(CUdevice*) = nullptr;
+  CUresult(CUDAAPI* pointer_attributes)(unsigned, CUpointer_attribute*, void**, CUdeviceptr) = nullptr;
+};
+Driver load_driver() {
+  Driver r;
+  const auto load = [](const char* name, void** fn) {
+    cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
+    check(cudaGetDriverEntryPointByVersion(name, fn, 12000, cudaEnableDefault, &q),
+          "cudaGetDriverEntryPointByVersion");
+    if (q != cudaDriverEntryPointSuccess || !*fn)
+      throw std::runtime_error(std::string("fastoptim CUDA: the driver has no ") + name);
+  };
+  load("cuCtxGetCurrent", reinterpret_cast<void**>(&r.ctx_get));
+  load("cuCtxSetCurrent", reinterpret_cast<void**>(&r.ctx_set));
+  load("cuCtxGetDevice", reinterpret_cast<void**>(&r.ctx_device));
+  load("cuPointerGetAttributes", reinterpret_cast<void**>(&r.pointer_attributes));
+  return r;
+}
+const Driver& driver() {
+  static const Driver d = load_driver();  // thread-safe; retried if it threw
+  return d;
+}
+
+void check_driver(CUresult e, const char* what) {
+  if (e != CUDA_SUCCESS)
+    throw std::runtime_error(std::string("fastoptim CUDA: ") + what + " failed: CUresult " +
+                             std::to_string(static_cast<int>(e)));
+}
+
+// Makes `device` current for the scope of a launch, then restores the thread's previous
+// driver context, none included (Note [current device] in host_logic.h).
 class DeviceGuard {
  public:
   explicit DeviceGuard(int device) {
-    check(cudaGetDevice(&prev_), "cudaGetDevice");
-    if (prev_ == device) {
-      prev_ = -1;
-    } else {
-      check(cudaSetDevice(device), "cudaSetDevice");
-    }
+    const Driver& d = driver();
+    check_driver(d.ctx_get(&saved_), "cuCtxGetCurrent");
+    CUdevice current = -1;
+    if (saved_) check_driver(d.ctx_device(&current), "cuCtxGetDevice");
+    const DeviceSwitch sw = device_switch(saved_ != nullptr, static_cast<int>(current), device);
+    if (sw.set_device) check(cudaSetDevice(device), "cudaSetDevice");
+    restore_ = sw.restore_context;
   }
   ~DeviceGuard() {
-    if (prev_ >= 0) cudaSetDevice(prev_);
+    if (restore_) driver().ctx_set(saved_);
   }
   DeviceGuard(const DeviceGuard&) = delete;
   DeviceGuard& operator=(const DeviceGuard&) = delete;
 
  private:
-  int prev_ = -1;
+  CUcontext saved_ = nullptr;
+  bool restore_ = false;
 };
 
 cudaStream_t to_stream(uintptr_t s) {
@@ -116,12 +145,16 @@ cudaStream_t to_stream(uintptr_t s) {
   }
 }
 
-// Host layout of the metadata: offsets[n + 1], then ptrs[n * kMaxSlots].
-void fill_meta(const Batch& b, int64_t* offsets, void** ptrs) {
-  const int64_t n = b.n_tensors;
-  std::memcpy(offsets, b.offsets, static_cast<size_t>(n + 1) * sizeof(int64_t));
-  for (int64_t t = 0; t < n; ++t)
-    for (int s = 0; s < kMaxSlots; ++s) ptrs[t * kMaxSlots + s] = b.slots[s] ? b.slots[s][t] : nullptr;
+StreamCapture capture_of(cudaStream_t s) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  unsigned long long id = 0;
+  check(cudaStreamGetCaptureInfo(s, &status, &id), "cudaStreamGetCaptureInfo");
+  StreamCapture c;
+  c.status = status == cudaStreamCaptureStatusActive       ? Capture::kActive
+             : status == cudaStreamCaptureStatusInvalidated ? Capture::kInvalidated
+                                                            : Capture::kNone;
+  c.id = id;
+  return c;
 }
 
 }  // namespace
@@ -168,76 +201,86 @@ void require_device() {
     throw std::runtime_error("fastoptim CUDA: CUDA arrays were passed but no CUDA device was found");
 }
 
+// The driver's cuPointerGetAttributes, not cudaPointerGetAttributes: a runtime call may make
+// the current device's primary context current in a thread that has none (creating it on
+// device 0), which is what Note [current device] avoids; the driver query needs no context.
+// A pointer that CUDA does not know gets the attributes' null values (not device memory).
 PointerInfo pointer_info(const void* p) {
-  cudaPointerAttributes a;
-  check(cudaPointerGetAttributes(&a, p), "cudaPointerGetAttributes");
+  CUpointer_attribute attrs[] = {CU_POINTER_ATTRIBUTE_MEMORY_TYPE, CU_POINTER_ATTRIBUTE_IS_MANAGED,
+                                 CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+                                 CU_POINTER_ATTRIBUTE_RANGE_START_ADDR,
+                                 CU_POINTER_ATTRIBUTE_RANGE_SIZE};
+  constexpr unsigned kN = sizeof(attrs) / sizeof(attrs[0]);
+  // Zeroed 8-byte slots: each attribute writes 1 (bool), 4 (enum, int) or 8 bytes, and the
+  // low bytes are read back (little-endian x86-64 / aarch64).
+  uint64_t v[kN] = {};
+  void* data[kN];
+  for (unsigned k = 0; k < kN; ++k) data[k] = &v[k];
+  const auto ptr = static_cast<CUdeviceptr>(reinterpret_cast<uintptr_t>(p));
+  check_driver(driver().pointer_attributes(kN, attrs, data, ptr), "cuPointerGetAttributes");
   PointerInfo r;
-  r.device_memory = a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged;
-  r.device = a.device;
+  const auto memory_type = static_cast<uint32_t>(v[0]);
+  const bool managed = static_cast<uint8_t>(v[1]) != 0;
+  r.device_memory = memory_type == CU_MEMORYTYPE_DEVICE || managed;
+  r.device = static_cast<int32_t>(static_cast<uint32_t>(v[2]));
+  r.base = reinterpret_cast<uintptr_t>(p);
+  r.end = r.base + 1;
+  const uintptr_t base = static_cast<uintptr_t>(v[3]), size = static_cast<uintptr_t>(v[4]);
+  if (r.device_memory && size > 0 && base <= r.base && r.base < base + size) {
+    r.base = base;
+    r.end = base + size;
+  }
   return r;
 }
 
+[[noreturn]] void throw_launch_error(cudaError_t e) { fail("kernel launch", e); }
+
 void launch(const Launch& l) {
   const Batch& b = *l.batch;
-  const int64_t n = b.n_tensors;
-  const int64_t total = b.offsets[n];
-  if (total == 0) return;
+  if (b.offsets[b.n_tensors] == 0) return;
   std::lock_guard<std::mutex> lock(g_mutex);
   DeviceGuard guard(l.device);
   DeviceState& ds = device_state(l.device);
   const cudaStream_t stream = to_stream(l.stream);
-  // CUDA Array Interface v3: work on an array must be ordered after its producer's stream.
-  for (uintptr_t w : l.wait_streams) {
-    check(cudaEventRecord(ds.wait_event, to_stream(w)), "cudaEventRecord");
-    check(cudaStreamWaitEvent(stream, ds.wait_event, 0), "cudaStreamWaitEvent");
-  }
+  const size_t n_waits = l.wait_streams.size();
 
+  // Note [graph capture]: refuse, before enqueuing anything, joins that CUDA would reject.
+  const StreamCapture own = capture_of(stream);
+  std::vector<StreamCapture> waits(n_waits);
+  for (size_t k = 0; k < n_waits; ++k) waits[k] = capture_of(to_stream(l.wait_streams[k]));
+  const std::string problem = capture_problem(own, waits.data(), l.wait_names.data(), n_waits);
+  if (!problem.empty()) throw std::runtime_error("fastoptim CUDA: " + problem);
+  const cudaEvent_t join = own.status == Capture::kActive ? ds.join_captured : ds.join;
+
+  // Note [stream joins]: before ...
+  for (uintptr_t w : l.wait_streams) {
+    check(cudaEventRecord(join, to_stream(w)), "cudaEventRecord");
+    check(cudaStreamWaitEvent(stream, join, 0), "cudaStreamWaitEvent");
+  }
+  const auto join_back = [&] {
+    if (n_waits == 0) return cudaSuccess;
+    cudaError_t e = cudaEventRecord(join, stream);
+    for (size_t k = 0; k < n_waits && e == cudaSuccess; ++k)
+      e = cudaStreamWaitEvent(to_stream(l.wait_streams[k]), join, 0);
+    return e;
+  };
   LaunchCtx ctx;
-  ctx.plan = plan::make_plan(total, n, 0, ds.sm_count);
   ctx.format = l.format;
   ctx.mask = l.mask;
   ctx.args = l.args;
   ctx.stream = stream;
-  InlineMeta inl{};
-  MetaBuffers* mb = nullptr;
-  if (n <= kInlineTensors) {
-    fill_meta(b, inl.offsets, inl.ptrs);
-    ctx.inl = &inl;
-  } else {  // Note [metadata ring]
-    mb = &ds.ring[ds.next];
-    ds.next = (ds.next + 1) % kRing;
-    if (mb->pending) {
-      check(cudaEventSynchronize(mb->done), "cudaEventSynchronize");
-      mb->pending = false;
-    }
-    const size_t bytes = static_cast<size_t>(n + 1) * sizeof(int64_t) +
-                         static_cast<size_t>(n) * kMaxSlots * sizeof(void*);
-    if (bytes > mb->cap) {
-      size_t cap = mb->cap ? mb->cap : 64 * 1024;
-      while (cap < bytes) cap *= 2;
-      if (mb->host) check(cudaFreeHost(mb->host), "cudaFreeHost");
-      if (mb->dev) check(cudaFree(mb->dev), "cudaFree");
-      mb->host = nullptr;
-      mb->dev = nullptr;
-      mb->cap = 0;
-      check(cudaMallocHost(reinterpret_cast<void**>(&mb->host), cap), "cudaMallocHost");
-      check(cudaMalloc(reinterpret_cast<void**>(&mb->dev), cap), "cudaMalloc");
-      mb->cap = cap;
-    }
-    auto* h_off = reinterpret_cast<int64_t*>(mb->host);
-    auto* h_ptr = reinterpret_cast<void**>(h_off + n + 1);
-    fill_meta(b, h_off, h_ptr);
-    check(cudaMemcpyAsync(mb->dev, mb->host, bytes, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync");
-    ctx.dev_offsets = reinterpret_cast<const int64_t*>(mb->dev);
-    ctx.dev_ptrs = reinterpret_cast<void* const*>(ctx.dev_offsets + n + 1);
+  ctx.sm_count = ds.sm_count;
+  ctx.n_tensors = b.n_tensors;
+  ctx.offsets = b.offsets;
+  ctx.slots = b.slots;
+  try {
+    if (!launch_any_shard(l.rule, ctx)) throw std::logic_error("fastoptim CUDA: no launcher for rule");
+  } catch (...) {
+    join_back();  // the groups already enqueued stay ordered with the other streams
+    throw;
   }
-  if (!launch_any_shard(l.rule, ctx)) throw std::logic_error("fastoptim CUDA: no launcher for rule");
-  const cudaError_t launched = cudaGetLastError();
-  if (mb) {  // after the copy (and the kernel, if it was launched): the buffers' release point
-    check(cudaEventRecord(mb->done, stream), "cudaEventRecord");
-    mb->pending = true;
-  }
-  check(launched, "kernel launch");
+  // ... and after.
+  check(join_back(), "joining the arrays' streams after the update");
 }
 
 }  // namespace cuda

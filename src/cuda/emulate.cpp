@@ -1,12 +1,15 @@
-// emulate.cpp: cuda::emulate (cuda_api.h), the CUDA kernel body run on the CPU over host arrays.
+// emulate.cpp: cuda::emulate (cuda_api.h), the CUDA kernels of a call run on the CPU over
+// host arrays.
 //
-// The launch plan (src/cpp/launch_plan.h), RuleVisitor (rule_visitor.h) and the variant
-// dispatch (rule_api.h's dispatch_mask) are the code the CUDA kernel is made of; here they run
-// with host loads and stores, thread after thread. That equals the parallel kernel because
-// every element belongs to exactly one thread (tests/test_launch_plan.py proves it), so the
-// tests can compare the result bit for bit with the CPU kernels. The bindings validate the call
-// exactly as for a real update (_core._emulate_kernel). Built only with the CUDA backend (there
-// is nothing to emulate otherwise), and at -O0 (cuda.cmake): a test hook, compiled for every rule.
+// The launch groups and plan (src/cpp/launch_plan.h: for_each_group, fill_group,
+// block_body), RuleVisitor (rule_visitor.h) and the variant dispatch (rule_api.h's
+// dispatch_mask) are the code the CUDA launcher and kernel are made of; here they run with host
+// loads and stores, launch after launch and thread after thread. That equals the parallel
+// kernels because every element belongs to exactly one thread of one launch
+// (tests/test_launch_plan.py proves it), so the tests can compare the result bit for bit with
+// the CPU kernels. The bindings validate the call exactly as for a real update
+// (_core._emulate_kernel). Built only with the CUDA backend (there is nothing to emulate
+// otherwise), and at -O0 (cuda.cmake): a test hook, compiled for every rule.
 #include <cstdint>
 #include <vector>
 
@@ -18,27 +21,43 @@ namespace fastoptim {
 namespace cuda {
 namespace {
 
+struct Geometry {
+  int sm_count;
+  int64_t chunk, block, grid, group;
+};
+
 template <class Rule, class T, class Args>
-void emulate_typed(plan::LaunchPlan p, const plan::MetaView& m, const Args& a) {
-  p.slot_mask = Rule::kReads | Rule::kWrites;
+void emulate_typed(const Batch& b, const Geometry& g, const Args& a) {
   const typename Rule::template Consts<T> c(a);  // built on the host, as the launcher does
   RuleVisitor<Rule, T> v{c};
-  for (uint32_t b = 0; b < p.grid; ++b)
-    for (uint32_t tid = 0; tid < p.block; ++tid) plan::block_body<T>(p, m, b, tid, p.block, p.grid, v);
-}
-
-template <class D>
-void emulate_rule(unsigned mask, Format format, const plan::LaunchPlan& p, const plan::MetaView& m,
-                  const void* args) {
-  const auto& a = *static_cast<const typename D::Args*>(args);
-  dispatch_mask<D>(mask, [&](auto tag) {
-    using Rule = typename decltype(tag)::type;
-    if (format == kF64) emulate_typed<Rule, double>(p, m, a);
-    else emulate_typed<Rule, float>(p, m, a);
+  std::vector<int64_t> sizes, starts;
+  std::vector<void*> ptrs;
+  plan::for_each_group(b.offsets, b.n_tensors, g.group, [&](const int64_t* tensors, int64_t count) {
+    sizes.resize(count);
+    starts.resize(count + 1);
+    ptrs.resize(count * kMaxSlots);
+    const plan::LaunchPlan p =
+        override_geometry(plan::fill_group(b.offsets, b.slots, tensors, count,
+                                           Rule::kReads | Rule::kWrites, g.chunk, g.sm_count,
+                                           sizes.data(), starts.data(), ptrs.data()),
+                          g.block, g.grid);
+    const plan::MetaView m{sizes.data(), starts.data(), ptrs.data()};
+    for (uint32_t blk = 0; blk < p.grid; ++blk)
+      for (uint32_t tid = 0; tid < p.block; ++tid) plan::block_body<T>(p, m, blk, tid, p.block, p.grid, v);
   });
 }
 
-using EmulateFn = void (*)(unsigned, Format, const plan::LaunchPlan&, const plan::MetaView&, const void*);
+template <class D>
+void emulate_rule(unsigned mask, Format format, const Batch& b, const Geometry& g, const void* args) {
+  const auto& a = *static_cast<const typename D::Args*>(args);
+  dispatch_mask<D>(mask, [&](auto tag) {
+    using Rule = typename decltype(tag)::type;
+    if (format == kF64) emulate_typed<Rule, double>(b, g, a);
+    else emulate_typed<Rule, float>(b, g, a);
+  });
+}
+
+using EmulateFn = void (*)(unsigned, Format, const Batch&, const Geometry&, const void*);
 #define FO_EMULATE_ENTRY(D) &emulate_rule<D>,
 constexpr EmulateFn kEmulate[kNumRules] = {FO_RULES(FO_EMULATE_ENTRY)};
 #undef FO_EMULATE_ENTRY
@@ -46,14 +65,11 @@ constexpr EmulateFn kEmulate[kNumRules] = {FO_RULES(FO_EMULATE_ENTRY)};
 }  // namespace
 
 void emulate(RuleId rule, unsigned mask, Format format, const Batch& b, const void* args,
-             int sm_count, int64_t chunk, int64_t block, int64_t grid) {
-  const int64_t n = b.n_tensors;
-  std::vector<void*> ptrs(static_cast<size_t>(n) * kMaxSlots, nullptr);
-  for (int64_t t = 0; t < n; ++t)
-    for (int s = 0; s < kMaxSlots; ++s) ptrs[t * kMaxSlots + s] = b.slots[s] ? b.slots[s][t] : nullptr;
-  const plan::LaunchPlan p = geometry(b.offsets[n], n, 0, sm_count, chunk, block, grid);
-  const plan::MetaView m{b.offsets, ptrs.data()};
-  kEmulate[rule](mask, format, p, m, args);
+             int sm_count, int64_t chunk, int64_t block, int64_t grid, int64_t group) {
+  check_geometry(chunk, block, grid, group);
+  const Geometry g{sm_count, chunk > 0 ? chunk : plan::kChunk, block, grid,
+                   group > 0 ? group : plan::kGroupLarge};
+  kEmulate[rule](mask, format, b, g, args);
 }
 
 }  // namespace cuda

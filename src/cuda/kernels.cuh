@@ -1,24 +1,28 @@
 // kernels.cuh: the CUDA kernel that runs a rule of rules.h over a multi-tensor call.
 //
-// One kernel template per (rule instantiation, float type). Its body is plan::block_body of
-// src/cpp/launch_plan.h (the grid walk the CPU tests execute) with RuleVisitor of
-// rule_visitor.h, which loads the rule's slots, calls Rule::apply<T> (T = float or double, one
-// lane at a time: the same text as the scalar C++ path), and stores the written slots; the
-// tests run that same body on the CPU (_core._emulate_kernel). Per-step scalars arrive
-// precomputed in Rule::Consts<T>, built once on the host (Note [bitwise identical paths] in
-// vec.h: the CUDA sources are compiled with --fmad=false, so a GPU thread rounds exactly like
-// the CPU).
+// One kernel template per (rule instantiation, float type, group capacity). Its body is
+// plan::block_body of src/cpp/launch_plan.h (the grid walk the CPU tests execute) with
+// RuleVisitor of rule_visitor.h, which loads the rule's slots, calls Rule::apply<T> (T = float
+// or double, one lane at a time: the same text as the scalar C++ path), and stores the written
+// slots; the tests run that same body on the CPU (_core._emulate_kernel). Per-step scalars
+// arrive precomputed in Rule::Consts<T>, built once on the host (Note [bitwise identical paths]
+// in vec.h: the CUDA sources are compiled with --fmad=false, so a GPU thread rounds exactly
+// like the CPU).
 //
-// Note [metadata]
-// The kernel reads offsets[n + 1] and ptrs[n * kMaxSlots] (plan::MetaView). For at most
-// kInlineTensors tensors they travel inside the kernel's parameters (__grid_constant__, no
-// copy); above that the backend copies them into a persistent device buffer with
-// cudaMemcpyAsync on the launch stream just before the launch (cuda_backend.cu).
+// Note [metadata in the parameters]
+// The kernel reads its tensors' sizes, first chunks and slot pointers (plan::MetaView) from its
+// own parameters (__grid_constant__: read in place from the constant bank, never copied to a
+// thread's registers or local memory). A call is one launch per group of at most
+// plan::kGroupLarge non-empty tensors (Note [launch groups] in launch_plan.h), all on the
+// call's stream: no host buffer, no device buffer, no host-to-device copy, and so nothing that
+// a CUDA graph capture could record by address. A group of at most plan::kGroupSmall tensors
+// uses the instantiation with the small parameter block.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <memory>
 
 #include "../cpp/kernel_api.h"
 #include "../cpp/launch_plan.h"
@@ -27,53 +31,69 @@
 namespace fastoptim {
 namespace cuda {
 
-constexpr int64_t kInlineTensors = 8;
+// Kernel parameter space on sm_70+ with CUDA 12.1+ (the CUDA Programming Guide's limit).
+constexpr size_t kMaxParamBytes = 32764;
 
-struct InlineMeta {
-  int64_t offsets[kInlineTensors + 1];
-  void* ptrs[kInlineTensors * kMaxSlots];
+// Throws the std::runtime_error of a failed launch (cuda_backend.cu).
+[[noreturn]] void throw_launch_error(cudaError_t e);
+
+template <int64_t Cap> struct GroupMeta {
+  int64_t sizes[Cap];
+  int64_t chunk_starts[Cap + 1];
+  void* ptrs[Cap * kMaxSlots];
 };
 
 // What the backend hands to a rule's launcher (one per call).
 struct LaunchCtx {
-  plan::LaunchPlan plan;                  // slot_mask is set by launch_typed
-  Format format;                          // kF32 or kF64 (the formats CUDA runs)
-  unsigned mask;                          // the rule's variant (rule_api.h)
-  const void* args;                       // the rule's Args
+  Format format;                // kF32 or kF64 (the formats CUDA runs)
+  unsigned mask;                // the rule's variant (rule_api.h)
+  const void* args;             // the rule's Args
   cudaStream_t stream;
-  const int64_t* dev_offsets = nullptr;   // device metadata, or null when `inl` is used
-  void* const* dev_ptrs = nullptr;
-  const InlineMeta* inl = nullptr;        // host copy, passed by value in the parameters
+  int sm_count;
+  int64_t n_tensors;            // the call's tensors (Batch)
+  const int64_t* offsets;       // [n_tensors + 1]
+  void* const* const* slots;    // slots[s][t], slots[s] null for a slot the call has not
 };
 
-template <class Rule, class T> struct KernelArgs {
+template <class Rule, class T, int64_t Cap> struct KernelArgs {
   plan::LaunchPlan plan;
   typename Rule::template Consts<T> c;
-  const int64_t* offsets;  // null: the metadata is `inl`
-  void* const* ptrs;
-  InlineMeta inl;
-
-  template <class Args>
-  KernelArgs(const LaunchCtx& ctx, const Args& a)
-      : plan(ctx.plan), c(a), offsets(ctx.dev_offsets), ptrs(ctx.dev_ptrs), inl() {
-    if (ctx.inl) inl = *ctx.inl;
-    plan.slot_mask = Rule::kReads | Rule::kWrites;
-  }
+  GroupMeta<Cap> meta;
+  explicit KernelArgs(const typename Rule::template Consts<T>& consts) : c(consts) {}
 };
 
-template <class Rule, class T>
+template <class Rule, class T, int64_t Cap>
 __global__ void __launch_bounds__(plan::kBlockThreads)
-update_kernel(const __grid_constant__ KernelArgs<Rule, T> a) {
-  const plan::MetaView m = a.offsets ? plan::MetaView{a.offsets, a.ptrs}
-                                     : plan::MetaView{a.inl.offsets, a.inl.ptrs};
+update_kernel(const __grid_constant__ KernelArgs<Rule, T, Cap> a) {
+  const plan::MetaView m{a.meta.sizes, a.meta.chunk_starts, a.meta.ptrs};
   RuleVisitor<Rule, T> v{a.c};
   plan::block_body<T>(a.plan, m, blockIdx.x, threadIdx.x, blockDim.x, gridDim.x, v);
 }
 
-template <class Rule, class T, class Args>
-void launch_typed(const LaunchCtx& ctx, const Args& a) {
-  const KernelArgs<Rule, T> ka(ctx, a);
-  update_kernel<Rule, T><<<ctx.plan.grid, ctx.plan.block, 0, ctx.stream>>>(ka);
+// One launch: the group `tensors[0 .. count)` of the call's tensors, count <= Cap.
+template <class Rule, class T, int64_t Cap>
+void launch_group(const LaunchCtx& ctx, const typename Rule::template Consts<T>& c,
+                  const int64_t* tensors, int64_t count) {
+  using Params = KernelArgs<Rule, T, Cap>;
+  static_assert(sizeof(Params) <= kMaxParamBytes, "kernel parameters exceed 32,764 bytes");
+  const auto a = std::make_unique<Params>(c);  // up to 32 KB: not on the caller's stack
+  a->plan = plan::fill_group(ctx.offsets, ctx.slots, tensors, count, Rule::kReads | Rule::kWrites,
+                             plan::kChunk, ctx.sm_count, a->meta.sizes, a->meta.chunk_starts,
+                             a->meta.ptrs);
+  update_kernel<Rule, T, Cap><<<a->plan.grid, a->plan.block, 0, ctx.stream>>>(*a);
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) throw_launch_error(e);
+}
+
+template <class Rule, class T, class Args> void launch_typed(const LaunchCtx& ctx, const Args& a) {
+  const typename Rule::template Consts<T> c(a);  // once per call, on the host
+  plan::for_each_group(ctx.offsets, ctx.n_tensors, plan::kGroupLarge,
+                       [&](const int64_t* tensors, int64_t count) {
+                         if (count <= plan::kGroupSmall)
+                           launch_group<Rule, T, plan::kGroupSmall>(ctx, c, tensors, count);
+                         else
+                           launch_group<Rule, T, plan::kGroupLarge>(ctx, c, tensors, count);
+                       });
 }
 
 template <class Rule, class Args> void launch_rule(const LaunchCtx& ctx, const Args& a) {
@@ -81,7 +101,7 @@ template <class Rule, class Args> void launch_rule(const LaunchCtx& ctx, const A
   else launch_typed<Rule, float>(ctx, a);
 }
 
-// Rule D's launcher: the call's variant -> its instantiation (rule_api.h), then one launch.
+// Rule D's launcher: the call's variant -> its instantiation (rule_api.h), then its launches.
 template <class D> void launch_decl(const LaunchCtx& ctx) {
   const auto& a = *static_cast<const typename D::Args*>(ctx.args);
   dispatch_mask<D>(ctx.mask, [&](auto tag) { launch_rule<typename decltype(tag)::type>(ctx, a); });

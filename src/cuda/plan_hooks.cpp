@@ -1,12 +1,15 @@
 // plan_hooks.cpp: the CUDA kernel body executed on the CPU, for the tests. No CUDA is needed:
 // compiled by the host compiler into every build of _core.
 //
-// _core._plan_coverage runs plan::block_body (or plan::chunk_body for chosen chunks) of
-// src/cpp/launch_plan.h, the very code of the CUDA kernel, for every (block, thread) of the
-// grid, over FAKE device pointers (never dereferenced), with a visitor that records what each
+// _core._plan_coverage splits a call into launches as the launcher does (plan::for_each_group,
+// plan::fill_group) and runs plan::block_body (or plan::chunk_body for chosen chunks) of
+// src/cpp/launch_plan.h, the very code of the CUDA kernel, for every (block, thread) of every
+// launch, over FAKE device pointers (never dereferenced), with a visitor that records what each
 // thread would load and store. tests/test_launch_plan.py then proves that every element of
 // every tensor is visited exactly once, that every 16-byte access is 16-byte aligned in every
 // slot, and that each visit used its own tensor's pointers.
+//
+// _core._cuda_capture_problem and _core._cuda_device_switch expose host_logic.h's decisions.
 //
 // Builds with the CUDA backend also get _core._emulate_kernel (emulate.cpp).
 #include "plan_hooks.h"
@@ -20,6 +23,7 @@
 #include <vector>
 
 #include "../cpp/launch_plan.h"
+#include "host_logic.h"
 
 namespace py = pybind11;
 
@@ -37,12 +41,14 @@ struct Fake {
 struct Recorder {
   const Fake* fake;
   unsigned mask;
+  const int64_t* tensors = nullptr;  // the current launch's tensors (group-local t -> call's t)
   int32_t* counts = nullptr;      // dense walk: visits per global element
   std::vector<int64_t>* visits = nullptr;  // chunk walk: (tensor, index, width) triples
   int64_t scalar_visits = 0, vector_visits = 0, out_of_range = 0, misaligned = 0, wrong_ptrs = 0;
 
-  template <class T> void record(const plan::SpanPtrs<T>& sp, int64_t t, int64_t i, int64_t w) {
+  template <class T> void record(const plan::SpanPtrs<T>& sp, int64_t local, int64_t i, int64_t w) {
     const int64_t n = static_cast<int64_t>(fake->offsets.size()) - 1;
+    const int64_t t = tensors[local];
     if (t < 0 || t >= n || i < 0 || i + w > fake->offsets[t + 1] - fake->offsets[t]) {
       ++out_of_range;
       return;
@@ -89,18 +95,14 @@ void walk(const plan::LaunchPlan& p, const plan::MetaView& m, const std::vector<
 
 }  // namespace
 
-// The launcher's plan (make_plan), with chunk/block/grid overridden where > 0.
-plan::LaunchPlan geometry(int64_t total, int64_t n, unsigned slot_mask, int sm_count, int64_t chunk,
-                          int64_t block, int64_t grid) {
-  if (block < 0 || block > (int64_t{1} << 20) || grid < 0 || grid > (int64_t{1} << 31) || chunk < 0)
-    throw py::value_error("block, grid and chunk must be >= 0 (0: the launcher's choice)");
-  plan::LaunchPlan p = plan::make_plan(total, n, slot_mask, sm_count);
-  if (chunk > 0) {
-    p.chunk = chunk;
-    p.num_chunks = total > 0 ? (total + chunk - 1) / chunk : 0;
-    const int64_t cap = static_cast<int64_t>(sm_count > 0 ? sm_count : 1) * plan::kBlocksPerSm;
-    p.grid = static_cast<uint32_t>(p.num_chunks < cap ? p.num_chunks : cap);
-  }
+void check_geometry(int64_t chunk, int64_t block, int64_t grid, int64_t group) {
+  if (block < 0 || block > (int64_t{1} << 20) || grid < 0 || grid > (int64_t{1} << 31) ||
+      chunk < 0 || group < 0 || group > plan::kGroupLarge)
+    throw py::value_error("block, grid, chunk and group must be >= 0 (0: the launcher's choice), "
+                          "group at most " + std::to_string(plan::kGroupLarge));
+}
+
+plan::LaunchPlan override_geometry(plan::LaunchPlan p, int64_t block, int64_t grid) {
   if (block > 0) p.block = static_cast<uint32_t>(block);
   if (grid > 0 && p.num_chunks > 0) p.grid = static_cast<uint32_t>(grid);
   return p;
@@ -110,10 +112,13 @@ namespace {
 
 py::dict plan_coverage(const std::vector<int64_t>& sizes, py::object align_offsets, int itemsize,
                        unsigned slot_mask, int sm_count, int64_t chunk, int64_t block, int64_t grid,
-                       py::object chunks, py::object blocks) {
+                       int64_t group, py::object chunks, py::object blocks) {
   if (itemsize != 4 && itemsize != 8) throw py::value_error("itemsize must be 4 or 8");
   if (!(slot_mask & 1u) || slot_mask >= (1u << kMaxSlots))
     throw py::value_error("slot_mask must include slot 0 (param) and only slots 0..4");
+  check_geometry(chunk, block, grid, group);
+  if (chunk == 0) chunk = plan::kChunk;
+  if (group == 0) group = plan::kGroupLarge;
   const int64_t n = static_cast<int64_t>(sizes.size());
   Fake fake;
   fake.offsets.assign(1, 0);
@@ -141,30 +146,56 @@ py::dict plan_coverage(const std::vector<int64_t>& sizes, py::object align_offse
     }
   }
   fake.ptrs.assign(static_cast<size_t>(n * kMaxSlots), nullptr);
-  for (int64_t t = 0; t < n; ++t)
-    for (int s = 0; s < kMaxSlots; ++s) {
-      if (!(slot_mask & (1u << s))) continue;
+  std::vector<void*> slot_tables[kMaxSlots];
+  void* const* slots[kMaxSlots] = {};
+  for (int s = 0; s < kMaxSlots; ++s) {
+    if (!(slot_mask & (1u << s))) continue;
+    slot_tables[s].resize(static_cast<size_t>(n));
+    for (int64_t t = 0; t < n; ++t) {
       const uintptr_t start = kSlotSpacing * (s + 1) +
                               static_cast<uintptr_t>(fake.offsets[t]) * itemsize +
                               64u * static_cast<uintptr_t>(t);
       const uintptr_t aligned = (start + 63u) & ~uintptr_t{63};
-      fake.ptrs[t * kMaxSlots + s] =
-          reinterpret_cast<void*>(aligned + static_cast<uintptr_t>(offs[t * kMaxSlots + s]));
+      void* p = reinterpret_cast<void*>(aligned + static_cast<uintptr_t>(offs[t * kMaxSlots + s]));
+      fake.ptrs[t * kMaxSlots + s] = p;
+      slot_tables[s][t] = p;
     }
+    slots[s] = slot_tables[s].data();
+  }
 
-  const plan::LaunchPlan p = geometry(total, n, slot_mask, sm_count, chunk, block, grid);
+  // The launches, as the launcher makes them (Note [launch groups]).
+  struct Launch {
+    std::vector<int64_t> tensors, sizes, starts;
+    std::vector<void*> ptrs;
+    plan::LaunchPlan p;
+  };
+  std::vector<Launch> launches;
+  plan::for_each_group(fake.offsets.data(), n, group, [&](const int64_t* ts, int64_t count) {
+    Launch l;
+    l.tensors.assign(ts, ts + count);
+    l.sizes.resize(count);
+    l.starts.resize(count + 1);
+    l.ptrs.resize(count * kMaxSlots);
+    l.p = override_geometry(plan::fill_group(fake.offsets.data(), slots, ts, count, slot_mask, chunk,
+                                             sm_count, l.sizes.data(), l.starts.data(), l.ptrs.data()),
+                            block, grid);
+    launches.push_back(std::move(l));
+  });
 
   std::vector<int64_t> chunk_list, block_list;
   if (!chunks.is_none() && !blocks.is_none()) throw py::value_error("pass chunks= or blocks=, not both");
   const bool sparse = !chunks.is_none() || !blocks.is_none();
+  if (sparse && launches.size() != 1)
+    throw py::value_error("chunks= and blocks= need a call of exactly one launch");
   if (!chunks.is_none()) {
     chunk_list = chunks.cast<std::vector<int64_t>>();
     for (int64_t c : chunk_list)
-      if (c < 0 || c >= p.num_chunks) throw py::value_error("chunk index out of range");
+      if (c < 0 || c >= launches[0].p.num_chunks) throw py::value_error("chunk index out of range");
   } else if (!blocks.is_none()) {
     block_list = blocks.cast<std::vector<int64_t>>();
     for (int64_t b : block_list)
-      if (b < 0 || b >= static_cast<int64_t>(p.grid)) throw py::value_error("block index out of range");
+      if (b < 0 || b >= static_cast<int64_t>(launches[0].p.grid))
+        throw py::value_error("block index out of range");
   } else if (total > (int64_t{1} << 28)) {
     throw py::value_error("a dense walk is limited to 2^28 elements; pass chunks= or blocks=");
   }
@@ -177,21 +208,36 @@ py::dict plan_coverage(const std::vector<int64_t>& sizes, py::object align_offse
     r.counts = counts.mutable_data();
     std::fill(r.counts, r.counts + total, 0);
   }
-  const plan::MetaView m{fake.offsets.data(), fake.ptrs.data()};
   {
     py::gil_scoped_release release;
     const std::vector<int64_t>* c = chunks.is_none() ? nullptr : &chunk_list;
     const std::vector<int64_t>* b = blocks.is_none() ? nullptr : &block_list;
-    if (itemsize == 4) walk<float>(p, m, c, b, r);
-    else walk<double>(p, m, c, b, r);
+    for (const Launch& l : launches) {
+      r.tensors = l.tensors.data();
+      const plan::MetaView m{l.sizes.data(), l.starts.data(), l.ptrs.data()};
+      if (itemsize == 4) walk<float>(l.p, m, c, b, r);
+      else walk<double>(l.p, m, c, b, r);
+    }
   }
 
   py::dict d;
+  int64_t num_chunks = 0;
+  py::list launch_list;
+  for (const Launch& l : launches) {
+    num_chunks += l.p.num_chunks;
+    py::dict e;
+    e["tensors"] = l.tensors;
+    e["num_chunks"] = l.p.num_chunks;
+    e["grid"] = l.p.grid;
+    e["chunk_starts"] = l.starts;
+    launch_list.append(e);
+  }
   d["total"] = total;
-  d["num_chunks"] = p.num_chunks;
-  d["chunk"] = p.chunk;
-  d["block"] = p.block;
-  d["grid"] = p.grid;
+  d["num_chunks"] = num_chunks;
+  d["chunk"] = chunk;
+  d["block"] = launches.empty() ? plan::kBlockThreads : launches[0].p.block;
+  d["grid"] = launches.empty() ? 0u : launches[0].p.grid;
+  d["launches"] = launch_list;
   d["scalar_visits"] = r.scalar_visits;
   d["vector_visits"] = r.vector_visits;
   d["out_of_range"] = r.out_of_range;
@@ -207,20 +253,54 @@ py::dict plan_coverage(const std::vector<int64_t>& sizes, py::object align_offse
   return d;
 }
 
+Capture capture_of(const py::handle& h) {
+  const auto st = h.cast<std::pair<std::string, unsigned long long>>();
+  if (st.first == "none") return Capture::kNone;
+  if (st.first == "active") return Capture::kActive;
+  if (st.first == "invalidated") return Capture::kInvalidated;
+  throw py::value_error("capture status must be 'none', 'active' or 'invalidated'");
+}
+
+StreamCapture stream_capture(const py::handle& h) {
+  StreamCapture c;
+  c.status = capture_of(h);
+  c.id = h.cast<std::pair<std::string, unsigned long long>>().second;
+  return c;
+}
+
 }  // namespace
 
 void def_plan_hooks(py::module_& m) {
   using py::arg;
   m.def("_plan_coverage", &plan_coverage, arg("sizes"), arg("align_offsets") = py::none(),
         py::kw_only(), arg("itemsize") = 4, arg("slot_mask") = 0x1fu, arg("sm_count") = 132,
-        arg("chunk") = 0, arg("block") = 0, arg("grid") = 0, arg("chunks") = py::none(),
-        arg("blocks") = py::none(),
-        "Test hook: walk a CUDA launch plan (src/cpp/launch_plan.h) on the CPU over fake "
-        "pointers and report what every thread would touch. sizes: elements per tensor; "
-        "align_offsets: per tensor, a byte offset (or 5, one per slot) added to its 64-byte "
-        "aligned fake address; chunk/block/grid: 0 = the launcher's choice; chunks (or blocks): "
-        "walk only these chunks (or these blocks, grid-stride loop included) and return their "
-        "visits (tensor, index, width) instead of per-element counts.");
+        arg("chunk") = 0, arg("block") = 0, arg("grid") = 0, arg("group") = 0,
+        arg("chunks") = py::none(), arg("blocks") = py::none(),
+        "Test hook: split a call into CUDA launches and walk their plans (src/cpp/launch_plan.h) "
+        "on the CPU over fake pointers, reporting what every thread would touch. sizes: elements "
+        "per tensor; align_offsets: per tensor, a byte offset (or 5, one per slot) added to its "
+        "64-byte aligned fake address; chunk/block/grid/group (tensors per launch): 0 = the "
+        "launcher's choice; chunks (or blocks): walk only these chunks (or these blocks, "
+        "grid-stride loop included) of a one-launch call and return their visits (tensor, "
+        "index, width) instead of per-element counts.");
+  m.def("_cuda_capture_problem",
+        [](py::handle launch, py::sequence waits, std::vector<std::string> names) {
+          if (py::len(waits) != names.size()) throw py::value_error("one name per wait stream");
+          std::vector<StreamCapture> w;
+          for (const py::handle h : waits) w.push_back(stream_capture(h));
+          return capture_problem(stream_capture(launch), w.data(), names.data(), w.size());
+        },
+        arg("launch"), arg("waits"), arg("names"),
+        "Test hook (host_logic.h): why a call whose launch stream and other streams are in these "
+        "capture states ((status, capture id), status 'none' | 'active' | 'invalidated') cannot "
+        "be enqueued; '' when it can.");
+  m.def("_cuda_device_switch",
+        [](bool has_context, int context_device, int target) {
+          const DeviceSwitch s = device_switch(has_context, context_device, target);
+          return py::make_tuple(s.set_device, s.restore_context);
+        },
+        arg("has_context"), arg("context_device"), arg("target"),
+        "Test hook (host_logic.h): (set_device, restore_context) of the launcher's device switch.");
 }
 
 }  // namespace cuda

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The GPU verification of the CUDA backend (issue 12), as one prepared run: device time is
+# short, so every step is here, each with its own time limit, each logged, none stopping the
+# next. Usage (repository root, on a machine with a GPU, CuPy and optionally torch):
+#   bash tools/cuda_gpu_check.sh [OUTDIR]        # OUTDIR defaults to $OUT or ./gpu_check
+# Writes OUTDIR/{env,build,tests,memcheck,racecheck,bench}.log, bench_cuda.json and summary.txt.
+set -uo pipefail
+out=${1:-${OUT:-gpu_check}}
+mkdir -p "$out"
+step() {  # step NAME SECONDS CMD...: run with a time limit, log, record the status
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  local rc=$?
+  echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$out/summary.txt"
+}
+: >"$out/summary.txt"
+step env 60 bash -c 'nvidia-smi; nvcc --version; python -c "import cupy; print(cupy.__version__)"; python -c "import torch; print(torch.__version__, torch.version.cuda)"'
+step build 420 pip install --no-build-isolation -v .
+step info 60 python -c 'import fastoptim, json; print(json.dumps(fastoptim._core.info()["cuda"], indent=1))'
+step tests 300 python -m pytest -ra -q -p no:cacheprovider tests/test_cuda.py tests/test_cuda_dlpack.py \
+  tests/test_cuda_host_logic.py tests/test_cuda_build.py tests/test_launch_plan.py
+if command -v compute-sanitizer >/dev/null; then
+  step memcheck 300 compute-sanitizer --tool memcheck --error-exitcode 99 python -m pytest -x -q \
+    -p no:cacheprovider tests/test_cuda.py -k "one_step_each_case or many_arrays or slices or graph or streams"
+  step racecheck 240 compute-sanitizer --tool racecheck --error-exitcode 99 python -m pytest -x -q \
+    -p no:cacheprovider tests/test_cuda.py -k "many_arrays_odd_sizes and adam"
+else
+  echo "compute-sanitizer: not installed" | tee -a "$out/summary.txt"
+fi
+step bench 420 python bench/bench_cuda.py --json "$out/bench_cuda.json"
+cat "$out/summary.txt"
