@@ -34,13 +34,15 @@ step changes it by ``(1 - beta2) * (grad**2 - exp_avg_sq)``, 0.1% of its size, u
 half-ulp (0.2-0.4%) unless ``grad**2`` is several times ``exp_avg_sq``. So it never decays, and
 its growth from zero stalls near step 2**8 while the bias correction keeps growing.
 
-Outputs: a table on stdout (final training loss, % gap to fp32's, the step at which fp32 had
-that loss, train and test accuracy, the share of weights that moved), and
-``mixed_precision.png`` in ``--out`` (the loss curves, log scale, and each mode's gap to fp32
-along the way). ``main(argv)`` returns the results as a dict (``--json FILE`` writes it too).
+The study runs three seeds (``--seeds``); each seed has its own train/test split, initial
+weights and stochastic-rounding keys. Outputs: on stdout, a table for the first seed (final
+training loss, % gap to fp32's, the step at which fp32 had that loss, train and test accuracy,
+the share of weights that moved) and the gap to fp32 seed by seed; ``mixed_precision.png`` in
+``--out`` (the first seed's loss curves, log scale, and each mode's gap to fp32 along the
+way). ``main(argv)`` returns the results as a dict (``--json FILE`` writes it too).
 
-    python examples/mixed_precision.py --out docs/img     # ~1 minute
-    python examples/mixed_precision.py --quick --out /tmp  # a few seconds (200 steps)
+    python examples/mixed_precision.py --out docs/img     # 15 s on an idle 2-core machine
+    python examples/mixed_precision.py --quick --out /tmp  # 200 steps, one seed: ~2 s
 """
 from __future__ import annotations
 
@@ -311,7 +313,10 @@ def parse_args(argv):
                    help="AdamW's decoupled weight decay (default 0)")
     p.add_argument("--hidden", type=int, default=32, help="hidden units (default 32)")
     p.add_argument("--seed", type=int, default=0,
-                   help="seed of the split, the initial weights and stochastic rounding")
+                   help="first seed of the split, the initial weights and stochastic rounding")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="how many seeds (--seed, --seed + 1, ...; default 3, --quick: 1); the "
+                        "picture and the first table show the first")
     p.add_argument("--quick", action="store_true", help="a short run (for tests and CI)")
     p.add_argument("--out", type=Path, default=Path("."), help="output folder (default: .)")
     p.add_argument("--json", type=Path, default=None,
@@ -319,30 +324,45 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    steps = args.steps or (200 if args.quick else 1500)
-    if steps < 1 or args.hidden < 1 or not args.lr > 0 or not args.weight_decay >= 0:
-        raise SystemExit("--steps and --hidden must be >= 1, --lr > 0, --weight-decay >= 0")
-    args.out.mkdir(parents=True, exist_ok=True)
-    X, Y, X_test, Y_test = load_digits(args.seed)
-    data = (X, Y, X_test, Y_test)
-    layer_dims = [X.shape[0], args.hidden, 10]
-    setup = (f"digits, {X.shape[1]} training / {X_test.shape[1]} test examples, layers "
-             f"{layer_dims}, {steps} full-batch AdamW steps, lr {args.lr:g}, "
-             f"weight decay {args.weight_decay:g}, seed {args.seed}")
-    print(f"fastoptim {fastoptim.__version__} ({fastoptim.backend_info()['isa']}): {setup}",
-          file=sys.stderr)
+def study(seed: int, steps: int, hidden: int, lr: float, weight_decay: float) -> dict:
+    """Every mode trained on the split, initial weights and rounding keys of ``seed``."""
+    X, Y, X_test, Y_test = load_digits(seed)
+    layer_dims = [X.shape[0], hidden, 10]
     with one_blas_thread():
-        results = {mode.key: train(mode, data, layer_dims, steps, args.lr, args.weight_decay,
-                                   args.seed) for mode in MODES}
+        results = {mode.key: train(mode, (X, Y, X_test, Y_test), layer_dims, steps, lr,
+                                   weight_decay, seed) for mode in MODES}
     reference = results["fp32"]["losses"]
     for r in results.values():
         r["gap_percent"] = 100 * (r["loss"] / reference[-1] - 1)
         # The first step at which fp32 had this loss: how far behind fp32 the mode ended.
         reached = np.flatnonzero(np.asarray(reference) <= r["loss"])
         r["fp32_step_with_this_loss"] = int(reached[0]) if len(reached) else None
+    return results
 
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    steps = args.steps or (200 if args.quick else 1500)
+    n_seeds = args.seeds or (1 if args.quick else 3)
+    if (steps < 1 or args.hidden < 1 or n_seeds < 1 or not args.lr > 0
+            or not args.weight_decay >= 0):
+        raise SystemExit("--steps, --hidden and --seeds must be >= 1, --lr > 0, "
+                         "--weight-decay >= 0")
+    args.out.mkdir(parents=True, exist_ok=True)
+    seeds = list(range(args.seed, args.seed + n_seeds))
+    layer_dims = [64, args.hidden, 10]
+    setup = (f"digits, layers {layer_dims}, {steps} full-batch AdamW steps, lr {args.lr:g}, "
+             f"weight decay {args.weight_decay:g}")
+    print(f"fastoptim {fastoptim.__version__} ({fastoptim.backend_info()['isa']}): {setup}, "
+          f"seeds {seeds}", file=sys.stderr)
+    per_seed = [study(seed, steps, args.hidden, args.lr, args.weight_decay) for seed in seeds]
+    results = per_seed[0]  # the table's and the picture's run
+    for key, r in results.items():
+        r["seeds"] = {name: [other[key][name] for other in per_seed]
+                      for name in ("loss", "gap_percent", "test_accuracy")}
+        r["gap_percent_mean"] = float(np.mean(r["seeds"]["gap_percent"]))
+
+    print(f"seed {seeds[0]}:")
     header = (f"{'mode':<34}{'final loss':>11}{'vs fp32':>10}{'fp32 step':>11}"
               f"{'train acc':>11}{'test acc':>10}{'moved':>8}{'time':>8}")
     print(header)
@@ -356,12 +376,21 @@ def main(argv=None) -> dict:
     print(f"fp32 step: the first of fp32's {steps} steps after which its loss was as low "
           "('(below)': none)\nmoved: the share of the weights the model computes with that "
           "differ from their initial values")
+    if len(seeds) > 1:
+        print(f"\nfinal loss vs fp32's, seed by seed (each seed: its own split, initial "
+              "weights and rounding keys):")
+        header = f"{'mode':<34}" + "".join(f"{f'seed {s}':>10}" for s in seeds) + f"{'mean':>10}"
+        print(header)
+        print("-" * len(header))
+        for r in results.values():
+            print(f"{r['label']:<34}" + "".join(f"{g:>+9.2f}%" for g in r["seeds"]["gap_percent"])
+                  + f"{r['gap_percent_mean']:>+9.2f}%")
 
     figure = args.out / "mixed_precision.png"
-    plot(results, figure, f"AdamW on {setup}")
+    plot(results, figure, f"AdamW on {setup}, seed {seeds[0]}")
     summary = {"steps": steps, "lr": args.lr, "weight_decay": args.weight_decay,
-               "seed": args.seed, "layer_dims": layer_dims, "n_train": int(X.shape[1]),
-               "n_test": int(X_test.shape[1]), "figure": str(figure), "runs": results}
+               "seeds": seeds, "layer_dims": layer_dims, "figure": str(figure),
+               "runs": results}
     if args.json is not None:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=1)

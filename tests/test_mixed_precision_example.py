@@ -48,14 +48,22 @@ def quick(example, tmp_path_factory):
 
 
 def test_quick_run_writes_table_png_and_json(example, tmp_path, capsys):
-    results = example.main(["--quick", "--steps", "20", "--out", str(tmp_path),
-                            "--json", str(tmp_path / "r.json")])
+    results = example.main(["--quick", "--steps", "20", "--seeds", "2", "--seed", "5",
+                            "--out", str(tmp_path), "--json", str(tmp_path / "r.json")])
     printed = capsys.readouterr().out
     assert "final loss" in printed and "vs fp32" in printed
+    assert results["seeds"] == [5, 6]
     for r in results["runs"].values():
-        # one row per mode, with its loss as printed
-        row = next(line for line in printed.splitlines() if line.startswith(r["label"]))
-        assert f"{r['loss']:.5f}" in row
+        # two rows per mode: the first seed's, with its loss, and the seed by seed gaps
+        rows = [line for line in printed.splitlines() if line.startswith(r["label"] + "  ")]
+        assert len(rows) == 2
+        assert f"{r['loss']:.5f}" in rows[0] and f"{r['gap_percent']:+.2f}%" in rows[0]
+        gaps = r["seeds"]["gap_percent"]
+        assert r["seeds"]["loss"][0] == r["loss"] and gaps[0] == r["gap_percent"]
+        assert rows[1].split()[-3:] == [f"{g:+.2f}%" for g in gaps + [np.mean(gaps)]]
+    # seeds 5 and 6 are two runs: other splits and initial weights, so other losses
+    fp32 = results["runs"]["fp32"]["seeds"]["loss"]
+    assert fp32[0] != fp32[1]
     assert json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(results))
     assert Path(results["figure"]) == tmp_path / "mixed_precision.png"
 
