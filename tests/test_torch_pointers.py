@@ -164,7 +164,7 @@ def test_pointers_update_equals_the_ndarray_update():
     ("count_mismatch", "has 2 pointer"),
     ("misaligned", "not a valid pointer aligned to 4 bytes"),
     ("null", "not a valid pointer"),
-    ("dtype", "dtype must be 'float32' or 'float64'"),
+    ("dtype", "dtype must be 'float32', 'float64', 'bfloat16' or 'float16', got 'int8'"),
     ("negative_count", "element counts must be >= 0"),
 ])
 def test_pointers_refuse_bad_input_before_writing(case, match):
@@ -187,7 +187,7 @@ def test_pointers_refuse_bad_input_before_writing(case, match):
         args[3] = list(args[3])
         args[3][0] = 0
     elif case == "dtype":
-        params[0] = "float16"
+        params[0] = "int8"
     elif case == "negative_count":
         params[1] = [9, -1, 9]
     args[0] = tuple(params)

@@ -88,6 +88,16 @@ Note [torch-only flags]
     as given, so a ``state_dict`` has torch's layout; values loaded from a torch checkpoint are
     kept for the round trip and ignored, except ``differentiable=True``, which ``step`` refuses.
 
+Note [AMP]
+    The drop-ins set ``_step_supports_amp_scaling``, as torch's fused optimizers do, so
+    ``torch.amp.GradScaler.step`` does not unscale the gradients itself: it sets
+    ``optimizer.grad_scale`` and ``optimizer.found_inf`` and calls ``step()``. A nonzero (or
+    NaN) ``found_inf`` skips the step entirely: params, states and step counts stay as they are
+    (torch fused increments its steps and takes the increment back). Otherwise the kernels
+    divide every gradient by ``grad_scale`` as they load it (a multiplication by
+    ``float32(1/grad_scale)``, exact for GradScaler's powers of two), in the same single pass;
+    the gradients in memory stay scaled, as with torch fused.
+
 Note [SGD's first momentum step]
     torch creates ``momentum_buffer`` from the first (decayed, sign-adjusted) gradient. The
     kernel does the same when it is called with ``step=1``: a parameter without a buffer gets a
@@ -98,6 +108,7 @@ Note [SGD's first momentum step]
 from __future__ import annotations
 
 import itertools
+import math
 import operator
 import sys
 import types
@@ -118,7 +129,15 @@ from . import functional as F
 __all__ = ["SGD", "RMSprop", "Adam", "AdamW", "Adagrad", "Adadelta", "NAdam", "RAdam", "Adamax",
            "ASGD", "Rprop", "Lion"]
 
-_SUPPORTED_DTYPES = (torch.float32, torch.float64)
+_SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    """A NumPy view of a CPU tensor; bfloat16 as ml_dtypes.bfloat16 (NumPy has none)."""
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
 _grad_of = operator.attrgetter("grad")
 _stride = torch.Tensor.stride
 _is_neg = torch.Tensor.is_neg
@@ -149,7 +168,7 @@ def _param_view(p: torch.Tensor) -> Any:
         if p.is_neg():
             raise RuntimeError("its negative bit is set")
         return p.detach()
-    return p.detach().numpy()
+    return _np(p.detach())
 
 
 _CUDA: list[bool] = []
@@ -165,7 +184,7 @@ def _cuda_ready() -> bool:
 
 
 def _entry(entry: Callable[..., None], rule: str) -> Callable[..., None]:
-    return lambda *args: entry(rule, args)
+    return lambda *args, **options: entry(rule, args, **options)
 
 
 def _pointer_functional() -> Any:
@@ -319,11 +338,11 @@ def _problem(t: torch.Tensor) -> tuple[type[Exception], str] | None:
                             f"backend (CPU tensors, and CUDA tensors where fastoptim is built "
                             f"with CUDA)")
     if t.is_complex():
-        return TypeError, f"is complex ({t.dtype}); fastoptim supports float32 and float64 only"
+        return TypeError, (f"is complex ({t.dtype}); fastoptim supports float32, float64, "
+                           f"bfloat16 and float16")
     if t.dtype not in _SUPPORTED_DTYPES:
-        return TypeError, (f"has dtype {t.dtype}; fastoptim.torch supports float32 and float64 only "
-                           f"(bfloat16/float16 run in the functional API, fastoptim.adam_ etc., "
-                           f"not yet in the drop-ins)")
+        return TypeError, (f"has dtype {t.dtype}; fastoptim.torch supports float32, float64, "
+                           f"bfloat16 and float16")
     if not (t.is_contiguous() or _is_dense(t)):
         return ValueError, (f"is not contiguous (shape {tuple(t.shape)}, strides {t.stride()}); "
                             f"fastoptim needs contiguous tensors (or dense ones such as "
@@ -512,6 +531,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
     _with_step = True
     _kernel_step = False
     _flag_defaults: dict[str, Any] = {}
+    #: torch.amp.GradScaler hands the step ``grad_scale`` and ``found_inf`` (Note [AMP]).
+    _step_supports_amp_scaling = True
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         self._reset_caches()
@@ -576,8 +597,26 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if params:
             torch.ops.fastoptim.optimizer_step_(self._compile_key, where, params, grads)
 
+    def _amp_scale(self) -> float | None:
+        """Note [AMP]: None when ``found_inf`` says to skip the step, else the grad scale
+        (1.0 without one)."""
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and float(found_inf) != 0:  # nonzero or NaN
+            return None
+        grad_scale = getattr(self, "grad_scale", None)
+        if grad_scale is None:
+            return 1.0
+        scale = float(grad_scale)
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"{type(self).__name__}: grad_scale must be finite and > 0, "
+                             f"got {scale}")
+        return scale
+
     def _step(self, grads: dict[int, list[Any]] | None) -> None:
         """The step; ``grads``: per group index, the gradients to use instead of ``.grad``."""
+        scale = self._amp_scale()
+        if scale is None:
+            return  # an overflow: params, states and steps stay as they are (torch fused)
         snapshot = self._snapshot
         if (snapshot is None or snapshot[0] is not self.state
                 or not _same_objects(snapshot[1], list(self.state.values()))):
@@ -588,6 +627,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
             item = self._gather(gi, group, None if grads is None else grads[gi])
             if item is not None:
                 gathered.append(item)
+        if scale != 1.0:
+            for item in gathered:
+                item.hyper = dict(item.hyper, grad_scale=scale)
         calls = [call for item in gathered for call in self._plan(item)]
         if len(calls) == 1:
             # One call: the kernel checks every array before it writes (docs/api.md).
@@ -761,7 +803,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             raise kind(f"{self._where(gi, i)}: its gradient {text}")
         g = g.detach()  # a gradient that requires grad (backward with create_graph=True)
         g = g.resolve_neg() if g.is_neg() else g
-        return g if g.is_cuda else g.numpy()
+        return g if g.is_cuda else _np(g)
 
     def _check_grad(self, gi: int, i: int, p: torch.Tensor, g: torch.Tensor, view: np.ndarray,
                     c: _GroupCache) -> None:
@@ -870,7 +912,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 new.copy_(t.detach())
                 state[name] = t = new
             local = _local(t)
-            view = local.detach() if local.is_cuda else local.numpy()
+            view = local.detach() if local.is_cuda else _np(local)
             views.append(_flat(view) if i in c.flat else view)
             ptrs.append(local.data_ptr())
         if self._with_step:

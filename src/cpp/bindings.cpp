@@ -11,8 +11,8 @@
 // param_copies select one row of kFormatTable (kernel_api.h, Note [storage formats]); any other
 // combination is a TypeError naming the dtypes.
 //
-// Device: an array that is not a numpy.ndarray but exposes __cuda_array_interface__ (CuPy,
-// torch CUDA tensors, Numba) goes through the same checks on the interface's fields, and
+// Device: an array that is not a numpy.ndarray but exposes __cuda_array_interface__ or
+// DLPack (CuPy, torch CUDA tensors, Numba) goes through the same checks on those fields, and
 // the call then runs as ONE CUDA launch (src/cuda/, docs/cuda.md). A call is all host or all
 // device memory of one device; the ndarray path does no attribute lookup.
 #include <pybind11/numpy.h>
@@ -890,33 +890,48 @@ CallOptions options_arg(const std::string& fn_name, const py::kwargs& kw) {
   return o;
 }
 
-// Validates one call of rule D and fills `call`; `run_fn` then runs it (the CPU or CUDA kernel,
-// or the CUDA kernel's emulation).
-template <class D, class RunFn>
-void call_rule(const std::string& fn_name, py::args a, const py::kwargs& kw, RunFn&& run_fn) {
+// The scalar arguments of one call of rule D: step, hyperparameters, flags, and the variant.
+template <class D> struct Scalars {
+  double h[D::kHyper.size() + 1];
+  bool f[D::kFlags.size() + 1];
+  int64_t step = 0;
+  unsigned mask = 0;
+  unsigned used = 0;  // the slots variant `mask` reads or writes
+  CallValues values() const { return {h, f, step}; }
+};
+
+// Reads and checks the scalars of _core.<rule>'s positional arguments (step, hyperparameters,
+// flags: everything after param_copies), D::check, and the variant.
+template <class D> void parse_scalars(const std::string& fn_name, const py::args& a, Scalars<D>& s) {
   const char* fn = fn_name.c_str();
   constexpr size_t kArgs = num_args<D>();
   if (a.size() != kArgs)
     type_error(fn_name + ": expected " + std::to_string(kArgs) + " positional arguments, got " +
                std::to_string(a.size()) + " (call fastoptim." + fn_name + ", not _core)");
+  size_t k = 3 + D::kStates.size();
+  if constexpr (D::kStep != StepUse::kNone) s.step = step_arg(fn, a[k++].ptr(), D::kStep);
+  for (size_t j = 0; j < D::kHyper.size(); ++j) {
+    s.h[j] = real_arg(fn, D::kHyper[j].name, a[k++].ptr());
+    check_range(fn, D::kHyper[j], s.h[j]);
+  }
+  for (size_t j = 0; j < D::kFlags.size(); ++j) s.f[j] = flag_arg(fn, D::kFlags[j], a[k++].ptr());
+  if (const char* problem = D::check(s.values())) value_error(fn_name + ": " + problem);
+  s.mask = D::mask(s.values());
+  s.used = slots_of<D>(s.mask);
+  if (s.used == 0)  // D::mask gave a variant D::reachable excludes: a bug in the declaration
+    throw std::logic_error(fn_name + ": variant " + std::to_string(s.mask) + " was not compiled");
+}
+
+// Validates one call of rule D and fills `call`; `run_fn` then runs it (the CPU or CUDA kernel,
+// or the CUDA kernel's emulation).
+template <class D, class RunFn>
+void call_rule(const std::string& fn_name, py::args a, const py::kwargs& kw, RunFn&& run_fn) {
+  const char* fn = fn_name.c_str();
+  Scalars<D> sc;
+  parse_scalars<D>(fn_name, a, sc);
   const CallOptions opt = options_arg(fn_name, kw);
   const size_t copies_at = 2 + D::kStates.size();
-  size_t k = copies_at + 1;
-  int64_t step = 0;
-  if constexpr (D::kStep != StepUse::kNone) step = step_arg(fn, a[k++].ptr(), D::kStep);
-  double h[D::kHyper.size() + 1];
-  bool f[D::kFlags.size() + 1];
-  for (size_t j = 0; j < D::kHyper.size(); ++j) {
-    h[j] = real_arg(fn, D::kHyper[j].name, a[k++].ptr());
-    check_range(fn, D::kHyper[j], h[j]);
-  }
-  for (size_t j = 0; j < D::kFlags.size(); ++j) f[j] = flag_arg(fn, D::kFlags[j], a[k++].ptr());
-  const CallValues v{h, f, step};
-  if (const char* problem = D::check(v)) value_error(fn_name + ": " + problem);
-  const unsigned mask = D::mask(v);
-  const unsigned used = slots_of<D>(mask);
-  if (used == 0)  // D::mask gave a variant D::reachable excludes: a bug in the declaration
-    throw std::logic_error(fn_name + ": variant " + std::to_string(mask) + " was not compiled");
+  const unsigned mask = sc.mask, used = sc.used;
   CallBuilder call(fn);
   call.add(kParam, D::kParams, a[0], true);
   call.add(kGrad, D::kGrads, a[1], false);
@@ -951,7 +966,7 @@ void call_rule(const std::string& fn_name, py::args a, const py::kwargs& kw, Run
     call.check_overlaps();
     return;
   }
-  const typename D::Args args = D::args(v);
+  const typename D::Args args = D::args(sc.values());
   run_fn(call, RuleIdOf<D>::value, mask, &args);
 }
 
@@ -1075,41 +1090,33 @@ struct PointerArrays {
   }
 };
 
-template <class D> void call_rule_pointers(const std::string& fn_name, py::args a) {
+template <class D>
+void call_rule_pointers(const std::string& fn_name, py::args a, const py::kwargs& kw) {
   const char* fn = fn_name.c_str();
-  constexpr size_t kArgs = num_args<D>();
-  if (a.size() != kArgs)
-    type_error(fn_name + ": expected " + std::to_string(kArgs) + " positional arguments, got " +
-               std::to_string(a.size()));
+  Scalars<D> sc;
+  parse_scalars<D>(fn_name, a, sc);
+  const CallOptions opt = options_arg(fn_name, kw);
+  if (opt.sr || opt.compensation)
+    type_error(fn_name + ": stochastic_rounding and compensation are not supported here");
   const size_t copies_at = 2 + D::kStates.size();
   if (!a[copies_at].is_none()) type_error(fn_name + ": param_copies are not supported here");
-  size_t k = copies_at + 1;
-  int64_t step = 0;
-  if constexpr (D::kStep != StepUse::kNone) step = step_arg(fn, a[k++].ptr(), D::kStep);
-  double h[D::kHyper.size() + 1];
-  bool f[D::kFlags.size() + 1];
-  for (size_t j = 0; j < D::kHyper.size(); ++j) {
-    h[j] = real_arg(fn, D::kHyper[j].name, a[k++].ptr());
-    check_range(fn, D::kHyper[j], h[j]);
-  }
-  for (size_t j = 0; j < D::kFlags.size(); ++j) f[j] = flag_arg(fn, D::kFlags[j], a[k++].ptr());
-  const CallValues v{h, f, step};
-  if (const char* problem = D::check(v)) value_error(fn_name + ": " + problem);
-  const unsigned mask = D::mask(v);
-  const unsigned used = slots_of<D>(mask);
-  if (used == 0)
-    throw std::logic_error(fn_name + ": variant " + std::to_string(mask) + " was not compiled");
+  const unsigned mask = sc.mask, used = sc.used;
   // params: (dtype name, element counts, pointers)
   PyObject* head = a[0].ptr();
   if (!PyTuple_Check(head) || PyTuple_GET_SIZE(head) != 3 ||
       !PyUnicode_Check(PyTuple_GET_ITEM(head, 0)) || !PyList_Check(PyTuple_GET_ITEM(head, 1)))
     type_error(fn_name + ": params must be a tuple (dtype name, element counts, pointers)");
   const std::string dtype = py::reinterpret_borrow<py::str>(PyTuple_GET_ITEM(head, 0));
-  const bool f64 = dtype == "float64";
-  if (!f64 && dtype != "float32")
-    type_error(fn_name + ": dtype must be 'float32' or 'float64', got '" + dtype + "'");
+  Format format = kF32;
+  int64_t itemsize = 4;
+  if (dtype == "float64") format = kF64, itemsize = 8;
+  else if (dtype == "bfloat16") format = kBF16, itemsize = 2;
+  else if (dtype == "float16") format = kF16, itemsize = 2;
+  else if (dtype != "float32")
+    type_error(fn_name + ": dtype must be 'float32', 'float64', 'bfloat16' or 'float16', got '" +
+               dtype + "'");
   PointerArrays arrays(fn);
-  arrays.itemsize = f64 ? 8 : 4;
+  arrays.itemsize = itemsize;
   const py::list counts = py::reinterpret_borrow<py::list>(PyTuple_GET_ITEM(head, 1));
   arrays.n = static_cast<int64_t>(counts.size());
   arrays.offsets.reserve(arrays.n + 1);
@@ -1129,13 +1136,15 @@ template <class D> void call_rule_pointers(const std::string& fn_name, py::args 
     arrays.add(slot, D::kStates[j].name, a[2 + j], true);
   }
   arrays.check_overlaps();
+  if (opt.skip) return;  // found_inf: everything checked, nothing written
   Batch b;
   b.n_tensors = arrays.n;
   b.offsets = arrays.offsets.data();
   for (int s = 0; s < kMaxSlots; ++s)
     b.slots[s] = arrays.slots[s].empty() ? nullptr : arrays.slots[s].data();
-  const typename D::Args args = D::args(v);
-  const Format format = f64 ? kF64 : kF32;
+  b.grad_scale_inv_d = 1.0 / opt.grad_scale;
+  b.grad_scale_inv_f = static_cast<float>(b.grad_scale_inv_d);
+  const typename D::Args args = D::args(sc.values());
   if (arrays.offsets.back() >= kReleaseGilFrom) {
     py::gil_scoped_release release;
     execute(RuleIdOf<D>::value, mask, format, b, &args);
@@ -1147,10 +1156,10 @@ template <class D> void call_rule_pointers(const std::string& fn_name, py::args 
 void def_pointer_path(py::module_& m) {
   m.def(
       "_pointers",
-      [](const std::string& rule, py::tuple args) {
+      [](const std::string& rule, py::tuple args, py::kwargs kw) {
         const auto a = py::reinterpret_borrow<py::args>(args);
 #define FO_POINTERS(D) \
-  if (rule == D::kName) return call_rule_pointers<D>(rule + "_", a);
+  if (rule == D::kName) return call_rule_pointers<D>(rule + "_", a, kw);
         FO_UPDATE_RULES(FO_POINTERS)
 #undef FO_POINTERS
         value_error("_pointers: unknown rule '" + rule + "'");
