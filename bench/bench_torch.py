@@ -17,8 +17,9 @@ Four parameter sets (``--cases``), float32, every parameter with a gradient:
 Implementations, each stepping the SAME parameter and gradient tensors with its own states:
 
 * ``fastoptim.torch``: ``fastoptim.torch.Adam.step()``;
-* ``raw adam_``: ``fastoptim.adam_`` (``adamw_`` for AdamW) on NumPy views of those params, grads and the
-  fastoptim.torch optimizer's own states, built once (the floor the wrapper is measured against);
+* ``raw adam_``: ``fastoptim.adam_`` (``adamw_`` for AdamW) on NumPy views of those params,
+  grads and the fastoptim.torch optimizer's own states, built once (the floor the wrapper is
+  measured against);
 * ``torch foreach`` and ``torch fused``: ``torch.optim.Adam(foreach=True)`` / ``(fused=True)``.
 
 The implementations are timed in turn within each round, so a burst of load from elsewhere

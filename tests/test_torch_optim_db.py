@@ -89,7 +89,7 @@ def _refused(optim_input):
     """Why fastoptim refuses this configuration, or None."""
     kwargs = optim_input.kwargs
     if kwargs.get("capturable"):
-        return "capturable=True: graph capture needs a CUDA backend, which fastoptim lacks"
+        return "capturable=True: fastoptim's CUDA launch takes step counts from the host"
     if kwargs.get("differentiable"):
         return "differentiable=True: fastoptim's kernels update in place, outside autograd"
     for t in _tensors(optim_input.params or []):
@@ -98,7 +98,7 @@ def _refused(optim_input):
         if t.layout is not torch.strided:
             return "sparse parameters: fastoptim updates dense tensors only"
         if t.device.type != "cpu":
-            return f"{t.device.type} parameters: fastoptim.torch runs on the CPU only"
+            return f"{t.device.type} parameters: this harness runs the CPU configurations"
     return None
 
 

@@ -257,7 +257,8 @@ except RuntimeError:  # this module imported a second time (importlib.reload)
     pass
 
 _REFUSED = {
-    "capturable": "graph capture needs a CUDA backend, which fastoptim does not have yet",
+    "capturable": "fastoptim's CUDA launch takes its step counts from the host, so it cannot "
+                  "be captured in a CUDA graph",
     "differentiable": "the fused kernels update tensors in place, outside autograd",
 }
 
@@ -431,7 +432,7 @@ class _GroupCache:
         self.pending: dict[int, torch.Tensor] = {}
         self.store = torch.zeros(n, dtype=_scalar_dtype()) if with_step else None
         self.store_np = self.store.numpy() if with_step else None
-        #: every param's views and pointers, once all are bound (``complete``).
+        #: every param's views and pointers, once all are bound (``_complete``).
         self.full: _Full | None = None
         #: per param: the byte spans [lo, hi) it and its bound states occupy, with what they
         #: are; None until needed and after any (re)binding (Note [All or nothing]).
