@@ -47,9 +47,11 @@ def test_grad_scaler_with_injected_inf_matches_torch_fused(name, kwargs):
             grads = [p.grad.clone() for p in model.parameters()]
             scaler.step(opt)
             scaler.update()
-            # the scale went to the kernel: the grads in memory are still the scaled ones
-            for g, p in zip(grads, model.parameters()):
-                assert torch.equal(torch.nan_to_num(g), torch.nan_to_num(p.grad))
+            if opt is opt_f:
+                # the scale went to the kernel: the grads in memory are still the scaled ones
+                # (torch's fused CPU kernels write the unscaled grads back; ours only read)
+                for g, p in zip(grads, model.parameters()):
+                    assert torch.equal(torch.nan_to_num(g), torch.nan_to_num(p.grad))
         assert scalers[0].get_scale() == scalers[1].get_scale(), step
         for pt, pf in zip(model_t.parameters(), model_f.parameters()):
             torch.testing.assert_close(pf, pt, rtol=1e-5, atol=1e-6)

@@ -96,7 +96,8 @@ Note [AMP]
     (torch fused increments its steps and takes the increment back). Otherwise the kernels
     divide every gradient by ``grad_scale`` as they load it (a multiplication by
     ``float32(1/grad_scale)``, exact for GradScaler's powers of two), in the same single pass;
-    the gradients in memory stay scaled, as with torch fused.
+    the gradients in memory stay scaled (torch's fused CPU kernels write the unscaled ones
+    back; code that reads .grad after the step must unscale it itself).
 
 Note [SGD's first momentum step]
     torch creates ``momentum_buffer`` from the first (decayed, sign-adjusted) gradient. The
