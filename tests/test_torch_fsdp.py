@@ -10,14 +10,12 @@ parameters and optimizer states, gathered at the end, must equal single-process
 torch.optim.AdamW on the full batches within 1e-5.
 """
 
-import os
-import socket
-import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from dist_harness import gloo_or_skip, launch, reference_adamw
 
 torch = pytest.importorskip("torch")
 dist = pytest.importorskip("torch.distributed")
@@ -26,11 +24,6 @@ STEPS = 10
 BATCH = 16  # per step, split in two halves of 8
 LR, WEIGHT_DECAY = 0.01, 0.1
 TIMEOUT_S = 120  # per worker; a normal run takes a few seconds
-
-
-def gloo_or_skip():
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
 
 
 def make_model():
@@ -89,54 +82,12 @@ def worker(out_dir):
 
 
 def reference():
-    """Single process, full batches, torch.optim.AdamW."""
-    model = make_model()
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, foreach=False)
-    xs, ys = make_data()
-    for t in range(STEPS):
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(model(xs[t]), ys[t]).backward()
-        opt.step()
-    return list(model.parameters()), opt
-
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(out_dir, world=2):
-    """Start `world` workers as torchrun would; return their (returncode, output) pairs."""
-    import fastoptim
-
-    pythonpath = os.pathsep.join([str(Path(fastoptim.__file__).parents[1]),
-                                  os.environ.get("PYTHONPATH", "")])
-    port = free_port()
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, PYTHONPATH=pythonpath, MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                   WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, __file__, str(out_dir)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
-    results = []
-    try:
-        for proc in procs:
-            out, _ = proc.communicate(timeout=TIMEOUT_S)
-            results.append((proc.returncode, out))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-    return results
+    return reference_adamw(make_model, make_data, STEPS, LR, WEIGHT_DECAY)
 
 
 def test_fsdp2_adamw_matches_single_process(tmp_path):
     gloo_or_skip()
-    results = launch(tmp_path)
+    results = launch(__file__, [tmp_path], TIMEOUT_S)
     for rank, (code, out) in enumerate(results):
         assert code == 0, f"rank {rank} failed:\n{out[-3000:]}"
     saved = torch.load(tmp_path / "rank0.pt", weights_only=True)
