@@ -233,11 +233,26 @@ void run_range(const Batch& b, int64_t begin, int64_t end, const Args& a) {
 // same order), and the 16 are added in a fixed tree. The caller adds the blocks' sums in block
 // order. The vector ISAs only widen 16 elements at a time into a buffer; the fp64 loop is the
 // same text in every translation unit.
+// Adds the squares of g[0..16) to acc[0..16) (fp64; element j into accumulator j).
+template <class E> FO_INLINE void add_squares16(const E* g, double* acc) {
+  if constexpr (std::is_same_v<E, double>) {
+    for (int j = 0; j < 16; ++j) acc[j] += g[j] * g[j];
+  } else {
+    using V = FO_VEC_F32;
+    constexpr int kW = VecTraits<V>::kWidth;
+    static_assert(16 % kW == 0, "a group of 16 is whole vectors");
+    float buf[16];
+    for (int j = 0; j < 16; j += kW) vstore(buf + j, vload_from<V>(g + j));
+    for (int j = 0; j < 16; ++j) {
+      const double d = buf[j];
+      acc[j] += d * d;
+    }
+  }
+}
+
 template <class E>
 void sumsq_blocks(const Batch& b, const int64_t* boff, int64_t k0, int64_t k1, double* partial) {
-  using V = FO_VEC_F32;
-  constexpr int kW = VecTraits<V>::kWidth;
-  static_assert(16 % kW == 0, "a group of 16 is whole vectors");
+  using T = std::conditional_t<std::is_same_v<E, double>, double, float>;
   int64_t t = tensor_of(boff, b.n_tensors, k0);
   for (int64_t k = k0; k < k1; ++k) {
     while (boff[t + 1] <= k) ++t;
@@ -246,37 +261,11 @@ void sumsq_blocks(const Batch& b, const int64_t* boff, int64_t k0, int64_t k1, d
     int64_t i = (k - boff[t]) * kNormBlock;
     const int64_t hi = min64(n, i + kNormBlock);
     double acc[16] = {};
-    float buf[16];
-    for (; i + 16 <= hi; i += 16) {
-      for (int j = 0; j < 16; j += kW) vstore(buf + j, vload_from<V>(g + i + j));
-      for (int j = 0; j < 16; ++j) {
-        const double d = buf[j];
-        acc[j] += d * d;
-      }
-    }
+    for (; i + 16 <= hi; i += 16) add_squares16(g + i, acc);
     for (; i < hi; ++i) {
-      const double d = vload_from<float>(g + i);
+      const double d = vload_from<T>(g + i);
       acc[i & 15] += d * d;
     }
-    for (int w = 8; w >= 1; w /= 2)
-      for (int j = 0; j < w; ++j) acc[j] = acc[j] + acc[j + w];
-    partial[k] = acc[0];
-  }
-}
-template <>
-void sumsq_blocks<double>(const Batch& b, const int64_t* boff, int64_t k0, int64_t k1,
-                          double* partial) {
-  int64_t t = tensor_of(boff, b.n_tensors, k0);
-  for (int64_t k = k0; k < k1; ++k) {
-    while (boff[t + 1] <= k) ++t;
-    const auto* g = static_cast<const double*>(b.slots[0][t]);
-    const int64_t n = b.offsets[t + 1] - b.offsets[t];
-    int64_t i = (k - boff[t]) * kNormBlock;
-    const int64_t hi = min64(n, i + kNormBlock);
-    double acc[16] = {};
-    for (; i + 16 <= hi; i += 16)
-      for (int j = 0; j < 16; ++j) acc[j] += g[i + j] * g[i + j];
-    for (; i < hi; ++i) acc[i & 15] += g[i] * g[i];
     for (int w = 8; w >= 1; w /= 2)
       for (int j = 0; j < w; ++j) acc[j] = acc[j] + acc[j + w];
     partial[k] = acc[0];
