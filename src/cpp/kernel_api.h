@@ -47,10 +47,16 @@ FO_RULES(FO_RULE_ID_OF)
 //   kF32F16Grads         float32   float16   float32   -
 //   kF32BF16GradsCopy    float32   bfloat16  float32   bfloat16  + the model's bf16 copy
 //   kF32F16GradsCopy     float32   float16   float32   float16
+//   kF32Q8               float32   float32   int8      -         block-wise quantized states:
+//   kF32Q4               float32   float32   int4      -         quant_api.h, Note [quantized states]
+//   kF32BF16States       float32   float32   bfloat16  -         half the state bytes, no quantizer
 // CUDA runs kF32 and kF64 only (the bindings refuse the others on device arrays).
 enum Format : int {
   kF32 = 0, kF64 = 1, kBF16, kF16, kBF16F32States, kF16F32States, kF32BF16Grads, kF32F16Grads,
-  kF32BF16GradsCopy, kF32F16GradsCopy, kNumFormats
+  kF32BF16GradsCopy, kF32F16GradsCopy,
+  kF32Q8, kF32Q4,  // quantized states (quant_api.h); their state slots point to QuantStreams
+  kF32BF16States,
+  kNumFormats
 };
 
 using KernelFn = void (*)(const Batch&, int64_t begin, int64_t end, const void* args, unsigned mask);

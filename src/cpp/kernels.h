@@ -77,6 +77,7 @@ template <> struct LayoutOf<kF32BF16Grads> { using type = Layout<float, bf16, fl
 template <> struct LayoutOf<kF32F16Grads> { using type = Layout<float, f16, float, void, float>; };
 template <> struct LayoutOf<kF32BF16GradsCopy> { using type = Layout<float, bf16, float, bf16, float>; };
 template <> struct LayoutOf<kF32F16GradsCopy> { using type = Layout<float, f16, float, f16, float>; };
+template <> struct LayoutOf<kF32BF16States> { using type = Layout<float, float, bf16, void, float>; };
 
 // f(std::integral_constant<int, s>{}) for every slot s: a slot's storage type is a
 // compile-time function of s.
@@ -156,13 +157,23 @@ void run_range(const Batch& b, int64_t begin, int64_t end, const Args& a) {
   }
 }
 
+}  // namespace
+}  // namespace fastoptim
+#include "quant.h"  // the quantized-state formats' block driver (quant_entry)
+namespace fastoptim {
+namespace {
+
 // One entry per (rule, format): the call's variant -> its instantiation (rule_api.h).
 template <class D, Format F>
 void entry(const Batch& b, int64_t lo, int64_t hi, const void* p, unsigned mask) {
-  const auto& a = *static_cast<const typename D::Args*>(p);
-  dispatch_mask<D>(mask, [&](auto tag) {
-    run_range<typename decltype(tag)::type, typename LayoutOf<F>::type>(b, lo, hi, a);
-  });
+  if constexpr (QuantBits<F>::value != 0) {
+    quant_entry<D, F>(b, lo, hi, p, mask);
+  } else {
+    const auto& a = *static_cast<const typename D::Args*>(p);
+    dispatch_mask<D>(mask, [&](auto tag) {
+      run_range<typename decltype(tag)::type, typename LayoutOf<F>::type>(b, lo, hi, a);
+    });
+  }
 }
 
 template <class D, int... Fs> void fill_rule(KernelTable* t, std::integer_sequence<int, Fs...>) {

@@ -1,0 +1,219 @@
+// quant.h: the CPU driver of the quantized-state formats kF32Q8 and kF32Q4 (quant_api.h,
+// Note [quantized states]). Part of kernels.h, which includes it between its helpers and its
+// table (same anonymous namespace, Note [one definition per ISA]); not a header of its own.
+//
+// Note [quantized block driver]
+// The unit of work is a block of one tensor: its params and grads stay where they are, its
+// states are dequantized into an fp32 buffer on the stack (kMaxStates x 256 floats, in L1),
+// the rule runs over the block exactly as over fp32 arrays (the same Rule<M>::apply, vector
+// body and scalar tail), and each written state is requantized from the buffer with the new
+// absmax of the block. A kernel call over the global range [begin, end) updates the blocks
+// whose FIRST element lies in that range: the dispatcher's chunks (dispatch.cpp) then hand
+// every block to exactly one thread whatever the chunk size and thread count, with no change
+// to the split itself; a chunk may run up to one block past its end. Each block's result
+// depends on that block alone, so any split gives the same bits.
+#pragma once
+
+#include <type_traits>
+
+#include "kernel_api.h"
+#include "quant_api.h"
+
+namespace fastoptim {
+namespace {
+
+template <Format F> struct QuantBits : std::integral_constant<int, 0> {};
+template <> struct QuantBits<kF32Q8> : std::integral_constant<int, 8> {};
+template <> struct QuantBits<kF32Q4> : std::integral_constant<int, 4> {};
+
+template <class D, class = void> struct HasStates : std::false_type {};
+template <class D>
+struct HasStates<D, std::void_t<decltype(D::kStates)>>
+    : std::bool_constant<(D::kStates.size() > 0)> {};
+
+// Whether state slot kSlot of rule D is declared non-negative (rules.h).
+template <class D, int kSlot> constexpr bool slot_non_negative() {
+  if constexpr (kSlot >= kState0 && kSlot - kState0 < static_cast<int>(D::kStates.size()))
+    return D::kStates[kSlot - kState0].non_negative;
+  return false;
+}
+
+// Rounding to the nearest integer, ties to even, of 0 <= t < 2^22: t + 1.5*2^23 rounds t at
+// the integer position (an IEEE add, the same on every ISA); its low bits are the integer.
+constexpr float kRneMagic = 12582912.0f;
+constexpr uint32_t kRneMagicBits = 0x4B400000u;
+FO_INLINE int32_t rne_int(float t) {
+  const float f = t + kRneMagic;
+  uint32_t u;
+  __builtin_memcpy(&u, &f, sizeof u);
+  return static_cast<int32_t>(u - kRneMagicBits);
+}
+
+// The map of Note [quantized states] for one kind of state.
+template <int kBits, bool kNonNegative> struct QuantMap {
+  static constexpr uint32_t kMask = (1u << kBits) - 1u;
+  // Signed: M; non-negative: L.
+  static constexpr float kLevels = kNonNegative ? float(1 << kBits) : float((1 << (kBits - 1)) - 1);
+  // 1/M^2 (rounded once) or 1/L^4 (a power of two, exact).
+  static constexpr float kScale = kNonNegative ? 1.0f / (kLevels * kLevels * kLevels * kLevels)
+                                               : 1.0f / (kLevels * kLevels);
+
+  // A code (its kBits low bits) -> x.
+  static FO_INLINE float decode(uint32_t c, float absmax) {
+    if constexpr (kNonNegative) {
+      const float f = static_cast<float>(static_cast<int32_t>(c) + 1);
+      const float f2 = f * f;
+      return ((f2 * f2) * kScale) * absmax;
+    } else {
+      // Sign-extend the kBits-bit two's complement code.
+      const int32_t q = static_cast<int32_t>(c ^ (1u << (kBits - 1))) - (1 << (kBits - 1));
+      const float f = static_cast<float>(q);
+      return ((f * __builtin_fabsf(f)) * kScale) * absmax;
+    }
+  }
+
+  // x -> its code (kBits low bits), given inv = 1 / absmax (0 when absmax is 0).
+  static FO_INLINE uint32_t encode(float x, float inv) {
+    const float a = __builtin_fabsf(x) * inv;
+    if constexpr (kNonNegative) {
+      int32_t q = rne_int(__builtin_sqrtf(__builtin_sqrtf(a)) * kLevels) - 1;
+      q = q < 0 ? 0 : q;
+      q = q > static_cast<int32_t>(kMask) ? static_cast<int32_t>(kMask) : q;
+      return static_cast<uint32_t>(q);
+    } else {
+      const int32_t r = rne_int(__builtin_sqrtf(a) * kLevels);
+      const int32_t q = x < 0.0f ? -r : r;
+      return static_cast<uint32_t>(q) & kMask;
+    }
+  }
+
+  // Block `blk` of a tensor's stream (n elements) -> out[0, n).
+  static FO_INLINE void load(const QuantStream& s, int64_t blk, int64_t n, float* out) {
+    constexpr int64_t kB = quant_block(kBits);
+    const float absmax = s.absmax[blk];
+    if constexpr (kBits == 8) {
+      const uint8_t* c = s.codes + blk * kB;
+      for (int64_t i = 0; i < n; ++i) out[i] = decode(c[i], absmax);
+    } else {
+      const uint8_t* c = s.codes + blk * (kB / 2);
+      const int64_t pairs = n / 2;
+      for (int64_t j = 0; j < pairs; ++j) {
+        out[2 * j] = decode(c[j] & 15u, absmax);
+        out[2 * j + 1] = decode(static_cast<uint32_t>(c[j]) >> 4, absmax);
+      }
+      if (n & 1) out[n - 1] = decode(c[pairs] & 15u, absmax);
+    }
+  }
+
+  // in[0, n) -> block `blk` of the stream: its absmax (max |x|; NaN when the block holds a
+  // NaN or an Inf, with every code 0), then its codes.
+  template <class V> static FO_INLINE void store(const QuantStream& s, int64_t blk, int64_t n,
+                                                 const float* in) {
+    constexpr int64_t kB = quant_block(kBits);
+    constexpr int kW = VecTraits<V>::kWidth;
+    float m = 0.0f;
+    int64_t i = 0;
+    if constexpr (kW > 1) {
+      V mv = splat<V>(0.0f);
+      for (; i + kW <= n; i += kW) mv = vmax(mv, vabs(vload<V>(in + i)));
+      alignas(64) float lanes[kW];
+      vstore(lanes, mv);
+      for (int k = 0; k < kW; ++k) m = vmax(m, lanes[k]);
+    }
+    for (; i < n; ++i) m = vmax(m, vabs(in[i]));
+    const bool finite = m - m == 0.0f;  // false for NaN and Inf
+    s.absmax[blk] = finite ? m : __builtin_nanf("");
+    const float inv = finite && m > 0.0f ? 1.0f / m : 0.0f;
+    if constexpr (kBits == 8) {
+      uint8_t* c = s.codes + blk * kB;
+      if (!finite) {
+        for (int64_t k = 0; k < n; ++k) c[k] = 0;
+        return;
+      }
+      for (int64_t k = 0; k < n; ++k) c[k] = static_cast<uint8_t>(encode(in[k], inv));
+    } else {
+      uint8_t* c = s.codes + blk * (kB / 2);
+      const int64_t pairs = n / 2;
+      if (!finite) {
+        for (int64_t k = 0; k < (n + 1) / 2; ++k) c[k] = 0;
+        return;
+      }
+      for (int64_t j = 0; j < pairs; ++j)
+        c[j] = static_cast<uint8_t>(encode(in[2 * j], inv) | (encode(in[2 * j + 1], inv) << 4));
+      if (n & 1) c[pairs] = static_cast<uint8_t>(encode(in[n - 1], inv));
+    }
+  }
+};
+
+// One lane group at element i of a block: params and grads from memory, states from the
+// block's buffer.
+template <class Rule, class V>
+FO_INLINE void quant_apply(float* p, const float* g, float (*st)[256], int64_t i,
+                           const typename Rule::template Consts<V>& c) {
+  V x[kMaxSlots];
+  if constexpr ((Rule::kReads & bit(kParam)) != 0) x[kParam] = vload<V>(p + i);
+  if constexpr ((Rule::kReads & bit(kGrad)) != 0) x[kGrad] = vload<V>(g + i);
+  each_slot([&](auto s) {
+    if constexpr (s >= kState0 && (Rule::kReads & bit(s)) != 0) x[s] = vload<V>(st[s - kState0] + i);
+  });
+  Rule::template apply<V>(x, c);
+  if constexpr ((Rule::kWrites & bit(kParam)) != 0) vstore(p + i, x[kParam]);
+  each_slot([&](auto s) {
+    if constexpr (s >= kState0 && (Rule::kWrites & bit(s)) != 0) vstore(st[s - kState0] + i, x[s]);
+  });
+}
+
+// Note [quantized block driver].
+template <class D, class Rule, int kBits, class Args>
+void quant_range(const Batch& b, int64_t begin, int64_t end, const Args& a) {
+  using V = FO_VEC_F32;
+  constexpr int kW = VecTraits<V>::kWidth;
+  constexpr int64_t kB = quant_block(kBits);
+  static_assert(kB <= 256, "the state buffer holds 256 elements per state");
+  const typename Rule::template Consts<V> cv(a);
+  const typename Rule::template Consts<float> cs(a);
+  const int64_t* off = b.offsets;
+  alignas(64) float st[kMaxStates][256];
+  for (int64_t t = tensor_of(off, b.n_tensors, begin); t < b.n_tensors && off[t] < end; ++t) {
+    const int64_t size = off[t + 1] - off[t];
+    const int64_t lo = max64(begin - off[t], 0), hi = min64(end - off[t], size);
+    if (lo >= hi) continue;
+    float* p = static_cast<float*>(b.slots[kParam][t]);
+    const float* g = b.slots[kGrad] ? static_cast<const float*>(b.slots[kGrad][t]) : nullptr;
+    const QuantStream* q[kMaxSlots] = {};
+    for (int s = kState0; s < kMaxSlots; ++s)
+      if (b.slots[s]) q[s] = static_cast<const QuantStream*>(b.slots[s][t]);
+    // The blocks whose first element lies in [lo, hi).
+    for (int64_t blk = (lo + kB - 1) / kB; blk * kB < hi; ++blk) {
+      const int64_t start = blk * kB, n = min64(kB, size - start);
+      each_slot([&](auto s) {
+        if constexpr (s >= kState0 && (Rule::kReads & bit(s)) != 0)
+          QuantMap<kBits, slot_non_negative<D, decltype(s)::value>()>::load(*q[s], blk, n, st[s - kState0]);
+      });
+      float* pb = p + start;
+      const float* gb = g ? g + start : nullptr;
+      int64_t i = 0;
+      for (; i + kW <= n; i += kW) quant_apply<Rule, V>(pb, gb, st, i, cv);
+      for (; i < n; ++i) quant_apply<Rule, float>(pb, gb, st, i, cs);
+      each_slot([&](auto s) {
+        if constexpr (s >= kState0 && (Rule::kWrites & bit(s)) != 0)
+          QuantMap<kBits, slot_non_negative<D, decltype(s)::value>()>::template store<V>(*q[s], blk, n,
+                                                                        st[s - kState0]);
+      });
+    }
+  }
+}
+
+// The kernel-table entry of rule D in quantized format F (rules without states have none).
+template <class D, Format F>
+void quant_entry(const Batch& b, int64_t lo, int64_t hi, const void* p, unsigned mask) {
+  if constexpr (HasStates<D>::value) {
+    const auto& a = *static_cast<const typename D::Args*>(p);
+    dispatch_mask<D>(mask, [&](auto tag) {
+      quant_range<D, typename decltype(tag)::type, QuantBits<F>::value>(b, lo, hi, a);
+    });
+  }
+}
+
+}  // namespace
+}  // namespace fastoptim
