@@ -9,8 +9,10 @@ of the torch parameters:
 
 * ``fp32``, ``bf16``: float32 / bfloat16 state arrays, fastoptim.adamw_;
 * ``int8``, ``int4``: fastoptim.quant.QuantizedState states, fastoptim.adamw_ (the fused kernel);
-* ``int8 dynamic``, ``int4 dynamic``: the same update in NumPy (fastoptim.reference.adamw_)
-  between the paper's dynamic-map quantizer and dequantizer (quant.reference_update).
+* ``int8 dynamic``, ``int4 dynamic`` (the paper's dynamic map, quant.quantize_dynamic) and
+  ``int8 sqrt``, ``int4 sqrt`` (a square-root companding map, measured, not shipped): float32
+  states passed through the map's quantizer and dequantizer after every step (simulated
+  storage; the update itself is the float32 kernel).
 
 Every tensor's states are quantized here, biases included (the classes would keep float32
 states below 4096 elements): the study is meant to be hard on the formats. Each configuration
@@ -40,10 +42,11 @@ import ml_dtypes
 import torch
 from sklearn.datasets import load_digits
 
-from fastoptim import quant, reference
+from fastoptim import quant
 from fastoptim.quant import QuantizedState
 
-CONFIGS = ["fp32", "bf16", "int8", "int4", "int8 dynamic", "int4 dynamic"]
+CONFIGS = ["fp32", "bf16", "int8", "int4", "int8 dynamic", "int4 dynamic", "int8 sqrt",
+           "int4 sqrt"]
 HYPER = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2)
 
 
@@ -58,8 +61,19 @@ def data():
             torch.from_numpy(y[n:]))
 
 
+def round_trip(config, x, non_negative):
+    """x after storage in a simulated map (dynamic: the paper's; sqrt: square-root companding)."""
+    bits = 8 if config.startswith("int8") else 4
+    flat = x.reshape(-1)
+    if config.endswith("dynamic"):
+        codes, absmax = quant.quantize_dynamic(flat, bits, not non_negative)
+        return quant.dequantize_dynamic(codes, absmax, flat.size, bits,
+                                        not non_negative).reshape(x.shape)
+    return companding(flat, bits, non_negative).reshape(x.shape)
+
+
 def make_states(config, params):
-    if config == "fp32":
+    if config == "fp32" or config.endswith(("dynamic", "sqrt")):
         return [np.zeros(p.shape, np.float32) for p in params for _ in (0, 1)]
     if config == "bf16":
         return [np.zeros(p.shape, ml_dtypes.bfloat16) for p in params for _ in (0, 1)]
@@ -90,17 +104,38 @@ def train(config, seed, epochs, batch=64):
                 p.grad.zero_()
             loss_fn(model(xtr[idx]), ytr[idx]).backward()
             step += 1
-            if config.endswith("dynamic"):
-                quant.reference_update(reference.adamw_, params, grads,
-                                       {"exp_avgs": m, "exp_avg_sqs": v}, map="dynamic",
-                                       step=step, **HYPER)
-            else:
-                fastoptim.adamw_(params, grads, m, v, step=step, **HYPER)
+            fastoptim.adamw_(params, grads, m, v, step=step, **HYPER)
+            if config.endswith(("dynamic", "sqrt")):  # simulated storage: store, read back
+                for x in m:
+                    x[...] = round_trip(config, x, False)
+                for x in v:
+                    x[...] = round_trip(config, x, True)
         with torch.no_grad():
             curve.append(float(loss_fn(model(xtr), ytr)))
     with torch.no_grad():
         acc = float((model(xte).argmax(1) == yte).float().mean()) * 100
     return curve, acc, (m, v) if config == "fp32" else None
+
+
+def companding(x, bits, non_negative):
+    """A square-root companding map, block-wise like the others (measured, not shipped):
+    signed x = absmax * sign(q) * (q/M)^2, non-negative x = absmax * ((q+1)/L)^4."""
+    b = quant.BLOCK[bits]
+    n = x.size
+    pad = np.zeros(-(-n // b) * b, np.float32)
+    pad[:n] = x
+    blk = pad.reshape(-1, b)
+    am = np.abs(blk).max(1, keepdims=True)
+    a = np.abs(blk) / np.where(am > 0, am, 1)
+    if non_negative:
+        lv = 2 ** bits
+        q = np.clip(np.rint(lv * a ** 0.25) - 1, 0, lv - 1)
+        y = am * ((q + 1) / lv) ** 4
+    else:
+        lv = 2 ** (bits - 1) - 1
+        q = np.rint(lv * np.sqrt(a))
+        y = am * np.sign(blk) * (q / lv) ** 2
+    return y.reshape(-1)[:n].astype(np.float32)
 
 
 def map_errors(m, v, eps=1e-8):
@@ -109,8 +144,10 @@ def map_errors(m, v, eps=1e-8):
     v = np.concatenate([x.reshape(-1) for x in v])
     rows = []
     for bits in (8, 4):
-        for name in ("companding", "dynamic"):
-            if name == "companding":
+        for name in ("small float (fastoptim)", "dynamic (paper)", "sqrt companding"):
+            if name == "sqrt companding":
+                mq, vq = companding(m, bits, False), companding(v, bits, True)
+            elif name.startswith("small"):
                 mq = QuantizedState.from_float(m, bits).to_float()
                 vq = QuantizedState.from_float(v, bits, non_negative=True).to_float()
             else:
@@ -171,7 +208,8 @@ def main(argv=None):
     fig, ax = plt.subplots(figsize=(7, 4.2))
     styles = {"fp32": ("k", "-"), "bf16": ("tab:blue", "-"), "int8": ("tab:green", "-"),
               "int4": ("tab:red", "-"), "int8 dynamic": ("tab:green", ":"),
-              "int4 dynamic": ("tab:red", ":")}
+              "int4 dynamic": ("tab:red", ":"), "int8 sqrt": ("tab:green", "--"),
+              "int4 sqrt": ("tab:red", "--")}
     for config, runs in results.items():
         curve = np.mean([r[0] for r in runs], axis=0)
         c, ls = styles[config]

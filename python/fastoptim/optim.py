@@ -21,9 +21,9 @@ Note [State dtypes]
     params); ``"int8"`` or ``"int4"`` block-wise quantized (:mod:`fastoptim.quant`), for float32
     params of at least ``fastoptim.quant.MIN_QUANTIZED_SIZE`` (4096) elements; smaller tensors
     keep float32 states (their absmax and per-call overhead outweigh the bytes saved, as
-    bitsandbytes' ``min_8bit_size``). A quantized state is a :class:`~fastoptim.quant.QuantizedState`
-    in ``state``; ``state_dict`` saves it compressed (a copy of the object), and
-    ``load_state_dict`` accepts, for each state, the saved form or a float array of its shape
+    bitsandbytes' ``min_8bit_size``). A quantized state is a
+    :class:`~fastoptim.quant.QuantizedState` in ``state``; ``state_dict`` saves it compressed
+    (a copy of the object), and ``load_state_dict`` accepts, for each state, the saved form or a float array of its shape
     (torch.optim's layout), converting either way: ``QuantizedState.to_float()`` is the
     documented conversion to torch's fp32 layout, ``QuantizedState.from_float(x, bits,
     non_negative)`` the one back. ``state_nbytes()`` reports the bytes the states hold.
@@ -402,7 +402,8 @@ class Optimizer:
             raise TypeError(f"{where} has dtype {p.dtype}; state_dtype={sd!r} needs float32 "
                             f"params (quantized states with other param dtypes are not "
                             f"implemented)")
-        if sd == "float32" and p.dtype not in (np.float32, np.float16) and p.dtype.name != "bfloat16":
+        low = p.dtype in (np.float32, np.float16) or p.dtype.name == "bfloat16"
+        if sd == "float32" and not low:
             raise TypeError(f"{where} has dtype {p.dtype}; state_dtype='float32' needs float32, "
                             f"bfloat16 or float16 params")
         if sd == "bfloat16" and p.dtype != np.float32 and p.dtype.name != "bfloat16":
@@ -761,7 +762,8 @@ class RMSprop(Optimizer):
                  state_dtype: str | None = None) -> None:
         super().__init__(params, {"lr": lr, "alpha": alpha, "eps": eps,
                                   "weight_decay": weight_decay, "momentum": momentum,
-                                  "centered": centered, "maximize": maximize}, state_dtype=state_dtype)
+                                  "centered": centered, "maximize": maximize},
+                                  state_dtype=state_dtype)
 
     def _state_names(self, group: Mapping[str, Any]) -> tuple[str, ...]:
         return (("square_avg",) + (("momentum_buffer",) if group["momentum"] > 0 else ())
@@ -798,7 +800,8 @@ class Adam(Optimizer):
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps,
                                   "weight_decay": weight_decay, "amsgrad": amsgrad,
                                   "maximize": maximize,
-                                  "decoupled_weight_decay": decoupled_weight_decay}, state_dtype=state_dtype)
+                                  "decoupled_weight_decay": decoupled_weight_decay},
+                                  state_dtype=state_dtype)
 
     def _state_names(self, group: Mapping[str, Any]) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
@@ -880,7 +883,8 @@ class Adadelta(Optimizer):
                  maximize: bool = False,
                  state_dtype: str | None = None) -> None:
         super().__init__(params, {"lr": lr, "rho": rho, "eps": eps,
-                                  "weight_decay": weight_decay, "maximize": maximize}, state_dtype=state_dtype)
+                                  "weight_decay": weight_decay, "maximize": maximize},
+                                  state_dtype=state_dtype)
 
     def _state_names(self, group: Mapping[str, Any]) -> tuple[str, ...]:
         return ("square_avg", "acc_delta")
@@ -1168,7 +1172,8 @@ class Adamax(Optimizer):
                  weight_decay: float = 0, *, maximize: bool = False,
                  state_dtype: str | None = None) -> None:
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps,
-                                  "weight_decay": weight_decay, "maximize": maximize}, state_dtype=state_dtype)
+                                  "weight_decay": weight_decay, "maximize": maximize},
+                                  state_dtype=state_dtype)
 
     def _state_names(self, group: Mapping[str, Any]) -> tuple[str, ...]:
         return ("exp_avg", "exp_inf")
@@ -1199,7 +1204,8 @@ class ASGD(_ScalarStates):
                  weight_decay: float = 0, *, maximize: bool = False,
                  state_dtype: str | None = None) -> None:
         super().__init__(params, {"lr": lr, "lambd": lambd, "alpha": alpha, "t0": t0,
-                                  "weight_decay": weight_decay, "maximize": maximize}, state_dtype=state_dtype)
+                                  "weight_decay": weight_decay, "maximize": maximize},
+                                  state_dtype=state_dtype)
 
     def _state_names(self, group: Mapping[str, Any]) -> tuple[str, ...]:
         return ("ax",)

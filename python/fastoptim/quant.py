@@ -11,15 +11,16 @@ block of that tensor's elements:
 * 4 bits: blocks of 128, two codes per byte, element ``2j`` in the low nibble of byte ``j``
   (``codes`` has ``(n + 1) // 2`` bytes).
 
-The map from a code to a value is a closed form (src/cpp/quant_api.h, Note [quantized
-states]), chosen over the paper's dynamic map because it needs no nearest-code search and
-vectorises with square roots and multiplications only; docs/quantized_states.md measures the
-two against each other. Signed states (first moments, momentum buffers) use
-``x = absmax * q*|q| / M**2`` with ``q`` in ``[-M, M]`` (M = 127 or 7); non-negative states
-(second moments, sums of squares, step sizes: rules.h declares which) use
-``x = absmax * ((q+1) / L)**4`` with ``q`` in ``[0, L-1]`` (L = 256 or 16), which has no zero, so
-a second moment never reads back as 0. All arithmetic below is float32, operation by
-operation in the kernels' order, so this module reproduces the kernels' codes bit for bit.
+The map from a code to a value (src/cpp/quant_api.h, Note [quantized states]) is a small
+float of ``|x| / absmax`` with 3 mantissa bits at 8 bits and none at 4 bits, its exponent in the
+code's other bits, offset so that the top code is 1.0. Signed states (first moments, momentum
+buffers) spend a bit on the sign and hold zero; non-negative states (second moments, sums of
+squares, step sizes: rules.h declares which) have no zero, so a second moment never reads back
+as 0. Encoding is an integer add and shift of the float's bit pattern, so the kernels need no
+square root and no nearest-code search; docs/quantized_states.md measures this map against the
+paper's dynamic map and a square-root companding map. All arithmetic below is float32 (or exact
+integer), operation by operation in the kernels' order, so this module reproduces the kernels'
+codes bit for bit.
 
 Functional use::
 
@@ -56,17 +57,11 @@ def _check_bits(bits: Any) -> int:
     return int(bits)
 
 
-def _levels(bits: int, non_negative: bool) -> int:
-    """M (signed) or L (non-negative) of the map."""
-    return (1 << bits) if non_negative else (1 << (bits - 1)) - 1
-
-
-def _scale(bits: int, non_negative: bool) -> np.float32:
-    """1 / L**4 (exact) or 1 / M**2 (rounded once to float32), as the kernel's constant."""
-    lv = _F32(_levels(bits, non_negative))
-    if non_negative:
-        return _F32(1) / (lv * lv * lv * lv)
-    return _F32(1) / (lv * lv)
+def _params(bits: int, non_negative: bool) -> tuple[int, int, int, int]:
+    """(mantissa bits F, dropped fp32 mantissa bits, top code, offset) of the map."""
+    f = 3 if bits == 8 else 0
+    top = (1 << bits) - 1 if non_negative else (1 << (bits - 1)) - 1
+    return f, 23 - f, top, (127 << f) - top
 
 
 def _shape(shape: Sequence[int] | int) -> tuple[int, ...]:
@@ -79,30 +74,33 @@ def _blocks(n: int, bits: int) -> int:
     return -(-n // BLOCK[bits])
 
 
-def _decode(q: NDArray[np.int32], bits: int, non_negative: bool,
+def _decode(c: NDArray[np.int64], bits: int, non_negative: bool,
             absmax_per_elem: NDArray[np.float32]) -> NDArray[np.float32]:
-    """Integer codes (already sign-extended) -> float32 values."""
+    """Codes -> float32 values: the code's small float, times absmax (one rounding)."""
+    _, shift, top, bias = _params(bits, non_negative)
     if non_negative:
-        f = (q + 1).astype(_F32)
-        f2 = f * f
-        return ((f2 * f2) * _scale(bits, True)) * absmax_per_elem
-    f = q.astype(_F32)
-    return ((f * np.abs(f)) * _scale(bits, False)) * absmax_per_elem
+        val = ((c + bias) << shift).astype(np.uint32).view(_F32)
+        return val * absmax_per_elem
+    k = c & top
+    sign = (c >> (bits - 1)) & 1
+    val = (((k + bias) << shift) | (sign << 31)).astype(np.uint32).view(_F32)
+    return np.where(k == 0, _F32(0), val) * absmax_per_elem
 
 
 def _encode(x: NDArray[np.float32], bits: int, non_negative: bool,
-            inv_per_elem: NDArray[np.float32]) -> NDArray[np.int32]:
-    """float32 values -> integer codes in [-M, M] or [0, L-1] (rounding half to even)."""
-    a = np.abs(x) * inv_per_elem
-    lv = _F32(_levels(bits, non_negative))
+            inv_per_elem: NDArray[np.float32]) -> NDArray[np.int64]:
+    """float32 values -> codes: |x| * inv rounded to F mantissa bits (ties to even, on the
+    bit pattern), minus the offset, clamped; a sign bit for signed states."""
+    _, shift, top, bias = _params(bits, non_negative)
+    u = (np.abs(x) * inv_per_elem).astype(_F32).view(np.uint32).astype(np.int64)
+    r = ((u + (1 << (shift - 1)) - 1 + ((u >> shift) & 1)) >> shift) - bias
     if non_negative:
-        q = np.rint(np.sqrt(np.sqrt(a)) * lv).astype(np.int32) - 1
-        return np.clip(q, 0, (1 << bits) - 1)
-    r = np.rint(np.sqrt(a) * lv).astype(np.int32)
-    return np.where(x < 0, -r, r)
+        return np.asarray(np.clip(r, 0, top), np.int64)
+    k = np.where(r < 1, 0, np.minimum(r, top))
+    return np.asarray(k | np.where((x < 0) & (k != 0), 1 << (bits - 1), 0), np.int64)
 
 
-def _pack(q: NDArray[np.int32], bits: int) -> NDArray[np.uint8]:
+def _pack(q: NDArray[np.int64], bits: int) -> NDArray[np.uint8]:
     c = (q & ((1 << bits) - 1)).astype(np.uint8)
     if bits == 8:
         return c
@@ -111,18 +109,20 @@ def _pack(q: NDArray[np.int32], bits: int) -> NDArray[np.uint8]:
     return (c[0::2] | (c[1::2] << 4)).astype(np.uint8)
 
 
-def _unpack(codes: NDArray[np.uint8], n: int, bits: int, non_negative: bool) -> NDArray[np.int32]:
+def _unpack(codes: NDArray[np.uint8], n: int, bits: int) -> NDArray[np.int64]:
     if bits == 8:
-        c = codes[:n].astype(np.int32)
-    else:
-        c = np.empty(2 * codes.size, np.int32)
-        c[0::2] = codes & 15
-        c[1::2] = codes >> 4
-        c = c[:n]
-    if non_negative:
-        return c
-    half = 1 << (bits - 1)
-    return (c ^ half) - half
+        return codes[:n].astype(np.int64)
+    c = np.empty(2 * codes.size, np.int64)
+    c[0::2] = codes & 15
+    c[1::2] = codes >> 4
+    return c[:n]
+
+
+def code_values(bits: int = 8, non_negative: bool = False) -> NDArray[np.float32]:
+    """Every value a code can hold when absmax is 1, by code (for inspection and plots)."""
+    bits = _check_bits(bits)
+    return _decode(np.arange(1 << bits, dtype=np.int64), bits, non_negative,
+                   np.ones(1 << bits, _F32))
 
 
 def quantize(x: NDArray[Any], bits: int = 8, non_negative: bool = False
@@ -153,7 +153,7 @@ def dequantize(codes: NDArray[np.uint8], absmax: NDArray[np.float32], n: int, bi
                non_negative: bool = False) -> NDArray[np.float32]:
     """The ``n`` float32 values that ``(codes, absmax)`` hold (flat)."""
     bits = _check_bits(bits)
-    q = _unpack(np.asarray(codes, np.uint8).reshape(-1), n, bits, non_negative)
+    q = _unpack(np.asarray(codes, np.uint8).reshape(-1), n, bits)
     per_elem = np.repeat(np.asarray(absmax, _F32), BLOCK[bits])[:n]
     return _decode(q, bits, non_negative, per_elem)
 
@@ -250,7 +250,8 @@ def dynamic_map(bits: int = 8, signed: bool = True) -> NDArray[np.float32]:
     sorted: a code is a sign bit (signed maps only), then E zero bits giving the exponent
     10**-E, an indicator 1 bit, and the remaining bits a linear fraction of [0.1, 1] (bin
     centres). The unsigned map (second moments) spends the sign bit on one more exponent or
-    fraction bit (its smallest exponent, one value, is left out). Zero and 1.0 complete the map to 2**bits values (and -1.0 for signed maps
+    fraction bit (its smallest exponent, one value, is left out). Zero and 1.0 complete the
+    map to 2**bits values (and -1.0 for signed maps
     when a code is left)."""
     bits = _check_bits(bits)
     r = bits - 1 if signed else bits

@@ -38,52 +38,49 @@ template <class D, int kSlot> constexpr bool slot_non_negative() {
   return false;
 }
 
-// Rounding to the nearest integer, ties to even, of 0 <= t < 2^22: t + 1.5*2^23 rounds t at
-// the integer position (an IEEE add, the same on every ISA); its low bits are the integer.
-constexpr float kRneMagic = 12582912.0f;
-constexpr uint32_t kRneMagicBits = 0x4B400000u;
-FO_INLINE int32_t rne_int(float t) {
-  const float f = t + kRneMagic;
+FO_INLINE uint32_t bits_of(float x) {
   uint32_t u;
-  __builtin_memcpy(&u, &f, sizeof u);
-  return static_cast<int32_t>(u - kRneMagicBits);
+  __builtin_memcpy(&u, &x, sizeof u);
+  return u;
+}
+FO_INLINE float float_of(uint32_t u) {
+  float x;
+  __builtin_memcpy(&x, &u, sizeof x);
+  return x;
 }
 
-// The map of Note [quantized states] for one kind of state.
+// The map of Note [quantized states] for one kind of state: a code is a small float of
+// |x| / absmax with kF mantissa bits, its bit pattern offset by kBias so that the top code is
+// 1.0 (non-negative states: every code; signed: a sign bit and the magnitudes 1..K, 0 = zero).
 template <int kBits, bool kNonNegative> struct QuantMap {
-  static constexpr uint32_t kMask = (1u << kBits) - 1u;
-  // Signed: M; non-negative: L.
-  static constexpr float kLevels = kNonNegative ? float(1 << kBits) : float((1 << (kBits - 1)) - 1);
-  // 1/M^2 (rounded once) or 1/L^4 (a power of two, exact).
-  static constexpr float kScale = kNonNegative ? 1.0f / (kLevels * kLevels * kLevels * kLevels)
-                                               : 1.0f / (kLevels * kLevels);
+  static constexpr int kF = kBits == 8 ? 3 : 0;          // mantissa bits
+  static constexpr int kShift = 23 - kF;                  // fp32 mantissa bits dropped
+  static constexpr uint32_t kTop = kNonNegative ? (1u << kBits) - 1u : (1u << (kBits - 1)) - 1u;
+  static constexpr uint32_t kSign = kNonNegative ? 0u : 1u << (kBits - 1);
+  static constexpr int32_t kBias = (127 << kF) - static_cast<int32_t>(kTop);  // code kTop = 1.0
 
   // A code (its kBits low bits) -> x.
   static FO_INLINE float decode(uint32_t c, float absmax) {
     if constexpr (kNonNegative) {
-      const float f = static_cast<float>(static_cast<int32_t>(c) + 1);
-      const float f2 = f * f;
-      return ((f2 * f2) * kScale) * absmax;
+      return float_of((c + kBias) << kShift) * absmax;
     } else {
-      // Sign-extend the kBits-bit two's complement code.
-      const int32_t q = static_cast<int32_t>(c ^ (1u << (kBits - 1))) - (1 << (kBits - 1));
-      const float f = static_cast<float>(q);
-      return ((f * __builtin_fabsf(f)) * kScale) * absmax;
+      const uint32_t k = c & kTop;
+      const uint32_t u = ((k + kBias) << kShift) | ((c & kSign) << (31 - (kBits - 1)));
+      return (k == 0 ? 0.0f : float_of(u)) * absmax;
     }
   }
 
-  // x -> its code (kBits low bits), given inv = 1 / absmax (0 when absmax is 0).
+  // x -> its code (kBits low bits), given inv = 1 / absmax (0 when absmax is 0): |x| * inv
+  // rounded to kF mantissa bits, ties to even (on its bit pattern, an integer add), then offset.
   static FO_INLINE uint32_t encode(float x, float inv) {
-    const float a = __builtin_fabsf(x) * inv;
+    const uint32_t u = bits_of(__builtin_fabsf(x) * inv);
+    const int32_t r = static_cast<int32_t>(
+        (u + (1u << (kShift - 1)) - 1u + ((u >> kShift) & 1u)) >> kShift) - kBias;
     if constexpr (kNonNegative) {
-      int32_t q = rne_int(__builtin_sqrtf(__builtin_sqrtf(a)) * kLevels) - 1;
-      q = q < 0 ? 0 : q;
-      q = q > static_cast<int32_t>(kMask) ? static_cast<int32_t>(kMask) : q;
-      return static_cast<uint32_t>(q);
+      return static_cast<uint32_t>(r < 0 ? 0 : r > static_cast<int32_t>(kTop) ? kTop : r);
     } else {
-      const int32_t r = rne_int(__builtin_sqrtf(a) * kLevels);
-      const int32_t q = x < 0.0f ? -r : r;
-      return static_cast<uint32_t>(q) & kMask;
+      const uint32_t k = static_cast<uint32_t>(r < 1 ? 0 : r > static_cast<int32_t>(kTop) ? kTop : r);
+      return k | (x < 0.0f && k != 0 ? kSign : 0u);  // zero has one code
     }
   }
 
@@ -105,23 +102,11 @@ template <int kBits, bool kNonNegative> struct QuantMap {
     }
   }
 
-  // in[0, n) -> block `blk` of the stream: its absmax (max |x|; NaN when the block holds a
-  // NaN or an Inf, with every code 0), then its codes.
-  template <class V> static FO_INLINE void store(const QuantStream& s, int64_t blk, int64_t n,
-                                                 const float* in) {
+  // in[0, n) -> block `blk` of the stream, given the block's max |x| and whether all its
+  // values are finite: its absmax (NaN when not finite, with every code 0), then its codes.
+  static FO_INLINE void store(const QuantStream& s, int64_t blk, int64_t n, const float* in,
+                              float m, bool finite) {
     constexpr int64_t kB = quant_block(kBits);
-    constexpr int kW = VecTraits<V>::kWidth;
-    float m = 0.0f;
-    int64_t i = 0;
-    if constexpr (kW > 1) {
-      V mv = splat<V>(0.0f);
-      for (; i + kW <= n; i += kW) mv = vmax(mv, vabs(vload<V>(in + i)));
-      alignas(64) float lanes[kW];
-      vstore(lanes, mv);
-      for (int k = 0; k < kW; ++k) m = vmax(m, lanes[k]);
-    }
-    for (; i < n; ++i) m = vmax(m, vabs(in[i]));
-    const bool finite = m - m == 0.0f;  // false for NaN and Inf
     s.absmax[blk] = finite ? m : __builtin_nanf("");
     const float inv = finite && m > 0.0f ? 1.0f / m : 0.0f;
     if constexpr (kBits == 8) {
@@ -146,10 +131,12 @@ template <int kBits, bool kNonNegative> struct QuantMap {
 };
 
 // One lane group at element i of a block: params and grads from memory, states from the
-// block's buffer.
+// block's buffer. On the way, each written state's max |x| (amax) and a finiteness flag (bad:
+// x - x is 0 for a finite x, NaN otherwise) are accumulated per lane; both are exact, so the
+// order of lanes cannot change them.
 template <class Rule, class V>
 FO_INLINE void quant_apply(float* p, const float* g, float (*st)[256], int64_t i,
-                           const typename Rule::template Consts<V>& c) {
+                           const typename Rule::template Consts<V>& c, V* amax, V* bad) {
   V x[kMaxSlots];
   if constexpr ((Rule::kReads & bit(kParam)) != 0) x[kParam] = vload<V>(p + i);
   if constexpr ((Rule::kReads & bit(kGrad)) != 0) x[kGrad] = vload<V>(g + i);
@@ -159,11 +146,17 @@ FO_INLINE void quant_apply(float* p, const float* g, float (*st)[256], int64_t i
   Rule::template apply<V>(x, c);
   if constexpr ((Rule::kWrites & bit(kParam)) != 0) vstore(p + i, x[kParam]);
   each_slot([&](auto s) {
-    if constexpr (s >= kState0 && (Rule::kWrites & bit(s)) != 0) vstore(st[s - kState0] + i, x[s]);
+    if constexpr (s >= kState0 && (Rule::kWrites & bit(s)) != 0) {
+      vstore(st[s - kState0] + i, x[s]);
+      const V a = vabs(x[s]);
+      amax[s] = vselect(vgt(a, amax[s]), a, amax[s]);
+      bad[s] = bad[s] + (x[s] - x[s]);
+    }
   });
 }
 
 // Note [quantized block driver].
+constexpr int64_t kPrefetchBlocks = 2;
 template <class D, class Rule, int kBits, class Args>
 void quant_range(const Batch& b, int64_t begin, int64_t end, const Args& a) {
   using V = FO_VEC_F32;
@@ -186,19 +179,51 @@ void quant_range(const Batch& b, int64_t begin, int64_t end, const Args& a) {
     // The blocks whose first element lies in [lo, hi).
     for (int64_t blk = (lo + kB - 1) / kB; blk * kB < hi; ++blk) {
       const int64_t start = blk * kB, n = min64(kB, size - start);
+      // Note [software prefetch] (kernels.h): the streams of the block kPrefetchBlocks ahead.
+      // A prefetch past the end of an array never faults.
+      const int64_t ahead = start + kPrefetchBlocks * kB;
+      const uintptr_t pa = reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(ahead) * 4;
+      const uintptr_t ga = reinterpret_cast<uintptr_t>(g) + static_cast<uintptr_t>(ahead) * 4;
+      for (int64_t k = 0; k < kB * 4; k += 64) {
+        __builtin_prefetch(reinterpret_cast<const void*>(pa + k), 1, 0);
+        if (g) __builtin_prefetch(reinterpret_cast<const void*>(ga + k), 0, 0);
+      }
+      each_slot([&](auto s) {
+        if constexpr (s >= kState0 && ((Rule::kReads | Rule::kWrites) & bit(s)) != 0) {
+          const uintptr_t c = reinterpret_cast<uintptr_t>(q[s]->codes) +
+                              static_cast<uintptr_t>(quant_code_bytes(kBits, ahead));
+          for (int64_t k = 0; k < quant_code_bytes(kBits, kB); k += 64)
+            __builtin_prefetch(reinterpret_cast<const void*>(c + k), 1, 0);
+        }
+      });
       each_slot([&](auto s) {
         if constexpr (s >= kState0 && (Rule::kReads & bit(s)) != 0)
           QuantMap<kBits, slot_non_negative<D, decltype(s)::value>()>::load(*q[s], blk, n, st[s - kState0]);
       });
       float* pb = p + start;
       const float* gb = g ? g + start : nullptr;
+      V amax[kMaxSlots], bad[kMaxSlots];
+      float amax1[kMaxSlots], bad1[kMaxSlots];
+      for (int s = 0; s < kMaxSlots; ++s) {
+        amax[s] = bad[s] = splat<V>(0.0f);
+        amax1[s] = bad1[s] = 0.0f;
+      }
       int64_t i = 0;
-      for (; i + kW <= n; i += kW) quant_apply<Rule, V>(pb, gb, st, i, cv);
-      for (; i < n; ++i) quant_apply<Rule, float>(pb, gb, st, i, cs);
+      for (; i + kW <= n; i += kW) quant_apply<Rule, V>(pb, gb, st, i, cv, amax, bad);
+      for (; i < n; ++i) quant_apply<Rule, float>(pb, gb, st, i, cs, amax1, bad1);
       each_slot([&](auto s) {
-        if constexpr (s >= kState0 && (Rule::kWrites & bit(s)) != 0)
-          QuantMap<kBits, slot_non_negative<D, decltype(s)::value>()>::template store<V>(*q[s], blk, n,
-                                                                        st[s - kState0]);
+        if constexpr (s >= kState0 && (Rule::kWrites & bit(s)) != 0) {
+          float m = amax1[s], b = bad1[s];
+          alignas(64) float lanes[kW], flags[kW];
+          vstore(lanes, amax[s]);
+          vstore(flags, bad[s]);
+          for (int k = 0; k < kW; ++k) {
+            m = lanes[k] > m ? lanes[k] : m;
+            b = b + flags[k];
+          }
+          QuantMap<kBits, slot_non_negative<D, decltype(s)::value>()>::store(
+              *q[s], blk, n, st[s - kState0], m, b == 0.0f);
+        }
       });
     }
   }
