@@ -16,6 +16,7 @@ bitsandbytes' 8-bit AdamW is timed when it is installed (an optional extra; 3 st
 """
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -50,21 +51,28 @@ def quantized(n, bits, non_negative):
 
 
 def state_memory():
-    """RSS growth of the two AdamW states of N elements, written once (pages touched)."""
+    """RSS growth of the two AdamW states of N elements, written once (pages touched), each
+    format measured in a fresh interpreter (freed memory would be reused otherwise)."""
     out = {}
     for name in ("fp32", "int8", "int4"):
-        before = rss()
-        if name == "fp32":
-            st = [torch_f32(N, 1.0), torch_f32(N, 1.0)]
-        else:
-            bits = 8 if name == "int8" else 4
-            st = [quantized(N, bits, False), quantized(N, bits, True)]
-            for q in st:
-                q.codes[:] = 1
-                q.absmax[:] = 1
-        out[name] = rss() - before
-        del st
+        proc = subprocess.run([sys.executable, __file__, str(LOG2), "--memory", name],
+                              capture_output=True, text=True, check=True)
+        out[name] = int(proc.stdout.split()[-1])
     return out
+
+
+def measure_memory(name):
+    before = rss()
+    if name == "fp32":
+        st = [torch_f32(N, 1.0), torch_f32(N, 1.0)]
+    else:
+        bits = 8 if name == "int8" else 4
+        st = [quantized(N, bits, False), quantized(N, bits, True)]
+        for q in st:
+            q.codes[:] = 1
+            q.absmax[:] = 1
+    print(rss() - before)
+    return st
 
 
 def main():
@@ -132,4 +140,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if "--memory" in sys.argv:
+        measure_memory(sys.argv[sys.argv.index("--memory") + 1])
+    else:
+        main()
