@@ -15,6 +15,19 @@ Note [States are allocated once]
     step 1, sets the buffer to the gradient exactly as torch does when it clones it.
     ``load_state_dict`` copies INTO these arrays, so their identity never changes.
 
+Note [State dtypes]
+    ``state_dtype`` (keyword, every class) chooses how the states are stored: ``None`` (the
+    default) in the param's dtype; ``"float32"`` or ``"bfloat16"`` as such (float32 or bfloat16
+    params); ``"int8"`` or ``"int4"`` block-wise quantized (:mod:`fastoptim.quant`), for float32
+    params of at least ``fastoptim.quant.MIN_QUANTIZED_SIZE`` (4096) elements; smaller tensors
+    keep float32 states (their absmax and per-call overhead outweigh the bytes saved, as
+    bitsandbytes' ``min_8bit_size``). A quantized state is a
+    :class:`~fastoptim.quant.QuantizedState` in ``state``; ``state_dict`` saves it compressed
+    (a copy of the object), and ``load_state_dict`` accepts, for each state, the saved form or a float array of its shape
+    (torch.optim's layout), converting either way: ``QuantizedState.to_float()`` is the
+    documented conversion to torch's fp32 layout, ``QuantizedState.from_float(x, bits,
+    non_negative)`` the one back. ``state_nbytes()`` reports the bytes the states hold.
+
 Note [One step count per group]
     torch keeps ``state[p]["step"]`` per parameter, but all parameters of a group step together,
     so one integer per group is kept here. ``state_dict`` writes it into every parameter's entry
@@ -54,6 +67,7 @@ from typing import Any
 import numpy as np
 
 from . import functional as F
+from .quant import MIN_QUANTIZED_SIZE, QuantizedState
 from .typing import Params
 
 __all__ = ["Optimizer", "SGD", "RMSprop", "Adam", "AdamW", "Adagrad", "Adadelta", "NAdam", "RAdam",
@@ -178,6 +192,36 @@ def _check_no_overlap(params: Sequence[np.ndarray], names: Sequence[str]) -> Non
             )
 
 
+_STATE_DTYPES = (None, "float32", "bfloat16", "int8", "int4")
+
+
+def _check_state_dtype(value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"state_dtype must be None or a str, got {type(value).__name__}")
+    if value not in _STATE_DTYPES:
+        raise ValueError(f"state_dtype must be None, 'float32', 'bfloat16', 'int8' or 'int4', "
+                         f"got {value!r}")
+    return value
+
+
+def _non_negative_names() -> frozenset[str]:
+    """The class-level names (torch's, singular) of the states every rule declares
+    non-negative (rules.h): ``exp_avg_sqs`` -> ``exp_avg_sq``; Adagrad's ``state_sums`` is
+    torch's ``sum``."""
+    from . import _core
+    return frozenset("sum" if n == "state_sums" else n[:-1]
+                     for info in _core.rules.values() for n in info["non_negative_states"])
+
+
+def _state_arrays(x: Any) -> list[np.ndarray]:
+    """The ndarrays a state holds (a QuantizedState: its codes and absmax)."""
+    return [x.codes, x.absmax] if isinstance(x, QuantizedState) else [x]
+
+
+def _state_kind(x: Any) -> str:
+    return x.dtype if isinstance(x, QuantizedState) else str(x.dtype)
+
+
 class _Bucket:
     """The arrays of one (group, dtype): the arguments of one fused call, built once."""
 
@@ -212,7 +256,9 @@ class Optimizer:
 
     _hyper: Mapping[str, Callable[[str, Any], None]] = {}
 
-    def __init__(self, params: Params, defaults: Mapping[str, Any]) -> None:
+    def __init__(self, params: Params, defaults: Mapping[str, Any],
+                 state_dtype: str | None = None) -> None:
+        self._state_dtype = _check_state_dtype(state_dtype)
         self.defaults: dict[str, Any] = dict(defaults)
         self._check_group(self.defaults, "")
         self.param_groups: list[dict[str, Any]] = []
@@ -304,13 +350,16 @@ class Optimizer:
         state_names = self._state_names(group)
         first = len(self._params)
         indices = list(range(first, first + len(params)))
-        by_dtype: dict[np.dtype, list[int]] = {}
+        by_dtype: dict[tuple[np.dtype, str], list[int]] = {}
+        for name, p in zip(names, params):
+            self._check_state_format(name, p)
         for i, p in zip(indices, params):
             self.state[i] = {
-                name: np.full(p.shape, self._initial_value(group, name), dtype=p.dtype)
+                name: self._new_state(p, name, self._initial_value(group, name))
                 for name in state_names
             }
-            by_dtype.setdefault(p.dtype, []).append(i)
+            kind = _state_kind(self.state[i][state_names[0]]) if state_names else ""
+            by_dtype.setdefault((p.dtype, kind), []).append(i)
         buckets = [
             _Bucket(idx, [params[i - first] for i in idx],
                     {name: [self.state[i][name] for i in idx] for name in state_names})
@@ -319,7 +368,8 @@ class Optimizer:
 
         written = [(*_span(p), name) for p, name in zip(params, names)]
         written += [(*_span(arr), f"state[{i}][{name!r}]")
-                    for i in indices for name, arr in self.state[i].items()]
+                    for i in indices for name, st in self.state[i].items()
+                    for arr in _state_arrays(st)]
         owners = [_owner(p) for p in params]
 
         self._written = sorted(self._written + [w for w in written if w[0] != w[1]])
@@ -332,7 +382,8 @@ class Optimizer:
             else:
                 self._written_owners.update(map(id, owners))
                 self._written_owners.update(id(arr) for i in indices
-                                            for arr in self.state[i].values())
+                                            for st in self.state[i].values()
+                                            for arr in _state_arrays(st))
         self._params += params
         self._meta += [(np.ndarray, p.dtype, p.shape, p.strides) for p in params]
         self._num_calls += len(buckets)
@@ -342,6 +393,42 @@ class Optimizer:
         self._buckets.append(buckets)
         self._steps.append(0)
         self.param_groups.append(group)
+
+    # -- state storage (Note [State dtypes]) ------------------------------------------------------
+
+    def _check_state_format(self, where: str, p: np.ndarray) -> None:
+        sd = self._state_dtype
+        if sd in ("int8", "int4") and p.dtype != np.float32 and p.size >= MIN_QUANTIZED_SIZE:
+            raise TypeError(f"{where} has dtype {p.dtype}; state_dtype={sd!r} needs float32 "
+                            f"params (quantized states with other param dtypes are not "
+                            f"implemented)")
+        low = p.dtype in (np.float32, np.float16) or p.dtype.name == "bfloat16"
+        if sd == "float32" and not low:
+            raise TypeError(f"{where} has dtype {p.dtype}; state_dtype='float32' needs float32, "
+                            f"bfloat16 or float16 params")
+        if sd == "bfloat16" and p.dtype != np.float32 and p.dtype.name != "bfloat16":
+            raise TypeError(f"{where} has dtype {p.dtype}; state_dtype='bfloat16' needs float32 "
+                            f"or bfloat16 params")
+
+    def _new_state(self, p: np.ndarray, name: str, init: float) -> Any:
+        sd = self._state_dtype
+        if sd is None:
+            return np.full(p.shape, init, dtype=p.dtype)
+        if sd in ("int8", "int4"):
+            if p.size < MIN_QUANTIZED_SIZE:
+                return np.full(p.shape, init, dtype=np.float32)
+            return QuantizedState.from_float(np.full(p.shape, init, np.float32),
+                                             8 if sd == "int8" else 4,
+                                             name in _non_negative_names())
+        if sd == "bfloat16":
+            import ml_dtypes
+            return np.full(p.shape, init, dtype=np.float32).astype(ml_dtypes.bfloat16)
+        return np.full(p.shape, init, dtype=np.float32)
+
+    def state_nbytes(self) -> int:
+        """Bytes held by the optimizer states (codes and absmax of quantized states)."""
+        return sum(arr.nbytes for entry in self.state.values() for st in entry.values()
+                   for arr in _state_arrays(st))
 
     # -- step -----------------------------------------------------------------------------------
 
@@ -545,6 +632,9 @@ class Optimizer:
                     )
                 for name in allocated:
                     src, dst = entry[name], self.state[i][name]
+                    if isinstance(src, QuantizedState) or isinstance(dst, QuantizedState):
+                        copies.append((dst, _converted(f"{ew}[{name!r}]", src, dst)))
+                        continue
                     if not isinstance(src, np.ndarray):
                         raise TypeError(
                             f"{ew}[{name!r}] must be a numpy.ndarray, got {type(src).__name__}"
@@ -570,7 +660,11 @@ class Optimizer:
 
         # Nothing has been written so far; from here on nothing can fail.
         for dst, src in copies:
-            np.copyto(dst, src)
+            if isinstance(dst, QuantizedState):
+                np.copyto(dst.codes, src.codes)
+                np.copyto(dst.absmax, src.absmax)
+            else:
+                np.copyto(dst, src)
         for group, hyper in zip(self.param_groups, new_groups):
             params = group["params"]
             group.clear()
@@ -588,6 +682,30 @@ class Optimizer:
         return text + ")"
 
 
+def _converted(where: str, src: Any, dst: Any) -> Any:
+    """``src`` (a saved state: a QuantizedState or a float array) in ``dst``'s storage, checked
+    (Note [State dtypes]); raises before anything is written."""
+    if isinstance(src, QuantizedState):
+        if src.shape != dst.shape:
+            raise ValueError(f"{where} has shape {src.shape}, the optimizer's has {dst.shape}")
+        if isinstance(dst, QuantizedState):
+            if (src.bits, src.non_negative) != (dst.bits, dst.non_negative):
+                raise ValueError(f"{where} is {src!r}, the optimizer's is {dst!r}")
+            src = src.copy()  # checks codes and absmax again
+            if not np.isfinite(src.absmax).all() or (src.absmax < 0).any():
+                raise ValueError(f"{where}.absmax must be finite and >= 0")
+            return src
+        return src.to_float().astype(dst.dtype)
+    if not isinstance(src, np.ndarray):
+        raise TypeError(f"{where} must be a numpy.ndarray or a QuantizedState, got "
+                        f"{type(src).__name__}")
+    if src.shape != dst.shape:
+        raise ValueError(f"{where} has shape {src.shape}, the optimizer's has {dst.shape}")
+    if not _supported_dtype(src.dtype):
+        raise TypeError(f"{where} has dtype {src.dtype}; must be a float dtype")
+    return QuantizedState.from_float(src.astype(np.float32), dst.bits, dst.non_negative)
+
+
 class SGD(Optimizer):
     """Stochastic gradient descent (torch.optim.SGD), optionally with (Nesterov) momentum.
 
@@ -600,10 +718,11 @@ class SGD(Optimizer):
 
     def __init__(self, params: Params, lr: float | Callable[[int], float] = 1e-3,
                  momentum: float = 0, dampening: float = 0, weight_decay: float = 0,
-                 nesterov: bool = False, *, maximize: bool = False) -> None:
+                 nesterov: bool = False, *, maximize: bool = False,
+                 state_dtype: str | None = None) -> None:
         super().__init__(params, {"lr": lr, "momentum": momentum, "dampening": dampening,
                                   "weight_decay": weight_decay, "nesterov": nesterov,
-                                  "maximize": maximize})
+                                  "maximize": maximize}, state_dtype=state_dtype)
 
     def _check_cross(self, group: Mapping[str, Any], where: str) -> None:
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
@@ -639,10 +758,12 @@ class RMSprop(Optimizer):
     def __init__(self, params: Params, lr: float | Callable[[int], float] = 1e-2,
                  alpha: float = 0.99, eps: float = 1e-8, weight_decay: float = 0,
                  momentum: float = 0, centered: bool = False, *,
-                 maximize: bool = False) -> None:
+                 maximize: bool = False,
+                 state_dtype: str | None = None) -> None:
         super().__init__(params, {"lr": lr, "alpha": alpha, "eps": eps,
                                   "weight_decay": weight_decay, "momentum": momentum,
-                                  "centered": centered, "maximize": maximize})
+                                  "centered": centered, "maximize": maximize},
+                                  state_dtype=state_dtype)
 
     def _state_names(self, group: Mapping[str, Any]) -> tuple[str, ...]:
         return (("square_avg",) + (("momentum_buffer",) if group["momentum"] > 0 else ())
@@ -674,11 +795,13 @@ class Adam(Optimizer):
     def __init__(self, params: Params, lr: float | Callable[[int], float] = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0, amsgrad: bool = False, *,
-                 maximize: bool = False, decoupled_weight_decay: bool = False) -> None:
+                 maximize: bool = False, decoupled_weight_decay: bool = False,
+                 state_dtype: str | None = None) -> None:
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps,
                                   "weight_decay": weight_decay, "amsgrad": amsgrad,
                                   "maximize": maximize,
-                                  "decoupled_weight_decay": decoupled_weight_decay})
+                                  "decoupled_weight_decay": decoupled_weight_decay},
+                                  state_dtype=state_dtype)
 
     def _state_names(self, group: Mapping[str, Any]) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
@@ -705,9 +828,10 @@ class AdamW(Adam):
     def __init__(self, params: Params, lr: float | Callable[[int], float] = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *,
-                 maximize: bool = False) -> None:
+                 maximize: bool = False,
+                 state_dtype: str | None = None) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
-                         decoupled_weight_decay=True)
+                         decoupled_weight_decay=True, state_dtype=state_dtype)
 
 
 class Adagrad(Optimizer):
@@ -724,11 +848,12 @@ class Adagrad(Optimizer):
     def __init__(self, params: Params, lr: float | Callable[[int], float] = 1e-2,
                  lr_decay: float = 0, weight_decay: float = 0,
                  initial_accumulator_value: float = 0, eps: float = 1e-10, *,
-                 maximize: bool = False) -> None:
+                 maximize: bool = False,
+                 state_dtype: str | None = None) -> None:
         super().__init__(params, {"lr": lr, "lr_decay": lr_decay, "eps": eps,
                                   "weight_decay": weight_decay,
                                   "initial_accumulator_value": initial_accumulator_value,
-                                  "maximize": maximize})
+                                  "maximize": maximize}, state_dtype=state_dtype)
 
     def _state_names(self, group: Mapping[str, Any]) -> tuple[str, ...]:
         return ("sum",)
@@ -755,9 +880,11 @@ class Adadelta(Optimizer):
 
     def __init__(self, params: Params, lr: float | Callable[[int], float] = 1.0,
                  rho: float = 0.9, eps: float = 1e-6, weight_decay: float = 0, *,
-                 maximize: bool = False) -> None:
+                 maximize: bool = False,
+                 state_dtype: str | None = None) -> None:
         super().__init__(params, {"lr": lr, "rho": rho, "eps": eps,
-                                  "weight_decay": weight_decay, "maximize": maximize})
+                                  "weight_decay": weight_decay, "maximize": maximize},
+                                  state_dtype=state_dtype)
 
     def _state_names(self, group: Mapping[str, Any]) -> tuple[str, ...]:
         return ("square_avg", "acc_delta")
@@ -823,14 +950,15 @@ class _ScalarStates(Optimizer):
 
     _scalar_checks: Mapping[str, Callable[[str, Any], None]] = {}
 
-    def __init__(self, params: Params, defaults: Mapping[str, Any]) -> None:
+    def __init__(self, params: Params, defaults: Mapping[str, Any],
+                 state_dtype: str | None = None) -> None:
         #: per group: {name: float}, the values after the group's last step.
         self._scalars: list[dict[str, float]] = []
         #: id(bucket.states) -> group index: how ``_update`` finds its group's scalars.
         self._bucket_group: dict[int, int] = {}
         #: per group, during ``step``: (kernel keyword arguments, scalars after the step).
         self._pending: dict[int, tuple[dict[str, float], dict[str, float]]] = {}
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, state_dtype)
 
     def _initial_scalars(self, group: Mapping[str, Any], where: str) -> dict[str, float]:
         raise NotImplementedError
@@ -962,11 +1090,12 @@ class NAdam(_ScalarStates):
     def __init__(self, params: Params, lr: float | Callable[[int], float] = 2e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0, momentum_decay: float = 4e-3,
-                 decoupled_weight_decay: bool = False, *, maximize: bool = False) -> None:
+                 decoupled_weight_decay: bool = False, *, maximize: bool = False,
+                 state_dtype: str | None = None) -> None:
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps,
                                   "weight_decay": weight_decay, "momentum_decay": momentum_decay,
                                   "decoupled_weight_decay": decoupled_weight_decay,
-                                  "maximize": maximize})
+                                  "maximize": maximize}, state_dtype=state_dtype)
 
     def _state_names(self, group: Mapping[str, Any]) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq")
@@ -1008,11 +1137,12 @@ class RAdam(Optimizer):
     def __init__(self, params: Params, lr: float | Callable[[int], float] = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0, decoupled_weight_decay: bool = False, *,
-                 maximize: bool = False) -> None:
+                 maximize: bool = False,
+                 state_dtype: str | None = None) -> None:
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps,
                                   "weight_decay": weight_decay,
                                   "decoupled_weight_decay": decoupled_weight_decay,
-                                  "maximize": maximize})
+                                  "maximize": maximize}, state_dtype=state_dtype)
 
     def _state_names(self, group: Mapping[str, Any]) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq")
@@ -1039,9 +1169,11 @@ class Adamax(Optimizer):
 
     def __init__(self, params: Params, lr: float | Callable[[int], float] = 2e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0, *, maximize: bool = False) -> None:
+                 weight_decay: float = 0, *, maximize: bool = False,
+                 state_dtype: str | None = None) -> None:
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps,
-                                  "weight_decay": weight_decay, "maximize": maximize})
+                                  "weight_decay": weight_decay, "maximize": maximize},
+                                  state_dtype=state_dtype)
 
     def _state_names(self, group: Mapping[str, Any]) -> tuple[str, ...]:
         return ("exp_avg", "exp_inf")
@@ -1069,9 +1201,11 @@ class ASGD(_ScalarStates):
 
     def __init__(self, params: Params, lr: float | Callable[[int], float] = 1e-2,
                  lambd: float = 1e-4, alpha: float = 0.75, t0: float = 1e6,
-                 weight_decay: float = 0, *, maximize: bool = False) -> None:
+                 weight_decay: float = 0, *, maximize: bool = False,
+                 state_dtype: str | None = None) -> None:
         super().__init__(params, {"lr": lr, "lambd": lambd, "alpha": alpha, "t0": t0,
-                                  "weight_decay": weight_decay, "maximize": maximize})
+                                  "weight_decay": weight_decay, "maximize": maximize},
+                                  state_dtype=state_dtype)
 
     def _state_names(self, group: Mapping[str, Any]) -> tuple[str, ...]:
         return ("ax",)
@@ -1114,9 +1248,10 @@ class Rprop(Optimizer):
     def __init__(self, params: Params, lr: float = 1e-2,
                  etas: tuple[float, float] = (0.5, 1.2),
                  step_sizes: tuple[float, float] = (1e-6, 50), *,
-                 maximize: bool = False) -> None:
+                 maximize: bool = False,
+                 state_dtype: str | None = None) -> None:
         super().__init__(params, {"lr": lr, "etas": etas, "step_sizes": step_sizes,
-                                  "maximize": maximize})
+                                  "maximize": maximize}, state_dtype=state_dtype)
 
     def _state_names(self, group: Mapping[str, Any]) -> tuple[str, ...]:
         return ("prev", "step_size")
@@ -1147,9 +1282,10 @@ class Lion(Optimizer):
 
     def __init__(self, params: Params, lr: float | Callable[[int], float] = 1e-4,
                  betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0, *,
-                 maximize: bool = False) -> None:
+                 maximize: bool = False,
+                 state_dtype: str | None = None) -> None:
         super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay,
-                                  "maximize": maximize})
+                                  "maximize": maximize}, state_dtype=state_dtype)
 
     def _state_names(self, group: Mapping[str, Any]) -> tuple[str, ...]:
         return ("exp_avg",)

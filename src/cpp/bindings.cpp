@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <memory>
 #include <sstream>
 #include <stdexcept>
@@ -31,6 +32,7 @@
 #include "../cuda/cuda_api.h"
 #include "../cuda/plan_hooks.h"
 #include "dispatch.h"
+#include "quant_api.h"
 
 namespace py = pybind11;
 
@@ -43,9 +45,10 @@ constexpr int kNpyHalf = 23;    // NPY_HALF
 
 // Element types of a stream, and the formats (kernel_api.h, Note [storage formats]) as the
 // element types of (params, grads, states, param_copies); kNone: no copies.
-enum Elem : int { kNone = -1, kElemF32 = 0, kElemF64, kElemBF16, kElemF16 };
-constexpr const char* kElemNames[] = {"float32", "float64", "bfloat16", "float16"};
-constexpr int kElemSize[] = {4, 8, 2, 2};
+// kElemQ8/kElemQ4: a quantized state (a fastoptim.quant.QuantizedState, never an ndarray).
+enum Elem : int { kNone = -1, kElemF32 = 0, kElemF64, kElemBF16, kElemF16, kElemQ8, kElemQ4 };
+constexpr const char* kElemNames[] = {"float32", "float64", "bfloat16", "float16", "int8", "int4"};
+constexpr int kElemSize[] = {4, 8, 2, 2, 1, 1};
 struct FormatRow {
   Format format;
   Elem param, grad, state, copy, comp = kNone;  // comp: the Kahan compensation (kBF16Kahan)
@@ -62,6 +65,9 @@ constexpr FormatRow kFormatTable[] = {
     {kF32BF16GradsCopy, kElemF32, kElemBF16, kElemF32, kElemBF16},
     {kF32F16GradsCopy, kElemF32, kElemF16, kElemF32, kElemF16},
     {kBF16Kahan, kElemBF16, kElemBF16, kElemBF16, kNone, kElemBF16},
+    {kF32Q8, kElemF32, kElemF32, kElemQ8, kNone},
+    {kF32Q4, kElemF32, kElemF32, kElemQ4, kNone},
+    {kF32BF16States, kElemF32, kElemF32, kElemBF16, kNone},
 };
 static_assert(sizeof(kFormatTable) / sizeof(kFormatTable[0]) == kNumFormats,
               "kFormatTable lists every Format once");
@@ -202,6 +208,9 @@ class CallBuilder {
 
   // Adds an argument. `obj` is one ndarray or a list/tuple of ndarrays. The first call
   // defines the tensor count and shapes every later argument must match.
+  // Which map the quantized states of the next add() must use (rules.h, StateSpec).
+  void expect_non_negative(bool nn) { expect_non_negative_ = nn; }
+
   void add(int slot, const char* name, py::handle obj, bool written) {
     add_to(slots_[slot], slot < kState0 ? slot : kRoleStates, name, obj, written);
   }
@@ -304,7 +313,8 @@ class CallBuilder {
     type_error(std::string(fn_) + ": unsupported combination of dtypes: " + got +
                "; supported (params, grads, states[, param_copies]): float32; float64; bfloat16; "
                "float16; bfloat16, bfloat16, float32; float16, float16, float32; float32, "
-               "bfloat16, float32[, bfloat16]; float32, float16, float32[, float16]; with "
+               "bfloat16, float32[, bfloat16]; float32, float16, float32[, float16]; float32, "
+               "float32, bfloat16; float32, float32, int8 or int4 (QuantizedState); with "
                "compensation (bfloat16): bfloat16 params, grads and states");
   }
   int64_t total() const { return offsets_.back(); }
@@ -375,7 +385,10 @@ class CallBuilder {
   }
 
   void* check_array(int arg, int64_t i, PyObject* item, bool written, int role) {
-    if (!py::isinstance<py::array>(item)) return check_device_array(arg, i, item, written, role);
+    if (!py::isinstance<py::array>(item)) {
+      if (role == kRoleStates && is_quantized(item)) return check_quantized(arg, i, item);
+      return check_device_array(arg, i, item, written, role);
+    }
     if (Py_TYPE(item) != py::detail::npy_api::get().PyArray_Type_) check_subclass(arg, i, item);
     if (mode_ == kModeDevice) mixed_devices(arg, i);
     mode_ = kModeHost;
@@ -463,6 +476,73 @@ class CallBuilder {
                  " is a numpy.ma.MaskedArray; masked arrays are not supported (the update would "
                  "ignore the mask): pass its .data, or fill the masked entries first");
     }
+  }
+
+  // ---- quantized states (quant_api.h, Note [quantized states]) ----
+  // A fastoptim.quant.QuantizedState: codes (uint8, 1-D) and absmax (float32, 1-D) of the
+  // tensor params[i], and bits (8 or 4). Checked like an array: sizes against params[i], both
+  // C-contiguous and writeable, every absmax finite and >= 0; the kernel gets a QuantStream.
+  static bool is_quantized(PyObject* item) {
+    return std::strcmp(Py_TYPE(item)->tp_name, "QuantizedState") == 0;
+  }
+
+  __attribute__((noinline)) void* check_quantized(int arg, int64_t i, PyObject* item) {
+    if (mode_ == kModeDevice) mixed_devices(arg, i);
+    mode_ = kModeHost;
+    const py::handle h(item);
+    const std::string where = label(arg, i);
+    const py::object bits_obj = h.attr("bits");
+    const int bits = PyLong_Check(bits_obj.ptr()) ? bits_obj.cast<int>() : 0;
+    if (bits != 8 && bits != 4)
+      value_error(std::string(fn_) + ": " + where + ".bits must be 8 or 4");
+    note_dtype(arg, i, item, kRoleStates, bits == 8 ? kElemQ8 : kElemQ4);
+    const int nn = PyObject_IsTrue(h.attr("non_negative").ptr());
+    if (nn < 0) throw py::error_already_set();
+    if ((nn != 0) != expect_non_negative_)
+      value_error(std::string(fn_) + ": " + where + " has non_negative=" + (nn ? "True" : "False") +
+                  " but " + names_[arg].name + " is declared " +
+                  (expect_non_negative_ ? "non-negative" : "signed") +
+                  " (fastoptim.quant.non_negative_states)");
+    auto* r = py::detail::array_proxy(ref_[i]);
+    int64_t n = 1;
+    for (int k = 0; k < r->nd; ++k) n *= r->dimensions[k];
+    const auto array = [&](const char* field, int npy, const char* dtype, int64_t len, int64_t itemsize) {
+      const py::object o = h.attr(field);
+      if (!py::isinstance<py::array>(o) || Py_TYPE(o.ptr()) != py::detail::npy_api::get().PyArray_Type_)
+        type_error(std::string(fn_) + ": " + where + "." + field + " must be a numpy.ndarray, got " +
+                   type_name(o.ptr()));
+      auto* a = py::detail::array_proxy(o.ptr());
+      auto* d = py::detail::array_descriptor_proxy(a->descr);
+      if (d->type_num != npy || d->byteorder == '>')
+        type_error(std::string(fn_) + ": " + where + "." + field + " has dtype " +
+                   std::string(py::str(o.attr("dtype"))) + "; expected " + dtype);
+      if (a->nd != 1 || a->dimensions[0] != len)
+        value_error(std::string(fn_) + ": " + where + "." + field + " has shape " +
+                    shape_str(a->nd, a->dimensions) + " but " + label(0, i) + " (" +
+                    std::to_string(n) + " elements) needs (" + std::to_string(len) + ",) at " +
+                    std::to_string(bits) + " bits");
+      if (!(a->flags & kNpyCContiguous) || !(a->flags & kNpyWriteable))
+        value_error(std::string(fn_) + ": " + where + "." + field +
+                    " must be C-contiguous and writeable; it is updated in place");
+      if (len > 0) {
+        const auto lo = reinterpret_cast<uintptr_t>(a->data);
+        intervals_.push_back({lo, lo + static_cast<uintptr_t>(len * itemsize), arg, i, true});
+      }
+      held_.push_back(o);
+      return a->data;
+    };
+    constexpr int kNpyUByte = 2;
+    auto* codes = reinterpret_cast<uint8_t*>(array("codes", kNpyUByte, "uint8", quant_code_bytes(bits, n), 1));
+    const int64_t blocks = quant_blocks(bits, n);
+    auto* absmax = reinterpret_cast<float*>(array("absmax", kNpyFloat, "float32", blocks, 4));
+    for (int64_t b = 0; b < blocks; ++b) {
+      if (!(absmax[b] >= 0.0f && absmax[b] - absmax[b] == 0.0f))
+        value_error(std::string(fn_) + ": " + where + ".absmax[" + std::to_string(b) + "] is " +
+                    fmt(absmax[b]) + "; every absmax must be finite and >= 0 (a NaN absmax "
+                    "means a NaN or Inf reached that block of the state)");
+    }
+    quant_.push_back(QuantStream{codes, absmax});
+    return &quant_.back();
   }
 
   // ---- device arrays (__cuda_array_interface__, DLPack) ----
@@ -798,6 +878,8 @@ class CallBuilder {
   std::vector<PyObject*> ref_;
   std::vector<void*> slots_[kMaxSlots];
   std::vector<void*> copies_;
+  std::deque<QuantStream> quant_;
+  bool expect_non_negative_ = false;  // what the state slots of a quantized format point to
   RoleDtype roles_[kNumRoles];
   double grad_scale_ = 1.0;
   bool sr_ = false;
@@ -941,6 +1023,7 @@ void call_rule(const std::string& fn_name, py::args a, const py::kwargs& kw, Run
     const StateSpec& st = D::kStates[j];
     if (a[2 + j].is_none())
       value_error(fn_name + ": " + st.name + " is required" + (*st.when ? " " : "") + st.when);
+    call.expect_non_negative(st.non_negative);
     call.add(slot, st.name, a[2 + j], true);
   }
   if (!a[copies_at].is_none()) {
@@ -1185,8 +1268,11 @@ void stream_rmw(py::list streams, int writes, double scale) {
 // What Python needs to know of every rule (tests check the registry is complete).
 template <class D> py::dict rule_info() {
   py::dict d;
-  py::list states, hyper, flags;
-  for (const StateSpec& st : D::kStates) states.append(py::make_tuple(st.name, st.when));
+  py::list states, hyper, flags, non_negative;
+  for (const StateSpec& st : D::kStates) {
+    states.append(py::make_tuple(st.name, st.when));
+    if (st.non_negative) non_negative.append(st.name);
+  }
   for (const HyperSpec& hs : D::kHyper) {
     static const char* kRangeNames[] = {"non_negative", "unit_open", "unit_closed", "finite"};
     hyper.append(py::make_tuple(hs.name, kRangeNames[static_cast<int>(hs.range)]));
@@ -1195,6 +1281,7 @@ template <class D> py::dict rule_info() {
   static const char* kStepNames[] = {"none", "optional", "required"};
   d["arrays"] = py::make_tuple(D::kParams, D::kGrads);
   d["states"] = states;
+  d["non_negative_states"] = non_negative;  // quantized with the unsigned map
   d["copies"] = "param_copies";
   d["step"] = kStepNames[static_cast<int>(D::kStep)];
   d["hyper"] = hyper;

@@ -6,5 +6,6 @@
 #define FO_VEC_F64 F64x8
 #define FO_FILL_TABLE fill_table_avx512bf16
 #define FO_FORMAT_FILTER(F) \
-  ((F) == kBF16 || (F) == kBF16F32States || (F) == kBF16Kahan || (F) == kF32BF16GradsCopy)
+  ((F) == kBF16 || (F) == kBF16F32States || (F) == kBF16Kahan || (F) == kF32BF16GradsCopy || \
+   (F) == kF32BF16States)
 #include "kernels.h"

@@ -59,13 +59,19 @@ FO_RULES(FO_RULE_ID_OF)
 //   kF32BF16GradsCopy    float32   bfloat16  float32   bfloat16  + the model's bf16 copy
 //   kF32F16GradsCopy     float32   float16   float32   float16
 //   kBF16Kahan           bfloat16  bfloat16  bfloat16  (bfloat16 compensation, read and written)
+//   kF32Q8               float32   float32   int8      -         block-wise quantized states:
+//   kF32Q4               float32   float32   int4      -         quant_api.h, Note [quantized states]
+//   kF32BF16States       float32   float32   bfloat16  -         half the state bytes, no quantizer
 // kBF16Kahan keeps, per param, the bf16 rounding error of its last store ("compensation", in
 // the copies stream): the rule sees p + compensation, and the store writes p' = bf16(x) and
 // compensation' = bf16(x - p') (Kahan-compensated bf16 params without an fp32 master).
 // CUDA runs kF32 and kF64 only (the bindings refuse the others on device arrays).
 enum Format : int {
   kF32 = 0, kF64 = 1, kBF16, kF16, kBF16F32States, kF16F32States, kF32BF16Grads, kF32F16Grads,
-  kF32BF16GradsCopy, kF32F16GradsCopy, kBF16Kahan, kNumFormats
+  kF32BF16GradsCopy, kF32F16GradsCopy, kBF16Kahan,
+  kF32Q8, kF32Q4,  // quantized states (quant_api.h); their state slots point to QuantStreams
+  kF32BF16States,
+  kNumFormats
 };
 
 using KernelFn = void (*)(const Batch&, int64_t begin, int64_t end, const void* args, unsigned mask);

@@ -80,6 +80,7 @@ template <> struct LayoutOf<kF32F16Grads> { using type = Layout<float, f16, floa
 template <> struct LayoutOf<kF32BF16GradsCopy> { using type = Layout<float, bf16, float, bf16, float>; };
 template <> struct LayoutOf<kF32F16GradsCopy> { using type = Layout<float, f16, float, f16, float>; };
 template <> struct LayoutOf<kBF16Kahan> { using type = Layout<bf16, bf16, bf16, bf16, float, true>; };
+template <> struct LayoutOf<kF32BF16States> { using type = Layout<float, float, bf16, void, float>; };
 
 // Note [native bf16 stores]
 // The avx512bf16 translation unit (isa_avx512bf16.cpp, compiled with -mavx512bf16) stores
@@ -225,6 +226,12 @@ void run_range(const Batch& b, int64_t begin, int64_t end, const Args& a) {
   }
 }
 
+}  // namespace
+}  // namespace fastoptim
+#include "quant.h"  // the quantized-state formats' block driver (quant_entry)
+namespace fastoptim {
+namespace {
+
 // Note [deterministic norm]
 // global_norm's sum of squares must not depend on the thread count or the ISA. Each tensor is
 // cut into blocks of kNormBlock elements (kernel_api.h); a block is summed by one thread, in
@@ -233,6 +240,7 @@ void run_range(const Batch& b, int64_t begin, int64_t end, const Args& a) {
 // same order), and the 16 are added in a fixed tree. The caller adds the blocks' sums in block
 // order. The vector ISAs only widen 16 elements at a time into a buffer; the fp64 loop is the
 // same text in every translation unit.
+
 // Adds the squares of g[0..16) to acc[0..16) (fp64; element j into accumulator j).
 template <class E> FO_INLINE void add_squares16(const E* g, double* acc) {
   if constexpr (std::is_same_v<E, double>) {
@@ -309,10 +317,14 @@ bool unscale_range(const Batch& b, int64_t begin, int64_t end, double scale) {
 // One entry per (rule, format): the call's variant -> its instantiation (rule_api.h).
 template <class D, Format F>
 void entry(const Batch& b, int64_t lo, int64_t hi, const void* p, unsigned mask) {
-  const auto& a = *static_cast<const typename D::Args*>(p);
-  dispatch_mask<D>(mask, [&](auto tag) {
-    run_range<typename decltype(tag)::type, typename LayoutOf<F>::type>(b, lo, hi, a);
-  });
+  if constexpr (QuantBits<F>::value != 0) {
+    quant_entry<D, F>(b, lo, hi, p, mask);
+  } else {
+    const auto& a = *static_cast<const typename D::Args*>(p);
+    dispatch_mask<D>(mask, [&](auto tag) {
+      run_range<typename decltype(tag)::type, typename LayoutOf<F>::type>(b, lo, hi, a);
+    });
+  }
 }
 
 // FO_FORMAT_FILTER(F): whether this translation unit fills format F (isa_avx512bf16.cpp fills

@@ -52,6 +52,9 @@ struct HyperSpec {
 struct StateSpec {
   const char* name;
   const char* when;  // the option that makes it needed, for error messages; "" = always
+  // Never negative (a second moment, a sum of squares, a step size): the quantized formats
+  // store it with the unsigned map (quant_api.h, Note [quantized states]).
+  bool non_negative = false;
 };
 enum class StepUse : int { kNone, kOptional, kRequired };
 

@@ -160,7 +160,7 @@ struct Sgd : RuleDefaults {
 //   else:      p = p - lr * g / avg
 struct Rmsprop : RuleDefaults {
   static constexpr const char* kName = "rmsprop";
-  static constexpr auto kStates = specs(StateSpec{"square_avgs", ""},
+  static constexpr auto kStates = specs(StateSpec{"square_avgs", "", true},
                                         StateSpec{"grad_avgs", "when centered=True"},
                                         StateSpec{"momentum_buffers", "when momentum > 0"});
   static constexpr StepUse kStep = StepUse::kNone;
@@ -232,8 +232,8 @@ struct Rmsprop : RuleDefaults {
 // on the host (Note [fewer long-latency ops]).
 struct Adam : RuleDefaults {
   static constexpr const char* kName = "adam";
-  static constexpr auto kStates = specs(StateSpec{"exp_avgs", ""}, StateSpec{"exp_avg_sqs", ""},
-                                        StateSpec{"max_exp_avg_sqs", "when amsgrad=True"});
+  static constexpr auto kStates = specs(StateSpec{"exp_avgs", ""}, StateSpec{"exp_avg_sqs", "", true},
+                                        StateSpec{"max_exp_avg_sqs", "when amsgrad=True", true});
   static constexpr StepUse kStep = StepUse::kRequired;
   enum : int { lr, beta1, beta2, eps, weight_decay };
   static constexpr auto kHyper = specs(HyperSpec{"lr", Range::kNonNegative},
@@ -304,7 +304,7 @@ struct Adam : RuleDefaults {
 //   sum = sum + g^2;  p = p - clr * g / (sqrt(sum) + eps),  clr = lr / (1 + (step - 1) * lr_decay)
 struct Adagrad : RuleDefaults {
   static constexpr const char* kName = "adagrad";
-  static constexpr auto kStates = specs(StateSpec{"state_sums", ""});
+  static constexpr auto kStates = specs(StateSpec{"state_sums", "", true});
   static constexpr StepUse kStep = StepUse::kRequired;
   enum : int { lr, lr_decay, weight_decay, eps };
   static constexpr auto kHyper = specs(HyperSpec{"lr", Range::kNonNegative},
@@ -353,7 +353,7 @@ struct Adagrad : RuleDefaults {
 //   p = p - lr * delta
 struct Adadelta : RuleDefaults {
   static constexpr const char* kName = "adadelta";
-  static constexpr auto kStates = specs(StateSpec{"square_avgs", ""}, StateSpec{"acc_deltas", ""});
+  static constexpr auto kStates = specs(StateSpec{"square_avgs", "", true}, StateSpec{"acc_deltas", "", true});
   static constexpr StepUse kStep = StepUse::kNone;
   enum : int { lr, rho, eps, weight_decay };
   static constexpr auto kHyper = specs(HyperSpec{"lr", Range::kNonNegative},
@@ -402,7 +402,7 @@ struct Adadelta : RuleDefaults {
 //   p = p - lr * mu_next / (1 - mu_product * mu_next) * exp_avg / denom
 struct Nadam : RuleDefaults {
   static constexpr const char* kName = "nadam";
-  static constexpr auto kStates = specs(StateSpec{"exp_avgs", ""}, StateSpec{"exp_avg_sqs", ""});
+  static constexpr auto kStates = specs(StateSpec{"exp_avgs", ""}, StateSpec{"exp_avg_sqs", "", true});
   static constexpr StepUse kStep = StepUse::kRequired;
   enum : int { mu_product, lr, beta1, beta2, eps, weight_decay, momentum_decay };
   static constexpr auto kHyper = specs(HyperSpec{"mu_product", Range::kUnitOpen},
@@ -476,7 +476,7 @@ struct Nadam : RuleDefaults {
 //   else: p = p - exp_avg / (1 - beta1^step) * lr
 struct Radam : RuleDefaults {
   static constexpr const char* kName = "radam";
-  static constexpr auto kStates = specs(StateSpec{"exp_avgs", ""}, StateSpec{"exp_avg_sqs", ""});
+  static constexpr auto kStates = specs(StateSpec{"exp_avgs", ""}, StateSpec{"exp_avg_sqs", "", true});
   static constexpr StepUse kStep = StepUse::kRequired;
   enum : int { lr, beta1, beta2, eps, weight_decay };
   static constexpr auto kHyper = specs(HyperSpec{"lr", Range::kNonNegative},
@@ -553,7 +553,7 @@ struct Radam : RuleDefaults {
 //   p = p - lr / (1 - beta1^step) * exp_avg / exp_inf
 struct Adamax : RuleDefaults {
   static constexpr const char* kName = "adamax";
-  static constexpr auto kStates = specs(StateSpec{"exp_avgs", ""}, StateSpec{"exp_infs", ""});
+  static constexpr auto kStates = specs(StateSpec{"exp_avgs", ""}, StateSpec{"exp_infs", "", true});
   static constexpr StepUse kStep = StepUse::kRequired;
   enum : int { lr, beta1, beta2, eps, weight_decay };
   static constexpr auto kHyper = specs(HyperSpec{"lr", Range::kNonNegative},
@@ -658,7 +658,7 @@ struct Asgd : RuleDefaults {
 // torch has no weight decay for Rprop; the learning rate only initialises step_size.
 struct Rprop : RuleDefaults {
   static constexpr const char* kName = "rprop";
-  static constexpr auto kStates = specs(StateSpec{"prevs", ""}, StateSpec{"step_sizes", ""});
+  static constexpr auto kStates = specs(StateSpec{"prevs", ""}, StateSpec{"step_sizes", "", true});
   static constexpr StepUse kStep = StepUse::kNone;
   enum : int { etaminus, etaplus, step_size_min, step_size_max };
   static constexpr auto kHyper = specs(HyperSpec{"etaminus", Range::kNonNegative},

@@ -1,0 +1,146 @@
+#!/usr/bin/env python3
+"""AdamW with block-wise quantized states (int8, int4) against torch's fused fp32 AdamW on the
+same work, plus fastoptim's own fp32 and bf16-state rows, the in-place ceiling, and the state
+memory measured as resident set size. 1 and 2 threads; medians of 11 interleaved batches of 3
+steps. Every array lives in memory that torch allocated (numpy views of torch tensors).
+
+Bytes per element (one step): fp32 28 (p 8, g 4, two states 16); bf16 states 20; int8 16.06 (p 8, g 4, codes
+2 x 2, absmax 2 x 2 x 4/256); int4 14.13 (codes 2 x 1, absmax 2 x 2 x 4/128).
+The ceiling is `_core.stream_rmw` over three fp32 arrays, two of them written (20 B/element,
+the read/write mix closest to the quantized update's 10 read + 6 written): its GB/s is the
+memory system's in-place rate, and "% ceiling" = the row's GB/s / the ceiling's GB/s.
+bitsandbytes' 8-bit AdamW is timed when it is installed (an optional extra; 3 steps).
+
+    PYTHONPATH=python python3 bench/bench_quant.py        # 2^22 elements, about 20 s
+    PYTHONPATH=python python3 bench/bench_quant.py 26     # 2^26 (the issue's size)
+"""
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import ml_dtypes
+import torch
+
+import fastoptim
+from fastoptim.quant import QuantizedState
+
+LOG2 = int(sys.argv[1]) if len(sys.argv) > 1 else 22
+N = 2**LOG2
+BYTES = {"fp32": 28.0, "bf16": 20.0, "int8": 16 + 16 / 256, "int4": 14 + 16 / 128}
+
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def torch_u8(n):
+    return torch.zeros(n, dtype=torch.uint8).numpy()
+
+
+def torch_f32(n, fill=0.0):
+    return torch.full((n,), fill, dtype=torch.float32).numpy()
+
+
+def quantized(n, bits, non_negative):
+    b = 256 if bits == 8 else 128
+    codes = torch_u8(n if bits == 8 else (n + 1) // 2)
+    return QuantizedState(codes, torch_f32(-(-n // b)), bits, (n,), non_negative)
+
+
+def state_memory():
+    """RSS growth of the two AdamW states of N elements, written once (pages touched), each
+    format measured in a fresh interpreter (freed memory would be reused otherwise)."""
+    out = {}
+    for name in ("fp32", "int8", "int4"):
+        proc = subprocess.run([sys.executable, __file__, str(LOG2), "--memory", name],
+                              capture_output=True, text=True, check=True)
+        out[name] = int(proc.stdout.split()[-1])
+    return out
+
+
+def measure_memory(name):
+    before = rss()
+    if name == "fp32":
+        st = [torch_f32(N, 1.0), torch_f32(N, 1.0)]
+    else:
+        bits = 8 if name == "int8" else 4
+        st = [quantized(N, bits, False), quantized(N, bits, True)]
+        for q in st:
+            q.codes[:] = 1
+            q.absmax[:] = 1
+    print(rss() - before)
+    return st
+
+
+def main():
+    gen = torch.Generator().manual_seed(0)
+    hyper = dict(lr=1e-4, weight_decay=1e-2)
+    mem = state_memory()
+    print(f"N = 2^{LOG2}; state memory (RSS growth, both AdamW states): " + ", ".join(
+        f"{k} {v / 2**20:.1f} MiB ({v / mem['fp32']:.3f}x fp32)" for k, v in mem.items()))
+    try:
+        import bitsandbytes as bnb  # optional
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        bnb = None
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        fastoptim.set_num_threads(threads)
+        p32 = torch.nn.Parameter(torch.randn(N, generator=gen))
+        p32.grad = torch.randn(N, generator=gen)
+        opt = torch.optim.AdamW([p32], fused=True, **hyper)
+        opt.step()
+        P, G = p32.data.numpy(), p32.grad.numpy()
+        M, V = opt.state[p32]["exp_avg"].numpy(), opt.state[p32]["exp_avg_sq"].numpy()
+        q8 = (quantized(N, 8, False), quantized(N, 8, True))
+        q4 = (quantized(N, 4, False), quantized(N, 4, True))
+        fastoptim.adamw_(P.copy(), G, *q8, step=1, **hyper)
+        Mb = torch.zeros(N, dtype=torch.bfloat16).view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        Vb = torch.zeros(N, dtype=torch.bfloat16).view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        C1, C2 = torch_f32(N), torch_f32(N)
+        fns = {
+            "torch fused fp32": opt.step,
+            "fastoptim fp32": lambda: fastoptim.adamw_(P, G, M, V, step=5, **hyper),
+            "fastoptim states bf16": lambda: fastoptim.adamw_(P, G, Mb, Vb, step=5, **hyper),
+            "fastoptim int8": lambda: fastoptim.adamw_(P, G, *q8, step=5, **hyper),
+            "fastoptim int4": lambda: fastoptim.adamw_(P, G, *q4, step=5, **hyper),
+            "ceiling (3 rd, 2 wr fp32)": lambda: fastoptim._core.stream_rmw([P, C1, C2], 2, 0.0),
+        }
+        times = {k: [] for k in fns}
+        for _ in range(11):
+            for k, f in fns.items():
+                f()
+                t0 = time.perf_counter()
+                for _ in range(3):
+                    f()
+                times[k].append((time.perf_counter() - t0) / 3)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        ceil_gbs = 20 * N / med["ceiling (3 rd, 2 wr fp32)"] / 1e9
+        for k, v in med.items():
+            b = 20.0 if k.startswith("ceiling") else BYTES[k.split()[-1]]
+            gbs = b * N / v / 1e9
+            print(f"threads {threads} {k:28s} {v * 1e3:8.2f} ms {b:6.2f} B/el {gbs:6.1f} GB/s "
+                  f"{100 * gbs / ceil_gbs:5.0f}% ceiling  x torch fused fp32 "
+                  f"{med['torch fused fp32'] / v:5.2f}")
+        if bnb is not None:
+            pb = torch.nn.Parameter(torch.randn(N, generator=gen))
+            pb.grad = torch.randn(N, generator=gen)
+            ob = bnb.optim.AdamW8bit([pb], min_8bit_size=0, **hyper)
+            ob.step()
+            t0 = time.perf_counter()
+            for _ in range(3):
+                ob.step()
+            tb = (time.perf_counter() - t0) / 3
+            print(f"threads {threads} bitsandbytes AdamW8bit      {tb * 1e3:8.2f} ms  "
+                  f"fastoptim int8 is {tb / med['fastoptim int8']:.0f}x faster")
+        else:
+            print(f"threads {threads} bitsandbytes: not installed (optional), skipped")
+
+
+if __name__ == "__main__":
+    if "--memory" in sys.argv:
+        measure_memory(sys.argv[sys.argv.index("--memory") + 1])
+    else:
+        main()

@@ -1,0 +1,335 @@
+"""Block-wise quantized optimizer states (src/cpp/quant_api.h, Note [quantized states];
+python/fastoptim/quant.py).
+
+Three oracles:
+* the storage format alone: the kernel's update must be, bit for bit, "dequantize with
+  fastoptim.quant (NumPy), run the float32 kernel, requantize with fastoptim.quant" (the rule is
+  the same float32 code in both, so any difference is the quantized load/store or the block
+  driver);
+* the published algorithm: fastoptim.reference's update between the NumPy dequantizer and
+  quantizer (quant.reference_update), within float32 rounding for params and at most one code
+  step for the rare state element that the rounding moves across a code boundary;
+* the quantizer's own definition (round trips, bounds, the zero state, NaN blocks).
+Every ISA and thread count must agree bit for bit; bad arguments raise before any write.
+"""
+
+import numpy as np
+import pytest
+
+import fastoptim
+import optimizer_cases as cases
+from fastoptim import quant, reference
+from fastoptim.quant import BLOCK, QuantizedState
+from optimizer_cases import CASES, active_states, case_id
+
+STATE_CASES = [c for c in CASES if active_states(*c)]
+FULL_STATE_CASES = [case for i, case in enumerate(STATE_CASES)
+                    if i + 1 == len(STATE_CASES) or STATE_CASES[i + 1][0] != case[0]]
+BITS = (8, 4)
+
+
+def initial_float(rule, name, hyper, shape, rng):
+    """A float32 state as it could be after some steps: torch's init plus noise of the
+    state's kind (non-negative where the rule declares it)."""
+    nn = name in quant.non_negative_states(rule)
+    init = cases.initial_state(rule, name, hyper)
+    init = 0.0 if np.isnan(init) else init
+    # (RMSprop's centered variance square_avg - grad_avg**2 must stay >= 0)
+    scale = 0.1 if name == "grad_avgs" else 0.5
+    noise = rng.uniform(0.05, 0.5, shape) if nn else rng.uniform(-scale, scale, shape)
+    return (init + noise).astype(np.float32)
+
+
+def make_state(rule, hyper, shapes, bits, rng):
+    state = {"params": [rng.uniform(-2, 2, s).astype(np.float32) for s in shapes]}
+    for name in active_states(rule, hyper):
+        nn = name in quant.non_negative_states(rule)
+        state[name] = [QuantizedState.from_float(initial_float(rule, name, hyper, s, rng), bits,
+                                                 nn) for s in shapes]
+    return state
+
+
+def make_grads(shapes, rng):
+    out = []
+    for s in shapes:
+        g = rng.choice([-1.0, 1.0], s) * rng.uniform(0.5, 2.0, s)
+        g.reshape(-1)[int(rng.integers(7))::7] = 0.0
+        g = g.astype(np.float32)
+        g.flags.writeable = False
+        out.append(g)
+    return out
+
+
+def copy_state(state):
+    return {k: [x.copy() for x in v] for k, v in state.items()}
+
+
+def run(module, rule, hyper, state, grads, step):
+    kwargs = {k: v for k, v in state.items() if k != "params"}
+    kwargs.update(cases.scalar_kwargs(rule, hyper, step))
+    getattr(module, rule + "_")(state["params"], grads, **kwargs, **hyper)
+
+
+def storage_oracle(rule, hyper, state, grads, step):
+    """Dequantize (NumPy), the float32 kernel, requantize (NumPy): a new state."""
+    out = {"params": [p.copy() for p in state["params"]]}
+    floats = {k: [q.to_float() for q in v] for k, v in state.items() if k != "params"}
+    run(fastoptim, rule, hyper, {**out, **floats}, grads, step)
+    for k, v in floats.items():
+        out[k] = [QuantizedState.from_float(x, q.bits, q.non_negative)
+                  for x, q in zip(v, state[k])]
+    return out
+
+
+def assert_same_bits(a, b, where):
+    for name in a:
+        for i, (x, y) in enumerate(zip(a[name], b[name])):
+            w = f"{where}: {name}[{i}]"
+            if isinstance(x, QuantizedState):
+                assert x.codes.tobytes() == y.codes.tobytes(), w + ".codes"
+                assert x.absmax.tobytes() == y.absmax.tobytes(), w + ".absmax"
+            else:
+                assert x.tobytes() == y.tobytes(), w
+
+
+# ---- the quantizer ---------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [0, 1, 7, 127, 128, 129, 255, 256, 257, 1000])
+@pytest.mark.parametrize("non_negative", [False, True])
+@pytest.mark.parametrize("bits", BITS)
+def test_round_trip_is_stable_and_bounded(bits, non_negative, n):
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal(n).astype(np.float32) * np.exp(rng.uniform(-8, 2, n)).astype(np.float32)
+    if non_negative:
+        x = np.abs(x)
+    q = QuantizedState.from_float(x, bits, non_negative)
+    assert q.codes.size == (n if bits == 8 else (n + 1) // 2)
+    assert q.absmax.size == -(-n // BLOCK[bits])
+    y = q.to_float()
+    # absmax is the block's max |x|, exactly
+    for b in range(q.absmax.size):
+        blk = x[b * BLOCK[bits]:(b + 1) * BLOCK[bits]]
+        assert q.absmax[b] == np.abs(blk).max()
+    # requantizing what was read back gives the same codes (the map is a fixed point)
+    again = QuantizedState.from_float(y, bits, non_negative)
+    assert again.codes.tobytes() == q.codes.tobytes()
+    assert again.absmax.tobytes() == q.absmax.tobytes()
+    # within range, the relative error is at most half a mantissa step (F = 3 or 1 bits);
+    # below the smallest code: the smallest code (non-negative) or 0 or the smallest (signed)
+    am = np.repeat(q.absmax, BLOCK[bits])[:n].astype(np.float64)
+    a = np.abs(x) / np.where(am > 0, am, 1.0)
+    lowest = float(np.abs(quant.code_values(bits, non_negative)[1 - non_negative]))
+    f = 3 if bits == 8 else 0
+    inside = a >= lowest
+    rel = np.abs(y[inside].astype(np.float64) - x[inside]) / np.abs(x[inside])
+    assert (rel <= 2.0 ** -(f + 1) + 1e-6).all()
+    small = np.abs(y[~inside]) / np.where(am[~inside] > 0, am[~inside], 1.0)
+    if non_negative:
+        np.testing.assert_allclose(small[am[~inside] > 0], lowest, rtol=1e-6)
+    else:
+        assert ((small == 0) | np.isclose(small, lowest, rtol=1e-6)).all()
+    # the largest element of a block reads back exactly up to the rounding of absmax products
+    if n:
+        k = int(np.argmax(np.abs(x[:min(n, BLOCK[bits])])))
+        np.testing.assert_allclose(abs(y[k]), abs(x[k]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_zero_state_and_nonzero_floor(bits):
+    z = QuantizedState.zeros((3, 100), bits, non_negative=True)
+    assert not z.to_float().any() and z.to_float().shape == (3, 100)
+    assert not QuantizedState.zeros(300, bits).to_float().any()
+    # non-negative map: no zero once absmax > 0 (a second moment never reads back as 0)
+    x = np.zeros(BLOCK[bits], np.float32)
+    x[0] = 1.0
+    y = QuantizedState.from_float(x, bits, non_negative=True).to_float()
+    assert (y[1:] == quant.code_values(bits, non_negative=True)[0]).all()
+    assert y[1:].min() > 0 and y[1:].max() < 0.01
+    # signed map: zero is exact
+    assert (QuantizedState.from_float(x, bits).to_float()[1:] == 0).all()
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_nan_block_reads_back_nan(bits):
+    x = np.ones(3 * BLOCK[bits], np.float32)
+    x[BLOCK[bits] + 5] = np.inf
+    q = QuantizedState.from_float(x, bits)
+    assert np.isnan(q.absmax[1]) and q.absmax[0] == 1 and q.absmax[2] == 1
+    y = q.to_float()
+    assert np.isnan(y[BLOCK[bits]:2 * BLOCK[bits]]).all()
+    assert (y[:BLOCK[bits]] == 1).all()
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_dynamic_map_has_2_pow_bits_sorted_values(bits):
+    for signed in (True, False):
+        m = quant.dynamic_map(bits, signed)
+        assert m.size == 2 ** bits and (np.diff(m) > 0).all()
+        assert m.max() == 1 and 0 in m and (m.min() < -0.88 if signed else m.min() == 0)
+
+
+# ---- the kernels -----------------------------------------------------------------------------
+SHAPES = [(1,), (7,), (129,), (300,), (2, 257), (4099,)]
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("case", STATE_CASES, ids=case_id)
+def test_kernel_is_float32_update_between_numpy_quantizers(case, bits):
+    rule, hyper = case
+    rng = np.random.default_rng(1)
+    state = make_state(rule, hyper, SHAPES, bits, rng)
+    for step in (1, 2, 3):
+        grads = make_grads(SHAPES, rng)
+        expected = storage_oracle(rule, hyper, state, grads, step)
+        run(fastoptim, rule, hyper, state, grads, step)
+        assert_same_bits(state, expected, f"{rule} int{bits} step {step}")
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("case", STATE_CASES, ids=case_id)
+def test_kernel_matches_reference_algorithm(case, bits):
+    rule, hyper = case
+    rng = np.random.default_rng(2)
+    state = make_state(rule, hyper, SHAPES, bits, rng)
+    for step in (1, 2, 3):
+        grads = make_grads(SHAPES, rng)
+        ref = copy_state(state)
+        kwargs = cases.scalar_kwargs(rule, hyper, step)
+        quant.reference_update(getattr(reference, rule + "_"), ref["params"], grads,
+                               {k: v for k, v in ref.items() if k != "params"},
+                               **kwargs, **hyper)
+        run(fastoptim, rule, hyper, state, grads, step)
+        for i, (a, e) in enumerate(zip(state["params"], ref["params"])):
+            np.testing.assert_allclose(a, e, rtol=2e-6, atol=1e-6,
+                                       err_msg=f"{rule} int{bits} step {step} params[{i}]")
+        for name in state:
+            if name == "params":
+                continue
+            for i, (a, e) in enumerate(zip(state[name], ref[name])):
+                w = f"{rule} int{bits} step {step}: {name}[{i}]"
+                np.testing.assert_allclose(a.absmax, e.absmax, rtol=1e-5, err_msg=w)
+                qa, qe = code_index(a), code_index(e)
+                diff = np.abs(qa - qe)
+                assert diff.max(initial=0) <= 1, w
+                assert (diff != 0).mean() <= 0.01, w
+
+
+def code_index(q):
+    """A state's codes as positions on the number line (signed codes are sign-magnitude)."""
+    c = quant._unpack(q.codes, q.size, q.bits)
+    if q.non_negative:
+        return c
+    half = 1 << (q.bits - 1)
+    return np.where(c & half, -(c & (half - 1)), c & (half - 1))
+
+
+def backends():
+    info = fastoptim.backend_info()
+    return [(isa, t) for isa in info["isas_supported"] for t in (1, 2, 3)]
+
+
+@pytest.fixture
+def restore_backend():
+    info = fastoptim.backend_info()
+    yield
+    fastoptim.set_isa(info["isa"])
+    fastoptim.set_num_threads(info["num_threads"])
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("case", FULL_STATE_CASES, ids=case_id)
+def test_every_isa_and_thread_count_agree_bitwise(case, bits, restore_backend):
+    rule, hyper = case
+    # Tensors that straddle the dispatcher's 32768-element chunks at odd offsets.
+    shapes = [(40001,), (3,), (70001,), (129,), (33000,)]
+    rng = np.random.default_rng(3)
+    start = make_state(rule, hyper, shapes, bits, rng)
+    grads = [make_grads(shapes, rng) for _ in range(2)]
+    results = []
+    for isa, threads in backends():
+        fastoptim.set_isa(isa)
+        fastoptim.set_num_threads(threads)
+        state = copy_state(start)
+        for step in (1, 2):
+            run(fastoptim, rule, hyper, state, grads[step - 1], step)
+        # the call is split between `threads` threads (whether a worker wakes in time to take
+        # a chunk is up to the machine's load: parallel.h, Note [caller runs])
+        total = sum(int(np.prod(s)) for s in shapes)
+        assert fastoptim._core._threads_for(total) == threads
+        results.append(((isa, threads), state))
+    for key, state in results[1:]:
+        assert_same_bits(state, results[0][1], f"{rule} int{bits} {key} vs {results[0][0]}")
+
+
+# ---- bad arguments ---------------------------------------------------------------------------
+def adam_args(bits=8, n=1000):
+    rng = np.random.default_rng(4)
+    p = rng.standard_normal(n).astype(np.float32)
+    g = rng.standard_normal(n).astype(np.float32)
+    m = QuantizedState.from_float(rng.standard_normal(n) * 0.1, bits)
+    v = QuantizedState.from_float(rng.uniform(0, 0.1, n), bits, non_negative=True)
+    return p, g, m, v
+
+
+def bad(obj, **fields):
+    """A QuantizedState-shaped object with some fields replaced (bypassing __init__'s checks)."""
+    q = obj.copy()
+    for k, val in fields.items():
+        object.__setattr__(q, k, val)
+    return q
+
+
+@pytest.mark.parametrize("make_bad, exc, text", [
+    (lambda m: bad(m, codes=m.codes.astype(np.int8)), TypeError, "exp_avgs.codes has dtype int8"),
+    (lambda m: bad(m, codes=m.codes[:-1].copy()), ValueError, "exp_avgs.codes has shape (999,)"),
+    (lambda m: bad(m, absmax=m.absmax[:-1].copy()), ValueError, "exp_avgs.absmax has shape"),
+    (lambda m: bad(m, absmax=m.absmax.astype(np.float64)), TypeError, "expected float32"),
+    (lambda m: bad(m, absmax=np.where(np.arange(m.absmax.size) == 2, np.nan, m.absmax)
+                   .astype(np.float32)), ValueError, "exp_avgs.absmax[2] is nan"),
+    (lambda m: bad(m, absmax=-m.absmax), ValueError, "finite and >= 0"),
+    (lambda m: bad(m, bits=5), ValueError, "exp_avgs.bits must be 8 or 4"),
+    (lambda m: bad(m, non_negative=True), ValueError, "declared signed"),
+    (lambda m: bad(m, codes=list(m.codes)), TypeError, "exp_avgs.codes must be a numpy.ndarray"),
+])
+def test_bad_quantized_state_raises_before_writing(make_bad, exc, text):
+    p, g, m, v = adam_args()
+    m = make_bad(m)
+    before = (p.copy(), v.codes.copy(), v.absmax.copy())
+    with pytest.raises(exc) as e:
+        fastoptim.adam_(p, g, m, v, step=1)
+    assert text in str(e.value)
+    assert p.tobytes() == before[0].tobytes()
+    assert v.codes.tobytes() == before[1].tobytes() and v.absmax.tobytes() == before[2].tobytes()
+
+
+def test_read_only_codes_and_mixed_formats_are_refused():
+    p, g, m, v = adam_args()
+    m.codes.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        fastoptim.adam_(p, g, m, v, step=1)
+    p, g, m, v = adam_args()
+    with pytest.raises(TypeError, match="all optimizer states of one call share one dtype"):
+        fastoptim.adam_(p, g, m, np.zeros_like(p), step=1)
+    with pytest.raises(TypeError, match="all optimizer states of one call share one dtype"):
+        fastoptim.adam_(p, g, m, adam_args(bits=4)[3], step=1)
+    with pytest.raises(TypeError, match="unsupported combination of dtypes"):
+        fastoptim.adam_(p.astype(np.float64), g.astype(np.float64), m, v, step=1)
+    p2, g2, m2, v2 = adam_args()
+    with pytest.raises(ValueError, match="overlaps"):
+        fastoptim.adam_(p2, g2, m2, bad(v2, absmax=m2.absmax), step=1)
+
+
+def test_state_object_checks_its_fields():
+    with pytest.raises(ValueError, match="bits must be 8 or 4"):
+        QuantizedState.zeros(10, bits=2)
+    with pytest.raises(ValueError, match="codes has 9 bytes"):
+        QuantizedState(np.zeros(9, np.uint8), np.zeros(1, np.float32), 8, (10,))
+    with pytest.raises(ValueError, match="absmax has 2 entries"):
+        QuantizedState(np.zeros(5, np.uint8), np.zeros(2, np.float32), 4, (10,))
+    with pytest.raises(TypeError, match="codes must be"):
+        QuantizedState(np.zeros(10, np.int8), np.zeros(1, np.float32), 8, (10,))
+
+
+def test_registry_declares_non_negative_states():
+    assert quant.non_negative_states("adam") == {"exp_avg_sqs", "max_exp_avg_sqs"}
+    assert quant.non_negative_states("sgd") == frozenset()
+    assert quant.non_negative_states("rprop") == {"step_sizes"}
