@@ -455,3 +455,33 @@ def test_bf16_stores_of_subnormals_and_nan_agree_on_every_isa():
             assert avg.tobytes() == expected.tobytes(), isa
     finally:
         fastoptim.set_isa(saved)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_grad_scale_with_quantized_states(bits):
+    """The quantized states' block driver (src/cpp/quant.h) unscales the grads too: scaled
+    grads with grad_scale=2^k give the bits of the unscaled update; found_inf writes nothing."""
+    from fastoptim.quant import QuantizedState
+
+    rng = np.random.default_rng(13)
+    n = 1000
+    p0 = rng.standard_normal(n).astype(np.float32)
+    g = rng.standard_normal(n).astype(np.float32)
+
+    def run_adamw(grads, **options):
+        p = p0.copy()
+        m = QuantizedState.zeros(n, bits=bits)
+        v = QuantizedState.zeros(n, bits=bits, non_negative=True)
+        for step in (1, 2):
+            fastoptim.adamw_(p, grads, m, v, step=step, lr=1e-2, **options)
+        return p, m, v
+
+    plain = run_adamw(g)
+    scaled = run_adamw(g * np.float32(1024.0), grad_scale=1024.0)
+    assert plain[0].tobytes() == scaled[0].tobytes()
+    for a, b in zip(plain[1:], scaled[1:]):
+        assert a.codes.tobytes() == b.codes.tobytes()
+        assert a.absmax.tobytes() == b.absmax.tobytes()
+    skipped = run_adamw(g, found_inf=1.0)
+    assert skipped[0].tobytes() == p0.tobytes()
+    assert not skipped[1].codes.any()
