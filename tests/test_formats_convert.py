@@ -284,3 +284,31 @@ def test_hook_rejects_bad_arguments():
     for isa in set(ISAS) - set(SUPPORTED):
         with pytest.raises(ValueError, match=isa):
             _core._convert(f, np.zeros(4, np.uint16), "float16", isa)
+
+
+@pytest.mark.parametrize("index0", [0, 5, 2**32 - 21, 2**33 - 3, 2**40 + 7, 2**48 - 100])
+def test_stochastic_rounding_store_matches_reference_across_index_carries(isa, index0):
+    """vstore_sr's random bits are sr_hash of each element's 64-bit index (vec.h, Note
+    [stochastic rounding]); the vector stores compute it per vector from the first lane's
+    index, so a vector whose low index halves wrap past a multiple of 2^32 must carry into the
+    high half in exactly the wrapped lanes (Note [sr_hash strength reduction]). Every head
+    length, infinities and NaN included."""
+    from fastoptim import reference
+    rng = np.random.default_rng(index0 % 997)
+    x = (rng.standard_normal(300) * 1e3).astype(np.float32)
+    x[[3, 40, 77]] = [np.inf, -np.inf, np.nan]
+    key = 0x9E37F00D
+    for offset in range(17):
+        src = x[offset:offset + 250]
+        got = np.empty(src.size, np.uint16)
+        _core._convert(src, got, "bfloat16", isa, sr_key=key, sr_index=index0)
+        want = reference.round_bf16_stochastic(src, key, index0)
+        _check(got, want, src.view(np.uint32), f"{isa} offset {offset} index {index0}")
+    # the random bits matter: round to nearest differs from these stores somewhere
+    assert not _same(got, _narrow(src.view(np.uint32), "bfloat16", isa))
+
+
+def test_stochastic_rounding_hook_refuses_float16():
+    src = np.zeros(4, np.float32)
+    with pytest.raises(ValueError, match="sr_key needs fmt='bfloat16'"):
+        _core._convert(src, np.empty(4, np.uint16), "float16", "scalar", sr_key=1)

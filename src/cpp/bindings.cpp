@@ -17,6 +17,7 @@
 // device memory of one device; the ndarray path does no attribute lookup.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <algorithm>
 #include <cmath>
@@ -24,6 +25,7 @@
 #include <cstring>
 #include <deque>
 #include <memory>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -1323,8 +1325,11 @@ py::dict info() {
 
 // _core._convert (float32 -> format bits, uint16) and _core._widen (the reverse) with the
 // conversions of the named ISA, on this thread.
+// With sr_key (fp32 -> bfloat16 only): rounded stochastically, element i with element index
+// sr_index + i (vec.h, Note [stochastic rounding]).
 void convert_hook(const char* name, bool widen, const py::object& src, const py::object& dst,
-                  const std::string& fmt, const std::string& isa) {
+                  const std::string& fmt, const std::string& isa,
+                  const std::optional<uint32_t>& sr_key = std::nullopt, uint64_t sr_index = 0) {
   const auto checked = [&](const py::object& o, const char* what, bool f32) {
     const char* want = f32 ? "float32" : "uint16";
     if (!py::isinstance<py::array>(o))
@@ -1341,10 +1346,15 @@ void convert_hook(const char* name, bool widen, const py::object& src, const py:
     value_error(std::string(name) + ": dst must be writeable and of src's size");
   if (fmt != "bfloat16" && fmt != "float16")
     value_error(std::string(name) + ": fmt must be 'bfloat16' or 'float16', got '" + fmt + "'");
+  if (sr_key && fmt != "bfloat16")
+    value_error(std::string(name) + ": sr_key needs fmt='bfloat16'");
   try {
     void* out = d.mutable_data();
     py::gil_scoped_release release;
-    run_convert(isa, fmt == "bfloat16" ? kStorageBF16 : kStorageF16, widen, s.data(), out, s.size());
+    if (sr_key)
+      run_convert_sr(isa, static_cast<const float*>(s.data()), out, s.size(), *sr_key, sr_index);
+    else
+      run_convert(isa, fmt == "bfloat16" ? kStorageBF16 : kStorageF16, widen, s.data(), out, s.size());
   } catch (const std::invalid_argument& e) {
     value_error(e.what());
   }
@@ -1428,9 +1438,11 @@ PYBIND11_MODULE(_core, m) {
   m.def("_last_threads_used", &last_threads_used);
   // Test hooks: one ISA's storage conversions over a whole array (vec.h, Note [storage formats]).
   using Str = const std::string&;
-  m.def("_convert", [](py::object src, py::object dst, Str fmt, Str isa) {
-    convert_hook("_convert", false, src, dst, fmt, isa);
-  }, arg("src"), arg("dst"), arg("fmt"), arg("isa"));
+  m.def("_convert", [](py::object src, py::object dst, Str fmt, Str isa,
+                       std::optional<uint32_t> sr_key, uint64_t sr_index) {
+    convert_hook("_convert", false, src, dst, fmt, isa, sr_key, sr_index);
+  }, arg("src"), arg("dst"), arg("fmt"), arg("isa"), py::kw_only(), arg("sr_key") = py::none(),
+     arg("sr_index") = 0);
   m.def("_widen", [](py::object src, py::object dst, Str fmt, Str isa) {
     convert_hook("_widen", true, src, dst, fmt, isa);
   }, arg("src"), arg("dst"), arg("fmt"), arg("isa"));

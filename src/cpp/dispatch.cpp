@@ -116,18 +116,22 @@ void set_isa(const std::string& name) {
 void init_dispatch() {
   // A table filler is compiled with its ISA's flags (it may itself use wide stores), so it
   // runs only on a CPU that has the ISA.
-  fill_table_scalar(&g_tables[0]);
+  // Each ISA's shards fill disjoint entries of its table (kernels.h, Note [ISA shards]).
+  const auto fill = [](const FillFn (&shards)[kIsaShards], KernelTable* t) {
+    for (FillFn f : shards) f(t);
+  };
+  fill(kFill_scalar, &g_tables[0]);
 #if defined(FASTOPTIM_HAVE_AVX2)
-  if (isa_cpu_has(Isa::kAvx2)) fill_table_avx2(&g_tables[1]);
+  if (isa_cpu_has(Isa::kAvx2)) fill(kFill_avx2, &g_tables[1]);
 #endif
 #if defined(FASTOPTIM_HAVE_AVX512)
-  if (isa_cpu_has(Isa::kAvx512)) fill_table_avx512(&g_tables[2]);
+  if (isa_cpu_has(Isa::kAvx512)) fill(kFill_avx512, &g_tables[2]);
 #endif
 #if defined(FASTOPTIM_HAVE_AVX512) && defined(FASTOPTIM_HAVE_AVX512BF16)
   if (isa_cpu_has(Isa::kAvx512Bf16)) {
     // the avx512 table, with the entries of the bfloat16-storing formats replaced
     KernelTable bf;
-    fill_table_avx512bf16(&bf);
+    fill(kFill_avx512bf16, &bf);
     g_tables[3] = g_tables[2];
     g_tables[3].isa = "avx512bf16";
     for (int r = 0; r < kNumRules; ++r)
@@ -245,6 +249,11 @@ bool unscale(GradType type, const Batch& batch, double scale) {
 void run_convert(const std::string& isa, Storage fmt, bool widen, const void* src, void* dst,
                  int64_t n) {
   g_tables[static_cast<int>(usable_isa(isa))].convert[fmt][widen](src, dst, n);
+}
+
+void run_convert_sr(const std::string& isa, const float* src, void* dst, int64_t n, uint32_t key,
+                    uint64_t index0) {
+  g_tables[static_cast<int>(usable_isa(isa))].convert_sr(src, dst, n, key, index0);
 }
 
 }  // namespace fastoptim

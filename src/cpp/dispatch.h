@@ -42,5 +42,9 @@ bool unscale(GradType type, const Batch& batch, double scale);
 // Throws std::invalid_argument as set_isa does.
 void run_convert(const std::string& isa, Storage fmt, bool widen, const void* src, void* dst,
                  int64_t n);
+// Test hook (_core._convert with sr_key): fp32 -> bfloat16 with stochastic rounding, element i
+// with element index index0 + i.
+void run_convert_sr(const std::string& isa, const float* src, void* dst, int64_t n, uint32_t key,
+                    uint64_t index0);
 
 }  // namespace fastoptim

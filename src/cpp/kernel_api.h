@@ -80,6 +80,9 @@ using KernelFn = void (*)(const Batch&, int64_t begin, int64_t end, const void* 
 enum Storage : int { kStorageBF16 = 0, kStorageF16 = 1, kNumStorage = 2 };
 // Converts n elements: fp32 -> storage, or storage -> fp32 (a test hook of the conversions).
 using ConvertFn = void (*)(const void* src, void* dst, int64_t n);
+// Stores n fp32 elements as bfloat16 rounded stochastically, element i with element index
+// index0 + i (a test hook of vstore_sr, vec.h, Note [stochastic rounding]).
+using ConvertSrFn = void (*)(const float* src, void* dst, int64_t n, uint32_t key, uint64_t index0);
 
 // Element types of a reduction's input (global_norm, unscale): f32, f64, bf16, f16.
 enum GradType : int { kGradF32 = 0, kGradF64, kGradBF16, kGradF16, kNumGradTypes };
@@ -97,14 +100,28 @@ struct KernelTable {
   const char* isa = nullptr;
   KernelFn fn[kNumRules][kNumFormats] = {};
   ConvertFn convert[kNumStorage][2] = {};  // [storage][widen]
+  ConvertSrFn convert_sr = nullptr;
   NormFn sumsq[kNumGradTypes] = {};
   UnscaleFn unscale[kNumGradTypes] = {};
 };
 
-// One per compiled ISA (isa_<name>.cpp).
-void fill_table_scalar(KernelTable*);
-void fill_table_avx2(KernelTable*);
-void fill_table_avx512(KernelTable*);
-void fill_table_avx512bf16(KernelTable*);  // the bfloat16-storing formats only
+// Each compiled ISA's table is filled by kIsaShards functions, one per translation unit, each
+// for its share of the formats (kernels.h, Note [ISA shards]). kIsaShards must equal
+// FASTOPTIM_ISA_SHARDS (CMakeLists.txt).
+constexpr int kIsaShards = 4;
+using FillFn = void (*)(KernelTable*);
+#define FO_ISA_FILLS(name)                                                          \
+  void fill_table_##name##_shard0(KernelTable*);                                    \
+  void fill_table_##name##_shard1(KernelTable*);                                    \
+  void fill_table_##name##_shard2(KernelTable*);                                    \
+  void fill_table_##name##_shard3(KernelTable*);                                    \
+  constexpr FillFn kFill_##name[kIsaShards] = {                                     \
+      fill_table_##name##_shard0, fill_table_##name##_shard1, fill_table_##name##_shard2, \
+      fill_table_##name##_shard3};
+FO_ISA_FILLS(scalar)
+FO_ISA_FILLS(avx2)
+FO_ISA_FILLS(avx512)
+FO_ISA_FILLS(avx512bf16)  // the bfloat16-storing formats only
+#undef FO_ISA_FILLS
 
 }  // namespace fastoptim

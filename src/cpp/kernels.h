@@ -25,6 +25,9 @@
 #if !defined(FO_VEC_F32) || !defined(FO_VEC_F64) || !defined(FO_FILL_TABLE)
 #error "define FO_VEC_F32, FO_VEC_F64 and FO_FILL_TABLE before including kernels.h"
 #endif
+#if !defined(FO_ISA_SHARD)
+#error "FO_ISA_SHARD is set by the generated shard file (CMakeLists.txt, fastoptim_add_isa)"
+#endif
 
 namespace fastoptim {
 namespace {
@@ -327,13 +330,21 @@ void entry(const Batch& b, int64_t lo, int64_t hi, const void* p, unsigned mask)
   }
 }
 
-// FO_FORMAT_FILTER(F): whether this translation unit fills format F (isa_avx512bf16.cpp fills
-// only the formats that store bfloat16; dispatch.cpp takes the rest from the avx512 table).
+// Note [ISA shards]
+// One ISA's kernels are compiled in kIsaShards translation units (CMakeLists.txt generates
+// one file per shard that defines FO_ISA_SHARD and includes isa_<name>.cpp): shard s fills
+// the table entries of the formats F with F % kIsaShards == s, which spreads the heavy formats
+// (quantized, compensated, stochastic rounding) over the shards, and shard 0 also fills the
+// non-rule entries. Each shard is a complete copy of this file in its own anonymous namespace
+// (Note [one definition per ISA]); the shards write disjoint entries of the same table.
+//
+// FO_FORMAT_FILTER(F): whether this ISA fills format F at all (isa_avx512bf16.cpp fills only
+// the formats that store bfloat16; dispatch.cpp takes the rest from the avx512 table).
 #if !defined(FO_FORMAT_FILTER)
 #define FO_FORMAT_FILTER(F) true
 #endif
 template <class D, int F> void fill_one(KernelTable* t) {
-  if constexpr (FO_FORMAT_FILTER(static_cast<Format>(F)))
+  if constexpr (F % kIsaShards == FO_ISA_SHARD && FO_FORMAT_FILTER(static_cast<Format>(F)))
     t->fn[RuleIdOf<D>::value][F] = &entry<D, static_cast<Format>(F)>;
 }
 template <class D, int... Fs> void fill_rule(KernelTable* t, std::integer_sequence<int, Fs...>) {
@@ -343,37 +354,51 @@ template <class D, int... Fs> void fill_rule(KernelTable* t, std::integer_sequen
 // Test hook of the storage conversions (vec.h, Note [storage formats]): n elements fp32 -> E
 // (kWiden false) or E -> fp32, split as run_span splits a span: scalar head until src is
 // vector-aligned, whole vectors, scalar tail.
-template <class E, bool kWiden>
-void convert_span(const void* src, void* dst, int64_t n) {
-  const auto at = [&](auto lane, int64_t i) {
-    using V = decltype(lane);
-    if constexpr (kWiden)
-      vstore(static_cast<float*>(dst) + i, vload_from<V>(static_cast<const E*>(src) + i));
-    else
-      store_elem(static_cast<E*>(dst) + i, vload<V>(static_cast<const float*>(src) + i));
-  };
+template <class SrcT, class At> void split_span(const SrcT* src, int64_t n, At at) {
   using V = FO_VEC_F32;
   constexpr int64_t kW = VecTraits<V>::kWidth;
-  constexpr uintptr_t kSrcSize = kWiden ? sizeof(E) : sizeof(float);
-  constexpr uintptr_t kAlign = kW * kSrcSize;
+  constexpr uintptr_t kAlign = kW * sizeof(SrcT);
   const uintptr_t addr = reinterpret_cast<uintptr_t>(src);
-  const int64_t head = min64(n, static_cast<int64_t>((kAlign - addr % kAlign) % kAlign / kSrcSize));
+  const int64_t head =
+      min64(n, static_cast<int64_t>((kAlign - addr % kAlign) % kAlign / sizeof(SrcT)));
   int64_t i = 0;
   for (; i < head; ++i) at(float{}, i);
   for (; i + kW <= n; i += kW) at(V{}, i);
   for (; i < n; ++i) at(float{}, i);
 }
+template <class E, bool kWiden>
+void convert_span(const void* src, void* dst, int64_t n) {
+  if constexpr (kWiden) {
+    split_span(static_cast<const E*>(src), n, [&](auto lane, int64_t i) {
+      vstore(static_cast<float*>(dst) + i, vload_from<decltype(lane)>(static_cast<const E*>(src) + i));
+    });
+  } else {
+    split_span(static_cast<const float*>(src), n, [&](auto lane, int64_t i) {
+      store_elem(static_cast<E*>(dst) + i, vload<decltype(lane)>(static_cast<const float*>(src) + i));
+    });
+  }
+}
+void convert_sr_span(const float* src, void* dst, int64_t n, uint32_t key, uint64_t index0) {
+  split_span(src, n, [&](auto lane, int64_t i) {
+    vstore_sr(static_cast<bf16*>(dst) + i, vload<decltype(lane)>(src + i), key,
+              index0 + static_cast<uint64_t>(i));
+  });
+}
 
 }  // namespace
 
-void FO_FILL_TABLE(KernelTable* t) {
+#define FO_SHARD_NAME_(table, shard) table##_shard##shard
+#define FO_SHARD_NAME(table, shard) FO_SHARD_NAME_(table, shard)
+void FO_SHARD_NAME(FO_FILL_TABLE, FO_ISA_SHARD)(KernelTable* t) {
 #define FO_FILL(D) fill_rule<D>(t, std::make_integer_sequence<int, kNumFormats>{});
   FO_RULES(FO_FILL)
 #undef FO_FILL
+  if (FO_ISA_SHARD != 0) return;
   t->convert[kStorageBF16][0] = &convert_span<bf16, false>;
   t->convert[kStorageBF16][1] = &convert_span<bf16, true>;
   t->convert[kStorageF16][0] = &convert_span<f16, false>;
   t->convert[kStorageF16][1] = &convert_span<f16, true>;
+  t->convert_sr = &convert_sr_span;
   t->sumsq[kGradF32] = &sumsq_blocks<float>;
   t->sumsq[kGradF64] = &sumsq_blocks<double>;
   t->sumsq[kGradBF16] = &sumsq_blocks<bf16>;

@@ -465,11 +465,18 @@ template <> struct SrStore<F32x8> {
     // A lane whose low half wrapped carries into the high half (unsigned lo < base).
     const __m256i flip = _mm256_set1_epi32(static_cast<int>(0x80000000u));
     const __m256i carry = _mm256_cmpgt_epi32(_mm256_xor_si256(base, flip), _mm256_xor_si256(lo, flip));
-    const __m256i hi = _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int>(hi0)), carry);
-    __m256i h = _mm256_xor_si256(
-        _mm256_xor_si256(_mm256_mullo_epi32(lo, _mm256_set1_epi32(static_cast<int>(kSrMulLo))),
-                         _mm256_mullo_epi32(hi, _mm256_set1_epi32(static_cast<int>(kSrMulHi)))),
-        _mm256_set1_epi32(static_cast<int>(key)));
+    // Note [sr_hash strength reduction]: (lo0 + j) * kSrMulLo is lo0 * kSrMulLo + j * kSrMulLo
+    // mod 2^32 (the lane constants fold at compile time), and the high half is hi0 or hi0 + 1:
+    // two multiplies per vector instead of four, the same bits as sr_hash.
+    const __m256i lo_mul = _mm256_add_epi32(
+        _mm256_set1_epi32(static_cast<int>(lo0 * kSrMulLo)),
+        _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                           _mm256_set1_epi32(static_cast<int>(kSrMulLo))));
+    const __m256i hi_mul = _mm256_blendv_epi8(_mm256_set1_epi32(static_cast<int>(hi0 * kSrMulHi)),
+                                              _mm256_set1_epi32(static_cast<int>((hi0 + 1u) * kSrMulHi)),
+                                              carry);
+    __m256i h = _mm256_xor_si256(_mm256_xor_si256(lo_mul, hi_mul),
+                                 _mm256_set1_epi32(static_cast<int>(key)));
     h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
     h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int>(kFmix1)));
     h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
@@ -527,12 +534,17 @@ template <> struct SrStore<F32x16> {
     const __m512i lo = _mm512_add_epi32(
         base, _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
     const __mmask16 carry = _mm512_cmplt_epu32_mask(lo, base);  // the low half wrapped
-    const __m512i hi1 = _mm512_set1_epi32(static_cast<int>(hi0));
-    const __m512i hi = _mm512_mask_add_epi32(hi1, carry, hi1, _mm512_set1_epi32(1));
-    __m512i h = _mm512_xor_si512(
-        _mm512_xor_si512(_mm512_mullo_epi32(lo, _mm512_set1_epi32(static_cast<int>(kSrMulLo))),
-                         _mm512_mullo_epi32(hi, _mm512_set1_epi32(static_cast<int>(kSrMulHi)))),
-        _mm512_set1_epi32(static_cast<int>(key)));
+    // Note [sr_hash strength reduction] (the AVX2 store above)
+    const __m512i lo_mul = _mm512_add_epi32(
+        _mm512_set1_epi32(static_cast<int>(lo0 * kSrMulLo)),
+        _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32(static_cast<int>(kSrMulLo))));
+    const __m512i hi_mul = _mm512_mask_mov_epi32(
+        _mm512_set1_epi32(static_cast<int>(hi0 * kSrMulHi)), carry,
+        _mm512_set1_epi32(static_cast<int>((hi0 + 1u) * kSrMulHi)));
+    __m512i h = _mm512_xor_si512(_mm512_xor_si512(lo_mul, hi_mul),
+                                 _mm512_set1_epi32(static_cast<int>(key)));
     h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
     h = _mm512_mullo_epi32(h, _mm512_set1_epi32(static_cast<int>(kFmix1)));
     h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 13));
