@@ -878,8 +878,13 @@ class _FusedOptimizer(torch.optim.Optimizer):
             gi, p = id_map[key]
             formats = _formats_on(mine[gi])
             aside = {}
+            dropped = set()
             for name, value in entry.items():
-                if _is_qdict(value):
+                if (name == "master_weight" and isinstance(value, torch.Tensor)
+                        and value.dtype != torch.float32):
+                    # torch.optim cast it to the param's dtype and never updates it: stale.
+                    dropped.add(name)
+                elif _is_qdict(value):
                     q = _qstate(value, f"{where}[{name!r}]")
                     if q.shape != tuple(p.shape):
                         raise ValueError(f"{where}[{name!r}] has shape {q.shape}, its "
@@ -891,7 +896,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
                         raise ValueError(f"{where}[{name!r}] has shape {tuple(value.shape)}, "
                                          f"its parameter {tuple(p.shape)}")
                     aside[name] = value
-            stripped[key] = {k: v for k, v in entry.items() if k not in aside}
+            stripped[key] = {k: v for k, v in entry.items()
+                             if k not in aside and k not in dropped}
             if aside:
                 kept[key] = aside
         super().load_state_dict(dict(state_dict, state=stripped))
@@ -1138,14 +1144,16 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 state = self.state[e.p]
                 if e.step is not None:
                     old = state.get("step")
-                    dtype = old.dtype if isinstance(old, torch.Tensor) else _scalar_dtype()
-                    state["step"] = torch.tensor(e.step, dtype=dtype)
+                    if isinstance(old, torch.Tensor) and old.dim() == 0:
+                        old.fill_(e.step)  # in place, as torch's step_t += 1
+                    else:
+                        state["step"] = torch.tensor(e.step, dtype=_scalar_dtype())
                 for name, value in e.scalars.items():
                     old = state.get(name)
                     if isinstance(old, torch.Tensor) and old.dim() == 0:
-                        state[name] = old.clone().copy_(value)
+                        old.copy_(value)
                     else:
-                        state[name] = value.to(_scalar_dtype())
+                        state[name] = value
                 for name, value in e.new.items():
                     state[name] = value
                 stepped.append(e.p)
