@@ -126,6 +126,9 @@ from torch.autograd.graph import increment_version
 
 from . import _core
 from . import functional as F
+from .optim import Optimizer as _NumPyOptimizer
+from .optim import _check_state_dtype, _non_negative_names
+from .quant import MIN_QUANTIZED_SIZE, QuantizedState
 
 __all__ = ["SGD", "RMSprop", "Adam", "AdamW", "Adagrad", "Adadelta", "NAdam", "RAdam", "Adamax",
            "ASGD", "Rprop", "Lion", "dequantized_state_dict"]
@@ -563,12 +566,30 @@ class _Written:
 _FORMAT_DEFAULTS: dict[str, Any] = {"master_weights": False, "stochastic_rounding": False,
                                     "sr_seed": 0, "state_dtype": None}
 _LOW = (torch.bfloat16, torch.float16)
+_NON_NEGATIVE: list[frozenset[str]] = []
+
+
+def _non_negative(name: str) -> bool:
+    """Whether state ``name`` is stored with the non-negative map (rules.h, looked up once)."""
+    if not _NON_NEGATIVE:
+        _NON_NEGATIVE.append(_non_negative_names())
+    return name in _NON_NEGATIVE[0]
+
+
+_NP_DTYPES: dict[torch.dtype, np.dtype] = {}
+
+
+def _np_dtype(dtype: torch.dtype) -> np.dtype:
+    """The NumPy dtype of a torch dtype's views (``_np``)."""
+    found = _NP_DTYPES.get(dtype)
+    if found is None:
+        found = _NP_DTYPES[dtype] = _np(torch.empty(0, dtype=dtype)).dtype
+    return found
 
 
 def _check_formats(group: dict[str, Any], where: str) -> None:
     """The storage options of a group (or a constructor's), checked; ``where`` prefixes the
     message."""
-    from .optim import _check_state_dtype
     for name in ("master_weights", "stochastic_rounding"):
         value = _opt(group, name)
         if not isinstance(value, (bool, np.bool_)):
@@ -626,7 +647,6 @@ def _qdict(q: Any) -> dict[str, Any]:
 
 def _qstate(d: Any, where: str) -> Any:
     """The QuantizedState (NumPy views of the tensors) of a quantized state dict, checked."""
-    from .quant import QuantizedState
     for key in ("codes", "absmax", "bits", "non_negative", "shape"):
         if key not in d:
             raise ValueError(f"{where} is a quantized state without {key!r}")
@@ -934,7 +954,6 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if sd is None:
             return p.dtype
         if sd in ("int8", "int4"):
-            from .quant import MIN_QUANTIZED_SIZE
             if p.numel() < MIN_QUANTIZED_SIZE:
                 return torch.float32
             return 8 if sd == "int8" else 4
@@ -944,20 +963,15 @@ class _FusedOptimizer(torch.optim.Optimizer):
                       storage: Any) -> Any:
         value = self._format_init_value(group, name)
         if isinstance(storage, int):
-            from .optim import _non_negative_names
-            from .quant import QuantizedState
             return _qdict(QuantizedState.from_float(
-                np.full(tuple(p.shape), value, np.float32), storage,
-                name in _non_negative_names()))
+                np.full(tuple(p.shape), value, np.float32), storage, _non_negative(name)))
         return torch.full_like(p, value, dtype=storage, memory_format=torch.preserve_format)
 
     def _format_convert(self, where: str, p: torch.Tensor, name: str, t: Any,
                         storage: Any) -> Any:
         """State ``t`` in ``storage`` (itself when it already is), checked."""
-        from .optim import _non_negative_names
-        from .quant import QuantizedState
         label = f"{where}: state[{name!r}]"
-        non_negative = name in _non_negative_names()
+        non_negative = _non_negative(name)
         if _is_qdict(t):
             q = _qstate(t, label)
             if q.shape != tuple(p.shape):
@@ -1002,7 +1016,6 @@ class _FusedOptimizer(torch.optim.Optimizer):
     def _format_entry(self, gi: int, group: dict[str, Any], names: tuple[str, ...], i: int,
                       p: torch.Tensor, g: Any) -> tuple[_FormatEntry, tuple[Any, ...]]:
         """Param i's arrays for a format step, checked, and its call's key."""
-        from .optim import Optimizer as _NumPyOptimizer
         where = self._where(gi, i)
         dtensor = _dtensor_class()
         if dtensor is not None and (isinstance(p, dtensor) or isinstance(g, dtensor)):
@@ -1040,8 +1053,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         sd = _opt(group, "state_dtype")
         if sd is not None:
             shim = SimpleNamespace(_state_dtype=sd)
-            probe = SimpleNamespace(dtype=_np(torch.empty(0, dtype=kdtype)).dtype,
-                                    size=p.numel())
+            probe = SimpleNamespace(dtype=_np_dtype(kdtype), size=p.numel())
             _NumPyOptimizer._check_state_format(shim, where, probe)  # type: ignore[arg-type]
         storage = self._format_storage(group, p, master)
         flat = not p.is_contiguous()
