@@ -11,7 +11,9 @@ groups, ``zero_grad``, closures, hooks and ``state_dict`` layout (state keys ``s
 ``torch.optim.X`` and ``fastoptim.torch.X`` and learning-rate schedulers work unchanged. Each
 ``step()`` makes ONE fused call per (param group, dtype, device), on the tensors' memory
 (Note [pointer path]); CUDA tensors go to the CUDA kernels through ``__cuda_array_interface__``.
-``import fastoptim`` never imports torch; this module does.
+``import fastoptim`` never imports torch; this module does. Four keyword options on every
+drop-in, ``master_weights``, ``stochastic_rounding`` (with ``sr_seed``) and ``state_dtype``,
+choose how params and states are stored (Note [Storage options]).
 
 Note [Views are cached]
     Building a NumPy view costs about a microsecond, so the views of parameters and states are
