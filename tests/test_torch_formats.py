@@ -143,6 +143,84 @@ def test_master_weights_against_torch_fp32():
                                    atol=1e-6)
 
 
+def test_master_weights_against_the_reference_step_by_step():
+    """Each step's master weights and states against fastoptim.reference.adamw_ (the NumPy
+    oracle, float32) applied to the step's inputs, with the bf16 gradients widened: within
+    test_functional.py's one-step float32 tolerance (the kernel fuses multiply-adds)."""
+    from fastoptim import reference
+    params = params_of(torch.bfloat16)
+    opt = ft.AdamW(params, lr=1e-2, weight_decay=0.1, master_weights=True)
+    run(opt, params, steps=1)
+    for s in range(1, STEPS):
+        before = [{k: v.detach().numpy().copy() for k, v in opt.state[p].items()
+                   if k != "step"} for p in params]
+        grads = grads_of(params, s)
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+        for p, g, b in zip(params, grads, before):
+            master = b["master_weight"]
+            reference.adamw_(master, g.float().numpy(), b["exp_avg"], b["exp_avg_sq"],
+                             step=s + 1, lr=1e-2, weight_decay=0.1)
+            scale = max(1.0, float(np.abs(master).max()))
+            atol = 8 * np.finfo(np.float32).eps * scale
+            for key, want in (("master_weight", master), ("exp_avg", b["exp_avg"]),
+                              ("exp_avg_sq", b["exp_avg_sq"])):
+                np.testing.assert_allclose(opt.state[p][key].numpy(), want, rtol=1e-6,
+                                           atol=atol, err_msg=key)
+            assert_same(p.detach(), opt.state[p]["master_weight"].to(torch.bfloat16))
+
+
+def test_grad_scaler_with_float16_master_weights():
+    """torch.amp.GradScaler with float16 params and master weights: the scaler hands the step
+    grad_scale and found_inf; an overflow step changes nothing; the others equal a float32
+    drop-in fed the unscaled gradients (a power-of-two scale: exact in float32)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(32, 8).half()
+    ref = [torch.nn.Parameter(p.detach().float()) for p in model.parameters()]
+    opt = ft.AdamW(model.parameters(), lr=1e-2, master_weights=True)
+    opt_ref = ft.AdamW(ref, lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    for s in range(4):
+        x = torch.randn(16, 32).half()
+        model.zero_grad()
+        scaler.scale(model(x).float().pow(2).mean()).backward()
+        scale = scaler.get_scale()
+        for p, q in zip(model.parameters(), ref):
+            q.grad = p.grad.float() / scale
+        if s == 2:
+            model.weight.grad[0, 0] = float("inf")
+            kept = [p.detach().clone() for p in model.parameters()]
+        scaler.step(opt)
+        scaler.update()
+        if s == 2:
+            assert all(torch.equal(p.detach(), k) for p, k in zip(model.parameters(), kept))
+            assert scaler.get_scale() < scale
+            continue
+        opt_ref.step()
+        for p, q in zip(model.parameters(), ref):
+            assert_same(opt.state[p]["master_weight"], q.detach())
+            assert_same(p.detach(), q.detach().half())
+
+
+def test_compiled_step_with_storage_options():
+    """torch.compile(fullgraph=True) of a step with master weights: one custom op, the same
+    bits as the eager step."""
+    params = params_of(torch.bfloat16)
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = ft.Adam(params, lr=1e-2, master_weights=True)
+    opt_ref = ft.Adam(ref, lr=1e-2, master_weights=True)
+    step = torch.compile(opt.step, fullgraph=True, backend="eager")
+    for s in range(3):
+        for p, q, g in zip(params, ref, grads_of(params, s)):
+            p.grad, q.grad = g, g.clone()
+        step()
+        opt_ref.step()
+    for p, q in zip(params, ref):
+        assert_same(p.detach(), q.detach())
+        assert_same(opt.state[p]["master_weight"], opt_ref.state[q]["master_weight"])
+
+
 def test_master_weights_track_fp32_training():
     """Least squares with Adam steps (lr 1e-3) below half a bf16 ulp of the weights (in [1, 2):
     1/256): bf16 params alone stall at the start; with master weights (and, less closely,
