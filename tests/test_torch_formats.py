@@ -642,6 +642,7 @@ def test_bad_quantized_state_in_a_state_dict():
     params = params_of(torch.float32)
     opt = ft.Adam(params, state_dtype="int8")
     run(opt, params, steps=1)
+    original = copy.deepcopy(opt.state_dict())
     sd = copy.deepcopy(opt.state_dict())
     sd["state"][0]["exp_avg"]["codes"] = sd["state"][0]["exp_avg"]["codes"][:-1]
     with pytest.raises(ValueError, match=r"state_dict\['state'\]\[0\]\['exp_avg'\].*codes"):
@@ -650,6 +651,12 @@ def test_bad_quantized_state_in_a_state_dict():
     sd["state"][0]["exp_avg"]["codes"] = sd["state"][0]["exp_avg"]["codes"].float()
     with pytest.raises(TypeError, match="codes"):
         opt.load_state_dict(sd)
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][0]["exp_avg"]["absmax"][0] = -1.0
+    with pytest.raises(ValueError, match="absmax"):
+        opt.load_state_dict(sd)
+    for k, p in enumerate(params):  # nothing was loaded
+        assert_same_state(opt.state[p], original["state"][k])
     with pytest.raises(TypeError, match="state_dict"):
         ft.dequantized_state_dict([1, 2])
 

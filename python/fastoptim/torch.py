@@ -911,6 +911,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     if q.shape != tuple(p.shape):
                         raise ValueError(f"{where}[{name!r}] has shape {q.shape}, its "
                                          f"parameter {tuple(p.shape)}")
+                    if not np.isfinite(q.absmax).all() or (q.absmax < 0).any():
+                        # as the NumPy classes' load_state_dict
+                        raise ValueError(f"{where}[{name!r}]['absmax'] must be finite and >= 0")
                     aside[name] = value
                 elif (isinstance(value, torch.Tensor) and value.dim() > 0
                       and (formats or name == "master_weight")):
