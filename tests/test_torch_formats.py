@@ -221,6 +221,38 @@ def test_compiled_step_with_storage_options():
         assert_same(opt.state[p]["master_weight"], opt_ref.state[q]["master_weight"])
 
 
+def test_states_replaced_between_steps_are_used():
+    """The format path caches each param's arrays while its memory, options and state objects
+    stay the same: a state replaced by hand, a param's ``.data`` swapped and a changed option
+    are picked up."""
+    params = params_of(torch.bfloat16)
+    ref = [torch.nn.Parameter(p.detach().float()) for p in params]
+    opt = ft.Adam(params, lr=1e-2, master_weights=True)
+    opt32 = ft.Adam(ref, lr=1e-2)
+
+    def both(s):
+        for p, q, g in zip(params, ref, grads_of(params, s)):
+            p.grad, q.grad = g, g.float()
+        opt.step()
+        opt32.step()
+        for p, q in zip(params, ref):
+            assert_same(opt.state[p]["master_weight"], q.detach())
+            assert_same(opt.state[p]["exp_avg"], opt32.state[q]["exp_avg"])
+
+    both(0)
+    both(1)
+    for p, q in zip(params, ref):
+        opt.state[p]["exp_avg"] = torch.full(p.shape, 0.5)
+        opt32.state[q]["exp_avg"] = torch.full(q.shape, 0.5)
+    both(2)
+    params[0].data = params[0].data.clone()
+    opt.state[params[1]]["exp_avg_sq"].data = opt.state[params[1]]["exp_avg_sq"].data.clone()
+    both(3)
+    opt.param_groups[0]["state_dtype"] = "bfloat16"  # refused with master weights
+    with pytest.raises(ValueError, match="state_dtype"):
+        both(4)
+
+
 def test_master_weights_track_fp32_training():
     """Least squares with Adam steps (lr 1e-3) below half a bf16 ulp of the weights (in [1, 2):
     1/256): bf16 params alone stall at the start; with master weights (and, less closely,

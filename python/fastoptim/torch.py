@@ -540,8 +540,11 @@ class _Written:
 #     checks every call with ``found_inf=1`` (the kernels check every argument and write
 #     nothing), checks across calls that no gradient shares memory with anything a call
 #     writes, then runs the calls and only then enters new states and step counts into
-#     ``state``. It builds NumPy views every step (about 1 us per tensor): it is made for a
-#     handful of large tensors, not for thousands of small ones.
+#     ``state``. A param's views (param or master, copy, states) are cached with what they were
+#     built from (``_format_sig``: the param's memory and layout, the options, each state object
+#     and its memory), and rebuilt when any of it changes; gradients are checked and viewed
+#     every step. About 20 us per tensor in all: made for a handful of large tensors, not for
+#     thousands of small ones.
 #
 #     * ``master_weights``: a bfloat16/float16 param keeps ``state["master_weight"]``, a float32
 #       copy made from the param at its first step. The kernel updates the master with the
@@ -684,6 +687,32 @@ def dequantized_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
     return dict(state_dict, state=state)
 
 
+def _format_sig(group: dict[str, Any], names: tuple[str, ...], p: torch.Tensor,
+                state: dict[str, Any] | None) -> tuple[Any, ...] | None:
+    """What a param's cached format arrays were built from (Note [Storage options]): the
+    param's memory and layout, the options, and each state object with its memory; None when
+    a state is missing or not a tensor or quantized dict (the arrays are then built anew)."""
+    if not state:
+        return None
+    master = bool(_opt(group, "master_weights")) and p.dtype in _LOW
+    parts: list[Any] = [p.data_ptr(), p.dtype, p.shape, p.stride(), names,
+                        _opt(group, "master_weights"), _opt(group, "stochastic_rounding"),
+                        _opt(group, "state_dtype")]
+    for name in names + (("master_weight",) if master else ()):
+        v = state.get(name)
+        if type(v) is torch.Tensor:
+            parts.append((id(v), v.data_ptr(), v.dtype, v.stride()))
+        elif _is_qdict(v):
+            codes, absmax = v["codes"], v["absmax"]
+            if not (isinstance(codes, torch.Tensor) and isinstance(absmax, torch.Tensor)):
+                return None
+            parts.append((id(v), id(codes), id(absmax), codes.data_ptr(), absmax.data_ptr(),
+                          v.get("bits"), v.get("non_negative"), v.get("shape")))
+        else:
+            return None
+    return tuple(parts)
+
+
 class _FormatEntry:
     """One param of a format step: its kernel arrays and what enters ``state`` after it."""
 
@@ -738,6 +767,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self._gen = 0
         #: the spans the last checked step wrote, and what they were computed from
         self._written_cache: tuple[list[Any], _Written] | None = None
+        #: id(param) -> (param, _format_sig, options, arrays) (Note [Storage options])
+        self._format_cache: dict[int, tuple[Any, ...]] = {}
 
     # -- torch.optim.Optimizer overrides --------------------------------------------------------
 
@@ -1048,6 +1079,44 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if g.stride() != p.stride() and not (p.is_contiguous() and g.is_contiguous()):
             raise ValueError(f"{where}: its gradient has strides {g.stride()}, the parameter "
                              f"{p.stride()}; fastoptim needs one memory layout for both")
+        state = self.state.get(p)
+        sig = _format_sig(group, names, p, state)
+        hit = self._format_cache.get(id(p))
+        if hit is not None and sig is not None and hit[0] is p and hit[1] == sig:
+            # Note [Storage options]: the same param, options and state objects as when these
+            # arrays were built and checked.
+            master, sr, kdtype, storage, flat = hit[2]
+            e = _FormatEntry(p)
+            e.param, e.copy, e.states, e.written = hit[3]
+            fresh: set[str] = set()
+        else:
+            master, sr, kdtype, storage, flat, e, fresh = self._format_arrays(
+                where, group, names, p, state)
+            if sig is not None and not e.new and not fresh:
+                self._format_cache[id(p)] = (p, sig, (master, sr, kdtype, storage, flat),
+                                             (e.param, e.copy, e.states, e.written))
+        with_step = self._with_step or bool(_opt(group, "stochastic_rounding"))
+        if with_step:
+            before = state.get("step") if state else None
+            e.step = (0.0 if before is None else float(before)) + 1
+            if not (e.step >= 1 and math.isfinite(e.step)):
+                raise ValueError(f"{where}: its state['step'] is {e.step - 1}; it must be a step "
+                                 f"count >= 0")
+        e.grad = _np(g.detach().resolve_neg() if g.is_neg() else g.detach())
+        if flat:
+            e.grad = _flat(e.grad)
+        kstep = self._format_kernel_step(names, fresh, e.step)
+        if isinstance(self, _ScalarStateOptimizer):
+            values, e.scalars = self._format_scalars(group, state, e.step)
+            kstep = (kstep,) + values
+        counter = int(e.step) if sr else None
+        key = (gi, kdtype, master, storage, kstep, counter)
+        return e, key
+
+    def _format_arrays(self, where: str, group: dict[str, Any], names: tuple[str, ...],
+                       p: torch.Tensor, state: dict[str, Any] | None) -> tuple[Any, ...]:
+        """Param p's kernel arrays (param or master, copy, states), made or converted as the
+        options ask and checked; new objects go to ``e.new``."""
         master = bool(_opt(group, "master_weights")) and p.dtype in _LOW
         sr = bool(_opt(group, "stochastic_rounding")) and p.dtype != torch.float32 \
             and p.dtype != torch.float64
@@ -1066,14 +1135,6 @@ class _FusedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{where} is not contiguous (strides {p.stride()}); quantized "
                              f"states need a contiguous parameter")
         e = _FormatEntry(p)
-        state = self.state.get(p)
-        with_step = self._with_step or bool(_opt(group, "stochastic_rounding"))
-        if with_step:
-            before = state.get("step") if state else None
-            e.step = (0.0 if before is None else float(before)) + 1
-            if not (e.step >= 1 and math.isfinite(e.step)):
-                raise ValueError(f"{where}: its state['step'] is {e.step - 1}; it must be a step "
-                                 f"count >= 0")
         fresh = set()
         view = (lambda a: _flat(a)) if flat else (lambda a: a)
         for name in names:
@@ -1108,14 +1169,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         else:
             e.param = view(_np(p.detach()))
             e.written.append((e.param, "the parameter"))
-        e.grad = view(_np(g.detach().resolve_neg() if g.is_neg() else g.detach()))
-        kstep = self._format_kernel_step(names, fresh, e.step)
-        if isinstance(self, _ScalarStateOptimizer):
-            values, e.scalars = self._format_scalars(group, state, e.step)
-            kstep = (kstep,) + values
-        counter = int(e.step) if sr else None
-        key = (gi, kdtype, master, storage, kstep, counter)
-        return e, key
+        return master, sr, kdtype, storage, flat, e, fresh
 
     def _format_step(self, grads: dict[int, list[Any]] | None, scale: float) -> None:
         """A step with storage options (Note [Storage options]): checks everything, then
