@@ -699,7 +699,7 @@ def _format_sig(group: dict[str, Any], names: tuple[str, ...], p: torch.Tensor,
                         _opt(group, "master_weights"), _opt(group, "stochastic_rounding"),
                         _opt(group, "state_dtype")]
     for name in names + (("master_weight",) if master else ()):
-        v = state.get(name)
+        v: Any = state.get(name)
         if type(v) is torch.Tensor:
             parts.append((id(v), v.data_ptr(), v.dtype, v.stride()))
         elif _is_qdict(v):
@@ -720,9 +720,10 @@ class _FormatEntry:
 
     def __init__(self, p: torch.Tensor) -> None:
         self.p = p
-        self.param: np.ndarray | None = None
-        self.grad: np.ndarray | None = None
-        self.copy: np.ndarray | None = None
+        #: the kernel's params (the master weights, or the params), grads and param_copies
+        self.param: Any = None
+        self.grad: Any = None
+        self.copy: Any = None
         self.states: dict[str, Any] = {}
         #: state entries made or converted for this step (entered after the calls)
         self.new: dict[str, Any] = {}
@@ -1106,10 +1107,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if flat:
             e.grad = _flat(e.grad)
         kstep = self._format_kernel_step(names, fresh, e.step)
-        if isinstance(self, _ScalarStateOptimizer):
+        if isinstance(self, _ScalarStateOptimizer) and e.step is not None:
             values, e.scalars = self._format_scalars(group, state, e.step)
             kstep = (kstep,) + values
-        counter = int(e.step) if sr else None
+        counter = int(e.step) if sr and e.step is not None else None
         key = (gi, kdtype, master, storage, kstep, counter)
         return e, key
 
