@@ -445,9 +445,19 @@ def test_state_dtype_is_the_numpy_class(name, state_dtype):
         torch.set_default_dtype(default)
 
 
-def check_against_numpy_class(name, state_dtype):
-    params = params_of(torch.float32)
-    nps = [p.detach().numpy().copy() for p in params]
+def np_view(t):
+    """A NumPy copy of a tensor (bfloat16 as ml_dtypes.bfloat16)."""
+    return np_bf16(t) if t.dtype == torch.bfloat16 else t.detach().numpy().copy()
+
+
+def raw(a):
+    """An array's bits."""
+    return a.view({2: np.int16, 4: np.int32, 8: np.int64}[a.dtype.itemsize])
+
+
+def check_against_numpy_class(name, state_dtype, dtype=torch.float32):
+    params = params_of(dtype)
+    nps = [np_view(p) for p in params]
     opt = getattr(ft, name)(params, state_dtype=state_dtype, **CASES[name])
     ref = getattr(fo, name)(nps, state_dtype=state_dtype, **CASES[name])
     for s in range(STEPS):
@@ -455,9 +465,9 @@ def check_against_numpy_class(name, state_dtype):
         for p, g in zip(params, grads):
             p.grad = g
         opt.step()
-        ref.step([g.numpy() for g in grads])
+        ref.step([np_view(g) for g in grads])
     for k, p in enumerate(params):
-        assert np.array_equal(p.detach().numpy().view(np.int32), nps[k].view(np.int32))
+        assert np.array_equal(raw(np_view(p)), raw(nps[k]))
         theirs = ref.state[k]
         for key, value in theirs.items():
             mine = opt.state[p][key]
@@ -467,11 +477,43 @@ def check_against_numpy_class(name, state_dtype):
                 assert np.array_equal(mine["absmax"].numpy().view(np.int32),
                                       value.absmax.view(np.int32)), key
             else:
-                want = value.view(np.int16) if value.dtype.itemsize == 2 else value.view(
-                    np.int32)
-                assert mine.dtype == (torch.bfloat16 if value.dtype.itemsize == 2
-                                      else torch.float32), key
-                assert np.array_equal(bits(mine).numpy(), want), key
+                assert np.array_equal(raw(np_view(mine)), raw(value)), key
+                assert mine.dtype == {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                                      "int8": torch.float32, "int4": torch.float32}[state_dtype]
+
+
+@pytest.mark.parametrize("state_dtype,dtype", [("float32", torch.bfloat16),
+                                               ("float32", torch.float16),
+                                               ("bfloat16", torch.bfloat16),
+                                               ("int8", torch.float16)])
+@pytest.mark.parametrize("name", ["Adam", "SGD", "Adagrad", "NAdam"])
+def test_state_dtype_with_low_precision_params(name, state_dtype, dtype):
+    """bfloat16/float16 params with float32 (or bfloat16) states against the NumPy classes;
+    int8 on float16 params: the small param keeps float32 states, the large one is refused
+    (TypeError, as the NumPy class at construction)."""
+    default = torch.get_default_dtype()
+    if name == "NAdam":
+        torch.set_default_dtype(torch.float64)
+    try:
+        if state_dtype == "int8":
+            params = params_of(dtype)
+            with pytest.raises(TypeError, match="int8"):  # the NumPy class, at construction
+                getattr(fo, name)([np_view(p) for p in params], state_dtype="int8")
+            opt = getattr(ft, name)(params, state_dtype="int8", **CASES[name])
+            kept = [p.detach().clone() for p in params]
+            with pytest.raises(TypeError, match=r"\['params'\]\[0\] has dtype .*int8"):
+                run(opt, params, steps=1)
+            for p, k in zip(params, kept):
+                assert_same(p.detach(), k)
+            params = params_of(dtype, sizes=(300,))
+            opt = getattr(ft, name)(params, state_dtype="int8", **CASES[name])
+            run(opt, params, steps=1)
+            assert all(v.dtype == torch.float32 for k, v in opt.state[params[0]].items()
+                       if k not in ("step", "mu_product"))
+        else:
+            check_against_numpy_class(name, state_dtype, dtype)
+    finally:
+        torch.set_default_dtype(default)
 
 
 @pytest.mark.parametrize("state_dtype", ["int8", "int4"])
