@@ -948,7 +948,10 @@ def test_signature_is_torchs(name):
         return [(p.name, p.kind, p.default)
                 for p in inspect.signature(cls).parameters.values()]
 
-    assert described(getattr(ft, name)) == described(getattr(torch.optim, name))
+    # fastoptim's storage options (docs/torch.md, "Storage options") come on top of torch's.
+    ours = [d for d in described(getattr(ft, name))
+            if d[0] not in ("master_weights", "stochastic_rounding", "sr_seed", "state_dtype")]
+    assert ours == described(getattr(torch.optim, name))
 
 
 @pytest.mark.parametrize("name,kwargs", [

@@ -11,7 +11,9 @@ groups, ``zero_grad``, closures, hooks and ``state_dict`` layout (state keys ``s
 ``torch.optim.X`` and ``fastoptim.torch.X`` and learning-rate schedulers work unchanged. Each
 ``step()`` makes ONE fused call per (param group, dtype, device), on the tensors' memory
 (Note [pointer path]); CUDA tensors go to the CUDA kernels through ``__cuda_array_interface__``.
-``import fastoptim`` never imports torch; this module does.
+``import fastoptim`` never imports torch; this module does. Four keyword options on every
+drop-in, ``master_weights``, ``stochastic_rounding`` (with ``sr_seed``) and ``state_dtype``,
+choose how params and states are stored (Note [Storage options]).
 
 Note [Views are cached]
     Building a NumPy view costs about a microsecond, so the views of parameters and states are
@@ -126,9 +128,12 @@ from torch.autograd.graph import increment_version
 
 from . import _core
 from . import functional as F
+from .optim import Optimizer as _NumPyOptimizer
+from .optim import _check_state_dtype, _non_negative_names
+from .quant import MIN_QUANTIZED_SIZE, QuantizedState
 
 __all__ = ["SGD", "RMSprop", "Adam", "AdamW", "Adagrad", "Adadelta", "NAdam", "RAdam", "Adamax",
-           "ASGD", "Rprop", "Lion"]
+           "ASGD", "Rprop", "Lion", "dequantized_state_dict"]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -521,6 +526,218 @@ class _Written:
         return int(hit.argmax()) if hit.any() else None
 
 
+# ---------------------------------------------------------------------------------------------
+# Storage options: master weights, stochastic rounding, state dtypes.
+#
+# Note [Storage options]
+#     Every drop-in takes four keyword options, kept per param group (so a group may override
+#     them): ``master_weights`` (bool), ``stochastic_rounding`` (bool), ``sr_seed`` (int in
+#     [0, 2**64)) and ``state_dtype`` (None, "float32", "bfloat16", "int8", "int4": the NumPy
+#     classes' values and checks, fastoptim.optim, Note [State dtypes]). With all of them at
+#     their defaults a step takes the path of the Notes above. Otherwise the step takes the
+#     format path (``_format_step``): per parameter it finds (or makes) the storage the options
+#     ask for, groups the parameters into one fused call per (param group, storage, step),
+#     checks every call with ``found_inf=1`` (the kernels check every argument and write
+#     nothing), checks across calls that no gradient shares memory with anything a call
+#     writes, then runs the calls and only then enters new states and step counts into
+#     ``state``. A param's views (param or master, copy, states) are cached with what they were
+#     built from (``_format_sig``: the param's memory and layout, the options, each state object
+#     and its memory), and rebuilt when any of it changes; gradients are checked and viewed
+#     every step. About 20 us per tensor in all: made for a handful of large tensors, not for
+#     thousands of small ones.
+#
+#     * ``master_weights``: a bfloat16/float16 param keeps ``state["master_weight"]``, a float32
+#       copy made from the param at its first step. The kernel updates the master with the
+#       low-precision gradient (float32 states) and writes the param, rounded to nearest even,
+#       in the same pass (the ``param_copies`` format, docs/api.md). float32 and float64 params
+#       are their own master: the option changes nothing for them.
+#     * ``stochastic_rounding``: bfloat16 params are stored with stochastic rounding, key
+#       ``(sr_seed, step)`` where ``step`` is the param's step count after this step
+#       (``state["step"]``; SGD and Lion, which keep none in torch, keep one with this option).
+#       The bits equal ``fastoptim.functional`` called with the group's bfloat16 params that
+#       step, in group order, as one list, with ``stochastic_rounding=(sr_seed, step)``.
+#       float32/float64 params are rounded as usual; float16 params are a ValueError.
+#     * ``state_dtype``: "int8"/"int4" states are stored as a dict of tensors
+#       (``_qdict``): ``codes`` (uint8), ``absmax`` (float32), ``bits``, ``non_negative``,
+#       ``shape``, so ``torch.save``/``torch.load(weights_only=True)`` take them.
+#       ``dequantized_state_dict`` gives torch.optim's float32 layout; ``load_state_dict``
+#       accepts either form and converts to the optimizer's own storage.
+#
+#     torch's ``load_state_dict`` casts every state tensor to its param's dtype; master weights,
+#     float32 states of low-precision params and quantized states would not survive that, so
+#     ``load_state_dict`` sets them aside, lets torch load the rest, and puts them back. The
+#     storage options are the loading optimizer's own: a checkpoint's options are not taken.
+
+_FORMAT_DEFAULTS: dict[str, Any] = {"master_weights": False, "stochastic_rounding": False,
+                                    "sr_seed": 0, "state_dtype": None}
+_LOW = (torch.bfloat16, torch.float16)
+_NON_NEGATIVE: list[frozenset[str]] = []
+
+
+def _non_negative(name: str) -> bool:
+    """Whether state ``name`` is stored with the non-negative map (rules.h, looked up once)."""
+    if not _NON_NEGATIVE:
+        _NON_NEGATIVE.append(_non_negative_names())
+    return name in _NON_NEGATIVE[0]
+
+
+_NP_DTYPES: dict[torch.dtype, np.dtype] = {}
+
+
+def _np_dtype(dtype: torch.dtype) -> np.dtype:
+    """The NumPy dtype of a torch dtype's views (``_np``)."""
+    found = _NP_DTYPES.get(dtype)
+    if found is None:
+        found = _NP_DTYPES[dtype] = _np(torch.empty(0, dtype=dtype)).dtype
+    return found
+
+
+def _check_formats(group: dict[str, Any], where: str) -> None:
+    """The storage options of a group (or a constructor's), checked; ``where`` prefixes the
+    message."""
+    for name in ("master_weights", "stochastic_rounding"):
+        value = _opt(group, name)
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{where}{name} must be a bool, got {value!r}")
+    seed = _opt(group, "sr_seed")
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"{where}sr_seed must be an int, got {seed!r}")
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"{where}sr_seed must be in [0, 2**64), got {seed}")
+    try:
+        sd = _check_state_dtype(_opt(group, "state_dtype"))
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{where}{err}") from None
+    if _opt(group, "master_weights") and _opt(group, "stochastic_rounding"):
+        raise ValueError(f"{where}master_weights=True and stochastic_rounding=True exclude "
+                         f"each other (with master weights the low-precision param is a "
+                         f"copy rounded to nearest); choose one")
+    if _opt(group, "master_weights") and sd not in (None, "float32"):
+        raise ValueError(f"{where}master_weights=True keeps float32 states; state_dtype must "
+                         f"be None or 'float32', got {sd!r}")
+
+
+def _opt(group: dict[str, Any], name: str) -> Any:
+    """A group's storage option (absent: its default)."""
+    return group.get(name, _FORMAT_DEFAULTS[name])
+
+
+def _format_defaults(cls: str, master_weights: Any, stochastic_rounding: Any, sr_seed: Any,
+                     state_dtype: Any) -> dict[str, Any]:
+    """The constructor's storage options, checked: all four when one differs from its
+    default, else none (then ``param_groups`` have exactly torch's keys)."""
+    options = {"master_weights": master_weights, "stochastic_rounding": stochastic_rounding,
+               "sr_seed": sr_seed, "state_dtype": state_dtype}
+    _check_formats(options, f"{cls}: ")
+    if all(options[k] is v or (type(options[k]) is type(v) and options[k] == v)
+           for k, v in _FORMAT_DEFAULTS.items()):
+        return {}
+    return options
+
+
+def _formats_on(group: dict[str, Any]) -> bool:
+    return bool(group.get("master_weights") or group.get("stochastic_rounding")
+                or group.get("state_dtype") is not None)
+
+
+def _is_qdict(value: Any) -> bool:
+    return isinstance(value, dict) and "codes" in value and "absmax" in value
+
+
+def _qdict(q: Any) -> dict[str, Any]:
+    """A QuantizedState as the dict of tensors kept in ``state`` (sharing its memory)."""
+    return {"codes": torch.from_numpy(q.codes), "absmax": torch.from_numpy(q.absmax),
+            "bits": q.bits, "non_negative": q.non_negative, "shape": tuple(q.shape)}
+
+
+def _qstate(d: Any, where: str) -> Any:
+    """The QuantizedState (NumPy views of the tensors) of a quantized state dict, checked."""
+    for key in ("codes", "absmax", "bits", "non_negative", "shape"):
+        if key not in d:
+            raise ValueError(f"{where} is a quantized state without {key!r}")
+    codes, absmax = d["codes"], d["absmax"]
+    for key, t, dtype in (("codes", codes, torch.uint8), ("absmax", absmax, torch.float32)):
+        if (not isinstance(t, torch.Tensor) or t.dtype != dtype or t.dim() != 1
+                or t.device.type != "cpu" or not t.is_contiguous()):
+            raise TypeError(f"{where}[{key!r}] must be a contiguous 1-D CPU tensor of dtype "
+                            f"{dtype}")
+    try:
+        return QuantizedState(codes.detach().numpy(), absmax.detach().numpy(), d["bits"],
+                              tuple(d["shape"]), bool(d["non_negative"]))
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{where}: {err}") from None
+
+
+def _qcopy(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in d.items()}
+
+
+def dequantized_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` with every quantized state (``state_dtype="int8"``/``"int4"``) replaced
+    by the float32 tensor it holds: torch.optim's layout, which ``torch.optim.X`` loads. The
+    rest is shared with ``state_dict``, not copied. The way back is ``load_state_dict`` of a
+    drop-in with ``state_dtype="int8"`` (or ``"int4"``), which quantizes float states."""
+    if not isinstance(state_dict, dict) or "state" not in state_dict:
+        raise TypeError("state_dict must be an optimizer state_dict (a dict with 'state')")
+    state = {}
+    for key, entry in state_dict["state"].items():
+        state[key] = {name: (torch.from_numpy(_qstate(v, f"state[{key!r}][{name!r}]")
+                                              .to_float().copy())
+                             if _is_qdict(v) else v) for name, v in entry.items()}
+    return dict(state_dict, state=state)
+
+
+def _format_sig(group: dict[str, Any], names: tuple[str, ...], p: torch.Tensor,
+                state: dict[str, Any] | None) -> tuple[Any, ...] | None:
+    """What a param's cached format arrays were built from (Note [Storage options]): the
+    param's memory and layout, the options, and each state object with its memory; None when
+    a state is missing or not a tensor or quantized dict (the arrays are then built anew)."""
+    if not state:
+        return None
+    master = bool(_opt(group, "master_weights")) and p.dtype in _LOW
+    parts: list[Any] = [p.data_ptr(), p.dtype, p.shape, p.stride(), names,
+                        _opt(group, "master_weights"), _opt(group, "stochastic_rounding"),
+                        _opt(group, "state_dtype")]
+    for name in names + (("master_weight",) if master else ()):
+        v: Any = state.get(name)
+        if type(v) is torch.Tensor:
+            parts.append((id(v), v.data_ptr(), v.dtype, v.stride()))
+        elif _is_qdict(v):
+            codes, absmax = v["codes"], v["absmax"]
+            if not (isinstance(codes, torch.Tensor) and isinstance(absmax, torch.Tensor)):
+                return None
+            parts.append((id(v), id(codes), id(absmax), codes.data_ptr(), absmax.data_ptr(),
+                          v.get("bits"), v.get("non_negative"), v.get("shape")))
+        else:
+            return None
+    return tuple(parts)
+
+
+class _FormatEntry:
+    """One param of a format step: its kernel arrays and what enters ``state`` after it."""
+
+    __slots__ = ("p", "param", "grad", "copy", "states", "new", "step", "scalars", "written")
+
+    def __init__(self, p: torch.Tensor) -> None:
+        self.p = p
+        #: the kernel's params (the master weights, or the params), grads and param_copies
+        self.param: Any = None
+        self.grad: Any = None
+        self.copy: Any = None
+        self.states: dict[str, Any] = {}
+        #: state entries made or converted for this step (entered after the calls)
+        self.new: dict[str, Any] = {}
+        self.step: float | None = None
+        self.scalars: dict[str, torch.Tensor] = {}
+        #: the arrays the call writes (for the check across calls)
+        self.written: list[tuple[np.ndarray, str]] = []
+
+
+def _span_of(a: np.ndarray) -> tuple[int, int]:
+    lo = int(a.__array_interface__["data"][0])
+    return lo, lo + int(a.nbytes)
+
+
 class _FusedOptimizer(torch.optim.Optimizer):
     """torch.optim's bookkeeping around fastoptim's fused update.
 
@@ -551,22 +768,30 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self._gen = 0
         #: the spans the last checked step wrote, and what they were computed from
         self._written_cache: tuple[list[Any], _Written] | None = None
+        #: id(param) -> (param, _format_sig, options, arrays) (Note [Storage options])
+        self._format_cache: dict[int, tuple[Any, ...]] = {}
 
     # -- torch.optim.Optimizer overrides --------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         try:
-            self._dry_run(self.param_groups[-1], len(self.param_groups) - 1)
+            gi = len(self.param_groups) - 1
+            _check_formats(self.param_groups[-1], f"{self._where(gi)}: ")
+            self._dry_run(self.param_groups[-1], gi)
         except Exception:
             self.param_groups.pop()
             raise
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        defaults = getattr(self, "defaults", {})
         for group in self.param_groups:
             for key, value in self._flag_defaults.items():
                 group.setdefault(key, value)
+            for key in _FORMAT_DEFAULTS:
+                if key in defaults:
+                    group.setdefault(key, defaults[key])
         self._reset_caches()
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -619,6 +844,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
         scale = self._amp_scale()
         if scale is None:
             return  # an overflow: params, states and steps stay as they are (torch fused)
+        if any(map(_formats_on, self.param_groups)):
+            self._format_step(grads, scale)
+            return
         snapshot = self._snapshot
         if (snapshot is None or snapshot[0] is not self.state
                 or not _same_objects(snapshot[1], list(self.state.values()))):
@@ -660,6 +888,400 @@ class _FusedOptimizer(torch.optim.Optimizer):
             if item.cache.dtensor:
                 increment_version([_local(p) for p in stepped if _local(p) is not p])
 
+    # -- storage options (Note [Storage options]) ---------------------------------------------
+
+    def state_nbytes(self) -> int:
+        """Bytes held by ``state``: every state tensor (master weights and step counts
+        included) and the codes and absmax of quantized states."""
+        total = 0
+        for entry in self.state.values():
+            for value in entry.values():
+                if _is_qdict(value):
+                    value = (value["codes"], value["absmax"])
+                elif isinstance(value, torch.Tensor):
+                    value = (value,)
+                else:
+                    continue
+                total += sum(int(_local(t).numel()) * t.element_size() for t in value)
+        return total
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict``, except that master weights, the float32 states of
+        low-precision params and quantized states are loaded as saved rather than cast to the
+        param's dtype, and that the storage options stay this optimizer's own
+        (Note [Storage options]). A quantized state loaded into a group without
+        ``state_dtype="int8"``/``"int4"`` is dequantized now; other conversions happen at
+        the next step."""
+        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict):
+            return super().load_state_dict(state_dict)
+        mine = [{k: g[k] for k in _FORMAT_DEFAULTS if k in g} for g in self.param_groups]
+        saved_groups = state_dict.get("param_groups", [])
+        try:
+            saved_ids = list(chain.from_iterable(g["params"] for g in saved_groups))
+        except (TypeError, KeyError):
+            return super().load_state_dict(state_dict)
+        params = [(gi, p) for gi, g in enumerate(self.param_groups) for p in g["params"]]
+        id_map = dict(zip(saved_ids, params)) if len(saved_ids) == len(params) else {}
+        kept: dict[Any, dict[str, Any]] = {}
+        stripped: dict[Any, Any] = {}
+        for key, entry in state_dict["state"].items():
+            where = f"{type(self).__name__}: state_dict['state'][{key!r}]"
+            if key not in id_map or not isinstance(entry, dict):
+                stripped[key] = entry
+                continue
+            gi, p = id_map[key]
+            formats = _formats_on(mine[gi])
+            aside = {}
+            dropped = set()
+            for name, value in entry.items():
+                if (name == "master_weight" and isinstance(value, torch.Tensor)
+                        and value.dtype != torch.float32):
+                    # torch.optim cast it to the param's dtype and never updates it: stale.
+                    dropped.add(name)
+                elif _is_qdict(value):
+                    q = _qstate(value, f"{where}[{name!r}]")
+                    if q.shape != tuple(p.shape):
+                        raise ValueError(f"{where}[{name!r}] has shape {q.shape}, its "
+                                         f"parameter {tuple(p.shape)}")
+                    if not np.isfinite(q.absmax).all() or (q.absmax < 0).any():
+                        # as the NumPy classes' load_state_dict
+                        raise ValueError(f"{where}[{name!r}]['absmax'] must be finite and >= 0")
+                    aside[name] = value
+                elif (isinstance(value, torch.Tensor) and value.dim() > 0
+                      and (formats or name == "master_weight")):
+                    if value.shape != p.shape:
+                        raise ValueError(f"{where}[{name!r}] has shape {tuple(value.shape)}, "
+                                         f"its parameter {tuple(p.shape)}")
+                    aside[name] = value
+            stripped[key] = {k: v for k, v in entry.items()
+                             if k not in aside and k not in dropped}
+            if aside:
+                kept[key] = aside
+        super().load_state_dict(dict(state_dict, state=stripped))
+        for group, options in zip(self.param_groups, mine):
+            for key in _FORMAT_DEFAULTS:
+                group.pop(key, None)
+            group.update(options)
+        with torch.no_grad():
+            for key, aside in kept.items():
+                gi, p = id_map[key]
+                state = self.state[p]
+                formats = _formats_on(self.param_groups[gi])
+                for name, value in aside.items():
+                    if _is_qdict(value):
+                        if formats:
+                            state[name] = _qcopy(value)
+                        else:
+                            x = torch.from_numpy(_qstate(value, name).to_float())
+                            state[name] = torch.empty_like(
+                                p, memory_format=torch.preserve_format).copy_(x)
+                    else:
+                        state[name] = value.detach().to(p.device, copy=True)
+        self._reset_caches()
+
+    def _format_init_value(self, group: dict[str, Any], name: str) -> float:
+        """The value a fresh state starts with (torch's initialisation)."""
+        return 0.0
+
+    def _format_storage(self, group: dict[str, Any], p: torch.Tensor, master: bool) -> Any:
+        """What a param's states are stored as: a torch dtype, or 8 or 4 (quantized)."""
+        sd = _opt(group, "state_dtype")
+        if master:
+            return torch.float32
+        if sd is None:
+            return p.dtype
+        if sd in ("int8", "int4"):
+            if p.numel() < MIN_QUANTIZED_SIZE:
+                return torch.float32
+            return 8 if sd == "int8" else 4
+        return torch.float32 if sd == "float32" else torch.bfloat16
+
+    def _format_fresh(self, group: dict[str, Any], p: torch.Tensor, name: str,
+                      storage: Any) -> Any:
+        value = self._format_init_value(group, name)
+        if isinstance(storage, int):
+            return _qdict(QuantizedState.from_float(
+                np.full(tuple(p.shape), value, np.float32), storage, _non_negative(name)))
+        return torch.full_like(p, value, dtype=storage, memory_format=torch.preserve_format)
+
+    def _format_convert(self, where: str, p: torch.Tensor, name: str, t: Any,
+                        storage: Any) -> Any:
+        """State ``t`` in ``storage`` (itself when it already is), checked."""
+        label = f"{where}: state[{name!r}]"
+        non_negative = _non_negative(name)
+        if _is_qdict(t):
+            q = _qstate(t, label)
+            if q.shape != tuple(p.shape):
+                raise ValueError(f"{label} has shape {q.shape}, the parameter "
+                                 f"{tuple(p.shape)}")
+            if isinstance(storage, int) and (q.bits, q.non_negative) == (storage, non_negative):
+                return t
+            x = q.to_float()
+        elif isinstance(t, torch.Tensor):
+            if t.shape != p.shape:
+                raise ValueError(f"{label} has shape {tuple(t.shape)}, the parameter "
+                                 f"{tuple(p.shape)}")
+            if not t.is_floating_point():
+                raise TypeError(f"{label} has dtype {t.dtype}; a state must be a float tensor")
+            if not isinstance(storage, int):
+                if (type(t) is torch.Tensor and t.dtype == storage and t.device == p.device
+                        and t.stride() == p.stride() and not t.requires_grad
+                        and not t.is_neg() and not t.is_conj()):
+                    return t
+                return torch.empty_like(p, dtype=storage,
+                                        memory_format=torch.preserve_format).copy_(t.detach())
+            x = t.detach().to("cpu", torch.float32).contiguous().numpy()
+        else:
+            raise TypeError(f"{label} must be a tensor or a quantized state (a dict of codes "
+                            f"and absmax), got {type(t).__name__}")
+        if isinstance(storage, int):
+            return _qdict(QuantizedState.from_float(np.asarray(x, np.float32), storage,
+                                                    non_negative))
+        return torch.empty_like(p, dtype=storage, memory_format=torch.preserve_format).copy_(
+            torch.from_numpy(np.ascontiguousarray(x, np.float32)).reshape(p.shape))
+
+    def _format_kernel_step(self, names: tuple[str, ...], fresh: set[str],
+                            step: float | None) -> Any:
+        """The ``step`` argument of a param's kernel call in a format step."""
+        return int(step) if self._kernel_step and step is not None else None
+
+    def _format_scalars(self, group: dict[str, Any], state: dict[str, Any] | None,
+                        step: float) -> tuple[tuple[float, ...], dict[str, torch.Tensor]]:
+        """Scalar states (NAdam, ASGD): the kernel's values and the tensors after the step."""
+        return (), {}
+
+    def _format_entry(self, gi: int, group: dict[str, Any], names: tuple[str, ...], i: int,
+                      p: torch.Tensor, g: Any) -> tuple[_FormatEntry, tuple[Any, ...]]:
+        """Param i's arrays for a format step, checked, and its call's key."""
+        where = self._where(gi, i)
+        dtensor = _dtensor_class()
+        if dtensor is not None and (isinstance(p, dtensor) or isinstance(g, dtensor)):
+            raise ValueError(f"{where}: master_weights, stochastic_rounding and state_dtype "
+                             f"do not support DTensor parameters")
+        problem = _problem(p)
+        if problem is not None:
+            raise problem[0](f"{where} {problem[1]}")
+        if p.device.type != "cpu":
+            raise ValueError(f"{where} is on {p.device}: master_weights, stochastic_rounding "
+                             f"and state_dtype run on the CPU only")
+        if not isinstance(g, torch.Tensor):
+            raise TypeError(f"{where}: its gradient must be a tensor, got {type(g).__name__}")
+        problem = _problem(g)
+        if problem is not None:
+            raise problem[0](f"{where}: its gradient {problem[1]}")
+        if g.device != p.device:
+            raise ValueError(f"{where}: its gradient is on {g.device}, the parameter on "
+                             f"{p.device}")
+        if g.dtype != p.dtype:
+            raise TypeError(f"{where}: its gradient has dtype {g.dtype}, the parameter {p.dtype}")
+        if g.shape != p.shape:
+            raise ValueError(f"{where}: its gradient has shape {tuple(g.shape)}, the parameter "
+                             f"{tuple(p.shape)}")
+        if g.stride() != p.stride() and not (p.is_contiguous() and g.is_contiguous()):
+            raise ValueError(f"{where}: its gradient has strides {g.stride()}, the parameter "
+                             f"{p.stride()}; fastoptim needs one memory layout for both")
+        state = self.state.get(p)
+        sig = _format_sig(group, names, p, state)
+        hit = self._format_cache.get(id(p))
+        if hit is not None and sig is not None and hit[0] is p and hit[1] == sig:
+            # Note [Storage options]: the same param, options and state objects as when these
+            # arrays were built and checked.
+            master, sr, kdtype, storage, flat = hit[2]
+            e = _FormatEntry(p)
+            e.param, e.copy, e.states, e.written = hit[3]
+            fresh: set[str] = set()
+        else:
+            master, sr, kdtype, storage, flat, e, fresh = self._format_arrays(
+                where, group, names, p, state)
+            if sig is not None and not e.new and not fresh:
+                self._format_cache[id(p)] = (p, sig, (master, sr, kdtype, storage, flat),
+                                             (e.param, e.copy, e.states, e.written))
+        with_step = self._with_step or bool(_opt(group, "stochastic_rounding"))
+        if with_step:
+            before = state.get("step") if state else None
+            e.step = (0.0 if before is None else float(before)) + 1
+            if not (e.step >= 1 and math.isfinite(e.step)):
+                raise ValueError(f"{where}: its state['step'] is {e.step - 1}; it must be a step "
+                                 f"count >= 0")
+        e.grad = _np(g.detach().resolve_neg() if g.is_neg() else g.detach())
+        if flat:
+            e.grad = _flat(e.grad)
+        kstep = self._format_kernel_step(names, fresh, e.step)
+        if isinstance(self, _ScalarStateOptimizer) and e.step is not None:
+            values, e.scalars = self._format_scalars(group, state, e.step)
+            kstep = (kstep,) + values
+        counter = int(e.step) if sr and e.step is not None else None
+        key = (gi, kdtype, master, storage, kstep, counter)
+        return e, key
+
+    def _format_arrays(self, where: str, group: dict[str, Any], names: tuple[str, ...],
+                       p: torch.Tensor, state: dict[str, Any] | None) -> tuple[Any, ...]:
+        """Param p's kernel arrays (param or master, copy, states), made or converted as the
+        options ask and checked; new objects go to ``e.new``."""
+        master = bool(_opt(group, "master_weights")) and p.dtype in _LOW
+        sr = bool(_opt(group, "stochastic_rounding")) and p.dtype != torch.float32 \
+            and p.dtype != torch.float64
+        if sr and p.dtype != torch.bfloat16:
+            raise ValueError(f"{where} has dtype {p.dtype}; stochastic_rounding=True rounds "
+                             f"bfloat16 params (float32 and float64 ones are rounded as usual)")
+        kdtype = torch.float32 if master else p.dtype
+        sd = _opt(group, "state_dtype")
+        if sd is not None:
+            shim = SimpleNamespace(_state_dtype=sd)
+            probe = SimpleNamespace(dtype=_np_dtype(kdtype), size=p.numel())
+            _NumPyOptimizer._check_state_format(shim, where, probe)  # type: ignore[arg-type]
+        storage = self._format_storage(group, p, master)
+        flat = not p.is_contiguous()
+        if isinstance(storage, int) and flat:
+            raise ValueError(f"{where} is not contiguous (strides {p.stride()}); quantized "
+                             f"states need a contiguous parameter")
+        e = _FormatEntry(p)
+        fresh = set()
+        view = (lambda a: _flat(a)) if flat else (lambda a: a)
+        for name in names:
+            t = state.get(name) if state else None
+            if t is None:
+                obj = self._format_fresh(group, p, name, storage)
+                fresh.add(name)
+            else:
+                obj = self._format_convert(where, p, name, t, storage)
+            if obj is not t:
+                e.new[name] = obj
+            if _is_qdict(obj):
+                q = _qstate(obj, name)
+                e.states[name] = q
+                e.written += [(q.codes, f"state[{name!r}]"), (q.absmax, f"state[{name!r}]")]
+            else:
+                e.states[name] = view(_np(obj))
+                e.written.append((e.states[name], f"state[{name!r}]"))
+        if master:
+            mw = state.get("master_weight") if state else None
+            if mw is None:
+                mw = torch.empty_like(p, dtype=torch.float32,
+                                      memory_format=torch.preserve_format).copy_(p.detach())
+                e.new["master_weight"] = mw
+            else:
+                obj = self._format_convert(where, p, "master_weight", mw, torch.float32)
+                if obj is not mw:
+                    e.new["master_weight"] = mw = obj
+            e.param = view(_np(mw))
+            e.copy = view(_np(p.detach()))
+            e.written += [(e.param, "state['master_weight']"), (e.copy, "the parameter")]
+        else:
+            e.param = view(_np(p.detach()))
+            e.written.append((e.param, "the parameter"))
+        return master, sr, kdtype, storage, flat, e, fresh
+
+    def _format_step(self, grads: dict[int, list[Any]] | None, scale: float) -> None:
+        """A step with storage options (Note [Storage options]): checks everything, then
+        runs one call per (group, storage, step) and enters the new states."""
+        buckets: dict[tuple[Any, ...], list[_FormatEntry]] = {}
+        hypers = {}
+        for gi, group in enumerate(self.param_groups):
+            params = group["params"]
+            gl = list(map(_grad_of, params)) if grads is None else grads[gi]
+            idx = [i for i, g in enumerate(gl) if g is not None]
+            if not idx:
+                continue
+            _check_formats(group, f"{self._where(gi)}: ")
+            hyper = self._dry_run(group, gi)
+            if scale != 1.0:
+                hyper = dict(hyper, grad_scale=scale)
+            hypers[gi] = hyper
+            names = self._state_names(group)
+            for i in idx:
+                e, key = self._format_entry(gi, group, names, i, params[i], gl[i])
+                buckets.setdefault(key, []).append(e)
+        calls = []
+        for key, entries in buckets.items():
+            gi, _, master, _, kstep, counter = key
+            group = self.param_groups[gi]
+            hyper = dict(hypers[gi])
+            if master:
+                hyper["param_copies"] = [e.copy for e in entries]
+            if counter is not None:
+                hyper["stochastic_rounding"] = (int(_opt(group, "sr_seed")), counter)
+            names = self._state_names(group)
+            args = (F, group, hyper, kstep, [e.param for e in entries],
+                    [e.grad for e in entries], {n: [e.states[n] for e in entries] for n in names})
+            self._format_check(gi, args, entries)
+            calls.append(args)
+        if len(calls) > 1:
+            self._format_aliases(buckets)
+        for args in calls:
+            self._call(*args)
+        stepped = []
+        for entries in buckets.values():
+            for e in entries:
+                state = self.state[e.p]
+                if e.step is not None:
+                    old = state.get("step")
+                    if isinstance(old, torch.Tensor) and old.dim() == 0:
+                        old.fill_(e.step)  # in place, as torch's step_t += 1
+                    else:
+                        state["step"] = torch.tensor(e.step, dtype=_scalar_dtype())
+                for name, value in e.scalars.items():
+                    old = state.get(name)
+                    if isinstance(old, torch.Tensor) and old.dim() == 0:
+                        old.copy_(value)
+                    else:
+                        state[name] = value
+                for name, value in e.new.items():
+                    state[name] = value
+                stepped.append(e.p)
+        if stepped:
+            increment_version(stepped)
+        self._snapshot = None
+
+    def _format_check(self, gi: int, args: tuple[Any, ...], entries: list[_FormatEntry]) -> None:
+        """The call's arguments, checked by the kernel with ``found_inf=1`` (nothing written);
+        an error names the param."""
+        fn, group, hyper, kstep, params, grads, states = args
+        try:
+            self._call(fn, group, dict(hyper, found_inf=1.0), kstep, params, grads, states)
+            return
+        except (TypeError, ValueError) as err:
+            first = err
+        for k, e in enumerate(entries):
+            one = dict(hyper, found_inf=1.0)
+            if "param_copies" in one:
+                one["param_copies"] = [e.copy]
+            try:
+                self._call(fn, group, one, kstep, [e.param], [e.grad],
+                           {n: [v[k]] for n, v in states.items()})
+            except (TypeError, ValueError) as err:
+                i = next(j for j, q in enumerate(group["params"]) if q is e.p)
+                raise type(err)(f"{self._where(gi, i)}: {err}") from None
+        raise type(first)(f"{self._where(gi)}: {first}") from None
+
+    def _format_aliases(self, buckets: dict[tuple[Any, ...], list[_FormatEntry]]) -> None:
+        """Across calls: nothing a call writes overlaps anything another call writes or
+        reads as a gradient (each kernel checks its own call)."""
+        spans = []
+        grads = []
+        for key, entries in buckets.items():
+            gi = key[0]
+            params = self.param_groups[gi]["params"]
+            for e in entries:
+                i = next(j for j, q in enumerate(params) if q is e.p)
+                for a, what in e.written:
+                    if a.nbytes:
+                        spans.append(_span_of(a) + (f"{what} of {self._where(gi, i)}",))
+                if e.grad.nbytes:
+                    grads.append(_span_of(e.grad) + (f"{self._where(gi, i)}: its gradient",))
+        spans.sort()
+        for (lo0, hi0, w0), (lo1, hi1, w1) in zip(spans, spans[1:]):
+            if lo1 < hi0:
+                raise ValueError(f"{type(self).__name__}: {w1} and {w0} overlap in memory; "
+                                 f"each is updated in place, so they must not share memory")
+        starts = [s[0] for s in spans]
+        for lo, hi, what in grads:
+            k = bisect_left(starts, hi) - 1
+            if k >= 0 and spans[k][1] > lo:
+                raise ValueError(f"{what} shares memory with {spans[k][2]}, which this step "
+                                 f"updates; a gradient must not alias a parameter or an "
+                                 f"optimizer state (pass a copy)")
+
     # -- subclass hooks -------------------------------------------------------------------------
 
     def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
@@ -678,8 +1300,12 @@ class _FusedOptimizer(torch.optim.Optimizer):
     def _init_state(self, group: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
         """torch's lazy state initialisation for a param's first step."""
         state: dict[str, Any] = {"step": torch.zeros((), dtype=_scalar_dtype())}
+        formats = _formats_on(group)
+        master = formats and bool(_opt(group, "master_weights")) and p.dtype in _LOW
         for name in self._state_names(group):
-            state[name] = self._new_state(p, name)
+            state[name] = (self._format_fresh(group, p, name,
+                                              self._format_storage(group, p, master))
+                           if formats else self._new_state(p, name))
         return state
 
     def _new_state(self, p: torch.Tensor, name: str) -> torch.Tensor:
@@ -1105,7 +1731,9 @@ class SGD(_FusedOptimizer):
                  momentum: float = 0, dampening: float = 0,
                  weight_decay: float | torch.Tensor = 0, nesterov: bool = False, *,
                  maximize: bool = False, foreach: bool | None = None,
-                 differentiable: bool = False, fused: bool | None = None) -> None:
+                 differentiable: bool = False, fused: bool | None = None,
+                 master_weights: bool = False, stochastic_rounding: bool = False,
+                 sr_seed: int = 0, state_dtype: str | None = None) -> None:
         _check_lr(lr)
         if momentum < 0.0:
             raise ValueError(f"Invalid momentum value: {momentum}")
@@ -1117,6 +1745,8 @@ class SGD(_FusedOptimizer):
         defaults = {"lr": lr, "momentum": momentum, "dampening": dampening,
                     "weight_decay": weight_decay, "nesterov": nesterov, "maximize": maximize,
                     "foreach": foreach, "differentiable": differentiable, "fused": fused}
+        defaults.update(_format_defaults(type(self).__name__, master_weights,
+                                         stochastic_rounding, sr_seed, state_dtype))
         super().__init__(params, defaults)
 
     def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
@@ -1146,6 +1776,12 @@ class SGD(_FusedOptimizer):
             return None
         return 1 if i in c.pending else 2
 
+    def _format_kernel_step(self, names: tuple[str, ...], fresh: set[str],
+                            step: float | None) -> Any:
+        if not names:
+            return None
+        return 1 if "momentum_buffer" in fresh else 2
+
     def _commit(self, c: _GroupCache, ids: list[int]) -> None:
         if not c.pending:
             return
@@ -1170,7 +1806,9 @@ class RMSprop(_FusedOptimizer):
                  alpha: float = 0.99, eps: float = 1e-8, weight_decay: float = 0,
                  momentum: float = 0, centered: bool = False, capturable: bool = False,
                  foreach: bool | None = None, maximize: bool = False,
-                 differentiable: bool = False) -> None:
+                 differentiable: bool = False,
+                 *, master_weights: bool = False, stochastic_rounding: bool = False,
+                 sr_seed: int = 0, state_dtype: str | None = None) -> None:
         _check_lr(lr)
         _check_eps(eps)
         if not 0.0 <= momentum:
@@ -1184,6 +1822,8 @@ class RMSprop(_FusedOptimizer):
                     "centered": centered, "weight_decay": weight_decay,
                     "capturable": capturable, "foreach": foreach, "maximize": maximize,
                     "differentiable": differentiable}
+        defaults.update(_format_defaults(type(self).__name__, master_weights,
+                                         stochastic_rounding, sr_seed, state_dtype))
         super().__init__(params, defaults)
 
     def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
@@ -1215,7 +1855,9 @@ class Adam(_FusedOptimizer):
                  eps: float = 1e-8, weight_decay: float = 0, amsgrad: bool = False, *,
                  foreach: bool | None = None, maximize: bool = False, capturable: bool = False,
                  differentiable: bool = False, fused: bool | None = None,
-                 decoupled_weight_decay: bool = False) -> None:
+                 decoupled_weight_decay: bool = False,
+                 master_weights: bool = False, stochastic_rounding: bool = False,
+                 sr_seed: int = 0, state_dtype: str | None = None) -> None:
         if isinstance(lr, torch.Tensor) and foreach and not capturable:
             raise ValueError(
                 "lr as a Tensor is not supported for capturable=False and foreach=True")
@@ -1243,6 +1885,8 @@ class Adam(_FusedOptimizer):
                     "amsgrad": amsgrad, "maximize": maximize, "foreach": foreach,
                     "capturable": capturable, "differentiable": differentiable, "fused": fused,
                     "decoupled_weight_decay": decoupled_weight_decay}
+        defaults.update(_format_defaults(type(self).__name__, master_weights,
+                                         stochastic_rounding, sr_seed, state_dtype))
         super().__init__(params, defaults)
 
     def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
@@ -1269,11 +1913,15 @@ class AdamW(Adam):
                  betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
                  maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
-                 differentiable: bool = False, fused: bool | None = None) -> None:
+                 differentiable: bool = False, fused: bool | None = None,
+                 master_weights: bool = False, stochastic_rounding: bool = False,
+                 sr_seed: int = 0, state_dtype: str | None = None) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable,
                          differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True)
+                         decoupled_weight_decay=True, master_weights=master_weights,
+                         stochastic_rounding=stochastic_rounding, sr_seed=sr_seed,
+                         state_dtype=state_dtype)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -1296,7 +1944,9 @@ class Adagrad(_FusedOptimizer):
                  lr_decay: float = 0, weight_decay: float = 0,
                  initial_accumulator_value: float = 0, eps: float = 1e-10,
                  foreach: bool | None = None, *, maximize: bool = False,
-                 differentiable: bool = False, fused: bool | None = None) -> None:
+                 differentiable: bool = False, fused: bool | None = None,
+                 master_weights: bool = False, stochastic_rounding: bool = False,
+                 sr_seed: int = 0, state_dtype: str | None = None) -> None:
         _check_lr(lr)
         if not 0.0 <= lr_decay:
             raise ValueError(f"Invalid lr_decay value: {lr_decay}")
@@ -1311,6 +1961,8 @@ class Adagrad(_FusedOptimizer):
                     "initial_accumulator_value": initial_accumulator_value,
                     "foreach": foreach, "maximize": maximize,
                     "differentiable": differentiable, "fused": fused}
+        defaults.update(_format_defaults(type(self).__name__, master_weights,
+                                         stochastic_rounding, sr_seed, state_dtype))
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
@@ -1320,6 +1972,9 @@ class Adagrad(_FusedOptimizer):
         # torch fills ``sum`` from the constructor's value, whatever the group says.
         return torch.full_like(p, self.defaults["initial_accumulator_value"],
                                memory_format=torch.preserve_format)
+
+    def _format_init_value(self, group: dict[str, Any], name: str) -> float:
+        return float(self.defaults["initial_accumulator_value"])
 
     def share_memory(self) -> None:
         """Calls tensor.share_memory_() on the state sum tensors."""
@@ -1350,7 +2005,9 @@ class Adadelta(_FusedOptimizer):
     def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 1.0, rho: float = 0.9,
                  eps: float = 1e-6, weight_decay: float = 0, foreach: bool | None = None, *,
                  capturable: bool = False, maximize: bool = False,
-                 differentiable: bool = False) -> None:
+                 differentiable: bool = False,
+                 master_weights: bool = False, stochastic_rounding: bool = False,
+                 sr_seed: int = 0, state_dtype: str | None = None) -> None:
         _check_lr(lr)
         if not 0.0 <= rho <= 1.0:
             raise ValueError(f"Invalid rho value: {rho}")
@@ -1361,6 +2018,8 @@ class Adadelta(_FusedOptimizer):
         defaults = {"lr": lr, "rho": rho, "eps": eps, "weight_decay": weight_decay,
                     "maximize": maximize, "capturable": capturable, "foreach": foreach,
                     "differentiable": differentiable}
+        defaults.update(_format_defaults(type(self).__name__, master_weights,
+                                         stochastic_rounding, sr_seed, state_dtype))
         super().__init__(params, defaults)
 
     def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
@@ -1572,7 +2231,9 @@ class NAdam(_ScalarStateOptimizer):
                  weight_decay: float = 0, momentum_decay: float = 4e-3,
                  decoupled_weight_decay: bool = False, *, foreach: bool | None = None,
                  maximize: bool = False, capturable: bool = False,
-                 differentiable: bool = False) -> None:
+                 differentiable: bool = False,
+                 master_weights: bool = False, stochastic_rounding: bool = False,
+                 sr_seed: int = 0, state_dtype: str | None = None) -> None:
         _check_flags(type(self).__name__, foreach=foreach, capturable=capturable,
                            differentiable=differentiable)
         _check_lr(lr)
@@ -1586,6 +2247,8 @@ class NAdam(_ScalarStateOptimizer):
                     "decoupled_weight_decay": decoupled_weight_decay, "maximize": maximize,
                     "foreach": foreach, "capturable": capturable,
                     "differentiable": differentiable}
+        defaults.update(_format_defaults(type(self).__name__, master_weights,
+                                         stochastic_rounding, sr_seed, state_dtype))
         super().__init__(params, defaults)
 
     def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
@@ -1604,6 +2267,16 @@ class NAdam(_ScalarStateOptimizer):
 
     def _dry_scalars(self, group: dict[str, Any], hyper: dict[str, Any]) -> dict[str, float]:
         return {"mu_product": F.nadam_mu(1.0, hyper["beta1"], hyper["momentum_decay"])}
+
+    def _format_scalars(self, group: dict[str, Any], state: dict[str, Any] | None,
+                        step: float) -> tuple[tuple[float, ...], dict[str, torch.Tensor]]:
+        # torch: mu_product *= mu, in the tensor's dtype, before the update reads it.
+        mp = state.get("mu_product") if state else None
+        if not isinstance(mp, torch.Tensor):
+            mp = self._initial_scalars(group)["mu_product"]
+        mu = F.nadam_mu(step, _scalar(group["betas"][0]), group["momentum_decay"])
+        new = mp.detach() * mu
+        return (float(new),), {"mu_product": new}
 
     def _scalar_plan(self, group: dict[str, Any], store: _ScalarStore, sel: np.ndarray,
                      steps: np.ndarray
@@ -1639,7 +2312,9 @@ class RAdam(_FusedOptimizer):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0, decoupled_weight_decay: bool = False, *,
                  foreach: bool | None = None, maximize: bool = False, capturable: bool = False,
-                 differentiable: bool = False) -> None:
+                 differentiable: bool = False,
+                 master_weights: bool = False, stochastic_rounding: bool = False,
+                 sr_seed: int = 0, state_dtype: str | None = None) -> None:
         _check_flags(type(self).__name__, foreach=foreach, capturable=capturable,
                            differentiable=differentiable)
         _check_lr(lr)
@@ -1650,6 +2325,8 @@ class RAdam(_FusedOptimizer):
                     "maximize": maximize, "foreach": foreach, "capturable": capturable,
                     "decoupled_weight_decay": decoupled_weight_decay,
                     "differentiable": differentiable}
+        defaults.update(_format_defaults(type(self).__name__, master_weights,
+                                         stochastic_rounding, sr_seed, state_dtype))
         super().__init__(params, defaults)
 
     def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
@@ -1679,7 +2356,9 @@ class Adamax(_FusedOptimizer):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0, foreach: bool | None = None, *,
                  maximize: bool = False, differentiable: bool = False,
-                 capturable: bool = False) -> None:
+                 capturable: bool = False,
+                 master_weights: bool = False, stochastic_rounding: bool = False,
+                 sr_seed: int = 0, state_dtype: str | None = None) -> None:
         _check_flags(type(self).__name__, foreach=foreach, capturable=capturable,
                            differentiable=differentiable)
         _check_lr(lr)
@@ -1689,6 +2368,8 @@ class Adamax(_FusedOptimizer):
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
                     "foreach": foreach, "maximize": maximize, "differentiable": differentiable,
                     "capturable": capturable}
+        defaults.update(_format_defaults(type(self).__name__, master_weights,
+                                         stochastic_rounding, sr_seed, state_dtype))
         super().__init__(params, defaults)
 
     def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
@@ -1720,7 +2401,9 @@ class ASGD(_ScalarStateOptimizer):
     def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 1e-2,
                  lambd: float = 1e-4, alpha: float = 0.75, t0: float = 1e6,
                  weight_decay: float = 0, foreach: bool | None = None, maximize: bool = False,
-                 differentiable: bool = False, capturable: bool = False) -> None:
+                 differentiable: bool = False, capturable: bool = False,
+                 *, master_weights: bool = False, stochastic_rounding: bool = False,
+                 sr_seed: int = 0, state_dtype: str | None = None) -> None:
         _check_flags(type(self).__name__, foreach=foreach, capturable=capturable,
                            differentiable=differentiable)
         _check_lr(lr)
@@ -1728,6 +2411,8 @@ class ASGD(_ScalarStateOptimizer):
         defaults = {"lr": lr, "lambd": lambd, "alpha": alpha, "t0": t0,
                     "weight_decay": weight_decay, "foreach": foreach, "maximize": maximize,
                     "differentiable": differentiable, "capturable": capturable}
+        defaults.update(_format_defaults(type(self).__name__, master_weights,
+                                         stochastic_rounding, sr_seed, state_dtype))
         super().__init__(params, defaults)
 
     def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
@@ -1746,6 +2431,25 @@ class ASGD(_ScalarStateOptimizer):
 
     def _dry_scalars(self, group: dict[str, Any], hyper: dict[str, Any]) -> dict[str, float]:
         return {"eta": float(_scalar(group["lr"])), "mu": 1.0}
+
+    def _format_scalars(self, group: dict[str, Any], state: dict[str, Any] | None,
+                        step: float) -> tuple[tuple[float, ...], dict[str, torch.Tensor]]:
+        # The update reads the current eta and mu; torch then sets them from the step count.
+        fresh = None
+        now = []
+        for name in self._scalar_names:
+            value = state.get(name) if state else None
+            if not isinstance(value, torch.Tensor):
+                fresh = fresh or self._initial_scalars(group)
+                value = fresh[name]
+            now.append(value)
+        lr, lambd, alpha, t0 = group["lr"], group["lambd"], group["alpha"], group["t0"]
+        if isinstance(lr, torch.Tensor) and lr.dim() != 0:
+            lr = lr.squeeze()
+        after = {"eta": now[0].detach().clone().copy_(
+                     torch.as_tensor(lr / ((1 + lambd * lr * step) ** alpha))),
+                 "mu": now[1].detach().clone().copy_(torch.as_tensor(1 / max(1, step - t0)))}
+        return (float(now[0]), float(now[1])), after
 
     def _scalar_plan(self, group: dict[str, Any], store: _ScalarStore, sel: np.ndarray,
                      steps: np.ndarray
@@ -1789,7 +2493,9 @@ class Rprop(_FusedOptimizer):
                  etas: tuple[float, float] = (0.5, 1.2),
                  step_sizes: tuple[float, float] = (1e-6, 50), *, capturable: bool = False,
                  foreach: bool | None = None, maximize: bool = False,
-                 differentiable: bool = False) -> None:
+                 differentiable: bool = False,
+                 master_weights: bool = False, stochastic_rounding: bool = False,
+                 sr_seed: int = 0, state_dtype: str | None = None) -> None:
         _check_flags(type(self).__name__, foreach=foreach, capturable=capturable,
                            differentiable=differentiable)
         _check_lr(lr)
@@ -1798,10 +2504,15 @@ class Rprop(_FusedOptimizer):
         defaults = {"lr": lr, "etas": etas, "step_sizes": step_sizes, "foreach": foreach,
                     "maximize": maximize, "differentiable": differentiable,
                     "capturable": capturable}
+        defaults.update(_format_defaults(type(self).__name__, master_weights,
+                                         stochastic_rounding, sr_seed, state_dtype))
         super().__init__(params, defaults)
 
     def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("prev", "step_size")
+
+    def _format_init_value(self, group: dict[str, Any], name: str) -> float:
+        return float(_scalar(group["lr"])) if name == "step_size" else 0.0
 
     def _fresh(self, group: dict[str, Any], p: torch.Tensor, name: str) -> torch.Tensor:
         if name == "step_size":
@@ -1840,13 +2551,17 @@ class Lion(_FusedOptimizer):
     def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 1e-4,
                  betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0, *,
                  maximize: bool = False, foreach: bool | None = None,
-                 fused: bool | None = None) -> None:
+                 fused: bool | None = None,
+                 master_weights: bool = False, stochastic_rounding: bool = False,
+                 sr_seed: int = 0, state_dtype: str | None = None) -> None:
         _check_flags(type(self).__name__, foreach=foreach, fused=fused)
         _check_lr(lr)
         _check_betas(betas)
         _check_weight_decay(weight_decay)
         defaults = {"lr": lr, "betas": betas, "weight_decay": weight_decay, "maximize": maximize,
                     "foreach": foreach, "fused": fused}
+        defaults.update(_format_defaults(type(self).__name__, master_weights,
+                                         stochastic_rounding, sr_seed, state_dtype))
         super().__init__(params, defaults)
 
     def _init_state(self, group: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
