@@ -99,6 +99,21 @@ def roundtrip(sd):
     return torch.load(buf, weights_only=True)
 
 
+def continue_both(make, opt, params, sd):
+    """Steps `opt` on from where `sd` (its saved state_dict) was taken, and a fresh optimizer
+    `make(params2)` loaded from `sd` on copies of the params as they were; asserts that both
+    runs give the same params, bit for bit. Returns the fresh optimizer and its params."""
+    saved = [p.detach().clone() for p in params]
+    run(opt, params, first=STEPS)
+    params2 = [torch.nn.Parameter(p) for p in saved]
+    opt2 = make(params2)
+    opt2.load_state_dict(sd)
+    run(opt2, params2, first=STEPS)
+    for p, q in zip(params, params2):
+        assert_same(p.detach(), q.detach())
+    return opt2, params2
+
+
 # ---- master weights ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
@@ -298,14 +313,9 @@ def test_master_weights_state_dict_round_trip():
     for entry in sd["state"].values():
         assert entry["master_weight"].dtype == torch.float32
         assert entry["exp_avg"].dtype == torch.float32
-    saved = [p.detach().clone() for p in params]
-    run(opt, params, first=STEPS)
-    params2 = [torch.nn.Parameter(p) for p in saved]
-    opt2 = ft.Adam(params2, lr=1e-2, master_weights=True)
-    opt2.load_state_dict(sd)
-    run(opt2, params2, first=STEPS)
+    opt2, params2 = continue_both(lambda ps: ft.Adam(ps, lr=1e-2, master_weights=True), opt,
+                                  params, sd)
     for p, q in zip(params, params2):
-        assert_same(p.detach(), q.detach())
         assert_same_state(opt.state[p], opt2.state[q])
 
 
@@ -403,14 +413,10 @@ def test_stochastic_rounding_resumes_with_the_same_bits(name):
     opt = getattr(ft, name)(params, stochastic_rounding=True, sr_seed=5, **CASES[name])
     run(opt, params)
     sd = roundtrip(opt.state_dict())
-    saved = [p.detach().clone() for p in params]
-    run(opt, params, first=STEPS)
-    params2 = [torch.nn.Parameter(p) for p in saved]
-    opt2 = getattr(ft, name)(params2, stochastic_rounding=True, sr_seed=5, **CASES[name])
-    opt2.load_state_dict(sd)
-    run(opt2, params2, first=STEPS)
-    for p, q in zip(params, params2):
-        assert_same(p.detach(), q.detach())
+    opt2, params2 = continue_both(
+        lambda ps: getattr(ft, name)(ps, stochastic_rounding=True, sr_seed=5, **CASES[name]),
+        opt, params, sd)
+    for q in params2:
         assert float(opt2.state[q]["step"]) == 2 * STEPS
 
 
@@ -525,14 +531,9 @@ def test_quantized_state_dict_round_trip(state_dtype):
     entry = sd["state"][0]["exp_avg"]
     assert entry["codes"].dtype == torch.uint8 and entry["bits"] == int(state_dtype[3:])
     assert sd["state"][1]["exp_avg"].dtype == torch.float32  # 300 < MIN_QUANTIZED_SIZE
-    saved = [p.detach().clone() for p in params]
-    run(opt, params, first=STEPS)
-    params2 = [torch.nn.Parameter(p) for p in saved]
-    opt2 = ft.AdamW(params2, lr=1e-2, state_dtype=state_dtype)
-    opt2.load_state_dict(sd)
-    run(opt2, params2, first=STEPS)
+    opt2, params2 = continue_both(lambda ps: ft.AdamW(ps, lr=1e-2, state_dtype=state_dtype),
+                                  opt, params, sd)
     for p, q in zip(params, params2):
-        assert_same(p.detach(), q.detach())
         assert_same_state(opt.state[p], opt2.state[q])
 
 
