@@ -13,7 +13,9 @@ bitsandbytes' 8-bit AdamW is timed when it is installed (an optional extra; 3 st
 
     PYTHONPATH=python python3 bench/bench_quant.py        # 2^22 elements, about 20 s
     PYTHONPATH=python python3 bench/bench_quant.py 26     # 2^26 (the issue's size)
+    PYTHONPATH=python python3 bench/bench_quant.py 24 --threads 1 2 --repeats 21 --no-memory
 """
+import argparse
 import os
 import statistics
 import subprocess
@@ -26,7 +28,22 @@ import torch
 import fastoptim
 from fastoptim.quant import QuantizedState
 
-LOG2 = int(sys.argv[1]) if len(sys.argv) > 1 else 22
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("log2", nargs="?", type=int, default=22, help="2^log2 elements (default 22)")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                    help="thread counts to time (default: 1 2)")
+    ap.add_argument("--repeats", type=int, default=11,
+                    help="interleaved batches of 3 steps per row; the median is reported (default 11)")
+    ap.add_argument("--no-memory", action="store_true", help="skip the state-memory (RSS) rows")
+    ap.add_argument("--memory", metavar="FORMAT", help=argparse.SUPPRESS)  # internal: one RSS probe
+    return ap.parse_args(argv)
+
+
+ARGS = parse_args()
+LOG2 = ARGS.log2
 N = 2**LOG2
 BYTES = {"fp32": 28.0, "bf16": 20.0, "int8": 16 + 16 / 256, "int4": 14 + 16 / 128}
 
@@ -78,14 +95,17 @@ def measure_memory(name):
 def main():
     gen = torch.Generator().manual_seed(0)
     hyper = dict(lr=1e-4, weight_decay=1e-2)
-    mem = state_memory()
-    print(f"N = 2^{LOG2}; state memory (RSS growth, both AdamW states): " + ", ".join(
-        f"{k} {v / 2**20:.1f} MiB ({v / mem['fp32']:.3f}x fp32)" for k, v in mem.items()))
+    if not ARGS.no_memory:
+        mem = state_memory()
+        print(f"N = 2^{LOG2}; state memory (RSS growth, both AdamW states): " + ", ".join(
+            f"{k} {v / 2**20:.1f} MiB ({v / mem['fp32']:.3f}x fp32)" for k, v in mem.items()))
     try:
         import bitsandbytes as bnb  # optional
     except Exception:  # noqa: BLE001 - any import failure means "not available"
         bnb = None
-    for threads in (1, 2):
+    print(f"N = 2^{LOG2}; fastoptim ISA {fastoptim.backend_info().get('isa', '?')}; "
+          f"load average {os.getloadavg()[0]:.2f}")
+    for threads in ARGS.threads:
         torch.set_num_threads(threads)
         fastoptim.set_num_threads(threads)
         p32 = torch.nn.Parameter(torch.randn(N, generator=gen))
@@ -109,7 +129,7 @@ def main():
             "ceiling (3 rd, 2 wr fp32)": lambda: fastoptim._core.stream_rmw([P, C1, C2], 2, 0.0),
         }
         times = {k: [] for k in fns}
-        for _ in range(11):
+        for _ in range(ARGS.repeats):
             for k, f in fns.items():
                 f()
                 t0 = time.perf_counter()
@@ -140,7 +160,7 @@ def main():
 
 
 if __name__ == "__main__":
-    if "--memory" in sys.argv:
-        measure_memory(sys.argv[sys.argv.index("--memory") + 1])
+    if ARGS.memory:
+        measure_memory(ARGS.memory)
     else:
         main()

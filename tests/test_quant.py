@@ -185,6 +185,38 @@ def test_kernel_is_float32_update_between_numpy_quantizers(case, bits):
 
 
 @pytest.mark.parametrize("bits", BITS)
+def test_kernel_quantizes_extreme_blocks_as_numpy_does(bits):
+    """Blocks the vector encoder handles through its clamps: absmax so small (subnormal) that
+    1 / absmax overflows to inf (then 0 * inf is NaN and encodes as the top code), zeros of
+    both signs, and values across the whole code range."""
+    b = BLOCK[bits]
+    rng = np.random.default_rng(5)
+    g = np.empty(6 * b + 3, np.float32)
+    g[:b] = rng.uniform(-1, 1, b) * np.float32(1e-39)      # subnormal absmax: 1 / absmax = inf
+    g[:b:5] = 0.0
+    g[1:b:7] = -0.0
+    g[b:2 * b] = (rng.choice([-1, 1], b) * 2.0 ** rng.uniform(-40, 0, b)).astype(np.float32)
+    g[2 * b:3 * b] = -0.0                                     # a block of zeros: absmax 0
+    g[3 * b:4 * b] = rng.uniform(-1, 1, b) * np.float32(3e38)  # near the top of fp32
+    g[4 * b:] = rng.standard_normal(g.size - 4 * b).astype(np.float32)
+    g[4 * b + 9] = np.float32(2.0 ** -126)                     # smallest normal
+    # Adagrad's state is the sum of g * g: the same magnitudes from square roots
+    g2 = (np.sign(g) * np.sqrt(np.abs(g))).astype(np.float32)
+    for arr in (g, g2):
+        arr.flags.writeable = False
+    for rule, hyper, grad in (("sgd", dict(lr=0.0, momentum=0.5), g), ("adagrad", dict(lr=0.0), g2)):
+        state = {"params": [np.zeros(g.size, np.float32)]}
+        for name in active_states(rule, hyper):
+            nn = name in quant.non_negative_states(rule)
+            state[name] = [QuantizedState.zeros(g.shape, bits, nn)]
+        for step in (1, 2):
+            with np.errstate(over="ignore"):  # NumPy's 1 / absmax overflows as the kernel's does
+                expected = storage_oracle(rule, hyper, state, [grad], step)
+            run(fastoptim, rule, hyper, state, [grad], step)
+            assert_same_bits(state, expected, f"{rule} int{bits} step {step}")
+
+
+@pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("case", STATE_CASES, ids=case_id)
 def test_kernel_matches_reference_algorithm(case, bits):
     rule, hyper = case

@@ -38,137 +38,151 @@ template <class D, int kSlot> constexpr bool slot_non_negative() {
   return false;
 }
 
-FO_INLINE uint32_t bits_of(float x) {
-  uint32_t u;
-  __builtin_memcpy(&u, &x, sizeof u);
-  return u;
-}
-FO_INLINE float float_of(uint32_t u) {
-  float x;
-  __builtin_memcpy(&x, &u, sizeof x);
-  return x;
-}
-
 // The map of Note [quantized states] for one kind of state: a code is a small float of
 // |x| / absmax with kF mantissa bits, its bit pattern offset by kBias so that the top code is
 // 1.0 (non-negative states: every code; signed: a sign bit and the magnitudes 1..K, 0 = zero).
+// decode and encode are written once over the lane type V (float, F32x8, F32x16) in the
+// integer vocabulary of vec.h (Note [integer lanes]): every step is an exact integer op or
+// one IEEE fp32 multiplication, so every lane type gives the same bits (Note [quantized
+// codes in registers]).
 template <int kBits, bool kNonNegative> struct QuantMap {
   static constexpr int kF = kBits == 8 ? 3 : 0;          // mantissa bits
   static constexpr int kShift = 23 - kF;                  // fp32 mantissa bits dropped
   static constexpr uint32_t kTop = kNonNegative ? (1u << kBits) - 1u : (1u << (kBits - 1)) - 1u;
   static constexpr uint32_t kSign = kNonNegative ? 0u : 1u << (kBits - 1);
   static constexpr int32_t kBias = (127 << kF) - static_cast<int32_t>(kTop);  // code kTop = 1.0
+  static constexpr uint32_t kOne = 0x3F800000u;           // 1.0f: encodes to kTop
+  // (1 << (kShift - 1)) - 1 - (kBias << kShift), as uint32: round half down, minus the offset
+  static constexpr uint32_t kRound = (1u << (kShift - 1)) - 1u - (static_cast<uint32_t>(kBias) << kShift);
 
-  // A code (its kBits low bits) -> x.
-  static FO_INLINE float decode(uint32_t c, float absmax) {
+  // Codes (their kBits low bits, one per lane) -> values.
+  template <class V> static FO_INLINE V decode(IntOf<V> c, V absmax) {
     if constexpr (kNonNegative) {
-      return float_of((c + kBias) << kShift) * absmax;
+      return vfloat<V>(vshl<kShift>(c + isplat<V>(kBias))) * absmax;
     } else {
-      const uint32_t k = c & kTop;
-      const uint32_t u = ((k + kBias) << kShift) | ((c & kSign) << (31 - (kBits - 1)));
-      return (k == 0 ? 0.0f : float_of(u)) * absmax;
+      const IntOf<V> k = c & isplat<V>(kTop);
+      // the sign bit (the code's top bit) moved to bit 31
+      const IntOf<V> u = vshl<kShift>(k + isplat<V>(kBias)) | (vshl<32 - kBits>(c) & isplat<V>(0x80000000u));
+      // 0 * absmax would be +0 too (absmax is finite and >= 0)
+      return vselect(veq_i32(k, isplat<V>(0)), splat<V>(0.0f), vfloat<V>(u) * absmax);
     }
   }
 
-  // x -> its code (kBits low bits), given inv = 1 / absmax (0 when absmax is 0): |x| * inv
-  // rounded to kF mantissa bits, ties to even (on its bit pattern, an integer add), then offset.
-  static FO_INLINE uint32_t encode(float x, float inv) {
-    const uint32_t u = bits_of(__builtin_fabsf(x) * inv);
-    const int32_t r = static_cast<int32_t>(
-        (u + (1u << (kShift - 1)) - 1u + ((u >> kShift) & 1u)) >> kShift) - kBias;
+  // Values -> codes, given inv = 1 / absmax (0 when absmax is 0): |x| * inv rounded to kF
+  // mantissa bits, ties to even, on its bit pattern u, then offset and clamped. u is first
+  // clamped (unsigned) to 1.0's pattern: a larger u, a NaN's included, rounds to at least kTop
+  // and is clamped to kTop anyway; then (u + 2^(kShift-1) - 1 + lsb) >> kShift - kBias is one
+  // arithmetic shift of a non-negative-or-small int32 (floor division: exact).
+  // A non-negative state's x is passed as |x| already (quant_lanes stores it so).
+  template <class V> static FO_INLINE IntOf<V> encode(V x, V inv) {
+    using I = IntOf<V>;
+    const I u = vmin_u32(vbits((kNonNegative ? x : vabs(x)) * inv), isplat<V>(kOne));
+    const I r = vsra<kShift>(u + (vshr<kShift>(u) & isplat<V>(1u)) + isplat<V>(kRound));
+    const I k = vmax_i32(r, isplat<V>(0));  // r <= kTop already
     if constexpr (kNonNegative) {
-      return static_cast<uint32_t>(r < 0 ? 0 : r > static_cast<int32_t>(kTop) ? kTop : r);
+      return k;
     } else {
-      const uint32_t k = static_cast<uint32_t>(r < 1 ? 0 : r > static_cast<int32_t>(kTop) ? kTop : r);
-      return k | (x < 0.0f && k != 0 ? kSign : 0u);  // zero has one code
+      // the sign where x < 0 and the magnitude is not zero (zero has one code)
+      return vselect(vlt(x, splat<V>(0.0f)) & vgt_i32(k, isplat<V>(0)), k | isplat<V>(kSign), k);
     }
   }
 
-  // Block `blk` of a tensor's stream (n elements) -> out[0, n).
-  static FO_INLINE void load(const QuantStream& s, int64_t blk, int64_t n, float* out) {
-    constexpr int64_t kB = quant_block(kBits);
-    const float absmax = s.absmax[blk];
+  // The codes of elements [i, i + width of V) of a block whose codes start at c.
+  template <class V> static FO_INLINE IntOf<V> load_codes(const uint8_t* c, int64_t i) {
     if constexpr (kBits == 8) {
-      const uint8_t* c = s.codes + blk * kB;
-      for (int64_t i = 0; i < n; ++i) out[i] = decode(c[i], absmax);
+      return vload_u8<V>(c + i);
+    } else if constexpr (VecTraits<V>::kWidth == 1) {
+      return (static_cast<uint32_t>(c[i >> 1]) >> ((i & 1) * 4)) & 15u;
     } else {
-      const uint8_t* c = s.codes + blk * (kB / 2);
-      const int64_t pairs = n / 2;
-      for (int64_t j = 0; j < pairs; ++j) {
-        out[2 * j] = decode(c[j] & 15u, absmax);
-        out[2 * j + 1] = decode(static_cast<uint32_t>(c[j]) >> 4, absmax);
-      }
-      if (n & 1) out[n - 1] = decode(c[pairs] & 15u, absmax);
+      return vload_u4<V>(c + i / 2);  // i is a multiple of the (even) width
     }
   }
 
-  // in[0, n) -> block `blk` of the stream, given the block's max |x| and whether all its
-  // values are finite: its absmax (NaN when not finite, with every code 0), then its codes.
+  // in[0, n) -> block `blk` of the stream, given the bit pattern of the block's max |x| (as
+  // found by quant_lanes: >= 0x7F800000 when any value is not finite): its absmax (NaN when
+  // not finite, with every code 0), then its codes.
+  template <class V = FO_VEC_F32>
   static FO_INLINE void store(const QuantStream& s, int64_t blk, int64_t n, const float* in,
-                              float m, bool finite) {
+                              uint32_t m_bits) {
+    constexpr int kW = VecTraits<V>::kWidth;
     constexpr int64_t kB = quant_block(kBits);
-    s.absmax[blk] = finite ? m : __builtin_nanf("");
-    const float inv = finite && m > 0.0f ? 1.0f / m : 0.0f;
+    uint8_t* c = s.codes + blk * (kBits == 8 ? kB : kB / 2);
+    if (m_bits >= 0x7F800000u) {
+      s.absmax[blk] = __builtin_nanf("");
+      for (int64_t k = 0; k < quant_code_bytes(kBits, n); ++k) c[k] = 0;
+      return;
+    }
+    const float m = vfloat<float>(m_bits);
+    s.absmax[blk] = m;
+    const float inv = m > 0.0f ? 1.0f / m : 0.0f;
+    const V inv_v = splat<V>(inv);
+    int64_t i = 0;
     if constexpr (kBits == 8) {
-      uint8_t* c = s.codes + blk * kB;
-      if (!finite) {
-        for (int64_t k = 0; k < n; ++k) c[k] = 0;
-        return;
-      }
-      for (int64_t k = 0; k < n; ++k) c[k] = static_cast<uint8_t>(encode(in[k], inv));
+      for (; i + kW <= n; i += kW) vstore_u8(c + i, encode<V>(vload<V>(in + i), inv_v));
+      for (; i < n; ++i) vstore_u8(c + i, encode<float>(in[i], inv));
     } else {
-      uint8_t* c = s.codes + blk * (kB / 2);
-      const int64_t pairs = n / 2;
-      if (!finite) {
-        for (int64_t k = 0; k < (n + 1) / 2; ++k) c[k] = 0;
-        return;
-      }
-      for (int64_t j = 0; j < pairs; ++j)
-        c[j] = static_cast<uint8_t>(encode(in[2 * j], inv) | (encode(in[2 * j + 1], inv) << 4));
-      if (n & 1) c[pairs] = static_cast<uint8_t>(encode(in[n - 1], inv));
+      if constexpr (kW > 1)
+        for (; i + kW <= n; i += kW) vstore_u4(c + i / 2, encode<V>(vload<V>(in + i), inv_v));
+      for (; i + 1 < n; i += 2)
+        c[i / 2] = static_cast<uint8_t>(encode<float>(in[i], inv) | (encode<float>(in[i + 1], inv) << 4));
+      if (i < n) c[i / 2] = static_cast<uint8_t>(encode<float>(in[i], inv));
     }
   }
 };
 
-// One lane group at element i of a block: params and grads from memory, states from the
-// block's buffer. On the way, each written state's max |x| (amax) and a finiteness flag (bad:
-// x - x is 0 for a finite x, NaN otherwise) are accumulated per lane; both are exact, so the
-// order of lanes cannot change them.
-template <class Rule, class V>
-FO_INLINE void quant_apply(float* p, const float* g, float (*st)[256], int64_t i,
-                           const typename Rule::template Consts<V>& c, V* amax, V* bad,
+// Note [quantized codes in registers]
+// One lane group at element i of a block: params and grads from memory, each read state
+// decoded from its codes straight into registers, the rule applied, params stored, and each
+// written state stored to the block's fp32 buffer (its codes wait for the block's absmax;
+// a non-negative state's map takes |x|, so |x| is what is stored). On
+// the way, each written state's max |x| is accumulated per lane as an unsigned max of the bit
+// patterns of |x|: for non-negative floats the bit patterns order as the values do, and an
+// Inf or NaN pattern is above every finite one, so one integer max per vector gives both the
+// block's absmax and whether the block is finite. Both are exact, so the order of lanes
+// cannot change them.
+template <class D, class Rule, int kBits, class V>
+FO_INLINE void quant_lanes(float* p, const float* g, const uint8_t* const* codes,
+                           const float* absmax, float (*st)[quant_block(kBits)], int64_t i,
+                           const typename Rule::template Consts<V>& c, IntOf<V>* amax,
                            V grad_scale_inv) {
   V x[kMaxSlots];
   if constexpr ((Rule::kReads & bit(kParam)) != 0) x[kParam] = vload<V>(p + i);
   // the grads unscaled as they are loaded (kernel_api.h, Note [load/store options])
   if constexpr ((Rule::kReads & bit(kGrad)) != 0) x[kGrad] = vload<V>(g + i) * grad_scale_inv;
   each_slot([&](auto s) {
-    if constexpr (s >= kState0 && (Rule::kReads & bit(s)) != 0) x[s] = vload<V>(st[s - kState0] + i);
+    if constexpr (s >= kState0 && (Rule::kReads & bit(s)) != 0) {
+      using Map = QuantMap<kBits, slot_non_negative<D, decltype(s)::value>()>;
+      x[s] = Map::template decode<V>(Map::template load_codes<V>(codes[s], i), splat<V>(absmax[s]));
+    }
   });
   Rule::template apply<V>(x, c);
   if constexpr ((Rule::kWrites & bit(kParam)) != 0) vstore(p + i, x[kParam]);
   each_slot([&](auto s) {
     if constexpr (s >= kState0 && (Rule::kWrites & bit(s)) != 0) {
-      vstore(st[s - kState0] + i, x[s]);
-      const V a = vabs(x[s]);
-      amax[s] = vselect(vgt(a, amax[s]), a, amax[s]);
-      bad[s] = bad[s] + (x[s] - x[s]);
+      const V ax = vabs(x[s]);
+      vstore(st[s - kState0] + i, slot_non_negative<D, decltype(s)::value>() ? ax : x[s]);
+      amax[s] = vmax_u32(amax[s], vbits(ax));
     }
   });
 }
 
 // Note [quantized block driver].
-constexpr int64_t kPrefetchBlocks = 2;
+// Prefetch distance: 256 elements ahead (one int8 block, two int4 blocks); measured at 2^24,
+// 1 thread, AVX-512: 6.7-7.3 ms for int8 against 7.8-7.9 ms at 512 and 1024 elements ahead,
+// and for int4 8.3-8.5 ms against 9.1-9.8 ms at 128 elements ahead.
+constexpr int64_t kPrefetchElems = 256;
 template <class D, class Rule, int kBits, class Args>
 void quant_range(const Batch& b, int64_t begin, int64_t end, const Args& a) {
   using V = FO_VEC_F32;
+  using I = IntOf<V>;
   constexpr int kW = VecTraits<V>::kWidth;
   constexpr int64_t kB = quant_block(kBits);
-  static_assert(kB <= 256, "the state buffer holds 256 elements per state");
+  static_assert(kB % kW == 0 && (kW == 1 || kW % 2 == 0), "a full block is whole vectors of whole bytes");
   const typename Rule::template Consts<V> cv(a);
   const typename Rule::template Consts<float> cs(a);
+  const V gsi = splat<V>(b.grad_scale_inv_f);
   const int64_t* off = b.offsets;
-  alignas(64) float st[kMaxStates][256];
+  alignas(64) float st[kMaxStates][kB];
   for (int64_t t = tensor_of(off, b.n_tensors, begin); t < b.n_tensors && off[t] < end; ++t) {
     const int64_t size = off[t + 1] - off[t];
     const int64_t lo = max64(begin - off[t], 0), hi = min64(end - off[t], size);
@@ -181,53 +195,45 @@ void quant_range(const Batch& b, int64_t begin, int64_t end, const Args& a) {
     // The blocks whose first element lies in [lo, hi).
     for (int64_t blk = (lo + kB - 1) / kB; blk * kB < hi; ++blk) {
       const int64_t start = blk * kB, n = min64(kB, size - start);
-      // Note [software prefetch] (kernels.h): the streams of the block kPrefetchBlocks ahead.
+      // Note [software prefetch] (kernels.h): the streams of the block(s) kPrefetchElems ahead.
       // A prefetch past the end of an array never faults.
-      const int64_t ahead = start + kPrefetchBlocks * kB;
+      const int64_t ahead = start + kPrefetchElems;
       const uintptr_t pa = reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(ahead) * 4;
       const uintptr_t ga = reinterpret_cast<uintptr_t>(g) + static_cast<uintptr_t>(ahead) * 4;
       for (int64_t k = 0; k < kB * 4; k += 64) {
         __builtin_prefetch(reinterpret_cast<const void*>(pa + k), 1, 0);
         if (g) __builtin_prefetch(reinterpret_cast<const void*>(ga + k), 0, 0);
       }
+      const uint8_t* codes[kMaxSlots] = {};
+      float absmax[kMaxSlots] = {};
       each_slot([&](auto s) {
         if constexpr (s >= kState0 && ((Rule::kReads | Rule::kWrites) & bit(s)) != 0) {
           const uintptr_t c = reinterpret_cast<uintptr_t>(q[s]->codes) +
                               static_cast<uintptr_t>(quant_code_bytes(kBits, ahead));
           for (int64_t k = 0; k < quant_code_bytes(kBits, kB); k += 64)
             __builtin_prefetch(reinterpret_cast<const void*>(c + k), 1, 0);
+          codes[s] = q[s]->codes + quant_code_bytes(kBits, start);  // start is even
+          absmax[s] = q[s]->absmax[blk];
         }
-      });
-      each_slot([&](auto s) {
-        if constexpr (s >= kState0 && (Rule::kReads & bit(s)) != 0)
-          QuantMap<kBits, slot_non_negative<D, decltype(s)::value>()>::load(*q[s], blk, n, st[s - kState0]);
       });
       float* pb = p + start;
       const float* gb = g ? g + start : nullptr;
-      V amax[kMaxSlots], bad[kMaxSlots];
-      float amax1[kMaxSlots], bad1[kMaxSlots];
+      I amax[kMaxSlots];
+      uint32_t amax1[kMaxSlots];
       for (int s = 0; s < kMaxSlots; ++s) {
-        amax[s] = bad[s] = splat<V>(0.0f);
-        amax1[s] = bad1[s] = 0.0f;
+        amax[s] = isplat<V>(0u);
+        amax1[s] = 0u;
       }
       int64_t i = 0;
       for (; i + kW <= n; i += kW)
-        quant_apply<Rule, V>(pb, gb, st, i, cv, amax, bad, splat<V>(b.grad_scale_inv_f));
+        quant_lanes<D, Rule, kBits, V>(pb, gb, codes, absmax, st, i, cv, amax, gsi);
       for (; i < n; ++i)
-        quant_apply<Rule, float>(pb, gb, st, i, cs, amax1, bad1, b.grad_scale_inv_f);
+        quant_lanes<D, Rule, kBits, float>(pb, gb, codes, absmax, st, i, cs, amax1,
+                                           b.grad_scale_inv_f);
       each_slot([&](auto s) {
-        if constexpr (s >= kState0 && (Rule::kWrites & bit(s)) != 0) {
-          float m = amax1[s], b = bad1[s];
-          alignas(64) float lanes[kW], flags[kW];
-          vstore(lanes, amax[s]);
-          vstore(flags, bad[s]);
-          for (int k = 0; k < kW; ++k) {
-            m = lanes[k] > m ? lanes[k] : m;
-            b = b + flags[k];
-          }
-          QuantMap<kBits, slot_non_negative<D, decltype(s)::value>()>::store(
-              *q[s], blk, n, st[s - kState0], m, b == 0.0f);
-        }
+        if constexpr (s >= kState0 && (Rule::kWrites & bit(s)) != 0)
+          QuantMap<kBits, slot_non_negative<D, decltype(s)::value>()>::template store<V>(
+              *q[s], blk, n, st[s - kState0], vmax_u32(vreduce_max_u32(amax[s]), amax1[s]));
       });
     }
   }

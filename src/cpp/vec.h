@@ -564,4 +564,153 @@ template <> struct SrStore<F32x16> {
 };
 #endif
 
+// ---- integer lanes of an fp32 vector, and codes in bytes and nibbles ----------------------
+// Note [integer lanes]
+// The quantized-state maps (quant.h) work on the bit patterns of fp32 values, so each fp32
+// vector type V has a matching vector of 32-bit integer lanes, IntOf<V>: uint32_t for float,
+// I32x8 (AVX2) and I32x16 (AVX-512). Their vocabulary, all exact integer operations, hence
+// bitwise the same on every ISA: isplat<V>(u), vbits(v) / vfloat<V>(i) (bit casts),
+// + - & | (wrapping, as uint32_t), vshl<k> / vshr<k> (logical) / vsra<k> (arithmetic) by a
+// constant, vmin_i32 / vmax_i32 (signed), vmin_u32 / vmax_u32 (unsigned), veq_i32 / vgt_i32 (signed),
+// giving a MaskOf<V> like the fp32 comparisons; masks combine with &; vselect(mask, a, b)
+// selects integer lanes too, and vreduce_max_u32 is the unsigned maximum of all lanes.
+// Codes: vload_u8<V>(p) reads kWidth bytes, one per lane (zero-extended); vstore_u8(p, i)
+// writes the low byte of each lane. The 4-bit forms hold two codes per byte, lane 2j in the
+// low nibble of byte j and lane 2j+1 in the high nibble: vload_u4<V>(p) reads kWidth / 2
+// bytes, vstore_u4(p, i) writes them from lanes that are each below 16 (vector types only:
+// one lane is half a byte).
+template <class V> struct IntLanes;
+template <> struct IntLanes<float> { using type = uint32_t; };
+template <class V> using IntOf = typename IntLanes<V>::type;
+
+template <class V> FO_HD FO_INLINE IntOf<V> isplat(uint32_t u);
+template <> FO_HD FO_INLINE uint32_t isplat<float>(uint32_t u) { return u; }
+FO_HD FO_INLINE uint32_t vbits(float x) { return f32_to_bits(x); }
+template <class V> FO_HD FO_INLINE V vfloat(IntOf<V> i);
+template <> FO_HD FO_INLINE float vfloat<float>(uint32_t u) { return f32_from_bits(u); }
+template <int k> FO_HD FO_INLINE uint32_t vshl(uint32_t a) { return a << k; }
+template <int k> FO_HD FO_INLINE uint32_t vshr(uint32_t a) { return a >> k; }
+template <int k> FO_HD FO_INLINE uint32_t vsra(uint32_t a) {  // floor(int32(a) / 2^k)
+  return static_cast<uint32_t>(static_cast<int32_t>(a) >> k);
+}
+FO_HD FO_INLINE uint32_t vmin_i32(uint32_t a, uint32_t b) {
+  return static_cast<int32_t>(a) < static_cast<int32_t>(b) ? a : b;
+}
+FO_HD FO_INLINE uint32_t vmax_i32(uint32_t a, uint32_t b) {
+  return static_cast<int32_t>(a) > static_cast<int32_t>(b) ? a : b;
+}
+FO_HD FO_INLINE uint32_t vmin_u32(uint32_t a, uint32_t b) { return a < b ? a : b; }
+FO_HD FO_INLINE uint32_t vmax_u32(uint32_t a, uint32_t b) { return a > b ? a : b; }
+FO_HD FO_INLINE bool veq_i32(uint32_t a, uint32_t b) { return a == b; }
+FO_HD FO_INLINE bool vgt_i32(uint32_t a, uint32_t b) {
+  return static_cast<int32_t>(a) > static_cast<int32_t>(b);
+}
+FO_HD FO_INLINE uint32_t vselect(bool m, uint32_t a, uint32_t b) { return m ? a : b; }
+FO_HD FO_INLINE uint32_t vreduce_max_u32(uint32_t a) { return a; }
+template <class V> FO_HD FO_INLINE IntOf<V> vload_u8(const uint8_t* p);
+template <> FO_HD FO_INLINE uint32_t vload_u8<float>(const uint8_t* p) { return *p; }
+FO_HD FO_INLINE void vstore_u8(uint8_t* p, uint32_t a) { *p = static_cast<uint8_t>(a); }
+template <class V> FO_INLINE IntOf<V> vload_u4(const uint8_t* p);
+
+#if defined(__AVX2__) && defined(__FMA__)
+struct I32x8 { __m256i v; };
+template <> struct IntLanes<F32x8> { using type = I32x8; };
+template <> FO_INLINE I32x8 isplat<F32x8>(uint32_t u) { return {_mm256_set1_epi32(static_cast<int>(u))}; }
+FO_INLINE I32x8 vbits(F32x8 x) { return {_mm256_castps_si256(x.v)}; }
+template <> FO_INLINE F32x8 vfloat<F32x8>(I32x8 i) { return {_mm256_castsi256_ps(i.v)}; }
+FO_INLINE I32x8 operator+(I32x8 a, I32x8 b) { return {_mm256_add_epi32(a.v, b.v)}; }
+FO_INLINE I32x8 operator-(I32x8 a, I32x8 b) { return {_mm256_sub_epi32(a.v, b.v)}; }
+FO_INLINE I32x8 operator&(I32x8 a, I32x8 b) { return {_mm256_and_si256(a.v, b.v)}; }
+FO_INLINE I32x8 operator|(I32x8 a, I32x8 b) { return {_mm256_or_si256(a.v, b.v)}; }
+template <int k> FO_INLINE I32x8 vshl(I32x8 a) { return {_mm256_slli_epi32(a.v, k)}; }
+template <int k> FO_INLINE I32x8 vshr(I32x8 a) { return {_mm256_srli_epi32(a.v, k)}; }
+template <int k> FO_INLINE I32x8 vsra(I32x8 a) { return {_mm256_srai_epi32(a.v, k)}; }
+FO_INLINE I32x8 vmin_i32(I32x8 a, I32x8 b) { return {_mm256_min_epi32(a.v, b.v)}; }
+FO_INLINE I32x8 vmax_i32(I32x8 a, I32x8 b) { return {_mm256_max_epi32(a.v, b.v)}; }
+FO_INLINE I32x8 vmin_u32(I32x8 a, I32x8 b) { return {_mm256_min_epu32(a.v, b.v)}; }
+FO_INLINE I32x8 vmax_u32(I32x8 a, I32x8 b) { return {_mm256_max_epu32(a.v, b.v)}; }
+FO_INLINE M32x8 veq_i32(I32x8 a, I32x8 b) { return {_mm256_castsi256_ps(_mm256_cmpeq_epi32(a.v, b.v))}; }
+FO_INLINE M32x8 vgt_i32(I32x8 a, I32x8 b) { return {_mm256_castsi256_ps(_mm256_cmpgt_epi32(a.v, b.v))}; }
+FO_INLINE M32x8 operator&(M32x8 a, M32x8 b) { return {_mm256_and_ps(a.v, b.v)}; }
+FO_INLINE I32x8 vselect(M32x8 m, I32x8 a, I32x8 b) {
+  return {_mm256_blendv_epi8(b.v, a.v, _mm256_castps_si256(m.v))};
+}
+FO_INLINE uint32_t vreduce_max_u32(I32x8 a) {
+  __m128i m = _mm_max_epu32(_mm256_castsi256_si128(a.v), _mm256_extracti128_si256(a.v, 1));
+  m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0x4E));
+  m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0xB1));
+  return static_cast<uint32_t>(_mm_cvtsi128_si32(m));
+}
+template <> FO_INLINE I32x8 vload_u8<F32x8>(const uint8_t* p) {
+  return {_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))};
+}
+FO_INLINE void vstore_u8(uint8_t* p, I32x8 a) {
+  // byte 0 of each lane to bytes 0-3 of its 128-bit half, then the two halves' first dwords
+  const __m256i take = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                        0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m256i b = _mm256_shuffle_epi8(a.v, take);
+  const __m128i lo = _mm_unpacklo_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(p), lo);
+}
+template <> FO_INLINE I32x8 vload_u4<F32x8>(const uint8_t* p) {
+  // byte j -> 64-bit lane j; its high nibble shifted into the lane's upper half, then masked
+  int32_t w;
+  __builtin_memcpy(&w, p, sizeof w);
+  const __m256i q = _mm256_cvtepu8_epi64(_mm_cvtsi32_si128(w));
+  return {_mm256_and_si256(_mm256_or_si256(q, _mm256_slli_epi64(q, 28)), _mm256_set1_epi32(15))};
+}
+FO_INLINE void vstore_u4(uint8_t* p, I32x8 a) {
+  // lanes 2j, 2j+1 -> the low byte of 64-bit lane j, then those 4 bytes together
+  const __m256i q = _mm256_or_si256(a.v, _mm256_srli_epi64(a.v, 28));
+  const __m256i take = _mm256_setr_epi8(0, 8, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                        0, 8, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m256i b = _mm256_shuffle_epi8(q, take);
+  const __m128i lo = _mm_unpacklo_epi16(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+  const int32_t w = _mm_cvtsi128_si32(lo);
+  __builtin_memcpy(p, &w, sizeof w);
+}
+#endif
+
+#if defined(__AVX512F__)
+struct I32x16 { __m512i v; };
+template <> struct IntLanes<F32x16> { using type = I32x16; };
+template <> FO_INLINE I32x16 isplat<F32x16>(uint32_t u) { return {_mm512_set1_epi32(static_cast<int>(u))}; }
+FO_INLINE I32x16 vbits(F32x16 x) { return {_mm512_castps_si512(x.v)}; }
+template <> FO_INLINE F32x16 vfloat<F32x16>(I32x16 i) { return {_mm512_castsi512_ps(i.v)}; }
+FO_INLINE I32x16 operator+(I32x16 a, I32x16 b) { return {_mm512_add_epi32(a.v, b.v)}; }
+FO_INLINE I32x16 operator-(I32x16 a, I32x16 b) { return {_mm512_sub_epi32(a.v, b.v)}; }
+FO_INLINE I32x16 operator&(I32x16 a, I32x16 b) { return {_mm512_and_si512(a.v, b.v)}; }
+FO_INLINE I32x16 operator|(I32x16 a, I32x16 b) { return {_mm512_or_si512(a.v, b.v)}; }
+template <int k> FO_INLINE I32x16 vshl(I32x16 a) { return {_mm512_slli_epi32(a.v, k)}; }
+template <int k> FO_INLINE I32x16 vshr(I32x16 a) { return {_mm512_srli_epi32(a.v, k)}; }
+template <int k> FO_INLINE I32x16 vsra(I32x16 a) { return {_mm512_srai_epi32(a.v, k)}; }
+FO_INLINE I32x16 vmin_i32(I32x16 a, I32x16 b) { return {_mm512_min_epi32(a.v, b.v)}; }
+FO_INLINE I32x16 vmax_i32(I32x16 a, I32x16 b) { return {_mm512_max_epi32(a.v, b.v)}; }
+FO_INLINE I32x16 vmin_u32(I32x16 a, I32x16 b) { return {_mm512_min_epu32(a.v, b.v)}; }
+FO_INLINE I32x16 vmax_u32(I32x16 a, I32x16 b) { return {_mm512_max_epu32(a.v, b.v)}; }
+FO_INLINE M16 veq_i32(I32x16 a, I32x16 b) { return {_mm512_cmpeq_epi32_mask(a.v, b.v)}; }
+FO_INLINE M16 vgt_i32(I32x16 a, I32x16 b) { return {_mm512_cmpgt_epi32_mask(a.v, b.v)}; }
+FO_INLINE M16 operator&(M16 a, M16 b) { return {static_cast<__mmask16>(a.k & b.k)}; }
+FO_INLINE I32x16 vselect(M16 m, I32x16 a, I32x16 b) { return {_mm512_mask_blend_epi32(m.k, b.v, a.v)}; }
+FO_INLINE uint32_t vreduce_max_u32(I32x16 a) {
+  return static_cast<uint32_t>(_mm512_reduce_max_epu32(a.v));
+}
+template <> FO_INLINE I32x16 vload_u8<F32x16>(const uint8_t* p) {
+  return {_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))};
+}
+FO_INLINE void vstore_u8(uint8_t* p, I32x16 a) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(a.v));
+}
+template <> FO_INLINE I32x16 vload_u4<F32x16>(const uint8_t* p) {
+  // byte j -> 64-bit lane j; its high nibble shifted into the lane's upper half, then masked
+  const __m512i q = _mm512_cvtepu8_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  return {_mm512_and_si512(_mm512_or_si512(q, _mm512_slli_epi64(q, 28)), _mm512_set1_epi32(15))};
+}
+FO_INLINE void vstore_u4(uint8_t* p, I32x16 a) {
+  // lanes 2j, 2j+1 -> the low byte of 64-bit lane j (vpmovqb keeps that byte)
+  const __m512i q = _mm512_or_si512(a.v, _mm512_srli_epi64(a.v, 28));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm512_cvtepi64_epi8(q));
+}
+#endif
+
 }  // namespace fastoptim
