@@ -167,3 +167,63 @@ def test_a_non_contiguous_gradient_mid_run_gives_torchs_result():
         return
     ref.step()
     assert_same(ref, opt, expected, actual)
+
+
+# -- Note [prefetch hints] -------------------------------------------------------------------------
+
+needs_prefetch = pytest.mark.skipif(ft._PREFETCH is None, reason="_core has no _prefetch")
+
+
+@needs_prefetch
+def test_prefetch_takes_any_address():
+    """A hint never faults: null, unmapped, kernel-space and misaligned addresses."""
+    import numpy as np
+    from fastoptim import _core
+    _core._prefetch(np.array([0, 1, -1, 2**62, -(2**63), 12345], dtype=np.int64))
+    _core._prefetch(np.array([], dtype=np.int64))
+    _core._prefetch([3, 5])  # any int sequence converts
+    with pytest.raises(TypeError):
+        _core._prefetch("not addresses")
+
+
+@needs_prefetch
+def test_prefetch_addresses_follow_the_tensors_and_never_matter():
+    """The addresses are gathered once the same tensors stepped a few times, dropped when a
+    state is rebound; and garbage addresses change nothing in the result."""
+    import numpy as np
+    expected, actual = twins()
+    ref = torch.optim.Adam(expected, lr=0.01, foreach=False)
+    opt = ft.Adam(actual, lr=0.01)
+    step_both(ref, opt, expected, actual, steps=ft._PREFETCH_AFTER + 1)
+    (c,) = opt._caches.values()
+    assert c.prefetch is not None and c.prefetch[0].size > 0
+    assert id(actual[0]) in set(c.prefetch[0].tolist())
+    assert len(c.prefetch[1]) == 3  # exp_avg (and the state dicts), exp_avg_sq, step
+    assert id(opt.state[actual[1]]["exp_avg_sq"]) in set(c.prefetch[1][1].tolist())
+    opt.state[actual[1]]["exp_avg"] = opt.state[actual[1]]["exp_avg"].clone()
+    ref.state[expected[1]]["exp_avg"] = ref.state[expected[1]]["exp_avg"].clone()
+    step_both(ref, opt, expected, actual, steps=1, seed=2)
+    assert c.prefetch is None  # rebound this step: gathered again later
+    step_both(ref, opt, expected, actual, steps=ft._PREFETCH_AFTER + 1, seed=3)
+    assert c.prefetch is not None
+    rng = np.random.default_rng(0)
+    c.prefetch = tuple(rng.integers(-(2**63), 2**63 - 1, 1000, dtype=np.int64)
+                       for _ in range(2))
+    c.prefetch = (c.prefetch[0], [c.prefetch[1]] * 3)
+    step_both(ref, opt, expected, actual, steps=2, seed=4)
+    assert_same(ref, opt, expected, actual)
+
+
+def test_bench_can_leave_out_torch_implementations():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_torch.py"
+    spec = importlib.util.spec_from_file_location("bench_torch_skip", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = module.main(["--cases", "many_tensors", "--repeats", "2", "--tensors", "10",
+                           "--tensor-numel", "64", "--skip", "torch foreach"])
+    assert {row["impl"] for row in results["rows"]} == {"fastoptim.torch", "raw adam_",
+                                                        "torch fused"}
+    assert not [key for key in results["summary"] if "foreach" in key]
+    assert [key for key in results["summary"] if "torch_fused" in key]

@@ -18,11 +18,24 @@ choose how params and states are stored (Note [Storage options]).
 Note [Views are cached]
     Building a NumPy view costs about a microsecond, so the views of parameters and states are
     built once and kept per param group, with the ``data_ptr()`` of every tensor they view.
-    Each step compares those pointers with the current ones (one C-level pass per group): a
-    parameter whose memory moved (``p.data = ...``, ``share_memory_()``, ZeRO bucket views) or
-    a state tensor that was replaced (``load_state_dict``, ZeroRedundancyOptimizer writing
-    ``optim.state[p]``, a hand edit) is re-viewed before use. Gradients are viewed afresh every
-    step: ``zero_grad()`` replaces them, unless the pointer path takes them (below).
+    Each step compares those pointers with the current ones (one C-level pass over the params,
+    and one per state name over the state dicts, with no tuple per param): a parameter whose
+    memory moved (``p.data = ...``, ``share_memory_()``, ZeRO bucket views) or a state tensor
+    that was replaced or moved (``load_state_dict``, ZeroRedundancyOptimizer writing
+    ``optim.state[p]``, ``state[...].data = ...``, ``share_memory_()``, a hand edit) is
+    re-viewed before use. No cheaper signal exists: ``.data =`` and ``share_memory_()`` keep
+    the Python object and its version counter and change only the memory, so every pointer is
+    read every step. Gradients are viewed afresh every step: ``zero_grad()`` replaces them,
+    unless the pointer path takes them (below).
+
+Note [Step store moves]
+    The step counts of a group are views of one tensor (Note [Steps live in one tensor per
+    group]), which the step reads and writes through a NumPy view. ``share_memory_()`` or a
+    growing ``resize_()`` on any ``state[p]["step"]`` moves that tensor's memory and frees the
+    old one, under the NumPy view. So each step first compares the tensor's ``data_ptr()`` with
+    the view's, and views it again when they differ (the scalar states of NAdam and ASGD
+    likewise, ``_ScalarStore.refresh``); every param is then rebound, since its ``step`` view
+    moved too.
 
 Note [pointer path]
     Building a gradient's NumPy view costs 0.5-1 us, per gradient per step. When a whole group
@@ -37,11 +50,15 @@ Note [pointer path]
     layout, a negative view) takes the NumPy path, which checks it and names the param. This
     object holds the tensors while the kernel runs without the GIL.
     What it saves is smaller than the view: each tensor a step touches from Python (a
-    parameter's pointer, a state's, a gradient's metadata, the version counter) costs 0.1-0.3 us,
-    mostly a cache miss on a TensorImpl the previous update evicted, and a parameter of Adam has
-    five such tensors; the per-parameter cost measured is about 1.5-2 us against the raw call's
-    0.3 (bench/bench_torch.py, many_tensors). Going lower needs torch's tensor metadata read in
-    C++, i.e. an extension built against libtorch, which fastoptim does not link.
+    parameter's pointer and ``.grad``, a state's pointer, a gradient's class, dtype, shape,
+    device, strides, negative bit and pointer, the version counter) costs 40-100 ns in torch's
+    Python bindings even when cached, and as much again in cache misses: the previous update
+    streamed through far more memory than the caches hold. The misses on the params, states and
+    state dicts, whose addresses do not change from step to step, are overlapped by prefetching
+    those addresses at the start of the step (Note [prefetch hints] in src/cpp/bindings.cpp;
+    ``_GroupCache.prefetch``, built once the same tensors have stepped a few times). MEASURED_FIGURES
+    Going lower needs torch's tensor metadata read in C++, i.e. an extension built against
+    libtorch, which fastoptim does not link.
 
 Note [DTensor and FSDP2]
     ``fully_shard`` (FSDP2) and tensor parallelism hand the optimizer DTensor parameters and
@@ -217,6 +234,11 @@ def _pointer_functional() -> Any:
 
 
 _P = _pointer_functional()
+# Note [prefetch hints] (src/cpp/bindings.cpp); None when the compiled module predates it.
+_PREFETCH: Callable[[np.ndarray], None] | None = getattr(_core, "_prefetch", None)
+#: steps a group's tensors must have stepped unchanged before their addresses are gathered
+_PREFETCH_AFTER = 3
+_PREFETCH_KEYS = True
 
 # Note [torch.compile]
 #     Dynamo cannot trace a step (NumPy, the compiled kernels, the caches), and a graph break
@@ -384,7 +406,7 @@ class _GroupCache:
                  "shapes", "strides",
                  "numels", "fmt", "views", "metas", "errors", "flat", "dtypes", "kinds",
                  "one_dtype", "dicts", "gen", "svs", "bound", "pending", "store", "store_np",
-                 "store_ptr", "full", "nbytes", "spans")
+                 "store_ptr", "full", "nbytes", "spans", "prefetch", "reused")
 
     def __init__(self, group: dict[str, Any], names: tuple[str, ...], ptrs: list[int],
                  with_step: bool) -> None:
@@ -447,6 +469,12 @@ class _GroupCache:
         self.store_ptr = self.store.data_ptr() if with_step else 0
         #: every param's views and pointers, once all are bound (``_complete``).
         self.full: _Full | None = None
+        #: the addresses of the objects a step reads, for ``_core._prefetch`` (Note [prefetch
+        #: hints]); None until ``full`` has served ``_PREFETCH_AFTER`` steps unchanged (gathering
+        #: them costs about 1 us per tensor), and after it changes.
+        self.prefetch: tuple[np.ndarray, list[np.ndarray]] | None = None
+        #: how many steps in a row ``full`` has served unchanged
+        self.reused = 0
         #: per param: the byte spans [lo, hi) it and its bound states occupy, with what they
         #: are; None until needed and after any (re)binding (Note [All or nothing]).
         self.spans: list[list[tuple[int, int, str | None]]] | None = None
@@ -857,6 +885,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if any(map(_formats_on, self.param_groups)):
             self._format_step(grads, scale)
             return
+        if _PREFETCH is not None:  # Note [prefetch hints]
+            for c in self._caches.values():
+                if c.prefetch is not None:
+                    _PREFETCH(c.prefetch[0])  # the params; their states in _check_bound
         snapshot = self._snapshot
         if (snapshot is None or snapshot[0] is not self.state
                 or not _same_objects(snapshot[1], list(self.state.values()))):
@@ -1493,6 +1525,12 @@ class _FusedOptimizer(torch.optim.Optimizer):
             self._check_bound(group, c, idx, everyone)
         if c.pending or not everyone or not c.one_dtype:
             return self._plan_split(item)
+        if c.full is None:
+            c.reused = 0
+        elif c.prefetch is None and _PREFETCH is not None:
+            c.reused += 1
+            if c.reused >= _PREFETCH_AFTER:  # the same tensors step after step
+                c.prefetch = self._addresses(c)
         full = _complete(c, len(self._keys(c.names)) if c.names or self._with_step else 0)
         store_np = c.store_np
         step = self._step_key(c, -1, None) if not self._kernel_step else None
@@ -1516,6 +1554,29 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 store_np[...] += store_np.dtype.type(1)
         return [run]
 
+    def _addresses(self, c: _GroupCache) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Where the objects a step reads live (Note [prefetch hints]): for the params, and for
+        each bound state key (the state dicts with the first), each tensor's Python object,
+        TensorImpl (its first 256 bytes) and StorageImpl. Hints only: nothing depends on them
+        being right or current."""
+        def where(tensors: Iterable[Any], out: list[int]) -> np.ndarray:
+            for t in tensors:
+                impl = t._cdata
+                out += (id(t), impl, impl + 64, impl + 128, impl + 192,
+                        t.untyped_storage()._cdata)
+            return np.array(out, dtype=np.int64)
+
+        keys = []
+        try:
+            params = where(c.locals, [])
+            if c.full is not None and c.full.by_key:
+                dicts = list(map(id, c.dicts))
+                for k, get in enumerate(self._key_getters(c.names)):
+                    keys.append(where(map(_local, map(get, c.dicts)), dicts if k == 0 else []))
+        except Exception:  # e.g. a tensor without storage: no hints
+            return np.zeros(0, dtype=np.int64), []
+        return params, keys
+
     def _check_bound(self, group: dict[str, Any], c: _GroupCache, idx: range | list[int],
                      everyone: bool) -> None:
         """Bind every param of idx whose state tensors are not the ones its views show."""
@@ -1526,6 +1587,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             c.store_np = c.store.numpy()
             c.store_ptr = _data_ptr(c.store)
             c.full = None
+            c.prefetch = None
             c.spans = None
         if c.gen != self._gen:
             c.dicts = list(map(self.state.get, params))
@@ -1535,9 +1597,15 @@ class _FusedOptimizer(torch.optim.Optimizer):
         full = c.full
         if everyone and full is not None and full.by_key:
             # The common case: one list of pointers per state key, no tuple per param.
+            hints = c.prefetch[1] if c.prefetch is not None and _PREFETCH_KEYS else None
             try:
-                if all(list(map(ptr, map(get, dicts))) == expected
-                       for get, expected in zip(self._key_getters(c.names), full.by_key)):
+                for k, (get, expected) in enumerate(zip(self._key_getters(c.names),
+                                                        full.by_key)):
+                    if hints:  # each key's tensors just before they are read
+                        _PREFETCH(hints[k])
+                    if list(map(ptr, map(get, dicts))) != expected:
+                        break
+                else:
                     return
             except (TypeError, KeyError, AttributeError):
                 pass
@@ -1592,6 +1660,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         c.svs[i] = tuple(views)
         c.bound[i] = None if i in c.pending else tuple(ptrs)
         c.full = None
+        c.prefetch = None
         c.spans = None
 
     def _plan_split(self, item: _Gathered) -> list[Callable[[], None]]:
@@ -1834,6 +1903,7 @@ class SGD(_FusedOptimizer):
                 c.dicts[i] = self.state[params[i]]
                 c.bound[i] = (_local_ptr(buf),)
                 c.full = None
+                c.prefetch = None
                 c.spans = None
 
 
