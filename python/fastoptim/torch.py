@@ -57,11 +57,11 @@ Note [pointer path]
     state dicts, whose addresses do not change from step to step, are overlapped by prefetching
     those addresses at the start of the step (Note [prefetch hints] in src/cpp/bindings.cpp;
     ``_GroupCache.prefetch``, built once the same tensors have stepped a few times). On
-    2,000 x 4,096 float32 Adam (load 5.7 on 2 cores) the step costs 1.5x the raw call at 1
-    thread and 1.7x at 2 (medians; 1.6x and 2.2x before the prefetch and the per-key checks),
-    i.e. about 1.7 us per parameter, of which the gradient's seven reads are about 0.6 and
-    ``.grad`` and the version counter 0.4: what every step must read, since a new gradient is
-    a new tensor. Going lower needs torch's tensor metadata read in C++, i.e. an extension
+    2,000 x 4,096 float32 Adam (load 5-6 on 2 cores) the step costs 1.5-1.6x the raw call at 1
+    thread and 1.7x at 2 (medians, interleaved; 1.6-1.7x and 2.2x before the prefetch and the
+    per-key checks), i.e. about 1.7 us per parameter, of which the gradient's seven reads are
+    about 0.6 and ``.grad`` and the version counter 0.4: what every step must read, since a new
+    gradient is a new tensor. Going lower needs torch's tensor metadata read in C++, i.e. an extension
     built against libtorch, which fastoptim does not link.
 
 Note [DTensor and FSDP2]
