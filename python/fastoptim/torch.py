@@ -61,8 +61,8 @@ Note [pointer path]
     thread and 1.7x at 2 (medians, interleaved; 1.6-1.7x and 2.2x before the prefetch and the
     per-key checks), i.e. about 1.7 us per parameter, of which the gradient's seven reads are
     about 0.6 and ``.grad`` and the version counter 0.4: what every step must read, since a new
-    gradient is a new tensor. Going lower needs torch's tensor metadata read in C++, i.e. an extension
-    built against libtorch, which fastoptim does not link.
+    gradient is a new tensor. Going lower needs torch's tensor metadata read in C++, i.e. an
+    extension built against libtorch, which fastoptim does not link.
 
 Note [DTensor and FSDP2]
     ``fully_shard`` (FSDP2) and tensor parallelism hand the optimizer DTensor parameters and
