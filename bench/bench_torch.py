@@ -111,8 +111,11 @@ def make_params(shapes: list[tuple[int, ...]], seed: int = 0) -> list[torch.Tens
     return params
 
 
-def implementations(params: list[torch.Tensor],
-                    decoupled: bool = False) -> dict[str, Callable[[], None]]:
+IMPLS = ("fastoptim.torch", "raw adam_", "torch foreach", "torch fused")
+
+
+def implementations(params: list[torch.Tensor], decoupled: bool = False,
+                    chosen: tuple[str, ...] = IMPLS) -> dict[str, Callable[[], None]]:
     name = "AdamW" if decoupled else "Adam"
     kwargs = {"lr": LR, "weight_decay": WEIGHT_DECAY} if decoupled else {"lr": LR}
     fast = getattr(ft, name)(params, **kwargs)
@@ -127,10 +130,13 @@ def implementations(params: list[torch.Tensor],
         update(*views, step=step[0], **kwargs)
         step[0] += 1
 
-    foreach = getattr(torch.optim, name)(params, foreach=True, **kwargs)
-    fused = getattr(torch.optim, name)(params, fused=True, **kwargs)
-    return {"fastoptim.torch": fast.step, "raw adam_": raw, "torch foreach": foreach.step,
-            "torch fused": fused.step}
+    impls = {"fastoptim.torch": fast.step, "raw adam_": raw}
+    if "torch foreach" in chosen:
+        impls["torch foreach"] = getattr(torch.optim, name)(params, foreach=True,
+                                                            **kwargs).step
+    if "torch fused" in chosen:
+        impls["torch fused"] = getattr(torch.optim, name)(params, fused=True, **kwargs).step
+    return impls
 
 
 def time_round_robin(impls: dict[str, Callable[[], None]], repeats: int,
@@ -168,6 +174,9 @@ def parse_args(argv):
     ap.add_argument("--tensor-numel", type=int, default=4096, help="many_tensors size (4096)")
     ap.add_argument("--threads", type=int, nargs="+", help="threads for torch and fastoptim, "
                     "one run per count (default: fastoptim's default, all cores)")
+    ap.add_argument("--skip", nargs="+", default=[], choices=("torch foreach", "torch fused"),
+                    help="leave out these torch implementations (torch foreach takes 10x "
+                         "longer than the others on many_tensors)")
     ap.add_argument("--json", type=Path, help="write the results to this file")
     return ap.parse_args(argv)
 
@@ -185,7 +194,8 @@ def main(argv=None) -> dict:
             for threads in thread_counts:
                 torch.set_num_threads(threads)
                 fastoptim.set_num_threads(threads)
-                impls = implementations(params, DECOUPLED.get(case, False))
+                impls = implementations(params, DECOUPLED.get(case, False),
+                                        tuple(i for i in IMPLS if i not in args.skip))
                 times = time_round_robin(impls, repeats, warmup=2)
                 for impl, ts in times.items():
                     rows.append({"case": case, "tensors": len(shapes),
@@ -219,6 +229,8 @@ def main(argv=None) -> dict:
             summary[f"{tag}_wrapper_overhead_min_ms"] = extra_ms
             summary[f"{tag}_wrapper_overhead_min_us_per_tensor"] = 1e3 * extra_ms / count
             for other in ("torch fused", "torch foreach"):
+                if other in args.skip:
+                    continue
                 key = other.replace(" ", "_")
                 summary[f"{tag}_speedup_vs_{key}"] = (stat(case, threads, other)
                                                       / stat(case, threads, "fastoptim.torch"))
@@ -238,9 +250,10 @@ def main(argv=None) -> dict:
             print(f"{case}, {threads} thread(s): fastoptim.torch over the raw call "
                   f"{100 * summary[f'{tag}_wrapper_overhead_vs_raw']:+.1f}% (medians), "
                   f"{summary[f'{tag}_wrapper_overhead_min_ms']:+.3f} ms (minimums, "
-                  f"{summary[f'{tag}_wrapper_overhead_min_us_per_tensor']:+.2f} us per tensor); "
-                  f"{summary[f'{tag}_speedup_vs_torch_fused']:.2f}x torch fused, "
-                  f"{summary[f'{tag}_speedup_vs_torch_foreach']:.2f}x torch foreach")
+                  f"{summary[f'{tag}_wrapper_overhead_min_us_per_tensor']:+.2f} us per tensor)"
+                  + "".join(f"; {summary[f'{tag}_speedup_vs_{key}']:.2f}x {key.replace('_', ' ')}"
+                            for key in ("torch_fused", "torch_foreach")
+                            if f"{tag}_speedup_vs_{key}" in summary))
     results = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "processor": platform.processor(),

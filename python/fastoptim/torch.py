@@ -18,11 +18,24 @@ choose how params and states are stored (Note [Storage options]).
 Note [Views are cached]
     Building a NumPy view costs about a microsecond, so the views of parameters and states are
     built once and kept per param group, with the ``data_ptr()`` of every tensor they view.
-    Each step compares those pointers with the current ones (one C-level pass per group): a
-    parameter whose memory moved (``p.data = ...``, ``share_memory_()``, ZeRO bucket views) or
-    a state tensor that was replaced (``load_state_dict``, ZeroRedundancyOptimizer writing
-    ``optim.state[p]``, a hand edit) is re-viewed before use. Gradients are viewed afresh every
-    step: ``zero_grad()`` replaces them, unless the pointer path takes them (below).
+    Each step compares those pointers with the current ones (one C-level pass over the params,
+    and one per state name over the state dicts, with no tuple per param): a parameter whose
+    memory moved (``p.data = ...``, ``share_memory_()``, ZeRO bucket views) or a state tensor
+    that was replaced or moved (``load_state_dict``, ZeroRedundancyOptimizer writing
+    ``optim.state[p]``, ``state[...].data = ...``, ``share_memory_()``, a hand edit) is
+    re-viewed before use. No cheaper signal exists: ``.data =`` and ``share_memory_()`` keep
+    the Python object and its version counter and change only the memory, so every pointer is
+    read every step. Gradients are viewed afresh every step: ``zero_grad()`` replaces them,
+    unless the pointer path takes them (below).
+
+Note [Step store moves]
+    The step counts of a group are views of one tensor (Note [Steps live in one tensor per
+    group]), which the step reads and writes through a NumPy view. ``share_memory_()`` or a
+    growing ``resize_()`` on any ``state[p]["step"]`` moves that tensor's memory and frees the
+    old one, under the NumPy view. So each step first compares the tensor's ``data_ptr()`` with
+    the view's, and views it again when they differ (the scalar states of NAdam and ASGD
+    likewise, ``_ScalarStore.refresh``); every param is then rebound, since its ``step`` view
+    moved too.
 
 Note [pointer path]
     Building a gradient's NumPy view costs 0.5-1 us, per gradient per step. When a whole group
@@ -37,11 +50,19 @@ Note [pointer path]
     layout, a negative view) takes the NumPy path, which checks it and names the param. This
     object holds the tensors while the kernel runs without the GIL.
     What it saves is smaller than the view: each tensor a step touches from Python (a
-    parameter's pointer, a state's, a gradient's metadata, the version counter) costs 0.1-0.3 us,
-    mostly a cache miss on a TensorImpl the previous update evicted, and a parameter of Adam has
-    five such tensors; the per-parameter cost measured is about 1.5-2 us against the raw call's
-    0.3 (bench/bench_torch.py, many_tensors). Going lower needs torch's tensor metadata read in
-    C++, i.e. an extension built against libtorch, which fastoptim does not link.
+    parameter's pointer and ``.grad``, a state's pointer, a gradient's class, dtype, shape,
+    device, strides, negative bit and pointer, the version counter) costs 40-100 ns in torch's
+    Python bindings even when cached, and as much again in cache misses: the previous update
+    streamed through far more memory than the caches hold. The misses on the params, states and
+    state dicts, whose addresses do not change from step to step, are overlapped by prefetching
+    those addresses at the start of the step (Note [prefetch hints] in src/cpp/bindings.cpp;
+    ``_GroupCache.prefetch``, built once the same tensors have stepped a few times). On
+    2,000 x 4,096 float32 Adam (load 5-6 on 2 cores) the step costs 1.5-1.6x the raw call at 1
+    thread and 1.7x at 2 (medians, interleaved; 1.6-1.7x and 2.2x before the prefetch and the
+    per-key checks), i.e. about 1.7 us per parameter, of which the gradient's seven reads are
+    about 0.6 and ``.grad`` and the version counter 0.4: what every step must read, since a new
+    gradient is a new tensor. Going lower needs torch's tensor metadata read in C++, i.e. an
+    extension built against libtorch, which fastoptim does not link.
 
 Note [DTensor and FSDP2]
     ``fully_shard`` (FSDP2) and tensor parallelism hand the optimizer DTensor parameters and
@@ -147,9 +168,12 @@ def _np(t: torch.Tensor) -> np.ndarray:
 _grad_of = operator.attrgetter("grad")
 _stride = torch.Tensor.stride
 _is_neg = torch.Tensor.is_neg
-# What a gradient must share with its parameter for the pointer path (Note [pointer path]).
-# (The layout needs no check: stride() raises for a sparse or other non-strided tensor.)
-_grad_meta = operator.attrgetter("__class__", "dtype", "shape", "is_cpu")
+# What a gradient must share with its parameter for the pointer path (Note [pointer path]):
+# class, dtype, shape, device, strides and no negative bit. (The layout needs no check:
+# stride() raises for a sparse or other non-strided tensor.)
+_dtype = operator.attrgetter("dtype")
+_shape = operator.attrgetter("shape")
+_is_cpu = operator.attrgetter("is_cpu")
 _data_ptr = torch.Tensor.data_ptr
 _to_numpy = torch.Tensor.numpy
 # What a gradient's view must share with its parameter's view: class, dtype, shape, strides.
@@ -214,6 +238,10 @@ def _pointer_functional() -> Any:
 
 
 _P = _pointer_functional()
+# Note [prefetch hints] (src/cpp/bindings.cpp); None when the compiled module predates it.
+_PREFETCH: Callable[[np.ndarray], None] | None = getattr(_core, "_prefetch", None)
+#: steps a group's tensors must have stepped unchanged before their addresses are gathered
+_PREFETCH_AFTER = 3
 
 # Note [torch.compile]
 #     Dynamo cannot trace a step (NumPy, the compiled kernels, the caches), and a graph break
@@ -377,10 +405,11 @@ def _same_layout(t: Any, p: torch.Tensor) -> bool:
 class _GroupCache:
     """The NumPy views of one param group (Note [Views are cached])."""
 
-    __slots__ = ("group", "names", "ptrs", "dtensor", "locals", "grad_metas", "strides",
+    __slots__ = ("group", "names", "ptrs", "dtensor", "locals", "grad_types", "grad_dtypes",
+                 "shapes", "strides",
                  "numels", "fmt", "views", "metas", "errors", "flat", "dtypes", "kinds",
                  "one_dtype", "dicts", "gen", "svs", "bound", "pending", "store", "store_np",
-                 "full", "nbytes", "spans")
+                 "store_ptr", "full", "nbytes", "spans", "prefetch", "reused")
 
     def __init__(self, group: dict[str, Any], names: tuple[str, ...], ptrs: list[int],
                  with_step: bool) -> None:
@@ -421,8 +450,9 @@ class _GroupCache:
             self.views[i] = view
         self.one_dtype = len(set(self.kinds)) == 1
         #: what each gradient must match for the pointer path (Note [pointer path])
-        self.grad_metas = [(torch.Tensor, p.dtype, p.shape, True)
-                           for p in self.locals]
+        self.grad_types = [torch.Tensor] * n
+        self.grad_dtypes = [p.dtype for p in self.locals]
+        self.shapes = list(map(_shape, self.locals))
         self.strides = list(map(_stride, self.locals))
         self.numels = list(map(torch.Tensor.numel, self.locals))
         self.fmt = str(self.dtypes[0]) if self.one_dtype and n else ""
@@ -438,8 +468,16 @@ class _GroupCache:
         self.pending: dict[int, torch.Tensor] = {}
         self.store = torch.zeros(n, dtype=_scalar_dtype()) if with_step else None
         self.store_np = self.store.numpy() if with_step else None
+        #: where ``store_np`` views ``store`` (Note [Step store moves])
+        self.store_ptr = self.store.data_ptr() if with_step else 0
         #: every param's views and pointers, once all are bound (``_complete``).
         self.full: _Full | None = None
+        #: the addresses of the objects a step reads, for ``_core._prefetch`` (Note [prefetch
+        #: hints]); None until ``full`` has served ``_PREFETCH_AFTER`` steps unchanged (gathering
+        #: them costs about 1 us per tensor), and after it changes.
+        self.prefetch: tuple[np.ndarray, list[np.ndarray]] | None = None
+        #: how many steps in a row ``full`` has served unchanged
+        self.reused = 0
         #: per param: the byte spans [lo, hi) it and its bound states occupy, with what they
         #: are; None until needed and after any (re)binding (Note [All or nothing]).
         self.spans: list[list[tuple[int, int, str | None]]] | None = None
@@ -450,18 +488,19 @@ class _Full(NamedTuple):
 
     views: list[np.ndarray]  #: the params' views
     states: dict[str, list[np.ndarray]]  #: name -> the states' views
-    ptrs: list[int]  #: the bound pointers, flattened (Note [Views are cached])
+    by_key: list[list[int]]  #: per state key (``_getter``'s order): the bound pointers
     pointers: tuple[str, list[int], list[int]]  #: the params for the pointer path
     pstates: dict[str, list[int]]  #: name -> the states' pointers
 
 
-def _complete(c: _GroupCache, bound: bool) -> _Full:
-    """The group's full-call arrays (``bound``: its states have been bound)."""
+def _complete(c: _GroupCache, keys: int) -> _Full:
+    """The group's full-call arrays (``keys``: how many state tensors each param has bound,
+    0 when its states have not been bound)."""
     if c.full is None:
         names = c.names
         c.full = _Full(
             c.views, {name: [sv[k] for sv in c.svs] for k, name in enumerate(names)},
-            list(chain.from_iterable(c.bound)) if bound else [], (c.fmt, c.numels, c.ptrs),
+            [[b[k] for b in c.bound] for k in range(keys)], (c.fmt, c.numels, c.ptrs),
             {name: [b[k] for b in c.bound] for k, name in enumerate(names)})
     return c.full
 
@@ -770,6 +809,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self._written_cache: tuple[list[Any], _Written] | None = None
         #: id(param) -> (param, _format_sig, options, arrays) (Note [Storage options])
         self._format_cache: dict[int, tuple[Any, ...]] = {}
+        #: state names -> one itemgetter per bound key (``_key_getters``)
+        self._getters: dict[tuple[str, ...], tuple[Callable[[Any], Any], ...]] = {}
 
     # -- torch.optim.Optimizer overrides --------------------------------------------------------
 
@@ -847,6 +888,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if any(map(_formats_on, self.param_groups)):
             self._format_step(grads, scale)
             return
+        if _PREFETCH is not None:  # Note [prefetch hints]
+            for c in self._caches.values():
+                if c.prefetch is not None:
+                    _PREFETCH(c.prefetch[0])  # the params; their states in _check_bound
         snapshot = self._snapshot
         if (snapshot is None or snapshot[0] is not self.state
                 or not _same_objects(snapshot[1], list(self.state.values()))):
@@ -1364,11 +1409,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
         params = group["params"]
         if grads is None:
             grads = list(map(_grad_of, params))
-        has_grad = list(map(operator.is_not, grads, repeat(None)))
-        if all(has_grad):
+        if all(map(operator.is_not, grads, repeat(None))):
             idx: range | list[int] = range(len(params))
         else:
-            idx = list(compress(range(len(params)), has_grad))
+            idx = list(compress(range(len(params)), map(operator.is_not, grads, repeat(None))))
             if not idx:
                 return None
             grads = [grads[i] for i in idx]
@@ -1406,7 +1450,12 @@ class _FusedOptimizer(torch.optim.Optimizer):
         parameter's dtype, shape and strides: then the kernel can take data pointers."""
         c, grads = item.cache, item.grads
         try:
-            if (_P is None or list(map(_grad_meta, grads)) != c.grad_metas
+            # One C-level pass per attribute, each compared with the params' list: no tuple
+            # per gradient (a type, a dtype and a bool are compared by identity).
+            if (_P is None or list(map(type, grads)) != c.grad_types
+                    or list(map(_dtype, grads)) != c.grad_dtypes
+                    or list(map(_shape, grads)) != c.shapes
+                    or not all(map(_is_cpu, grads))
                     or list(map(_stride, grads)) != c.strides or any(map(_is_neg, grads))):
                 return False
         except RuntimeError:  # no strides: a sparse (or other non-strided) gradient
@@ -1452,8 +1501,20 @@ class _FusedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{where}: its gradient is not contiguous (strides {g.stride()}); "
                              f"fastoptim needs contiguous gradients")
 
+    def _keys(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        """The keys of a param's state tensors that a step binds, in ``c.bound``'s order."""
+        return names + ("step",) if self._with_step else names
+
+    def _key_getters(self, names: tuple[str, ...]) -> tuple[Callable[[Any], Any], ...]:
+        """One ``itemgetter`` per key of ``_keys(names)`` (cached)."""
+        found = self._getters.get(names)
+        if found is None:
+            found = self._getters[names] = tuple(map(operator.itemgetter,
+                                                     self._keys(names)))
+        return found
+
     def _getter(self, names: tuple[str, ...]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
-        keys = names + ("step",) if self._with_step else names
+        keys = self._keys(names)
         if len(keys) == 1:
             key = keys[0]
             return lambda d: (d[key],)
@@ -1467,7 +1528,13 @@ class _FusedOptimizer(torch.optim.Optimizer):
             self._check_bound(group, c, idx, everyone)
         if c.pending or not everyone or not c.one_dtype:
             return self._plan_split(item)
-        full = _complete(c, bool(c.names or self._with_step))
+        if c.full is None:
+            c.reused = 0
+        elif c.prefetch is None and _PREFETCH is not None:
+            c.reused += 1
+            if c.reused >= _PREFETCH_AFTER:  # the same tensors step after step
+                c.prefetch = self._addresses(c)
+        full = _complete(c, len(self._keys(c.names)) if c.names or self._with_step else 0)
         store_np = c.store_np
         step = self._step_key(c, -1, None) if not self._kernel_step else None
         if self._kernel_step:
@@ -1490,28 +1557,73 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 store_np[...] += store_np.dtype.type(1)
         return [run]
 
+    def _addresses(self, c: _GroupCache) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Where the objects a step reads live (Note [prefetch hints]): for the params, and for
+        each bound state key (the state dicts with the first), each tensor's Python object,
+        TensorImpl (its first 256 bytes) and StorageImpl. Hints only: nothing depends on them
+        being right or current."""
+        def where(tensors: Iterable[Any], out: list[int]) -> np.ndarray:
+            for t in tensors:
+                impl = t._cdata
+                out += (id(t), impl, impl + 64, impl + 128, impl + 192,
+                        t.untyped_storage()._cdata)
+            return np.array(out, dtype=np.int64)
+
+        keys = []
+        try:
+            params = where(c.locals, [])
+            if c.full is not None and c.full.by_key:
+                dicts = list(map(id, c.dicts))
+                for k, get in enumerate(self._key_getters(c.names)):
+                    keys.append(where(map(_local, map(get, c.dicts)), dicts if k == 0 else []))
+        except Exception:  # e.g. a tensor without storage: no hints
+            return np.zeros(0, dtype=np.int64), []
+        return params, keys
+
     def _check_bound(self, group: dict[str, Any], c: _GroupCache, idx: range | list[int],
                      everyone: bool) -> None:
         """Bind every param of idx whose state tensors are not the ones its views show."""
         params = group["params"]
-        getter = self._getter(c.names)
+        if c.store is not None and _data_ptr(c.store) != c.store_ptr:
+            # Note [Step store moves]: store_np views freed memory; view the store again
+            # before anything reads or writes it (every param is then rebound below).
+            c.store_np = c.store.numpy()
+            c.store_ptr = _data_ptr(c.store)
+            c.full = None
+            c.prefetch = None
+            c.spans = None
         if c.gen != self._gen:
             c.dicts = list(map(self.state.get, params))
             c.gen = self._gen
         dicts = c.dicts if everyone else [c.dicts[i] for i in idx]
-        try:
-            current = list(map(_local_ptr if c.dtensor else _data_ptr,
-                               chain.from_iterable(map(getter, dicts))))
-        except (TypeError, KeyError, AttributeError):
-            current = None
-        if current is not None:
-            if everyone and c.full is not None:
-                expected = c.full.ptrs
-            else:
+        ptr = _local_ptr if c.dtensor else _data_ptr
+        full = c.full
+        if everyone and full is not None and full.by_key:
+            # The common case: one list of pointers per state key, no tuple per param.
+            hints = c.prefetch[1] if c.prefetch is not None else ()
+            try:
+                for k, (get, expected) in enumerate(zip(self._key_getters(c.names),
+                                                        full.by_key)):
+                    if k < len(hints):  # each key's tensors just before they are read
+                        _PREFETCH(hints[k])
+                    if list(map(ptr, map(get, dicts))) != expected:
+                        break
+                else:
+                    return
+            except (TypeError, KeyError, AttributeError):
+                pass
+        else:
+            getter = self._getter(c.names)
+            try:
+                current = list(map(ptr, chain.from_iterable(map(getter, dicts))))
+            except (TypeError, KeyError, AttributeError):
+                current = None
+            if current is not None:
                 bound = c.bound if everyone else [c.bound[i] for i in idx]
                 expected = None if None in bound else list(chain.from_iterable(bound))
-            if current == expected:
-                return
+                if current == expected:
+                    return
+        getter = self._getter(c.names)
         with torch.no_grad():  # binding may create or convert state tensors
             for j, i in enumerate(idx):
                 if c.bound[i] is None or _bound_ptrs(dicts[j], getter, c.dtensor) != c.bound[i]:
@@ -1551,6 +1663,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         c.svs[i] = tuple(views)
         c.bound[i] = None if i in c.pending else tuple(ptrs)
         c.full = None
+        c.prefetch = None
         c.spans = None
 
     def _plan_split(self, item: _Gathered) -> list[Callable[[], None]]:
@@ -1793,6 +1906,7 @@ class SGD(_FusedOptimizer):
                 c.dicts[i] = self.state[params[i]]
                 c.bound[i] = (_local_ptr(buf),)
                 c.full = None
+                c.prefetch = None
                 c.spans = None
 
 
@@ -2058,7 +2172,7 @@ class Adadelta(_FusedOptimizer):
 class _ScalarStore:
     """The scalar states of one param group's params (Note [Scalar states])."""
 
-    __slots__ = ("cache", "tensors", "arrays", "wide")
+    __slots__ = ("cache", "tensors", "arrays", "ptrs", "wide")
 
     def __init__(self, cache: _GroupCache, names: tuple[str, ...]) -> None:
         n = len(cache.ptrs)
@@ -2068,8 +2182,19 @@ class _ScalarStore:
                                torch.zeros(n, dtype=torch.float64)) for name in names}
         self.arrays = {name: (t32.numpy(), t64.numpy())
                        for name, (t32, t64) in self.tensors.items()}
+        #: name -> where ``arrays`` view the stores (Note [Step store moves])
+        self.ptrs = {name: (t32.data_ptr(), t64.data_ptr())
+                     for name, (t32, t64) in self.tensors.items()}
         #: name -> per param: whether its tensor is a view of the float64 store
         self.wide = {name: np.zeros(n, dtype=bool) for name in names}
+
+    def refresh(self) -> None:
+        """View again any store whose memory moved (Note [Step store moves])."""
+        for name, (t32, t64) in self.tensors.items():
+            ptrs = (t32.data_ptr(), t64.data_ptr())
+            if ptrs != self.ptrs[name]:
+                self.arrays[name] = (t32.numpy(), t64.numpy())
+                self.ptrs[name] = ptrs
 
     def bind(self, i: int, name: str, value: Any) -> torch.Tensor:
         """Hold ``value`` (param i's ``state[name]`` as found) and return the view to store in
@@ -2129,8 +2254,8 @@ class _ScalarStateOptimizer(_FusedOptimizer):
             state[name] = self._new_state(p, name)
         return state
 
-    def _getter(self, names: tuple[str, ...]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
-        return operator.itemgetter(*(names + ("step",) + self._scalar_names))
+    def _keys(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        return names + ("step",) + self._scalar_names
 
     def _store(self, c: _GroupCache) -> _ScalarStore:
         store = self._scalar_stores.get(id(c.group))
@@ -2165,9 +2290,10 @@ class _ScalarStateOptimizer(_FusedOptimizer):
         group, c, idx, hyper = item.group, item.cache, item.idx, item.hyper
         gv = self._views(item)
         everyone = len(idx) == len(group["params"])
+        self._store(c).refresh()  # before _check_bound may write to it
         self._check_bound(group, c, idx, everyone)
         if everyone:  # the base class's cache of the bound state
-            _complete(c, True)
+            _complete(c, len(self._keys(c.names)))
         store = self._store(c)
         sel = np.asarray(idx, dtype=np.intp)
         steps = c.store_np[sel] + c.store_np.dtype.type(1)

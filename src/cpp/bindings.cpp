@@ -1402,6 +1402,24 @@ PYBIND11_MODULE(_core, m) {
   m.def("get_num_threads", &num_threads);
   cuda::def_plan_hooks(m);
   def_pointer_path(m);  // fastoptim.torch (Note [pointer path])
+  // Note [prefetch hints]
+  //   Each step, fastoptim.torch reads a few fields of every parameter and state tensor
+  //   (their data pointers, Note [pointer path]). The previous step's kernels streamed through
+  //   far more memory than the caches hold, so each of those objects misses, and the misses
+  //   come one after another through torch's Python bindings. _prefetch(addresses) issues one
+  //   prefetch per int64 address (the objects' addresses as fastoptim.torch last saw them)
+  //   so that the misses overlap. A prefetch is a hint: it never faults and nothing is
+  //   dereferenced here, so a stale address (a tensor freed or moved since) costs only the
+  //   hint, and correctness never depends on it.
+  m.def(
+      "_prefetch",
+      [](const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& addresses) {
+        const int64_t* a = addresses.data();
+        const py::ssize_t n = addresses.size();
+        for (py::ssize_t i = 0; i < n; ++i)
+          __builtin_prefetch(reinterpret_cast<const void*>(static_cast<uintptr_t>(a[i])), 0, 3);
+      },
+      arg("addresses"));
 #if defined(FASTOPTIM_HAVE_CUDA)
   m.def(
       "_emulate_kernel",
