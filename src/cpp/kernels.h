@@ -54,7 +54,22 @@ FO_INLINE int64_t tensor_of(const int64_t* off, int64_t n, int64_t i) {
 // 1 thread: 2^25 and 2^26 elements 4-8% faster (45-46 ms instead of 49-50 ms at 2^26, the
 // same as the in-place ceiling loop); smaller sizes within noise. A prefetch past the end of
 // an array is harmless: it never faults.
+//
+// The prefetch is a plain loop over the slots in run_span. Written as a generic lambda through
+// each_slot (as the loads are), GCC 12 emitted no prefetch at all, at -O1 as at -O3: a lambda
+// whose only statement is a prefetch has no side effect, and its call is deleted before it is
+// inlined. From 0385c53 to the fix no run_span had a prefetch (objdump showed none); the fp16
+// formats lost most (all-fp16 AdamW 2^26 at 1 thread: 48% of the ceiling on 64-byte aligned
+// arrays, 90% on others; bench/bench_formats.py). tests/test_build.py counts the prefetches in
+// the built module so that this cannot come back unseen.
 constexpr int64_t kPrefetchAhead = 256;
+// Prefetch element i + kPrefetchAhead of a stream of `bytes`-sized elements (integer math: the
+// address may pass the end of the array; a prefetch never faults).
+FO_INLINE void prefetch_ahead(const void* base, int64_t i, int64_t bytes) {
+  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(base) +
+                                                   static_cast<uintptr_t>((i + kPrefetchAhead) * bytes)),
+                     0, 0);
+}
 
 template <class T> struct IsaVec;
 template <> struct IsaVec<float> { using type = FO_VEC_F32; };
@@ -138,6 +153,12 @@ template <class F> FO_INLINE void each_slot(F&& f) {
 template <class L, int kSlot> FO_INLINE auto* elem_ptr(void* const* ptr) {
   return static_cast<typename L::template Elem<kSlot>*>(ptr[kSlot]);
 }
+// The element size of slot s (params, grads, or the states' shared type).
+template <class L> constexpr int64_t slot_bytes(int s) {
+  return s == kParam ? sizeof(typename L::template Elem<kParam>)
+                     : s == kGrad ? sizeof(typename L::template Elem<kGrad>)
+                                  : sizeof(typename L::template Elem<kState0>);
+}
 
 // One lane group at element i: load the rule's slots (widening; grads unscaled, params plus
 // their compensation under kKahan), apply, store (rounding: to nearest even, or stochastically
@@ -192,12 +213,10 @@ FO_INLINE void run_span(void* const* ptr, int64_t i, int64_t n,
     head = min64(head, n - i);
     for (; head > 0; --head, ++i) apply_at<Rule, L, T>(ptr, ios, i, cs);
     for (; i + 2 * kW <= n; i += 2 * kW) {
-      each_slot([&](auto s) {
-        if constexpr ((Rule::kReads & bit(s)) != 0)
-          __builtin_prefetch(reinterpret_cast<const void*>(  // integer math: may pass the end
-              reinterpret_cast<uintptr_t>(elem_ptr<L, s>(ptr) + i) +
-              kPrefetchAhead * sizeof(typename L::template Elem<s>)), 0, 0);
-      });
+      // Note [software prefetch]: a plain loop over the slots, never a lambda.
+      for (int s = 0; s < kMaxSlots; ++s)
+        if ((Rule::kReads & bit(s)) != 0) prefetch_ahead(ptr[s], i, slot_bytes<L>(s));
+      if constexpr (L::kKahan) prefetch_ahead(iov.copy, i, sizeof(typename L::Copy));
       apply_at<Rule, L, V>(ptr, iov, i, cv);
       apply_at<Rule, L, V>(ptr, iov, i + kW, cv);
     }
