@@ -1450,6 +1450,26 @@ PYBIND11_MODULE(_core, m) {
       "arguments of _core.<rule>; chunk/block/grid/group (tensors per launch): 0 = the "
       "launcher's choice.");
 #endif
+  // Tuning hook (Note [software prefetch], kernels.h): the prefetch distance of every later
+  // call, in elements ahead for every format (0: no software prefetch), or None: the default,
+  // by the width of the params (dispatch.cpp). Returns the previous setting (None for the
+  // default). A tuning knob only: no result depends on it.
+  m.def("_set_prefetch_ahead", [](py::object elements) -> py::object {
+    const auto previous = [](int64_t p) -> py::object {
+      return p == kAutoPrefetch ? py::object(py::none()) : py::object(py::int_(p));
+    };
+    if (elements.is_none()) return previous(set_prefetch_ahead(kAutoPrefetch));
+    if (!py::isinstance<py::int_>(elements) || py::isinstance<py::bool_>(elements))
+      type_error("_set_prefetch_ahead: elements must be an int or None, got " +
+                 type_name(elements.ptr()));
+    int overflow = 0;
+    const long long e = PyLong_AsLongLongAndOverflow(elements.ptr(), &overflow);
+    if (overflow != 0 || e < 0 || e > kMaxPrefetchAhead)
+      value_error("_set_prefetch_ahead: elements must be in [0, " +
+                  std::to_string(kMaxPrefetchAhead) + "], got " +
+                  py::str(elements).cast<std::string>());
+    return previous(set_prefetch_ahead(e));
+  }, arg("elements"));
   // Test hook: how many threads a call over `total` elements uses (Note [small arrays ...]).
   m.def("_threads_for", [](int64_t total) { return threads_for(total); }, arg("total"));
   // Test hook: threads that ran chunks of the most recent parallel call (parallel.h).

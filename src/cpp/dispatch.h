@@ -22,6 +22,16 @@ void set_isa(const std::string& name);
 // Picks the default path, then applies FASTOPTIM_ISA if set (same errors as set_isa).
 void init_dispatch();
 
+// Note [software prefetch] (kernels.h): the prefetch distance execute() puts in every batch.
+// By default (setting kAutoPrefetch) it depends on the width of the call's params:
+// default_prefetch_ahead (dispatch.cpp). A setting >= 0 (the tuning hook
+// _core._set_prefetch_ahead) is that many elements for every format, 0 none.
+// set_prefetch_ahead returns the previous setting.
+constexpr int64_t kAutoPrefetch = -1;
+constexpr int64_t kMaxPrefetchAhead = 1 << 16;
+int64_t prefetch_ahead_setting();
+int64_t set_prefetch_ahead(int64_t elements);  // kAutoPrefetch or 0..kMaxPrefetchAhead
+
 int num_threads();
 void set_num_threads(int n);  // 1..kMaxThreads (parallel.h), checked by the caller; clamped
 int threads_for(int64_t total_elements);

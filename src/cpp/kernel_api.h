@@ -30,6 +30,10 @@ struct Batch {
   double grad_scale_inv_d = 1.0;
   bool sr = false;
   uint32_t sr_key = 0;
+  // Note [software prefetch] (kernels.h): how far ahead, in elements, the vector body
+  // prefetches each stream it reads; 0: no software prefetch. execute() sets it from the
+  // process-wide setting (prefetch_ahead_setting, dispatch.h).
+  int64_t prefetch_ahead = 0;
 };
 
 // One id per rule of FO_RULES (rules.h), in its order: kRuleSgd, kRuleAdam, ...

@@ -47,28 +47,28 @@ FO_INLINE int64_t tensor_of(const int64_t* off, int64_t n, int64_t i) {
 }
 
 // Note [software prefetch]
-// The vector body asks for every stream it reads kPrefetchAhead elements ahead (1 KiB of
-// fp32). The division and square root of a rule fill the out-of-order window, which limits
-// how many cache misses the hardware prefetchers and the loads themselves keep in flight; an
-// explicit prefetch keeps DRAM busy regardless. Measured on the AVX2 VM at hand, Adam fp32,
-// 1 thread: 2^25 and 2^26 elements 4-8% faster (45-46 ms instead of 49-50 ms at 2^26, the
-// same as the in-place ceiling loop); smaller sizes within noise. A prefetch past the end of
-// an array is harmless: it never faults.
+// The vector body asks for every stream it reads b.prefetch_ahead elements ahead (Batch,
+// kernel_api.h; 0: no software prefetch). The division and square root of a rule fill the
+// out-of-order window, which limits how many cache misses the hardware prefetchers and the
+// loads themselves keep in flight; an explicit prefetch keeps DRAM busy regardless. The
+// distance is a process-wide setting (dispatch.h, kDefaultPrefetchAhead; the tuning hook
+// _core._set_prefetch_ahead) so that it can be measured in one process, on the same memory;
+// no result depends on it. Measured on the AVX2 VM of the first sessions, Adam fp32, 1 thread:
+// 2^25 and 2^26 elements 4-8% faster at 256 ahead.
 //
 // The prefetch is a plain loop over the slots in run_span. Written as a generic lambda through
 // each_slot (as the loads are), GCC 12 emitted no prefetch at all, at -O1 as at -O3: a lambda
 // whose only statement is a prefetch has no side effect, and its call is deleted before it is
 // inlined. From 0385c53 to the fix no run_span had a prefetch (objdump showed none); the fp16
-// formats lost most (all-fp16 AdamW 2^26 at 1 thread: 48% of the ceiling on 64-byte aligned
-// arrays, 90% on others; bench/bench_formats.py). tests/test_build.py counts the prefetches in
-// the built module so that this cannot come back unseen.
-constexpr int64_t kPrefetchAhead = 256;
-// Prefetch element i + kPrefetchAhead of a stream of `bytes`-sized elements (integer math: the
-// address may pass the end of the array; a prefetch never faults).
-FO_INLINE void prefetch_ahead(const void* base, int64_t i, int64_t bytes) {
-  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(base) +
-                                                   static_cast<uintptr_t>((i + kPrefetchAhead) * bytes)),
-                     0, 0);
+// formats lost most (all-fp16 AdamW 2^26 at 1 thread: 48-56% of the ceiling on 64-byte aligned
+// arrays, twice as slow as on others; bench/bench_formats.py). tests/test_build.py requires a
+// prefetch in every vector span of the built module so that this cannot come back unseen.
+// Prefetch element j of a stream of `bytes`-sized elements (integer math: the address may
+// pass the end of the array; a prefetch never faults).
+FO_INLINE void prefetch_at(const void* base, int64_t j, int64_t bytes) {
+  __builtin_prefetch(
+      reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(base) + static_cast<uintptr_t>(j * bytes)),
+      0, 0);
 }
 
 template <class T> struct IsaVec;
@@ -161,13 +161,9 @@ template <class L> constexpr int64_t slot_bytes(int s) {
 }
 
 // One lane group at element i: load the rule's slots (widening; grads unscaled, params plus
-// their compensation under kKahan), apply, store (rounding: to nearest even, or stochastically
-// for bf16 params when io.sr), and write the params' copy where the format has one.
+// their compensation under kKahan) into x ...
 template <class Rule, class L, class V>
-FO_INLINE void apply_at(void* const* ptr, const Io<V>& io, int64_t i,
-                        const typename Rule::template Consts<V>& c) {
-  using P = typename L::template Elem<kParam>;
-  V x[kMaxSlots];
+FO_INLINE void load_at(void* const* ptr, const Io<V>& io, int64_t i, V (&x)[kMaxSlots]) {
   each_slot([&](auto s) {
     if constexpr ((Rule::kReads & bit(s)) != 0) {
       x[s] = vload_from<V>(elem_ptr<L, s>(ptr) + i);
@@ -176,7 +172,12 @@ FO_INLINE void apply_at(void* const* ptr, const Io<V>& io, int64_t i,
         x[s] = x[s] + vload_from<V>(static_cast<const typename L::Copy*>(io.copy) + i);
     }
   });
-  Rule::template apply<V>(x, c);
+}
+// ... and, once the rule has run, store them (rounding: to nearest even, or stochastically for
+// bf16 params when io.sr), and write the params' copy where the format has one.
+template <class Rule, class L, class V>
+FO_INLINE void store_at(void* const* ptr, const Io<V>& io, int64_t i, const V (&x)[kMaxSlots]) {
+  using P = typename L::template Elem<kParam>;
   each_slot([&](auto s) {
     if constexpr ((Rule::kWrites & bit(s)) != 0) {
       auto* dst = elem_ptr<L, s>(ptr) + i;
@@ -194,13 +195,32 @@ FO_INLINE void apply_at(void* const* ptr, const Io<V>& io, int64_t i,
   if constexpr (!std::is_void_v<typename L::Copy> && !L::kKahan)
     store_elem(static_cast<typename L::Copy*>(io.copy) + i, x[kParam]);
 }
+template <class Rule, class L, class V>
+FO_INLINE void apply_at(void* const* ptr, const Io<V>& io, int64_t i,
+                        const typename Rule::template Consts<V>& c) {
+  V x[kMaxSlots];
+  load_at<Rule, L, V>(ptr, io, i, x);
+  Rule::template apply<V>(x, c);
+  store_at<Rule, L, V>(ptr, io, i, x);
+}
 
+// Note [loads before stores]
+// The 2x unrolled vector body loads both lane groups before it stores either. The arrays of a
+// call are usually separate large allocations at the same offset within their pages (torch's
+// and NumPy's big buffers are mmap'd), so the second group's loads, 32 or 64 bytes past the
+// first group's stores in other arrays, agree with those stores in the low 12 address bits up
+// to the cache line; loaded after them they can be held back as possible aliases (the CPU
+// compares only those bits at first). Measured, all-fp16 AdamW 2^26, 1 thread, Zen 5: with
+// apply_at twice (load, update, store; then the same 16 lanes on) 36-44 ms when the loop
+// starts on a 64-byte boundary, 18-24 ms when it starts 32 bytes off (the halves straddle a
+// line), for every prefetch distance. The compiler cannot hoist the loads itself: the arrays
+// may alias as far as it knows (the bindings refuse overlapping arrays, so they do not).
 template <class Rule, class L>
 FO_INLINE void run_span(void* const* ptr, int64_t i, int64_t n,
                         const typename Rule::template Consts<typename IsaVec<typename L::Compute>::type>& cv,
                         const typename Rule::template Consts<typename L::Compute>& cs,
                         const Io<typename IsaVec<typename L::Compute>::type>& iov,
-                        const Io<typename L::Compute>& ios) {
+                        const Io<typename L::Compute>& ios, int64_t ahead) {
   using T = typename L::Compute;
   using V = typename IsaVec<T>::type;
   using P = typename L::template Elem<kParam>;
@@ -214,11 +234,19 @@ FO_INLINE void run_span(void* const* ptr, int64_t i, int64_t n,
     for (; head > 0; --head, ++i) apply_at<Rule, L, T>(ptr, ios, i, cs);
     for (; i + 2 * kW <= n; i += 2 * kW) {
       // Note [software prefetch]: a plain loop over the slots, never a lambda.
-      for (int s = 0; s < kMaxSlots; ++s)
-        if ((Rule::kReads & bit(s)) != 0) prefetch_ahead(ptr[s], i, slot_bytes<L>(s));
-      if constexpr (L::kKahan) prefetch_ahead(iov.copy, i, sizeof(typename L::Copy));
-      apply_at<Rule, L, V>(ptr, iov, i, cv);
-      apply_at<Rule, L, V>(ptr, iov, i + kW, cv);
+      if (ahead > 0) {
+        for (int s = 0; s < kMaxSlots; ++s)
+          if ((Rule::kReads & bit(s)) != 0) prefetch_at(ptr[s], i + ahead, slot_bytes<L>(s));
+        if constexpr (L::kKahan) prefetch_at(iov.copy, i + ahead, sizeof(typename L::Copy));
+      }
+      // Note [loads before stores]: both lane groups' loads, then both updates and stores.
+      V x0[kMaxSlots], x1[kMaxSlots];
+      load_at<Rule, L, V>(ptr, iov, i, x0);
+      load_at<Rule, L, V>(ptr, iov, i + kW, x1);
+      Rule::template apply<V>(x0, cv);
+      Rule::template apply<V>(x1, cv);
+      store_at<Rule, L, V>(ptr, iov, i, x0);
+      store_at<Rule, L, V>(ptr, iov, i + kW, x1);
     }
     for (; i + kW <= n; i += kW) apply_at<Rule, L, V>(ptr, iov, i, cv);
   }
@@ -244,7 +272,7 @@ void run_range(const Batch& b, int64_t begin, int64_t end, const Args& a) {
     const auto base = static_cast<uint64_t>(off[t]);
     const Io<V> iov{splat<V>(inv), copy, base, b.sr_key, b.sr};
     const Io<T> ios{inv, copy, base, b.sr_key, b.sr};
-    run_span<Rule, L>(ptr, lo, hi, cv, cs, iov, ios);
+    run_span<Rule, L>(ptr, lo, hi, cv, cs, iov, ios, b.prefetch_ahead);
   }
 }
 

@@ -167,10 +167,10 @@ FO_INLINE void quant_lanes(float* p, const float* g, const uint8_t* const* codes
 }
 
 // Note [quantized block driver].
-// Prefetch distance: 256 elements ahead (one int8 block, two int4 blocks); measured at 2^24,
-// 1 thread, AVX-512: 6.7-7.3 ms for int8 against 7.8-7.9 ms at 512 and 1024 elements ahead,
-// and for int4 8.3-8.5 ms against 9.1-9.8 ms at 128 elements ahead.
-constexpr int64_t kPrefetchElems = 256;
+// Prefetch distance: the batch's prefetch_ahead (0: none), by default 256 elements ahead (one
+// int8 block, two int4 blocks); measured at 2^24, 1 thread, AVX-512: 6.7-7.3 ms for int8
+// against 7.8-7.9 ms at 512 and 1024 elements ahead, and for int4 8.3-8.5 ms against 9.1-9.8
+// ms at 128 elements ahead.
 template <class D, class Rule, int kBits, class Args>
 void quant_range(const Batch& b, int64_t begin, int64_t end, const Args& a) {
   using V = FO_VEC_F32;
@@ -195,14 +195,17 @@ void quant_range(const Batch& b, int64_t begin, int64_t end, const Args& a) {
     // The blocks whose first element lies in [lo, hi).
     for (int64_t blk = (lo + kB - 1) / kB; blk * kB < hi; ++blk) {
       const int64_t start = blk * kB, n = min64(kB, size - start);
-      // Note [software prefetch] (kernels.h): the streams of the block(s) kPrefetchElems ahead.
-      // A prefetch past the end of an array never faults.
-      const int64_t ahead = start + kPrefetchElems;
+      // Note [software prefetch] (kernels.h): the streams of the block(s) b.prefetch_ahead
+      // elements ahead. A prefetch past the end of an array never faults.
+      const bool pf = b.prefetch_ahead > 0;
+      const int64_t ahead = start + (b.prefetch_ahead + 1) / 2 * 2;  // even: whole int4 bytes
       const uintptr_t pa = reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(ahead) * 4;
       const uintptr_t ga = reinterpret_cast<uintptr_t>(g) + static_cast<uintptr_t>(ahead) * 4;
-      for (int64_t k = 0; k < kB * 4; k += 64) {
-        __builtin_prefetch(reinterpret_cast<const void*>(pa + k), 1, 0);
-        if (g) __builtin_prefetch(reinterpret_cast<const void*>(ga + k), 0, 0);
+      if (pf) {
+        for (int64_t k = 0; k < kB * 4; k += 64) {
+          __builtin_prefetch(reinterpret_cast<const void*>(pa + k), 1, 0);
+          if (g) __builtin_prefetch(reinterpret_cast<const void*>(ga + k), 0, 0);
+        }
       }
       const uint8_t* codes[kMaxSlots] = {};
       float absmax[kMaxSlots] = {};
@@ -210,8 +213,9 @@ void quant_range(const Batch& b, int64_t begin, int64_t end, const Args& a) {
         if constexpr (s >= kState0 && ((Rule::kReads | Rule::kWrites) & bit(s)) != 0) {
           const uintptr_t c = reinterpret_cast<uintptr_t>(q[s]->codes) +
                               static_cast<uintptr_t>(quant_code_bytes(kBits, ahead));
-          for (int64_t k = 0; k < quant_code_bytes(kBits, kB); k += 64)
-            __builtin_prefetch(reinterpret_cast<const void*>(c + k), 1, 0);
+          if (pf)
+            for (int64_t k = 0; k < quant_code_bytes(kBits, kB); k += 64)
+              __builtin_prefetch(reinterpret_cast<const void*>(c + k), 1, 0);
           codes[s] = q[s]->codes + quant_code_bytes(kBits, start);  // start is even
           absmax[s] = q[s]->absmax[blk];
         }
