@@ -51,18 +51,23 @@ FO_INLINE int64_t tensor_of(const int64_t* off, int64_t n, int64_t i) {
 // kernel_api.h; 0: no software prefetch). The division and square root of a rule fill the
 // out-of-order window, which limits how many cache misses the hardware prefetchers and the
 // loads themselves keep in flight; an explicit prefetch keeps DRAM busy regardless. The
-// distance is a process-wide setting (dispatch.h, kDefaultPrefetchAhead; the tuning hook
-// _core._set_prefetch_ahead) so that it can be measured in one process, on the same memory;
+// distance is a process-wide setting (dispatch.h: by default default_prefetch_ahead; the
+// tuning hook _core._set_prefetch_ahead) so that it can be measured in one process, on the
+// same memory;
 // no result depends on it. Measured on the AVX2 VM of the first sessions, Adam fp32, 1 thread:
 // 2^25 and 2^26 elements 4-8% faster at 256 ahead.
 //
 // The prefetch is a plain loop over the slots in run_span. Written as a generic lambda through
-// each_slot (as the loads are), GCC 12 emitted no prefetch at all, at -O1 as at -O3: a lambda
-// whose only statement is a prefetch has no side effect, and its call is deleted before it is
-// inlined. From 0385c53 to the fix no run_span had a prefetch (objdump showed none); the fp16
-// formats lost most (all-fp16 AdamW 2^26 at 1 thread: 48-56% of the ceiling on 64-byte aligned
-// arrays, twice as slow as on others; bench/bench_formats.py). tests/test_build.py requires a
-// prefetch in every vector span of the built module so that this cannot come back unseen.
+// each_slot (as the loads are), GCC 12 emitted no prefetch at all, at -O1 as at -O3 (a
+// 20-line reproduction in a test file did the same; an always_inline helper called from a
+// plain loop keeps it; presumably the lambda's call, having no side effect, is deleted
+// before it is inlined). From 0385c53 to the fix no run_span had a prefetch (objdump showed none).
+// tests/test_build.py requires a prefetch in every vector span of the built module so that
+// this cannot come back unseen. (The missing prefetch was first blamed for all-fp16 AdamW
+// running at half speed on 64-byte-aligned arrays; Note [loads before stores] has what was
+// measured about that.) The default distance is by the width of the params
+// (default_prefetch_ahead, dispatch.cpp, with its measurements).
+//
 // Prefetch element j of a stream of `bytes`-sized elements (integer math: the address may
 // pass the end of the array; a prefetch never faults).
 FO_INLINE void prefetch_at(const void* base, int64_t j, int64_t bytes) {
@@ -205,16 +210,18 @@ FO_INLINE void apply_at(void* const* ptr, const Io<V>& io, int64_t i,
 }
 
 // Note [loads before stores]
-// The 2x unrolled vector body loads both lane groups before it stores either. The arrays of a
-// call are usually separate large allocations at the same offset within their pages (torch's
-// and NumPy's big buffers are mmap'd), so the second group's loads, 32 or 64 bytes past the
-// first group's stores in other arrays, agree with those stores in the low 12 address bits up
-// to the cache line; loaded after them they can be held back as possible aliases (the CPU
-// compares only those bits at first). Measured, all-fp16 AdamW 2^26, 1 thread, Zen 5: with
-// apply_at twice (load, update, store; then the same 16 lanes on) 36-44 ms when the loop
-// starts on a 64-byte boundary, 18-24 ms when it starts 32 bytes off (the halves straddle a
-// line), for every prefetch distance. The compiler cannot hoist the loads itself: the arrays
-// may alias as far as it knows (the bindings refuse overlapping arrays, so they do not).
+// The 2x unrolled vector body loads both lane groups before it updates and stores either
+// (it used to run load, update, store for one group, then the next). Why: all-fp16 AdamW 2^26
+// at 1 thread (Zen 5) ran 36-46 ms, twice its 18-24 ms, when the four arrays sat at one page
+// offset and the loop started on a 64-byte boundary (32 bytes off it was fast). With the
+// loads first that case measured 19-24 ms in every run (four, alternating with the old
+// module). The cause is NOT established: a hypothesis was that the second group's loads wait
+// on the first group's stores to other arrays whose addresses agree in the low 12 bits (4K
+// aliasing), but a build that kept the old order and only fixed the prefetch (Note [software
+// prefetch]) was fast in two runs of three and slow in the third, so the generated code, not
+// the order alone, decides. Kept because it was never slower, and it leaves the compiler free
+// to schedule both groups (it cannot hoist loads above stores itself: as far as it knows the
+// arrays may alias; the bindings refuse overlapping arrays, so they do not).
 template <class Rule, class L>
 FO_INLINE void run_span(void* const* ptr, int64_t i, int64_t n,
                         const typename Rule::template Consts<typename IsaVec<typename L::Compute>::type>& cv,
