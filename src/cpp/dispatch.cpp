@@ -189,13 +189,14 @@ namespace {
 std::atomic<int64_t> g_prefetch_ahead{kAutoPrefetch};
 // Note [software prefetch] (kernels.h): elements ahead by the width of the params. Measured
 // with bench/bench_prefetch.py (AdamW 2^26, every distance on the same arrays in one process,
-// medians of 5 rounds, two runs, Zen 5, 1 and 2 threads; ms relative to 256 ahead):
+// medians of 5 rounds, Zen 5, 1 and 2 threads; ms relative to 256 ahead; two runs, 1024 ahead
+// in the second only):
 //   16-bit params (all-bf16, all-fp16, bf16 + SR / Kahan): 1024 ahead 0.75-0.92, 512 ahead
 //     0.81-1.03, none 0.79-1.14; so 1024 (2 KiB of params).
-//   32-bit params (fp32, fp32 master with bf16 grads, int8/int4 states): within +-10% from
-//     none to 1024 with no consistent winner; 256 (1 KiB), as measured on the AVX2 VM of the
-//     first sessions (4-8% faster than none at 2^26) and for the quantized driver (Note
-//     [quantized block driver]).
+//   32-bit params: fp32 and fp32 master with bf16 grads within +-10% from none to 1024, no
+//     consistent winner; int8/int4 states noisier (int8 0.78-1.26), no consistent winner
+//     either. 256 (1 KiB) stays, as measured on the AVX2 VM of the first sessions (4-8% faster
+//     than none at 2^26) and for the quantized driver (Note [quantized block driver]).
 int64_t default_prefetch_ahead(Format f) {
   switch (f) {
     case kBF16: case kF16: case kBF16F32States: case kF16F32States: case kBF16Kahan:
