@@ -312,3 +312,21 @@ def test_stochastic_rounding_hook_refuses_float16():
     src = np.zeros(4, np.float32)
     with pytest.raises(ValueError, match="sr_key needs fmt='bfloat16'"):
         _core._convert(src, np.empty(4, np.uint16), "float16", "scalar", sr_key=1)
+
+
+@pytest.mark.parametrize("index0", [0, 2**32 - 4000])
+def test_stochastic_rounding_store_on_every_kind_of_pattern(isa, index0):
+    """The vector stores branch per vector: finite lanes only (x + r) >> 16, and a vector with
+    an inf or NaN lane rounds those lanes to nearest (Note [sr_hash strength reduction]).
+    Patterns from _pool (random bits, half of them specials: ties, subnormals, the largest
+    finite values, which may round up to inf, infinities, NaN payloads) at every vector
+    position, against the reference, and a pool with no specials at all."""
+    from fastoptim import reference
+    for u32 in (_pool(4099, seed=11), np.random.default_rng(3).integers(
+            0, 0x7F7FFFFF, 4099, dtype=np.uint64).astype(np.uint32)):
+        src = u32.view(np.float32)
+        got = np.empty(src.size, np.uint16)
+        _core._convert(src, got, "bfloat16", isa, sr_key=0x1234567, sr_index=index0)
+        with np.errstate(all="ignore"):
+            want = reference.round_bf16_stochastic(src, 0x1234567, index0)
+        _check(got, want, u32, f"{isa} index {index0}")

@@ -457,40 +457,55 @@ template <> struct StorageIO<F32x8, f16> {
                      _mm256_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
 };
+// Note [sr_hash strength reduction]
+// A vector store hashes the indices index .. index + W - 1 in one go. sr_hash's first step,
+// (lo * kSrMulLo) ^ (hi * kSrMulHi) ^ key over the index's 32-bit halves, is affine in the
+// lanes: (lo0 + j) * kSrMulLo is lo0 * kSrMulLo + j * kSrMulLo mod 2^32 (the lane constants
+// fold at compile time), and while lo0 + j does not wrap every lane shares hi0, so the high
+// half and the key fold into one scalar: a broadcast, an add and an xor per vector. A vector
+// whose low halves wrap past 2^32 (one in 2^28 at most) takes the general form, in which a
+// wrapped lane's high half is hi0 + 1. Both are the same bits as sr_hash.
+// The store: a finite lane is (x + (h & 0xFFFF)) >> 16; only a vector with an inf or NaN lane
+// takes the branch that rounds those lanes to nearest (an infinity stays, a NaN is quieted).
 template <> struct SrStore<F32x8> {
-  static FO_INLINE void store(bf16* p, F32x8 v, uint32_t key, uint64_t index) {
+  static FO_INLINE __m256i hash(uint32_t key, uint64_t index) {
     const uint32_t lo0 = static_cast<uint32_t>(index), hi0 = static_cast<uint32_t>(index >> 32);
-    const __m256i base = _mm256_set1_epi32(static_cast<int>(lo0));
-    const __m256i lo = _mm256_add_epi32(base, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    // A lane whose low half wrapped carries into the high half (unsigned lo < base).
-    const __m256i flip = _mm256_set1_epi32(static_cast<int>(0x80000000u));
-    const __m256i carry = _mm256_cmpgt_epi32(_mm256_xor_si256(base, flip), _mm256_xor_si256(lo, flip));
-    // Note [sr_hash strength reduction]: (lo0 + j) * kSrMulLo is lo0 * kSrMulLo + j * kSrMulLo
-    // mod 2^32 (the lane constants fold at compile time), and the high half is hi0 or hi0 + 1:
-    // two multiplies per vector instead of four, the same bits as sr_hash.
-    const __m256i lo_mul = _mm256_add_epi32(
-        _mm256_set1_epi32(static_cast<int>(lo0 * kSrMulLo)),
-        _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                           _mm256_set1_epi32(static_cast<int>(kSrMulLo))));
-    const __m256i hi_mul = _mm256_blendv_epi8(_mm256_set1_epi32(static_cast<int>(hi0 * kSrMulHi)),
-                                              _mm256_set1_epi32(static_cast<int>((hi0 + 1u) * kSrMulHi)),
-                                              carry);
-    __m256i h = _mm256_xor_si256(_mm256_xor_si256(lo_mul, hi_mul),
-                                 _mm256_set1_epi32(static_cast<int>(key)));
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i lane_mul = _mm256_mullo_epi32(lanes, _mm256_set1_epi32(static_cast<int>(kSrMulLo)));
+    const __m256i lo_mul = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(lo0 * kSrMulLo)), lane_mul);
+    __m256i h;
+    if (__builtin_expect(lo0 <= 0xFFFFFFFFu - 7u, 1)) {
+      h = _mm256_xor_si256(lo_mul, _mm256_set1_epi32(static_cast<int>((hi0 * kSrMulHi) ^ key)));
+    } else {
+      const __m256i base = _mm256_set1_epi32(static_cast<int>(lo0));
+      const __m256i lo = _mm256_add_epi32(base, lanes);
+      // A lane whose low half wrapped carries into the high half (unsigned lo < base).
+      const __m256i flip = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+      const __m256i carry = _mm256_cmpgt_epi32(_mm256_xor_si256(base, flip), _mm256_xor_si256(lo, flip));
+      const __m256i hi_mul = _mm256_blendv_epi8(_mm256_set1_epi32(static_cast<int>(hi0 * kSrMulHi)),
+                                                _mm256_set1_epi32(static_cast<int>((hi0 + 1u) * kSrMulHi)),
+                                                carry);
+      h = _mm256_xor_si256(_mm256_xor_si256(lo_mul, hi_mul), _mm256_set1_epi32(static_cast<int>(key)));
+    }
     h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
     h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int>(kFmix1)));
     h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
     h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int>(kFmix2)));
-    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+    return _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+  }
+  static FO_INLINE void store(bf16* p, F32x8 v, uint32_t key, uint64_t index) {
+    const __m256i h = hash(key, index);
     const __m256i x = _mm256_castps_si256(v.v);
     const __m256i abs = _mm256_and_si256(x, _mm256_set1_epi32(0x7FFFFFFF));
     const __m256i special = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7F7FFFFF));  // inf, NaN
-    const __m256i nan = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7F800000));
-    const __m256i r = _mm256_andnot_si256(special, _mm256_and_si256(h, _mm256_set1_epi32(0xFFFF)));
-    const __m256i hiw = _mm256_srli_epi32(_mm256_add_epi32(x, r), 16);
-    const __m256i qnan = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(0x8000)),
-                                         _mm256_set1_epi32(0x7FC0));
-    const __m256i out = _mm256_blendv_epi8(hiw, qnan, nan);
+    __m256i out = _mm256_srli_epi32(_mm256_add_epi32(x, _mm256_and_si256(h, _mm256_set1_epi32(0xFFFF))), 16);
+    if (__builtin_expect(!_mm256_testz_si256(special, special), 0)) {
+      const __m256i nan = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7F800000));
+      const __m256i qnan = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(0x8000)),
+                                           _mm256_set1_epi32(0x7FC0));
+      out = _mm256_blendv_epi8(out, _mm256_srli_epi32(x, 16), special);  // an infinity: exact
+      out = _mm256_blendv_epi8(out, qnan, nan);
+    }
     const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(out, out), 0x08);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
   }
@@ -528,38 +543,44 @@ template <> struct StorageIO<F32x16, f16> {
   }
 };
 template <> struct SrStore<F32x16> {
-  static FO_INLINE void store(bf16* p, F32x16 v, uint32_t key, uint64_t index) {
+  // Note [sr_hash strength reduction] (the AVX2 store above)
+  static FO_INLINE __m512i hash(uint32_t key, uint64_t index) {
     const uint32_t lo0 = static_cast<uint32_t>(index), hi0 = static_cast<uint32_t>(index >> 32);
-    const __m512i base = _mm512_set1_epi32(static_cast<int>(lo0));
-    const __m512i lo = _mm512_add_epi32(
-        base, _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-    const __mmask16 carry = _mm512_cmplt_epu32_mask(lo, base);  // the low half wrapped
-    // Note [sr_hash strength reduction] (the AVX2 store above)
-    const __m512i lo_mul = _mm512_add_epi32(
-        _mm512_set1_epi32(static_cast<int>(lo0 * kSrMulLo)),
-        _mm512_mullo_epi32(
-            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-            _mm512_set1_epi32(static_cast<int>(kSrMulLo))));
-    const __m512i hi_mul = _mm512_mask_mov_epi32(
-        _mm512_set1_epi32(static_cast<int>(hi0 * kSrMulHi)), carry,
-        _mm512_set1_epi32(static_cast<int>((hi0 + 1u) * kSrMulHi)));
-    __m512i h = _mm512_xor_si512(_mm512_xor_si512(lo_mul, hi_mul),
-                                 _mm512_set1_epi32(static_cast<int>(key)));
+    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i lane_mul = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(static_cast<int>(kSrMulLo)));
+    const __m512i lo_mul = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(lo0 * kSrMulLo)), lane_mul);
+    __m512i h;
+    if (__builtin_expect(lo0 <= 0xFFFFFFFFu - 15u, 1)) {
+      h = _mm512_xor_si512(lo_mul, _mm512_set1_epi32(static_cast<int>((hi0 * kSrMulHi) ^ key)));
+    } else {
+      const __m512i base = _mm512_set1_epi32(static_cast<int>(lo0));
+      const __mmask16 carry = _mm512_cmplt_epu32_mask(_mm512_add_epi32(base, lanes), base);  // wrapped
+      const __m512i hi_mul = _mm512_mask_mov_epi32(
+          _mm512_set1_epi32(static_cast<int>(hi0 * kSrMulHi)), carry,
+          _mm512_set1_epi32(static_cast<int>((hi0 + 1u) * kSrMulHi)));
+      h = _mm512_xor_si512(_mm512_xor_si512(lo_mul, hi_mul), _mm512_set1_epi32(static_cast<int>(key)));
+    }
     h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
     h = _mm512_mullo_epi32(h, _mm512_set1_epi32(static_cast<int>(kFmix1)));
     h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 13));
     h = _mm512_mullo_epi32(h, _mm512_set1_epi32(static_cast<int>(kFmix2)));
-    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+    return _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+  }
+  static FO_INLINE void store(bf16* p, F32x16 v, uint32_t key, uint64_t index) {
+    const __m512i h = hash(key, index);
     const __m512i x = _mm512_castps_si512(v.v);
     const __m512i abs = _mm512_and_si512(x, _mm512_set1_epi32(0x7FFFFFFF));
-    const __mmask16 finite = _mm512_cmple_epi32_mask(abs, _mm512_set1_epi32(0x7F7FFFFF));
-    const __mmask16 nan = _mm512_cmpgt_epi32_mask(abs, _mm512_set1_epi32(0x7F800000));
-    const __m512i r = _mm512_maskz_and_epi32(finite, h, _mm512_set1_epi32(0xFFFF));
-    const __m512i hiw = _mm512_srli_epi32(_mm512_add_epi32(x, r), 16);
-    const __m512i qnan = _mm512_or_si512(
-        _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(0x8000)), _mm512_set1_epi32(0x7FC0));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
-                        _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(hiw, nan, qnan)));
+    const __mmask16 special = _mm512_cmpge_epi32_mask(abs, _mm512_set1_epi32(0x7F800000));  // inf, NaN
+    __m512i out = _mm512_srli_epi32(_mm512_add_epi32(x, _mm512_and_si512(h, _mm512_set1_epi32(0xFFFF))), 16);
+    if (__builtin_expect(special != 0, 0)) {
+      const __mmask16 nan = _mm512_cmpgt_epi32_mask(abs, _mm512_set1_epi32(0x7F800000));
+      const __m512i qnan = _mm512_or_si512(
+          _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(0x8000)), _mm512_set1_epi32(0x7FC0));
+      out = _mm512_mask_mov_epi32(out, special, _mm512_srli_epi32(x, 16));  // an infinity: exact
+      out = _mm512_mask_mov_epi32(out, nan, qnan);
+    }
+    // vpmovdw (AVX-512F) keeps the low 16 bits of each lane; every lane is < 2^16.
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(out));
   }
 };
 #endif
