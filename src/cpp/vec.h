@@ -428,23 +428,38 @@ template <class V> FO_HD FO_INLINE void vstore_sr(bf16* p, V v, uint32_t key, ui
 #error "the AVX2 and AVX-512 paths convert f16 with F16C: compile them with -mf16c"
 #endif
 template <> struct StorageIO<F32x8, bf16> {
+  // The 8 bf16 in both 128-bit halves (a broadcast load: no ALU work), then one byte shuffle
+  // puts element j into the high half of lane j (elements 0-3 from the low half's copy,
+  // 4-7 from the high half's) and zeros the low halves.
   static FO_INLINE F32x8 load(const bf16* p) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))};
+    const __m256i h = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256i put = _mm256_setr_epi8(-1, -1, 0, 1, -1, -1, 2, 3, -1, -1, 4, 5, -1, -1, 6, 7,
+                                         -1, -1, 8, 9, -1, -1, 10, 11, -1, -1, 12, 13, -1, -1, 14, 15);
+    return {_mm256_castsi256_ps(_mm256_shuffle_epi8(h, put))};
   }
+  // Round to nearest even: the high half of x + 0x7FFF + (bit 16 of x), exact for every
+  // finite x and infinity (a carry out of the mantissa is the correct rounding up). A NaN would
+  // carry too, so a vector with a NaN lane takes the branch that quiets those lanes to the
+  // canonical sign | 0x7FC0. The high halves are gathered with a byte shuffle and a 64-bit lane
+  // permute (two operations where shift, pack and permute took three).
   static FO_INLINE void store(bf16* p, F32x8 v) {
     const __m256i x = _mm256_castps_si256(v.v);
-    const __m256i hi = _mm256_srli_epi32(x, 16);
-    const __m256i one = _mm256_set1_epi32(1);
-    const __m256i bias = _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), _mm256_and_si256(hi, one));
-    const __m256i rne = _mm256_srli_epi32(_mm256_add_epi32(x, bias), 16);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_add_epi32(_mm256_add_epi32(x, _mm256_set1_epi32(0x7FFF)), lsb);
     const __m256i abs = _mm256_and_si256(x, _mm256_set1_epi32(0x7FFFFFFF));
     const __m256i nan = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7F800000));
-    const __m256i sign = _mm256_and_si256(hi, _mm256_set1_epi32(0x8000));
-    const __m256i qnan = _mm256_or_si256(sign, _mm256_set1_epi32(0x7FC0));
-    const __m256i r = _mm256_blendv_epi8(rne, qnan, nan);
-    // Every lane is < 2^16, so the saturating pack is exact; it packs within 128-bit halves.
-    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+    if (__builtin_expect(!_mm256_testz_si256(nan, nan), 0)) {
+      const __m256i qnan = _mm256_or_si256(_mm256_and_si256(x, _mm256_set1_epi32(static_cast<int>(0x80000000u))),
+                                           _mm256_set1_epi32(0x7FC00000));
+      r = _mm256_blendv_epi8(r, qnan, nan);
+    }
+    store_high_halves(p, r);
+  }
+  // The high 16 bits of each lane of r, in lane order, to p[0..8).
+  static FO_INLINE void store_high_halves(bf16* p, __m256i r) {
+    const __m256i pick = _mm256_setr_epi8(2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1,
+                                          2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1);
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(r, pick), 0x08);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
   }
 };
@@ -498,39 +513,48 @@ template <> struct SrStore<F32x8> {
     const __m256i x = _mm256_castps_si256(v.v);
     const __m256i abs = _mm256_and_si256(x, _mm256_set1_epi32(0x7FFFFFFF));
     const __m256i special = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7F7FFFFF));  // inf, NaN
-    __m256i out = _mm256_srli_epi32(_mm256_add_epi32(x, _mm256_and_si256(h, _mm256_set1_epi32(0xFFFF))), 16);
+    // (x + r) in every lane, whose high half is stored: an infinity's own bits, a NaN quieted
+    __m256i out = _mm256_add_epi32(x, _mm256_and_si256(h, _mm256_set1_epi32(0xFFFF)));
     if (__builtin_expect(!_mm256_testz_si256(special, special), 0)) {
       const __m256i nan = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7F800000));
-      const __m256i qnan = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(0x8000)),
-                                           _mm256_set1_epi32(0x7FC0));
-      out = _mm256_blendv_epi8(out, _mm256_srli_epi32(x, 16), special);  // an infinity: exact
+      const __m256i qnan = _mm256_or_si256(_mm256_and_si256(x, _mm256_set1_epi32(static_cast<int>(0x80000000u))),
+                                           _mm256_set1_epi32(0x7FC00000));
+      out = _mm256_blendv_epi8(out, x, special);  // an infinity: exact
       out = _mm256_blendv_epi8(out, qnan, nan);
     }
-    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(out, out), 0x08);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+    StorageIO<F32x8, bf16>::store_high_halves(p, out);
   }
 };
 #endif
 
 #if defined(__AVX512F__)
+// Whether any lane of a mask is set, tested in a general register: kmovw and test rather than
+// kortestw, which measured slower here (Zen 5) in the bf16 store loops. The empty asm keeps
+// GCC from turning the test back into kortestw.
+FO_INLINE bool mask_any(__mmask16 m) {
+  uint32_t u = _cvtmask16_u32(m);
+  __asm__("" : "+r"(u));
+  return u != 0;
+}
 template <> struct StorageIO<F32x16, bf16> {
   static FO_INLINE F32x16 load(const bf16* p) {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))};
   }
+  // The AVX2 store's rounding (above), with the NaN lanes behind one branch; vpmovdw
+  // (AVX-512F) keeps the low 16 bits of each lane of (x + bias) >> 16.
   static FO_INLINE void store(bf16* p, F32x16 v) {
     const __m512i x = _mm512_castps_si512(v.v);
-    const __m512i hi = _mm512_srli_epi32(x, 16);
-    const __m512i one = _mm512_set1_epi32(1);
-    const __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(hi, one));
-    const __m512i rne = _mm512_srli_epi32(_mm512_add_epi32(x, bias), 16);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(_mm512_add_epi32(x, _mm512_set1_epi32(0x7FFF)), lsb);
     const __m512i abs = _mm512_and_si512(x, _mm512_set1_epi32(0x7FFFFFFF));
     const __mmask16 nan = _mm512_cmpgt_epi32_mask(abs, _mm512_set1_epi32(0x7F800000));
-    const __m512i sign = _mm512_and_si512(hi, _mm512_set1_epi32(0x8000));
-    const __m512i qnan = _mm512_or_si512(sign, _mm512_set1_epi32(0x7FC0));
-    const __m512i r = _mm512_mask_mov_epi32(rne, nan, qnan);
-    // vpmovdw (AVX-512F) keeps the low 16 bits of each lane; every lane is < 2^16.
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+    if (__builtin_expect(mask_any(nan), 0)) {
+      const __m512i qnan = _mm512_or_si512(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0x80000000u))),
+                                           _mm512_set1_epi32(0x7FC00000));
+      r = _mm512_mask_mov_epi32(r, nan, qnan);
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
   }
 };
 template <> struct StorageIO<F32x16, f16> {
@@ -542,14 +566,6 @@ template <> struct StorageIO<F32x16, f16> {
                         _mm512_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
 };
-// Whether any lane of a mask is set, tested in a general register: kmovw and test rather than
-// kortestw, which measured slower here (Zen 5) in the bf16 store loops. The empty asm keeps
-// GCC from turning the test back into kortestw.
-FO_INLINE bool mask_any(__mmask16 m) {
-  uint32_t u = _cvtmask16_u32(m);
-  __asm__("" : "+r"(u));
-  return u != 0;
-}
 template <> struct SrStore<F32x16> {
   // Note [sr_hash strength reduction] (the AVX2 store above)
   static FO_INLINE __m512i hash(uint32_t key, uint64_t index) {
