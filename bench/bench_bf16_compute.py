@@ -1,0 +1,60 @@
+"""The compute cost of the bf16 loads and stores, per ISA, with the memory out of the way.
+
+All-bf16 AdamW on arrays small enough to stay in L2 (2^16 elements by default: 4 arrays of
+128 KiB), 1 thread, with and without stochastic rounding of the params, on every ISA this
+CPU runs (fastoptim.set_isa), in one process on the same arrays. Each figure is the MINIMUM
+over --reps timings of --calls calls, in ns per element: in cache there is no memory noise
+to average, only interruptions to drop. At this size the step is compute-bound, so the
+numbers show what the conversions and the SR hash cost; at 2^24 and above the same loop is
+partly hidden behind memory (bench_formats.py measures that). To compare two builds, run
+the script with each on PYTHONPATH and alternate the runs.
+
+    PYTHONPATH=python python3 bench/bench_bf16_compute.py
+"""
+
+import argparse
+import time
+
+import ml_dtypes
+import numpy as np
+
+import fastoptim
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--log2", type=int, default=16, help="elements = 2**log2 (default 16)")
+    ap.add_argument("--reps", type=int, default=15, help="timings per cell (default 15)")
+    ap.add_argument("--calls", type=int, default=300, help="calls per timing (default 300)")
+    args = ap.parse_args()
+    n = 2**args.log2
+    rng = np.random.default_rng(0)
+    bf16 = ml_dtypes.bfloat16
+    p, g, m = (rng.standard_normal(n).astype(np.float32).astype(bf16) for _ in range(3))
+    v = np.abs(rng.standard_normal(n)).astype(np.float32).astype(bf16)
+    fastoptim.set_num_threads(1)
+    info = fastoptim.backend_info()
+    before = info["isa"]
+    print(f"all-bf16 AdamW, {n:,} elements, 1 thread; ns/element, min of {args.reps} x "
+          f"{args.calls} calls")
+    print(f"{'ISA':12s} {'plain':>8s} {'+ SR':>8s} {'SR/plain':>9s}")
+    try:
+        for isa in info["isas_supported"]:
+            fastoptim.set_isa(isa)
+            best = {}
+            for name, kw in (("plain", {}), ("sr", {"stochastic_rounding": (0, 5)})):
+                times = []
+                for _ in range(args.reps):
+                    t0 = time.perf_counter()
+                    for _ in range(args.calls):
+                        fastoptim.adamw_(p, g, m, v, step=5, lr=1e-4, **kw)
+                    times.append((time.perf_counter() - t0) / args.calls / n * 1e9)
+                best[name] = min(times)
+            print(f"{isa:12s} {best['plain']:8.3f} {best['sr']:8.3f} "
+                  f"{best['sr'] / best['plain']:9.2f}")
+    finally:
+        fastoptim.set_isa(before)
+
+
+if __name__ == "__main__":
+    main()
