@@ -217,6 +217,34 @@ def test_kernel_quantizes_extreme_blocks_as_numpy_does(bits):
 
 
 @pytest.mark.parametrize("bits", BITS)
+def test_non_finite_blocks_among_finite_ones(bits, restore_backend):
+    """Blocks whose update is not finite between finite blocks of one tensor, on every ISA and
+    thread count. A full, finite block's codes are written during the next block's loop, any
+    other block's at once (src/cpp/quant.h, Note [deferred block encode]); here: a NaN grad
+    (both of Adam's states NaN), a 1e30 grad (exp_avg_sq overflows to inf, exp_avg stays
+    finite), two such blocks in a row, the last full block and the partial last block."""
+    b = BLOCK[bits]
+    n = 8 * b + 5
+    rng = np.random.default_rng(6)
+    g = rng.standard_normal(n).astype(np.float32)
+    for i, x in ((b + 3, np.nan), (3 * b + 7, 1e30), (4 * b + 1, np.nan), (7 * b + 2, 1e30),
+                 (8 * b + 1, np.nan)):
+        g[i] = x
+    g.flags.writeable = False
+    start = make_state("adam", {}, [(n,)], bits, rng)
+    expected = storage_oracle("adam", {}, start, [g], 1)
+    m, v = expected["exp_avgs"][0], expected["exp_avg_sqs"][0]
+    assert np.isnan(m.absmax[[1, 4, 8]]).all() and np.isnan(v.absmax[[1, 3, 4, 7, 8]]).all()
+    assert np.isfinite(m.absmax[[0, 2, 3, 5, 6, 7]]).all()
+    for isa, threads in backends():
+        fastoptim.set_isa(isa)
+        fastoptim.set_num_threads(threads)
+        state = copy_state(start)
+        run(fastoptim, "adam", {}, state, [g], 1)
+        assert_same_bits(state, expected, f"adam int{bits} {isa} {threads} threads")
+
+
+@pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("case", STATE_CASES, ids=case_id)
 def test_kernel_matches_reference_algorithm(case, bits):
     rule, hyper = case
