@@ -437,23 +437,25 @@ template <> struct StorageIO<F32x8, bf16> {
                                          -1, -1, 8, 9, -1, -1, 10, 11, -1, -1, 12, 13, -1, -1, 14, 15);
     return {_mm256_castsi256_ps(_mm256_shuffle_epi8(h, put))};
   }
-  // Round to nearest even: the high half of x + 0x7FFF + (bit 16 of x), exact for every
-  // finite x and infinity (a carry out of the mantissa is the correct rounding up). A NaN would
-  // carry too, so a vector with a NaN lane takes the branch that quiets those lanes to the
-  // canonical sign | 0x7FC0. The high halves are gathered with a byte shuffle and a 64-bit lane
-  // permute (two operations where shift, pack and permute took three).
-  static FO_INLINE void store(bf16* p, F32x8 v) {
-    const __m256i x = _mm256_castps_si256(v.v);
+  // Round to nearest even, on the bit patterns x: x + 0x7FFF + (bit 16 of x), whose high half
+  // is the bf16, exact for every finite x and infinity (a carry out of the mantissa is the
+  // correct rounding up). A NaN would carry too, so a vector with a NaN lane takes the branch
+  // that makes those lanes sign | 0x7FC00000 (the canonical quiet NaN). The SR store rounds
+  // its inf and NaN lanes with it too.
+  static FO_INLINE __m256i round_bits(__m256i x) {
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_add_epi32(_mm256_add_epi32(x, _mm256_set1_epi32(0x7FFF)), lsb);
+    const __m256i r = _mm256_add_epi32(_mm256_add_epi32(x, _mm256_set1_epi32(0x7FFF)), lsb);
     const __m256i abs = _mm256_and_si256(x, _mm256_set1_epi32(0x7FFFFFFF));
     const __m256i nan = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7F800000));
-    if (__builtin_expect(!_mm256_testz_si256(nan, nan), 0)) {
-      const __m256i qnan = _mm256_or_si256(_mm256_and_si256(x, _mm256_set1_epi32(static_cast<int>(0x80000000u))),
-                                           _mm256_set1_epi32(0x7FC00000));
-      r = _mm256_blendv_epi8(r, qnan, nan);
-    }
-    store_high_halves(p, r);
+    if (__builtin_expect(_mm256_testz_si256(nan, nan), 1)) return r;
+    const __m256i qnan = _mm256_or_si256(_mm256_and_si256(x, _mm256_set1_epi32(static_cast<int>(0x80000000u))),
+                                         _mm256_set1_epi32(0x7FC00000));
+    return _mm256_blendv_epi8(r, qnan, nan);
+  }
+  // The high halves are gathered with a byte shuffle and a 64-bit lane permute (two
+  // operations where shift, pack and permute took three).
+  static FO_INLINE void store(bf16* p, F32x8 v) {
+    store_high_halves(p, round_bits(_mm256_castps_si256(v.v)));
   }
   // The high 16 bits of each lane of r, in lane order, to p[0..8).
   static FO_INLINE void store_high_halves(bf16* p, __m256i r) {
@@ -513,15 +515,11 @@ template <> struct SrStore<F32x8> {
     const __m256i x = _mm256_castps_si256(v.v);
     const __m256i abs = _mm256_and_si256(x, _mm256_set1_epi32(0x7FFFFFFF));
     const __m256i special = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7F7FFFFF));  // inf, NaN
-    // (x + r) in every lane, whose high half is stored: an infinity's own bits, a NaN quieted
+    // (x + r) in every lane, whose high half is stored; an inf or NaN lane rounds to nearest
+    // instead (an infinity stays, a NaN is quieted)
     __m256i out = _mm256_add_epi32(x, _mm256_and_si256(h, _mm256_set1_epi32(0xFFFF)));
-    if (__builtin_expect(!_mm256_testz_si256(special, special), 0)) {
-      const __m256i nan = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7F800000));
-      const __m256i qnan = _mm256_or_si256(_mm256_and_si256(x, _mm256_set1_epi32(static_cast<int>(0x80000000u))),
-                                           _mm256_set1_epi32(0x7FC00000));
-      out = _mm256_blendv_epi8(out, x, special);  // an infinity: exact
-      out = _mm256_blendv_epi8(out, qnan, nan);
-    }
+    if (__builtin_expect(!_mm256_testz_si256(special, special), 0))
+      out = _mm256_blendv_epi8(out, StorageIO<F32x8, bf16>::round_bits(x), special);
     StorageIO<F32x8, bf16>::store_high_halves(p, out);
   }
 };
@@ -541,21 +539,23 @@ template <> struct StorageIO<F32x16, bf16> {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))};
   }
-  // The AVX2 store's rounding (above), with the NaN lanes behind one branch; vpmovdw
-  // (AVX-512F) keeps the low 16 bits of each lane of (x + bias) >> 16.
-  static FO_INLINE void store(bf16* p, F32x16 v) {
-    const __m512i x = _mm512_castps_si512(v.v);
+  // The AVX2 store's rounding (above), with the NaN lanes behind one branch.
+  static FO_INLINE __m512i round_bits(__m512i x) {
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_add_epi32(_mm512_add_epi32(x, _mm512_set1_epi32(0x7FFF)), lsb);
+    const __m512i r = _mm512_add_epi32(_mm512_add_epi32(x, _mm512_set1_epi32(0x7FFF)), lsb);
     const __m512i abs = _mm512_and_si512(x, _mm512_set1_epi32(0x7FFFFFFF));
     const __mmask16 nan = _mm512_cmpgt_epi32_mask(abs, _mm512_set1_epi32(0x7F800000));
-    if (__builtin_expect(mask_any(nan), 0)) {
-      const __m512i qnan = _mm512_or_si512(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0x80000000u))),
-                                           _mm512_set1_epi32(0x7FC00000));
-      r = _mm512_mask_mov_epi32(r, nan, qnan);
-    }
+    if (__builtin_expect(!mask_any(nan), 1)) return r;
+    const __m512i qnan = _mm512_or_si512(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0x80000000u))),
+                                         _mm512_set1_epi32(0x7FC00000));
+    return _mm512_mask_mov_epi32(r, nan, qnan);
+  }
+  // The high 16 bits of each lane of r to p[0..16) (vpmovdw, AVX-512F, keeps the low 16 bits
+  // of each lane of r >> 16).
+  static FO_INLINE void store_high_halves(bf16* p, __m512i r) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
   }
+  static FO_INLINE void store(bf16* p, F32x16 v) { store_high_halves(p, round_bits(_mm512_castps_si512(v.v))); }
 };
 template <> struct StorageIO<F32x16, f16> {
   static FO_INLINE F32x16 load(const f16* p) {
@@ -595,16 +595,12 @@ template <> struct SrStore<F32x16> {
     const __m512i x = _mm512_castps_si512(v.v);
     const __m512i abs = _mm512_and_si512(x, _mm512_set1_epi32(0x7FFFFFFF));
     const __mmask16 special = _mm512_cmpge_epi32_mask(abs, _mm512_set1_epi32(0x7F800000));  // inf, NaN
-    __m512i out = _mm512_srli_epi32(_mm512_add_epi32(x, _mm512_and_si512(h, _mm512_set1_epi32(0xFFFF))), 16);
-    if (__builtin_expect(mask_any(special), 0)) {
-      const __mmask16 nan = _mm512_cmpgt_epi32_mask(abs, _mm512_set1_epi32(0x7F800000));
-      const __m512i qnan = _mm512_or_si512(
-          _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(0x8000)), _mm512_set1_epi32(0x7FC0));
-      out = _mm512_mask_mov_epi32(out, special, _mm512_srli_epi32(x, 16));  // an infinity: exact
-      out = _mm512_mask_mov_epi32(out, nan, qnan);
-    }
-    // vpmovdw (AVX-512F) keeps the low 16 bits of each lane; every lane is < 2^16.
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(out));
+    // (x + r) in every lane, whose high half is stored; an inf or NaN lane rounds to nearest
+    // instead (an infinity stays, a NaN is quieted)
+    __m512i out = _mm512_add_epi32(x, _mm512_and_si512(h, _mm512_set1_epi32(0xFFFF)));
+    if (__builtin_expect(mask_any(special), 0))
+      out = _mm512_mask_mov_epi32(out, special, StorageIO<F32x16, bf16>::round_bits(x));
+    StorageIO<F32x16, bf16>::store_high_halves(p, out);
   }
 };
 #endif
