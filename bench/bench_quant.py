@@ -14,6 +14,15 @@ bitsandbytes' 8-bit AdamW is timed when it is installed (an optional extra; 3 st
     PYTHONPATH=python python3 bench/bench_quant.py        # 2^22 elements, about 20 s
     PYTHONPATH=python python3 bench/bench_quant.py 26     # 2^26 (the issue's size)
     PYTHONPATH=python python3 bench/bench_quant.py 24 --threads 1 2 --repeats 21 --no-memory
+
+--in-cache times the compute alone instead: AdamW with fp32, int8 and int4 states on 2^16
+elements (or 2^log2), small enough to stay in L2, 1 thread, on every ISA this CPU runs
+(fastoptim.set_isa), in one process on the same arrays; each figure is the MINIMUM over
+--reps timings of --calls calls, in ns per element (in cache there is no memory noise to
+average, only interruptions to drop). To compare two builds, run it with each on PYTHONPATH
+and alternate the runs:
+
+    PYTHONPATH=python python3 bench/bench_quant.py --in-cache
 """
 import argparse
 import os
@@ -23,6 +32,7 @@ import sys
 import time
 
 import ml_dtypes
+import numpy as np
 import torch
 
 import fastoptim
@@ -32,14 +42,21 @@ from fastoptim.quant import QuantizedState
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("log2", nargs="?", type=int, default=22, help="2^log2 elements (default 22)")
+    ap.add_argument("log2", nargs="?", type=int, help="2^log2 elements (default 22; 16 with --in-cache)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                     help="thread counts to time (default: 1 2)")
     ap.add_argument("--repeats", type=int, default=11,
                     help="interleaved batches of 3 steps per row; the median is reported (default 11)")
     ap.add_argument("--no-memory", action="store_true", help="skip the state-memory (RSS) rows")
     ap.add_argument("--memory", metavar="FORMAT", help=argparse.SUPPRESS)  # internal: one RSS probe
-    return ap.parse_args(argv)
+    ap.add_argument("--in-cache", action="store_true",
+                    help="the compute alone: every ISA, 1 thread, 2^16 elements, min of --reps")
+    ap.add_argument("--reps", type=int, default=15, help="--in-cache: timings per cell (15)")
+    ap.add_argument("--calls", type=int, default=200, help="--in-cache: calls per timing (200)")
+    args = ap.parse_args(argv)
+    if args.log2 is None:
+        args.log2 = 16 if args.in_cache else 22
+    return args
 
 
 ARGS = parse_args()
@@ -159,8 +176,48 @@ def main():
             print(f"threads {threads} bitsandbytes: not installed (optional), skipped")
 
 
+def in_cache():
+    """ns/element of AdamW with fp32, int8 and int4 states, per ISA (the --in-cache mode)."""
+    rng = np.random.default_rng(0)
+    hyper = dict(lr=1e-4, weight_decay=1e-2)
+    p = rng.standard_normal(N).astype(np.float32)
+    g = rng.standard_normal(N).astype(np.float32)
+    states = {"fp32": (np.zeros(N, np.float32), np.zeros(N, np.float32))}
+    for bits in (8, 4):
+        st = (QuantizedState.zeros((N,), bits), QuantizedState.zeros((N,), bits, non_negative=True))
+        for step in (1, 2, 3):  # states with nonzero absmax and codes
+            fastoptim.adamw_(p, g, *st, step=step, **hyper)
+        states[f"int{bits}"] = st
+    info = fastoptim.backend_info()
+    before = info["isa"]
+    fastoptim.set_num_threads(1)
+    print(f"AdamW, 2^{LOG2} elements, 1 thread; ns/element, min of {ARGS.reps} x "
+          f"{ARGS.calls} calls")
+    print(f"{'ISA':12s}" + "".join(f"{k:>8s}" for k in states) + "  int8/fp32  int4/fp32")
+    out = {}
+    try:
+        for isa in info["isas_supported"]:
+            fastoptim.set_isa(isa)
+            best = out[isa] = {}
+            for name, st in states.items():
+                times = []
+                for _ in range(ARGS.reps):
+                    t0 = time.perf_counter()
+                    for _ in range(ARGS.calls):
+                        fastoptim.adamw_(p, g, *st, step=5, **hyper)
+                    times.append((time.perf_counter() - t0) / ARGS.calls / N * 1e9)
+                best[name] = min(times)
+            print(f"{isa:12s}" + "".join(f"{v:8.3f}" for v in best.values())
+                  + f"  {best['int8'] / best['fp32']:9.2f}  {best['int4'] / best['fp32']:9.2f}")
+    finally:
+        fastoptim.set_isa(before)
+    return out
+
+
 if __name__ == "__main__":
-    if ARGS.memory:
+    if ARGS.in_cache:
+        in_cache()
+    elif ARGS.memory:
         measure_memory(ARGS.memory)
     else:
         main()

@@ -393,3 +393,25 @@ def test_registry_declares_non_negative_states():
     assert quant.non_negative_states("adam") == {"exp_avg_sqs", "max_exp_avg_sqs"}
     assert quant.non_negative_states("sgd") == frozenset()
     assert quant.non_negative_states("rprop") == {"step_sizes"}
+
+
+def test_bench_in_cache_mode_times_every_isa():
+    """bench/bench_quant.py --in-cache (the compute alone, per ISA): one row per ISA this CPU
+    runs, with a positive ns/element for fp32, int8 and int4 states."""
+    pytest.importorskip("torch")  # the bench script imports it
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(Path(fastoptim.__file__).parents[1])] + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
+    out = subprocess.run([sys.executable, str(root / "bench" / "bench_quant.py"), "--in-cache",
+                          "11", "--reps", "1", "--calls", "2"],
+                         capture_output=True, text=True, check=True, env=env).stdout
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()
+            if line.split() and line.split()[0] in fastoptim.backend_info()["isas_supported"]}
+    assert set(rows) == set(fastoptim.backend_info()["isas_supported"]), out
+    for isa, cells in rows.items():
+        assert len(cells) == 5 and all(float(c) > 0 for c in cells), (isa, out)
+
