@@ -21,6 +21,31 @@ import numpy as np
 import fastoptim
 
 
+def min_ns_per_isa(cells, n, reps, calls):
+    """For each ISA this CPU runs (fastoptim.set_isa), 1 thread: (isa, {name: ns/element}),
+    each the MINIMUM over `reps` timings of `calls` calls of cells[name]() on n elements. The
+    ISA and thread count in force before are restored after. (bench_quant.py --in-cache uses
+    it too.)"""
+    info = fastoptim.backend_info()
+    fastoptim.set_num_threads(1)
+    try:
+        for isa in info["isas_supported"]:
+            fastoptim.set_isa(isa)
+            best = {}
+            for name, fn in cells.items():
+                times = []
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    for _ in range(calls):
+                        fn()
+                    times.append((time.perf_counter() - t0) / calls / n * 1e9)
+                best[name] = min(times)
+            yield isa, best
+    finally:
+        fastoptim.set_isa(info["isa"])
+        fastoptim.set_num_threads(info["num_threads"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--log2", type=int, default=16, help="elements = 2**log2 (default 16)")
@@ -32,28 +57,16 @@ def main() -> None:
     bf16 = ml_dtypes.bfloat16
     p, g, m = (rng.standard_normal(n).astype(np.float32).astype(bf16) for _ in range(3))
     v = np.abs(rng.standard_normal(n)).astype(np.float32).astype(bf16)
-    fastoptim.set_num_threads(1)
-    info = fastoptim.backend_info()
-    before = info["isa"]
     print(f"all-bf16 AdamW, {n:,} elements, 1 thread; ns/element, min of {args.reps} x "
           f"{args.calls} calls")
     print(f"{'ISA':12s} {'plain':>8s} {'+ SR':>8s} {'SR/plain':>9s}")
-    try:
-        for isa in info["isas_supported"]:
-            fastoptim.set_isa(isa)
-            best = {}
-            for name, kw in (("plain", {}), ("sr", {"stochastic_rounding": (0, 5)})):
-                times = []
-                for _ in range(args.reps):
-                    t0 = time.perf_counter()
-                    for _ in range(args.calls):
-                        fastoptim.adamw_(p, g, m, v, step=5, lr=1e-4, **kw)
-                    times.append((time.perf_counter() - t0) / args.calls / n * 1e9)
-                best[name] = min(times)
-            print(f"{isa:12s} {best['plain']:8.3f} {best['sr']:8.3f} "
-                  f"{best['sr'] / best['plain']:9.2f}")
-    finally:
-        fastoptim.set_isa(before)
+    cells = {
+        "plain": lambda: fastoptim.adamw_(p, g, m, v, step=5, lr=1e-4),
+        "sr": lambda: fastoptim.adamw_(p, g, m, v, step=5, lr=1e-4, stochastic_rounding=(0, 5)),
+    }
+    for isa, best in min_ns_per_isa(cells, n, args.reps, args.calls):
+        print(f"{isa:12s} {best['plain']:8.3f} {best['sr']:8.3f} "
+              f"{best['sr'] / best['plain']:9.2f}")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 import fastoptim
+from bench_bf16_compute import min_ns_per_isa  # bench/ is the script's directory
 from fastoptim.quant import QuantizedState
 
 
@@ -188,29 +189,16 @@ def in_cache():
         for step in (1, 2, 3):  # states with nonzero absmax and codes
             fastoptim.adamw_(p, g, *st, step=step, **hyper)
         states[f"int{bits}"] = st
-    info = fastoptim.backend_info()
-    before = info["isa"]
-    fastoptim.set_num_threads(1)
     print(f"AdamW, 2^{LOG2} elements, 1 thread; ns/element, min of {ARGS.reps} x "
           f"{ARGS.calls} calls")
     print(f"{'ISA':12s}" + "".join(f"{k:>8s}" for k in states) + "  int8/fp32  int4/fp32")
+    cells = {name: (lambda st=st: fastoptim.adamw_(p, g, *st, step=5, **hyper))
+             for name, st in states.items()}
     out = {}
-    try:
-        for isa in info["isas_supported"]:
-            fastoptim.set_isa(isa)
-            best = out[isa] = {}
-            for name, st in states.items():
-                times = []
-                for _ in range(ARGS.reps):
-                    t0 = time.perf_counter()
-                    for _ in range(ARGS.calls):
-                        fastoptim.adamw_(p, g, *st, step=5, **hyper)
-                    times.append((time.perf_counter() - t0) / ARGS.calls / N * 1e9)
-                best[name] = min(times)
-            print(f"{isa:12s}" + "".join(f"{v:8.3f}" for v in best.values())
-                  + f"  {best['int8'] / best['fp32']:9.2f}  {best['int4'] / best['fp32']:9.2f}")
-    finally:
-        fastoptim.set_isa(before)
+    for isa, best in min_ns_per_isa(cells, N, ARGS.reps, ARGS.calls):
+        out[isa] = best
+        print(f"{isa:12s}" + "".join(f"{v:8.3f}" for v in best.values())
+              + f"  {best['int8'] / best['fp32']:9.2f}  {best['int4'] / best['fp32']:9.2f}")
     return out
 
 
