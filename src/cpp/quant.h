@@ -14,6 +14,7 @@
 // depends on that block alone, so any split gives the same bits.
 #pragma once
 
+#include <limits>
 #include <type_traits>
 
 #include "kernel_api.h"
@@ -41,7 +42,7 @@ template <class D, int kSlot> constexpr bool slot_non_negative() {
 // The map of Note [quantized states] for one kind of state: a code is a small float of
 // |x| / absmax with kF mantissa bits, its bit pattern offset by kBias so that the top code is
 // 1.0 (non-negative states: every code; signed: a sign bit and the magnitudes 1..K, 0 = zero).
-// decode and encode are written once over the lane type V (float, F32x8, F32x16) in the
+// load (decode) and encode are written once over the lane type V (float, F32x8, F32x16) in the
 // integer vocabulary of vec.h (Note [integer lanes]): every step is an exact integer op or
 // one IEEE fp32 multiplication, so every lane type gives the same bits (Note [quantized
 // codes in registers]).
@@ -55,16 +56,28 @@ template <int kBits, bool kNonNegative> struct QuantMap {
   // (1 << (kShift - 1)) - 1 - (kBias << kShift), as uint32: round half down, minus the offset
   static constexpr uint32_t kRound = (1u << (kShift - 1)) - 1u - (static_cast<uint32_t>(kBias) << kShift);
 
-  // Codes (their kBits low bits, one per lane) -> values.
-  template <class V> static FO_INLINE V decode(IntOf<V> c, V absmax) {
+  // The values of elements [i, i + width of V) of a block whose codes start at c.
+  template <class V> static FO_INLINE V load(const uint8_t* c, int64_t i, V absmax) {
+    using I = IntOf<V>;
     if constexpr (kNonNegative) {
-      return vfloat<V>(vshl<kShift>(c + isplat<V>(kBias))) * absmax;
+      return vfloat<V>(vshl<kShift>(load_codes<V>(c, i) + isplat<V>(kBias))) * absmax;
     } else {
-      const IntOf<V> k = c & isplat<V>(kTop);
-      // the sign bit (the code's top bit) moved to bit 31
-      const IntOf<V> u = vshl<kShift>(k + isplat<V>(kBias)) | (vshl<32 - kBits>(c) & isplat<V>(0x80000000u));
-      // 0 * absmax would be +0 too (absmax is finite and >= 0)
-      return vselect(veq_i32(k, isplat<V>(0)), splat<V>(0.0f), vfloat<V>(u) * absmax);
+      // t: the code sign-extended (its top bit copied upwards) and shifted left by kShift, so
+      // the magnitude k sits where the fp32 mantissa's top bits go and the sign fills bits
+      // kShift + kBits - 1 to 31 (vload_s8 sign-extends a byte as it loads; a nibble is moved
+      // to the top and shifted back arithmetically)
+      I t;
+      if constexpr (kBits == 8) {
+        t = vshl<kShift>(vload_s8<V>(c + i));
+      } else {
+        t = vsra<32 - kBits - kShift>(vshl<32 - kBits>(load_codes<V>(c, i)));
+      }
+      constexpr uint32_t kMag = kTop << kShift;
+      // the sign at bit 31 and k + kBias above the mantissa bits dropped: (k + kBias) << kShift
+      // < 2^30, so the addition cannot carry into the sign
+      const I u = (t & isplat<V>(0x80000000u | kMag)) + isplat<V>(static_cast<uint32_t>(kBias) << kShift);
+      // k = 0 is zero whatever the sign (0 * absmax would be +0 too: absmax is finite and >= 0)
+      return vzero_unless(t, isplat<V>(kMag), vfloat<V>(u) * absmax);
     }
   }
 
@@ -73,10 +86,15 @@ template <int kBits, bool kNonNegative> struct QuantMap {
   // clamped (unsigned) to 1.0's pattern: a larger u, a NaN's included, rounds to at least kTop
   // and is clamped to kTop anyway; then (u + 2^(kShift-1) - 1 + lsb) >> kShift - kBias is one
   // arithmetic shift of a non-negative-or-small int32 (floor division: exact).
+  // kClamp = false skips the clamp where inv is finite (>= 0 and below inf): |x| <= absmax then
+  // gives |x| * inv <= 1 + 2^-23 (inv = 1 / absmax rounded), whose pattern rounds to kTop as 1.0's
+  // does; only a block whose 1 / absmax overflows (absmax <= 2^-128) meets a larger u.
   // A non-negative state's x is passed as |x| already (quant_lanes stores it so).
-  template <class V> static FO_INLINE IntOf<V> encode(V x, V inv) {
+  template <class V, bool kClamp = true> static FO_INLINE IntOf<V> encode(V x, V inv) {
     using I = IntOf<V>;
-    const I u = vmin_u32(vbits((kNonNegative ? x : vabs(x)) * inv), isplat<V>(kOne));
+    const I b = vbits((kNonNegative ? x : vabs(x)) * inv);
+    I u = b;
+    if constexpr (kClamp) u = vmin_u32(b, isplat<V>(kOne));
     const I r = vsra<kShift>(u + (vshr<kShift>(u) & isplat<V>(1u)) + isplat<V>(kRound));
     const I k = vmax_i32(r, isplat<V>(0));  // r <= kTop already
     if constexpr (kNonNegative) {
@@ -99,9 +117,9 @@ template <int kBits, bool kNonNegative> struct QuantMap {
   }
 
   // Block `blk`'s absmax from the bit pattern of its max |x| (as found by quant_lanes: >=
-  // 0x7F800000 when any value is not finite). Returns 1 / absmax (0 when absmax is 0) for
-  // store_codes, or -1 when a value is not finite: the absmax is then NaN and the block's n
-  // codes are written here, all 0.
+  // 0x7F800000 when any value is not finite). Returns 1 / absmax (0 when absmax is 0; inf
+  // when it overflows) for store_codes, or -1 when a value is not finite: the absmax is then
+  // NaN and the block's n codes are written here, all 0.
   static FO_INLINE float store_absmax(const QuantStream& s, int64_t blk, int64_t n, uint32_t m_bits) {
     if (m_bits >= 0x7F800000u) {
       s.absmax[blk] = __builtin_nanf("");
@@ -116,21 +134,22 @@ template <int kBits, bool kNonNegative> struct QuantMap {
 
   // The codes of in[i, i + width of V) of a block whose codes start at c (i is a multiple of
   // the width; int4 lanes come in whole bytes, so V is a vector there).
-  template <class V> static FO_INLINE void store_codes(uint8_t* c, int64_t i, const float* in, V inv) {
+  template <class V, bool kClamp = true>
+  static FO_INLINE void store_codes(uint8_t* c, int64_t i, const float* in, V inv) {
     if constexpr (kBits == 8) {
-      vstore_u8(c + i, encode<V>(vload<V>(in + i), inv));
+      vstore_u8(c + i, encode<V, kClamp>(vload<V>(in + i), inv));
     } else {
       static_assert(VecTraits<V>::kWidth > 1, "int4 codes are stored in whole bytes");
-      vstore_u4(c + i / 2, encode<V>(vload<V>(in + i), inv));
+      vstore_u4(c + i / 2, encode<V, kClamp>(vload<V>(in + i), inv));
     }
   }
 
-  // in[0, n) -> block `blk` of the stream: its absmax (store_absmax), then its codes.
+  // in[0, n) -> the codes of block `blk` of the stream, given inv as store_absmax returned it
+  // (nothing to do for -1: that block's codes are written).
   template <class V = FO_VEC_F32>
-  static FO_INLINE void store(const QuantStream& s, int64_t blk, int64_t n, const float* in,
-                              uint32_t m_bits) {
+  static FO_INLINE void store_block_codes(const QuantStream& s, int64_t blk, int64_t n,
+                                          const float* in, float inv) {
     constexpr int kW = VecTraits<V>::kWidth;
-    const float inv = store_absmax(s, blk, n, m_bits);
     if (inv < 0.0f) return;
     uint8_t* c = s.codes + quant_code_bytes(kBits, blk * quant_block(kBits));
     int64_t i = 0;
@@ -168,7 +187,7 @@ FO_INLINE void quant_lanes(float* p, const float* g, const uint8_t* const* codes
   each_slot([&](auto s) {
     if constexpr (s >= kState0 && (Rule::kReads & bit(s)) != 0) {
       using Map = QuantMap<kBits, slot_non_negative<D, decltype(s)::value>()>;
-      x[s] = Map::template decode<V>(Map::template load_codes<V>(codes[s], i), splat<V>(absmax[s]));
+      x[s] = Map::template load<V>(codes[s], i, splat<V>(absmax[s]));
     }
   });
   Rule::template apply<V>(x, c);
@@ -197,7 +216,9 @@ FO_INLINE void quant_lanes(float* p, const float* g, const uint8_t* const* codes
 // vector i of its codes is written in the same loop iteration as vector i of the next
 // block's update (same tensor), which gives the out-of-order core both kinds of work in one
 // window. The last block of a tensor's range, a partial block, a block with a non-finite
-// value and the scalar ISA store at once. The codes are the same (the same encode of the
+// value or with a 1 / absmax that overflows, and the scalar ISA store at once; so the deferred
+// encode knows 1 / absmax to be finite and skips the clamp that only an infinite one needs
+// (QuantMap::encode). The codes are the same (the same encode of the
 // same values; only when they are written changes), and every block stays with the thread
 // that updated it.
 template <class D, class Rule, int kBits, class Args>
@@ -233,7 +254,7 @@ void quant_range(const Batch& b, int64_t begin, int64_t end, const Args& a) {
     const auto encode_deferred = [&](int64_t i) {
       each_slot([&](auto s) {
         if constexpr (kDefer && s >= kState0 && (Rule::kWrites & bit(s)) != 0)
-          QuantMap<kBits, slot_non_negative<D, decltype(s)::value>()>::template store_codes<V>(
+          QuantMap<kBits, slot_non_negative<D, decltype(s)::value>()>::template store_codes<V, false>(
               dcodes[s], i, dst[s - kState0], dinv[s]);
       });
     };
@@ -290,23 +311,25 @@ void quant_range(const Batch& b, int64_t begin, int64_t end, const Args& a) {
         quant_lanes<D, Rule, kBits, float>(pb, gb, codes, absmax, cur, i, cs, amax1,
                                            b.grad_scale_inv_f);
       // This block's absmax; its codes now (the last block of the range, a partial block,
-      // one with a non-finite value) or deferred to the next block's loop.
-      uint32_t m_bits[kMaxSlots] = {};
+      // one with a non-finite value or a 1 / absmax that overflows) or deferred to the next
+      // block's loop, whose encode then needs no clamp (QuantMap::encode).
+      float inv[kMaxSlots] = {};
       bool defer = kDefer && n == kB && (blk + 1) * kB < hi;
       each_slot([&](auto s) {
         if constexpr (s >= kState0 && (Rule::kWrites & bit(s)) != 0) {
-          m_bits[s] = vmax_u32(vreduce_max_u32(amax[s]), amax1[s]);
-          defer = defer && m_bits[s] < 0x7F800000u;
+          using Map = QuantMap<kBits, slot_non_negative<D, decltype(s)::value>()>;
+          inv[s] = Map::store_absmax(*q[s], blk, n, vmax_u32(vreduce_max_u32(amax[s]), amax1[s]));
+          defer = defer && inv[s] >= 0.0f && inv[s] <= std::numeric_limits<float>::max();
         }
       });
       each_slot([&](auto s) {
         if constexpr (s >= kState0 && (Rule::kWrites & bit(s)) != 0) {
-          using Map = QuantMap<kBits, slot_non_negative<D, decltype(s)::value>()>;
           if (defer) {
-            dinv[s] = splat<V>(Map::store_absmax(*q[s], blk, n, m_bits[s]));
+            dinv[s] = splat<V>(inv[s]);
             dcodes[s] = q[s]->codes + quant_code_bytes(kBits, start);
           } else {
-            Map::template store<V>(*q[s], blk, n, cur[s - kState0], m_bits[s]);
+            QuantMap<kBits, slot_non_negative<D, decltype(s)::value>()>::template store_block_codes<V>(
+                *q[s], blk, n, cur[s - kState0], inv[s]);
           }
         }
       });

@@ -615,7 +615,11 @@ template <> struct SrStore<F32x16> {
 // constant, vmin_i32 / vmax_i32 (signed), vmin_u32 / vmax_u32 (unsigned), veq_i32 / vgt_i32 (signed),
 // giving a MaskOf<V> like the fp32 comparisons; masks combine with &; vselect(mask, a, b)
 // selects integer lanes too, and vreduce_max_u32 is the unsigned maximum of all lanes.
-// Codes: vload_u8<V>(p) reads kWidth bytes, one per lane (zero-extended); vstore_u8(p, i)
+// vzero_unless(a, b, x) is x in the lanes where a & b has a bit set and +0.0f elsewhere (one
+// zero-masked operation on AVX-512, where vselect(veq_i32(a & b, 0), splat<V>(0.0f), x) costs
+// an and, a compare and a blend).
+// Codes: vload_u8<V>(p) reads kWidth bytes, one per lane (zero-extended), vload_s8<V>(p) the
+// same bytes sign-extended (bit 7 copied to bits 8-31); vstore_u8(p, i)
 // writes the low byte of each lane. The 4-bit forms hold two codes per byte, lane 2j in the
 // low nibble of byte j and lane 2j+1 in the high nibble: vload_u4<V>(p) reads kWidth / 2
 // bytes, vstore_u4(p, i) writes them from lanes that are each below 16 (vector types only:
@@ -650,6 +654,11 @@ FO_HD FO_INLINE uint32_t vselect(bool m, uint32_t a, uint32_t b) { return m ? a 
 FO_HD FO_INLINE uint32_t vreduce_max_u32(uint32_t a) { return a; }
 template <class V> FO_HD FO_INLINE IntOf<V> vload_u8(const uint8_t* p);
 template <> FO_HD FO_INLINE uint32_t vload_u8<float>(const uint8_t* p) { return *p; }
+template <class V> FO_HD FO_INLINE IntOf<V> vload_s8(const uint8_t* p);
+template <> FO_HD FO_INLINE uint32_t vload_s8<float>(const uint8_t* p) {
+  return static_cast<uint32_t>(static_cast<int32_t>(static_cast<int8_t>(*p)));
+}
+FO_HD FO_INLINE float vzero_unless(uint32_t a, uint32_t b, float x) { return (a & b) != 0 ? x : 0.0f; }
 FO_HD FO_INLINE void vstore_u8(uint8_t* p, uint32_t a) { *p = static_cast<uint8_t>(a); }
 template <class V> FO_INLINE IntOf<V> vload_u4(const uint8_t* p);
 
@@ -684,6 +693,13 @@ FO_INLINE uint32_t vreduce_max_u32(I32x8 a) {
 }
 template <> FO_INLINE I32x8 vload_u8<F32x8>(const uint8_t* p) {
   return {_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))};
+}
+template <> FO_INLINE I32x8 vload_s8<F32x8>(const uint8_t* p) {
+  return {_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))};
+}
+FO_INLINE F32x8 vzero_unless(I32x8 a, I32x8 b, F32x8 x) {
+  const __m256i zero = _mm256_cmpeq_epi32(_mm256_and_si256(a.v, b.v), _mm256_setzero_si256());
+  return {_mm256_andnot_ps(_mm256_castsi256_ps(zero), x.v)};
 }
 FO_INLINE void vstore_u8(uint8_t* p, I32x8 a) {
   // byte 0 of each lane to bytes 0-3 of its 128-bit half, then the two halves' first dwords
@@ -738,6 +754,13 @@ FO_INLINE uint32_t vreduce_max_u32(I32x16 a) {
 }
 template <> FO_INLINE I32x16 vload_u8<F32x16>(const uint8_t* p) {
   return {_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))};
+}
+template <> FO_INLINE I32x16 vload_s8<F32x16>(const uint8_t* p) {
+  return {_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))};
+}
+// vptestmd, and a zero-masking move that the compiler folds into the instruction computing x
+FO_INLINE F32x16 vzero_unless(I32x16 a, I32x16 b, F32x16 x) {
+  return {_mm512_maskz_mov_ps(_mm512_test_epi32_mask(a.v, b.v), x.v)};
 }
 FO_INLINE void vstore_u8(uint8_t* p, I32x16 a) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(a.v));
