@@ -403,10 +403,9 @@ def test_registry_declares_non_negative_states():
     assert quant.non_negative_states("rprop") == {"step_sizes"}
 
 
-def test_bench_in_cache_mode_times_every_isa():
-    """bench/bench_quant.py --in-cache (the compute alone, per ISA): one row per ISA this CPU
-    runs, with a positive ns/element for fp32, int8 and int4 states."""
-    pytest.importorskip("torch")  # the bench script imports it
+def run_bench_script(script, *args, check=True):
+    """bench/<script> run with this fastoptim first on PYTHONPATH (the scripts import torch)."""
+    pytest.importorskip("torch")
     import os
     import subprocess
     import sys
@@ -414,12 +413,35 @@ def test_bench_in_cache_mode_times_every_isa():
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(Path(fastoptim.__file__).parents[1])] + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
-    out = subprocess.run([sys.executable, str(root / "bench" / "bench_quant.py"), "--in-cache",
-                          "11", "--reps", "1", "--calls", "2"],
-                         capture_output=True, text=True, check=True, env=env).stdout
+    return subprocess.run([sys.executable, str(root / "bench" / script), *args],
+                          capture_output=True, text=True, check=check, env=env)
+
+
+def test_bench_in_cache_mode_times_every_isa():
+    """bench/bench_quant.py --in-cache (the compute alone, per ISA): one row per ISA this CPU
+    runs, with a positive ns/element for fp32, int8 and int4 states."""
+    out = run_bench_script("bench_quant.py", "--in-cache", "11", "--reps", "1", "--calls", "2").stdout
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()
             if line.split() and line.split()[0] in fastoptim.backend_info()["isas_supported"]}
     assert set(rows) == set(fastoptim.backend_info()["isas_supported"]), out
     for isa, cells in rows.items():
         assert len(cells) == 5 and all(float(c) > 0 for c in cells), (isa, out)
 
+
+
+@pytest.mark.parametrize("states", ["fp32", "int8", "int4"])
+def test_ab_builds_times_two_builds_on_the_same_arrays(states, tmp_path):
+    """bench/ab_builds.py with this build as both the old and the new one: a row per thread
+    count with two positive times and their ratio; a directory that holds no package is
+    refused by name."""
+    from pathlib import Path
+    package = str(Path(fastoptim.__file__).parent)
+    out = run_bench_script("ab_builds.py", package, "--log2", "12", "--reps", "1",
+                           "--states", states).stdout
+    rows = [line.split() for line in out.splitlines() if line.startswith("threads")]
+    assert [r[1] for r in rows] == ["1", "2"], out
+    for r in rows:
+        old, new, ratio = float(r[3]), float(r[6]), float(r[9])
+        assert old > 0 and new > 0 and ratio == pytest.approx(new / old, rel=2e-3, abs=1e-3), out
+    bad = run_bench_script("ab_builds.py", str(tmp_path), "--log2", "12", check=False)
+    assert bad.returncode != 0 and "is not a fastoptim package directory" in bad.stderr, bad
