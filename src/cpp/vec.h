@@ -474,55 +474,6 @@ template <> struct StorageIO<F32x8, f16> {
                      _mm256_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
 };
-// Note [sr_hash strength reduction]
-// A vector store hashes the indices index .. index + W - 1 in one go. sr_hash's first step,
-// (lo * kSrMulLo) ^ (hi * kSrMulHi) ^ key over the index's 32-bit halves, is affine in the
-// lanes: (lo0 + j) * kSrMulLo is lo0 * kSrMulLo + j * kSrMulLo mod 2^32 (the lane constants
-// fold at compile time), and while lo0 + j does not wrap every lane shares hi0, so the high
-// half and the key fold into one scalar: a broadcast, an add and an xor per vector. A vector
-// whose low halves wrap past 2^32 (one in 2^28 at most) takes the general form, in which a
-// wrapped lane's high half is hi0 + 1. Both are the same bits as sr_hash.
-// The store: a finite lane is (x + (h & 0xFFFF)) >> 16; only a vector with an inf or NaN lane
-// takes the branch that rounds those lanes to nearest (an infinity stays, a NaN is quieted).
-template <> struct SrStore<F32x8> {
-  static FO_INLINE __m256i hash(uint32_t key, uint64_t index) {
-    const uint32_t lo0 = static_cast<uint32_t>(index), hi0 = static_cast<uint32_t>(index >> 32);
-    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256i lane_mul = _mm256_mullo_epi32(lanes, _mm256_set1_epi32(static_cast<int>(kSrMulLo)));
-    const __m256i lo_mul = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(lo0 * kSrMulLo)), lane_mul);
-    __m256i h;
-    if (__builtin_expect(lo0 <= 0xFFFFFFFFu - 7u, 1)) {
-      h = _mm256_xor_si256(lo_mul, _mm256_set1_epi32(static_cast<int>((hi0 * kSrMulHi) ^ key)));
-    } else {
-      const __m256i base = _mm256_set1_epi32(static_cast<int>(lo0));
-      const __m256i lo = _mm256_add_epi32(base, lanes);
-      // A lane whose low half wrapped carries into the high half (unsigned lo < base).
-      const __m256i flip = _mm256_set1_epi32(static_cast<int>(0x80000000u));
-      const __m256i carry = _mm256_cmpgt_epi32(_mm256_xor_si256(base, flip), _mm256_xor_si256(lo, flip));
-      const __m256i hi_mul = _mm256_blendv_epi8(_mm256_set1_epi32(static_cast<int>(hi0 * kSrMulHi)),
-                                                _mm256_set1_epi32(static_cast<int>((hi0 + 1u) * kSrMulHi)),
-                                                carry);
-      h = _mm256_xor_si256(_mm256_xor_si256(lo_mul, hi_mul), _mm256_set1_epi32(static_cast<int>(key)));
-    }
-    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
-    h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int>(kFmix1)));
-    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
-    h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int>(kFmix2)));
-    return _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
-  }
-  static FO_INLINE void store(bf16* p, F32x8 v, uint32_t key, uint64_t index) {
-    const __m256i h = hash(key, index);
-    const __m256i x = _mm256_castps_si256(v.v);
-    const __m256i abs = _mm256_and_si256(x, _mm256_set1_epi32(0x7FFFFFFF));
-    const __m256i special = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7F7FFFFF));  // inf, NaN
-    // (x + r) in every lane, whose high half is stored; an inf or NaN lane rounds to nearest
-    // instead (an infinity stays, a NaN is quieted)
-    __m256i out = _mm256_add_epi32(x, _mm256_and_si256(h, _mm256_set1_epi32(0xFFFF)));
-    if (__builtin_expect(!_mm256_testz_si256(special, special), 0))
-      out = _mm256_blendv_epi8(out, StorageIO<F32x8, bf16>::round_bits(x), special);
-    StorageIO<F32x8, bf16>::store_high_halves(p, out);
-  }
-};
 #endif
 
 #if defined(__AVX512F__)
@@ -566,43 +517,6 @@ template <> struct StorageIO<F32x16, f16> {
                         _mm512_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
 };
-template <> struct SrStore<F32x16> {
-  // Note [sr_hash strength reduction] (the AVX2 store above)
-  static FO_INLINE __m512i hash(uint32_t key, uint64_t index) {
-    const uint32_t lo0 = static_cast<uint32_t>(index), hi0 = static_cast<uint32_t>(index >> 32);
-    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i lane_mul = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(static_cast<int>(kSrMulLo)));
-    const __m512i lo_mul = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(lo0 * kSrMulLo)), lane_mul);
-    __m512i h;
-    if (__builtin_expect(lo0 <= 0xFFFFFFFFu - 15u, 1)) {
-      h = _mm512_xor_si512(lo_mul, _mm512_set1_epi32(static_cast<int>((hi0 * kSrMulHi) ^ key)));
-    } else {
-      const __m512i base = _mm512_set1_epi32(static_cast<int>(lo0));
-      const __mmask16 carry = _mm512_cmplt_epu32_mask(_mm512_add_epi32(base, lanes), base);  // wrapped
-      const __m512i hi_mul = _mm512_mask_mov_epi32(
-          _mm512_set1_epi32(static_cast<int>(hi0 * kSrMulHi)), carry,
-          _mm512_set1_epi32(static_cast<int>((hi0 + 1u) * kSrMulHi)));
-      h = _mm512_xor_si512(_mm512_xor_si512(lo_mul, hi_mul), _mm512_set1_epi32(static_cast<int>(key)));
-    }
-    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
-    h = _mm512_mullo_epi32(h, _mm512_set1_epi32(static_cast<int>(kFmix1)));
-    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 13));
-    h = _mm512_mullo_epi32(h, _mm512_set1_epi32(static_cast<int>(kFmix2)));
-    return _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
-  }
-  static FO_INLINE void store(bf16* p, F32x16 v, uint32_t key, uint64_t index) {
-    const __m512i h = hash(key, index);
-    const __m512i x = _mm512_castps_si512(v.v);
-    const __m512i abs = _mm512_and_si512(x, _mm512_set1_epi32(0x7FFFFFFF));
-    const __mmask16 special = _mm512_cmpge_epi32_mask(abs, _mm512_set1_epi32(0x7F800000));  // inf, NaN
-    // (x + r) in every lane, whose high half is stored; an inf or NaN lane rounds to nearest
-    // instead (an infinity stays, a NaN is quieted)
-    __m512i out = _mm512_add_epi32(x, _mm512_and_si512(h, _mm512_set1_epi32(0xFFFF)));
-    if (__builtin_expect(mask_any(special), 0))
-      out = _mm512_mask_mov_epi32(out, special, StorageIO<F32x16, bf16>::round_bits(x));
-    StorageIO<F32x16, bf16>::store_high_halves(p, out);
-  }
-};
 #endif
 
 // ---- integer lanes of an fp32 vector, and codes in bytes and nibbles ----------------------
@@ -611,8 +525,9 @@ template <> struct SrStore<F32x16> {
 // vector type V has a matching vector of 32-bit integer lanes, IntOf<V>: uint32_t for float,
 // I32x8 (AVX2) and I32x16 (AVX-512). Their vocabulary, all exact integer operations, hence
 // bitwise the same on every ISA: isplat<V>(u), vbits(v) / vfloat<V>(i) (bit casts),
-// + - & | (wrapping, as uint32_t), vshl<k> / vshr<k> (logical) / vsra<k> (arithmetic) by a
-// constant, vmin_i32 / vmax_i32 (signed), vmin_u32 / vmax_u32 (unsigned), veq_i32 / vgt_i32 (signed),
+// + - * & | ^ (wrapping, as uint32_t; * keeps the low 32 bits), viota<V>() (lane j holds j),
+// vshl<k> / vshr<k> (logical) / vsra<k> (arithmetic) by a constant, vmin_i32 / vmax_i32
+// (signed), vmin_u32 / vmax_u32 (unsigned), veq_i32 / vgt_i32 (signed) and vlt_u32 (unsigned),
 // giving a MaskOf<V> like the fp32 comparisons; masks combine with &; vselect(mask, a, b)
 // selects integer lanes too, and vreduce_max_u32 is the unsigned maximum of all lanes.
 // vzero_unless(a, b, x) is x in the lanes where a & b has a bit set and +0.0f elsewhere (one
@@ -645,6 +560,9 @@ FO_HD FO_INLINE uint32_t vmax_i32(uint32_t a, uint32_t b) {
   return static_cast<int32_t>(a) > static_cast<int32_t>(b) ? a : b;
 }
 FO_HD FO_INLINE uint32_t vmin_u32(uint32_t a, uint32_t b) { return a < b ? a : b; }
+template <class V> FO_HD FO_INLINE IntOf<V> viota();
+template <> FO_HD FO_INLINE uint32_t viota<float>() { return 0u; }
+FO_HD FO_INLINE bool vlt_u32(uint32_t a, uint32_t b) { return a < b; }
 FO_HD FO_INLINE uint32_t vmax_u32(uint32_t a, uint32_t b) { return a > b ? a : b; }
 FO_HD FO_INLINE bool veq_i32(uint32_t a, uint32_t b) { return a == b; }
 FO_HD FO_INLINE bool vgt_i32(uint32_t a, uint32_t b) {
@@ -672,6 +590,9 @@ FO_INLINE I32x8 operator+(I32x8 a, I32x8 b) { return {_mm256_add_epi32(a.v, b.v)
 FO_INLINE I32x8 operator-(I32x8 a, I32x8 b) { return {_mm256_sub_epi32(a.v, b.v)}; }
 FO_INLINE I32x8 operator&(I32x8 a, I32x8 b) { return {_mm256_and_si256(a.v, b.v)}; }
 FO_INLINE I32x8 operator|(I32x8 a, I32x8 b) { return {_mm256_or_si256(a.v, b.v)}; }
+FO_INLINE I32x8 operator^(I32x8 a, I32x8 b) { return {_mm256_xor_si256(a.v, b.v)}; }
+FO_INLINE I32x8 operator*(I32x8 a, I32x8 b) { return {_mm256_mullo_epi32(a.v, b.v)}; }
+template <> FO_INLINE I32x8 viota<F32x8>() { return {_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)}; }
 template <int k> FO_INLINE I32x8 vshl(I32x8 a) { return {_mm256_slli_epi32(a.v, k)}; }
 template <int k> FO_INLINE I32x8 vshr(I32x8 a) { return {_mm256_srli_epi32(a.v, k)}; }
 template <int k> FO_INLINE I32x8 vsra(I32x8 a) { return {_mm256_srai_epi32(a.v, k)}; }
@@ -681,6 +602,10 @@ FO_INLINE I32x8 vmin_u32(I32x8 a, I32x8 b) { return {_mm256_min_epu32(a.v, b.v)}
 FO_INLINE I32x8 vmax_u32(I32x8 a, I32x8 b) { return {_mm256_max_epu32(a.v, b.v)}; }
 FO_INLINE M32x8 veq_i32(I32x8 a, I32x8 b) { return {_mm256_castsi256_ps(_mm256_cmpeq_epi32(a.v, b.v))}; }
 FO_INLINE M32x8 vgt_i32(I32x8 a, I32x8 b) { return {_mm256_castsi256_ps(_mm256_cmpgt_epi32(a.v, b.v))}; }
+FO_INLINE M32x8 vlt_u32(I32x8 a, I32x8 b) {  // signed compare with both sign bits flipped
+  const __m256i flip = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+  return {_mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_xor_si256(b.v, flip), _mm256_xor_si256(a.v, flip)))};
+}
 FO_INLINE M32x8 operator&(M32x8 a, M32x8 b) { return {_mm256_and_ps(a.v, b.v)}; }
 FO_INLINE I32x8 vselect(M32x8 m, I32x8 a, I32x8 b) {
   return {_mm256_blendv_epi8(b.v, a.v, _mm256_castps_si256(m.v))};
@@ -738,6 +663,11 @@ FO_INLINE I32x16 operator+(I32x16 a, I32x16 b) { return {_mm512_add_epi32(a.v, b
 FO_INLINE I32x16 operator-(I32x16 a, I32x16 b) { return {_mm512_sub_epi32(a.v, b.v)}; }
 FO_INLINE I32x16 operator&(I32x16 a, I32x16 b) { return {_mm512_and_si512(a.v, b.v)}; }
 FO_INLINE I32x16 operator|(I32x16 a, I32x16 b) { return {_mm512_or_si512(a.v, b.v)}; }
+FO_INLINE I32x16 operator^(I32x16 a, I32x16 b) { return {_mm512_xor_si512(a.v, b.v)}; }
+FO_INLINE I32x16 operator*(I32x16 a, I32x16 b) { return {_mm512_mullo_epi32(a.v, b.v)}; }
+template <> FO_INLINE I32x16 viota<F32x16>() {
+  return {_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)};
+}
 template <int k> FO_INLINE I32x16 vshl(I32x16 a) { return {_mm512_slli_epi32(a.v, k)}; }
 template <int k> FO_INLINE I32x16 vshr(I32x16 a) { return {_mm512_srli_epi32(a.v, k)}; }
 template <int k> FO_INLINE I32x16 vsra(I32x16 a) { return {_mm512_srai_epi32(a.v, k)}; }
@@ -747,6 +677,7 @@ FO_INLINE I32x16 vmin_u32(I32x16 a, I32x16 b) { return {_mm512_min_epu32(a.v, b.
 FO_INLINE I32x16 vmax_u32(I32x16 a, I32x16 b) { return {_mm512_max_epu32(a.v, b.v)}; }
 FO_INLINE M16 veq_i32(I32x16 a, I32x16 b) { return {_mm512_cmpeq_epi32_mask(a.v, b.v)}; }
 FO_INLINE M16 vgt_i32(I32x16 a, I32x16 b) { return {_mm512_cmpgt_epi32_mask(a.v, b.v)}; }
+FO_INLINE M16 vlt_u32(I32x16 a, I32x16 b) { return {_mm512_cmplt_epu32_mask(a.v, b.v)}; }
 FO_INLINE M16 operator&(M16 a, M16 b) { return {static_cast<__mmask16>(a.k & b.k)}; }
 FO_INLINE I32x16 vselect(M16 m, I32x16 a, I32x16 b) { return {_mm512_mask_blend_epi32(m.k, b.v, a.v)}; }
 FO_INLINE uint32_t vreduce_max_u32(I32x16 a) {
@@ -775,6 +706,79 @@ FO_INLINE void vstore_u4(uint8_t* p, I32x16 a) {
   const __m512i q = _mm512_or_si512(a.v, _mm512_srli_epi64(a.v, 28));
   _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm512_cvtepi64_epi8(q));
 }
+#endif
+
+
+// ---- stochastic-rounding bf16 stores of the vector ISAs -----------------------------------
+// (here, after the integer lanes, in whose vocabulary their hash is written)
+// Note [sr_hash strength reduction]
+// A vector store hashes the indices index .. index + W - 1 in one go. sr_hash's first step,
+// (lo * kSrMulLo) ^ (hi * kSrMulHi) ^ key over the index's 32-bit halves, is affine in the
+// lanes: (lo0 + j) * kSrMulLo is lo0 * kSrMulLo + j * kSrMulLo mod 2^32 (the lane constants
+// fold at compile time), and while lo0 + j does not wrap every lane shares hi0, so the high
+// half and the key fold into one scalar: a broadcast, an add and an xor per vector. A vector
+// whose low halves wrap past 2^32 (one in 2^28 at most) takes the general form, in which a
+// wrapped lane's high half is hi0 + 1. Both are the same bits as sr_hash.
+// Written once over the integer lanes (Note [integer lanes]) for the vector types; sr_hash,
+// the scalar definition, stays as it is for the host and CUDA.
+template <class V> FO_INLINE IntOf<V> sr_hash_lanes(uint32_t key, uint64_t index) {
+  using I = IntOf<V>;
+  constexpr uint32_t kLast = VecTraits<V>::kWidth - 1;
+  const uint32_t lo0 = static_cast<uint32_t>(index), hi0 = static_cast<uint32_t>(index >> 32);
+  const I lanes = viota<V>();
+  const I lo_mul = isplat<V>(lo0 * kSrMulLo) + lanes * isplat<V>(kSrMulLo);
+  I h;
+  if (__builtin_expect(lo0 <= 0xFFFFFFFFu - kLast, 1)) {
+    h = lo_mul ^ isplat<V>((hi0 * kSrMulHi) ^ key);
+  } else {
+    const I base = isplat<V>(lo0);
+    // a lane whose low half wrapped (unsigned lo0 + j < lo0) carries into the high half
+    const I hi_mul = vselect(vlt_u32(base + lanes, base), isplat<V>((hi0 + 1u) * kSrMulHi),
+                             isplat<V>(hi0 * kSrMulHi));
+    h = lo_mul ^ hi_mul ^ isplat<V>(key);
+  }
+  h = h ^ vshr<16>(h);
+  h = h * isplat<V>(kFmix1);
+  h = h ^ vshr<13>(h);
+  h = h * isplat<V>(kFmix2);
+  return h ^ vshr<16>(h);
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+// The store: a finite lane is (x + (h & 0xFFFF)) >> 16; only a vector with an inf or NaN lane
+// takes the branch that rounds those lanes to nearest (an infinity stays, a NaN is quieted).
+template <> struct SrStore<F32x8> {
+  static FO_INLINE void store(bf16* p, F32x8 v, uint32_t key, uint64_t index) {
+    const __m256i h = sr_hash_lanes<F32x8>(key, index).v;
+    const __m256i x = _mm256_castps_si256(v.v);
+    const __m256i abs = _mm256_and_si256(x, _mm256_set1_epi32(0x7FFFFFFF));
+    const __m256i special = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7F7FFFFF));  // inf, NaN
+    // (x + r) in every lane, whose high half is stored; an inf or NaN lane rounds to nearest
+    // instead (an infinity stays, a NaN is quieted)
+    __m256i out = _mm256_add_epi32(x, _mm256_and_si256(h, _mm256_set1_epi32(0xFFFF)));
+    if (__builtin_expect(!_mm256_testz_si256(special, special), 0))
+      out = _mm256_blendv_epi8(out, StorageIO<F32x8, bf16>::round_bits(x), special);
+    StorageIO<F32x8, bf16>::store_high_halves(p, out);
+  }
+};
+#endif
+
+#if defined(__AVX512F__)
+template <> struct SrStore<F32x16> {
+  // the AVX2 store's rounding (above)
+  static FO_INLINE void store(bf16* p, F32x16 v, uint32_t key, uint64_t index) {
+    const __m512i h = sr_hash_lanes<F32x16>(key, index).v;
+    const __m512i x = _mm512_castps_si512(v.v);
+    const __m512i abs = _mm512_and_si512(x, _mm512_set1_epi32(0x7FFFFFFF));
+    const __mmask16 special = _mm512_cmpge_epi32_mask(abs, _mm512_set1_epi32(0x7F800000));  // inf, NaN
+    // (x + r) in every lane, whose high half is stored; an inf or NaN lane rounds to nearest
+    // instead (an infinity stays, a NaN is quieted)
+    __m512i out = _mm512_add_epi32(x, _mm512_and_si512(h, _mm512_set1_epi32(0xFFFF)));
+    if (__builtin_expect(mask_any(special), 0))
+      out = _mm512_mask_mov_epi32(out, special, StorageIO<F32x16, bf16>::round_bits(x));
+    StorageIO<F32x16, bf16>::store_high_halves(p, out);
+  }
+};
 #endif
 
 }  // namespace fastoptim
