@@ -412,6 +412,7 @@ FO_HD FO_INLINE uint16_t bf16_bits_sr(uint32_t x, uint32_t r) {
 }
 
 // How V is stored to bf16 with stochastic rounding; `index` is the first lane's element index.
+// The scalar store here; the vector ISAs' (the primary template) at the end of this file.
 template <class V> struct SrStore;
 template <> struct SrStore<float> {
   static FO_HD FO_INLINE void store(bf16* p, float v, uint32_t key, uint64_t index) {
@@ -528,7 +529,8 @@ template <> struct StorageIO<F32x16, f16> {
 // + - * & | ^ (wrapping, as uint32_t; * keeps the low 32 bits), viota<V>() (lane j holds j),
 // vshl<k> / vshr<k> (logical) / vsra<k> (arithmetic) by a constant, vmin_i32 / vmax_i32
 // (signed), vmin_u32 / vmax_u32 (unsigned), veq_i32 / vgt_i32 (signed) and vlt_u32 (unsigned),
-// giving a MaskOf<V> like the fp32 comparisons; masks combine with &; vselect(mask, a, b)
+// giving a MaskOf<V> like the fp32 comparisons; masks combine with &, vany(mask) says whether
+// any lane is set; vselect(mask, a, b)
 // selects integer lanes too, and vreduce_max_u32 is the unsigned maximum of all lanes.
 // vzero_unless(a, b, x) is x in the lanes where a & b has a bit set and +0.0f elsewhere (one
 // zero-masked operation on AVX-512, where vselect(veq_i32(a & b, 0), splat<V>(0.0f), x) costs
@@ -560,6 +562,7 @@ FO_HD FO_INLINE uint32_t vmax_i32(uint32_t a, uint32_t b) {
   return static_cast<int32_t>(a) > static_cast<int32_t>(b) ? a : b;
 }
 FO_HD FO_INLINE uint32_t vmin_u32(uint32_t a, uint32_t b) { return a < b ? a : b; }
+FO_HD FO_INLINE bool vany(bool m) { return m; }
 template <class V> FO_HD FO_INLINE IntOf<V> viota();
 template <> FO_HD FO_INLINE uint32_t viota<float>() { return 0u; }
 FO_HD FO_INLINE bool vlt_u32(uint32_t a, uint32_t b) { return a < b; }
@@ -602,6 +605,7 @@ FO_INLINE I32x8 vmin_u32(I32x8 a, I32x8 b) { return {_mm256_min_epu32(a.v, b.v)}
 FO_INLINE I32x8 vmax_u32(I32x8 a, I32x8 b) { return {_mm256_max_epu32(a.v, b.v)}; }
 FO_INLINE M32x8 veq_i32(I32x8 a, I32x8 b) { return {_mm256_castsi256_ps(_mm256_cmpeq_epi32(a.v, b.v))}; }
 FO_INLINE M32x8 vgt_i32(I32x8 a, I32x8 b) { return {_mm256_castsi256_ps(_mm256_cmpgt_epi32(a.v, b.v))}; }
+FO_INLINE bool vany(M32x8 m) { return !_mm256_testz_ps(m.v, m.v); }
 FO_INLINE M32x8 vlt_u32(I32x8 a, I32x8 b) {  // signed compare with both sign bits flipped
   const __m256i flip = _mm256_set1_epi32(static_cast<int>(0x80000000u));
   return {_mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_xor_si256(b.v, flip), _mm256_xor_si256(a.v, flip)))};
@@ -678,6 +682,7 @@ FO_INLINE I32x16 vmax_u32(I32x16 a, I32x16 b) { return {_mm512_max_epu32(a.v, b.
 FO_INLINE M16 veq_i32(I32x16 a, I32x16 b) { return {_mm512_cmpeq_epi32_mask(a.v, b.v)}; }
 FO_INLINE M16 vgt_i32(I32x16 a, I32x16 b) { return {_mm512_cmpgt_epi32_mask(a.v, b.v)}; }
 FO_INLINE M16 vlt_u32(I32x16 a, I32x16 b) { return {_mm512_cmplt_epu32_mask(a.v, b.v)}; }
+FO_INLINE bool vany(M16 m) { return mask_any(m.k); }
 FO_INLINE M16 operator&(M16 a, M16 b) { return {static_cast<__mmask16>(a.k & b.k)}; }
 FO_INLINE I32x16 vselect(M16 m, I32x16 a, I32x16 b) { return {_mm512_mask_blend_epi32(m.k, b.v, a.v)}; }
 FO_INLINE uint32_t vreduce_max_u32(I32x16 a) {
@@ -744,41 +749,20 @@ template <class V> FO_INLINE IntOf<V> sr_hash_lanes(uint32_t key, uint64_t index
   return h ^ vshr<16>(h);
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
-// The store: a finite lane is (x + (h & 0xFFFF)) >> 16; only a vector with an inf or NaN lane
-// takes the branch that rounds those lanes to nearest (an infinity stays, a NaN is quieted).
-template <> struct SrStore<F32x8> {
-  static FO_INLINE void store(bf16* p, F32x8 v, uint32_t key, uint64_t index) {
-    const __m256i h = sr_hash_lanes<F32x8>(key, index).v;
-    const __m256i x = _mm256_castps_si256(v.v);
-    const __m256i abs = _mm256_and_si256(x, _mm256_set1_epi32(0x7FFFFFFF));
-    const __m256i special = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7F7FFFFF));  // inf, NaN
-    // (x + r) in every lane, whose high half is stored; an inf or NaN lane rounds to nearest
-    // instead (an infinity stays, a NaN is quieted)
-    __m256i out = _mm256_add_epi32(x, _mm256_and_si256(h, _mm256_set1_epi32(0xFFFF)));
-    if (__builtin_expect(!_mm256_testz_si256(special, special), 0))
-      out = _mm256_blendv_epi8(out, StorageIO<F32x8, bf16>::round_bits(x), special);
-    StorageIO<F32x8, bf16>::store_high_halves(p, out);
+// The vector ISAs' store (the primary template, declared with the scalar one above), written
+// once too: a finite lane is (x + (h & 0xFFFF)) >> 16; only a vector with an inf or NaN lane
+// takes the branch that rounds those lanes to nearest (an infinity stays, a NaN is quieted:
+// StorageIO's round_bits).
+template <class V> struct SrStore {
+  static FO_INLINE void store(bf16* p, V v, uint32_t key, uint64_t index) {
+    using I = IntOf<V>;
+    const I x = vbits(v);
+    I out = x + (sr_hash_lanes<V>(key, index) & isplat<V>(0xFFFFu));
+    const auto special = vgt_i32(x & isplat<V>(0x7FFFFFFFu), isplat<V>(0x7F7FFFFFu));  // inf, NaN
+    if (__builtin_expect(vany(special), 0))
+      out = vselect(special, I{StorageIO<V, bf16>::round_bits(x.v)}, out);
+    StorageIO<V, bf16>::store_high_halves(p, out.v);
   }
 };
-#endif
-
-#if defined(__AVX512F__)
-template <> struct SrStore<F32x16> {
-  // the AVX2 store's rounding (above)
-  static FO_INLINE void store(bf16* p, F32x16 v, uint32_t key, uint64_t index) {
-    const __m512i h = sr_hash_lanes<F32x16>(key, index).v;
-    const __m512i x = _mm512_castps_si512(v.v);
-    const __m512i abs = _mm512_and_si512(x, _mm512_set1_epi32(0x7FFFFFFF));
-    const __mmask16 special = _mm512_cmpge_epi32_mask(abs, _mm512_set1_epi32(0x7F800000));  // inf, NaN
-    // (x + r) in every lane, whose high half is stored; an inf or NaN lane rounds to nearest
-    // instead (an infinity stays, a NaN is quieted)
-    __m512i out = _mm512_add_epi32(x, _mm512_and_si512(h, _mm512_set1_epi32(0xFFFF)));
-    if (__builtin_expect(mask_any(special), 0))
-      out = _mm512_mask_mov_epi32(out, special, StorageIO<F32x16, bf16>::round_bits(x));
-    StorageIO<F32x16, bf16>::store_high_halves(p, out);
-  }
-};
-#endif
 
 }  // namespace fastoptim
