@@ -76,7 +76,8 @@ template <int kBits, bool kNonNegative> struct QuantMap {
       // the sign at bit 31 and k + kBias above the mantissa bits dropped: (k + kBias) << kShift
       // < 2^30, so the addition cannot carry into the sign
       const I u = (t & isplat<V>(0x80000000u | kMag)) + isplat<V>(static_cast<uint32_t>(kBias) << kShift);
-      // k = 0 is zero whatever the sign (0 * absmax would be +0 too: absmax is finite and >= 0)
+      // k = 0 is +0 whatever the sign and the absmax (a NaN block's absmax is NaN: the mask, not
+      // the multiplication, gives the +0)
       return vzero_unless(t, isplat<V>(kMag), vfloat<V>(u) * absmax);
     }
   }
@@ -87,8 +88,9 @@ template <int kBits, bool kNonNegative> struct QuantMap {
   // and is clamped to kTop anyway; then (u + 2^(kShift-1) - 1 + lsb) >> kShift - kBias is one
   // arithmetic shift of a non-negative-or-small int32 (floor division: exact).
   // kClamp = false skips the clamp where inv is finite (>= 0 and below inf): |x| <= absmax then
-  // gives |x| * inv <= 1 + 2^-23 (inv = 1 / absmax rounded), whose pattern rounds to kTop as 1.0's
-  // does; only a block whose 1 / absmax overflows (absmax <= 2^-128) meets a larger u.
+  // gives |x| * inv <= 1 + 2^-22 (inv = 1 / absmax rounded, subnormal when absmax >= 2^126),
+  // far below the 1 + 2^-(kF+1) that would round past kTop; only a block whose 1 / absmax
+  // overflows (absmax <= 2^-128) meets a larger u.
   // A non-negative state's x is passed as |x| already (quant_lanes stores it so).
   template <class V, bool kClamp = true> static FO_INLINE IntOf<V> encode(V x, V inv) {
     using I = IntOf<V>;

@@ -21,6 +21,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define FO_HD __host__ __device__
@@ -754,6 +755,8 @@ template <class V> FO_INLINE IntOf<V> sr_hash_lanes(uint32_t key, uint64_t index
 // takes the branch that rounds those lanes to nearest (an infinity stays, a NaN is quieted:
 // StorageIO's round_bits).
 template <class V> struct SrStore {
+  static_assert(VecTraits<V>::kWidth > 1 && std::is_same_v<typename VecTraits<V>::Scalar, float>,
+                "stochastic-rounding bf16 stores take fp32 vectors");
   static FO_INLINE void store(bf16* p, V v, uint32_t key, uint64_t index) {
     using I = IntOf<V>;
     const I x = vbits(v);
