@@ -194,12 +194,9 @@ def in_cache():
     print(f"{'ISA':12s}" + "".join(f"{k:>8s}" for k in states) + "  int8/fp32  int4/fp32")
     cells = {name: (lambda st=st: fastoptim.adamw_(p, g, *st, step=5, **hyper))
              for name, st in states.items()}
-    out = {}
     for isa, best in min_ns_per_isa(cells, N, ARGS.reps, ARGS.calls):
-        out[isa] = best
         print(f"{isa:12s}" + "".join(f"{v:8.3f}" for v in best.values())
               + f"  {best['int8'] / best['fp32']:9.2f}  {best['int4'] / best['fp32']:9.2f}")
-    return out
 
 
 if __name__ == "__main__":

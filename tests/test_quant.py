@@ -184,6 +184,18 @@ def test_kernel_is_float32_update_between_numpy_quantizers(case, bits):
         assert_same_bits(state, expected, f"{rule} int{bits} step {step}")
 
 
+def assert_every_backend_gives(rule, hyper, start, grads, step, expected, label):
+    """One step from a copy of `start` on every ISA and thread count (backends()), each
+    compared bit for bit with `expected`; returns the last backend's state."""
+    for isa, threads in backends():
+        fastoptim.set_isa(isa)
+        fastoptim.set_num_threads(threads)
+        state = copy_state(start)
+        run(fastoptim, rule, hyper, state, grads, step)
+        assert_same_bits(state, expected, f"{label} {isa} {threads} threads")
+    return state
+
+
 @pytest.mark.parametrize("bits", BITS)
 def test_kernel_quantizes_extreme_blocks_as_numpy_does(bits, restore_backend):
     """Blocks the vector encoder handles through its clamps: absmax so small (subnormal) that
@@ -215,13 +227,8 @@ def test_kernel_quantizes_extreme_blocks_as_numpy_does(bits, restore_backend):
         for step in (1, 2):
             with np.errstate(over="ignore"):  # NumPy's 1 / absmax overflows as the kernel's does
                 expected = storage_oracle(rule, hyper, state, [grad], step)
-            for isa, threads in backends():
-                fastoptim.set_isa(isa)
-                fastoptim.set_num_threads(threads)
-                mine = copy_state(state)
-                run(fastoptim, rule, hyper, mine, [grad], step)
-                assert_same_bits(mine, expected, f"{rule} int{bits} step {step} {isa} {threads} threads")
-            state = mine
+            state = assert_every_backend_gives(rule, hyper, state, [grad], step, expected,
+                                               f"{rule} int{bits} step {step}")
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -244,12 +251,7 @@ def test_non_finite_blocks_among_finite_ones(bits, restore_backend):
     m, v = expected["exp_avgs"][0], expected["exp_avg_sqs"][0]
     assert np.isnan(m.absmax[[1, 4, 8]]).all() and np.isnan(v.absmax[[1, 3, 4, 7, 8]]).all()
     assert np.isfinite(m.absmax[[0, 2, 3, 5, 6, 7]]).all()
-    for isa, threads in backends():
-        fastoptim.set_isa(isa)
-        fastoptim.set_num_threads(threads)
-        state = copy_state(start)
-        run(fastoptim, "adam", {}, state, [g], 1)
-        assert_same_bits(state, expected, f"adam int{bits} {isa} {threads} threads")
+    assert_every_backend_gives("adam", {}, start, [g], 1, expected, f"adam int{bits}")
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -426,7 +428,6 @@ def test_bench_in_cache_mode_times_every_isa():
     assert set(rows) == set(fastoptim.backend_info()["isas_supported"]), out
     for isa, cells in rows.items():
         assert len(cells) == 5 and all(float(c) > 0 for c in cells), (isa, out)
-
 
 
 @pytest.mark.parametrize("states", ["fp32", "int8", "int4"])
