@@ -19,6 +19,17 @@ from fastoptim import _core  # noqa: E402
 pytestmark = pytest.mark.skipif(ft._P is None, reason="_core has no pointer entry")
 
 
+@pytest.fixture(autouse=True, params=["torch_ext", "python"])
+def metadata_reader(request, monkeypatch):
+    """Every test twice: the step reading tensors' metadata through fastoptim._torch_ext, and
+    through torch's Python bindings (Note [torch extension])."""
+    if request.param == "torch_ext" and ft._X is None:
+        pytest.skip("fastoptim._torch_ext is not built for this torch")
+    if request.param == "python":
+        monkeypatch.setattr(ft, "_X", None)
+    return request.param
+
+
 def spy_paths(monkeypatch):
     """Count the calls of adam_ on each path: {"pointers": n, "views": n} (empty calls, the
     hyperparameter checks, not counted)."""

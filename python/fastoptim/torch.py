@@ -56,13 +56,27 @@ Note [pointer path]
     streamed through far more memory than the caches hold. The misses on the params, states and
     state dicts, whose addresses do not change from step to step, are overlapped by prefetching
     those addresses at the start of the step (Note [prefetch hints] in src/cpp/bindings.cpp;
-    ``_GroupCache.prefetch``, built once the same tensors have stepped a few times). On
-    2,000 x 4,096 float32 Adam (load 5-6 on 2 cores) the step costs 1.5-1.6x the raw call at 1
-    thread and 1.7x at 2 (medians, interleaved; 1.6-1.7x and 2.2x before the prefetch and the
-    per-key checks), i.e. about 1.7 us per parameter, of which the gradient's seven reads are
-    about 0.6 and ``.grad`` and the version counter 0.4: what every step must read, since a new
-    gradient is a new tensor. Going lower needs torch's tensor metadata read in C++, i.e. an
-    extension built against libtorch, which fastoptim does not link.
+    ``_GroupCache.prefetch``, built once the same tensors have stepped a few times). Those reads
+    are what fastoptim._torch_ext does in C++ where it is built (Note [torch extension]).
+
+Note [torch extension]
+    ``fastoptim._torch_ext`` (src/torch/torch_ext.cpp) is built against the headers and
+    libraries of the torch that the installing Python has (src/torch/torch.cmake) and loaded
+    (``_X``) only under that very torch version, unless ``FASTOPTIM_TORCH_EXT=0``. It reads
+    tensors' metadata from torch's C++ objects instead of through torch's Python bindings, in
+    four passes of the step over a group: the params' data pointers (``_cache``), the gradients
+    with their pointers when every one matches its param's cached dtype, shape and strides
+    and is a plain dense CPU tensor (``_gather``; what ``_grads_match`` checks), each state
+    key's pointers against the bound ones (``_check_bound``), and the params' version counters
+    (``increment_version``). Each answers exactly what the Python pass answers, or declines
+    (None or False: a non-tensor, a missing key, a mismatch), and the Python pass then runs and
+    finds and names the problem as before; tests/test_torch_ext.py compares them on a zoo of
+    tensors, and the pointer path's tests run with and without it. The gradients it returns
+    are Python references held by the step while the kernel runs without the GIL, as before.
+    On 2,000 x 4,096 float32 Adam it takes the step from +52% / +92% over the raw call (1 / 2
+    threads) to +22% / +52% (bench/bench_torch.py --cases many_tensors): about 0.7-0.8 us per
+    tensor remain, most of it cache misses on torch's objects (TensorImpl, StorageImpl, the
+    autograd metadata), which every step must read since any of them may have changed.
 
 Note [DTensor and FSDP2]
     ``fully_shard`` (FSDP2) and tensor parallelism hand the optimizer DTensor parameters and
@@ -238,6 +252,23 @@ def _pointer_functional() -> Any:
 
 
 _P = _pointer_functional()
+
+
+def _torch_extension() -> Any:
+    """fastoptim._torch_ext (Note [torch extension]) when it was built against this very torch
+    and ``FASTOPTIM_TORCH_EXT`` is not ``0``; else None, and the step reads the same metadata
+    through torch's Python bindings."""
+    import os
+    if os.environ.get("FASTOPTIM_TORCH_EXT", "1") == "0":
+        return None
+    try:
+        from . import _torch_ext
+    except ImportError:
+        return None
+    return _torch_ext if _torch_ext.TORCH_VERSION == torch.__version__ else None
+
+
+_X = _torch_extension()
 # Note [prefetch hints] (src/cpp/bindings.cpp); None when the compiled module predates it.
 _PREFETCH: Callable[[np.ndarray], None] | None = getattr(_core, "_prefetch", None)
 #: steps a group's tensors must have stepped unchanged before their addresses are gathered
@@ -509,7 +540,7 @@ class _Gathered:
     """One group's part of a step: its params with gradients, and the gradients' views once
     a call needs them."""
 
-    __slots__ = ("gi", "group", "cache", "idx", "grads", "views", "hyper", "checked")
+    __slots__ = ("gi", "group", "cache", "idx", "grads", "views", "hyper", "checked", "gptrs")
 
     def __init__(self, gi: int, group: dict[str, Any], cache: _GroupCache, idx: range | list[int],
                  grads: list[Any], hyper: dict[str, Any]) -> None:
@@ -521,6 +552,9 @@ class _Gathered:
         self.views: list[np.ndarray] | None = None
         self.hyper = hyper
         self.checked = False
+        #: the gradients' data pointers when _torch_ext found them all matching their params
+        #: (Note [torch extension]), else None
+        self.gptrs: list[int] | None = None
 
 
 class _Written:
@@ -929,7 +963,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
             group, idx = item.group, item.idx
             params = group["params"]
             stepped = params if len(idx) == len(params) else [params[i] for i in idx]
-            increment_version(stepped)
+            if _X is None or not isinstance(stepped, list) or not _X.bump_versions(stepped):
+                increment_version(stepped)
             if item.cache.dtensor:
                 increment_version([_local(p) for p in stepped if _local(p) is not p])
 
@@ -1395,8 +1430,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
     def _cache(self, group: dict[str, Any]) -> _GroupCache:
         names = self._state_names(group)
         c = self._caches.get(id(group))
-        ptrs = list(map(_local_ptr if c is not None and c.dtensor else _data_ptr,
-                        group["params"]))
+        dtensor = c is not None and c.dtensor
+        ptrs = _X.data_ptrs(group["params"]) if _X is not None and not dtensor else None
+        if ptrs is None:
+            ptrs = list(map(_local_ptr if dtensor else _data_ptr, group["params"]))
         if c is None or c.group is not group or c.names != names or c.ptrs != ptrs:
             c = _GroupCache(group, names, ptrs, self._with_step)
             self._caches[id(group)] = c
@@ -1407,6 +1444,13 @@ class _FusedOptimizer(torch.optim.Optimizer):
         """Check one group's gradients (``.grad``, or ``grads``), parameters and
         hyperparameters; writes nothing."""
         params = group["params"]
+        gptrs = known = None
+        if grads is None and _X is not None:
+            # Note [torch extension]: the gradients and, when they all match the cached
+            # metadata of their params, their pointers, in one C++ pass.
+            known = self._caches.get(id(group))
+            if known is not None and not known.dtensor:
+                grads, gptrs = _X.grads(params, known.grad_dtypes, known.shapes, known.strides)
         if grads is None:
             grads = list(map(_grad_of, params))
         if all(map(operator.is_not, grads, repeat(None))):
@@ -1425,7 +1469,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 if c.errors[i] is not None:
                     kind, text = c.errors[i]
                     raise kind(f"{self._where(gi, i)} {text}")
-        return _Gathered(gi, group, c, idx, grads, hyper)
+        item = _Gathered(gi, group, c, idx, grads, hyper)
+        if c is known:  # (a rebuilt cache may expect other metadata)
+            item.gptrs = gptrs
+        return item
 
     def _views(self, item: _Gathered) -> list[np.ndarray]:
         """The gradients' NumPy views, for the calls that take them (Note [pointer path])."""
@@ -1449,6 +1496,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
         """Whether every gradient of a whole group is a plain dense CPU tensor with its
         parameter's dtype, shape and strides: then the kernel can take data pointers."""
         c, grads = item.cache, item.grads
+        if item.gptrs is not None:  # _torch_ext checked the same (Note [torch extension])
+            item.checked = True
+            return True
         try:
             # One C-level pass per attribute, each compared with the params' list: no tuple
             # per gradient (a type, a dtype and a bool are compared by identity).
@@ -1547,7 +1597,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
             step = int(low)
         if self._grads_match(item):
             fn: Any = _P
-            pargs, gargs, states = full.pointers, list(map(_data_ptr, item.grads)), full.pstates
+            gargs = item.gptrs if item.gptrs is not None else list(map(_data_ptr, item.grads))
+            pargs, states = full.pointers, full.pstates
         else:
             fn, pargs, gargs, states = F, full.views, self._views(item), full.states
 
@@ -1601,11 +1652,14 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if everyone and full is not None and full.by_key:
             # The common case: one list of pointers per state key, no tuple per param.
             hints = c.prefetch[1] if c.prefetch is not None else ()
+            fast = _X is not None and not c.dtensor and isinstance(dicts, list)
             try:
-                for k, (get, expected) in enumerate(zip(self._key_getters(c.names),
-                                                        full.by_key)):
+                for k, (key, get, expected) in enumerate(zip(
+                        self._keys(c.names), self._key_getters(c.names), full.by_key)):
                     if k < len(hints):  # each key's tensors just before they are read
                         _PREFETCH(hints[k])
+                    if fast and _X.same_pointers(dicts, key, expected):
+                        continue  # Note [torch extension]: the same comparison in C++
                     if list(map(ptr, map(get, dicts))) != expected:
                         break
                 else:

@@ -1,0 +1,87 @@
+# src/torch/torch.cmake: fastoptim._torch_ext, included by the top CMakeLists.txt.
+#
+#   -DFASTOPTIM_TORCH=AUTO  (default) build it when the Python that builds fastoptim has torch
+#   -DFASTOPTIM_TORCH=ON    build it or fail the configure step
+#   -DFASTOPTIM_TORCH=OFF   never build it
+#   -DFASTOPTIM_TORCH_PYTHON=/path/to/python   ask this interpreter for torch instead
+#
+# The extension reads torch tensors' metadata in C++ for fastoptim.torch's step (Note [torch
+# extension] in python/fastoptim/torch.py). It is compiled against the headers of the torch it
+# finds and linked to that torch's libraries, so it is only usable with that torch version:
+# fastoptim.torch loads it only when torch.__version__ equals the version it was built for,
+# and otherwise (or without it) reads the same metadata through torch's Python bindings.
+#
+# Note [finding torch from an isolated build]
+# pip builds in an isolated environment that hides the site-packages of the interpreter it
+# runs (PYTHONPATH points at an overlay whose sitecustomize removes them), so torch, which is
+# not a build requirement (it is optional, and a multi-GB download on a plain machine), cannot
+# be imported there. The probe below runs the same interpreter without pip's PYTHONPATH and
+# PYTHONNOUSERSITE, so it sees the environment fastoptim is being installed into: the torch the
+# extension will run with. `pip install --no-build-isolation` finds it directly.
+
+set(FASTOPTIM_TORCH "AUTO" CACHE STRING "Build fastoptim._torch_ext: AUTO, ON or OFF")
+set_property(CACHE FASTOPTIM_TORCH PROPERTY STRINGS AUTO ON OFF)
+set(FASTOPTIM_TORCH_PYTHON "${Python_EXECUTABLE}" CACHE FILEPATH
+    "The Python whose torch fastoptim._torch_ext is built against")
+string(TOUPPER "${FASTOPTIM_TORCH}" _fo_torch_mode)
+if(NOT _fo_torch_mode MATCHES "^(AUTO|ON|OFF)$")
+  message(FATAL_ERROR "FASTOPTIM_TORCH must be AUTO, ON or OFF (got '${FASTOPTIM_TORCH}')")
+endif()
+
+if(NOT _fo_torch_mode STREQUAL "OFF")
+  set(_fo_probe [=[
+import torch, torch.utils.cpp_extension as ext
+print(torch.__version__)
+print(int(torch._C._GLIBCXX_USE_CXX11_ABI))
+print(ext.library_paths()[0])
+print(";".join(ext.include_paths()))
+]=])
+  execute_process(
+    COMMAND "${CMAKE_COMMAND}" -E env --unset=PYTHONPATH --unset=PYTHONNOUSERSITE
+            "${FASTOPTIM_TORCH_PYTHON}" -c "${_fo_probe}"
+    RESULT_VARIABLE _fo_torch_rc OUTPUT_VARIABLE _fo_torch_out ERROR_VARIABLE _fo_torch_err
+    OUTPUT_STRIP_TRAILING_WHITESPACE)
+  if(_fo_torch_rc EQUAL 0)
+    string(REPLACE "\n" ";" _fo_torch_lines "${_fo_torch_out}")
+    list(GET _fo_torch_lines 0 _fo_torch_version)
+    list(GET _fo_torch_lines 1 _fo_torch_abi)
+    list(GET _fo_torch_lines 2 _fo_torch_libdir)
+    list(SUBLIST _fo_torch_lines 3 -1 _fo_torch_includes)
+    set(_fo_torch_libs)
+    foreach(_lib torch_python torch_cpu c10)
+      find_library(_fo_lib_${_lib} NAMES ${_lib} PATHS "${_fo_torch_libdir}" NO_DEFAULT_PATH)
+      if(NOT _fo_lib_${_lib})
+        set(_fo_torch_rc 1)
+        set(_fo_torch_err "lib${_lib}.so not found in ${_fo_torch_libdir}")
+      endif()
+      list(APPEND _fo_torch_libs "${_fo_lib_${_lib}}")
+    endforeach()
+  endif()
+  if(NOT _fo_torch_rc EQUAL 0)
+    string(STRIP "${_fo_torch_err}" _fo_torch_err)
+    string(REGEX REPLACE ".*\n" "" _fo_torch_err "${_fo_torch_err}")
+    if(_fo_torch_mode STREQUAL "ON")
+      message(FATAL_ERROR "FASTOPTIM_TORCH=ON but ${FASTOPTIM_TORCH_PYTHON} gives no torch: "
+                          "${_fo_torch_err}")
+    endif()
+    message(STATUS "fastoptim: fastoptim._torch_ext not built (${FASTOPTIM_TORCH_PYTHON} has "
+                   "no usable torch: ${_fo_torch_err})")
+  else()
+    message(STATUS "fastoptim: fastoptim._torch_ext against torch ${_fo_torch_version}")
+    Python_add_library(_torch_ext MODULE WITH_SOABI src/torch/torch_ext.cpp)
+    # torch's headers need C++20 (bit-field initialisers); -isystem keeps their warnings out.
+    set_target_properties(_torch_ext PROPERTIES CXX_STANDARD 20
+                          BUILD_RPATH "${_fo_torch_libdir}" INSTALL_RPATH "${_fo_torch_libdir}")
+    target_include_directories(_torch_ext SYSTEM PRIVATE ${_fo_torch_includes})
+    target_compile_definitions(_torch_ext PRIVATE _GLIBCXX_USE_CXX11_ABI=${_fo_torch_abi}
+                               FASTOPTIM_TORCH_VERSION="${_fo_torch_version}")
+    target_compile_options(_torch_ext PRIVATE -O2 -Wall -Wextra)
+    target_link_libraries(_torch_ext PRIVATE ${_fo_torch_libs})
+    if(FASTOPTIM_DEV_OUTPUT_DIR)
+      set_target_properties(_torch_ext PROPERTIES
+                            LIBRARY_OUTPUT_DIRECTORY "${FASTOPTIM_DEV_OUTPUT_DIR}")
+    else()
+      install(TARGETS _torch_ext LIBRARY DESTINATION fastoptim)
+    endif()
+  endif()
+endif()

@@ -1,0 +1,183 @@
+"""fastoptim._torch_ext (src/torch/torch_ext.cpp; Note [torch extension] in fastoptim/torch.py).
+
+Each of its functions stands in for one pass of fastoptim.torch's step over torch's Python
+bindings, and must answer what that pass answers, or decline (and the step takes the Python
+pass). Here each is compared, on a zoo of tensors and non-tensors, with the Python it replaces,
+written out in this file. The drop-in's own tests run with the extension loaded; the pointer
+path's tests (test_torch_pointers.py) run with and without it.
+"""
+
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import fastoptim.torch as ft  # noqa: E402
+
+X = ft._X
+
+needs_ext = pytest.mark.skipif(X is None, reason="fastoptim._torch_ext is not built for this torch")
+
+
+def test_the_extension_is_built_where_torch_is_installed_first():
+    """.ci/run installs torch before fastoptim and sets FASTOPTIM_EXPECT_TORCH_EXT=1: there the
+    build must have found torch (src/torch/torch.cmake) and torch.py must load the module."""
+    if os.environ.get("FASTOPTIM_EXPECT_TORCH_EXT") != "1":
+        pytest.skip("FASTOPTIM_EXPECT_TORCH_EXT is not 1 (set by .ci/run)")
+    from fastoptim import _torch_ext
+    assert _torch_ext.TORCH_VERSION == torch.__version__
+    assert X is _torch_ext
+
+
+class Sub(torch.Tensor):
+    pass
+
+
+def grad_zoo():
+    """(name, param, grad): gradients that match their param and ones that do not."""
+    def p(shape=(3, 4), **kw):
+        return torch.randn(shape, **kw).requires_grad_()
+
+    base = torch.randn(3, 4)
+    return [
+        ("plain", p(), base.clone()),
+        ("requires_grad", p(), base.clone().requires_grad_()),
+        ("channels_last both", p((2, 3, 4, 5)).contiguous(memory_format=torch.channels_last)
+         .detach().requires_grad_(), torch.randn(2, 3, 4, 5)
+         .contiguous(memory_format=torch.channels_last)),
+        ("channels_last grad only", p((2, 3, 4, 5)),
+         torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)),
+        ("float64", p(dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)),
+        ("other dtype", p(), torch.randn(3, 4, dtype=torch.float64)),
+        ("bfloat16", p(dtype=torch.bfloat16), torch.randn(3, 4, dtype=torch.bfloat16)),
+        ("transposed", p(), torch.randn(4, 3).t()),
+        ("negative view", p(), torch._neg_view(base.clone())),
+        ("subclass", p(), base.clone().as_subclass(Sub)),
+        ("parameter", p(), torch.nn.Parameter(base.clone(), requires_grad=False)),
+        ("sparse", p(), base.clone().to_sparse()),
+        ("empty", p((0, 4)), torch.randn(0, 4)),
+        ("scalar", p(()), torch.randn(())),
+        ("offset view", p((4,)), torch.randn(8)[4:]),
+    ]
+
+
+def python_match(param, grad):
+    """torch.py's _grads_match for one gradient (Note [pointer path]), against the param's
+    metadata as the group cache records it."""
+    try:
+        return (type(grad) is torch.Tensor and grad.dtype == param.dtype
+                and grad.shape == param.shape and grad.is_cpu
+                and grad.stride() == param.stride() and not grad.is_neg())
+    except RuntimeError:  # no strides (sparse)
+        return False
+
+
+def meta(params):
+    return ([p.dtype for p in params], [p.shape for p in params], [p.stride() for p in params])
+
+
+@needs_ext
+@pytest.mark.parametrize("name, param, grad", grad_zoo(), ids=[z[0] for z in grad_zoo()])
+def test_grads_answers_what_the_python_check_answers(name, param, grad):
+    if grad.dtype != param.dtype:
+        param.grad_dtype = None  # torch refuses another dtype unless told
+    param.grad = grad
+    plain = torch.randn(5).requires_grad_()
+    plain.grad = torch.randn(5)
+    for params in ([param], [plain, param], [param, plain]):
+        grads, ptrs = X.grads(params, *meta(params))
+        assert len(grads) == len(params)
+        assert all(g is p.grad for g, p in zip(grads, params))
+        if all(python_match(p, p.grad) for p in params):
+            assert ptrs == [p.grad.data_ptr() for p in params], name
+        else:
+            assert ptrs is None, name
+
+
+@needs_ext
+def test_grads_with_a_missing_gradient_gives_none_there_and_no_pointers():
+    params = [torch.randn(3).requires_grad_() for _ in range(3)]
+    params[0].grad = torch.randn(3)
+    params[2].grad = torch.randn(3)
+    grads, ptrs = X.grads(params, *meta(params))
+    assert grads[0] is params[0].grad and grads[1] is None and grads[2] is params[2].grad
+    assert ptrs is None
+
+
+@needs_ext
+def test_grads_compares_with_the_given_metadata_not_the_params():
+    """The expected dtype, shape and strides are the cached ones torch.py passes."""
+    p = torch.randn(3, 4).requires_grad_()
+    p.grad = torch.randn(3, 4)
+    assert X.grads([p], [torch.float32], [(3, 4)], [(4, 1)])[1] == [p.grad.data_ptr()]
+    assert X.grads([p], [torch.float64], [(3, 4)], [(4, 1)])[1] is None
+    assert X.grads([p], [torch.float32], [(4, 3)], [(4, 1)])[1] is None
+    assert X.grads([p], [torch.float32], [(3, 4)], [(1, 3)])[1] is None
+    assert X.grads([p], [torch.float32], [(3, 4, 1)], [(4, 1, 1)])[1] is None
+    assert X.grads([p], ["float32"], [(3, 4)], [(4, 1)])[1] is None
+    assert X.grads([p], [torch.float32], [(3, "4")], [(4, 1)])[1] is None
+    assert X.grads([p], [torch.float32], [(3, 2 ** 70)], [(4, 1)])[1] is None
+
+
+@pytest.mark.parametrize("args", [
+    ("not a list", [], [], []),
+    ([1.5], [torch.float32], [(1,)], [(1,)]),
+    ([torch.randn(2)], [], [(2,)], [(1,)]),
+    ([torch.randn(2)], [torch.float32], (2,), [(1,)]),
+], ids=["params not a list", "a float param", "dtypes too short", "shapes not a list"])
+@needs_ext
+def test_grads_declines_what_is_not_a_list_of_tensors(args):
+    assert X.grads(*args) == (None, None)
+
+
+def state_dicts():
+    return [{"exp_avg": torch.zeros(3), "step": torch.tensor(1.0)} for _ in range(4)]
+
+
+@needs_ext
+def test_same_pointers_answers_what_the_python_comparison_answers():
+    dicts = state_dicts()
+    want = [d["exp_avg"].data_ptr() for d in dicts]
+    assert X.same_pointers(dicts, "exp_avg", want) is True
+    assert X.same_pointers(dicts, "step", [d["step"].data_ptr() for d in dicts]) is True
+    assert X.same_pointers(dicts, "exp_avg", want[:-1]) is False
+    assert X.same_pointers(dicts, "exp_avg", want[::-1]) is False
+    assert X.same_pointers(dicts, "missing", want) is False
+    assert X.same_pointers(tuple(dicts), "exp_avg", want) is False
+    assert X.same_pointers(dicts, "exp_avg", [str(w) for w in want]) is False
+    dicts[2]["exp_avg"].data = torch.zeros(3)  # same object, new memory
+    assert X.same_pointers(dicts, "exp_avg", want) is False
+    dicts[2]["exp_avg"] = 0.0
+    assert X.same_pointers(dicts, "exp_avg", want) is False
+    dicts[2] = None
+    assert X.same_pointers(dicts, "exp_avg", want) is False
+    with pytest.raises(TypeError):  # what dict lookup raises, it raises
+        X.same_pointers(state_dicts(), ["unhashable"], want)
+
+
+@needs_ext
+def test_data_ptrs_is_data_ptr_of_each_tensor_or_declines():
+    ts = [torch.randn(3), torch.nn.Parameter(torch.randn(2)), torch.randn(8)[2:],
+          torch.randn(0), torch.randn(4).as_subclass(Sub)]
+    assert X.data_ptrs(ts) == [t.data_ptr() for t in ts]
+    assert X.data_ptrs([]) == []
+    assert X.data_ptrs(ts + [3]) is None
+    assert X.data_ptrs(tuple(ts)) is None
+
+
+@needs_ext
+def test_bump_versions_is_torchs_increment_version():
+    from torch.autograd.graph import increment_version
+    ts = [torch.randn(3), torch.nn.Parameter(torch.randn(2)), torch.randn(8)[2:]]
+    with torch.inference_mode():
+        ts.append(torch.randn(3))
+    twins = [t.detach().clone() if not t.is_inference() else t for t in ts]
+    before = [t._version if not t.is_inference() else None for t in ts]
+    assert X.bump_versions(ts) is True
+    increment_version(twins)
+    for t, b in zip(ts, before):
+        if b is not None:
+            assert t._version == b + 1
+    assert X.bump_versions(ts[:2] + ["x"]) is False  # checked first: nothing bumped
+    assert [t._version for t in ts[:2]] == [b + 1 for b in before[:2]]
