@@ -39,6 +39,7 @@ import gc
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -149,11 +150,14 @@ def time_round_robin(impls: dict[str, Callable[[], None]], repeats: int,
     gc.disable()
     try:
         order = list(impls.items())
-        for r in range(repeats):
-            # Rotate the order every round: whatever runs right after torch shares the cores
-            # with torch's OpenMP threads while they spin down, and that should not always be
-            # the same implementation.
-            for name, fn in order[r % len(order):] + order[:r % len(order)]:
+        shuffle = random.Random(0).shuffle
+        for _ in range(repeats):
+            # A new order every round: whatever runs right after torch shares the cores with
+            # torch's OpenMP threads while they spin down, and that should not always be the
+            # same implementation. (Rotating one order, as this loop used to, keeps every
+            # neighbour: the implementation after torch fused was always fastoptim.torch.)
+            shuffle(order)
+            for name, fn in order:
                 t0 = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t0)

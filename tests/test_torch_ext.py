@@ -138,22 +138,32 @@ def state_dicts():
 @needs_ext
 def test_same_pointers_answers_what_the_python_comparison_answers():
     dicts = state_dicts()
-    want = [d["exp_avg"].data_ptr() for d in dicts]
-    assert X.same_pointers(dicts, "exp_avg", want) is True
-    assert X.same_pointers(dicts, "step", [d["step"].data_ptr() for d in dicts]) is True
-    assert X.same_pointers(dicts, "exp_avg", want[:-1]) is False
-    assert X.same_pointers(dicts, "exp_avg", want[::-1]) is False
-    assert X.same_pointers(dicts, "missing", want) is False
-    assert X.same_pointers(tuple(dicts), "exp_avg", want) is False
-    assert X.same_pointers(dicts, "exp_avg", [str(w) for w in want]) is False
+    keys = ("exp_avg", "step")
+    want = tuple([d[k].data_ptr() for d in dicts] for k in keys)
+
+    def same(dicts=dicts, keys=keys, want=want):
+        return X.same_pointers(dicts, keys, want)
+
+    assert same() is True
+    assert same(keys=keys[:1], want=want[:1]) is True
+    assert same(keys=(), want=()) is True
+    assert same(want=(want[0][:-1], want[1])) is False
+    assert same(want=(want[0], want[1][::-1])) is False
+    assert same(want=want[:1]) is False
+    assert same(keys=("exp_avg", "missing")) is False
+    assert same(dicts=list(reversed(dicts))) is False
+    assert same(want=(want[0], [str(w) for w in want[1]])) is False
+    assert same(dicts=tuple(dicts)) is False
     dicts[2]["exp_avg"].data = torch.zeros(3)  # same object, new memory
-    assert X.same_pointers(dicts, "exp_avg", want) is False
+    assert same() is False
     dicts[2]["exp_avg"] = 0.0
-    assert X.same_pointers(dicts, "exp_avg", want) is False
+    assert same() is False
     dicts[2] = None
-    assert X.same_pointers(dicts, "exp_avg", want) is False
+    assert same() is False
     with pytest.raises(TypeError):  # what dict lookup raises, it raises
-        X.same_pointers(state_dicts(), ["unhashable"], want)
+        same(dicts=state_dicts(), keys=(["unhashable"], "step"))
+    with pytest.raises(TypeError):
+        X.same_pointers(state_dicts(), list(keys), want)
 
 
 @needs_ext

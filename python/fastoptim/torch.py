@@ -1651,15 +1651,15 @@ class _FusedOptimizer(torch.optim.Optimizer):
         full = c.full
         if everyone and full is not None and full.by_key:
             # The common case: one list of pointers per state key, no tuple per param.
+            if (_X is not None and not c.dtensor and isinstance(dicts, list)
+                    and _X.same_pointers(dicts, self._keys(c.names), tuple(full.by_key))):
+                return  # Note [torch extension]: the comparison below, in C++
             hints = c.prefetch[1] if c.prefetch is not None else ()
-            fast = _X is not None and not c.dtensor and isinstance(dicts, list)
             try:
-                for k, (key, get, expected) in enumerate(zip(
-                        self._keys(c.names), self._key_getters(c.names), full.by_key)):
+                for k, (get, expected) in enumerate(zip(self._key_getters(c.names),
+                                                        full.by_key)):
                     if k < len(hints):  # each key's tensors just before they are read
                         _PREFETCH(hints[k])
-                    if fast and _X.same_pointers(dicts, key, expected):
-                        continue  # Note [torch extension]: the same comparison in C++
                     if list(map(ptr, map(get, dicts))) != expected:
                         break
                 else:

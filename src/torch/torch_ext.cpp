@@ -115,33 +115,41 @@ PyObject* grads(PyObject*, PyObject* args) {
   return Py_BuildValue("(NN)", out, ptrs);
 }
 
-// same_pointers(dicts, key, expected) -> bool
-//   Whether dicts[i][key] is a tensor whose data_ptr() is expected[i], for every i: torch.py's
-//   `list(map(data_ptr, map(itemgetter(key), dicts))) == expected`, where any missing key or
-//   non-tensor value is False (torch.py then takes its own path).
+// same_pointers(dicts, keys, expected) -> bool
+//   Whether dicts[i][keys[k]] is a tensor whose data_ptr() is expected[k][i], for every i and
+//   k: torch.py's `list(map(data_ptr, map(itemgetter(key), dicts))) == expected[k]` for each
+//   key, where a missing key or a non-tensor value is False (torch.py then takes its own
+//   path). keys: a tuple of str; expected: a tuple of lists of ints. One pass over the dicts
+//   for all keys: each dict is looked up while it is in cache.
 PyObject* same_pointers(PyObject*, PyObject* args) {
-  PyObject *dicts, *key, *expected;
-  if (!PyArg_ParseTuple(args, "OOO", &dicts, &key, &expected)) return nullptr;
-  if (!PyList_Check(dicts) || !is_list_of(expected, PyList_GET_SIZE(dicts))) Py_RETURN_FALSE;
+  PyObject *dicts, *keys, *expected;
+  if (!PyArg_ParseTuple(args, "OO!O!", &dicts, &PyTuple_Type, &keys, &PyTuple_Type, &expected))
+    return nullptr;
+  const Py_ssize_t n_keys = PyTuple_GET_SIZE(keys);
+  if (!PyList_Check(dicts) || PyTuple_GET_SIZE(expected) != n_keys) Py_RETURN_FALSE;
   const Py_ssize_t n = PyList_GET_SIZE(dicts);
+  for (Py_ssize_t k = 0; k < n_keys; ++k)
+    if (!is_list_of(PyTuple_GET_ITEM(expected, k), n)) Py_RETURN_FALSE;
   try {
     for (Py_ssize_t i = 0; i < n; ++i) {
       PyObject* d = PyList_GET_ITEM(dicts, i);
       if (!PyDict_Check(d)) Py_RETURN_FALSE;
-      PyObject* t = PyDict_GetItemWithError(d, key);  // borrowed
-      if (!t) {
-        if (PyErr_Occurred()) return nullptr;
-        Py_RETURN_FALSE;
+      for (Py_ssize_t k = 0; k < n_keys; ++k) {
+        PyObject* t = PyDict_GetItemWithError(d, PyTuple_GET_ITEM(keys, k));  // borrowed
+        if (!t) {
+          if (PyErr_Occurred()) return nullptr;
+          Py_RETURN_FALSE;
+        }
+        if (!THPVariable_Check(t)) Py_RETURN_FALSE;
+        const at::Tensor& tensor = THPVariable_Unpack(t);
+        if (!tensor.has_storage()) Py_RETURN_FALSE;
+        void* want = PyLong_AsVoidPtr(PyList_GET_ITEM(PyTuple_GET_ITEM(expected, k), i));
+        if (!want && PyErr_Occurred()) {
+          PyErr_Clear();
+          Py_RETURN_FALSE;
+        }
+        if (tensor.data_ptr() != want) Py_RETURN_FALSE;
       }
-      if (!THPVariable_Check(t)) Py_RETURN_FALSE;
-      const at::Tensor& tensor = THPVariable_Unpack(t);
-      if (!tensor.has_storage()) Py_RETURN_FALSE;
-      void* want = PyLong_AsVoidPtr(PyList_GET_ITEM(expected, i));
-      if (!want && PyErr_Occurred()) {
-        PyErr_Clear();
-        Py_RETURN_FALSE;
-      }
-      if (tensor.data_ptr() != want) Py_RETURN_FALSE;
     }
   } catch (const python_error&) {
     return nullptr;
@@ -203,7 +211,7 @@ PyObject* bump_versions(PyObject*, PyObject* args) {
 PyMethodDef kMethods[] = {
     {"grads", grads, METH_VARARGS, "Each param's .grad and, when all match, their pointers."},
     {"same_pointers", same_pointers, METH_VARARGS,
-     "Whether dicts[i][key].data_ptr() == expected[i] for every i."},
+     "Whether dicts[i][keys[k]].data_ptr() == expected[k][i] for every i and k."},
     {"data_ptrs", data_ptrs, METH_VARARGS, "Each tensor's data_ptr(), or None."},
     {"bump_versions", bump_versions, METH_VARARGS, "Bump each tensor's autograd version."},
     {nullptr, nullptr, 0, nullptr},
