@@ -624,3 +624,42 @@ def test_boundary_values_are_accepted(fn, overrides):
         else:
             call.hyper[key] = value
     assert call() is None
+
+
+def test_overlap_check_follows_arrays_that_change_places_between_calls():
+    """Note [overlap order cache] (src/cpp/bindings.cpp): the last call's sorted order of the
+    spans is tried first. Calls with the same number of arrays, carved out of one buffer in
+    ascending, then descending, then shuffled order, must neither refuse the valid calls nor
+    miss the overlap of the last one; each valid call must update exactly as a fresh one."""
+    n = 6
+    rng = np.random.default_rng(0)
+    buf = np.zeros(4 * n * 8, np.float32)  # n params, n exp_avgs, n exp_avg_sqs, n spare
+    grads = [rng.standard_normal(8).astype(np.float32) for _ in range(n)]
+
+    def slots(order):
+        return [buf[8 * k:8 * k + 8] for k in order]
+
+    def call(order):
+        views = slots(order)
+        fastoptim.adam_(views[:n], grads, views[n:2 * n], views[2 * n:3 * n], step=1, lr=0.1)
+
+    def expected(order):
+        p = [np.array(v) for v in slots(order)]
+        fastoptim.adam_(p[:n], grads, p[n:2 * n], p[2 * n:3 * n], step=1, lr=0.1)
+        return p[:3 * n]
+
+    for order in (list(range(4 * n)), list(range(4 * n))[::-1], list(rng.permutation(4 * n))):
+        buf[:] = rng.standard_normal(buf.size)
+        want = expected(order)
+        call(order)  # valid: must not be refused whatever the previous call's order was
+        for got, w in zip(slots(order)[:3 * n], want):
+            np.testing.assert_array_equal(got, w)
+    order = list(rng.permutation(4 * n))
+    call(order)
+    bad = slots(order)
+    bad[2 * n - 1] = buf[8 * order[0] + 4:8 * order[0] + 12] if order[0] < 4 * n - 1 else \
+        buf[8 * order[0] - 4:8 * order[0] + 4]  # exp_avgs[-1] now straddles params[0]
+    before = buf.copy()
+    with pytest.raises(ValueError, match=OVERLAP):
+        fastoptim.adam_(bad[:n], grads, bad[n:2 * n], bad[2 * n:3 * n], step=1, lr=0.1)
+    np.testing.assert_array_equal(buf, before)
