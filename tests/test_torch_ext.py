@@ -34,6 +34,29 @@ class Sub(torch.Tensor):
     pass
 
 
+class ZeroGradParam(torch.nn.Parameter):
+    """A parameter whose ``.grad`` reads as zeros through Python (torch honours the override;
+    a C++ read of the gradient would not)."""
+
+    @property
+    def grad(self):
+        g = torch.Tensor.grad.__get__(self)
+        return None if g is None else torch.zeros_like(g)
+
+    @grad.setter
+    def grad(self, value):
+        torch.Tensor.grad.__set__(self, value)
+
+
+class PtrMode(torch.overrides.TorchFunctionMode):
+    """A mode under which every data_ptr() reads 0."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.data_ptr:
+            return 0
+        return func(*args, **(kwargs or {}))
+
+
 def grad_zoo():
     """(name, param, grad): gradients that match their param and ones that do not."""
     def p(shape=(3, 4), **kw):
@@ -93,6 +116,74 @@ def test_grads_answers_what_the_python_check_answers(name, param, grad):
             assert ptrs == [p.grad.data_ptr() for p in params], name
         else:
             assert ptrs is None, name
+
+
+@needs_ext
+def test_only_plain_tensors_are_read_in_cpp():
+    """A subclass may override .grad or data_ptr() in Python: the extension declines."""
+    p = ZeroGradParam(torch.randn(3))
+    p.grad = torch.ones(3)
+    assert torch.equal(p.grad, torch.zeros(3))  # what torch.py would read
+    assert X.grads([p], *meta([p])) == (None, None)
+    assert X.data_ptrs([torch.randn(2).as_subclass(Sub)]) is None
+    assert X.same_pointers([{"a": torch.randn(2).as_subclass(Sub)}], ("a",), ([0],)) is False
+    assert X.bump_versions([torch.randn(2).as_subclass(Sub)]) is False
+
+
+@needs_ext
+def test_the_extension_is_not_used_under_a_torch_function_mode():
+    assert ft._ext() is X
+    with PtrMode():
+        assert torch.randn(2).data_ptr() == 0
+        assert ft._ext() is None
+    assert ft._ext() is X
+
+
+@pytest.mark.parametrize("make", ["ZeroGradParam", "Parameter"])
+def test_a_parameter_subclass_that_overrides_grad_steps_as_in_torch(make):
+    cls = {"ZeroGradParam": ZeroGradParam, "Parameter": torch.nn.Parameter}[make]
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(5, generator=gen) for _ in range(3)]
+    ref = [cls(t.clone()) for t in start]
+    ours = [cls(t.clone()) for t in start]
+    opt_ref = torch.optim.SGD(ref, lr=0.5, momentum=0.9)
+    opt = ft.SGD(ours, lr=0.5, momentum=0.9)
+    for _ in range(3):
+        for a, b in zip(ref, ours):
+            g = torch.randn(5, generator=gen)
+            a.grad, b.grad = g.clone(), g.clone()
+        opt_ref.step()
+        opt.step()
+    for a, b in zip(ref, ours):
+        torch.testing.assert_close(b.detach(), a.detach())
+
+
+@needs_ext
+def test_a_plain_step_reads_through_the_extension(monkeypatch):
+    """At steady state the drop-in takes the extension's answers (it does not decline)."""
+    answers = {"grads": [], "same_pointers": [], "data_ptrs": [], "bump_versions": []}
+
+    class Spy:
+        def __getattr__(self, name):
+            real = getattr(X, name)
+
+            def call(*args):
+                out = real(*args)
+                answers[name].append(out)
+                return out
+            return call
+
+    params = [torch.randn(4, 3).requires_grad_() for _ in range(4)]
+    opt = ft.Adam(params, lr=0.1)
+    monkeypatch.setattr(ft, "_X", Spy())
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(4, 3)
+        opt.step()
+    assert answers["grads"] and answers["grads"][-1][1] == [p.grad.data_ptr() for p in params]
+    assert answers["same_pointers"] and answers["same_pointers"][-1] is True
+    assert answers["data_ptrs"][-1] == [p.data_ptr() for p in params]
+    assert answers["bump_versions"][-1] is True
 
 
 @needs_ext
@@ -169,7 +260,7 @@ def test_same_pointers_answers_what_the_python_comparison_answers():
 @needs_ext
 def test_data_ptrs_is_data_ptr_of_each_tensor_or_declines():
     ts = [torch.randn(3), torch.nn.Parameter(torch.randn(2)), torch.randn(8)[2:],
-          torch.randn(0), torch.randn(4).as_subclass(Sub)]
+          torch.randn(0)]
     assert X.data_ptrs(ts) == [t.data_ptr() for t in ts]
     assert X.data_ptrs([]) == []
     assert X.data_ptrs(ts + [3]) is None
@@ -182,12 +273,18 @@ def test_bump_versions_is_torchs_increment_version():
     ts = [torch.randn(3), torch.nn.Parameter(torch.randn(2)), torch.randn(8)[2:]]
     with torch.inference_mode():
         ts.append(torch.randn(3))
-    twins = [t.detach().clone() if not t.is_inference() else t for t in ts]
-    before = [t._version if not t.is_inference() else None for t in ts]
+    with torch.inference_mode():
+        twins = [t.clone() if t.is_inference() else None for t in ts]
+    twins = [tw if tw is not None else t.detach().clone() for t, tw in zip(ts, twins)]
+
+    def versions(tensors):
+        return [None if t.is_inference() else t._version for t in tensors]
+
+    before, twins_before = versions(ts), versions(twins)
     assert X.bump_versions(ts) is True
-    increment_version(twins)
-    for t, b in zip(ts, before):
-        if b is not None:
-            assert t._version == b + 1
+    increment_version(twins)  # torch's own, on twins of the same kinds
+    delta = [None if b is None else a - b for a, b in zip(versions(ts), before)]
+    twin_delta = [None if b is None else a - b for a, b in zip(versions(twins), twins_before)]
+    assert delta == twin_delta == [1, 1, 1, None]
     assert X.bump_versions(ts[:2] + ["x"]) is False  # checked first: nothing bumped
     assert [t._version for t in ts[:2]] == [b + 1 for b in before[:2]]

@@ -208,20 +208,23 @@ struct Interval {
 //   (one O(n) pass), it is a valid sorted order and the sweep uses it; otherwise they are
 //   sorted again. Any sorted order gives the same answer: the sweep compares each span with the
 //   furthest-reaching span and written span before it, and spans with equal starts overlap
-//   whichever comes first (empty arrays have no span).
+//   whichever comes first (empty arrays have no span). Equal starts are ordered by position in
+//   the call, so that the message names the same pair whatever the previous call was.
 //   Returns the first overlapping pair found (the later span, then the earlier one), or two
 //   nulls.
 std::pair<const Interval*, const Interval*> find_overlap(const std::vector<Interval>& spans) {
   thread_local std::vector<size_t> order;
   const size_t n = spans.size();
   if (n < 2) return {nullptr, nullptr};
+  const auto before = [&spans](size_t a, size_t b) {
+    return spans[a].lo < spans[b].lo || (spans[a].lo == spans[b].lo && a < b);
+  };
   bool sorted = order.size() == n;
-  for (size_t i = 1; sorted && i < n; ++i) sorted = spans[order[i - 1]].lo <= spans[order[i]].lo;
+  for (size_t i = 1; sorted && i < n; ++i) sorted = before(order[i - 1], order[i]);
   if (!sorted) {
     order.resize(n);
     for (size_t i = 0; i < n; ++i) order[i] = i;
-    std::sort(order.begin(), order.end(),
-              [&spans](size_t a, size_t b) { return spans[a].lo < spans[b].lo; });
+    std::sort(order.begin(), order.end(), before);
   }
   const Interval* max_all = nullptr;      // span reaching furthest so far
   const Interval* max_written = nullptr;  // written span reaching furthest so far

@@ -3,7 +3,8 @@
 #   -DFASTOPTIM_TORCH=AUTO  (default) build it when the Python that builds fastoptim has torch
 #   -DFASTOPTIM_TORCH=ON    build it or fail the configure step
 #   -DFASTOPTIM_TORCH=OFF   never build it
-#   -DFASTOPTIM_TORCH_PYTHON=/path/to/python   ask this interpreter for torch instead
+#   -DFASTOPTIM_TORCH_PYTHON=/path/to/python   ask this interpreter for torch (default: the
+#                                              Python that builds fastoptim)
 #
 # The extension reads torch tensors' metadata in C++ for fastoptim.torch's step (Note [torch
 # extension] in python/fastoptim/torch.py). It is compiled against the headers of the torch it
@@ -21,50 +22,94 @@
 
 set(FASTOPTIM_TORCH "AUTO" CACHE STRING "Build fastoptim._torch_ext: AUTO, ON or OFF")
 set_property(CACHE FASTOPTIM_TORCH PROPERTY STRINGS AUTO ON OFF)
-set(FASTOPTIM_TORCH_PYTHON "${Python_EXECUTABLE}" CACHE FILEPATH
-    "The Python whose torch fastoptim._torch_ext is built against")
+# (Empty by default, so that a build folder reused by another environment asks that one.)
+set(FASTOPTIM_TORCH_PYTHON "" CACHE FILEPATH
+    "The Python whose torch fastoptim._torch_ext is built against (default: the build's)")
+set(_fo_torch_python "${FASTOPTIM_TORCH_PYTHON}")
+if(NOT _fo_torch_python)
+  set(_fo_torch_python "${Python_EXECUTABLE}")
+endif()
 string(TOUPPER "${FASTOPTIM_TORCH}" _fo_torch_mode)
 if(NOT _fo_torch_mode MATCHES "^(AUTO|ON|OFF)$")
   message(FATAL_ERROR "FASTOPTIM_TORCH must be AUTO, ON or OFF (got '${FASTOPTIM_TORCH}')")
 endif()
 
 if(NOT _fo_torch_mode STREQUAL "OFF")
+  # One line, after a marker (anything else importing torch prints stays out of it):
+  # version|git version|ABI|library folder|include folders (;-separated).
   set(_fo_probe [=[
 import torch, torch.utils.cpp_extension as ext
-print(torch.__version__)
-print(int(torch._C._GLIBCXX_USE_CXX11_ABI))
-print(ext.library_paths()[0])
-print(";".join(ext.include_paths()))
+print("FASTOPTIM_TORCH_PROBE:" + "|".join([torch.__version__, str(torch.version.git_version),
+      str(int(torch._C._GLIBCXX_USE_CXX11_ABI)), ext.library_paths()[0],
+      ";".join(ext.include_paths())]))
 ]=])
   execute_process(
     COMMAND "${CMAKE_COMMAND}" -E env --unset=PYTHONPATH --unset=PYTHONNOUSERSITE
-            "${FASTOPTIM_TORCH_PYTHON}" -c "${_fo_probe}"
+            "${_fo_torch_python}" -c "${_fo_probe}"
     RESULT_VARIABLE _fo_torch_rc OUTPUT_VARIABLE _fo_torch_out ERROR_VARIABLE _fo_torch_err
     OUTPUT_STRIP_TRAILING_WHITESPACE)
   if(_fo_torch_rc EQUAL 0)
-    string(REPLACE "\n" ";" _fo_torch_lines "${_fo_torch_out}")
-    list(GET _fo_torch_lines 0 _fo_torch_version)
-    list(GET _fo_torch_lines 1 _fo_torch_abi)
-    list(GET _fo_torch_lines 2 _fo_torch_libdir)
-    list(SUBLIST _fo_torch_lines 3 -1 _fo_torch_includes)
+    if(_fo_torch_out MATCHES "FASTOPTIM_TORCH_PROBE:([^|\n]*)\\|([^|\n]*)\\|([01])\\|([^|\n]*)\\|([^|\n]*)")
+      set(_fo_torch_version "${CMAKE_MATCH_1}")
+      set(_fo_torch_git "${CMAKE_MATCH_2}")
+      set(_fo_torch_abi "${CMAKE_MATCH_3}")
+      set(_fo_torch_libdir "${CMAKE_MATCH_4}")
+      set(_fo_torch_includes "${CMAKE_MATCH_5}")
+    else()
+      set(_fo_torch_rc 1)
+      set(_fo_torch_err "unexpected probe output '${_fo_torch_out}'")
+    endif()
+  endif()
+  if(_fo_torch_rc EQUAL 0)
     set(_fo_torch_libs)
     foreach(_lib torch_python torch_cpu c10)
+      # (Not cached: a build folder reused by another environment looks again.)
+      unset(_fo_lib_${_lib} CACHE)
       find_library(_fo_lib_${_lib} NAMES ${_lib} PATHS "${_fo_torch_libdir}" NO_DEFAULT_PATH)
       if(NOT _fo_lib_${_lib})
         set(_fo_torch_rc 1)
         set(_fo_torch_err "lib${_lib}.so not found in ${_fo_torch_libdir}")
       endif()
       list(APPEND _fo_torch_libs "${_fo_lib_${_lib}}")
+      unset(_fo_lib_${_lib} CACHE)
     endforeach()
   endif()
+  if(_fo_torch_rc EQUAL 0 AND _fo_torch_mode STREQUAL "AUTO")
+    # AUTO must never fail the install: check first that this compiler takes torch's headers
+    # (they need C++20). Compiled only, as a static library: an executable would also need
+    # libpython, which an extension module does not link.
+    include(CheckCXXSourceCompiles)
+    set(_fo_try_type "${CMAKE_TRY_COMPILE_TARGET_TYPE}")
+    set(CMAKE_TRY_COMPILE_TARGET_TYPE STATIC_LIBRARY)
+    set(CMAKE_REQUIRED_FLAGS "-std=c++20 -D_GLIBCXX_USE_CXX11_ABI=${_fo_torch_abi}")
+    set(CMAKE_REQUIRED_INCLUDES ${_fo_torch_includes} ${Python_INCLUDE_DIRS})
+    set(CMAKE_REQUIRED_QUIET ON)
+    unset(_fo_torch_compiles CACHE)
+    check_cxx_source_compiles([=[
+#include <torch/csrc/autograd/python_variable.h>
+int probe() { return THPVariableClass == nullptr; }
+]=] _fo_torch_compiles)
+    if(NOT _fo_torch_compiles)
+      set(_fo_torch_rc 1)
+      set(_fo_torch_err "this compiler does not build against its headers (C++20 needed)")
+    endif()
+    unset(_fo_torch_compiles CACHE)
+    set(CMAKE_TRY_COMPILE_TARGET_TYPE "${_fo_try_type}")
+    unset(CMAKE_REQUIRED_FLAGS)
+    unset(CMAKE_REQUIRED_INCLUDES)
+    unset(CMAKE_REQUIRED_QUIET)
+  endif()
   if(NOT _fo_torch_rc EQUAL 0)
+    if(NOT _fo_torch_err)
+      set(_fo_torch_err "the probe exited with '${_fo_torch_rc}'")
+    endif()
     string(STRIP "${_fo_torch_err}" _fo_torch_err)
     string(REGEX REPLACE ".*\n" "" _fo_torch_err "${_fo_torch_err}")
     if(_fo_torch_mode STREQUAL "ON")
-      message(FATAL_ERROR "FASTOPTIM_TORCH=ON but ${FASTOPTIM_TORCH_PYTHON} gives no torch: "
+      message(FATAL_ERROR "FASTOPTIM_TORCH=ON but ${_fo_torch_python} gives no torch: "
                           "${_fo_torch_err}")
     endif()
-    message(STATUS "fastoptim: fastoptim._torch_ext not built (${FASTOPTIM_TORCH_PYTHON} has "
+    message(STATUS "fastoptim: fastoptim._torch_ext not built (${_fo_torch_python} has "
                    "no usable torch: ${_fo_torch_err})")
   else()
     message(STATUS "fastoptim: fastoptim._torch_ext against torch ${_fo_torch_version}")
@@ -74,7 +119,8 @@ print(";".join(ext.include_paths()))
                           BUILD_RPATH "${_fo_torch_libdir}" INSTALL_RPATH "${_fo_torch_libdir}")
     target_include_directories(_torch_ext SYSTEM PRIVATE ${_fo_torch_includes})
     target_compile_definitions(_torch_ext PRIVATE _GLIBCXX_USE_CXX11_ABI=${_fo_torch_abi}
-                               FASTOPTIM_TORCH_VERSION="${_fo_torch_version}")
+                               FASTOPTIM_TORCH_VERSION="${_fo_torch_version}"
+                               FASTOPTIM_TORCH_GIT_VERSION="${_fo_torch_git}")
     target_compile_options(_torch_ext PRIVATE -O2 -Wall -Wextra)
     target_link_libraries(_torch_ext PRIVATE ${_fo_torch_libs})
     if(FASTOPTIM_DEV_OUTPUT_DIR)

@@ -9,7 +9,10 @@
 // Each function is a faster form of one pass of torch.py over a param group and answers
 // exactly what that pass answers; where a function cannot answer (an object that is not a
 // tensor, a tensor without storage, a mismatch), it says so and torch.py takes its own path,
-// which finds and names the problem. Nothing here writes to a tensor's memory; bump_versions
+// which finds and names the problem. Only plain tensors are read here (torch.Tensor and
+// nn.Parameter, THPVariable_CheckExact): a subclass may override .grad or data_ptr() through
+// Python, which torch's bindings honour and C++ would bypass, so any other object declines.
+// (torch.py does not call in here while a TorchFunctionMode is active, for the same reason.) Nothing here writes to a tensor's memory; bump_versions
 // changes only autograd version counters.
 
 #include <torch/csrc/Dtype.h>
@@ -68,12 +71,14 @@ PyObject* grads(PyObject*, PyObject* args) {
   try {
     for (Py_ssize_t i = 0; i < n; ++i) {
       PyObject* p = PyList_GET_ITEM(params, i);
-      if (!THPVariable_Check(p)) {
+      if (!THPVariable_CheckExact(p)) {
         Py_DECREF(out);
         Py_DECREF(ptrs);
         return neither();
       }
-      const at::Tensor& g = THPVariable_Unpack(p).grad();
+      // A copy, not a reference into the param's autograd metadata: THPVariable_Wrap may run
+      // Python code (a collection) that could replace the param's gradient.
+      const at::Tensor g = THPVariable_Unpack(p).grad();
       if (!g.defined()) {
         Py_INCREF(Py_None);
         PyList_SET_ITEM(out, i, Py_None);
@@ -140,7 +145,7 @@ PyObject* same_pointers(PyObject*, PyObject* args) {
           if (PyErr_Occurred()) return nullptr;
           Py_RETURN_FALSE;
         }
-        if (!THPVariable_Check(t)) Py_RETURN_FALSE;
+        if (!THPVariable_CheckExact(t)) Py_RETURN_FALSE;
         const at::Tensor& tensor = THPVariable_Unpack(t);
         if (!tensor.has_storage()) Py_RETURN_FALSE;
         void* want = PyLong_AsVoidPtr(PyList_GET_ITEM(PyTuple_GET_ITEM(expected, k), i));
@@ -159,7 +164,7 @@ PyObject* same_pointers(PyObject*, PyObject* args) {
   Py_RETURN_TRUE;
 }
 
-// data_ptrs(tensors) -> list[int] | None: each tensor's data_ptr(); None when one is not a
+// data_ptrs(tensors) -> list[int] | None: each tensor's data_ptr(); None when one is not a plain
 // tensor or has no storage (torch.py then maps Tensor.data_ptr, which raises as torch does).
 PyObject* data_ptrs(PyObject*, PyObject* args) {
   PyObject* tensors;
@@ -171,7 +176,7 @@ PyObject* data_ptrs(PyObject*, PyObject* args) {
   try {
     for (Py_ssize_t i = 0; i < n; ++i) {
       PyObject* t = PyList_GET_ITEM(tensors, i);
-      if (!THPVariable_Check(t) || !THPVariable_Unpack(t).has_storage()) {
+      if (!THPVariable_CheckExact(t) || !THPVariable_Unpack(t).has_storage()) {
         Py_DECREF(out);  // (slots never set are NULL, which list deallocation skips)
         Py_RETURN_NONE;
       }
@@ -189,7 +194,9 @@ PyObject* data_ptrs(PyObject*, PyObject* args) {
 
 // bump_versions(tensors): torch.autograd.graph.increment_version(tensors) (the autograd
 // version counter of each tensor; tensors made under inference_mode have none and are skipped,
-// as there). Returns False, having bumped nothing, when one is not a tensor.
+// as there). Returns False, having bumped nothing, when one is not a plain tensor, and False
+// when torch raises on the way (then torch.py calls increment_version, which raises the same;
+// a counter bumped twice is harmless).
 PyObject* bump_versions(PyObject*, PyObject* args) {
   PyObject* tensors;
   if (!PyArg_ParseTuple(args, "O", &tensors)) return nullptr;
@@ -197,13 +204,13 @@ PyObject* bump_versions(PyObject*, PyObject* args) {
   const Py_ssize_t n = PyList_GET_SIZE(tensors);
   try {
     for (Py_ssize_t i = 0; i < n; ++i)
-      if (!THPVariable_Check(PyList_GET_ITEM(tensors, i))) Py_RETURN_FALSE;
+      if (!THPVariable_CheckExact(PyList_GET_ITEM(tensors, i))) Py_RETURN_FALSE;
     for (Py_ssize_t i = 0; i < n; ++i) {
       const at::Tensor& t = THPVariable_Unpack(PyList_GET_ITEM(tensors, i));
       if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
     }
-  } catch (const python_error&) {
-    return nullptr;
+  } catch (const std::exception&) {
+    Py_RETURN_FALSE;
   }
   Py_RETURN_TRUE;
 }
@@ -225,7 +232,9 @@ PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_torch_ext", nullptr, -1, kMethod
 PyMODINIT_FUNC PyInit__torch_ext() {
   PyObject* m = PyModule_Create(&kModule);
   if (!m) return nullptr;
-  if (PyModule_AddStringConstant(m, "TORCH_VERSION", FASTOPTIM_TORCH_VERSION) < 0) {
+  if (PyModule_AddStringConstant(m, "TORCH_VERSION", FASTOPTIM_TORCH_VERSION) < 0 ||
+      PyModule_AddStringConstant(m, "TORCH_GIT_VERSION", FASTOPTIM_TORCH_GIT_VERSION) < 0 ||
+      PyModule_AddIntConstant(m, "CXX11_ABI", _GLIBCXX_USE_CXX11_ABI) < 0) {
     Py_DECREF(m);
     return nullptr;
   }
