@@ -76,10 +76,8 @@ Note [torch extension]
     bindings honour and C++ reads would not; tests/test_torch_ext.py compares them on a zoo of
     tensors, and the pointer path's tests run with and without it. The gradients it returns
     are Python references held by the step while the kernel runs without the GIL, as before.
-    On 2,000 x 4,096 float32 Adam it takes the step from +52% / +92% over the raw call (1 / 2
-    threads) to +22% / +52% (bench/bench_torch.py --cases many_tensors): about 0.7-0.8 us per
-    tensor remain, most of it cache misses on torch's objects (TensorImpl, StorageImpl, the
-    autograd metadata), which every step must read since any of them may have changed.
+    What it saves and what remains (cache misses on torch's objects, which every step must
+    read since any of them may have changed): docs/torch.md, Performance.
 
 Note [DTensor and FSDP2]
     ``fully_shard`` (FSDP2) and tensor parallelism hand the optimizer DTensor parameters and
@@ -282,6 +280,8 @@ def _ext() -> Any:
     """``_X``, except while a TorchFunctionMode is active: a mode may override what torch's
     Python bindings return (``.grad``, ``data_ptr()``), which C++ reads would bypass."""
     return None if _X is None or _function_mode() else _X
+
+
 # Note [prefetch hints] (src/cpp/bindings.cpp); None when the compiled module predates it.
 _PREFETCH: Callable[[np.ndarray], None] | None = getattr(_core, "_prefetch", None)
 #: steps a group's tensors must have stepped unchanged before their addresses are gathered

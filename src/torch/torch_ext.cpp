@@ -1,10 +1,11 @@
 // fastoptim._torch_ext: torch tensors' metadata read in C++ for fastoptim.torch's step
 // (Note [torch extension] in python/fastoptim/torch.py).
 //
-// Built only where torch is importable by the Python that builds fastoptim (CMakeLists.txt,
-// FASTOPTIM_TORCH), against that torch's headers and libraries: it is loaded only under the
-// torch version it was built with (fastoptim/torch.py checks TORCH_VERSION), and fastoptim.torch
-// works without it, reading the same metadata through torch's Python bindings.
+// Built only where torch is importable by the Python that builds fastoptim (src/torch/
+// torch.cmake, FASTOPTIM_TORCH), against that torch's headers and libraries: it is loaded only
+// under the torch it was built with (fastoptim/torch.py compares TORCH_VERSION,
+// TORCH_GIT_VERSION and CXX11_ABI), and fastoptim.torch works without it, reading the same
+// metadata through torch's Python bindings.
 //
 // Each function is a faster form of one pass of torch.py over a param group and answers
 // exactly what that pass answers; where a function cannot answer (an object that is not a
@@ -12,8 +13,9 @@
 // which finds and names the problem. Only plain tensors are read here (torch.Tensor and
 // nn.Parameter, THPVariable_CheckExact): a subclass may override .grad or data_ptr() through
 // Python, which torch's bindings honour and C++ would bypass, so any other object declines.
-// (torch.py does not call in here while a TorchFunctionMode is active, for the same reason.) Nothing here writes to a tensor's memory; bump_versions
-// changes only autograd version counters.
+// (torch.py does not call in here while a TorchFunctionMode is active, for the same reason.)
+// Nothing here writes to a tensor's memory; bump_versions changes only autograd version
+// counters.
 
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/autograd/python_variable.h>
