@@ -212,3 +212,46 @@ def test_pointers_refuse_bad_input_before_writing(case, match):
 def test_pointers_unknown_rule():
     with pytest.raises(ValueError, match="unknown rule 'nope'"):
         _core._pointers("nope", ())
+
+
+@pytest.mark.parametrize("change", ["shrink", "reshape", "transpose"])
+def test_a_param_whose_layout_changed_in_place_steps_as_in_torch(change):
+    """Note [A param's layout changed under its cache]: ``p.data = <a view at the same
+    pointer>`` changes the shape, not the pointer the cache is keyed on. The step re-makes the
+    cache and updates exactly the new view, as torch does (stateless SGD, where torch allows
+    it), and leaves the rest of the old memory alone."""
+    make = {"shrink": lambda t: t[:6], "reshape": lambda t: t.view(3, 4),
+            "transpose": lambda t: t.view(3, 4).t()}[change]
+    ref_p, p = (torch.nn.Parameter(torch.arange(12.0)) for _ in range(2))
+    ref, opt = torch.optim.SGD([ref_p], lr=0.5), ft.SGD([p], lr=0.5)
+    for _ in range(2):
+        for q in (ref_p, p):
+            q.grad = torch.ones(12)
+        ref.step()
+        opt.step()
+    full_ref, full = ref_p.data, p.data
+    ref_p.data, p.data = make(full_ref), make(full)
+    assert p.data_ptr() == full.data_ptr()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        g = torch.randn(p.shape, generator=gen)
+        # (fastoptim needs the gradient in its param's memory layout: the transposed view's)
+        ref_p.grad, p.grad = g.clone(), torch.empty_like(p).copy_(g)
+        ref.step()
+        opt.step()
+    torch.testing.assert_close(p.detach(), ref_p.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(full, full_ref, rtol=0, atol=0)  # the rest untouched
+
+
+def test_a_state_that_no_longer_fits_its_reshaped_param_is_refused_with_nothing_written():
+    p = torch.nn.Parameter(torch.arange(8.0))
+    opt = ft.SGD([p], lr=0.5, momentum=0.9)
+    p.grad = torch.ones(8)
+    opt.step()
+    p.data = p.data[:4]
+    p.grad = torch.ones(4)
+    before = (p.detach().clone(), opt.state[p]["momentum_buffer"].clone())
+    with pytest.raises(ValueError, match=r"momentum_buffer.*shape \(4,\).*\(8,\)"):
+        opt.step()
+    assert torch.equal(p.detach(), before[0])
+    assert torch.equal(opt.state[p]["momentum_buffer"], before[1])

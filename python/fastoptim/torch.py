@@ -79,6 +79,17 @@ Note [torch extension]
     What it saves and what remains (cache misses on torch's objects, which every step must
     read since any of them may have changed): docs/torch.md, Performance.
 
+Note [A param's layout changed under its cache]
+    A group's cache is re-made when a param's data pointer changes (Note [Views are cached]),
+    which is all a step reads of the params. ``p.data = p.data[:4]`` or ``.view(2, 4)`` keeps
+    the pointer and changes the shape, and the gradient then disagrees with the cached views.
+    Reading every param's shape and strides every step would cost much of what the pointer
+    path saves, so the step compares them only when something was refused: each cache that no
+    longer matches its params is dropped and the step runs once more from the start (nothing
+    has been written: every check precedes the first write). A refusal that fresh caches do not
+    cure is raised, e.g. a state whose shape no longer matches its param (torch.optim refuses
+    that too).
+
 Note [DTensor and FSDP2]
     ``fully_shard`` (FSDP2) and tensor parallelism hand the optimizer DTensor parameters and
     gradients. The update is elementwise, so each rank updates its local shard
@@ -927,8 +938,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
                              f"got {scale}")
         return scale
 
-    def _step(self, grads: dict[int, list[Any]] | None) -> None:
-        """The step; ``grads``: per group index, the gradients to use instead of ``.grad``."""
+    def _step(self, grads: dict[int, list[Any]] | None, retry: bool = True) -> None:
+        """The step; ``grads``: per group index, the gradients to use instead of ``.grad``.
+        ``retry``: whether a refusal may be retried once with fresh caches (Note [A param's
+        layout changed under its cache])."""
         scale = self._amp_scale()
         if scale is None:
             return  # an overflow: params, states and steps stay as they are (torch fused)
@@ -952,23 +965,32 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if scale != 1.0:
             for item in gathered:
                 item.hyper = dict(item.hyper, grad_scale=scale)
-        calls = [call for item in gathered for call in self._plan(item)]
-        if len(calls) == 1:
-            # One call: the kernel checks every array before it writes (docs/api.md).
-            try:
-                calls[0]()
-            except (TypeError, ValueError):
-                # The same problem, named after the param (the kernel counts within its call).
+        try:
+            calls = [call for item in gathered for call in self._plan(item)]
+            if len(calls) == 1:
+                # One call: the kernel checks every array before it writes (docs/api.md).
+                try:
+                    calls[0]()
+                except (TypeError, ValueError):
+                    # The same problem, named after the param (the kernel counts within its
+                    # call).
+                    for item in gathered:
+                        if not item.checked:
+                            self._check_grads(item)
+                    self._check_aliases(gathered)
+                    raise
+            else:
                 for item in gathered:
                     if not item.checked:
                         self._check_grads(item)
                 self._check_aliases(gathered)
-                raise
-        else:
-            for item in gathered:
-                if not item.checked:
-                    self._check_grads(item)
-            self._check_aliases(gathered)
+        except (TypeError, ValueError):
+            # Nothing is written yet: every check runs before the first write.
+            if retry and self._drop_stale_caches():
+                self._step(grads, retry=False)
+                return
+            raise
+        if len(calls) > 1:
             for call in calls:
                 call()
         self._snapshot = (self.state, list(self.state.values()))
@@ -981,6 +1003,24 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 increment_version(stepped)
             if item.cache.dtensor:
                 increment_version([_local(p) for p in stepped if _local(p) is not p])
+
+    def _drop_stale_caches(self) -> bool:
+        """Note [A param's layout changed under its cache]: forget every group cache whose
+        params' shapes, strides or dtypes are no longer the ones it recorded; whether any was."""
+        stale = []
+        for key, c in self._caches.items():
+            if c.dtensor:
+                continue
+            try:
+                if (list(map(_shape, c.locals)) != c.shapes
+                        or list(map(_stride, c.locals)) != c.strides
+                        or list(map(_dtype, c.locals)) != c.grad_dtypes):
+                    stale.append(key)
+            except RuntimeError:  # e.g. a param without strides now: the refusal stands
+                continue
+        for key in stale:
+            del self._caches[key]
+        return bool(stale)
 
     # -- storage options (Note [Storage options]) ---------------------------------------------
 
