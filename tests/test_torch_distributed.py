@@ -16,7 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from dist_harness import gloo_or_skip, launch, reference_adamw
+from dist_harness import gloo_or_skip, launch, reference_adamw, run_rank
 
 torch = pytest.importorskip("torch")
 dist = pytest.importorskip("torch.distributed")
@@ -100,4 +100,4 @@ def test_zero_redundancy_adamw_matches_single_process(tmp_path, bucket_view):
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1], bucket_view="bucket_view" in sys.argv[2:])
+    run_rank(worker, sys.argv[1], "bucket_view" in sys.argv[2:])

@@ -15,7 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from dist_harness import gloo_or_skip, launch, reference_adamw
+from dist_harness import gloo_or_skip, launch, reference_adamw, run_rank
 
 torch = pytest.importorskip("torch")
 dist = pytest.importorskip("torch.distributed")
@@ -157,4 +157,4 @@ def test_every_dropin_steps_dtensor_params_like_torch(mesh, name):
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1])
+    run_rank(worker, sys.argv[1])
