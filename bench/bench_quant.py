@@ -6,6 +6,11 @@ steps. Every array lives in memory that torch allocated (numpy views of torch te
 
 Bytes per element (one step): fp32 28 (p 8, g 4, two states 16); bf16 states 20; int8 16.06 (p 8, g 4, codes
 2 x 2, absmax 2 x 2 x 4/256); int4 14.13 (codes 2 x 1, absmax 2 x 2 x 4/128).
+The bfloat16-params rows (p and g bfloat16, as a bf16 model trains): all-bf16 14 (torch fused
+bf16 moves the same), bf16 params with int8 states 10.06, with int4 states 8.13, and with int8
+states and stochastic rounding of the params 10.06; their "x torch" column is against torch's
+fused AdamW on bfloat16 params, whose states are bfloat16 (the only way torch's fused kernel
+takes bf16 params).
 The ceiling is `_core.stream_rmw` over three fp32 arrays, two of them written (20 B/element,
 the read/write mix closest to the quantized update's 10 read + 6 written): its GB/s is the
 memory system's in-place rate, and "% ceiling" = the row's GB/s / the ceiling's GB/s.
@@ -63,7 +68,9 @@ def parse_args(argv=None):
 ARGS = parse_args()
 LOG2 = ARGS.log2
 N = 2**LOG2
-BYTES = {"fp32": 28.0, "bf16": 20.0, "int8": 16 + 16 / 256, "int4": 14 + 16 / 128}
+BYTES = {"fp32": 28.0, "bf16": 20.0, "int8": 16 + 16 / 256, "int4": 14 + 16 / 128,
+         "all-bf16": 14.0, "bf16p-int8": 10 + 16 / 256, "bf16p-int4": 8 + 16 / 128,
+         "bf16p-int8-sr": 10 + 16 / 256}
 
 
 def rss():
@@ -77,6 +84,11 @@ def torch_u8(n):
 
 def torch_f32(n, fill=0.0):
     return torch.full((n,), fill, dtype=torch.float32).numpy()
+
+
+def np_bf16(t):
+    """A NumPy (ml_dtypes.bfloat16) view of a bfloat16 torch tensor's memory."""
+    return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
 
 
 def quantized(n, bits, non_negative):
@@ -135,15 +147,31 @@ def main():
         q8 = (quantized(N, 8, False), quantized(N, 8, True))
         q4 = (quantized(N, 4, False), quantized(N, 4, True))
         fastoptim.adamw_(P.copy(), G, *q8, step=1, **hyper)
-        Mb = torch.zeros(N, dtype=torch.bfloat16).view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        Vb = torch.zeros(N, dtype=torch.bfloat16).view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        Mb = np_bf16(torch.zeros(N, dtype=torch.bfloat16))
+        Vb = np_bf16(torch.zeros(N, dtype=torch.bfloat16))
         C1, C2 = torch_f32(N), torch_f32(N)
+        # bfloat16 params and grads: torch's fused bf16 AdamW, and fastoptim on its tensors
+        p16 = torch.nn.Parameter(torch.randn(N, generator=gen).to(torch.bfloat16))
+        p16.grad = torch.randn(N, generator=gen).to(torch.bfloat16)
+        opt16 = torch.optim.AdamW([p16], fused=True, **hyper)
+        opt16.step()
+        P16, G16 = np_bf16(p16.data), np_bf16(p16.grad)
+        M16, V16 = np_bf16(opt16.state[p16]["exp_avg"]), np_bf16(opt16.state[p16]["exp_avg_sq"])
+        q8b = (quantized(N, 8, False), quantized(N, 8, True))
+        q4b = (quantized(N, 4, False), quantized(N, 4, True))
+        fastoptim.adamw_(P16.copy(), G16, *q8b, step=1, **hyper)
         fns = {
             "torch fused fp32": opt.step,
             "fastoptim fp32": lambda: fastoptim.adamw_(P, G, M, V, step=5, **hyper),
             "fastoptim states bf16": lambda: fastoptim.adamw_(P, G, Mb, Vb, step=5, **hyper),
             "fastoptim int8": lambda: fastoptim.adamw_(P, G, *q8, step=5, **hyper),
             "fastoptim int4": lambda: fastoptim.adamw_(P, G, *q4, step=5, **hyper),
+            "torch fused all-bf16": opt16.step,
+            "fastoptim all-bf16": lambda: fastoptim.adamw_(P16, G16, M16, V16, step=5, **hyper),
+            "fastoptim bf16p-int8": lambda: fastoptim.adamw_(P16, G16, *q8b, step=5, **hyper),
+            "fastoptim bf16p-int4": lambda: fastoptim.adamw_(P16, G16, *q4b, step=5, **hyper),
+            "fastoptim bf16p-int8-sr": lambda: fastoptim.adamw_(
+                P16, G16, *q8b, step=5, stochastic_rounding=(1, 5), **hyper),
             "ceiling (3 rd, 2 wr fp32)": lambda: fastoptim._core.stream_rmw([P, C1, C2], 2, 0.0),
         }
         times = {k: [] for k in fns}
@@ -159,9 +187,9 @@ def main():
         for k, v in med.items():
             b = 20.0 if k.startswith("ceiling") else BYTES[k.split()[-1]]
             gbs = b * N / v / 1e9
+            peer = "torch fused all-bf16" if "bf16p" in k or "all-bf16" in k else "torch fused fp32"
             print(f"threads {threads} {k:28s} {v * 1e3:8.2f} ms {b:6.2f} B/el {gbs:6.1f} GB/s "
-                  f"{100 * gbs / ceil_gbs:5.0f}% ceiling  x torch fused fp32 "
-                  f"{med['torch fused fp32'] / v:5.2f}")
+                  f"{100 * gbs / ceil_gbs:5.0f}% ceiling  x {peer} {med[peer] / v:5.2f}")
         if bnb is not None:
             pb = torch.nn.Parameter(torch.randn(N, generator=gen))
             pb.grad = torch.randn(N, generator=gen)

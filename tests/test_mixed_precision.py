@@ -124,6 +124,9 @@ def test_found_inf_still_validates_everything():
     ({"stochastic_rounding": (1, -2)}, ValueError, r"counter must be in \[0, 2\*\*64\)"),
     ({"stochastic_rounding": (2**64, 0)}, ValueError, r"seed must be in \[0, 2\*\*64\)"),
     ({"stochastic_rounding": (1, 2)}, ValueError, "stochastic_rounding rounds bfloat16 params"),
+    ({"stochastic_rounding": (1, 2, 3, 4)}, TypeError, r"\(seed, counter, first_index\), got tuple of 4"),
+    ({"stochastic_rounding": (1, 2, 0.5)}, TypeError, "stochastic_rounding first_index must be an int"),
+    ({"stochastic_rounding": (1, 2, -1)}, ValueError, r"first_index must be in \[0, 2\*\*64\)"),
     ({"compensation": np.zeros(6, BF16)}, TypeError, "compensation bfloat16"),
     ({"bogus": 1}, TypeError, "unexpected keyword argument 'bogus'"),
 ])
@@ -224,6 +227,53 @@ def test_stochastic_rounding_is_unbiased_and_keyed():
     assert not np.array_equal(a, b)
     assert abs(np.mean(b > 1.0) - 0.125) < 0.01
     assert abs(np.mean(a) - (1 + 2.0**-10)) < 2.0**-10 * 0.1  # the expectation is kept
+
+
+def test_stochastic_rounding_first_index_continues_a_split_call():
+    """A list of bf16 params split into two calls, the second with first_index = the first
+    call's element count, gets the bits of one call over the whole list (fp32 states in one
+    part, int8 states in the other, as fastoptim.torch splits a group); the reference agrees
+    at the top of the index range (the last element's index 2**64 - 1), where one more element
+    is refused before anything is written."""
+    from fastoptim.quant import QuantizedState
+    rng = np.random.default_rng(12)
+    shapes = [(300,), (5000,), (7,)]
+    p = [rng.uniform(-3, 3, s).astype(BF16) for s in shapes]
+    g = [rng.uniform(-1, 1, s).astype(BF16) for s in shapes]
+    whole = [x.copy() for x in p]
+    fastoptim.sgd_(whole, g, lr=0.01, stochastic_rounding=(5, 6))
+    split = [x.copy() for x in p]
+    fastoptim.sgd_(split[:1], g[:1], lr=0.01, stochastic_rounding=(5, 6))
+    fastoptim.sgd_(split[1:], g[1:], lr=0.01, stochastic_rounding=(5, 6, 300))
+    assert same_bits(whole, split)
+    unshifted = [x.copy() for x in p[1:]]
+    fastoptim.sgd_(unshifted, g[1:], lr=0.01, stochastic_rounding=(5, 6))
+    assert not same_bits(whole[1:], unshifted)  # the index, not just the key, decides
+    # with quantized states: the part after the first call is the same update with int8 states
+    m = [np.zeros(300, np.float32), QuantizedState.zeros((5000,), 8), QuantizedState.zeros((7,), 8)]
+    v = [np.zeros(300, np.float32)] + [QuantizedState.zeros(s, 8, non_negative=True) for s in shapes[1:]]
+    fp = [np.zeros(s, np.float32) for s in shapes]
+    a = [x.copy() for x in p]
+    b = [x.copy() for x in p]
+    fastoptim.adam_(a, g, fp, [np.zeros(s, np.float32) for s in shapes], step=1, lr=0.01,
+                    stochastic_rounding=(5, 6))
+    fastoptim.adam_(b[:1], g[:1], m[:1], v[:1], step=1, lr=0.01, stochastic_rounding=(5, 6))
+    fastoptim.adam_(b[1:], g[1:], m[1:], v[1:], step=1, lr=0.01, stochastic_rounding=(5, 6, 300))
+    assert same_bits(a, b)  # from zero states, int8 and fp32 states give the same first step
+    top = 2**64 - 7
+    k = p[2].copy()
+    fastoptim.sgd_(k, g[2], lr=0.01, stochastic_rounding=(5, 6, top))
+    x = p[2].astype(np.float32) + np.float32(-0.01) * g[2].astype(np.float32)
+    want = reference.round_bf16_stochastic(x, reference.sr_key_of(5, 6), top)
+    assert k.view(np.uint16).tobytes() == want.astype(np.uint16).tobytes()
+    r = p[2].copy()
+    reference.sgd_(r, g[2], lr=0.01, stochastic_rounding=(5, 6, top))
+    assert same_bits([k], [r])
+    before = k.copy()
+    with pytest.raises(ValueError, match=r"first_index 18446744073709551610 plus the call's 7 "
+                                         r"elements passes 2\*\*64 - 1"):
+        fastoptim.sgd_(k, g[2], lr=0.01, stochastic_rounding=(5, 6, top + 1))
+    assert same_bits([k], [before])
 
 
 def test_stochastic_rounding_keeps_exact_values_inf_and_nan():

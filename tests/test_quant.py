@@ -11,8 +11,13 @@ Three oracles:
   step for the rare state element that the rounding moves across a code boundary;
 * the quantizer's own definition (round trips, bounds, the zero state, NaN blocks).
 Every ISA and thread count must agree bit for bit; bad arguments raise before any write.
+The kernel tests run with float32 params and grads (kF32Q8/kF32Q4), with bfloat16 ones
+(kBF16Q8/kBF16Q4, params rounded to nearest even) and with bfloat16 ones stored with
+stochastic rounding; the storage oracle then runs the bfloat16-params, float32-states kernel
+with the same options.
 """
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -26,6 +31,9 @@ STATE_CASES = [c for c in CASES if active_states(*c)]
 FULL_STATE_CASES = [case for i, case in enumerate(STATE_CASES)
                     if i + 1 == len(STATE_CASES) or STATE_CASES[i + 1][0] != case[0]]
 BITS = (8, 4)
+# How params and grads are stored: float32, bfloat16 rounded to nearest even, bfloat16 with
+# stochastic rounding (seed 11, counter = the step).
+PARAM_KINDS = ("float32", "bfloat16", "bfloat16-sr")
 
 
 def initial_float(rule, name, hyper, shape, rng):
@@ -40,8 +48,12 @@ def initial_float(rule, name, hyper, shape, rng):
     return (init + noise).astype(np.float32)
 
 
-def make_state(rule, hyper, shapes, bits, rng):
-    state = {"params": [rng.uniform(-2, 2, s).astype(np.float32) for s in shapes]}
+def param_dtype(kind):
+    return np.float32 if kind == "float32" else ml_dtypes.bfloat16
+
+
+def make_state(rule, hyper, shapes, bits, rng, kind="float32"):
+    state = {"params": [rng.uniform(-2, 2, s).astype(param_dtype(kind)) for s in shapes]}
     for name in active_states(rule, hyper):
         nn = name in quant.non_negative_states(rule)
         state[name] = [QuantizedState.from_float(initial_float(rule, name, hyper, s, rng), bits,
@@ -49,12 +61,12 @@ def make_state(rule, hyper, shapes, bits, rng):
     return state
 
 
-def make_grads(shapes, rng):
+def make_grads(shapes, rng, kind="float32"):
     out = []
     for s in shapes:
         g = rng.choice([-1.0, 1.0], s) * rng.uniform(0.5, 2.0, s)
         g.reshape(-1)[int(rng.integers(7))::7] = 0.0
-        g = g.astype(np.float32)
+        g = g.astype(param_dtype(kind))
         g.flags.writeable = False
         out.append(g)
     return out
@@ -64,17 +76,23 @@ def copy_state(state):
     return {k: [x.copy() for x in v] for k, v in state.items()}
 
 
-def run(module, rule, hyper, state, grads, step):
+def options(kind, step):
+    """The load/store options of a call on `kind` params at `step`."""
+    return {"stochastic_rounding": (11, step)} if kind == "bfloat16-sr" else {}
+
+
+def run(module, rule, hyper, state, grads, step, kind="float32"):
     kwargs = {k: v for k, v in state.items() if k != "params"}
     kwargs.update(cases.scalar_kwargs(rule, hyper, step))
-    getattr(module, rule + "_")(state["params"], grads, **kwargs, **hyper)
+    getattr(module, rule + "_")(state["params"], grads, **kwargs, **hyper,
+                                **options(kind, step))
 
 
-def storage_oracle(rule, hyper, state, grads, step):
-    """Dequantize (NumPy), the float32 kernel, requantize (NumPy): a new state."""
+def storage_oracle(rule, hyper, state, grads, step, kind="float32"):
+    """Dequantize (NumPy), the kernel on float32 states, requantize (NumPy): a new state."""
     out = {"params": [p.copy() for p in state["params"]]}
     floats = {k: [q.to_float() for q in v] for k, v in state.items() if k != "params"}
-    run(fastoptim, rule, hyper, {**out, **floats}, grads, step)
+    run(fastoptim, rule, hyper, {**out, **floats}, grads, step, kind)
     for k, v in floats.items():
         out[k] = [QuantizedState.from_float(x, q.bits, q.non_negative)
                   for x, q in zip(v, state[k])]
@@ -171,27 +189,28 @@ def test_dynamic_map_has_2_pow_bits_sorted_values(bits):
 SHAPES = [(1,), (7,), (129,), (300,), (2, 257), (4099,)]
 
 
+@pytest.mark.parametrize("kind", PARAM_KINDS)
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("case", STATE_CASES, ids=case_id)
-def test_kernel_is_float32_update_between_numpy_quantizers(case, bits):
+def test_kernel_is_float32_update_between_numpy_quantizers(case, bits, kind):
     rule, hyper = case
     rng = np.random.default_rng(1)
-    state = make_state(rule, hyper, SHAPES, bits, rng)
+    state = make_state(rule, hyper, SHAPES, bits, rng, kind)
     for step in (1, 2, 3):
-        grads = make_grads(SHAPES, rng)
-        expected = storage_oracle(rule, hyper, state, grads, step)
-        run(fastoptim, rule, hyper, state, grads, step)
-        assert_same_bits(state, expected, f"{rule} int{bits} step {step}")
+        grads = make_grads(SHAPES, rng, kind)
+        expected = storage_oracle(rule, hyper, state, grads, step, kind)
+        run(fastoptim, rule, hyper, state, grads, step, kind)
+        assert_same_bits(state, expected, f"{rule} int{bits} {kind} step {step}")
 
 
-def assert_every_backend_gives(rule, hyper, start, grads, step, expected, label):
+def assert_every_backend_gives(rule, hyper, start, grads, step, expected, label, kind="float32"):
     """One step from a copy of `start` on every ISA and thread count (backends()), each
     compared bit for bit with `expected`; returns the last backend's state."""
     for isa, threads in backends():
         fastoptim.set_isa(isa)
         fastoptim.set_num_threads(threads)
         state = copy_state(start)
-        run(fastoptim, rule, hyper, state, grads, step)
+        run(fastoptim, rule, hyper, state, grads, step, kind)
         assert_same_bits(state, expected, f"{label} {isa} {threads} threads")
     return state
 
@@ -231,8 +250,9 @@ def test_kernel_quantizes_extreme_blocks_as_numpy_does(bits, restore_backend):
                                                f"{rule} int{bits} step {step}")
 
 
+@pytest.mark.parametrize("kind", PARAM_KINDS)
 @pytest.mark.parametrize("bits", BITS)
-def test_non_finite_blocks_among_finite_ones(bits, restore_backend):
+def test_non_finite_blocks_among_finite_ones(bits, kind, restore_backend):
     """Blocks whose update is not finite between finite blocks of one tensor, on every ISA and
     thread count. A full, finite block's codes are written during the next block's loop, any
     other block's at once (src/cpp/quant.h, Note [deferred block encode]); here: a NaN grad
@@ -241,36 +261,55 @@ def test_non_finite_blocks_among_finite_ones(bits, restore_backend):
     b = BLOCK[bits]
     n = 8 * b + 5
     rng = np.random.default_rng(6)
-    g = rng.standard_normal(n).astype(np.float32)
+    g = rng.standard_normal(n).astype(param_dtype(kind))
     for i, x in ((b + 3, np.nan), (3 * b + 7, 1e30), (4 * b + 1, np.nan), (7 * b + 2, 1e30),
                  (8 * b + 1, np.nan)):
         g[i] = x
     g.flags.writeable = False
-    start = make_state("adam", {}, [(n,)], bits, rng)
-    expected = storage_oracle("adam", {}, start, [g], 1)
+    start = make_state("adam", {}, [(n,)], bits, rng, kind)
+    expected = storage_oracle("adam", {}, start, [g], 1, kind)
     m, v = expected["exp_avgs"][0], expected["exp_avg_sqs"][0]
     assert np.isnan(m.absmax[[1, 4, 8]]).all() and np.isnan(v.absmax[[1, 3, 4, 7, 8]]).all()
     assert np.isfinite(m.absmax[[0, 2, 3, 5, 6, 7]]).all()
-    assert_every_backend_gives("adam", {}, start, [g], 1, expected, f"adam int{bits}")
+    assert_every_backend_gives("adam", {}, start, [g], 1, expected, f"adam int{bits} {kind}",
+                               kind)
 
 
+def bf16_ulps(a, e):
+    """Element-wise distance in bfloat16 ulps (steps along the ordered bit patterns)."""
+    def ordered(x):
+        b = x.view(np.uint16).astype(np.int32)
+        return np.where(b & 0x8000, -(b & 0x7FFF), b)
+    return np.abs(ordered(a) - ordered(e))
+
+
+@pytest.mark.parametrize("kind", PARAM_KINDS)
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("case", STATE_CASES, ids=case_id)
-def test_kernel_matches_reference_algorithm(case, bits):
+def test_kernel_matches_reference_algorithm(case, bits, kind):
+    """float32 params within float32 rounding of the reference; bfloat16 ones (rounded to
+    nearest even or stochastically, with the reference's own rounding) within one bfloat16
+    ulp, for the few elements whose float32 results straddle a rounding boundary."""
     rule, hyper = case
     rng = np.random.default_rng(2)
-    state = make_state(rule, hyper, SHAPES, bits, rng)
+    state = make_state(rule, hyper, SHAPES, bits, rng, kind)
     for step in (1, 2, 3):
-        grads = make_grads(SHAPES, rng)
+        grads = make_grads(SHAPES, rng, kind)
         ref = copy_state(state)
         kwargs = cases.scalar_kwargs(rule, hyper, step)
         quant.reference_update(getattr(reference, rule + "_"), ref["params"], grads,
                                {k: v for k, v in ref.items() if k != "params"},
-                               **kwargs, **hyper)
-        run(fastoptim, rule, hyper, state, grads, step)
+                               **kwargs, **hyper, **options(kind, step))
+        run(fastoptim, rule, hyper, state, grads, step, kind)
         for i, (a, e) in enumerate(zip(state["params"], ref["params"])):
-            np.testing.assert_allclose(a, e, rtol=2e-6, atol=1e-6,
-                                       err_msg=f"{rule} int{bits} step {step} params[{i}]")
+            w = f"{rule} int{bits} {kind} step {step} params[{i}]"
+            assert a.dtype == e.dtype == param_dtype(kind), w
+            if kind == "float32":
+                np.testing.assert_allclose(a, e, rtol=2e-6, atol=1e-6, err_msg=w)
+            else:
+                ulps = bf16_ulps(a, e)
+                assert ulps.max(initial=0) <= 1, w
+                assert (ulps != 0).sum() <= max(1, 0.02 * ulps.size), w
         for name in state:
             if name == "params":
                 continue
@@ -305,29 +344,31 @@ def restore_backend():
     fastoptim.set_num_threads(info["num_threads"])
 
 
+@pytest.mark.parametrize("kind", PARAM_KINDS)
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("case", FULL_STATE_CASES, ids=case_id)
-def test_every_isa_and_thread_count_agree_bitwise(case, bits, restore_backend):
+def test_every_isa_and_thread_count_agree_bitwise(case, bits, kind, restore_backend):
     rule, hyper = case
     # Tensors that straddle the dispatcher's 32768-element chunks at odd offsets.
     shapes = [(40001,), (3,), (70001,), (129,), (33000,)]
     rng = np.random.default_rng(3)
-    start = make_state(rule, hyper, shapes, bits, rng)
-    grads = [make_grads(shapes, rng) for _ in range(2)]
+    start = make_state(rule, hyper, shapes, bits, rng, kind)
+    grads = [make_grads(shapes, rng, kind) for _ in range(2)]
     results = []
     for isa, threads in backends():
         fastoptim.set_isa(isa)
         fastoptim.set_num_threads(threads)
         state = copy_state(start)
         for step in (1, 2):
-            run(fastoptim, rule, hyper, state, grads[step - 1], step)
+            run(fastoptim, rule, hyper, state, grads[step - 1], step, kind)
         # the call is split between `threads` threads (whether a worker wakes in time to take
         # a chunk is up to the machine's load: parallel.h, Note [caller runs])
         total = sum(int(np.prod(s)) for s in shapes)
         assert fastoptim._core._threads_for(total) == threads
         results.append(((isa, threads), state))
     for key, state in results[1:]:
-        assert_same_bits(state, results[0][1], f"{rule} int{bits} {key} vs {results[0][0]}")
+        assert_same_bits(state, results[0][1],
+                         f"{rule} int{bits} {kind} {key} vs {results[0][0]}")
 
 
 # ---- bad arguments ---------------------------------------------------------------------------
@@ -383,6 +424,17 @@ def test_read_only_codes_and_mixed_formats_are_refused():
         fastoptim.adam_(p, g, m, adam_args(bits=4)[3], step=1)
     with pytest.raises(TypeError, match="unsupported combination of dtypes"):
         fastoptim.adam_(p.astype(np.float64), g.astype(np.float64), m, v, step=1)
+    # bfloat16 params take quantized states with bfloat16 grads only; float16 params none;
+    # stochastic rounding needs bfloat16 params; nothing is written by a refused call
+    bf = ml_dtypes.bfloat16
+    for pp, gg, what in ((p.astype(bf), g, "unsupported combination"),
+                         (p.astype(np.float16), g.astype(np.float16), "unsupported combination"),
+                         (p, g, "stochastic_rounding rounds bfloat16 params")):
+        before = (pp.tobytes(), m.codes.tobytes(), m.absmax.tobytes(), v.codes.tobytes())
+        exc = TypeError if what.startswith("unsupported") else ValueError
+        with pytest.raises(exc, match=what):
+            fastoptim.adam_(pp, gg, m, v, step=1, stochastic_rounding=(1, 1))
+        assert before == (pp.tobytes(), m.codes.tobytes(), m.absmax.tobytes(), v.codes.tobytes())
     p2, g2, m2, v2 = adam_args()
     with pytest.raises(ValueError, match="overlaps"):
         fastoptim.adam_(p2, g2, m2, bad(v2, absmax=m2.absmax), step=1)
@@ -428,6 +480,28 @@ def test_bench_in_cache_mode_times_every_isa():
     assert set(rows) == set(fastoptim.backend_info()["isas_supported"]), out
     for isa, cells in rows.items():
         assert len(cells) == 5 and all(float(c) > 0 for c in cells), (isa, out)
+
+
+def test_bench_rows_name_their_bytes_and_peer():
+    """bench/bench_quant.py at 2^12 (one repeat, no memory probe): every row, the bfloat16-params
+    rows included, with its bytes per element and a ratio against its own peer (torch fused
+    fp32 for float32 params, torch fused all-bf16 for bfloat16 params)."""
+    out = run_bench_script("bench_quant.py", "12", "--repeats", "1", "--threads", "1",
+                           "--no-memory").stdout
+    rows = {}
+    for line in out.splitlines():
+        if line.startswith("threads 1 ") and " ms " in line and "B/el" in line:
+            head, tail = line.split(" ms ")
+            rows[head.split(maxsplit=2)[2].rsplit(maxsplit=1)[0].strip()] = tail
+    expected = {"fastoptim int8": ("16.06", "torch fused fp32"),
+                "fastoptim bf16p-int8": ("10.06", "torch fused all-bf16"),
+                "fastoptim bf16p-int4": ("8.12", "torch fused all-bf16"),
+                "fastoptim bf16p-int8-sr": ("10.06", "torch fused all-bf16"),
+                "fastoptim all-bf16": ("14.00", "torch fused all-bf16")}
+    for name, (nbytes, peer) in expected.items():
+        assert name in rows, out
+        assert rows[name].split()[0] == nbytes and f"x {peer} " in rows[name], (name, out)
+        assert float(rows[name].split()[-1]) > 0, (name, out)
 
 
 @pytest.mark.parametrize("states", ["fp32", "int8", "int4"])

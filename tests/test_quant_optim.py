@@ -155,7 +155,8 @@ def test_bad_state_dtype():
         optim.Adam(p, state_dtype="int2")
     with pytest.raises(TypeError, match="state_dtype must be None or a str"):
         optim.Adam(p, state_dtype=8)
-    with pytest.raises(TypeError, match="needs float32 params"):
-        optim.Adam([np.zeros(MIN_QUANTIZED_SIZE, np.float64)], state_dtype="int8")
+    for dtype in (np.float64, np.float16):
+        with pytest.raises(TypeError, match="int8'? needs float32 or bfloat16 params"):
+            optim.Adam([np.zeros(MIN_QUANTIZED_SIZE, dtype)], state_dtype="int8")
     with pytest.raises(TypeError, match="needs float32 or bfloat16 params"):
         optim.Adam([np.zeros(4, np.float64)], state_dtype="bfloat16")

@@ -371,26 +371,44 @@ def np_bf16(t):
     return t.detach().view(torch.int16).numpy().copy().view(ml_dtypes.bfloat16)
 
 
-@pytest.mark.parametrize("state_dtype", [None, "float32"])
+@pytest.mark.parametrize("state_dtype", [None, "float32", "int8"])
 def test_stochastic_rounding_is_the_functional_update(state_dtype):
     """The drop-in's bits equal fastoptim.adamw_ on the group's bf16 params as one list with
-    stochastic_rounding=(sr_seed, step)."""
+    stochastic_rounding=(sr_seed, step); with int8 states the 5000-element param (quantized)
+    and the 300-element one (float32 states) are two calls, the second numbering its elements
+    after the first's (first_index 5000): the same random bits as one list."""
     params = params_of(torch.bfloat16)
     opt = ft.AdamW(params, lr=1e-3, stochastic_rounding=True, sr_seed=1234,
                    state_dtype=state_dtype)
     ps = [np_bf16(p) for p in params]
-    sdt = np.float32 if state_dtype == "float32" else ml_dtypes.bfloat16
-    m = [np.zeros(p.shape, sdt) for p in ps]
-    v = [np.zeros(p.shape, sdt) for p in ps]
+    if state_dtype == "int8":
+        assert ps[0].size >= MIN_QUANTIZED_SIZE > ps[1].size
+        m = [QuantizedState.zeros(ps[0].shape, 8), np.zeros(ps[1].shape, np.float32)]
+        v = [QuantizedState.zeros(ps[0].shape, 8, non_negative=True),
+             np.zeros(ps[1].shape, np.float32)]
+    else:
+        sdt = np.float32 if state_dtype == "float32" else ml_dtypes.bfloat16
+        m = [np.zeros(p.shape, sdt) for p in ps]
+        v = [np.zeros(p.shape, sdt) for p in ps]
     for s in range(STEPS):
         grads = grads_of(params, s)
         for p, g in zip(params, grads):
             p.grad = g
         opt.step()
-        fastoptim.adamw_(ps, [np_bf16(g) for g in grads], m, v, step=s + 1, lr=1e-3,
-                         stochastic_rounding=(1234, s + 1))
+        gs = [np_bf16(g) for g in grads]
+        if state_dtype == "int8":
+            fastoptim.adamw_(ps[:1], gs[:1], m[:1], v[:1], step=s + 1, lr=1e-3,
+                             stochastic_rounding=(1234, s + 1))
+            fastoptim.adamw_(ps[1:], gs[1:], m[1:], v[1:], step=s + 1, lr=1e-3,
+                             stochastic_rounding=(1234, s + 1, ps[0].size))
+        else:
+            fastoptim.adamw_(ps, gs, m, v, step=s + 1, lr=1e-3,
+                             stochastic_rounding=(1234, s + 1))
         for p, want in zip(params, ps):
             assert np.array_equal(np_bf16(p).view(np.int16), want.view(np.int16))
+    if state_dtype == "int8":
+        q = opt.state[params[0]]["exp_avg"]
+        assert np.array_equal(q["codes"].numpy(), m[0].codes)
     assert float(opt.state[params[0]]["step"]) == STEPS
 
 
@@ -491,17 +509,19 @@ def check_against_numpy_class(name, state_dtype, dtype=torch.float32):
 @pytest.mark.parametrize("state_dtype,dtype", [("float32", torch.bfloat16),
                                                ("float32", torch.float16),
                                                ("bfloat16", torch.bfloat16),
+                                               ("int8", torch.bfloat16),
+                                               ("int4", torch.bfloat16),
                                                ("int8", torch.float16)])
 @pytest.mark.parametrize("name", ["Adam", "SGD", "Adagrad", "NAdam"])
 def test_state_dtype_with_low_precision_params(name, state_dtype, dtype):
-    """bfloat16/float16 params with float32 (or bfloat16) states against the NumPy classes;
-    int8 on float16 params: the small param keeps float32 states, the large one is refused
-    (TypeError, as the NumPy class at construction)."""
+    """bfloat16/float16 params with float32 (or bfloat16) states, and bfloat16 params with
+    int8/int4 states, against the NumPy classes; int8 on float16 params: the small param keeps
+    float32 states, the large one is refused (TypeError, as the NumPy class at construction)."""
     default = torch.get_default_dtype()
     if name == "NAdam":
         torch.set_default_dtype(torch.float64)
     try:
-        if state_dtype == "int8":
+        if state_dtype == "int8" and dtype == torch.float16:
             params = params_of(dtype)
             with pytest.raises(TypeError, match="int8"):  # the NumPy class, at construction
                 getattr(fo, name)([np_view(p) for p in params], state_dtype="int8")
@@ -686,7 +706,7 @@ def assert_unchanged(opt, params, snap):
 
 @pytest.mark.parametrize("bad,kind,match", [
     ("fp16_sr", ValueError, r"param_groups\[1\]\['params'\]\[0\].*stochastic_rounding"),
-    ("bf16_int8", TypeError, r"param_groups\[1\]\['params'\]\[0\].*int8"),
+    ("fp16_int8", TypeError, r"param_groups\[1\]\['params'\]\[0\].*int8"),
     ("grad_dtype", TypeError, r"param_groups\[1\]\['params'\]\[0\].*gradient has dtype"),
     ("alias", ValueError, "shares memory"),
 ])
@@ -694,10 +714,10 @@ def test_a_bad_step_writes_nothing(bad, kind, match):
     """Group 0 is fine and would be stepped first; group 1 is bad: the step raises naming the
     param, and neither group's params nor states change."""
     good = params_of(torch.float32, sizes=(5000,))
-    dtype = {"fp16_sr": torch.float16, "bf16_int8": torch.bfloat16}.get(bad, torch.float32)
+    dtype = {"fp16_sr": torch.float16, "fp16_int8": torch.float16}.get(bad, torch.float32)
     other = params_of(dtype, sizes=(5000,), seed=1)
     options = {"fp16_sr": dict(stochastic_rounding=True),
-               "bf16_int8": dict(state_dtype="int8")}.get(bad, dict(state_dtype="int8"))
+               "fp16_int8": dict(state_dtype="int8")}.get(bad, dict(state_dtype="int8"))
     opt = ft.Adam([{"params": good}, {"params": other, **options}], lr=1e-2)
     run(opt, good)  # group 0 has states now
     snap = snapshot(opt, good + other)

@@ -10,8 +10,9 @@ Every update also takes the keyword options of :class:`fastoptim.typing.UpdateOp
 (docs/api.md, "Mixed precision"): ``grad_scale`` (torch.amp's scale; grads are divided by it
 as they are loaded, in the same pass), ``found_inf`` (nonzero or NaN: every argument is
 checked and nothing is written, as torch's fused optimizers do with GradScaler),
-``stochastic_rounding=(seed, counter)`` (bfloat16 params are stored with stochastic rounding,
-a pure function of seed, counter and element index) and ``compensation`` (bfloat16 arrays like
+``stochastic_rounding=(seed, counter)`` or ``(seed, counter, first_index)`` (bfloat16 params
+are stored with stochastic rounding, a pure function of seed, counter and element index,
+``first_index`` plus the element's index in the call) and ``compensation`` (bfloat16 arrays like
 params: Kahan-compensated bfloat16 params without fp32 master weights).
 
 Everything is validated before the first byte is written: a bad call raises ``TypeError`` or

@@ -19,7 +19,7 @@ Note [State dtypes]
     ``state_dtype`` (keyword, every class) chooses how the states are stored: ``None`` (the
     default) in the param's dtype; ``"float32"`` or ``"bfloat16"`` as such (float32 or bfloat16
     params); ``"int8"`` or ``"int4"`` block-wise quantized (:mod:`fastoptim.quant`), for float32
-    params of at least ``fastoptim.quant.MIN_QUANTIZED_SIZE`` (4096) elements; smaller tensors
+    or bfloat16 params of at least ``fastoptim.quant.MIN_QUANTIZED_SIZE`` (4096) elements; smaller tensors
     keep float32 states (their absmax and per-call overhead outweigh the bytes saved, as
     bitsandbytes' ``min_8bit_size``). A quantized state is a
     :class:`~fastoptim.quant.QuantizedState` in ``state``; ``state_dict`` saves it compressed
@@ -398,10 +398,11 @@ class Optimizer:
 
     def _check_state_format(self, where: str, p: np.ndarray) -> None:
         sd = self._state_dtype
-        if sd in ("int8", "int4") and p.dtype != np.float32 and p.size >= MIN_QUANTIZED_SIZE:
+        if (sd in ("int8", "int4") and p.size >= MIN_QUANTIZED_SIZE
+                and p.dtype != np.float32 and p.dtype.name != "bfloat16"):
             raise TypeError(f"{where} has dtype {p.dtype}; state_dtype={sd!r} needs float32 "
-                            f"params (quantized states with other param dtypes are not "
-                            f"implemented)")
+                            f"or bfloat16 params (quantized states with float16 or float64 "
+                            f"params are not implemented)")
         low = p.dtype in (np.float32, np.float16) or p.dtype.name == "bfloat16"
         if sd == "float32" and not low:
             raise TypeError(f"{where} has dtype {p.dtype}; state_dtype='float32' needs float32, "

@@ -147,7 +147,8 @@ def _formats(fn: _F) -> _F:
     above): grads are multiplied by float32(1/grad_scale) as they are loaded; found_inf != 0
     skips the call; compensation (Kahan) is added to bfloat16 params before the update and
     receives the rounding error of their store after it; stochastic_rounding=(seed, counter)
-    stores bfloat16 params with the counter-based stochastic rounding."""
+    or (seed, counter, first_index) stores bfloat16 params with the counter-based stochastic
+    rounding, element indices starting at first_index (0)."""
     signature = inspect.signature(fn)
     first, read_only = next(iter(signature.parameters)), list(signature.parameters)[1]
 
@@ -191,8 +192,9 @@ def _formats(fn: _F) -> _F:
         offset = 0
         for k, (original, work) in enumerate(params_work):
             if options["stochastic_rounding"] is not None:
-                seed, counter = options["stochastic_rounding"]
-                bits = round_bf16_stochastic(work, sr_key_of(seed, counter), offset)
+                seed, counter, *index0 = options["stochastic_rounding"]
+                bits = round_bf16_stochastic(work, sr_key_of(seed, counter),
+                                             (index0[0] if index0 else 0) + offset)
                 original.view(np.uint16)[...] = bits
             else:
                 original[...] = work.astype(original.dtype)

@@ -652,7 +652,12 @@ class _Written:
 #       ``(sr_seed, step)`` where ``step`` is the param's step count after this step
 #       (``state["step"]``; SGD and Lion, which keep none in torch, keep one with this option).
 #       The bits equal ``fastoptim.functional`` called with the group's bfloat16 params that
-#       step, in group order, as one list, with ``stochastic_rounding=(sr_seed, step)``.
+#       step, in group order, as one list, with ``stochastic_rounding=(sr_seed, step)``, when
+#       they share one storage. With ``state_dtype="int8"``/``"int4"`` a group's quantized
+#       (large) and float32-state (small) params are separate calls: each call's element
+#       indices continue where the group's earlier calls of that step ended (the
+#       ``first_index`` of ``stochastic_rounding=(seed, counter, first_index)``), so no two
+#       elements of one step share their random bits.
 #       float32/float64 params are rounded as usual; float16 params are a ValueError.
 #     * ``state_dtype``: "int8"/"int4" states are stored as a dict of tensors
 #       (``_qdict``): ``codes`` (uint8), ``absmax`` (float32), ``bits``, ``non_negative``,
@@ -1327,6 +1332,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 e, key = self._format_entry(gi, group, names, i, params[i], gl[i])
                 buckets.setdefault(key, []).append(e)
         calls = []
+        sr_next: dict[tuple[int, int], int] = {}  # (group, counter) -> next element index
         for key, entries in buckets.items():
             gi, _, master, _, kstep, counter = key
             group = self.param_groups[gi]
@@ -1334,7 +1340,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
             if master:
                 hyper["param_copies"] = [e.copy for e in entries]
             if counter is not None:
-                hyper["stochastic_rounding"] = (int(_opt(group, "sr_seed")), counter)
+                first = sr_next.get((gi, counter), 0)
+                sr_next[(gi, counter)] = first + sum(e.param.size for e in entries)
+                hyper["stochastic_rounding"] = (int(_opt(group, "sr_seed")), counter, first)
             names = self._state_names(group)
             args = (F, group, hyper, kstep, [e.param for e in entries],
                     [e.grad for e in entries], {n: [e.states[n] for e in entries] for n in names})

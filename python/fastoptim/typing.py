@@ -54,5 +54,5 @@ class UpdateOptions(TypedDict, total=False):
 
     grad_scale: SupportsFloat | None
     found_inf: SupportsFloat | None
-    stochastic_rounding: tuple[int, int] | None
+    stochastic_rounding: tuple[int, int] | tuple[int, int, int] | None
     compensation: ArrayOrList | None

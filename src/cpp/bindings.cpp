@@ -71,6 +71,8 @@ constexpr FormatRow kFormatTable[] = {
     {kF32Q8, kElemF32, kElemF32, kElemQ8, kNone},
     {kF32Q4, kElemF32, kElemF32, kElemQ4, kNone},
     {kF32BF16States, kElemF32, kElemF32, kElemBF16, kNone},
+    {kBF16Q8, kElemBF16, kElemBF16, kElemQ8, kNone},
+    {kBF16Q4, kElemBF16, kElemBF16, kElemQ4, kNone},
 };
 static_assert(sizeof(kFormatTable) / sizeof(kFormatTable[0]) == kNumFormats,
               "kFormatTable lists every Format once");
@@ -265,7 +267,11 @@ class CallBuilder {
   }
   // Load/store options of the call (kernel_api.h, Note [load/store options]).
   void set_grad_scale(double scale) { grad_scale_ = scale; }
-  void set_stochastic_rounding(uint32_t key) { sr_ = true; sr_key_ = key; }
+  void set_stochastic_rounding(uint32_t key, uint64_t index0) {
+    sr_ = true;
+    sr_key_ = key;
+    sr_index0_ = index0;
+  }
 
  private:
   void add_to(std::vector<void*>& ptrs, int role, const char* name, py::handle obj, bool written) {
@@ -321,6 +327,7 @@ class CallBuilder {
     b.grad_scale_inv_f = static_cast<float>(b.grad_scale_inv_d);
     b.sr = sr_;
     b.sr_key = sr_key_;
+    b.sr_index0 = sr_index0_;
     return b;
   }
   // The element type of the first argument's arrays (the reductions' single argument).
@@ -345,8 +352,9 @@ class CallBuilder {
                "; supported (params, grads, states[, param_copies]): float32; float64; bfloat16; "
                "float16; bfloat16, bfloat16, float32; float16, float16, float32; float32, "
                "bfloat16, float32[, bfloat16]; float32, float16, float32[, float16]; float32, "
-               "float32, bfloat16; float32, float32, int8 or int4 (QuantizedState); with "
-               "compensation (bfloat16): bfloat16 params, grads and states");
+               "float32, bfloat16; float32 or bfloat16, same as params, int8 or int4 "
+               "(QuantizedState); with compensation (bfloat16): bfloat16 params, grads and "
+               "states");
   }
   int64_t total() const { return offsets_.back(); }
   int64_t count() const { return n_; }
@@ -915,6 +923,7 @@ class CallBuilder {
   double grad_scale_ = 1.0;
   bool sr_ = false;
   uint32_t sr_key_ = 0;
+  uint64_t sr_index0_ = 0;
   std::vector<Interval> intervals_;
 };
 
@@ -948,14 +957,16 @@ template <class D> constexpr size_t num_args() {
 //                              GradScaler uses); finite and > 0
 //   found_inf=None             a number (or 0-d/1-element array or tensor): nonzero, or NaN,
 //                              leaves every array untouched, after every check (torch fused)
-//   stochastic_rounding=None   (seed, counter), integers in [0, 2**64): bfloat16 params are
-//                              stored with stochastic rounding keyed by them
+//   stochastic_rounding=None   (seed, counter) or (seed, counter, first_index), integers in
+//                              [0, 2**64): bfloat16 params are stored with stochastic rounding
+//                              keyed by (seed, counter), element i of the call (params
+//                              concatenated) with index first_index + i (default 0)
 //   compensation=None          bfloat16 arrays like params: Kahan-compensated bf16 params
 struct CallOptions {
   double grad_scale = 1.0;
   bool skip = false;
   bool sr = false;
-  uint64_t seed = 0, counter = 0;
+  uint64_t seed = 0, counter = 0, index0 = 0;
   py::object compensation;
 };
 
@@ -988,12 +999,15 @@ CallOptions options_arg(const std::string& fn_name, const py::kwargs& kw) {
       o.skip = f != 0.0;  // NaN too
     } else if (key == "stochastic_rounding") {
       if (v == Py_None) continue;
-      if (!PyTuple_Check(v) || PyTuple_GET_SIZE(v) != 2)
-        type_error(fn_name + ": stochastic_rounding must be None or a tuple (seed, counter), got " +
-                   type_name(v));
+      if (!PyTuple_Check(v) || (PyTuple_GET_SIZE(v) != 2 && PyTuple_GET_SIZE(v) != 3))
+        type_error(fn_name + ": stochastic_rounding must be None or a tuple (seed, counter) or "
+                   "(seed, counter, first_index), got " + type_name(v) +
+                   (PyTuple_Check(v) ? " of " + std::to_string(PyTuple_GET_SIZE(v)) + " items" : ""));
       o.sr = true;
       o.seed = u64_arg(fn, "stochastic_rounding seed", PyTuple_GET_ITEM(v, 0));
       o.counter = u64_arg(fn, "stochastic_rounding counter", PyTuple_GET_ITEM(v, 1));
+      if (PyTuple_GET_SIZE(v) == 3)
+        o.index0 = u64_arg(fn, "stochastic_rounding first_index", PyTuple_GET_ITEM(v, 2));
     } else if (key == "compensation") {
       if (v != Py_None) o.compensation = py::reinterpret_borrow<py::object>(v);
     } else {
@@ -1071,10 +1085,14 @@ void call_rule(const std::string& fn_name, py::args a, const py::kwargs& kw, Run
     call.set_grad_scale(opt.grad_scale);
   }
   if (opt.sr) {
-    if (format != kBF16 && format != kBF16F32States)
+    if (format != kBF16 && format != kBF16F32States && format != kBF16Q8 && format != kBF16Q4)
       value_error(fn_name + ": stochastic_rounding rounds bfloat16 params, without compensation; "
                   "this call's params are not bfloat16 or it passes compensation");
-    call.set_stochastic_rounding(sr_key_of(opt.seed, opt.counter));
+    if (call.total() > 0 && static_cast<uint64_t>(call.total() - 1) > ~uint64_t{0} - opt.index0)
+      value_error(fn_name + ": stochastic_rounding first_index " + std::to_string(opt.index0) +
+                  " plus the call's " + std::to_string(call.total()) +
+                  " elements passes 2**64 - 1, the largest element index");
+    call.set_stochastic_rounding(sr_key_of(opt.seed, opt.counter), opt.index0);
   }
   if (opt.skip) {  // found_inf: everything checked, nothing written
     call.check_overlaps();

@@ -7,5 +7,5 @@
 #define FO_FILL_TABLE fill_table_avx512bf16
 #define FO_FORMAT_FILTER(F) \
   ((F) == kBF16 || (F) == kBF16F32States || (F) == kBF16Kahan || (F) == kF32BF16GradsCopy || \
-   (F) == kF32BF16States)
+   (F) == kF32BF16States || (F) == kBF16Q8 || (F) == kBF16Q4)
 #include "kernels.h"

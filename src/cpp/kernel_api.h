@@ -24,12 +24,14 @@ struct Batch {
   //   grad_scale_inv  every grad is multiplied by it as it is loaded (torch.amp's unscaling,
   //                   fused); 1.0 changes no bit. Held in fp32 and fp64, per compute type.
   //   sr, sr_key      stochastic rounding of the bfloat16 param store, keyed by the call's
-  //                   (seed, counter) mixed into sr_key and the element's index in the call
-  //                   (vec.h, Note [stochastic rounding]); off: round to nearest even.
+  //   sr_index0       (seed, counter) mixed into sr_key and the element's index: sr_index0
+  //                   plus its index in the call (vec.h, Note [stochastic rounding]); off:
+  //                   round to nearest even.
   float grad_scale_inv_f = 1.0f;
   double grad_scale_inv_d = 1.0;
   bool sr = false;
   uint32_t sr_key = 0;
+  uint64_t sr_index0 = 0;
   // Note [software prefetch] (kernels.h): how far ahead, in elements, the vector body
   // prefetches each stream it reads; 0: no software prefetch. execute() sets it from the
   // process-wide setting (prefetch_ahead_setting, dispatch.h).
@@ -66,6 +68,8 @@ FO_RULES(FO_RULE_ID_OF)
 //   kF32Q8               float32   float32   int8      -         block-wise quantized states:
 //   kF32Q4               float32   float32   int4      -         quant_api.h, Note [quantized states]
 //   kF32BF16States       float32   float32   bfloat16  -         half the state bytes, no quantizer
+//   kBF16Q8              bfloat16  bfloat16  int8      -         bf16 params with quantized states
+//   kBF16Q4              bfloat16  bfloat16  int4      -         (10 and 8 bytes per element, Adam)
 // kBF16Kahan keeps, per param, the bf16 rounding error of its last store ("compensation", in
 // the copies stream): the rule sees p + compensation, and the store writes p' = bf16(x) and
 // compensation' = bf16(x - p') (Kahan-compensated bf16 params without an fp32 master).
@@ -75,6 +79,7 @@ enum Format : int {
   kF32BF16GradsCopy, kF32F16GradsCopy, kBF16Kahan,
   kF32Q8, kF32Q4,  // quantized states (quant_api.h); their state slots point to QuantStreams
   kF32BF16States,
+  kBF16Q8, kBF16Q4,  // bfloat16 params and grads, quantized states
   kNumFormats
 };
 

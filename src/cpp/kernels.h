@@ -188,20 +188,31 @@ FO_INLINE void load_at(void* const* ptr, const Io<V>& io, int64_t i, V (&x)[kMax
     }
   });
 }
-// ... and, once the rule has run, store them (rounding: to nearest even, or stochastically for
-// bf16 params when io.sr), and write the params' copy where the format has one.
+// The store of params[i] (dst points to it; without compensation): rounded to nearest even,
+// or stochastically for bf16 params when io.sr (element index io.base + i). Shared with the
+// quantized-state driver (quant.h).
+template <class P, class V>
+FO_INLINE void store_param(P* dst, V x, const Io<V>& io, int64_t i) {
+  if constexpr (std::is_same_v<P, bf16>) {
+    if (io.sr) {
+      vstore_sr(dst, x, io.sr_key, io.base + static_cast<uint64_t>(i));
+      return;
+    }
+  }
+  store_elem(dst, x);
+}
+// ... and, once the rule has run, store them (rounding: store_param for the params), and write
+// the params' copy where the format has one.
 template <class Rule, class L, class V>
 FO_INLINE void store_at(void* const* ptr, const Io<V>& io, int64_t i, const V (&x)[kMaxSlots]) {
-  using P = typename L::template Elem<kParam>;
   each_slot([&](auto s) {
     if constexpr ((Rule::kWrites & bit(s)) != 0) {
       auto* dst = elem_ptr<L, s>(ptr) + i;
       if constexpr (s == kParam && L::kKahan) {
         store_elem(dst, x[s]);  // p' = bf16(x); compensation' = bf16(x - p') (x - p' is exact)
         store_elem(static_cast<typename L::Copy*>(io.copy) + i, x[s] - vload_from<V>(dst));
-      } else if constexpr (s == kParam && std::is_same_v<P, bf16>) {
-        if (io.sr) vstore_sr(dst, x[s], io.sr_key, io.base + static_cast<uint64_t>(i));
-        else store_elem(dst, x[s]);
+      } else if constexpr (s == kParam) {
+        store_param(dst, x[s], io, i);
       } else {
         store_elem(dst, x[s]);
       }
@@ -286,7 +297,7 @@ void run_range(const Batch& b, int64_t begin, int64_t end, const Args& a) {
     void* ptr[kMaxSlots];
     for (int s = 0; s < kMaxSlots; ++s) ptr[s] = b.slots[s] ? b.slots[s][t] : nullptr;
     void* copy = b.copies ? b.copies[t] : nullptr;
-    const auto base = static_cast<uint64_t>(off[t]);
+    const uint64_t base = b.sr_index0 + static_cast<uint64_t>(off[t]);
     const Io<V> iov{splat<V>(inv), copy, base, b.sr_key, b.sr};
     const Io<T> ios{inv, copy, base, b.sr_key, b.sr};
     run_span<Rule, L>(ptr, lo, hi, cv, cs, iov, ios, b.prefetch_ahead);

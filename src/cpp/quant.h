@@ -1,5 +1,5 @@
-// quant.h: the CPU driver of the quantized-state formats kF32Q8 and kF32Q4 (quant_api.h,
-// Note [quantized states]). Part of kernels.h, which includes it between its helpers and its
+// quant.h: the CPU driver of the quantized-state formats kF32Q8, kF32Q4, kBF16Q8 and kBF16Q4
+// (quant_api.h, Note [quantized states]). Part of kernels.h, which includes it between its helpers and its
 // table (same anonymous namespace, Note [one definition per ISA]); not a header of its own.
 //
 // Note [quantized block driver]
@@ -23,9 +23,15 @@
 namespace fastoptim {
 namespace {
 
+// A quantized format's code bits (0: not quantized) and the storage of its params and grads
+// (float or bf16; loaded with vload_from, stored with store_param: kernels.h).
 template <Format F> struct QuantBits : std::integral_constant<int, 0> {};
 template <> struct QuantBits<kF32Q8> : std::integral_constant<int, 8> {};
 template <> struct QuantBits<kF32Q4> : std::integral_constant<int, 4> {};
+template <> struct QuantBits<kBF16Q8> : std::integral_constant<int, 8> {};
+template <> struct QuantBits<kBF16Q4> : std::integral_constant<int, 4> {};
+template <Format F>
+using QuantParam = std::conditional_t<F == kBF16Q8 || F == kBF16Q4, bf16, float>;
 
 template <class D, class = void> struct HasStates : std::false_type {};
 template <class D>
@@ -168,8 +174,10 @@ template <int kBits, bool kNonNegative> struct QuantMap {
 };
 
 // Note [quantized codes in registers]
-// One lane group at element i of a block: params and grads from memory, each read state
-// decoded from its codes straight into registers, the rule applied, params stored, and each
+// One lane group at element i of a block: params and grads from memory (widened from bf16 in
+// the kBF16 formats; grads unscaled), each read state decoded from its codes straight into
+// registers, the rule applied, params stored (store_param: rounded to nearest even, or
+// stochastically with io.sr, element index io.base + i), and each
 // written state stored to the block's fp32 buffer (its codes wait for the block's absmax;
 // a non-negative state's map takes |x|, so |x| is what is stored). On
 // the way, each written state's max |x| is accumulated per lane as an unsigned max of the bit
@@ -177,15 +185,15 @@ template <int kBits, bool kNonNegative> struct QuantMap {
 // Inf or NaN pattern is above every finite one, so one integer max per vector gives both the
 // block's absmax and whether the block is finite. Both are exact, so the order of lanes
 // cannot change them.
-template <class D, class Rule, int kBits, class V>
-FO_INLINE void quant_lanes(float* p, const float* g, const uint8_t* const* codes,
+template <class D, class Rule, int kBits, class V, class P>
+FO_INLINE void quant_lanes(P* p, const P* g, const uint8_t* const* codes,
                            const float* absmax, float (*st)[quant_block(kBits)], int64_t i,
                            const typename Rule::template Consts<V>& c, IntOf<V>* amax,
-                           V grad_scale_inv) {
+                           const Io<V>& io) {
   V x[kMaxSlots];
-  if constexpr ((Rule::kReads & bit(kParam)) != 0) x[kParam] = vload<V>(p + i);
+  if constexpr ((Rule::kReads & bit(kParam)) != 0) x[kParam] = vload_from<V>(p + i);
   // the grads unscaled as they are loaded (kernel_api.h, Note [load/store options])
-  if constexpr ((Rule::kReads & bit(kGrad)) != 0) x[kGrad] = vload<V>(g + i) * grad_scale_inv;
+  if constexpr ((Rule::kReads & bit(kGrad)) != 0) x[kGrad] = vload_from<V>(g + i) * io.grad_scale_inv;
   each_slot([&](auto s) {
     if constexpr (s >= kState0 && (Rule::kReads & bit(s)) != 0) {
       using Map = QuantMap<kBits, slot_non_negative<D, decltype(s)::value>()>;
@@ -193,7 +201,7 @@ FO_INLINE void quant_lanes(float* p, const float* g, const uint8_t* const* codes
     }
   });
   Rule::template apply<V>(x, c);
-  if constexpr ((Rule::kWrites & bit(kParam)) != 0) vstore(p + i, x[kParam]);
+  if constexpr ((Rule::kWrites & bit(kParam)) != 0) store_param(p + i, x[kParam], io, i);
   each_slot([&](auto s) {
     if constexpr (s >= kState0 && (Rule::kWrites & bit(s)) != 0) {
       const V ax = vabs(x[s]);
@@ -223,7 +231,7 @@ FO_INLINE void quant_lanes(float* p, const float* g, const uint8_t* const* codes
 // (QuantMap::encode). The codes are the same (the same encode of the
 // same values; only when they are written changes), and every block stays with the thread
 // that updated it.
-template <class D, class Rule, int kBits, class Args>
+template <class D, class Rule, int kBits, class P, class Args>
 void quant_range(const Batch& b, int64_t begin, int64_t end, const Args& a) {
   using V = FO_VEC_F32;
   using I = IntOf<V>;
@@ -233,15 +241,14 @@ void quant_range(const Batch& b, int64_t begin, int64_t end, const Args& a) {
   constexpr bool kDefer = kW > 1;  // Note [deferred block encode]
   const typename Rule::template Consts<V> cv(a);
   const typename Rule::template Consts<float> cs(a);
-  const V gsi = splat<V>(b.grad_scale_inv_f);
   const int64_t* off = b.offsets;
   alignas(64) float st[2][kMaxStates][kB];
   for (int64_t t = tensor_of(off, b.n_tensors, begin); t < b.n_tensors && off[t] < end; ++t) {
     const int64_t size = off[t + 1] - off[t];
     const int64_t lo = max64(begin - off[t], 0), hi = min64(end - off[t], size);
     if (lo >= hi) continue;
-    float* p = static_cast<float*>(b.slots[kParam][t]);
-    const float* g = b.slots[kGrad] ? static_cast<const float*>(b.slots[kGrad][t]) : nullptr;
+    P* p = static_cast<P*>(b.slots[kParam][t]);
+    const P* g = b.slots[kGrad] ? static_cast<const P*>(b.slots[kGrad][t]) : nullptr;
     const QuantStream* q[kMaxSlots] = {};
     for (int s = kState0; s < kMaxSlots; ++s)
       if (b.slots[s]) q[s] = static_cast<const QuantStream*>(b.slots[s][t]);
@@ -268,10 +275,10 @@ void quant_range(const Batch& b, int64_t begin, int64_t end, const Args& a) {
       // elements ahead. A prefetch past the end of an array never faults.
       const bool pf = b.prefetch_ahead > 0;
       const int64_t ahead = start + (b.prefetch_ahead + 1) / 2 * 2;  // even: whole int4 bytes
-      const uintptr_t pa = reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(ahead) * 4;
-      const uintptr_t ga = reinterpret_cast<uintptr_t>(g) + static_cast<uintptr_t>(ahead) * 4;
+      const uintptr_t pa = reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(ahead) * sizeof(P);
+      const uintptr_t ga = reinterpret_cast<uintptr_t>(g) + static_cast<uintptr_t>(ahead) * sizeof(P);
       if (pf) {
-        for (int64_t k = 0; k < kB * 4; k += 64) {
+        for (int64_t k = 0; k < kB * static_cast<int64_t>(sizeof(P)); k += 64) {
           __builtin_prefetch(reinterpret_cast<const void*>(pa + k), 1, 0);
           if (g) __builtin_prefetch(reinterpret_cast<const void*>(ga + k), 0, 0);
         }
@@ -289,8 +296,13 @@ void quant_range(const Batch& b, int64_t begin, int64_t end, const Args& a) {
           absmax[s] = q[s]->absmax[blk];
         }
       });
-      float* pb = p + start;
-      const float* gb = g ? g + start : nullptr;
+      P* pb = p + start;
+      const P* gb = g ? g + start : nullptr;
+      // the load/store options (kernels.h, Io): element pb[i] has index
+      // sr_index0 + off[t] + start + i
+      const uint64_t base = b.sr_index0 + static_cast<uint64_t>(off[t] + start);
+      const Io<V> iov{splat<V>(b.grad_scale_inv_f), nullptr, base, b.sr_key, b.sr};
+      const Io<float> ios{b.grad_scale_inv_f, nullptr, base, b.sr_key, b.sr};
       I amax[kMaxSlots];
       uint32_t amax1[kMaxSlots];
       for (int s = 0; s < kMaxSlots; ++s) {
@@ -300,18 +312,17 @@ void quant_range(const Batch& b, int64_t begin, int64_t end, const Args& a) {
       int64_t i = 0;
       if (deferred) {
         for (; i + kW <= n; i += kW) {
-          quant_lanes<D, Rule, kBits, V>(pb, gb, codes, absmax, cur, i, cv, amax, gsi);
+          quant_lanes<D, Rule, kBits, V>(pb, gb, codes, absmax, cur, i, cv, amax, iov);
           encode_deferred(i);
         }
         for (int64_t k = i; k < kB; k += kW) encode_deferred(k);  // this block is partial
         deferred = false;
       } else {
         for (; i + kW <= n; i += kW)
-          quant_lanes<D, Rule, kBits, V>(pb, gb, codes, absmax, cur, i, cv, amax, gsi);
+          quant_lanes<D, Rule, kBits, V>(pb, gb, codes, absmax, cur, i, cv, amax, iov);
       }
       for (; i < n; ++i)
-        quant_lanes<D, Rule, kBits, float>(pb, gb, codes, absmax, cur, i, cs, amax1,
-                                           b.grad_scale_inv_f);
+        quant_lanes<D, Rule, kBits, float>(pb, gb, codes, absmax, cur, i, cs, amax1, ios);
       // This block's absmax; its codes now (the last block of the range, a partial block,
       // one with a non-finite value or a 1 / absmax that overflows) or deferred to the next
       // block's loop, whose encode then needs no clamp (QuantMap::encode).
@@ -347,7 +358,7 @@ void quant_entry(const Batch& b, int64_t lo, int64_t hi, const void* p, unsigned
   if constexpr (HasStates<D>::value) {
     const auto& a = *static_cast<const typename D::Args*>(p);
     dispatch_mask<D>(mask, [&](auto tag) {
-      quant_range<D, typename decltype(tag)::type, QuantBits<F>::value>(b, lo, hi, a);
+      quant_range<D, typename decltype(tag)::type, QuantBits<F>::value, QuantParam<F>>(b, lo, hi, a);
     });
   }
 }

@@ -5,7 +5,8 @@
 // Note [quantized states]
 // A quantized state of a tensor of n elements is n codes plus one fp32 absmax per block of
 // kBlock elements (block b covers elements [b*kBlock, (b+1)*kBlock) of ITS tensor; the last
-// block of a tensor may be shorter). The format (kF32Q8, kF32Q4) decides the bits:
+// block of a tensor may be shorter). The format decides the bits (kF32Q8 and kBF16Q8: 8;
+// kF32Q4 and kBF16Q4: 4; the params and grads are float32 or bfloat16, as the format says):
 //   8 bits: blocks of 256, one code per byte;
 //   4 bits: blocks of 128, two codes per byte, element 2j in the low nibble of byte j and
 //           element 2j+1 in the high nibble (an odd tensor's last high nibble is 0).
