@@ -240,6 +240,18 @@ std::pair<const Interval*, const Interval*> find_overlap(const std::vector<Inter
   return {nullptr, nullptr};
 }
 
+// The ValueError of Note [aliasing] for the first overlapping pair of spans (find_overlap),
+// each named by label(span); nothing when none overlap.
+template <class Label>
+void check_no_overlap(const char* fn, const std::vector<Interval>& spans, Label label) {
+  const auto [cur, other] = find_overlap(spans);
+  if (cur) {
+    value_error(std::string(fn) + ": " + label(*cur) + " overlaps " + label(*other) +
+                " in memory; parameters and optimizer states must not share memory with any "
+                "other array of the call");
+  }
+}
+
 struct ArgNames {
   const char* name;
   bool is_list;
@@ -308,13 +320,7 @@ class CallBuilder {
 
   // Verifies that no written array overlaps any other array (Note [aliasing]).
   void check_overlaps() {
-    const auto [cur, other] = find_overlap(intervals_);
-    if (cur) {
-      value_error(std::string(fn_) + ": " + label(cur->arg, cur->index) + " overlaps " +
-                  label(other->arg, other->index) +
-                  " in memory; parameters and optimizer states must not share memory with "
-                  "any other array of the call");
-    }
+    check_no_overlap(fn_, intervals_, [this](const Interval& s) { return label(s.arg, s.index); });
   }
 
   Batch batch() const {
@@ -1203,12 +1209,7 @@ struct PointerArrays {
   }
 
   void check_overlaps() {
-    const auto [cur, other] = find_overlap(intervals);
-    if (cur) {
-      value_error(std::string(fn) + ": " + label(*cur) + " overlaps " + label(*other) +
-                  " in memory; parameters and optimizer states must not share memory with any other "
-                  "array of the call");
-    }
+    check_no_overlap(fn, intervals, [this](const Interval& s) { return label(s); });
   }
 };
 
