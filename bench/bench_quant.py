@@ -36,12 +36,12 @@ import subprocess
 import sys
 import time
 
-import ml_dtypes
 import numpy as np
 import torch
 
 import fastoptim
 from bench_bf16_compute import min_ns_per_isa  # bench/ is the script's directory
+from bench_formats import view_of
 from fastoptim.quant import QuantizedState
 
 
@@ -84,11 +84,6 @@ def torch_u8(n):
 
 def torch_f32(n, fill=0.0):
     return torch.full((n,), fill, dtype=torch.float32).numpy()
-
-
-def np_bf16(t):
-    """A NumPy (ml_dtypes.bfloat16) view of a bfloat16 torch tensor's memory."""
-    return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
 
 
 def quantized(n, bits, non_negative):
@@ -147,16 +142,16 @@ def main():
         q8 = (quantized(N, 8, False), quantized(N, 8, True))
         q4 = (quantized(N, 4, False), quantized(N, 4, True))
         fastoptim.adamw_(P.copy(), G, *q8, step=1, **hyper)
-        Mb = np_bf16(torch.zeros(N, dtype=torch.bfloat16))
-        Vb = np_bf16(torch.zeros(N, dtype=torch.bfloat16))
+        Mb = view_of(torch.zeros(N, dtype=torch.bfloat16))
+        Vb = view_of(torch.zeros(N, dtype=torch.bfloat16))
         C1, C2 = torch_f32(N), torch_f32(N)
         # bfloat16 params and grads: torch's fused bf16 AdamW, and fastoptim on its tensors
         p16 = torch.nn.Parameter(torch.randn(N, generator=gen).to(torch.bfloat16))
         p16.grad = torch.randn(N, generator=gen).to(torch.bfloat16)
         opt16 = torch.optim.AdamW([p16], fused=True, **hyper)
         opt16.step()
-        P16, G16 = np_bf16(p16.data), np_bf16(p16.grad)
-        M16, V16 = np_bf16(opt16.state[p16]["exp_avg"]), np_bf16(opt16.state[p16]["exp_avg_sq"])
+        P16, G16 = view_of(p16.data), view_of(p16.grad)
+        M16, V16 = view_of(opt16.state[p16]["exp_avg"]), view_of(opt16.state[p16]["exp_avg_sq"])
         q8b = (quantized(N, 8, False), quantized(N, 8, True))
         q4b = (quantized(N, 4, False), quantized(N, 4, True))
         fastoptim.adamw_(P16.copy(), G16, *q8b, step=1, **hyper)
