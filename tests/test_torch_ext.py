@@ -8,6 +8,8 @@ path's tests (test_torch_pointers.py) run with and without it.
 """
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -255,6 +257,77 @@ def test_same_pointers_answers_what_the_python_comparison_answers():
         same(dicts=state_dicts(), keys=(["unhashable"], "step"))
     with pytest.raises(TypeError):
         X.same_pointers(state_dicts(), list(keys), want)
+
+
+# A dict lookup may run Python code: a key whose hash equals the key looked up is compared
+# with it (__eq__), and that code may change the expected lists, drop the state dicts or the
+# list of them, or replace a tensor. same_pointers must then read nothing freed, and answer from
+# what it read. Run with PYTHONMALLOC=debug, which fills freed memory with a pattern, so that a
+# freed dict, list or int read by the extension crashes the child (and ASan reports it).
+SAME_POINTERS_UNDER_LOOKUP_CODE = r"""
+import gc, sys
+import torch
+import fastoptim.torch as ft
+X = ft._X
+keys = ("exp_avg", "step")
+
+class Collide:
+    armed = False
+    def __init__(self, action):
+        self.action = action
+    def __hash__(self):
+        return hash("exp_avg")
+    def __eq__(self, other):
+        if Collide.armed:
+            Collide.armed = False
+            self.action()
+            gc.collect()
+        return False
+
+def case(which, action_of):
+    # The Collide key sits in dict `which` (0: the first, -1: the last); the caller keeps
+    # no reference to the dicts but the list.
+    dicts = [{"exp_avg": torch.zeros(3), "step": torch.tensor(1.0)} for _ in range(4)]
+    want = tuple([d[k].data_ptr() for d in dicts] for k in keys)
+    odd = {Collide(action_of(dicts, want)): 0}
+    odd.update(dicts[which])
+    dicts[which] = odd
+    del odd
+    Collide.armed = True
+    return X.same_pointers(dicts, keys, want)
+
+def nothing(dicts, want):
+    return lambda: None
+def drop_tensors(dicts, want):  # every dict but the one being looked up
+    return lambda: [d.clear() for d in dicts if not any(isinstance(k, Collide) for k in d)]
+def shrink_expected(dicts, want):
+    return lambda: (want[0].clear(), want[1].clear())
+def drop_dicts(dicts, want):
+    return dicts.clear
+def replace_tensor(dicts, want):
+    def act():
+        dicts[0]["step"] = torch.tensor(2.0)
+    return act
+
+print(case(-1, nothing), case(0, nothing), case(-1, drop_tensors), case(0, drop_tensors),
+      case(-1, shrink_expected), case(0, shrink_expected), case(-1, drop_dicts),
+      case(0, drop_dicts), case(-1, replace_tensor))
+"""
+
+
+@needs_ext
+def test_same_pointers_survives_a_lookup_that_runs_python_code():
+    env = dict(os.environ, PYTHONMALLOC="debug")
+    run = subprocess.run([sys.executable, "-c", SAME_POINTERS_UNDER_LOOKUP_CODE], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    answers = run.stdout.split()
+    # The last dict's lookup runs the code after every earlier dict was compared: emptying
+    # them, or replacing a tensor of dict 0, changes nothing read (True); run by the first
+    # dict's lookup, it empties the others before they are read (False: a key is missing).
+    # Emptying the list of dicts or the expected lists: False, whichever dict runs it.
+    assert answers == ["True", "True", "True", "False", "False", "False", "False", "False",
+                       "True"], run.stdout
 
 
 @needs_ext

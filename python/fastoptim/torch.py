@@ -76,7 +76,11 @@ Note [torch extension]
     bindings honour and C++ reads would not; tests/test_torch_ext.py compares them on a zoo of
     tensors, and the pointer path's tests run with and without it. The gradients it returns
     are Python references held by the step while the kernel runs without the GIL, as before.
-    What it saves and what remains (cache misses on torch's objects, which every step must
+    A dict lookup (a key's ``__eq__``) or a gradient's wrapping (a collection) may run Python
+    code that changes the lists it was given or drops a state dict: it holds each dict while
+    looking it up, measures the lists again after each such call, and reads only exact ints, so
+    it never reads a freed object (tests/test_torch_ext.py runs such cases with
+    ``PYTHONMALLOC=debug``). What it saves and what remains (cache misses on torch's objects, which every step must
     read since any of them may have changed): docs/torch.md, Performance.
 
 Note [A param's layout changed under its cache]

@@ -76,6 +76,12 @@ constexpr FormatRow kFormatTable[] = {
 };
 static_assert(sizeof(kFormatTable) / sizeof(kFormatTable[0]) == kNumFormats,
               "kFormatTable lists every Format once");
+// Format f's row (the table lists the formats in their enum order: checked below).
+constexpr const FormatRow& row_of(Format f) { return kFormatTable[f]; }
+constexpr bool rows_in_order(int i = 0) {
+  return i == kNumFormats || (kFormatTable[i].format == i && rows_in_order(i + 1));
+}
+static_assert(rows_in_order(), "kFormatTable lists the formats in the order of enum Format");
 
 // ml_dtypes.bfloat16 is a NumPy user dtype (its type number is assigned at run time): it is
 // recognised by its scalar type's name (kind 'V', itemsize 2).
@@ -1091,7 +1097,8 @@ void call_rule(const std::string& fn_name, py::args a, const py::kwargs& kw, Run
     call.set_grad_scale(opt.grad_scale);
   }
   if (opt.sr) {
-    if (format != kBF16 && format != kBF16F32States && format != kBF16Q8 && format != kBF16Q4)
+    const FormatRow& row = row_of(format);
+    if (row.param != kElemBF16 || row.comp != kNone)
       value_error(fn_name + ": stochastic_rounding rounds bfloat16 params, without compensation; "
                   "this call's params are not bfloat16 or it passes compensation");
     if (call.total() > 0 && static_cast<uint64_t>(call.total() - 1) > ~uint64_t{0} - opt.index0)

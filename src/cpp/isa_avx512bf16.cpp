@@ -5,7 +5,5 @@
 #define FO_VEC_F32 F32x16
 #define FO_VEC_F64 F64x8
 #define FO_FILL_TABLE fill_table_avx512bf16
-#define FO_FORMAT_FILTER(F) \
-  ((F) == kBF16 || (F) == kBF16F32States || (F) == kBF16Kahan || (F) == kF32BF16GradsCopy || \
-   (F) == kF32BF16States || (F) == kBF16Q8 || (F) == kBF16Q4)
+#define FO_FORMAT_FILTER(F) stores_bf16<F>()
 #include "kernels.h"

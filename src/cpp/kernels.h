@@ -395,7 +395,7 @@ bool unscale_range(const Batch& b, int64_t begin, int64_t end, double scale) {
 // One entry per (rule, format): the call's variant -> its instantiation (rule_api.h).
 template <class D, Format F>
 void entry(const Batch& b, int64_t lo, int64_t hi, const void* p, unsigned mask) {
-  if constexpr (QuantBits<F>::value != 0) {
+  if constexpr (QuantOf<F>::kBits != 0) {
     quant_entry<D, F>(b, lo, hi, p, mask);
   } else {
     const auto& a = *static_cast<const typename D::Args*>(p);
@@ -414,7 +414,21 @@ void entry(const Batch& b, int64_t lo, int64_t hi, const void* p, unsigned mask)
 // (Note [one definition per ISA]); the shards write disjoint entries of the same table.
 //
 // FO_FORMAT_FILTER(F): whether this ISA fills format F at all (isa_avx512bf16.cpp fills only
-// the formats that store bfloat16; dispatch.cpp takes the rest from the avx512 table).
+// the formats that store bfloat16, stores_bf16 below; dispatch.cpp takes the rest from the
+// avx512 table).
+//
+// Whether format F stores bfloat16: its params, states, param copies or compensation
+// (Layout), or the params of a quantized format (QuantOf). Gradients are only read.
+template <Format F> constexpr bool stores_bf16() {
+  if constexpr (QuantOf<F>::kBits != 0) {
+    return std::is_same_v<typename QuantOf<F>::Param, bf16>;
+  } else {
+    using L = typename LayoutOf<F>::type;
+    return std::is_same_v<typename L::template Elem<kParam>, bf16> ||
+           std::is_same_v<typename L::template Elem<kState0>, bf16> ||
+           std::is_same_v<typename L::Copy, bf16>;
+  }
+}
 #if !defined(FO_FORMAT_FILTER)
 #define FO_FORMAT_FILTER(F) true
 #endif

@@ -23,15 +23,18 @@
 namespace fastoptim {
 namespace {
 
-// A quantized format's code bits (0: not quantized) and the storage of its params and grads
-// (float or bf16; loaded with vload_from, stored with store_param: kernels.h).
-template <Format F> struct QuantBits : std::integral_constant<int, 0> {};
-template <> struct QuantBits<kF32Q8> : std::integral_constant<int, 8> {};
-template <> struct QuantBits<kF32Q4> : std::integral_constant<int, 4> {};
-template <> struct QuantBits<kBF16Q8> : std::integral_constant<int, 8> {};
-template <> struct QuantBits<kBF16Q4> : std::integral_constant<int, 4> {};
-template <Format F>
-using QuantParam = std::conditional_t<F == kBF16Q8 || F == kBF16Q4, bf16, float>;
+// A quantized format's code bits (kBits; 0: not quantized) and the storage of its params and
+// grads (Param: float or bf16; loaded with vload_from, stored with store_param: kernels.h),
+// one specialization per format.
+template <Format F> struct QuantOf { static constexpr int kBits = 0; };
+template <int kBits_, class Param_> struct QuantFormat {
+  static constexpr int kBits = kBits_;
+  using Param = Param_;
+};
+template <> struct QuantOf<kF32Q8> : QuantFormat<8, float> {};
+template <> struct QuantOf<kF32Q4> : QuantFormat<4, float> {};
+template <> struct QuantOf<kBF16Q8> : QuantFormat<8, bf16> {};
+template <> struct QuantOf<kBF16Q4> : QuantFormat<4, bf16> {};
 
 template <class D, class = void> struct HasStates : std::false_type {};
 template <class D>
@@ -357,8 +360,9 @@ template <class D, Format F>
 void quant_entry(const Batch& b, int64_t lo, int64_t hi, const void* p, unsigned mask) {
   if constexpr (HasStates<D>::value) {
     const auto& a = *static_cast<const typename D::Args*>(p);
+    using Q = QuantOf<F>;
     dispatch_mask<D>(mask, [&](auto tag) {
-      quant_range<D, typename decltype(tag)::type, QuantBits<F>::value, QuantParam<F>>(b, lo, hi, a);
+      quant_range<D, typename decltype(tag)::type, Q::kBits, typename Q::Param>(b, lo, hi, a);
     });
   }
 }

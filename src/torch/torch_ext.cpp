@@ -27,13 +27,14 @@
 
 namespace {
 
-// A Python tuple or list of ints equal to `values`.
+// A Python tuple or list of exact ints equal to `values`.
 bool same_ints(PyObject* seq, c10::IntArrayRef values) {
   if (!PyTuple_Check(seq) && !PyList_Check(seq)) return false;
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
   if (n != static_cast<Py_ssize_t>(values.size())) return false;
   PyObject** items = PySequence_Fast_ITEMS(seq);
   for (Py_ssize_t d = 0; d < n; ++d) {
+    if (!PyLong_CheckExact(items[d])) return false;  // (a subclass's __index__ runs Python)
     const long long v = PyLong_AsLongLong(items[d]);
     if (v == -1 && PyErr_Occurred()) {
       PyErr_Clear();
@@ -47,6 +48,12 @@ bool same_ints(PyObject* seq, c10::IntArrayRef values) {
 bool is_list_of(PyObject* obj, Py_ssize_t n) { return PyList_Check(obj) && PyList_GET_SIZE(obj) == n; }
 
 PyObject* pointer(const at::Tensor& t) { return PyLong_FromVoidPtr(t.data_ptr()); }
+
+// A strong reference, released at the end of its scope.
+struct Held {
+  PyObject* obj;
+  ~Held() { Py_DECREF(obj); }
+};
 
 PyObject* neither() { return Py_BuildValue("(OO)", Py_None, Py_None); }
 
@@ -90,6 +97,13 @@ PyObject* grads(PyObject*, PyObject* args) {
       PyObject* obj = THPVariable_Wrap(g);
       if (!obj) throw python_error();
       PyList_SET_ITEM(out, i, obj);
+      // ... and that code may change the lists themselves: then torch.py's own pass answers.
+      if (!is_list_of(params, n) || !is_list_of(dtypes, n) || !is_list_of(shapes, n) ||
+          !is_list_of(strides, n)) {
+        Py_DECREF(out);
+        Py_DECREF(ptrs);
+        return neither();
+      }
       if (!match) continue;
       PyObject* dtype = PyList_GET_ITEM(dtypes, i);
       match = Py_TYPE(obj) == reinterpret_cast<PyTypeObject*>(THPVariableClass) &&
@@ -127,7 +141,12 @@ PyObject* grads(PyObject*, PyObject* args) {
 //   k: torch.py's `list(map(data_ptr, map(itemgetter(key), dicts))) == expected[k]` for each
 //   key, where a missing key or a non-tensor value is False (torch.py then takes its own
 //   path). keys: a tuple of str; expected: a tuple of lists of ints. One pass over the dicts
-//   for all keys: each dict is looked up while it is in cache.
+//   for all keys: each dict is looked up while it is in cache. A lookup may run Python code
+//   (a key's __eq__) that changes the lists or drops the dict: each dict is held by a
+//   reference while it is looked up, each list is measured again before it is read, each
+//   tensor is read before the next lookup, and only exact ints are read (an int subclass's
+//   __index__ could run more). Staging the reads to overlap their cache misses (all the
+//   lookups, then all the TensorImpls, ...) was tried and measured no faster in the step.
 PyObject* same_pointers(PyObject*, PyObject* args) {
   PyObject *dicts, *keys, *expected;
   if (!PyArg_ParseTuple(args, "OO!O!", &dicts, &PyTuple_Type, &keys, &PyTuple_Type, &expected))
@@ -136,27 +155,34 @@ PyObject* same_pointers(PyObject*, PyObject* args) {
   if (!PyList_Check(dicts) || PyTuple_GET_SIZE(expected) != n_keys) Py_RETURN_FALSE;
   const Py_ssize_t n = PyList_GET_SIZE(dicts);
   for (Py_ssize_t k = 0; k < n_keys; ++k)
-    if (!is_list_of(PyTuple_GET_ITEM(expected, k), n)) Py_RETURN_FALSE;
+    if (!PyList_Check(PyTuple_GET_ITEM(expected, k))) Py_RETURN_FALSE;
   try {
     for (Py_ssize_t i = 0; i < n; ++i) {
       PyObject* d = PyList_GET_ITEM(dicts, i);
       if (!PyDict_Check(d)) Py_RETURN_FALSE;
-      for (Py_ssize_t k = 0; k < n_keys; ++k) {
-        PyObject* t = PyDict_GetItemWithError(d, PyTuple_GET_ITEM(keys, k));  // borrowed
-        if (!t) {
-          if (PyErr_Occurred()) return nullptr;
-          Py_RETURN_FALSE;
+      Py_INCREF(d);
+      const Held held{d};
+      const bool same = [&] {
+        for (Py_ssize_t k = 0; k < n_keys; ++k) {
+          PyObject* t = PyDict_GetItemWithError(d, PyTuple_GET_ITEM(keys, k));  // borrowed
+          if (!t) return false;  // missing, or an error (raised below)
+          PyObject* want_list = PyTuple_GET_ITEM(expected, k);
+          if (!is_list_of(want_list, n) || !THPVariable_CheckExact(t)) return false;
+          PyObject* want_int = PyList_GET_ITEM(want_list, i);
+          if (!PyLong_CheckExact(want_int)) return false;
+          const at::Tensor& tensor = THPVariable_Unpack(t);
+          if (!tensor.has_storage()) return false;
+          void* want = PyLong_AsVoidPtr(want_int);
+          if (!want && PyErr_Occurred()) {
+            PyErr_Clear();
+            return false;
+          }
+          if (tensor.data_ptr() != want) return false;
         }
-        if (!THPVariable_CheckExact(t)) Py_RETURN_FALSE;
-        const at::Tensor& tensor = THPVariable_Unpack(t);
-        if (!tensor.has_storage()) Py_RETURN_FALSE;
-        void* want = PyLong_AsVoidPtr(PyList_GET_ITEM(PyTuple_GET_ITEM(expected, k), i));
-        if (!want && PyErr_Occurred()) {
-          PyErr_Clear();
-          Py_RETURN_FALSE;
-        }
-        if (tensor.data_ptr() != want) Py_RETURN_FALSE;
-      }
+        return true;
+      }();
+      if (PyErr_Occurred()) return nullptr;
+      if (!same || PyList_GET_SIZE(dicts) != n) Py_RETURN_FALSE;
     }
   } catch (const python_error&) {
     return nullptr;
