@@ -304,6 +304,17 @@ def shrink_expected(dicts, want):
     return lambda: (want[0].clear(), want[1].clear())
 def drop_dicts(dicts, want):
     return dicts.clear
+class ClearsOnDel:
+    def __init__(self, lst):
+        self.lst = lst
+    def __del__(self):
+        self.lst.clear()
+def swap_then_clear(dicts, want):  # the dict looked up leaves the list (its length kept), and
+    def act():                     # freeing it later empties the list
+        i = next(j for j, d in enumerate(dicts) if any(isinstance(k, Collide) for k in d))
+        dicts[i]["extra"] = ClearsOnDel(dicts)
+        dicts[i] = {}
+    return act
 def replace_tensor(dicts, want):
     def act():
         dicts[0]["step"] = torch.tensor(2.0)
@@ -311,7 +322,7 @@ def replace_tensor(dicts, want):
 
 print(case(-1, nothing), case(0, nothing), case(-1, drop_tensors), case(0, drop_tensors),
       case(-1, shrink_expected), case(0, shrink_expected), case(-1, drop_dicts),
-      case(0, drop_dicts), case(-1, replace_tensor))
+      case(0, drop_dicts), case(-1, replace_tensor), case(0, swap_then_clear))
 """
 
 
@@ -325,9 +336,10 @@ def test_same_pointers_survives_a_lookup_that_runs_python_code():
     # The last dict's lookup runs the code after every earlier dict was compared: emptying
     # them, or replacing a tensor of dict 0, changes nothing read (True); run by the first
     # dict's lookup, it empties the others before they are read (False: a key is missing).
-    # Emptying the list of dicts or the expected lists: False, whichever dict runs it.
+    # Emptying the list of dicts or the expected lists: False, whichever dict runs it, and
+    # also when the list empties only as the dict being read is freed.
     assert answers == ["True", "True", "True", "False", "False", "False", "False", "False",
-                       "True"], run.stdout
+                       "True", "False"], run.stdout
 
 
 @needs_ext

@@ -177,6 +177,8 @@ def test_pointers_update_equals_the_ndarray_update():
     ("null", "not a valid pointer"),
     ("dtype", "dtype must be 'float32', 'float64', 'bfloat16' or 'float16', got 'int8'"),
     ("negative_count", "element counts must be >= 0"),
+    ("float_count", "element counts must be ints, got float"),
+    ("index_count", "element counts must be ints, got ClearsTheList"),
 ])
 def test_pointers_refuse_bad_input_before_writing(case, match):
     a = arrays(3)
@@ -201,6 +203,14 @@ def test_pointers_refuse_bad_input_before_writing(case, match):
         params[0] = "int8"
     elif case == "negative_count":
         params[1] = [9, -1, 9]
+    elif case == "float_count":
+        params[1] = [9, 9.0, 9]
+    elif case == "index_count":
+        class ClearsTheList:  # an __index__ that would empty the list being read
+            def __index__(self):
+                params[1].clear()
+                return 9
+        params[1] = [9, ClearsTheList(), 9]
     args[0] = tuple(params)
     with pytest.raises((TypeError, ValueError), match=match):
         _core._pointers("adam", tuple(args))

@@ -999,7 +999,10 @@ CallOptions options_arg(const std::string& fn_name, const py::kwargs& kw) {
   CallOptions o;
   for (const auto& item : kw) {
     const std::string key = py::str(item.first);
-    PyObject* v = item.second.ptr();
+    // Held: converting it may run Python code (__float__, __index__) that could drop the
+    // kwargs' reference.
+    const py::object value = py::reinterpret_borrow<py::object>(item.second);
+    PyObject* v = value.ptr();
     if (key == "grad_scale") {
       if (v == Py_None) continue;
       o.grad_scale = real_arg(fn, "grad_scale", v);
@@ -1251,7 +1254,12 @@ void call_rule_pointers(const std::string& fn_name, py::args a, const py::kwargs
   arrays.n = static_cast<int64_t>(counts.size());
   arrays.offsets.reserve(arrays.n + 1);
   for (int64_t i = 0; i < arrays.n; ++i) {
-    const long long c = PyLong_AsLongLong(PyList_GET_ITEM(counts.ptr(), i));
+    // Only ints: another object's __index__ would run Python code, which could change the
+    // list under this loop (the pointers are read as ints too: PyLong_AsVoidPtr runs none).
+    PyObject* item = PyList_GET_ITEM(counts.ptr(), i);
+    if (!PyLong_Check(item) || is_bool(item))
+      type_error(fn_name + ": element counts must be ints, got " + type_name(item));
+    const long long c = PyLong_AsLongLong(item);
     if (c == -1 && PyErr_Occurred()) throw py::error_already_set();
     if (c < 0) value_error(fn_name + ": element counts must be >= 0");
     arrays.offsets.push_back(arrays.offsets.back() + c);
@@ -1394,12 +1402,16 @@ void convert_hook(const char* name, bool widen, const py::object& src, const py:
   if (sr_key && fmt != "bfloat16")
     value_error(std::string(name) + ": sr_key needs fmt='bfloat16'");
   try {
+    // Everything read from the arrays is read before the GIL is released (another thread
+    // could then reshape them, freeing their dimensions).
     void* out = d.mutable_data();
+    const void* in = s.data();
+    const int64_t n = static_cast<int64_t>(s.size());
     py::gil_scoped_release release;
     if (sr_key)
-      run_convert_sr(isa, static_cast<const float*>(s.data()), out, s.size(), *sr_key, sr_index);
+      run_convert_sr(isa, static_cast<const float*>(in), out, n, *sr_key, sr_index);
     else
-      run_convert(isa, fmt == "bfloat16" ? kStorageBF16 : kStorageF16, widen, s.data(), out, s.size());
+      run_convert(isa, fmt == "bfloat16" ? kStorageBF16 : kStorageF16, widen, in, out, n);
   } catch (const std::invalid_argument& e) {
     value_error(e.what());
   }

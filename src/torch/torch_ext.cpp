@@ -79,6 +79,14 @@ PyObject* grads(PyObject*, PyObject* args) {
   bool match = true;
   try {
     for (Py_ssize_t i = 0; i < n; ++i) {
+      // Measured at every item: allocating (the lists above, a wrapped gradient) may run a
+      // collection, whose finalizers may run Python code that changes the lists.
+      if (!is_list_of(params, n) || !is_list_of(dtypes, n) || !is_list_of(shapes, n) ||
+          !is_list_of(strides, n)) {
+        Py_DECREF(out);
+        Py_DECREF(ptrs);
+        return neither();
+      }
       PyObject* p = PyList_GET_ITEM(params, i);
       if (!THPVariable_CheckExact(p)) {
         Py_DECREF(out);
@@ -158,6 +166,8 @@ PyObject* same_pointers(PyObject*, PyObject* args) {
     if (!PyList_Check(PyTuple_GET_ITEM(expected, k))) Py_RETURN_FALSE;
   try {
     for (Py_ssize_t i = 0; i < n; ++i) {
+      // (Also measured here: releasing the last dict's reference may have run Python code.)
+      if (PyList_GET_SIZE(dicts) != n) Py_RETURN_FALSE;
       PyObject* d = PyList_GET_ITEM(dicts, i);
       if (!PyDict_Check(d)) Py_RETURN_FALSE;
       Py_INCREF(d);
@@ -203,8 +213,10 @@ PyObject* data_ptrs(PyObject*, PyObject* args) {
   if (!out) return nullptr;
   try {
     for (Py_ssize_t i = 0; i < n; ++i) {
-      PyObject* t = PyList_GET_ITEM(tensors, i);
-      if (!THPVariable_CheckExact(t) || !THPVariable_Unpack(t).has_storage()) {
+      // (Measured at every item: an allocation may run a collection, and its finalizers
+      // Python code that changes the list.)
+      PyObject* t = PyList_GET_SIZE(tensors) == n ? PyList_GET_ITEM(tensors, i) : nullptr;
+      if (!t || !THPVariable_CheckExact(t) || !THPVariable_Unpack(t).has_storage()) {
         Py_DECREF(out);  // (slots never set are NULL, which list deallocation skips)
         Py_RETURN_NONE;
       }
