@@ -6,7 +6,8 @@ process on the SAME arrays: every distance of a format is timed on the same memo
 interleaved round by round, so the ratios hold even on a noisy machine. The arrays are
 torch's own tensors (as in bench_formats.py) when torch is installed, NumPy arrays otherwise.
 Prints, per thread count and format, the median ms at each distance and its ratio to the
-default ("auto": 1024 elements ahead for 16-bit params, 256 for float32 ones; see
+default ("auto": 1024 elements ahead for 16-bit params, 64 for float32 ones, 256 for quantized
+states; see
 default_prefetch_ahead in src/cpp/dispatch.cpp); lower is better. The results do not depend on the distance: the
 script checks that every distance writes the same bits as the default.
 

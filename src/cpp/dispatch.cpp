@@ -195,14 +195,23 @@ std::atomic<int64_t> g_prefetch_ahead{kAutoPrefetch};
 //     0.81-1.03, none 0.79-1.14; so 1024 (2 KiB of params).
 //   32-bit params: fp32 and fp32 master with bf16 grads within +-10% from none to 1024, no
 //     consistent winner; int8/int4 states noisier (int8 0.78-1.26), no consistent winner
-//     either. 256 (1 KiB) stays, as measured on the AVX2 VM of the first sessions (4-8% faster
-//     than none at 2^26) and for the quantized driver (Note [quantized block driver]).
+//     either. 256 (1 KiB) stayed then, as measured on the AVX2 VM of the first sessions (4-8%
+//     faster than none at 2^26), and stays for the quantized driver (Note [quantized block
+//     driver]) and fp32 params with bf16 states.
+// Measured again on a Zen 4 VM (avx512bf16; two bench_prefetch.py --log2 26 --reps 7 runs with
+// one interleaved fp32 A/B against torch fused on its tensors): fp32 AdamW ran at 0.66-0.80x
+// the time of 256 ahead at 64 ahead and 0.78-0.80x with none, 1 and 2 threads; fp32 master
+// with bf16 grads 0.69-0.76x at 64; the 16-bit formats as before (none 1.13-1.29x, 1024
+// best); int8 0.89-0.93x with none but int4 1.19-1.21x. So fp32 params read and written
+// whole (fp32, and fp32 master with 16-bit grads, with or without the copy) take 64.
 int64_t default_prefetch_ahead(Format f) {
   switch (f) {
     case kBF16: case kF16: case kBF16F32States: case kF16F32States: case kBF16Kahan:
       return 1024;
     case kF64:
       return 128;
+    case kF32: case kF32BF16Grads: case kF32F16Grads: case kF32BF16GradsCopy: case kF32F16GradsCopy:
+      return 64;
     default:
       return 256;
   }
