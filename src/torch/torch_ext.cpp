@@ -76,13 +76,16 @@ PyObject* grads(PyObject*, PyObject* args) {
     Py_XDECREF(ptrs);
     return nullptr;
   }
+  const auto lists_fit = [&] {
+    return is_list_of(params, n) && is_list_of(dtypes, n) && is_list_of(shapes, n) &&
+           is_list_of(strides, n);
+  };
   bool match = true;
   try {
     for (Py_ssize_t i = 0; i < n; ++i) {
       // Measured at every item: allocating (the lists above, a wrapped gradient) may run a
       // collection, whose finalizers may run Python code that changes the lists.
-      if (!is_list_of(params, n) || !is_list_of(dtypes, n) || !is_list_of(shapes, n) ||
-          !is_list_of(strides, n)) {
+      if (!lists_fit()) {
         Py_DECREF(out);
         Py_DECREF(ptrs);
         return neither();
@@ -106,8 +109,7 @@ PyObject* grads(PyObject*, PyObject* args) {
       if (!obj) throw python_error();
       PyList_SET_ITEM(out, i, obj);
       // ... and that code may change the lists themselves: then torch.py's own pass answers.
-      if (!is_list_of(params, n) || !is_list_of(dtypes, n) || !is_list_of(shapes, n) ||
-          !is_list_of(strides, n)) {
+      if (!lists_fit()) {
         Py_DECREF(out);
         Py_DECREF(ptrs);
         return neither();
