@@ -6,8 +6,8 @@ process on the SAME arrays: every distance of a format is timed on the same memo
 interleaved round by round, so the ratios hold even on a noisy machine. The arrays are
 torch's own tensors (as in bench_formats.py) when torch is installed, NumPy arrays otherwise.
 Prints, per thread count and format, the median ms at each distance and its ratio to the
-default ("auto": 1024 elements ahead for 16-bit params, 64 for float32 ones, 256 for quantized
-states; see
+default ("auto": 1024 elements ahead for 16-bit params, 64 for float32 ones, none for int8
+states on float32 params, 256 for the other quantized states; see
 default_prefetch_ahead in src/cpp/dispatch.cpp); lower is better. The results do not depend on the distance: the
 script checks that every distance writes the same bits as the default.
 
@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--distances", type=int, nargs="+", default=[0, 128, 256, 512, 1024],
                     help="elements ahead, besides the automatic default (0: no prefetch)")
+    ap.add_argument("--formats", nargs="+", help="only these formats (names as printed)")
     ap.add_argument("--json", help="write the medians here")
     args = ap.parse_args()
     n = 2**args.log2
@@ -71,6 +72,9 @@ def main() -> None:
     Q8p, Q8g, Q4p, Q4g = arrays(n, np.float32, rng)
     q8 = fastoptim.AdamW([Q8p], lr=1e-4, state_dtype="int8")
     q4 = fastoptim.AdamW([Q4p], lr=1e-4, state_dtype="int4")
+    B8p, B8g, B4p, B4g = arrays(n, BF16, rng)
+    b8 = fastoptim.AdamW([B8p], lr=1e-4, state_dtype="int8")
+    b4 = fastoptim.AdamW([B4p], lr=1e-4, state_dtype="int4")
     kw = dict(step=5, lr=1e-4)
     formats = {  # name: (bytes per element, step, the arrays it writes)
         "fp32": (28, lambda: fastoptim.adamw_(P32, G32, M32, V32, **kw), (P32, M32, V32)),
@@ -85,7 +89,14 @@ def main() -> None:
         # the states live in the optimizer: checked below on fresh optimizers instead
         "int8 states": (16, lambda: q8.step([Q8g]), None),
         "int4 states": (14, lambda: q4.step([Q4g]), None),
+        "bf16 int8 states": (10, lambda: b8.step([B8g]), None),
+        "bf16 int4 states": (8, lambda: b4.step([B4g]), None),
     }
+    if args.formats:
+        unknown = sorted(set(args.formats) - set(formats))
+        if unknown:
+            raise SystemExit(f"--formats: unknown {unknown}; the formats are {list(formats)}")
+        formats = {f: formats[f] for f in args.formats}
     # Every distance writes the same bits (a prefetch is a hint): one step at each distance
     # from the same start, compared with the default's.
     for name, (_, fn, written) in formats.items():
@@ -104,7 +115,8 @@ def main() -> None:
                        for a, r in zip(written, ref)):
                 raise SystemExit(f"{name}: prefetch distance {d} changed the result")
         del start, ref
-    for state_dtype, (p0, g0) in (("int8", (Q8p, Q8g)), ("int4", (Q4p, Q4g))):
+    for state_dtype, (p0, g0) in (("int8", (Q8p, Q8g)), ("int4", (Q4p, Q4g)),
+                                  ("int8", (B8p, B8g)), ("int4", (B4p, B4g))):
         m = min(n, 2**20)  # fresh optimizers from the same start, two steps each
         outs = []
         for d in [DEFAULT] + args.distances:
@@ -115,7 +127,8 @@ def main() -> None:
             opt.step([g0[:m]])
             outs.append(p.view(np.uint8))
         if not all(np.array_equal(o, outs[0]) for o in outs):
-            raise SystemExit(f"{state_dtype} states: a prefetch distance changed the result")
+            raise SystemExit(f"{state_dtype} states, {p0.dtype} params: a prefetch distance "
+                             "changed the result")
     _core._set_prefetch_ahead(DEFAULT)
 
     results = []

@@ -204,6 +204,11 @@ std::atomic<int64_t> g_prefetch_ahead{kAutoPrefetch};
 // with bf16 grads 0.69-0.76x at 64; the 16-bit formats as before (none 1.13-1.29x, 1024
 // best); int8 0.89-0.93x with none but int4 1.19-1.21x. So fp32 params read and written
 // whole (fp32, and fp32 master with 16-bit grads, with or without the copy) take 64.
+// The quantized formats on that VM, four runs (bench_prefetch.py --log2 26 --reps 7 or 9,
+// --formats to time only them): int8 states on fp32 params ran at 0.82-0.89x the time of 256
+// ahead with none (1 thread) and 0.82-0.93x (2 threads), every other distance within +-7% of
+// 256; so none. int4 on fp32 params 1.09-1.21x with none (256 stays); bf16 params with int8 or
+// int4 states 1.06-1.19x with none and within -14%/+8% at 64 to 1024 (one run: 256 stays).
 int64_t default_prefetch_ahead(Format f) {
   switch (f) {
     case kBF16: case kF16: case kBF16F32States: case kF16F32States: case kBF16Kahan:
@@ -212,6 +217,8 @@ int64_t default_prefetch_ahead(Format f) {
       return 128;
     case kF32: case kF32BF16Grads: case kF32F16Grads: case kF32BF16GradsCopy: case kF32F16GradsCopy:
       return 64;
+    case kF32Q8:
+      return 0;
     default:
       return 256;
   }

@@ -215,10 +215,11 @@ FO_INLINE void quant_lanes(P* p, const P* g, const uint8_t* const* codes,
 }
 
 // Note [quantized block driver].
-// Prefetch distance: the batch's prefetch_ahead (0: none), by default 256 elements ahead (one
-// int8 block, two int4 blocks); measured at 2^24, 1 thread, AVX-512: 6.7-7.3 ms for int8
+// Prefetch distance: the batch's prefetch_ahead (0: none); by default 256 elements ahead (one
+// int8 block, two int4 blocks), first measured at 2^24, 1 thread, AVX-512: 6.7-7.3 ms for int8
 // against 7.8-7.9 ms at 512 and 1024 elements ahead, and for int4 8.3-8.5 ms against 9.1-9.8
-// ms at 128 elements ahead.
+// ms at 128 elements ahead; except int8 states on fp32 params, which take none since a Zen 4
+// VM measured them faster so (default_prefetch_ahead, dispatch.cpp).
 //
 // Note [deferred block encode]
 // A block's codes can only be written once its absmax is known, after its last lane. Encoded
