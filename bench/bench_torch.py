@@ -14,13 +14,19 @@ Four parameter sets (``--cases``), float32, every parameter with a gradient:
 * ``resnet50``: the 161 parameter tensors of ResNet-50 (25.6M elements: 53 convolutions, 53
   BatchNorms' weights and biases, the classifier), many of them small, with AdamW.
 
+``--dtype bfloat16`` makes every parameter and gradient bfloat16 instead (torch's fused and
+foreach optimizers then keep bfloat16 states too, as does fastoptim.torch by default).
+
 Implementations, each stepping the SAME parameter and gradient tensors with its own states:
 
 * ``fastoptim.torch``: ``fastoptim.torch.Adam.step()``;
 * ``raw adam_``: ``fastoptim.adam_`` (``adamw_`` for AdamW) on NumPy views of those params,
   grads and the fastoptim.torch optimizer's own states, built once (the floor the wrapper is
   measured against);
-* ``torch foreach`` and ``torch fused``: ``torch.optim.Adam(foreach=True)`` / ``(fused=True)``.
+* ``torch foreach`` and ``torch fused``: ``torch.optim.Adam(foreach=True)`` / ``(fused=True)``;
+* with ``--formats``, ``fastoptim.torch <format>``: the drop-in with a storage option
+  (docs/torch.md): ``int8``, ``int4`` or ``bf16-states`` (``state_dtype``), and for bfloat16
+  params ``master`` (``master_weights=True``) and ``sr`` (``stochastic_rounding=True``).
 
 The implementations are timed in turn within each round, so a burst of load from elsewhere
 lands on all of them; the table shows the median and the minimum over the rounds. torch and
@@ -30,6 +36,7 @@ run; default: fastoptim's, i.e. all cores).
     python bench/bench_torch.py                          # about a minute
     python bench/bench_torch.py --quick --json /tmp/bench_torch.json
     python bench/bench_torch.py --cases gpt2_small resnet50 --threads 1 2 --repeats 7
+    python bench/bench_torch.py --cases resnet50 many_tensors --dtype bfloat16 --formats master int8
 """
 from __future__ import annotations
 
@@ -102,28 +109,36 @@ DECOUPLED = {"gpt2_small": True, "resnet50": True}
 WEIGHT_DECAY = 0.01
 
 
-def make_params(shapes: list[tuple[int, ...]], seed: int = 0) -> list[torch.Tensor]:
+def make_params(shapes: list[tuple[int, ...]], seed: int = 0,
+                dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     params = []
     for shape in shapes:
-        p = torch.randn(shape, generator=gen).requires_grad_()
-        p.grad = torch.randn(shape, generator=gen) * 1e-3
+        p = torch.randn(shape, generator=gen).to(dtype).requires_grad_()
+        p.grad = (torch.randn(shape, generator=gen) * 1e-3).to(dtype)
         params.append(p)
     return params
 
 
 IMPLS = ("fastoptim.torch", "raw adam_", "torch foreach", "torch fused")
+# --formats: the drop-in's storage options (docs/torch.md); the last two for bfloat16 params
+FORMATS = {"int8": {"state_dtype": "int8"}, "int4": {"state_dtype": "int4"},
+           "bf16-states": {"state_dtype": "bfloat16"}, "master": {"master_weights": True},
+           "sr": {"stochastic_rounding": True}}
+LOW_ONLY = ("master", "sr")
 
 
 def implementations(params: list[torch.Tensor], decoupled: bool = False,
-                    chosen: tuple[str, ...] = IMPLS) -> dict[str, Callable[[], None]]:
+                    chosen: tuple[str, ...] = IMPLS,
+                    formats: tuple[str, ...] = ()) -> dict[str, Callable[[], None]]:
     name = "AdamW" if decoupled else "Adam"
     kwargs = {"lr": LR, "weight_decay": WEIGHT_DECAY} if decoupled else {"lr": LR}
     fast = getattr(ft, name)(params, **kwargs)
     fast.step()  # creates the states the raw call will use
     state = [fast.state[p] for p in params]
-    views = ([p.detach().numpy() for p in params], [p.grad.numpy() for p in params],
-             [s["exp_avg"].numpy() for s in state], [s["exp_avg_sq"].numpy() for s in state])
+    view = ft._np  # (bfloat16 as ml_dtypes.bfloat16)
+    views = ([view(p.detach()) for p in params], [view(p.grad) for p in params],
+             [view(s["exp_avg"]) for s in state], [view(s["exp_avg_sq"]) for s in state])
     step = [2]
     update = fastoptim.adamw_ if decoupled else fastoptim.adam_
 
@@ -132,6 +147,8 @@ def implementations(params: list[torch.Tensor], decoupled: bool = False,
         step[0] += 1
 
     impls = {"fastoptim.torch": fast.step, "raw adam_": raw}
+    for f in formats:
+        impls[f"fastoptim.torch {f}"] = getattr(ft, name)(params, **kwargs, **FORMATS[f]).step
     if "torch foreach" in chosen:
         impls["torch foreach"] = getattr(torch.optim, name)(params, foreach=True,
                                                             **kwargs).step
@@ -181,8 +198,18 @@ def parse_args(argv):
     ap.add_argument("--skip", nargs="+", default=[], choices=("torch foreach", "torch fused"),
                     help="leave out these torch implementations (torch foreach takes 10x "
                          "longer than the others on many_tensors)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="parameters and gradients (default float32)")
+    ap.add_argument("--formats", nargs="+", default=[], choices=list(FORMATS),
+                    help="also time the drop-in with these storage options (master and sr: "
+                         "bfloat16 params only)")
     ap.add_argument("--json", type=Path, help="write the results to this file")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    low_only = [f for f in args.formats if f in LOW_ONLY]
+    if low_only and args.dtype == "float32":
+        ap.error(f"--formats {' '.join(low_only)} need --dtype bfloat16 (float32 params are "
+                 "their own master and are rounded as usual)")
+    return args
 
 
 def main(argv=None) -> dict:
@@ -194,12 +221,13 @@ def main(argv=None) -> dict:
     try:
         for case in args.cases:
             shapes = case_shapes(case, args)
-            params = make_params(shapes)
+            params = make_params(shapes, dtype=getattr(torch, args.dtype))
             for threads in thread_counts:
                 torch.set_num_threads(threads)
                 fastoptim.set_num_threads(threads)
                 impls = implementations(params, DECOUPLED.get(case, False),
-                                        tuple(i for i in IMPLS if i not in args.skip))
+                                        tuple(i for i in IMPLS if i not in args.skip),
+                                        tuple(args.formats))
                 times = time_round_robin(impls, repeats, warmup=2)
                 for impl, ts in times.items():
                     rows.append({"case": case, "tensors": len(shapes),
@@ -238,16 +266,19 @@ def main(argv=None) -> dict:
                 key = other.replace(" ", "_")
                 summary[f"{tag}_speedup_vs_{key}"] = (stat(case, threads, other)
                                                       / stat(case, threads, "fastoptim.torch"))
+                for f in args.formats:
+                    summary[f"{tag}_{f}_speedup_vs_{key}"] = (
+                        stat(case, threads, other) / stat(case, threads, f"fastoptim.torch {f}"))
     print(f"fastoptim {fastoptim.__version__} ({fastoptim.backend_info()['isa']}), torch "
-          f"{torch.__version__}, float32, {repeats} rounds; Adam (AdamW for "
+          f"{torch.__version__}, {args.dtype}, {repeats} rounds; Adam (AdamW for "
           f"{', '.join(DECOUPLED)})")
-    header = (f"{'case':<14}{'tensors':>8}{'elements':>12}{'threads':>8}  {'implementation':<17}"
+    header = (f"{'case':<14}{'tensors':>8}{'elements':>12}{'threads':>8}  {'implementation':<29}"
               f"{'median':>11}{'min':>11}")
     print(header)
     print("-" * len(header))
     for r in rows:
         print(f"{r['case']:<14}{r['tensors']:>8}{r['numel']:>12}{r['threads']:>8}  "
-              f"{r['impl']:<17}{r['median_ms']:>8.3f} ms{r['min_ms']:>8.3f} ms")
+              f"{r['impl']:<29}{r['median_ms']:>8.3f} ms{r['min_ms']:>8.3f} ms")
     for case in args.cases:
         for threads in thread_counts:
             tag = f"{case}_{threads}t"
@@ -258,12 +289,17 @@ def main(argv=None) -> dict:
                   + "".join(f"; {summary[f'{tag}_speedup_vs_{key}']:.2f}x {key.replace('_', ' ')}"
                             for key in ("torch_fused", "torch_foreach")
                             if f"{tag}_speedup_vs_{key}" in summary))
+            for f in args.formats:
+                if f"{tag}_{f}_speedup_vs_torch_fused" in summary:
+                    print(f"{case}, {threads} thread(s): fastoptim.torch {f} "
+                          f"{summary[f'{tag}_{f}_speedup_vs_torch_fused']:.2f}x torch fused")
     results = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpu_count": os.cpu_count(), "load_average": os.getloadavg()},
         "fastoptim": fastoptim.backend_info(), "torch": torch.__version__,
-        "threads": thread_counts, "rows": rows, "summary": summary,
+        "threads": thread_counts, "dtype": args.dtype, "formats": args.formats, "rows": rows,
+        "summary": summary,
     }
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -859,6 +859,26 @@ def test_bench_smoke(tmp_path):
     assert {row["case"] for row in results["rows"]} == {"one_tensor", "many_tensors"}
 
 
+def test_bench_bfloat16_with_storage_options(capsys):
+    spec = importlib.util.spec_from_file_location("bench_torch_bf16",
+                                                  ROOT / "bench" / "bench_torch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = module.main(["--cases", "many_tensors", "--repeats", "2", "--tensors", "6",
+                           "--tensor-numel", "5000", "--skip", "torch foreach", "--dtype",
+                           "bfloat16", "--formats", "master", "int8", "sr"])
+    assert results["dtype"] == "bfloat16"
+    assert {row["impl"] for row in results["rows"]} == {
+        "fastoptim.torch", "raw adam_", "torch fused", "fastoptim.torch master",
+        "fastoptim.torch int8", "fastoptim.torch sr"}
+    for f in ("master", "int8", "sr"):
+        assert results["summary"][f"many_tensors_{fastoptim.get_num_threads()}t_{f}_speedup_vs_"
+                                  "torch_fused"] > 0
+    with pytest.raises(SystemExit):
+        module.main(["--formats", "master"])  # float32 params have no master
+    assert "need --dtype bfloat16" in capsys.readouterr().err
+
+
 # -- NAdam, RAdam, Adamax, ASGD, Rprop ---------------------------------------------------------
 
 NEW_NAMES = ["NAdam", "RAdam", "Adamax", "ASGD", "Rprop"]
