@@ -174,7 +174,8 @@ def test_ema_bias_correction_example(tmp_path):
     assert roughness[0] > roughness[1] > roughness[2]
 
 
-@pytest.mark.parametrize("name", ["train_mlp", "trajectories", "ema_bias_correction"])
+@pytest.mark.parametrize("name", ["train_mlp", "trajectories", "ema_bias_correction",
+                                  "char_transformer"])
 def test_command_line_help(name):
     # The subprocess imports the same fastoptim as this test (installed, or PYTHONPATH=python).
     proc = subprocess.run([sys.executable, str(EXAMPLES / f"{name}.py"), "--help"],
@@ -192,3 +193,25 @@ def test_committed_pictures_are_small(png):
 @pytest.mark.skipif(not (DOCS_IMG / "race.gif").is_file(), reason="no docs/img/race.gif")
 def test_committed_race_gif():
     assert assert_gif(DOCS_IMG / "race.gif", min_frames=50) <= 150
+
+
+def test_char_transformer_quick(tmp_path):
+    pytest.importorskip("torch")
+    results = load_example("char_transformer").main(
+        ["--quick", "--out", str(tmp_path), "--json", str(tmp_path / "r.json")])
+    assert_nontrivial_png(results["figure"])
+    assert json.loads((tmp_path / "r.json").read_text())["params"] == results["params"]
+    table = results["table"]
+    assert list(table) == ["torch fused fp32", "fp32", "bf16", "int8", "int4"]
+    for config, runs in results["runs"].items():
+        assert all(r["finite"] for r in runs), config
+        # 60 steps from ln(98) = 4.58 nats: every format learns the character statistics
+        assert table[config]["train_loss"] < 3.2, config
+        assert 0 < table[config]["val_acc"] <= 100
+    # fastoptim's float32 AdamW is torch's algorithm: the same losses up to rounding
+    assert abs(table["fp32"]["train_loss"] / table["torch fused fp32"]["train_loss"] - 1) < 1e-3
+    # Measured state memory: bf16 halves it; int8 / int4 store 1 / 0.5 byte per element plus
+    # an absmax per block, and the few tensors under 4,096 elements keep float32 states.
+    assert table["bf16"]["state_bytes_vs_fp32"] == pytest.approx(0.5, abs=0.01)
+    assert 0.25 < table["int8"]["state_bytes_vs_fp32"] < 0.3
+    assert 0.12 < table["int4"]["state_bytes_vs_fp32"] < table["int8"]["state_bytes_vs_fp32"]
