@@ -255,31 +255,26 @@ def test_amp_scale_on_the_fast_path():
     assert counts[0].hits[-1] is True
 
 
+BAD_GRADIENTS = {
+    # strided: not the param's layout
+    "strided": (lambda ps: torch.randn(600)[::2], r"param_groups\[0\]\['params'\]\[1\].*strides"),
+    # two calls (quantized and float32 states): the small param's gradient is a view of the
+    # large param, which the other call writes
+    "aliasing another call's param": (lambda ps: ps[0].detach()[:300], "memory"),
+}
+
+
 @needs_ext
-def test_a_bad_gradient_on_the_fast_path_raises_and_writes_nothing():
+@pytest.mark.parametrize("bad", list(BAD_GRADIENTS))
+def test_a_bad_gradient_on_the_fast_path_raises_and_writes_nothing(bad):
+    make, match = BAD_GRADIENTS[bad]
     opts, counts, params = pair("adamw int8")
     run(opts, params, 3)
     opt, ps = opts[0], params[0]
     before = snapshot(opt)
     set_grads(ps, 3)
-    ps[1].grad = torch.randn(600)[::2]  # strided: not the param's layout
-    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[1\].*strides"):
-        opt.step()
-    assert_same(snapshot(opt), before)
-    assert counts[0].hits[-1] is False
-
-
-@needs_ext
-def test_a_gradient_aliasing_another_calls_param_raises_and_writes_nothing():
-    # Two calls (quantized and float32 states): the small param's gradient is a view of the
-    # large param, which the other call writes.
-    opts, counts, params = pair("adamw int8")
-    run(opts, params, 3)
-    opt, ps = opts[0], params[0]
-    before = snapshot(opt)
-    set_grads(ps, 3)
-    ps[1].grad = ps[0].detach()[:300]
-    with pytest.raises(ValueError, match="memory"):
+    ps[1].grad = make(ps)
+    with pytest.raises(ValueError, match=match):
         opt.step()
     assert_same(snapshot(opt), before)
     assert counts[0].hits[-1] is False

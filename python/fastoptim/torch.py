@@ -1541,10 +1541,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 spans += [_span_of(a) for a, _ in e.written if a.nbytes]
                 steps.setdefault(gi, set()).add(e.step)
             masters.setdefault(gi, set()).add(master)
+            states = {n: [e.states[n] for e in entries] for n in entries[0].states}
             calls.append(_FormatCall(gi, master, counter is not None, positions,
                                      [e.param for e in entries],
-                                     [e.copy for e in entries] if master else None,
-                                     {n: [e.states[n] for e in entries] for n in entries[0].states}))
+                                     [e.copy for e in entries] if master else None, states))
         for gi, group in enumerate(self.param_groups):
             params = group["params"]
             if not params:
