@@ -240,6 +240,57 @@ def test_a_missing_gradient_falls_back():
     assert counts[0].hits[-1] is False
 
 
+def _freeze(ps, step):
+    """Gradients for every param but the second (a frozen or unused param)."""
+    set_grads(ps, step)
+    ps[1].grad = None
+
+
+@needs_ext
+@pytest.mark.parametrize("config", ["adamw int8", "adamw bf16 sr int8", "sgd bf16 sr"])
+def test_params_without_a_gradient_stay_on_the_fast_path(config):
+    opts, counts, params = pair(config, sizes=(5000, 300, 6000, 64))
+    for step in range(6):
+        for opt, ps in zip(opts, params):
+            _freeze(ps, step)
+            opt.step()
+    assert_same(snapshot(opts[0]), snapshot(opts[1]))
+    assert counts[0].hits[-4:] == [True] * 4, counts[0].hits
+    assert params[0][1].grad is None and 1 not in [i for i, p in enumerate(params[0])
+                                                   if p in opts[0].state]
+    # The frozen param gets a gradient: the format path (its first step: states made), then
+    # the others' step counts differ from its own: the format path from then on.
+    for step in range(6, 9):
+        for opt, ps in zip(opts, params):
+            set_grads(ps, step)
+            opt.step()
+    assert_same(snapshot(opts[0]), snapshot(opts[1]))
+    assert counts[0].hits[-3:] == [False] * 3, counts[0].hits
+
+
+@needs_ext
+def test_a_group_without_gradients_stays_on_the_fast_path():
+    opts, counts, params = [], [], []
+    for enabled in (True, False):
+        ps = params_of(torch.float32, (5000, 300, 4096))
+        opt = ft.AdamW([{"params": ps[:2]}, {"params": ps[2:], "lr": 0.1}], lr=0.01,
+                       state_dtype="int8")
+        counts.append(Counted(opt, enabled))
+        opts.append(opt)
+        params.append(ps)
+    for step in range(5):
+        for opt, ps in zip(opts, params):
+            set_grads(ps[:2], step)  # the second group has no gradient
+            opt.step()
+    assert counts[0].hits[-3:] == [True] * 3, counts[0].hits
+    for opt, ps in zip(opts, params):
+        set_grads(ps, 5)  # now it has: falls back, and steps
+        opt.step()
+    assert counts[0].hits[-1] is False
+    assert_same(snapshot(opts[0]), snapshot(opts[1]))
+    assert opts[0].state[params[0][2]]["step"] == 1
+
+
 @needs_ext
 def test_amp_scale_on_the_fast_path():
     opts, counts, params = pair("adamw bf16 master")

@@ -678,18 +678,20 @@ class _Written:
 #     The format path checks and views each param afresh every step: about 30 us per tensor
 #     (2,000 tensors of 4,096: 60 ms of Python around a 10 ms kernel). Most steps repeat the
 #     previous one: the same params, options, state objects and memory, new gradients. So a
-#     format step in which every param of every group had a gradient, whose arrays all came
-#     from the cache (no state made or converted, no non-contiguous param), whose params of a
-#     group all had one step count and one master_weights setting, and which is not a
-#     scalar-state optimizer (NAdam, ASGD), is recorded (``_format_record``: ``_FormatPlan``,
+#     format step on the params' own ``.grad``, whose arrays all came from the cache (no state
+#     made or converted, no non-contiguous param), whose stepping params of a group all had
+#     one step count and one master_weights setting, and which is not a scalar-state optimizer
+#     (NAdam, ASGD), is recorded (``_format_record``: ``_FormatPlan``,
 #     the calls with their param and state arrays; per group ``_FormatGroup``, what they were
 #     built from). The next step takes ``_format_fast`` when, with fastoptim._torch_ext's C++
 #     reads (Note [torch extension]; without the extension there is no fast path):
 #     * the param groups, each group's ``params`` list and storage options are the recorded
 #       ones (identity; the options by value and type), and its hyperparameters pass
 #       ``_dry_run`` (read every step, so an lr schedule stays fast);
-#     * every param has a gradient that is a plain dense CPU tensor with the param's recorded
-#       dtype, shape and strides, without the negative or conjugate bit (``_torch_ext.grads``);
+#     * the params without a gradient are the recorded ones (frozen or unused params: they do
+#       not step, as on the format path), and every other param has a gradient that is a plain
+#       dense CPU tensor with the param's recorded dtype, shape and strides, without the
+#       negative or conjugate bit (``_torch_ext.grads``);
 #     * every param's data pointer, state dict, state object (each bound key, the master
 #       weight) and that state's data pointer (a quantized state: its codes' and absmax's, and
 #       its bits, non_negative and shape) is the recorded one; a param's or a state's dtype,
@@ -878,12 +880,17 @@ _QMETA = operator.itemgetter("bits", "non_negative", "shape")
 class _FormatGroup:
     """One param group as the last format step left it (Note [Format fast path])."""
 
-    __slots__ = ("group", "params", "options", "option_types", "names", "pptrs", "dtypes",
-                 "shapes", "strides", "dicts", "keys", "steps", "step_ptrs", "step_views",
-                 "nbytes")
+    __slots__ = ("group", "params", "n", "idx", "none", "sub", "options", "option_types",
+                 "names", "pptrs", "dtypes", "shapes", "strides", "dicts", "keys", "steps",
+                 "step_ptrs", "step_views", "nbytes")
 
     def __init__(self, group: dict[str, Any], params: list[Any]) -> None:
-        self.group, self.params = group, params
+        self.group, self.params, self.n = group, params, len(params)
+        #: the params that step (all, or those with a gradient: ``idx``, and per param
+        #: whether it has none, ``none``); every list below follows ``sub``
+        self.sub: list[Any] = params
+        self.idx: list[int] | None = None
+        self.none: list[bool] | None = None
         #: per bound state key: (key, its objects, those that are tensors and their pointers,
         #: those that are quantized states, their codes' and absmax's pointers and their bits,
         #: non_negative and shape)
@@ -892,8 +899,8 @@ class _FormatGroup:
 
 
 class _FormatCall(NamedTuple):
-    """One kernel call of a recorded format step; ``positions``: its params' indices in the
-    group."""
+    """One kernel call of a recorded format step; ``positions``: its params' indices among the
+    group's stepping params (``_FormatGroup.sub``)."""
     gi: int
     master: bool
     sr: bool
@@ -1397,12 +1404,12 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self._format_plan = None
         buckets: dict[tuple[Any, ...], list[_FormatEntry]] = {}
         hypers = {}
-        complete = grads is None  # every param of every group has a gradient
+        stepping: dict[int, list[int]] = {}  # per group, the params with a gradient
         for gi, group in enumerate(self.param_groups):
             params = group["params"]
             gl = list(map(_grad_of, params)) if grads is None else grads[gi]
             idx = [i for i, g in enumerate(gl) if g is not None]
-            complete = complete and len(idx) == len(params)
+            stepping[gi] = idx
             if not idx:
                 continue
             _check_formats(group, f"{self._where(gi)}: ")
@@ -1457,8 +1464,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if stepped:
             increment_version(stepped)
         self._snapshot = None
-        if complete and stepped:
-            self._format_plan = self._format_record(buckets, hypers)
+        if grads is None and stepped:
+            self._format_plan = self._format_record(buckets, stepping)
 
     def _format_check(self, gi: int, args: tuple[Any, ...], entries: list[_FormatEntry]) -> None:
         """The call's arguments, checked by the kernel with ``found_inf=1`` (nothing written);
@@ -1510,17 +1517,18 @@ class _FusedOptimizer(torch.optim.Optimizer):
                                  f"optimizer state (pass a copy)")
 
     def _format_record(self, buckets: dict[tuple[Any, ...], list[_FormatEntry]],
-                       hypers: dict[int, dict[str, Any]]) -> _FormatPlan | None:
+                       stepping: dict[int, list[int]]) -> _FormatPlan | None:
         """What the next step needs to repeat this format step on the fast path (Note [Format
-        fast path]), or None where it cannot: called after a step in which every param of
-        every group had a gradient."""
+        fast path]), or None where it cannot: called after a step on the params' own
+        gradients; ``stepping``: per group, the indices of the params that had one."""
         x = _ext()
         if x is None or isinstance(self, _ScalarStateOptimizer):
             return None
-        position: dict[int, tuple[int, int]] = {}
+        position: dict[int, tuple[int, int]] = {}  # id(param) -> (group, index among stepping)
         for gi, group in enumerate(self.param_groups):
-            for i, p in enumerate(group["params"]):
-                position[id(p)] = (gi, i)
+            params = group["params"]
+            for j, i in enumerate(stepping.get(gi, ())):
+                position[id(params[i])] = (gi, j)
         groups: list[_FormatGroup | None] = [None] * len(self.param_groups)
         masters: dict[int, set[bool]] = {}
         steps: dict[int, set[float | None]] = {}
@@ -1549,22 +1557,34 @@ class _FusedOptimizer(torch.optim.Optimizer):
             params = group["params"]
             if not params:
                 continue
-            if (gi not in masters or len(masters[gi]) != 1 or len(steps[gi]) != 1
-                    or not isinstance(params, list)):
+            if not isinstance(params, list) or gi not in stepping:
                 return None
             r = _FormatGroup(group, params)
+            idx = stepping[gi]
+            if len(idx) < len(params):  # some params have no gradient: the same ones next time
+                r.idx = idx
+                r.none = [True] * len(params)
+                for i in idx:
+                    r.none[i] = False
+                r.sub = [params[i] for i in idx]
+                if not idx:
+                    groups[gi] = r
+                    continue
+            if len(masters.get(gi, ())) != 1 or len(steps[gi]) != 1:
+                return None
+            sub = r.sub
             r.options = tuple(_opt(group, k) for k in _FORMAT_DEFAULTS)
             r.option_types = tuple(map(type, r.options))
             r.names = self._state_names(group)
-            r.pptrs = x.data_ptrs(params)
-            r.dtypes, r.shapes = list(map(_dtype, params)), list(map(_shape, params))
-            r.strides = list(map(_stride, params))
-            r.dicts = list(map(self.state.get, params))
+            r.pptrs = x.data_ptrs(sub)
+            r.dtypes, r.shapes = list(map(_dtype, sub)), list(map(_shape, sub))
+            r.strides = list(map(_stride, sub))
+            r.dicts = list(map(self.state.get, sub))
             if r.pptrs is None or any(d is None for d in r.dicts):
                 return None
-            r.nbytes = [0] * len(params)
-            for i, nbytes in views[gi]:
-                r.nbytes[i] = nbytes
+            r.nbytes = [0] * len(sub)
+            for j, nbytes in views[gi]:
+                r.nbytes[j] = nbytes
             keys = r.names + (("master_weight",) if True in masters[gi] else ())
             try:
                 for key in keys:
@@ -1610,8 +1630,17 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 if params:
                     return False
                 continue
-            if group is not r.group or params is not r.params or len(params) != len(r.pptrs):
+            if group is not r.group or params is not r.params or len(params) != r.n:
                 return False
+            if r.none is not None:
+                # the same params without a gradient as recorded, and the others the same
+                if list(map(operator.is_, map(_grad_of, params), repeat(None))) != r.none:
+                    return False
+                if not r.idx:
+                    continue  # (no gradient at all: the format path skips the group)
+                if not _same_objects([params[i] for i in r.idx], r.sub):
+                    return False
+            sub = r.sub
             options = tuple(_opt(group, k) for k in _FORMAT_DEFAULTS)
             if options != r.options or tuple(map(type, options)) != r.option_types:
                 return False
@@ -1620,10 +1649,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 return False
             # The gradients against the params' recorded dtypes, shapes and strides, and the
             # params' memory (a param's metadata is not read again: see the Note).
-            gl, gptrs = x.grads(params, r.dtypes, r.shapes, r.strides)
-            if gptrs is None or x.data_ptrs(params) != r.pptrs:
+            gl, gptrs = x.grads(sub, r.dtypes, r.shapes, r.strides)
+            if gptrs is None or x.data_ptrs(sub) != r.pptrs:
                 return False
-            dicts = list(map(self.state.get, params))
+            dicts = list(map(self.state.get, sub))
             if not _same_objects(dicts, r.dicts):
                 return False
             try:
@@ -1687,14 +1716,14 @@ class _FusedOptimizer(torch.optim.Optimizer):
         for args in calls:
             self._call(*args)
         for gi, r in enumerate(plan.groups):
-            if r is None:
+            if r is None or not r.sub:
                 continue
             if r.steps is not None:
                 step = steps[gi]
                 for a in r.step_views:  # as the format path's fill_(old + 1)
                     a[()] = step
-            if not x.bump_versions(r.params):
-                increment_version(r.params)
+            if not x.bump_versions(r.sub):
+                increment_version(r.sub)
         self._snapshot = None
         return True
 
