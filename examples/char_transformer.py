@@ -233,15 +233,13 @@ def main(argv=None) -> dict:
         if config != base:
             ax2.plot(x, (smooth(curve) / smooth(fp32_curve) - 1) * 100, color=c, linestyle=ls,
                      label=config)
-    ax.set_ylim(top=min(ax.get_ylim()[1], 3.0))
-    ax.grid(alpha=0.3)
+    ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/char)")
     ax.set_title(f"AdamW state formats, char-level GPT ({n_params / 1e6:.2f}M params)\n"
                  f"lines: training loss ({k}-step mean); dots: validation loss")
     ax.legend()
     ax2.axhline(0.0, color="k", linewidth=0.8)
-    ax2.grid(alpha=0.3)
     ax2.set_xlabel("step")
     ax2.set_ylabel("training loss vs fastoptim fp32 (%)")
     ax2.set_title("gap to fp32 states (seed mean, same moving average)")
