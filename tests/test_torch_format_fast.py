@@ -19,12 +19,7 @@ needs_ext = pytest.mark.skipif(ft._ext() is None,
 SIZES = (5000, 300)  # quantized / float32 states with state_dtype="int8": two calls per step
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (tests/conftest.py)
 
 
 def params_of(dtype, sizes=SIZES):

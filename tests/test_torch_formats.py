@@ -41,12 +41,7 @@ STEPS = 4
 SIZES = (5000, 300)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (tests/conftest.py)
 
 
 def params_of(dtype, sizes=SIZES, seed=0):

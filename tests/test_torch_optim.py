@@ -31,13 +31,7 @@ SHAPES = [(3, 5), (17,), (1,), (0,), (4099,)]  # 4099: full SIMD vectors plus a 
 DTYPES = [torch.float32, torch.float64]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """torch's intra-op threads spin on tiny tensors and a shared machine (1 ms per sqrt)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (tests/conftest.py)
 
 
 def tol(dtype):
