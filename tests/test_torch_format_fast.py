@@ -346,3 +346,17 @@ def test_many_tensors_step_is_fast_path_and_matches():
     assert_same(snapshot(opts[0]), snapshot(opts[1]))
     assert counts[0].hits[-3:] == [True] * 3
     assert np.isfinite(params[0][0].detach().numpy()).all()
+
+
+@needs_ext
+def test_gradients_that_require_grad_on_the_fast_path():
+    # (backward(create_graph=True) leaves such gradients; NumPy cannot view them directly)
+    opts, counts, params = pair("adamw f16 master")
+    for step in range(5):
+        for opt, ps in zip(opts, params):
+            set_grads(ps, step)
+            for p in ps:
+                p.grad.requires_grad_()
+            opt.step()
+    assert_same(snapshot(opts[0]), snapshot(opts[1]))
+    assert counts[0].hits[-3:] == [True] * 3, counts[0].hits

@@ -881,8 +881,8 @@ class _FormatGroup:
     """One param group as the last format step left it (Note [Format fast path])."""
 
     __slots__ = ("group", "params", "n", "idx", "none", "sub", "options", "option_types",
-                 "names", "pptrs", "dtypes", "shapes", "strides", "dicts", "keys", "steps",
-                 "step_ptrs", "step_views", "nbytes")
+                 "names", "pptrs", "dtypes", "shapes", "strides", "bf16", "dicts", "keys",
+                 "steps", "step_ptrs", "step_views", "nbytes")
 
     def __init__(self, group: dict[str, Any], params: list[Any]) -> None:
         self.group, self.params, self.n = group, params, len(params)
@@ -896,6 +896,17 @@ class _FormatGroup:
         #: non_negative and shape)
         self.keys: list[tuple[Any, ...]] = []
         self.steps: list[torch.Tensor] | None = None
+
+
+def _grad_views(grads: list[torch.Tensor], bf16: bool) -> list[np.ndarray]:
+    """NumPy views of plain dense CPU gradients: one C-level pass, or ``_np`` one by one where
+    one is bfloat16 (``bf16``: NumPy has no bfloat16 of its own) or requires grad."""
+    if not bf16:
+        try:
+            return list(map(_to_numpy, grads))
+        except (RuntimeError, TypeError):  # e.g. a gradient that requires grad
+            pass
+    return [_np(g.detach()) for g in grads]
 
 
 class _FormatCall(NamedTuple):
@@ -1579,6 +1590,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             r.pptrs = x.data_ptrs(sub)
             r.dtypes, r.shapes = list(map(_dtype, sub)), list(map(_shape, sub))
             r.strides = list(map(_stride, sub))
+            r.bf16 = torch.bfloat16 in r.dtypes
             r.dicts = list(map(self.state.get, sub))
             if r.pptrs is None or any(d is None for d in r.dicts):
                 return None
@@ -1677,12 +1689,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             except (KeyError, TypeError):
                 return False
             hypers[gi] = hyper if scale == 1.0 else dict(hyper, grad_scale=scale)
-            try:
-                views[gi] = None if torch.bfloat16 in r.dtypes else list(map(_to_numpy, gl))
-            except (RuntimeError, TypeError):  # e.g. a gradient that requires grad
-                views[gi] = None
-            if views[gi] is None:
-                views[gi] = [_np(g.detach()) for g in gl]
+            views[gi] = _grad_views(gl, r.bf16)
             gstarts += gptrs
             gbytes += r.nbytes
         calls = []
