@@ -189,6 +189,34 @@ def test_a_plain_step_reads_through_the_extension(monkeypatch):
 
 
 @needs_ext
+def test_a_state_dict_with_a_key_that_is_not_a_str_steps_through_the_python_pass(monkeypatch):
+    """same_pointers declines such a dict (it walks entries instead of running a key's __eq__);
+    the step then compares the pointers in Python and updates exactly as without the key."""
+    answers = []
+    monkeypatch.setattr(ft, "_X", type("Spy", (), {"__getattr__": lambda self, name: (
+        (lambda *a: answers.append(X.same_pointers(*a)) or answers[-1])
+        if name == "same_pointers" else getattr(X, name))})())
+    torch.manual_seed(0)
+    a = [torch.randn(5, 3).requires_grad_() for _ in range(3)]
+    b = [t.detach().clone().requires_grad_() for t in a]
+    opt_a, opt_b = ft.Adam(a, lr=0.1), ft.Adam(b, lr=0.1)
+    for step in range(4):
+        for pa, pb in zip(a, b):
+            pa.grad = torch.randn(5, 3)
+            pb.grad = pa.grad.clone()
+        opt_a.step()
+        opt_b.step()
+        if step == 1:
+            opt_b.state[b[1]][("user", "key")] = 0  # a key the step does not use
+    assert answers[-1] is False  # declined for opt_b, whose dict has the odd key ...
+    assert True in answers        # ... while opt_a's (and opt_b's before) were answered
+    for pa, pb in zip(a, b):
+        assert torch.equal(pa, pb)
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt_a.state[pa][k], opt_b.state[pb][k])
+
+
+@needs_ext
 def test_grads_with_a_missing_gradient_gives_none_there_and_no_pointers():
     params = [torch.randn(3).requires_grad_() for _ in range(3)]
     params[0].grad = torch.randn(3)
@@ -253,17 +281,24 @@ def test_same_pointers_answers_what_the_python_comparison_answers():
     assert same() is False
     dicts[2] = None
     assert same() is False
-    with pytest.raises(TypeError):  # what dict lookup raises, it raises
-        same(dicts=state_dicts(), keys=(["unhashable"], "step"))
+    assert same(keys=(["unhashable"], "step")) is False  # (torch.py's lookup then raises)
+    odd = [dict(d) for d in state_dicts()]
+    odd[1][("not", "a", "str")] = 1  # a key that is not an exact str: declined
+    assert X.same_pointers(odd, keys, tuple([d[k].data_ptr() for d in odd] for k in keys)) is False
+    fine = [dict(d) for d in state_dicts()]
+    fine[1]["other"] = 1  # other str keys are fine
+    assert X.same_pointers(fine, keys, tuple([d[k].data_ptr() for d in fine] for k in keys)) is True
     with pytest.raises(TypeError):
         X.same_pointers(state_dicts(), list(keys), want)
 
 
 # A dict lookup may run Python code: a key whose hash equals the key looked up is compared
-# with it (__eq__), and that code may change the expected lists, drop the state dicts or the
-# list of them, or replace a tensor. same_pointers must then read nothing freed, and answer from
-# what it read. Run with PYTHONMALLOC=debug, which fills freed memory with a pattern, so that a
-# freed dict, list or int read by the extension crashes the child (and ASan reports it).
+# with it (__eq__), and that code could change the expected lists, drop the state dicts or the
+# list of them, or replace a tensor. same_pointers walks each dict's entries instead of looking
+# keys up, and declines (False) at a key that is not an exact str, before any such code can
+# run: every case below answers False and the colliding key's __eq__ never runs. Run with
+# PYTHONMALLOC=debug, which fills freed memory with a pattern, so that a freed dict, list or int
+# read by the extension would crash the child (and ASan reports it).
 SAME_POINTERS_UNDER_LOOKUP_CODE = r"""
 import gc, sys
 import torch
@@ -294,7 +329,10 @@ def case(which, action_of):
     dicts[which] = odd
     del odd
     Collide.armed = True
-    return X.same_pointers(dicts, keys, want)
+    answer = X.same_pointers(dicts, keys, want)
+    ran = not Collide.armed
+    Collide.armed = False
+    return f"{answer}/{'ran' if ran else 'not-run'}"
 
 def nothing(dicts, want):
     return lambda: None
@@ -332,14 +370,7 @@ def test_same_pointers_survives_a_lookup_that_runs_python_code():
     run = subprocess.run([sys.executable, "-c", SAME_POINTERS_UNDER_LOOKUP_CODE], env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    answers = run.stdout.split()
-    # The last dict's lookup runs the code after every earlier dict was compared: emptying
-    # them, or replacing a tensor of dict 0, changes nothing read (True); run by the first
-    # dict's lookup, it empties the others before they are read (False: a key is missing).
-    # Emptying the list of dicts or the expected lists: False, whichever dict runs it, and
-    # also when the list empties only as the dict being read is freed.
-    assert answers == ["True", "True", "True", "False", "False", "False", "False", "False",
-                       "True", "False"], run.stdout
+    assert run.stdout.split() == ["False/not-run"] * 10, run.stdout
 
 
 @needs_ext

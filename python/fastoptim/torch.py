@@ -1827,7 +1827,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 grads, gptrs = x.grads(params, known.grad_dtypes, known.shapes, known.strides)
         if grads is None:
             grads = list(map(_grad_of, params))
-        if all(map(operator.is_not, grads, repeat(None))):
+        if gptrs is not None or all(map(operator.is_not, grads, repeat(None))):
+            # (pointers come back only when every param has a gradient)
             idx: range | list[int] = range(len(params))
         else:
             idx = list(compress(range(len(params)), map(operator.is_not, grads, repeat(None))))
