@@ -700,8 +700,10 @@ class _Written:
 #     * the step counts are the recorded tensors at the recorded addresses and all hold one
 #       value per group (read through NumPy views of them, written back the same way: their
 #       version counters are not bumped, as in Note [Steps live in one tensor per group]).
-#     It then views the gradients (``Tensor.numpy``, about 2 us each: the one per-tensor cost
-#     left), checks with more than one call that no gradient overlaps anything a call writes
+#     It then hands each call its gradients as data pointers (``_core._GradPointers``, Note
+#     [grad pointers] in src/cpp/bindings.cpp; a NumPy view of each cost about 2 us per tensor,
+#     a quarter of the step on 2,000 small tensors), holding the gradients until the calls
+#     return, checks with more than one call that no gradient overlaps anything a call writes
 #     (against the recorded spans, in NumPy) and every call with ``found_inf=1``, and runs the
 #     recorded calls with the new gradients and step. Anything else returns False before
 #     anything is written, the format path runs, and records again. The plan holds the state
@@ -881,7 +883,7 @@ class _FormatGroup:
     """One param group as the last format step left it (Note [Format fast path])."""
 
     __slots__ = ("group", "params", "n", "idx", "none", "sub", "options", "option_types",
-                 "names", "pptrs", "dtypes", "shapes", "strides", "bf16", "dicts", "keys",
+                 "names", "pptrs", "dtypes", "shapes", "strides", "dicts", "keys",
                  "steps", "step_ptrs", "step_views", "nbytes")
 
     def __init__(self, group: dict[str, Any], params: list[Any]) -> None:
@@ -898,17 +900,6 @@ class _FormatGroup:
         self.steps: list[torch.Tensor] | None = None
 
 
-def _grad_views(grads: list[torch.Tensor], bf16: bool) -> list[np.ndarray]:
-    """NumPy views of plain dense CPU gradients: one C-level pass, or ``_np`` one by one where
-    one is bfloat16 (``bf16``: NumPy has no bfloat16 of its own) or requires grad."""
-    if not bf16:
-        try:
-            return list(map(_to_numpy, grads))
-        except (RuntimeError, TypeError):  # e.g. a gradient that requires grad
-            pass
-    return [_np(g.detach()) for g in grads]
-
-
 class _FormatCall(NamedTuple):
     """One kernel call of a recorded format step; ``positions``: its params' indices among the
     group's stepping params (``_FormatGroup.sub``)."""
@@ -919,6 +910,9 @@ class _FormatCall(NamedTuple):
     params: list[np.ndarray]
     copies: list[np.ndarray] | None
     states: dict[str, list[Any]]
+    #: a 0-size array of the gradients' dtype: the call takes them as data pointers (Note
+    #: [grad pointers] in src/cpp/bindings.cpp), with no NumPy view of each
+    gtemplate: np.ndarray
 
 
 class _FormatPlan(NamedTuple):
@@ -1561,9 +1555,13 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 steps.setdefault(gi, set()).add(e.step)
             masters.setdefault(gi, set()).add(master)
             states = {n: [e.states[n] for e in entries] for n in entries[0].states}
+            gdtypes = {e.grad.dtype for e in entries}
+            if len(gdtypes) != 1:  # (the kernel refuses that; not reached)
+                return None
             calls.append(_FormatCall(gi, master, counter is not None, positions,
                                      [e.param for e in entries],
-                                     [e.copy for e in entries] if master else None, states))
+                                     [e.copy for e in entries] if master else None, states,
+                                     np.empty(0, gdtypes.pop())))
         for gi, group in enumerate(self.param_groups):
             params = group["params"]
             if not params:
@@ -1590,7 +1588,6 @@ class _FusedOptimizer(torch.optim.Optimizer):
             r.pptrs = x.data_ptrs(sub)
             r.dtypes, r.shapes = list(map(_dtype, sub)), list(map(_shape, sub))
             r.strides = list(map(_stride, sub))
-            r.bf16 = torch.bfloat16 in r.dtypes
             r.dicts = list(map(self.state.get, sub))
             if r.pptrs is None or any(d is None for d in r.dicts):
                 return None
@@ -1635,7 +1632,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         plan, x = self._format_plan, _ext()
         if x is None or plan is None or len(self.param_groups) != len(plan.groups):
             return False
-        hypers, views, steps, gstarts, gbytes = {}, {}, {}, [], []
+        hypers, grads, steps, gstarts, gbytes = {}, {}, {}, [], []
         for gi, (group, r) in enumerate(zip(self.param_groups, plan.groups)):
             params = group["params"]
             if r is None:
@@ -1689,7 +1686,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             except (KeyError, TypeError):
                 return False
             hypers[gi] = hyper if scale == 1.0 else dict(hyper, grad_scale=scale)
-            views[gi] = _grad_views(gl, r.bf16)
+            grads[gi] = (gl, gptrs)  # (gl: the gradients, held until the calls return)
             gstarts += gptrs
             gbytes += r.nbytes
         calls = []
@@ -1704,9 +1701,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 first = sr_next.get(c.gi, 0)
                 sr_next[c.gi] = first + sum(a.size for a in c.params)
                 hyper["stochastic_rounding"] = (int(_opt(group, "sr_seed")), int(step), first)
-            gv = views[c.gi]
+            gptrs = grads[c.gi][1]
             calls.append((F, group, hyper, self._format_kernel_step(r.names, set(), step),
-                          c.params, [gv[i] for i in c.positions], c.states))
+                          c.params, _core._GradPointers(c.gtemplate, [gptrs[i] for i in c.positions]),
+                          c.states))
         if len(calls) > 1:
             # Across calls (each kernel checks its own): no gradient overlaps a written span
             # (those are the recorded ones, checked then), and every call's arguments.

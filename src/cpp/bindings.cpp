@@ -264,6 +264,23 @@ struct ArgNames {
 };
 
 // Collects the arrays of one call, slot by slot, checking each against params (slot 0).
+// Note [grad pointers]
+//   fastoptim.torch's format fast path (Note [Format fast path] in torch.py) hands a call its
+//   gradients as _core._GradPointers(template, pointers): a NumPy array of the gradients' dtype
+//   (its dtype is all that is read) and one data pointer per param, instead of a NumPy view of
+//   each gradient, which cost about 2 us per tensor to make, every step. The caller has
+//   checked, from torch's metadata, that every gradient is a dense CPU tensor with its
+//   param's dtype, shape and strides (and so, like the params, contiguous), and it holds the
+//   gradients until the call returns, the GIL released or not. What the call checks, before
+//   its first write, is what _core._pointers checks (Note [pointer path]): the count, every
+//   pointer (non-null where there is data, aligned to the element size), and that no written
+//   span overlaps a gradient's (Note [aliasing]). Private: a wrong pointer is memory the
+//   kernel reads.
+struct GradPointers {
+  py::object dtype_template;
+  std::vector<uintptr_t> ptrs;
+};
+
 class CallBuilder {
  public:
   explicit CallBuilder(const char* fn) : fn_(fn) {}
@@ -293,6 +310,7 @@ class CallBuilder {
 
  private:
   void add_to(std::vector<void*>& ptrs, int role, const char* name, py::handle obj, bool written) {
+    if (role == kGrad && py::isinstance<GradPointers>(obj)) return add_grad_pointers(ptrs, name, obj);
     const int arg = static_cast<int>(names_.size());
     const bool is_list = PyList_Check(obj.ptr()) || PyTuple_Check(obj.ptr());
     names_.push_back({name, is_list});
@@ -319,6 +337,44 @@ class CallBuilder {
     for (int64_t i = 0; i < n; ++i) {
       PyObject* item = is_list ? PyTuple_GET_ITEM(seq, i) : seq;
       ptrs[i] = check_array(arg, i, item, written, role);
+    }
+  }
+
+  // Note [grad pointers]: the gradients of the params already added, as data pointers.
+  void add_grad_pointers(std::vector<void*>& ptrs, const char* name, py::handle obj) {
+    const int arg = static_cast<int>(names_.size());
+    names_.push_back({name, true});
+    held_.push_back(py::reinterpret_borrow<py::object>(obj));  // (the gradients: the caller's)
+    const GradPointers& gp = obj.cast<const GradPointers&>();
+    const int64_t n = static_cast<int64_t>(gp.ptrs.size());
+    if (arg == 0 || n != n_) {
+      value_error(std::string(fn_) + ": " + name + " has " + std::to_string(n) + " pointer(s) but " +
+                  (arg == 0 ? std::string("no params come before them")
+                            : std::string(names_[0].name) + " has " + std::to_string(n_)));
+    }
+    if (mode_ == kModeDevice) mixed_devices(arg, 0);
+    mode_ = kModeHost;
+    PyObject* tmpl = gp.dtype_template.ptr();
+    const auto* d = py::detail::array_descriptor_proxy(py::detail::array_proxy(tmpl)->descr);
+    const Elem elem = elem_of(d);
+    if (elem == kNone || d->byteorder == '>') {
+      type_error(std::string(fn_) + ": " + name + " has dtype " +
+                 std::string(py::str(py::handle(tmpl).attr("dtype"))) +
+                 "; fastoptim supports float32, float64, float16 and bfloat16 (ml_dtypes), "
+                 "native byte order");
+    }
+    note_dtype(arg, 0, tmpl, kGrad, elem);
+    const int64_t itemsize = kElemSize[elem];
+    ptrs.resize(n);
+    for (int64_t i = 0; i < n; ++i) {
+      const uintptr_t ptr = gp.ptrs[i];
+      const int64_t size = offsets_[i + 1] - offsets_[i];
+      if (size > 0 && (ptr == 0 || ptr % static_cast<uintptr_t>(itemsize) != 0)) {
+        value_error(std::string(fn_) + ": " + label(arg, i) + " is not a valid pointer aligned to " +
+                    std::to_string(itemsize) + " bytes");
+      }
+      if (size > 0) intervals_.push_back({ptr, ptr + static_cast<uintptr_t>(size * itemsize), arg, i, false});
+      ptrs[i] = reinterpret_cast<void*>(ptr);
     }
   }
 
@@ -1459,6 +1515,28 @@ PYBIND11_MODULE(_core, m) {
   m.def("get_num_threads", &num_threads);
   cuda::def_plan_hooks(m);
   def_pointer_path(m);  // fastoptim.torch (Note [pointer path])
+  py::class_<GradPointers>(m, "_GradPointers", "Gradients as data pointers (Note [grad pointers]).")
+      .def(py::init([](py::handle dtype_template, py::handle pointers) {
+             if (!py::isinstance<py::array>(dtype_template))
+               type_error("_GradPointers: dtype_template must be a numpy.ndarray, got " +
+                          type_name(dtype_template.ptr()));
+             if (!PyList_Check(pointers.ptr()))
+               type_error("_GradPointers: pointers must be a list of ints, got " + type_name(pointers.ptr()));
+             GradPointers gp{py::reinterpret_borrow<py::object>(dtype_template), {}};
+             const Py_ssize_t n = PyList_GET_SIZE(pointers.ptr());
+             gp.ptrs.resize(static_cast<size_t>(n));
+             for (Py_ssize_t i = 0; i < n; ++i) {
+               PyObject* item = PyList_GET_ITEM(pointers.ptr(), i);
+               if (!PyLong_CheckExact(item))  // (an int subclass's __index__ would run Python)
+                 type_error("_GradPointers: pointers[" + std::to_string(i) + "] must be an int, got " +
+                            type_name(item));
+               gp.ptrs[static_cast<size_t>(i)] = reinterpret_cast<uintptr_t>(PyLong_AsVoidPtr(item));
+               if (PyErr_Occurred()) throw py::error_already_set();
+             }
+             return gp;
+           }),
+           arg("dtype_template"), arg("pointers"))
+      .def("__len__", [](const GradPointers& gp) { return gp.ptrs.size(); });
   // Note [prefetch hints]
   //   Each step, fastoptim.torch reads a few fields of every parameter and state tensor
   //   (their data pointers, Note [pointer path]). The previous step's kernels streamed through
