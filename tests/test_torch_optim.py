@@ -387,6 +387,33 @@ def test_state_replaced_between_steps_is_seen():
     assert opt.state[actual[2]]["step"].item() == 104.0
 
 
+@pytest.mark.parametrize("fmt", [{}, {"state_dtype": "bfloat16"}])
+def test_a_state_dict_moved_to_another_key_leaves_its_param_without_state(fmt):
+    """state[p] popped and the same dict entered under another key: p starts afresh (as in
+    torch), although the state's values, as a list of objects, are the ones of the last step
+    when p's entry was the last one."""
+    gen = torch.Generator().manual_seed(0)
+    expected = make_params(torch.float32)
+    actual = clone_params(expected)
+    ref = torch.optim.Adam(expected, lr=0.01, foreach=False)
+    opt = ft.Adam(actual, lr=0.01, **fmt)
+    elsewhere = torch.zeros(1)
+    for t in range(5):
+        set_grads(gen, expected, actual)
+        if t == 2:
+            for o, ps in ((ref, expected), (opt, actual)):
+                assert list(o.state)[-1] is ps[-1]
+                o.state[elsewhere] = o.state.pop(ps[-1])
+        ref.step()
+        opt.step()
+    if fmt:  # (bf16 states: compare the params with bf16 rounding)
+        for a, e in zip(actual, expected):
+            torch.testing.assert_close(a, e, rtol=1e-2, atol=1e-3)
+    else:
+        assert_same(opt, ref, actual, expected)
+    assert opt.state[actual[-1]]["step"].item() == 3.0  # the steps at t = 2, 3, 4
+
+
 def test_load_state_dict_then_continue_same_optimizer():
     gen = torch.Generator().manual_seed(0)
     expected = make_params(torch.float32)

@@ -692,11 +692,13 @@ class _Written:
 #       not step, as on the format path), and every other param has a gradient that is a plain
 #       dense CPU tensor with the param's recorded dtype, shape and strides, without the
 #       negative or conjugate bit (``_torch_ext.grads``);
-#     * every param's data pointer, state dict, state object (each bound key, the master
-#       weight) and that state's data pointer (a quantized state: its codes' and absmax's, and
-#       its bits, non_negative and shape) is the recorded one; a param's or a state's dtype,
-#       shape and strides are not read again (they change without a new pointer only through
-#       ``.data =`` with a reinterpreting view of the same memory);
+#     * every param's data pointer, state dict (not looked up again while ``self.state``
+#       holds the same keys and dicts, as objects, as after the last format step), state
+#       object (each bound key, the master weight) and that state's data pointer (a
+#       quantized state: its codes' and absmax's, and its bits, non_negative and shape) is
+#       the recorded one; a param's or a state's dtype, shape and strides are not read
+#       again (they change without a new pointer only through ``.data =`` with a
+#       reinterpreting view of the same memory);
 #     * the step counts are the recorded tensors at the recorded addresses and all hold one
 #       value per group (read through NumPy views of them, written back the same way: their
 #       version counters are not bumped, as in Note [Steps live in one tensor per group]).
@@ -952,9 +954,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self._caches: dict[int, _GroupCache] = {}
         #: per group: the hyperparameters the kernel last accepted (Note [All or nothing])
         self._checked: dict[int, tuple[Any, ...]] = {}
-        #: (``self.state``, its values) at the end of the last step, and a generation number
-        #: that changes whenever they no longer match: then the per-param dicts are looked up.
-        self._snapshot: tuple[Any, list[Any]] | None = None
+        #: ``_state_snapshot()`` at the end of the last step, and a generation number that
+        #: changes whenever it no longer matches: then the per-param dicts are looked up.
+        self._snapshot: tuple[Any, list[Any], list[Any]] | None = None
         self._gen = 0
         #: the spans the last checked step wrote, and what they were computed from
         self._written_cache: tuple[list[Any], _Written] | None = None
@@ -962,6 +964,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self._format_cache: dict[int, tuple[Any, ...]] = {}
         #: the last format step, for the next one to repeat (Note [Format fast path])
         self._format_plan: _FormatPlan | None = None
+        #: ``_state_snapshot()`` when the plan was recorded or last repeated
+        self._format_snap: tuple[Any, list[Any], list[Any]] | None = None
         #: state names -> one itemgetter per bound key (``_key_getters``)
         self._getters: dict[tuple[str, ...], tuple[Callable[[Any], Any], ...]] = {}
 
@@ -1047,9 +1051,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             for c in self._caches.values():
                 if c.prefetch is not None:
                     _PREFETCH(c.prefetch[0])  # the params; their states in _check_bound
-        snapshot = self._snapshot
-        if (snapshot is None or snapshot[0] is not self.state
-                or not _same_objects(snapshot[1], list(self.state.values()))):
+        if not self._state_unchanged(self._snapshot):
             self._gen += 1
         self._snapshot = None
         gathered = []
@@ -1088,7 +1090,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if len(calls) > 1:
             for call in calls:
                 call()
-        self._snapshot = (self.state, list(self.state.values()))
+        self._snapshot = self._state_snapshot()
         for item in gathered:
             group, idx = item.group, item.idx
             params = group["params"]
@@ -1098,6 +1100,17 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 increment_version(stepped)
             if item.cache.dtensor:
                 increment_version([_local(p) for p in stepped if _local(p) is not p])
+
+    def _state_snapshot(self) -> tuple[Any, list[Any], list[Any]]:
+        """``self.state``, its keys and its values (the per-param dicts), as objects."""
+        return self.state, list(self.state), list(self.state.values())
+
+    def _state_unchanged(self, snapshot: tuple[Any, list[Any], list[Any]] | None) -> bool:
+        """Whether ``self.state`` maps the same params to the same dicts as at ``snapshot``.
+        The keys count too: a dict moved to another key in the last place keeps the values."""
+        return (snapshot is not None and snapshot[0] is self.state
+                and _same_objects(snapshot[2], list(self.state.values()))
+                and _same_objects(snapshot[1], list(self.state)))
 
     def _drop_stale_caches(self) -> bool:
         """Note [A param's layout changed under its cache]: forget every group cache whose
@@ -1471,6 +1484,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self._snapshot = None
         if grads is None and stepped:
             self._format_plan = self._format_record(buckets, stepping)
+            self._format_snap = self._state_snapshot()
 
     def _format_check(self, gi: int, args: tuple[Any, ...], entries: list[_FormatEntry]) -> None:
         """The call's arguments, checked by the kernel with ``found_inf=1`` (nothing written);
@@ -1633,6 +1647,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if x is None or plan is None or len(self.param_groups) != len(plan.groups):
             return False
         hypers, grads, steps, gstarts, gbytes = {}, {}, {}, [], []
+        # the params' state dicts: the recorded ones while ``self.state`` maps the same params
+        # to the same dicts as after the last format step (two lists of objects), else looked
+        # up (a param's hash is Python code: about 0.2 us a lookup)
+        same_state = self._state_unchanged(self._format_snap)
         for gi, (group, r) in enumerate(zip(self.param_groups, plan.groups)):
             params = group["params"]
             if r is None:
@@ -1661,9 +1679,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
             gl, gptrs = x.grads(sub, r.dtypes, r.shapes, r.strides)
             if gptrs is None or x.data_ptrs(sub) != r.pptrs:
                 return False
-            dicts = list(map(self.state.get, sub))
-            if not _same_objects(dicts, r.dicts):
+            if not same_state and not _same_objects(list(map(self.state.get, sub)), r.dicts):
                 return False
+            dicts = r.dicts
             try:
                 for key, objs, tensors, ptrs, qdicts, qptrs, qmeta in r.keys:
                     # the same objects as recorded (so the recorded sub-lists are the current
@@ -1730,6 +1748,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             if not x.bump_versions(r.sub):
                 increment_version(r.sub)
         self._snapshot = None
+        self._format_snap = self._state_snapshot()
         return True
 
     # -- subclass hooks -------------------------------------------------------------------------
