@@ -193,8 +193,9 @@ MUTATIONS = {
     "state replaced": (_replace_state, False, True),
     "param memory moved": (_move_param, False, True),
     "state memory moved": (_move_state_memory, False, True),
-    # the params' counts differ from then on: one call per count, on the format path
-    "one step count changed": (_step_count, False, False),
+    # the params' counts differ from then on; with "adamw int8" each param has a call of its
+    # own (int8 and, below the size threshold, float32 states), each with its own count
+    "one step count changed": (_step_count, True, True),
     "every step count changed": (_all_step_counts, True, True),  # read every step
     "lr changed": (_lr, True, True),  # the hyperparameters are read every step
     "state_dtype changed": (_state_dtype, False, True),
@@ -221,6 +222,23 @@ def test_changes_between_steps_fall_back_and_match(mutation):
 
 
 @needs_ext
+@pytest.mark.parametrize("config", ["adamw bf16 states", "adamw bf16 sr int8", "sgd bf16 sr"])
+def test_a_call_whose_params_come_to_differ_in_step_count_is_split_and_fast_again(config):
+    """Three params in one call; the step count of one is edited: the recorded call no longer
+    has one count, so that step takes the format path (one call per count), which records the
+    split, and the steps after it are fast again."""
+    opts, counts, params = pair(config, sizes=(5000, 6000, 7000))
+    run(opts, params, 4)
+    assert counts[0].hits[-1] is True
+    for opt, ps in zip(opts, params):
+        opt.state[ps[1]]["step"].fill_(10.0)
+    run(opts, params, 4, first=4)
+    assert_same(snapshot(opts[0]), snapshot(opts[1]))
+    assert counts[0].hits[-4:] == [False, True, True, True], counts[0].hits
+    assert [opts[0].state[p]["step"].item() for p in params[0]] == [8.0, 14.0, 8.0]
+
+
+@needs_ext
 def test_a_missing_gradient_falls_back():
     opts, counts, params = pair("adamw bf16 sr int8")
     run(opts, params, 3)
@@ -231,8 +249,8 @@ def test_a_missing_gradient_falls_back():
     assert counts[0].hits[-1] is False
     run(opts, params, 3, first=4)
     assert_same(snapshot(opts[0]), snapshot(opts[1]))
-    # The params' step counts differ from then on (one call per count): not fast again.
-    assert counts[0].hits[-1] is False
+    # The params' step counts differ from then on: one call per count, recorded, and fast.
+    assert counts[0].hits[-2:] == [True, True], counts[0].hits
 
 
 def _freeze(ps, step):
@@ -253,14 +271,14 @@ def test_params_without_a_gradient_stay_on_the_fast_path(config):
     assert counts[0].hits[-4:] == [True] * 4, counts[0].hits
     assert params[0][1].grad is None and 1 not in [i for i, p in enumerate(params[0])
                                                    if p in opts[0].state]
-    # The frozen param gets a gradient: the format path (its first step: states made), then
-    # the others' step counts differ from its own: the format path from then on.
-    for step in range(6, 9):
+    # The frozen param gets a gradient: the format path (its first step: states made, then
+    # one that records the calls, one per step count), and fast from then on.
+    for step in range(6, 10):
         for opt, ps in zip(opts, params):
             set_grads(ps, step)
             opt.step()
     assert_same(snapshot(opts[0]), snapshot(opts[1]))
-    assert counts[0].hits[-3:] == [False] * 3, counts[0].hits
+    assert counts[0].hits[-4:] == [False, False, True, True], counts[0].hits
 
 
 @needs_ext

@@ -680,7 +680,7 @@ class _Written:
 #     previous one: the same params, options, state objects and memory, new gradients. So a
 #     format step on the params' own ``.grad``, whose arrays all came from the cache (no state
 #     made or converted, no non-contiguous param), whose stepping params of a group all had
-#     one step count and one master_weights setting, and which is not a scalar-state optimizer
+#     one master_weights setting, and which is not a scalar-state optimizer
 #     (NAdam, ASGD), is recorded (``_format_record``: ``_FormatPlan``,
 #     the calls with their param and state arrays; per group ``_FormatGroup``, what they were
 #     built from). The next step takes ``_format_fast`` when, with fastoptim._torch_ext's C++
@@ -699,9 +699,12 @@ class _Written:
 #       the recorded one; a param's or a state's dtype, shape and strides are not read
 #       again (they change without a new pointer only through ``.data =`` with a
 #       reinterpreting view of the same memory);
-#     * the step counts are the recorded tensors at the recorded addresses and all hold one
-#       value per group (read through NumPy views of them, written back the same way: their
-#       version counters are not bumped, as in Note [Steps live in one tensor per group]).
+#     * the step counts are the recorded tensors at the recorded addresses, each valid
+#       (read through NumPy views of them, written back the same way: their version counters
+#       are not bumped, as in Note [Steps live in one tensor per group]), and the params of
+#       each call whose kernel step or stochastic-rounding counter is the count still share
+#       one (the format path made one call per count: params that sat out steps, as above,
+#       differ from the others from then on, and keep to their own calls).
 #     It then hands each call its gradients as data pointers (``_core._GradPointers``, Note
 #     [grad pointers] in src/cpp/bindings.cpp; a NumPy view of each cost about 2 us per tensor,
 #     a quarter of the step on 2,000 small tensors), holding the gradients until the calls
@@ -909,6 +912,7 @@ class _FormatCall(NamedTuple):
     master: bool
     sr: bool
     positions: list[int]
+    pos: np.ndarray  # (the same, for NumPy indexing)
     params: list[np.ndarray]
     copies: list[np.ndarray] | None
     states: dict[str, list[Any]]
@@ -1573,6 +1577,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             if len(gdtypes) != 1:  # (the kernel refuses that; not reached)
                 return None
             calls.append(_FormatCall(gi, master, counter is not None, positions,
+                                     np.array(positions, dtype=np.intp),
                                      [e.param for e in entries],
                                      [e.copy for e in entries] if master else None, states,
                                      np.empty(0, gdtypes.pop())))
@@ -1593,7 +1598,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 if not idx:
                     groups[gi] = r
                     continue
-            if len(masters.get(gi, ())) != 1 or len(steps[gi]) != 1:
+            if len(masters.get(gi, ())) != 1 or (None in steps[gi] and len(steps[gi]) > 1):
                 return None
             sub = r.sub
             r.options = tuple(_opt(group, k) for k in _FORMAT_DEFAULTS)
@@ -1623,8 +1628,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                         return None
                     r.keys.append((key, objs, tensors, ptrs, qdicts, (codes, absmax),
                                    list(map(_QMETA, qdicts))))
-                (step,) = steps[gi]
-                if step is not None:
+                if None not in steps[gi]:  # (one count per param; calls share theirs)
                     r.steps = list(map(operator.itemgetter("step"), r.dicts))
                     r.step_ptrs = x.data_ptrs(r.steps)
                     if (r.step_ptrs is None or any(t.dim() != 0 for t in r.steps)
@@ -1696,11 +1700,12 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     vals = list(map(operator.itemgetter("step"), dicts))
                     if not _same_objects(vals, r.steps) or x.data_ptrs(vals) != r.step_ptrs:
                         return False
-                    counts = np.array(r.step_views)  # (their memory checked just above)
-                    step = float(counts.min()) + 1
-                    if float(counts.max()) + 1 != step or not (step >= 1 and math.isfinite(step)):
+                    # each param's new count, as the format path's float(old) + 1 (their
+                    # memory checked just above)
+                    new = np.array(r.step_views, dtype=np.float64) + 1
+                    if not (new >= 1).all() or not np.isfinite(new).all():
                         return False  # (the format path names a bad count)
-                    steps[gi] = step
+                    steps[gi] = new
             except (KeyError, TypeError):
                 return False
             hypers[gi] = hyper if scale == 1.0 else dict(hyper, grad_scale=scale)
@@ -1708,16 +1713,23 @@ class _FusedOptimizer(torch.optim.Optimizer):
             gstarts += gptrs
             gbytes += r.nbytes
         calls = []
-        sr_next: dict[int, int] = {}
+        sr_next: dict[tuple[int, int], int] = {}  # (group, counter) -> next element index
         for c in plan.calls:
             group, r = self.param_groups[c.gi], plan.groups[c.gi]
             hyper = dict(hypers[c.gi])
-            step = steps.get(c.gi)
+            step = None
+            if c.gi in steps:
+                # A call's params stepped together (its kernel step or stochastic-rounding
+                # counter is theirs): one count, as when recorded, unless edited since.
+                counts = steps[c.gi][c.pos]
+                step = float(counts[0])
+                if (self._kernel_step or c.sr) and (counts != step).any():
+                    return False
             if c.master:
                 hyper["param_copies"] = c.copies
             if c.sr:
-                first = sr_next.get(c.gi, 0)
-                sr_next[c.gi] = first + sum(a.size for a in c.params)
+                first = sr_next.get((c.gi, int(step)), 0)
+                sr_next[(c.gi, int(step))] = first + sum(a.size for a in c.params)
                 hyper["stochastic_rounding"] = (int(_opt(group, "sr_seed")), int(step), first)
             gptrs = grads[c.gi][1]
             calls.append((F, group, hyper, self._format_kernel_step(r.names, set(), step),
@@ -1742,9 +1754,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
             if r is None or not r.sub:
                 continue
             if r.steps is not None:
-                step = steps[gi]
-                for a in r.step_views:  # as the format path's fill_(old + 1)
-                    a[()] = step
+                for a, step in zip(r.step_views, steps[gi]):  # as the format path's
+                    a[()] = step                             # fill_(old + 1)
             if not x.bump_versions(r.sub):
                 increment_version(r.sub)
         self._snapshot = None
