@@ -58,9 +58,9 @@ PyObject* neither() { return Py_BuildValue("(OO)", Py_None, Py_None); }
 //   autograd metadata, its gradient's TensorImpl, StorageImpl and Python object). The previous
 //   step's kernels streamed far more memory than the caches hold, so every link misses, and
 //   each miss was waited for before the next link's address was known. So while a pass checks
-//   item i, it prefetches the chains of the items ahead, one link per kLookahead items: the
-//   first link of item i + kLevels * kLookahead, the second of the item kLookahead closer, and
-//   so on, each read from what the link before brought in. A prefetch never faults and
+//   item i, it prefetches the chains of the items ahead, one link per kLookahead items: with
+//   L links, the first link of item i + L * kLookahead, the second of the item kLookahead
+//   closer, and so on, each read from what the link before brought in. A prefetch never faults and
 //   decides nothing: the checks read everything again. grads() may run Python code (wrapping
 //   a gradient allocates, and a collection may run finalizers), so warm_param starts each link
 //   again from the list and keeps nothing; same_pointers runs no Python code and keeps the
