@@ -373,6 +373,58 @@ def test_same_pointers_survives_a_lookup_that_runs_python_code():
     assert run.stdout.split() == ["False/not-run"] * 10, run.stdout
 
 
+# grads() wraps each gradient in a Python object; a gradient that backward made in C++ has none
+# yet, so wrapping it allocates, which may run a collection, whose finalizers may run Python
+# code: here one that empties the list of params (and the metadata lists) part-way. The pass
+# (with its lookahead prefetch, Note [lookahead prefetch]) must read nothing freed and decline.
+GRADS_UNDER_COLLECTION_CODE = r"""
+import gc
+import torch
+import fastoptim.torch as ft
+X = ft._X
+
+class Clears:
+    def __init__(self, lists):
+        self.lists = lists
+        self.cycle = self
+    def __del__(self):
+        for lst in self.lists:
+            lst.clear()
+
+def case(n, threshold):
+    params = [torch.randn(64).requires_grad_() for _ in range(n)]
+    sum((p * p).sum() for p in params).backward()  # gradients without Python objects yet
+    lists = [params, [p.dtype for p in params], [p.shape for p in params],
+             [p.stride() for p in params]]
+    gc.collect()
+    gc.disable()
+    Clears(lists)  # garbage in a cycle: freed by the next collection
+    gc.set_threshold(threshold)  # which allocation (of the call's) starts the collection
+    gc.enable()
+    try:
+        grads, ptrs = X.grads(*lists)
+    finally:
+        gc.set_threshold(700)
+    gc.collect()
+    return f"{grads is None}/{ptrs is None}/{len(params)}"
+
+print(*(case(n, t) for n in (3, 40) for t in range(1, 12)))
+"""
+
+
+@needs_ext
+def test_grads_survives_a_collection_that_empties_its_lists():
+    env = dict(os.environ, PYTHONMALLOC="debug")
+    run = subprocess.run([sys.executable, "-c", GRADS_UNDER_COLLECTION_CODE], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    answers = run.stdout.split()
+    # A collection during the pass (it empties the lists) makes it decline: (None, None); one
+    # before or after it gives two lists. Both happen over the thresholds tried (with 40
+    # params, collections at the later gradients, the lookahead running), and nothing else.
+    assert set(answers) == {"False/False/0", "True/True/0"}, answers
+
+
 @needs_ext
 def test_data_ptrs_is_data_ptr_of_each_tensor_or_declines():
     ts = [torch.randn(3), torch.nn.Parameter(torch.randn(2)), torch.randn(8)[2:],
