@@ -523,6 +523,49 @@ def test_bad_callable_lr_value_changes_nothing(bad):
     assert_same_snapshot(before, snapshot(opt))
 
 
+def test_unchanged_hyperparameters_are_checked_once(monkeypatch):
+    """Note [Hyperparameters checked once]: a group is checked again only when a value changed
+    (type or value), or when it has one that could change in place (betas in a list)."""
+    params = make_params([(4,), (3,)], np.float32)
+    opt = optim.Adam([{"params": params[:1]}, {"params": params[1:], "betas": [0.8, 0.9]}])
+    checked = []
+    real = opt._check_group
+    monkeypatch.setattr(opt, "_check_group", lambda group, where: (checked.append(where),
+                                                                   real(group, where)))
+    grads = make_grads(params, 1)[0]
+    for _ in range(3):
+        opt.step(grads)
+    # group 0 once; group 1 (a list of betas) every step
+    assert checked == ["param_groups[0]", "param_groups[1]", "param_groups[1]",
+                       "param_groups[1]"]
+    opt.param_groups[0]["lr"] = 0.01  # a new value: checked again, once
+    opt.step(grads)
+    opt.step(grads)
+    assert checked.count("param_groups[0]") == 2
+
+
+@pytest.mark.parametrize("edit, error, match", [
+    (lambda g: g[0].update(lr=-1.0), ValueError, r"param_groups\[0\]\['lr'\]"),
+    (lambda g: g[0].update(maximize=0), TypeError, r"param_groups\[0\]\['maximize'\]"),
+    (lambda g: g[0].update(amsgrad=1), TypeError, r"param_groups\[0\]\['amsgrad'\]"),
+    (lambda g: g[0].update(eps=np.float32(math.nan)), ValueError, r"\['eps'\]"),
+    (lambda g: g[0].update(betas=(0.9, 1)), ValueError, r"\['betas'\]\[1\]"),
+    (lambda g: g[0].pop("eps"), ValueError, "has no hyperparameter 'eps'"),
+    (lambda g: g[1]["betas"].__setitem__(0, 1.5), ValueError, r"param_groups\[1\]\['betas'\]"),
+])
+def test_a_hyperparameter_edited_after_steps_is_checked_with_nothing_written(edit, error, match):
+    params = make_params([(4,), (3,)], np.float32)
+    opt = optim.Adam([{"params": params[:1]}, {"params": params[1:], "betas": [0.8, 0.9]}])
+    grads = make_grads(params, 1)[0]
+    for _ in range(3):
+        opt.step(grads)
+    edit(opt.param_groups)
+    before = snapshot(opt)
+    with pytest.raises(error, match=match):
+        opt.step(grads)
+    assert_same_snapshot(before, snapshot(opt))
+
+
 def test_param_groups_edits_take_effect_like_torch():
     p = make_params([(6,)], np.float64)[0]
     p0 = p.copy()
