@@ -1573,14 +1573,12 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 steps.setdefault(gi, set()).add(e.step)
             masters.setdefault(gi, set()).add(master)
             states = {n: [e.states[n] for e in entries] for n in entries[0].states}
-            gdtypes = {e.grad.dtype for e in entries}
-            if len(gdtypes) != 1:  # (the kernel refuses that; not reached)
-                return None
             calls.append(_FormatCall(gi, master, counter is not None, positions,
                                      np.array(positions, dtype=np.intp),
                                      [e.param for e in entries],
                                      [e.copy for e in entries] if master else None, states,
-                                     np.empty(0, gdtypes.pop())))
+                                     # (the call ran: its grads share one dtype)
+                                     np.empty(0, entries[0].grad.dtype)))
         for gi, group in enumerate(self.param_groups):
             params = group["params"]
             if not params:
