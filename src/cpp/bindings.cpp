@@ -207,6 +207,21 @@ struct Interval {
   bool written;
 };
 
+// One data pointer of the pointer forms (Note [pointer path], Note [grad pointers]) for an
+// array of `size` elements of `itemsize` bytes: non-null where there is data and aligned to
+// the element size (else a ValueError naming label(), from `fn`); its span joins `spans`.
+template <class Label>
+void add_pointer_span(std::vector<Interval>& spans, const char* fn, const Label& label,
+                      uintptr_t ptr, int64_t size, int64_t itemsize, int arg, int64_t index,
+                      bool written) {
+  if (size <= 0) return;
+  if (ptr == 0 || ptr % static_cast<uintptr_t>(itemsize) != 0) {
+    throw py::value_error(std::string(fn) + ": " + label() + " is not a valid pointer aligned to " +
+                          std::to_string(itemsize) + " bytes");
+  }
+  spans.push_back({ptr, ptr + static_cast<uintptr_t>(size * itemsize), arg, index, written});
+}
+
 // Note [overlap order cache]
 //   Every call checks that no span it writes overlaps any other span of the call (Note
 //   [aliasing]): the spans sorted by start, then one sweep. fastoptim.torch and training
@@ -367,14 +382,9 @@ class CallBuilder {
     const int64_t itemsize = kElemSize[elem];
     ptrs.resize(n);
     for (int64_t i = 0; i < n; ++i) {
-      const uintptr_t ptr = gp.ptrs[i];
-      const int64_t size = offsets_[i + 1] - offsets_[i];
-      if (size > 0 && (ptr == 0 || ptr % static_cast<uintptr_t>(itemsize) != 0)) {
-        value_error(std::string(fn_) + ": " + label(arg, i) + " is not a valid pointer aligned to " +
-                    std::to_string(itemsize) + " bytes");
-      }
-      if (size > 0) intervals_.push_back({ptr, ptr + static_cast<uintptr_t>(size * itemsize), arg, i, false});
-      ptrs[i] = reinterpret_cast<void*>(ptr);
+      add_pointer_span(intervals_, fn_, [&] { return label(arg, i); }, gp.ptrs[i],
+                       offsets_[i + 1] - offsets_[i], itemsize, arg, i, false);
+      ptrs[i] = reinterpret_cast<void*>(gp.ptrs[i]);
     }
   }
 
@@ -1263,13 +1273,8 @@ struct PointerArrays {
     for (int64_t i = 0; i < n; ++i) {
       const auto ptr = reinterpret_cast<uintptr_t>(PyLong_AsVoidPtr(PyList_GET_ITEM(ptrs.ptr(), i)));
       if (PyErr_Occurred()) throw py::error_already_set();
-      const int64_t size = offsets[i + 1] - offsets[i];
-      if (size > 0 && (ptr == 0 || ptr % static_cast<uintptr_t>(itemsize) != 0)) {
-        value_error(std::string(fn) + ": " + name + "[" + std::to_string(i) +
-                    "] is not a valid pointer aligned to " + std::to_string(itemsize) + " bytes");
-      }
-      if (size > 0)
-        intervals.push_back({ptr, ptr + static_cast<uintptr_t>(size * itemsize), slot, i, written});
+      add_pointer_span(intervals, fn, [&] { return std::string(name) + "[" + std::to_string(i) + "]"; },
+                       ptr, offsets[i + 1] - offsets[i], itemsize, slot, i, written);
       out[i] = reinterpret_cast<void*>(ptr);
     }
   }
