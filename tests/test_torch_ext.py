@@ -364,13 +364,20 @@ print(case(-1, nothing), case(0, nothing), case(-1, drop_tensors), case(0, drop_
 """
 
 
+def run_under_debug_malloc(code):
+    """The words `code` prints, run in a child with PYTHONMALLOC=debug (freed memory filled
+    with a pattern: a freed object read by the extension crashes the child)."""
+    env = dict(os.environ, PYTHONMALLOC="debug")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout.split()
+
+
 @needs_ext
 def test_same_pointers_survives_a_lookup_that_runs_python_code():
-    env = dict(os.environ, PYTHONMALLOC="debug")
-    run = subprocess.run([sys.executable, "-c", SAME_POINTERS_UNDER_LOOKUP_CODE], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.split() == ["False/not-run"] * 10, run.stdout
+    answers = run_under_debug_malloc(SAME_POINTERS_UNDER_LOOKUP_CODE)
+    assert answers == ["False/not-run"] * 10, answers
 
 
 # grads() wraps each gradient in a Python object; a gradient that backward made in C++ has none
@@ -414,11 +421,7 @@ print(*(case(n, t) for n in (3, 40) for t in range(1, 12)))
 
 @needs_ext
 def test_grads_survives_a_collection_that_empties_its_lists():
-    env = dict(os.environ, PYTHONMALLOC="debug")
-    run = subprocess.run([sys.executable, "-c", GRADS_UNDER_COLLECTION_CODE], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    answers = run.stdout.split()
+    answers = run_under_debug_malloc(GRADS_UNDER_COLLECTION_CODE)
     # A collection during the pass (it empties the lists) makes it decline: (None, None); one
     # before or after it gives two lists. Both happen over the thresholds tried (with 40
     # params, collections at the later gradients, the lookahead running), and nothing else.
