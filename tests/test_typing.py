@@ -77,25 +77,23 @@ def test_reference_annotations_are_the_functional_ones(name):
 # -- the stub against the module ---------------------------------------------------------------
 
 def _stub():
-    """The stub's functions (name -> ast.FunctionDef) and variables; none when it is missing
-    (test_py_typed_and_the_stub_ship_with_the_package reports that)."""
+    """The stub's functions (name -> ast.FunctionDef), variables and classes; none when it is
+    missing (test_py_typed_and_the_stub_ship_with_the_package reports that)."""
     path = PACKAGE / "_core.pyi"
     tree = ast.parse(path.read_text() if path.is_file() else "")
     functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
     variables = {node.target.id for node in tree.body
                  if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)}
-    return functions, variables
+    classes = {node.name for node in tree.body if isinstance(node, ast.ClassDef)}
+    return functions, variables, classes
 
 
 def test_stub_names_are_the_module_names():
-    functions, variables = _stub()
+    functions, variables, classes = _stub()
     runtime = {name for name in dir(_core) if not name.startswith("__")}
     if not _core.info()["cuda"]["built"]:
         assert not runtime & CUDA_ONLY
         runtime |= CUDA_ONLY
-    path = PACKAGE / "_core.pyi"
-    classes = {node.name for node in ast.parse(path.read_text() if path.is_file() else "").body
-               if isinstance(node, ast.ClassDef)}  # (_GradPointers)
     assert set(functions) | variables | classes == runtime
     assert not set(functions) & variables
     for name in (set(functions) | classes) & runtime - CUDA_ONLY:
