@@ -568,7 +568,8 @@ class _Gathered:
     """One group's part of a step: its params with gradients, and the gradients' views once
     a call needs them."""
 
-    __slots__ = ("gi", "group", "cache", "idx", "grads", "views", "hyper", "checked", "gptrs")
+    __slots__ = ("gi", "group", "cache", "idx", "grads", "views", "hyper", "checked", "gptrs",
+                 "same")
 
     def __init__(self, gi: int, group: dict[str, Any], cache: _GroupCache, idx: range | list[int],
                  grads: list[Any], hyper: dict[str, Any]) -> None:
@@ -583,6 +584,9 @@ class _Gathered:
         #: the gradients' data pointers when _torch_ext found them all matching their params
         #: (Note [torch extension]), else None
         self.gptrs: list[int] | None = None
+        #: ``(c.full, c.dicts)`` when _torch_ext found every state dict holding its bound
+        #: tensors (``_check_bound``), else None
+        self.same: tuple[Any, Any] | None = None
 
 
 class _Written:
@@ -1678,8 +1682,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 return False
             # The gradients against the params' recorded dtypes, shapes and strides, and the
             # params' memory (a param's metadata is not read again: see the Note).
-            gl, gptrs = x.grads(sub, r.dtypes, r.shapes, r.strides)
-            if gptrs is None or x.data_ptrs(sub) != r.pptrs:
+            gl, gptrs, pptrs, _ = x.gather(sub, r.dtypes, r.shapes, r.strides, None, (), (),
+                                           _core.get_num_threads())
+            if gptrs is None or pptrs != r.pptrs:
                 return False
             if not same_state and not _same_objects(list(map(self.state.get, sub)), r.dicts):
                 return False
@@ -1825,12 +1830,15 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self._checked[id(group)] = (group, (hyper, names))
         return hyper
 
-    def _cache(self, group: dict[str, Any]) -> _GroupCache:
+    def _cache(self, group: dict[str, Any], ptrs: list[int] | None = None) -> _GroupCache:
+        """The group's cache, rebuilt when its params or state names changed. ``ptrs``: the
+        params' data pointers, when _torch_ext's gather has just read them."""
         names = self._state_names(group)
         c = self._caches.get(id(group))
         dtensor = c is not None and c.dtensor
         x = _ext()
-        ptrs = x.data_ptrs(group["params"]) if x is not None and not dtensor else None
+        if ptrs is None:
+            ptrs = x.data_ptrs(group["params"]) if x is not None and not dtensor else None
         if ptrs is None:
             ptrs = list(map(_local_ptr if dtensor else _data_ptr, group["params"]))
         if c is None or c.group is not group or c.names != names or c.ptrs != ptrs:
@@ -1843,14 +1851,25 @@ class _FusedOptimizer(torch.optim.Optimizer):
         """Check one group's gradients (``.grad``, or ``grads``), parameters and
         hyperparameters; writes nothing."""
         params = group["params"]
-        gptrs = known = None
+        gptrs = pptrs = same = known = None
         x = _ext() if grads is None and _P is not None else None
         if x is not None:
             # Note [torch extension]: the gradients and, when they all match the cached
-            # metadata of their params, their pointers, in one C++ pass.
+            # metadata of their params, their pointers, the params' pointers, and whether the
+            # state dicts hold the bound tensors, in one C++ pass.
             known = self._caches.get(id(group))
             if known is not None and not known.dtensor:
-                grads, gptrs = x.grads(params, known.grad_dtypes, known.shapes, known.strides)
+                full = known.full
+                if (known.gen == self._gen and full is not None and full.by_key
+                        and isinstance(known.dicts, list)):
+                    bound = (known.dicts, self._keys(known.names), tuple(full.by_key))
+                else:
+                    bound = (None, (), ())
+                grads, gptrs, pptrs, same = x.gather(params, known.grad_dtypes, known.shapes,
+                                                     known.strides, *bound,
+                                                     _core.get_num_threads())
+                # (_check_bound's comparison, when it found them all bound)
+                same = (full, known.dicts) if same is True else None
         if grads is None:
             grads = list(map(_grad_of, params))
         if gptrs is not None or all(map(operator.is_not, grads, repeat(None))):
@@ -1862,7 +1881,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 return None
             grads = [grads[i] for i in idx]
         hyper = self._dry_run(group, gi)
-        c = self._cache(group)
+        c = self._cache(group, pptrs)
         if c.dtensor:
             grads = list(map(_local, grads))
         if any(c.errors):
@@ -1873,6 +1892,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         item = _Gathered(gi, group, c, idx, grads, hyper)
         if c is known:  # (a rebuilt cache may expect other metadata)
             item.gptrs = gptrs
+            item.same = same
         return item
 
     def _views(self, item: _Gathered) -> list[np.ndarray]:
@@ -1976,7 +1996,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         group, c, idx, hyper = item.group, item.cache, item.idx, item.hyper
         everyone = len(idx) == len(group["params"])
         if c.names or self._with_step:
-            self._check_bound(group, c, idx, everyone)
+            self._check_bound(group, c, idx, everyone, item.same)
         if c.pending or not everyone or not c.one_dtype:
             return self._plan_split(item)
         if c.full is None:
@@ -2033,8 +2053,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
         return params, keys
 
     def _check_bound(self, group: dict[str, Any], c: _GroupCache, idx: range | list[int],
-                     everyone: bool) -> None:
-        """Bind every param of idx whose state tensors are not the ones its views show."""
+                     everyone: bool, same: tuple[Any, Any] | None = None) -> None:
+        """Bind every param of idx whose state tensors are not the ones its views show.
+        ``same``: ``(c.full, c.dicts)`` as they were when _torch_ext's gather found every
+        state dict holding the bound tensors (Note [torch extension])."""
         params = group["params"]
         if c.store is not None and _data_ptr(c.store) != c.store_ptr:
             # Note [Step store moves]: store_np views freed memory; view the store again
@@ -2052,6 +2074,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
         full = c.full
         if everyone and full is not None and full.by_key:
             # The common case: one list of pointers per state key, no tuple per param.
+            if same is not None and same[0] is full and same[1] is c.dicts:
+                return  # compared in _gather's pass, and nothing has been bound since
             x = _ext()
             if (x is not None and not c.dtensor and isinstance(dicts, list)
                     and x.same_pointers(dicts, self._keys(c.names), tuple(full.by_key))):
