@@ -341,7 +341,7 @@ def test_gather_compares_the_states_of_as_many_dicts_as_params():
     assert out[3] is True and out[1] is None and out[2] == [p.data_ptr() for p in params]
 
 
-def split_case(n, change):
+def changed_case(n, change):
     """n params with gradients and state dicts, after change(params, dicts) edits them; their
     metadata and expected pointers as before the change."""
     params = [torch.randn(2).requires_grad_() for _ in range(n)]
@@ -382,31 +382,23 @@ def _no_storage(params, dicts, i):
 @needs_ext
 @pytest.mark.parametrize("change", [None, _no_grad, _grad_dtype, _state_moved, _state_odd_key,
                                     _not_a_tensor, _no_storage])
-@pytest.mark.parametrize("where", [0, 1000, 1500, 2999])
-def test_gather_split_over_threads_answers_as_one_thread(change, where):
-    """Note [one walk]: 3,000 params split in up to four parts (each at least kMinPartSize,
-    640) give the answers of one thread, whichever part holds the change."""
-    args = split_case(3000, (lambda p, d: None) if change is None else
+@pytest.mark.parametrize("where", [0, 1, 15, 16, 500, 1999])
+def test_gather_finds_a_change_at_any_place(change, where):
+    """A change at the first items (the lookahead not yet running), in the middle or at the
+    last item (the lookahead past the end) of 2,000 params, in the params or the dicts."""
+    args = changed_case(2000, (lambda p, d: None) if change is None else
                       (lambda p, d: change(p, d, where)))
-    one = X.gather(*args, 1)
-    for threads in (2, 3, 4, 64):
-        out = X.gather(*args, threads)
-        assert len(out) == 4
-        if one[0] is None:
-            assert out == one
-            continue
-        assert all(a is b for a, b in zip(out[0], one[0])) and len(out[0]) == len(one[0])
-        assert out[1:] == one[1:]
-    if change is None:
-        params, dicts = args[0], args[4]
-        assert one[1] == [p.grad.data_ptr() for p in params]
-        assert one[2] == [p.data_ptr() for p in params] and one[3] is True
-    elif change is _not_a_tensor:
-        assert one == (None,) * 4
-    else:
-        assert (one[1] is None) == (change in (_no_grad, _grad_dtype, _no_storage))
-        assert (one[2] is None) == (change is _no_storage)
-        assert one[3] is (change not in (_state_moved, _state_odd_key))
+    params = args[0]
+    out = X.gather(*args)
+    if change is _not_a_tensor:
+        assert out == (None,) * 4
+        return
+    assert all(g is p.grad for g, p in zip(out[0], params)) and len(out[0]) == len(params)
+    no_grad_ptrs = change in (_no_grad, _grad_dtype, _no_storage)
+    assert out[1] == (None if no_grad_ptrs else [p.grad.data_ptr() for p in params])
+    assert out[2] == (None if change is _no_storage else [p.data_ptr() for p in params])
+    assert out[3] is (change not in (_state_moved, _state_odd_key))
+    assert out[3] is X.same_pointers(*args[4:])
 
 
 @needs_ext

@@ -63,25 +63,29 @@ Note [torch extension]
     ``fastoptim._torch_ext`` (src/torch/torch_ext.cpp) is built against the headers and
     libraries of the torch that the installing Python has (src/torch/torch.cmake) and loaded
     (``_X``) only under that very torch version, unless ``FASTOPTIM_TORCH_EXT=0``. It reads
-    tensors' metadata from torch's C++ objects instead of through torch's Python bindings, in
-    four passes of the step over a group: the params' data pointers (``_cache``), the gradients
-    with their pointers when every one matches its param's cached dtype, shape and strides
-    and is a plain dense CPU tensor (``_gather``; what ``_grads_match`` checks), each state
-    key's pointers against the bound ones (``_check_bound``), and the params' version counters
-    (``increment_version``). Each answers exactly what the Python pass answers, or declines
-    (None or False: a non-tensor, a missing key, a mismatch), and the Python pass then runs and
-    finds and names the problem as before. It reads only plain tensors (``torch.Tensor`` and
-    ``nn.Parameter``) and is not called while a TorchFunctionMode is active (``_ext()``): a
-    subclass or a mode may override ``.grad`` or ``data_ptr()`` in Python, which torch's
-    bindings honour and C++ reads would not; tests/test_torch_ext.py compares them on a zoo of
-    tensors, and the pointer path's tests run with and without it. The gradients it returns
-    are Python references held by the step while the kernel runs without the GIL, as before.
-    A dict lookup (a key's ``__eq__``) or a gradient's wrapping (a collection) may run Python
-    code that changes the lists it was given or drops a state dict: it holds each dict while
-    looking it up, measures the lists again after each such call, and reads only exact ints, so
-    it never reads a freed object (tests/test_torch_ext.py runs such cases with
-    ``PYTHONMALLOC=debug``). What it saves and what remains (cache misses on torch's objects, which every step must
-    read since any of them may have changed): docs/torch.md, Performance.
+    tensors' metadata from torch's C++ objects instead of through torch's Python bindings. In
+    ``_gather``, one walk over a group (``gather``, Note [one walk] in the C++) returns the
+    gradients, their pointers when every one matches its param's cached dtype, shape and strides
+    and is a plain dense CPU tensor (what ``_grads_match`` checks), the params' data pointers
+    (for ``_cache``) and whether every state key's tensor is the bound one (for
+    ``_check_bound``, which then compares nothing). After the kernel, ``bump_versions`` stands
+    in for ``increment_version``. Where the walk could not be asked (a rebuilt cache, a param
+    bound anew), ``data_ptrs`` and ``same_pointers`` answer the one question. Each answers
+    exactly what the Python pass answers, or declines (None or False: a non-tensor, a missing
+    key, a mismatch), and the Python pass then runs and finds and names the problem as before.
+    It reads only plain tensors (``torch.Tensor`` and ``nn.Parameter``) and is not called while
+    a TorchFunctionMode is active (``_ext()``): a subclass or a mode may override ``.grad`` or
+    ``data_ptr()`` in Python, which torch's bindings honour and C++ reads would not;
+    tests/test_torch_ext.py compares them on a zoo of tensors, and the pointer path's tests run
+    with and without it. The gradients it returns are Python references held by the step while
+    the kernel runs without the GIL, as before. A dict lookup (a key's ``__eq__``) or a
+    gradient's wrapping (a collection) may run Python code that changes the lists it was given
+    or drops a state dict: it walks each dict's entries instead of looking keys up (declining a
+    dict with a key that is not an exact str), reads only exact ints, and wraps the gradients
+    only once everything is read, so it never reads a freed object (tests/test_torch_ext.py runs
+    such cases with ``PYTHONMALLOC=debug``). What it saves and what remains (cache misses on
+    torch's objects, which every step must read since any of them may have changed):
+    docs/torch.md, Performance.
 
 Note [A param's layout changed under its cache]
     A group's cache is re-made when a param's data pointer changes (Note [Views are cached]),
@@ -695,7 +699,7 @@ class _Written:
 #     * the params without a gradient are the recorded ones (frozen or unused params: they do
 #       not step, as on the format path), and every other param has a gradient that is a plain
 #       dense CPU tensor with the param's recorded dtype, shape and strides, without the
-#       negative or conjugate bit (``_torch_ext.grads``);
+#       negative or conjugate bit (``_torch_ext.gather``);
 #     * every param's data pointer, state dict (not looked up again while ``self.state``
 #       holds the same keys and dicts, as objects, as after the last format step), state
 #       object (each bound key, the master weight) and that state's data pointer (a
@@ -1682,8 +1686,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 return False
             # The gradients against the params' recorded dtypes, shapes and strides, and the
             # params' memory (a param's metadata is not read again: see the Note).
-            gl, gptrs, pptrs, _ = x.gather(sub, r.dtypes, r.shapes, r.strides, None, (), (),
-                                           _core.get_num_threads())
+            gl, gptrs, pptrs, _ = x.gather(sub, r.dtypes, r.shapes, r.strides, None, (), ())
             if gptrs is None or pptrs != r.pptrs:
                 return False
             if not same_state and not _same_objects(list(map(self.state.get, sub)), r.dicts):
@@ -1866,8 +1869,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 else:
                     bound = (None, (), ())
                 grads, gptrs, pptrs, same = x.gather(params, known.grad_dtypes, known.shapes,
-                                                     known.strides, *bound,
-                                                     _core.get_num_threads())
+                                                     known.strides, *bound)
                 # (_check_bound's comparison, when it found them all bound)
                 same = (full, known.dicts) if same is True else None
         if grads is None:

@@ -24,17 +24,13 @@
 #include <Python.h>
 
 #include <cstdint>
-#include <algorithm>
 #include <optional>
-#include <system_error>
-#include <thread>
 #include <vector>
 
 namespace {
 
-// The value of an exact int, false when it does not fit in a long long. Never sets Python's
-// error indicator (PyLong_AsLongLongAndOverflow reports an overflow in its flag), so it may run
-// off the thread that holds the GIL (Note [one walk]).
+// The value of an exact int, false when it does not fit in a long long (reported in a flag,
+// not as a Python exception to clear).
 bool exact_int(PyObject* obj, long long* out) {
   if (!PyLong_CheckExact(obj)) return false;  // (a subclass's __index__ runs Python)
   int overflow = 0;
@@ -64,20 +60,21 @@ PyObject* declined() { return Py_BuildValue("(OOOO)", Py_None, Py_None, Py_None,
 
 // Note [lookahead prefetch]
 //   Each pass below follows, for every item of a list, a chain of objects: a state dict, its
-//   table, a tensor's Python object, its TensorImpl, its StorageImpl (for a param: its
-//   autograd metadata, its gradient's TensorImpl, StorageImpl and Python object). The previous
-//   step's kernels streamed far more memory than the caches hold, so every link misses, and
-//   each miss was waited for before the next link's address was known. So while a pass checks
-//   item i, it prefetches the chains of the items ahead, one link per kLookahead items: with
-//   L links, the first link of item i + L * kLookahead, the second of the item kLookahead
-//   closer, and so on, each read from what the link before brought in. A prefetch never faults and
-//   decides nothing: the checks read everything again. warm_param starts each link again
-//   from the list and keeps nothing (data_ptrs allocates as it goes); StateWalk keeps the
-//   values it found (its comment), as no Python code runs in its loops. Measured on 2,000 tensors of 4,096 elements after a cache
-//   flush (median of 30, 1 thread): same_pointers 1.56 -> 0.62 ms (the walk of values_of
-//   included), grads 0.79 -> 0.49, data_ptrs 0.34 -> 0.17; the whole step, interleaved
-//   with the previous build of this file in one process, 0.84-0.93x as long at 1 and 2
-//   threads. 2 to 8 items per link measured the same.
+//   table, a tensor's Python object, its TensorImpl, its StorageImpl (for a param: its autograd
+//   metadata, its gradient's TensorImpl, StorageImpl and Python object). The previous step's
+//   kernels streamed far more memory than the caches hold, so every link misses, and each miss
+//   was waited for before the next link's address was known. So while a pass checks item i, it
+//   prefetches the chains of the items ahead, one link per kLookahead items: with L links, the
+//   first link of item i + L * kLookahead, the second of the item kLookahead closer, and so on,
+//   each read from what the link before brought in. A prefetch never faults and decides
+//   nothing: the checks read everything again. warm_param starts each link again from the list
+//   and keeps nothing (data_ptrs allocates as it goes); StateWalk keeps the values it found
+//   (its comment), as no Python code runs in its loops. Measured on 2,000 tensors of 4,096
+//   elements after a cache flush (median of 30, 1 thread): same_pointers 1.56 -> 0.62 ms (the
+//   walk of values_of included), the gradients pass (grads, now part of gather) 0.79 -> 0.49,
+//   data_ptrs 0.34 -> 0.17; the whole step, interleaved with the previous build of this file in
+//   one process, 0.84-0.93x as long at 1 and 2 threads. 2 to 8 items per link measured the
+//   same.
 constexpr Py_ssize_t kLookahead = 4;
 
 inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
@@ -133,22 +130,23 @@ void warm_param(PyObject* params, Py_ssize_t j, int level, bool grad) {
 //   bound tensors. Asked in three passes (grads, data_ptrs, same_pointers), each pass waited
 //   for its own cache misses; gather() follows the params' chains and the state dicts' chains
 //   in one loop, so the misses of both are in flight together, and reads each param once.
-//   The loop runs no Python code and calls nothing that does: it allocates no Python object,
-//   wraps no gradient (it holds each as an at::Tensor) and never sets Python's error state
-//   (exact_int). So nothing can change its lists or free a state dict's values while it reads
-//   them (StateWalk keeps the values it found a few dicts ahead), and it can run off the
-//   calling thread: with `threads` > 1 and enough params, the range is split and the parts
-//   run at once, the first on the calling thread, each on its own core's misses, while the
-//   calling thread keeps the GIL, so no Python code runs anywhere until they are joined. The
-//   results are built after the loop, where wrapping a gradient may run a collection.
+//   The loop runs no Python code and calls nothing that does: it allocates no Python object
+//   and wraps no gradient (it holds each as an at::Tensor). So nothing can change its lists or
+//   free a state dict's values while it reads them (StateWalk keeps the values it found a few
+//   dicts ahead). The results are built after the loop, where wrapping a gradient may run a
+//   collection.
 //   Measured on 2,000 tensors of 4,096 elements and their Adam states, after a 128 MB stream
 //   (medians of 40, three runs, the slow 2-core VM): the three passes 2.2-3.1 ms, gather
-//   1.9-2.1 ms on one thread and 1.5-1.6 ms split in two; in cache 0.72-0.95, 0.81-0.83 and
-//   0.52-1.1 ms. The whole step, against the previous torch.py and extension in one process
-//   (steps interleaved with the raw call, 40 rounds): 0.83-0.87x as long at 2 threads (three
-//   runs), 0.94x at 1.
+//   1.9-2.1 ms; in cache 0.72-0.95 and 0.81-0.83 ms. The whole step, against the previous
+//   torch.py and extension in one process (steps interleaved with the raw call, 40 rounds):
+//   0.93-0.97x as long (four runs, 1 and 2 threads).
+//   Splitting the walk over two threads was tried and not kept: with a new thread per call
+//   (212 us to start and join, median, on this VM, which wakes an idle core) it saved 0.46 ms
+//   after a cache flush, but cost 1 ms when torch's OpenMP threads were still spinning on the
+//   other core (after a torch op); through at::parallel_for it ran on one thread, as this
+//   module is not built with OpenMP.
 
-// What one range of gather's loop found (a range's walk sets these only to false).
+// What gather's loop found (it sets these only to false).
 struct Found {
   bool read = true;   // every param a plain tensor torch could read (else gather declines)
   bool match = true;  // every gradient present and matching its metadata
@@ -158,9 +156,8 @@ struct Found {
 
 // The params' side of gather(): param i's gradient, checked against dtypes[i], shapes[i] and
 // strides[i] (what torch.py's _grads_match asks; the gradient's Python type is checked once it
-// is wrapped, in result), and param i's data pointer. warm() and visit() read only, run no
-// Python code (Note [one walk]) and write only item i of the vectors, so ranges may run on
-// several threads at once; visit may throw c10::Error (a tensor torch cannot read).
+// is wrapped, in result), and param i's data pointer. warm() and visit() read only and run no
+// Python code (Note [one walk]); visit may throw c10::Error (a tensor torch cannot read).
 class ParamWalk {
  public:
   ParamWalk(PyObject* params, PyObject* dtypes, PyObject* shapes, PyObject* strides)
@@ -170,12 +167,12 @@ class ParamWalk {
 
   Py_ssize_t size() const { return n_; }
 
-  // Note [lookahead prefetch]: the links of the params of [lo, hi) ahead of item i.
-  void warm(Py_ssize_t i, Py_ssize_t lo, Py_ssize_t hi) const {
+  // Note [lookahead prefetch]: the links of the params ahead of item i (i may be negative).
+  void warm(Py_ssize_t i) const {
     for (int level = 0; level < 5; ++level)
-      if (const Py_ssize_t j = i + (5 - level) * kLookahead; j >= lo && j < hi)
+      if (const Py_ssize_t j = i + (5 - level) * kLookahead; j >= 0)
         warm_param(params_, j, level, true);
-    if (const Py_ssize_t j = i + 5 * kLookahead; j >= lo && j < hi) {
+    if (const Py_ssize_t j = i + 5 * kLookahead; j >= 0 && j < n_) {
       prefetch(PyList_GET_ITEM(shapes_, j));
       prefetch(PyList_GET_ITEM(strides_, j));
     }
@@ -212,7 +209,7 @@ class ParamWalk {
   }
 
   // (grads, gradient pointers or None, param pointers or None, same), built after the loop
-  // (f: all ranges' findings) on the calling thread: wrapping a gradient may run Python code
+  // (f: what it found): wrapping a gradient may run Python code
   // (a collection), which can no longer change what was read. The returned list then holds
   // the gradients (grads_ until here).
   PyObject* result(Found f, PyObject* same) {
@@ -296,11 +293,10 @@ bool values_of(PyObject* d, PyObject* keys, PyObject** out) {
 // values found for a dict stay valid until its tensors are read, a few dicts later (Note
 // [lookahead prefetch]: each dict's chain is followed kLookahead dicts apart per level: the
 // dict, its table, its values with their expected ints, their TensorImpls, their
-// StorageImpls, then the check). One StateWalk per range of dicts (its ring is its own).
+// StorageImpls, then the check).
 class StateWalk {
  public:
-  // The first item to visit for a range starting at lo is lo + kFirst: the lookahead starts
-  // this far before it.
+  // The first item to visit: the lookahead starts this far before dict 0.
   static constexpr Py_ssize_t kFirst = -3 * kLookahead;
 
   // False when the arguments cannot compare equal: dicts not a list of n, keys not exact
@@ -312,6 +308,7 @@ class StateWalk {
     dicts_ = dicts;
     keys_ = keys;
     expected_ = expected;
+    n_ = n;
     n_keys_ = PyTuple_GET_SIZE(keys);
     for (Py_ssize_t k = 0; k < n_keys_; ++k)
       if (!PyUnicode_CheckExact(PyTuple_GET_ITEM(keys, k)) ||
@@ -321,10 +318,10 @@ class StateWalk {
     return true;
   }
 
-  // Prefetches the links of the dicts of [lo, hi) ahead of item i and, for i >= lo, compares
-  // dict i: false at a mismatch (or a dict that values_of declines).
-  bool visit(Py_ssize_t i, Py_ssize_t lo, Py_ssize_t hi) {
-    const auto in = [&](Py_ssize_t j) { return j >= lo && j < hi; };
+  // Prefetches the links of the dicts ahead of item i and, for i >= 0, compares dict i: false
+  // at a mismatch (or a dict that values_of declines).
+  bool visit(Py_ssize_t i) {
+    const auto in = [&](Py_ssize_t j) { return j >= 0 && j < n_; };
     try {
       if (const Py_ssize_t j = i + 5 * kLookahead; in(j)) prefetch(PyList_GET_ITEM(dicts_, j));
       if (const Py_ssize_t j = i + 4 * kLookahead; in(j)) {
@@ -374,7 +371,7 @@ class StateWalk {
   }
 
   PyObject *dicts_ = nullptr, *keys_ = nullptr, *expected_ = nullptr;
-  Py_ssize_t n_keys_ = 0;
+  Py_ssize_t n_ = 0, n_keys_ = 0;
   std::vector<PyObject*> ring_;
 };
 
@@ -394,39 +391,11 @@ PyObject* same_pointers(PyObject*, PyObject* args) {
   const Py_ssize_t n = PyList_GET_SIZE(dicts);
   if (!walk.init(dicts, keys, expected, n)) Py_RETURN_FALSE;
   for (Py_ssize_t i = StateWalk::kFirst; i < n; ++i)
-    if (!walk.visit(i, 0, n)) Py_RETURN_FALSE;
+    if (!walk.visit(i)) Py_RETURN_FALSE;
   Py_RETURN_TRUE;
 }
 
-// gather's loop over params [lo, hi), with the state dicts' (when states is not null) in step.
-// Catches everything: it may run on a thread of its own (Note [one walk]).
-Found walk_range(ParamWalk& params, const StateWalk* states, Py_ssize_t lo, Py_ssize_t hi) noexcept {
-  Found f;
-  try {
-    std::optional<StateWalk> own;
-    if (states) own.emplace(*states);
-    f.same = own.has_value();
-    for (Py_ssize_t i = lo + StateWalk::kFirst; i < hi; ++i) {
-      if (f.same && !own->visit(i, lo, hi)) f.same = false;
-      params.warm(i, lo, hi);
-      if (i >= lo) {
-        params.visit(i, f);
-        if (!f.read) return f;
-      }
-    }
-  } catch (...) {  // c10::Error: e.g. a gradient torch cannot read; std::bad_alloc
-    f.read = false;
-  }
-  return f;
-}
-
-// Params per part of a split gather, at least (Note [one walk]). Starting and joining a thread
-// took 212 us (median; 59 at best) on the 2-core VM, which wakes an idle core; 1,024 params
-// (of 4,096 elements, a state dict of three tensors each) split in two gained 0.11 ms after a
-// cache flush and lost 0.09 ms in cache; 2,000 gained 0.46 and 0.26 ms.
-constexpr Py_ssize_t kMinPartSize = 640;
-
-// gather(params, dtypes, shapes, strides, dicts, keys, expected, threads=1)
+// gather(params, dtypes, shapes, strides, dicts, keys, expected)
 //     -> (grads, grad pointers, param pointers, same)
 //   Note [one walk]. grads: each param's .grad (None where it has none); grad pointers: the
 //   gradients' data pointers when EVERY param has a gradient that is a plain torch.Tensor
@@ -435,52 +404,36 @@ constexpr Py_ssize_t kMinPartSize = 640;
 //   _grads_match asks), else None; param pointers: each param's data_ptr(), None when one has
 //   no storage; same: same_pointers(dicts, keys, expected), or None when dicts is None. All
 //   four None when params is not a list of plain tensors or the metadata lists do not match
-//   it. threads: how many threads may walk it (the calling thread included).
+//   it.
 PyObject* gather(PyObject*, PyObject* args) {
   PyObject *params, *dtypes, *shapes, *strides, *dicts, *keys, *expected;
-  int threads = 1;
-  if (!PyArg_ParseTuple(args, "OOOOOO!O!|i", &params, &dtypes, &shapes, &strides, &dicts,
-                        &PyTuple_Type, &keys, &PyTuple_Type, &expected, &threads))
+  if (!PyArg_ParseTuple(args, "OOOOOO!O!", &params, &dtypes, &shapes, &strides, &dicts,
+                        &PyTuple_Type, &keys, &PyTuple_Type, &expected))
     return nullptr;
   if (!PyList_Check(params)) return declined();
   const Py_ssize_t n = PyList_GET_SIZE(params);
-  if (!is_list_of(dtypes, n) || !is_list_of(shapes, n) || !is_list_of(strides, n)) return declined();
+  if (!is_list_of(dtypes, n) || !is_list_of(shapes, n) || !is_list_of(strides, n))
+    return declined();
   StateWalk states;
   const bool compare = dicts != Py_None;
-  const bool comparable = compare && states.init(dicts, keys, expected, n);
+  Found f;
+  f.same = compare && states.init(dicts, keys, expected, n);
   std::optional<ParamWalk> walk;
-  const Py_ssize_t parts = std::max<Py_ssize_t>(1, std::min<Py_ssize_t>(threads, n / kMinPartSize));
-  std::vector<Found> found(static_cast<size_t>(parts));
   try {
     walk.emplace(params, dtypes, shapes, strides);
-    const auto run = [&](Py_ssize_t part) {
-      found[part] = walk_range(*walk, comparable ? &states : nullptr, n * part / parts,
-                               n * (part + 1) / parts);
-    };
-    std::vector<std::thread> others;
-    others.reserve(static_cast<size_t>(parts - 1));  // (then only a thread's start can throw)
-    for (Py_ssize_t part = 1; part < parts; ++part) {
-      try {
-        others.emplace_back(run, part);
-      } catch (const std::system_error&) {  // no thread to be had: this one walks it
-        run(part);
+    for (Py_ssize_t i = StateWalk::kFirst; i < n; ++i) {
+      if (f.same && !states.visit(i)) f.same = false;
+      walk->warm(i);
+      if (i >= 0) {
+        walk->visit(i, f);
+        if (!f.read) return declined();
       }
     }
-    run(0);
-    for (std::thread& t : others) t.join();
-  } catch (const std::exception&) {  // std::bad_alloc
+  } catch (const std::exception&) {  // c10::Error: e.g. a gradient torch cannot read; bad_alloc
     return declined();
   }
-  Found all;
-  for (const Found& f : found) {
-    all.read = all.read && f.read;
-    all.match = all.match && f.match;
-    all.plain = all.plain && f.plain;
-    all.same = all.same && f.same;
-  }
-  if (!all.read) return declined();
   // (may run Python code: nothing above is read again)
-  return walk->result(all, !compare ? Py_None : comparable && all.same ? Py_True : Py_False);
+  return walk->result(f, !compare ? Py_None : f.same ? Py_True : Py_False);
 }
 
 // data_ptrs(tensors) -> list[int] | None: each tensor's data_ptr(); None when one is not a plain
