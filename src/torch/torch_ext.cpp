@@ -23,6 +23,7 @@
 
 #include <Python.h>
 
+
 #include <cstdint>
 #include <optional>
 #include <vector>
@@ -127,26 +128,26 @@ void warm_param(PyObject* params, Py_ssize_t j, int level, bool grad) {
 // Note [one walk]
 //   A step asks three things of a group: each param's gradient (and whether all match the
 //   cached metadata), each param's data pointer, and whether each state dict still holds the
-//   bound tensors. Asked in three passes (grads, data_ptrs, same_pointers), each pass waited
-//   for its own cache misses; gather() follows the params' chains and the state dicts' chains
-//   in one loop, so the misses of both are in flight together, and reads each param once.
-//   The loop runs no Python code and calls nothing that does: it allocates no Python object
-//   and wraps no gradient (it holds each as an at::Tensor). So nothing can change its lists or
-//   free a state dict's values while it reads them (StateWalk keeps the values it found a few
-//   dicts ahead). The results are built after the loop, where wrapping a gradient may run a
+//   bound tensors. gather() answers all three in one call: a loop over the state dicts
+//   (StateWalk, what same_pointers does) and then one over the params, which reads each
+//   param once for its gradient and its own pointer (grads and data_ptrs were two passes).
+//   The loops run no Python code and call nothing that does: they allocate no Python object
+//   and wrap no gradient (each is held as an at::Tensor). So nothing can change the lists or
+//   free a state dict's values while they are read (StateWalk keeps the values it found a few
+//   dicts ahead). The results are built after the loops, where wrapping a gradient may run a
 //   collection.
 //   Measured on 2,000 tensors of 4,096 elements and their Adam states, after a 128 MB stream
-//   (medians of 40, three runs, the slow 2-core VM): the three passes 2.2-3.1 ms, gather
-//   1.9-2.1 ms; in cache 0.72-0.95 and 0.81-0.83 ms. The whole step, against the previous
-//   torch.py and extension in one process (steps interleaved with the raw call, 40 rounds):
-//   0.93-0.97x as long (four runs, 1 and 2 threads).
-//   Splitting the walk over two threads was tried and not kept: with a new thread per call
-//   (212 us to start and join, median, on this VM, which wakes an idle core) it saved 0.46 ms
-//   after a cache flush, but cost 1 ms when torch's OpenMP threads were still spinning on the
-//   other core (after a torch op); through at::parallel_for it ran on one thread, as this
-//   module is not built with OpenMP.
+//   (medians of 30, the slow 2-core VM): the params' loop 0.77 ms, the dicts' 0.70, gather
+//   1.39-1.58 (0.74 in cache) where grads, data_ptrs and same_pointers took 2.2-3.1 ms
+//   (0.72-0.95). Two things were tried and not kept:
+//   - One loop that visits dict i and param i together, so that the misses of both chains
+//     are in flight at once: slower, 1.9-2.3 ms (1.46 in cache). The two lookaheads together
+//     keep more lines in flight than the 32 KB L1 holds.
+//   - Splitting the loop over two threads: a new thread per call (212 us to start and join,
+//     median, on this VM, which wakes an idle core) saved 0.46 ms after a cache flush but
+//     cost 1 ms when torch's OpenMP threads were still spinning on the other core.
 
-// What gather's loop found (it sets these only to false).
+// What gather's loops found (they set these only to false).
 struct Found {
   bool read = true;   // every param a plain tensor torch could read (else gather declines)
   bool match = true;  // every gradient present and matching its metadata
@@ -421,8 +422,9 @@ PyObject* gather(PyObject*, PyObject* args) {
   std::optional<ParamWalk> walk;
   try {
     walk.emplace(params, dtypes, shapes, strides);
-    for (Py_ssize_t i = StateWalk::kFirst; i < n; ++i) {
-      if (f.same && !states.visit(i)) f.same = false;
+    for (Py_ssize_t i = StateWalk::kFirst; i < n && f.same; ++i)
+      if (!states.visit(i)) f.same = false;
+    for (Py_ssize_t i = -5 * kLookahead; i < n; ++i) {  // (warm reaches 5 links ahead)
       walk->warm(i);
       if (i >= 0) {
         walk->visit(i, f);
@@ -502,6 +504,7 @@ PyObject* bump_versions(PyObject*, PyObject* args) {
   }
   Py_RETURN_TRUE;
 }
+
 
 PyMethodDef kMethods[] = {
     {"gather", gather, METH_VARARGS,
