@@ -19,6 +19,18 @@ import fastoptim
 from fastoptim import _core
 
 N = 1 << 20  # 32 chunks of 2^15: large enough that a woken worker finds work left
+
+
+@pytest.fixture(autouse=True, scope="module")
+def the_pool():
+    """These tests are of fastoptim's own pool: where fastoptim.torch has installed its
+    outside runner (Note [outside runner]; tests/test_runner.py tests that), take it out for
+    the module and put it back after."""
+    runner = getattr(sys.modules.get("fastoptim.torch"), "_X", None)
+    had = _core._set_runner(None)
+    yield
+    if had:
+        _core._set_runner(runner.runner)
 WORKER_WAIT_S = 10.0
 
 

@@ -168,6 +168,7 @@ from __future__ import annotations
 import itertools
 import math
 import operator
+import os
 import sys
 import types
 import weakref
@@ -292,6 +293,11 @@ def _torch_extension() -> Any:
 
 
 _X = _torch_extension()
+# Note [outside runner] (src/cpp/runner.h): updates on torch's OpenMP threads, unless
+# FASTOPTIM_TORCH_OPENMP=0.
+if (_X is not None and getattr(_X, "runner", None) is not None and hasattr(_core, "_set_runner")
+        and os.environ.get("FASTOPTIM_TORCH_OPENMP", "1") != "0"):
+    _core._set_runner(_X.runner)
 _function_mode = torch._C._is_torch_function_mode_enabled
 
 

@@ -35,6 +35,7 @@
 #include "../cuda/cuda_api.h"
 #include "../cuda/plan_hooks.h"
 #include "dispatch.h"
+#include "runner.h"
 #include "quant_api.h"
 
 namespace py = pybind11;
@@ -1614,6 +1615,23 @@ PYBIND11_MODULE(_core, m) {
   m.def("_threads_for", [](int64_t total) { return threads_for(total); }, arg("total"));
   // Test hook: threads that ran chunks of the most recent parallel call (parallel.h).
   m.def("_last_threads_used", &last_threads_used);
+  // Note [outside runner] (runner.h): fastoptim.torch installs the torch extension's runner, a
+  // capsule named "fastoptim._runner"; None goes back to the pool. Returns whether one was set.
+  m.def("_set_runner", [](const py::object& runner) {
+    const bool had = fastoptim::runner() != nullptr;
+    if (runner.is_none()) {
+      set_runner(nullptr);
+    } else if (PyCapsule_IsValid(runner.ptr(), "fastoptim._runner")) {
+      set_runner(reinterpret_cast<RunnerFn>(PyCapsule_GetPointer(runner.ptr(), "fastoptim._runner")));
+    } else {
+      type_error("_set_runner: runner must be a fastoptim._runner capsule or None, got " +
+                 py::str(py::type::of(runner).attr("__name__")).cast<std::string>());
+    }
+    return had;
+  }, arg("runner"));
+  m.def("_has_runner", [] { return fastoptim::runner() != nullptr; });
+  // Test hook: whether the most recent parallel call ran on the runner (runner.h).
+  m.def("_last_run_outside", &last_run_outside);
   // Test hooks: one ISA's storage conversions over a whole array (vec.h, Note [storage formats]).
   using Str = const std::string&;
   m.def("_convert", [](py::object src, py::object dst, Str fmt, Str isa,

@@ -24,8 +24,11 @@
 // inherits the one-job lock `g_busy` held (by a thread that does not exist there), and every
 // child update would run on one thread; its pool's workers do not exist either. A pthread_atfork child handler, which runs in the child while it is still
 // single-threaded, gives the child a fresh lock and no pool; the old ones are leaked (a locked
-// mutex may not be destroyed). The child's first parallel call starts its own workers.
+// mutex may not be destroyed). The child's first parallel call starts its own workers. It also
+// forgets the outside runner (runner.h, Note [outside runner]): the OpenMP runtime's threads do
+// not exist in the child either.
 #include "parallel.h"
+#include "runner.h"
 
 #include <pthread.h>
 #include <sched.h>
@@ -200,9 +203,47 @@ Pool* g_pool = nullptr;
 // at once. The second one does not queue; it runs its update on its own thread.
 std::mutex* g_busy = new std::mutex;
 
+std::atomic<RunnerFn> g_runner{nullptr};  // Note [outside runner] (runner.h)
+std::atomic<bool> g_last_outside{false};   // whether the last parallel_for's chunks went there
+
 void reset_in_forked_child() {
   g_busy = new std::mutex;
   g_pool = nullptr;
+  g_runner.store(nullptr, std::memory_order_relaxed);
+}
+
+// parallel_for's job as the outside runner sees it: chunk k of fn over [0, total).
+struct RunnerJob {
+  RangeFn fn;
+  const void* ctx;
+  int64_t total;
+  int64_t chunk;
+  uint32_t fp_mode;  // the caller's (Note [floating-point mode])
+};
+
+void run_runner_chunk(const void* job, int64_t k) {
+  const RunnerJob& j = *static_cast<const RunnerJob*>(job);
+  const uint32_t own = fp_mode();
+  set_fp_mode(j.fp_mode);
+  const int64_t begin = k * j.chunk;
+  j.fn(j.ctx, begin, std::min(j.total, begin + j.chunk));
+  set_fp_mode(own);
+}
+
+// Hands the job to the outside runner; false when there is none or it declined.
+bool run_outside(int n_threads, int64_t total, int64_t chunk, RangeFn fn, const void* ctx) {
+  const RunnerFn runner = g_runner.load(std::memory_order_acquire);
+  if (runner == nullptr) return false;
+  chunk = std::max<int64_t>(chunk, (total + static_cast<int64_t>(kMaxChunks) - 1) /
+                                       static_cast<int64_t>(kMaxChunks));  // as Pool::run
+  const int64_t n = (total + chunk - 1) / chunk;
+  if (n <= 1) return false;
+  const RunnerJob job{fn, ctx, total, chunk, fp_mode()};
+  const int used = runner(n_threads, n, &run_runner_chunk, &job);
+  if (used <= 0) return false;
+  g_last_threads_used.store(used, std::memory_order_relaxed);
+  g_last_outside.store(true, std::memory_order_relaxed);
+  return true;
 }
 
 struct AtforkRegistration {
@@ -213,6 +254,7 @@ struct AtforkRegistration {
 
 void parallel_for(int n_threads, int64_t total, int64_t chunk, RangeFn fn, const void* ctx) {
   if (total <= 0) return;
+  g_last_outside.store(false, std::memory_order_relaxed);
   if (n_threads <= 1) {
     fn(ctx, 0, total);
     g_last_threads_used.store(1, std::memory_order_relaxed);
@@ -224,9 +266,15 @@ void parallel_for(int n_threads, int64_t total, int64_t chunk, RangeFn fn, const
     g_last_threads_used.store(1, std::memory_order_relaxed);
     return;
   }
+  n_threads = std::min(n_threads, kMaxThreads);
+  if (run_outside(n_threads, total, chunk, fn, ctx)) return;
   if (g_pool == nullptr) g_pool = new Pool();
-  g_pool->run(std::min(n_threads, kMaxThreads), total, chunk, fn, ctx);
+  g_pool->run(n_threads, total, chunk, fn, ctx);
 }
+
+void set_runner(RunnerFn runner) { g_runner.store(runner, std::memory_order_release); }
+RunnerFn runner() { return g_runner.load(std::memory_order_acquire); }
+bool last_run_outside() { return g_last_outside.load(std::memory_order_relaxed); }
 
 int last_threads_used() { return g_last_threads_used.load(std::memory_order_relaxed); }
 

@@ -123,6 +123,15 @@ int probe() { return THPVariableClass == nullptr; }
                                FASTOPTIM_TORCH_GIT_VERSION="${_fo_torch_git}")
     target_compile_options(_torch_ext PRIVATE -O2 -Wall -Wextra)
     target_link_libraries(_torch_ext PRIVATE ${_fo_torch_libs})
+    # Note [outside runner] (src/cpp/runner.h): the extension runs fastoptim's chunks on
+    # torch's OpenMP threads, through the OpenMP runtime torch ships (the same SONAME, so the
+    # process keeps one runtime). A torch without libgomp beside its libraries gets no runner.
+    if(EXISTS "${_fo_torch_libdir}/libgomp.so.1")
+      target_compile_options(_torch_ext PRIVATE -fopenmp)
+      target_compile_definitions(_torch_ext PRIVATE FASTOPTIM_TORCH_OPENMP=1)
+      target_link_libraries(_torch_ext PRIVATE "${_fo_torch_libdir}/libgomp.so.1")
+      message(STATUS "fastoptim: fastoptim._torch_ext runs updates on torch's OpenMP threads")
+    endif()
     if(FASTOPTIM_DEV_OUTPUT_DIR)
       set_target_properties(_torch_ext PROPERTIES
                             LIBRARY_OUTPUT_DIRECTORY "${FASTOPTIM_DEV_OUTPUT_DIR}")

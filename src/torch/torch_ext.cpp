@@ -23,6 +23,14 @@
 
 #include <Python.h>
 
+#ifdef FASTOPTIM_TORCH_OPENMP
+#include <ATen/Parallel.h>
+#include <omp.h>
+
+#include <atomic>
+
+#include "../cpp/runner.h"
+#endif
 
 #include <cstdint>
 #include <optional>
@@ -505,6 +513,33 @@ PyObject* bump_versions(PyObject*, PyObject* args) {
   Py_RETURN_TRUE;
 }
 
+#ifdef FASTOPTIM_TORCH_OPENMP
+// Note [outside runner] (src/cpp/runner.h): fastoptim's chunks on torch's OpenMP threads. The
+// team is torch's (no num_threads clause, as in at::parallel_for: torch sets each thread's
+// OpenMP thread count to its own); its first min(n_threads, n_chunks) threads claim chunks
+// from one counter, the calling thread (thread 0) among them. Declines (0) inside a parallel
+// region, and when torch has one thread or fewer than fastoptim asks for (then fastoptim's
+// pool runs them, with the threads it was told to use).
+int omp_runner(int n_threads, int64_t n_chunks, fastoptim::ChunkFn chunk, const void* job) {
+  at::internal::lazy_init_num_threads();
+  if (omp_in_parallel() || at::in_parallel_region()) return 0;
+  const int team = omp_get_max_threads();
+  if (team <= 1 || n_threads > team) return 0;
+  const int64_t claimers = std::min<int64_t>(n_threads, n_chunks);
+  std::atomic<int64_t> next{0};
+  std::atomic<int> used{0};
+#pragma omp parallel
+  {
+    if (omp_get_thread_num() < claimers) {
+      bool ran = false;
+      for (int64_t k; (k = next.fetch_add(1, std::memory_order_relaxed)) < n_chunks; ran = true)
+        chunk(job, k);
+      if (ran) used.fetch_add(1, std::memory_order_relaxed);
+    }
+  }
+  return used.load(std::memory_order_relaxed);
+}
+#endif
 
 PyMethodDef kMethods[] = {
     {"gather", gather, METH_VARARGS,
@@ -530,5 +565,14 @@ PyMODINIT_FUNC PyInit__torch_ext() {
     Py_DECREF(m);
     return nullptr;
   }
+#ifdef FASTOPTIM_TORCH_OPENMP
+  // Note [outside runner]: what fastoptim.torch hands to _core._set_runner.
+  PyObject* runner = PyCapsule_New(reinterpret_cast<void*>(&omp_runner), "fastoptim._runner", nullptr);
+  if (!runner || PyModule_AddObject(m, "runner", runner) < 0) {
+    Py_XDECREF(runner);
+    Py_DECREF(m);
+    return nullptr;
+  }
+#endif
   return m;
 }
