@@ -37,6 +37,10 @@ run; default: fastoptim's, i.e. all cores).
     python bench/bench_torch.py --quick --json /tmp/bench_torch.json
     python bench/bench_torch.py --cases gpt2_small resnet50 --threads 1 2 --repeats 7
     python bench/bench_torch.py --cases resnet50 many_tensors --dtype bfloat16 --formats master int8
+    python bench/bench_torch.py --cases many_tensors --threads 2 --after-torch-op
+
+``--after-torch-op`` runs a torch op right before every timed step, as a training loop's backward
+pass does; torch's OpenMP threads are then still spinning when the step starts.
 """
 from __future__ import annotations
 
@@ -50,6 +54,7 @@ import random
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -157,8 +162,10 @@ def implementations(params: list[torch.Tensor], decoupled: bool = False,
     return impls
 
 
-def time_round_robin(impls: dict[str, Callable[[], None]], repeats: int,
-                     warmup: int) -> dict[str, list[float]]:
+def time_round_robin(impls: dict[str, Callable[[], None]], repeats: int, warmup: int,
+                     before: Callable[[], None] | None = None) -> dict[str, list[float]]:
+    """Each implementation's step times over ``repeats`` rounds; ``before`` (untimed) runs
+    right before every timed step."""
     for fn in impls.values():
         for _ in range(warmup):
             fn()
@@ -175,6 +182,8 @@ def time_round_robin(impls: dict[str, Callable[[], None]], repeats: int,
             # neighbour: the implementation after torch fused was always fastoptim.torch.)
             shuffle(order)
             for name, fn in order:
+                if before is not None:
+                    before()
                 t0 = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t0)
@@ -203,6 +212,10 @@ def parse_args(argv):
     ap.add_argument("--formats", nargs="+", default=[], choices=list(FORMATS),
                     help="also time the drop-in with these storage options (master and sr: "
                          "bfloat16 params only)")
+    ap.add_argument("--after-torch-op", action="store_true",
+                    help="run a torch op (add_ on 16 MB, untimed) right before every timed "
+                         "step, as the backward pass does in training: torch's OpenMP "
+                         "threads are then still spinning (docs/torch.md, Threads)")
     ap.add_argument("--json", type=Path, help="write the results to this file")
     args = ap.parse_args(argv)
     low_only = [f for f in args.formats if f in LOW_ONLY]
@@ -228,12 +241,17 @@ def main(argv=None) -> dict:
                 impls = implementations(params, DECOUPLED.get(case, False),
                                         tuple(i for i in IMPLS if i not in args.skip),
                                         tuple(args.formats))
-                times = time_round_robin(impls, repeats, warmup=2)
+                before = None
+                if args.after_torch_op:
+                    scratch = torch.zeros(1 << 22)
+                    before = partial(scratch.add_, 1.0)
+                times = time_round_robin(impls, repeats, warmup=2, before=before)
                 for impl, ts in times.items():
                     rows.append({"case": case, "tensors": len(shapes),
                                  "numel": sum(p.numel() for p in params), "threads": threads,
                                  "impl": impl, "median_ms": 1e3 * statistics.median(ts),
-                                 "min_ms": 1e3 * min(ts), "repeats": repeats})
+                                 "min_ms": 1e3 * min(ts), "repeats": repeats,
+                                 "after_torch_op": args.after_torch_op})
                 del impls, times
                 gc.collect()
             del params

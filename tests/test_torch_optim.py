@@ -880,6 +880,28 @@ def test_bench_smoke(tmp_path):
     assert {row["case"] for row in results["rows"]} == {"one_tensor", "many_tensors"}
 
 
+def test_bench_after_a_torch_op_runs_the_op_before_every_timed_step(monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_torch_op",
+                                                  ROOT / "bench" / "bench_torch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    events = []
+    real = module.time_round_robin
+
+    def spy(impls, repeats, warmup, before=None):
+        assert before is not None
+        wrapped = {k: (lambda f=f, k=k: (events.append(k), f())) for k, f in impls.items()}
+        return real(wrapped, repeats, warmup, before=lambda: (events.append("op"), before()))
+    monkeypatch.setattr(module, "time_round_robin", spy)
+    results = module.main(["--cases", "many_tensors", "--repeats", "3", "--tensors", "4",
+                           "--tensor-numel", "100", "--skip", "torch foreach",
+                           "--after-torch-op"])
+    assert all(row["after_torch_op"] for row in results["rows"])
+    timed = events[events.index("op"):]  # (the warmup steps run without it)
+    assert timed[::2] == ["op"] * (len(timed) // 2) and "op" not in timed[1::2]
+    assert len(timed) == 2 * 3 * 3  # 3 rounds of 3 implementations, each after the op
+
+
 def test_bench_bfloat16_with_storage_options(capsys):
     spec = importlib.util.spec_from_file_location("bench_torch_bf16",
                                                   ROOT / "bench" / "bench_torch.py")
