@@ -35,8 +35,8 @@
 #include "../cuda/cuda_api.h"
 #include "../cuda/plan_hooks.h"
 #include "dispatch.h"
-#include "runner.h"
 #include "quant_api.h"
+#include "runner.h"
 
 namespace py = pybind11;
 
@@ -1622,7 +1622,8 @@ PYBIND11_MODULE(_core, m) {
     if (runner.is_none()) {
       set_runner(nullptr);
     } else if (PyCapsule_IsValid(runner.ptr(), "fastoptim._runner")) {
-      set_runner(reinterpret_cast<RunnerFn>(PyCapsule_GetPointer(runner.ptr(), "fastoptim._runner")));
+      void* fn = PyCapsule_GetPointer(runner.ptr(), "fastoptim._runner");
+      set_runner(reinterpret_cast<RunnerFn>(fn));
     } else {
       type_error("_set_runner: runner must be a fastoptim._runner capsule or None, got " +
                  py::str(py::type::of(runner).attr("__name__")).cast<std::string>());

@@ -27,6 +27,7 @@
 #include <ATen/Parallel.h>
 #include <omp.h>
 
+#include <algorithm>
 #include <atomic>
 
 #include "../cpp/runner.h"
@@ -174,8 +175,6 @@ class ParamWalk {
         n_(PyList_GET_SIZE(params)), grads_(static_cast<size_t>(n_)),
         gptrs_(static_cast<size_t>(n_)), pptrs_(static_cast<size_t>(n_)) {}
 
-  Py_ssize_t size() const { return n_; }
-
   // Note [lookahead prefetch]: the links of the params ahead of item i (i may be negative).
   void warm(Py_ssize_t i) const {
     for (int level = 0; level < 5; ++level)
@@ -217,10 +216,10 @@ class ParamWalk {
     }
   }
 
-  // (grads, gradient pointers or None, param pointers or None, same), built after the loop
-  // (f: what it found): wrapping a gradient may run Python code
-  // (a collection), which can no longer change what was read. The returned list then holds
-  // the gradients (grads_ until here).
+  // (grads, gradient pointers or None, param pointers or None, same), built after the loops
+  // (f: what they found): wrapping a gradient may run Python code (a collection), which can
+  // no longer change what was read. The returned list then holds the gradients (grads_ until
+  // here).
   PyObject* result(Found f, PyObject* same) {
     PyObject* grads = PyList_New(n_);
     if (!grads) return nullptr;
@@ -296,10 +295,10 @@ bool values_of(PyObject* d, PyObject* keys, PyObject** out) {
   return found == n_keys;
 }
 
-// same_pointers' comparison, one dict at a time, so that gather() can run it in its own loop:
+// same_pointers' comparison, one dict at a time (same_pointers and gather loop over it):
 // whether dicts[i][keys[k]] is a tensor whose data_ptr() is expected[k][i]. Runs no Python
-// code and never sets Python's error state (values_of, exact_int: Note [one walk]), so the
-// values found for a dict stay valid until its tensors are read, a few dicts later (Note
+// code (values_of, exact_int: Note [one walk]), so the values found for a dict stay valid
+// until its tensors are read, a few dicts later (Note
 // [lookahead prefetch]: each dict's chain is followed kLookahead dicts apart per level: the
 // dict, its table, its values with their expected ints, their TensorImpls, their
 // StorageImpls, then the check).
@@ -567,7 +566,8 @@ PyMODINIT_FUNC PyInit__torch_ext() {
   }
 #ifdef FASTOPTIM_TORCH_OPENMP
   // Note [outside runner]: what fastoptim.torch hands to _core._set_runner.
-  PyObject* runner = PyCapsule_New(reinterpret_cast<void*>(&omp_runner), "fastoptim._runner", nullptr);
+  PyObject* runner =
+      PyCapsule_New(reinterpret_cast<void*>(&omp_runner), "fastoptim._runner", nullptr);
   if (!runner || PyModule_AddObject(m, "runner", runner) < 0) {
     Py_XDECREF(runner);
     Py_DECREF(m);
