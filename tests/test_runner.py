@@ -226,6 +226,14 @@ def test_a_drop_in_step_is_the_same_with_and_without_the_runner(counts):
             assert torch.equal(opt_a.state[ta][k], opt_b.state[tb][k])
 
 
+@needs_runner
+def test_backend_info_says_which_threads_run_updates(counts):
+    _core._set_runner(RUNNER)
+    assert fastoptim.backend_info()["threading"].startswith("torch's OpenMP threads")
+    _core._set_runner(None)
+    assert fastoptim.backend_info()["threading"] == "caller-runs pool"
+
+
 def test_set_runner_takes_only_its_capsule_or_none(counts):
     with pytest.raises(TypeError, match="runner must be a fastoptim._runner capsule or None, "
                                         "got int"):

@@ -1420,7 +1420,11 @@ py::dict info() {
   d["isas_supported"] = supported;
   d["isas_default_eligible"] = tested;
   d["num_threads"] = num_threads();
-  d["threading"] = "caller-runs pool";
+  // Note [outside runner] (runner.h): where fastoptim.torch installed torch's OpenMP runner,
+  // updates go there when it can take them (else the pool).
+  d["threading"] = fastoptim::runner() != nullptr
+                       ? "torch's OpenMP threads (fastoptim.torch), else the caller-runs pool"
+                       : "caller-runs pool";
   const cuda::RuntimeInfo ci = cuda::runtime_info();
   py::dict c;
   c["built"] = ci.built;
