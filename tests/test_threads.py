@@ -19,6 +19,7 @@ import fastoptim
 from fastoptim import _core
 
 N = 1 << 20  # 32 chunks of 2^15: large enough that a woken worker finds work left
+WORKER_WAIT_S = 10.0
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -31,7 +32,6 @@ def the_pool():
     yield
     if had:
         _core._set_runner(runner.runner)
-WORKER_WAIT_S = 10.0
 
 
 def run_python(code, timeout=120):

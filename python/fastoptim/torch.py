@@ -64,12 +64,12 @@ Note [torch extension]
     libraries of the torch that the installing Python has (src/torch/torch.cmake) and loaded
     (``_X``) only under that very torch version, unless ``FASTOPTIM_TORCH_EXT=0``. It reads
     tensors' metadata from torch's C++ objects instead of through torch's Python bindings. In
-    ``_gather``, one walk over a group (``gather``, Note [one walk] in the C++) returns the
+    ``_gather``, one call over a group (``gather``, Note [one walk] in the C++) returns the
     gradients, their pointers when every one matches its param's cached dtype, shape and strides
     and is a plain dense CPU tensor (what ``_grads_match`` checks), the params' data pointers
     (for ``_cache``) and whether every state key's tensor is the bound one (for
     ``_check_bound``, which then compares nothing). After the kernel, ``bump_versions`` stands
-    in for ``increment_version``. Where the walk could not be asked (a rebuilt cache, a param
+    in for ``increment_version``. Where that call could not be made (a rebuilt cache, a param
     bound anew), ``data_ptrs`` and ``same_pointers`` answer the one question. Each answers
     exactly what the Python pass answers, or declines (None or False: a non-tensor, a missing
     key, a mismatch), and the Python pass then runs and finds and names the problem as before.
