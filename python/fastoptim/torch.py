@@ -1865,7 +1865,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if x is not None:
             # Note [torch extension]: the gradients and, when they all match the cached
             # metadata of their params, their pointers, the params' pointers, and whether the
-            # state dicts hold the bound tensors, in one C++ pass.
+            # state dicts hold the bound tensors, in one C++ call.
             known = self._caches.get(id(group))
             if known is not None and not known.dtensor:
                 full = known.full

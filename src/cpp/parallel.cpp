@@ -81,9 +81,8 @@ inline uint64_t count_of(uint64_t s) { return s & kCountMask; }
 
 class Pool {
  public:
+  // chunk: at least total / kMaxChunks (parallel_for clamps it, as the state word needs).
   void run(int n_threads, int64_t total, int64_t chunk, RangeFn fn, const void* ctx) {
-    chunk = std::max<int64_t>(chunk, (total + static_cast<int64_t>(kMaxChunks) - 1) /
-                                         static_cast<int64_t>(kMaxChunks));
     const uint64_t n = static_cast<uint64_t>((total + chunk - 1) / chunk);
     const int helpers = std::min<int64_t>(n_threads - 1, static_cast<int64_t>(n) - 1);
     if (helpers <= 0) {
@@ -234,8 +233,6 @@ void run_runner_chunk(const void* job, int64_t k) {
 bool run_outside(int n_threads, int64_t total, int64_t chunk, RangeFn fn, const void* ctx) {
   const RunnerFn runner = g_runner.load(std::memory_order_acquire);
   if (runner == nullptr) return false;
-  chunk = std::max<int64_t>(chunk, (total + static_cast<int64_t>(kMaxChunks) - 1) /
-                                       static_cast<int64_t>(kMaxChunks));  // as Pool::run
   const int64_t n = (total + chunk - 1) / chunk;
   if (n <= 1) return false;
   const RunnerJob job{fn, ctx, total, chunk, fp_mode()};
@@ -267,6 +264,9 @@ void parallel_for(int n_threads, int64_t total, int64_t chunk, RangeFn fn, const
     return;
   }
   n_threads = std::min(n_threads, kMaxThreads);
+  // at most kMaxChunks chunks (the claim word's 20 bits), for the pool and the runner alike
+  chunk = std::max<int64_t>(chunk, (total + static_cast<int64_t>(kMaxChunks) - 1) /
+                                       static_cast<int64_t>(kMaxChunks));
   if (run_outside(n_threads, total, chunk, fn, ctx)) return;
   if (g_pool == nullptr) g_pool = new Pool();
   g_pool->run(n_threads, total, chunk, fn, ctx);
