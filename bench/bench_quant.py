@@ -214,11 +214,11 @@ def in_cache():
         states[f"int{bits}"] = st
     print(f"AdamW, 2^{LOG2} elements, 1 thread; ns/element, min of {ARGS.reps} x "
           f"{ARGS.calls} calls")
-    print(f"{'ISA':12s}" + "".join(f"{k:>8s}" for k in states) + "  int8/fp32  int4/fp32")
+    print(f"{'ISA':12s}" + "".join(f" {k:>8s}" for k in states) + "  int8/fp32  int4/fp32")
     cells = {name: (lambda st=st: fastoptim.adamw_(p, g, *st, step=5, **hyper))
              for name, st in states.items()}
     for isa, best in min_ns_per_isa(cells, N, ARGS.reps, ARGS.calls):
-        print(f"{isa:12s}" + "".join(f"{v:8.3f}" for v in best.values())
+        print(f"{isa:12s}" + "".join(f" {v:8.3f}" for v in best.values())
               + f"  {best['int8'] / best['fp32']:9.2f}  {best['int4'] / best['fp32']:9.2f}")
 
 

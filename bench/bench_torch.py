@@ -291,12 +291,12 @@ def main(argv=None) -> dict:
           f"{torch.__version__}, {args.dtype}, {repeats} rounds; Adam (AdamW for "
           f"{', '.join(DECOUPLED)})")
     header = (f"{'case':<14}{'tensors':>8}{'elements':>12}{'threads':>8}  {'implementation':<29}"
-              f"{'median':>11}{'min':>11}")
+              f"{'median':>12}{'min':>12}")
     print(header)
     print("-" * len(header))
     for r in rows:
         print(f"{r['case']:<14}{r['tensors']:>8}{r['numel']:>12}{r['threads']:>8}  "
-              f"{r['impl']:<29}{r['median_ms']:>8.3f} ms{r['min_ms']:>8.3f} ms")
+              f"{r['impl']:<29}{r['median_ms']:>9.3f} ms {r['min_ms']:>8.3f} ms")
     for case in args.cases:
         for threads in thread_counts:
             tag = f"{case}_{threads}t"
