@@ -385,13 +385,18 @@ def _no_storage(params, dicts, i):
 @pytest.mark.parametrize("change", [None, _no_grad, _grad_dtype, _state_moved, _state_odd_key,
                                     _not_a_tensor, _no_storage])
 @pytest.mark.parametrize("where", [0, 1, 15, 16, 500, 1999])
-def test_gather_finds_a_change_at_any_place(change, where):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gather_finds_a_change_at_any_place(change, where, threads):
     """A change at the first items (the lookahead not yet running), in the middle or at the
-    last item (the lookahead past the end) of 2,000 params, in the params or the dicts."""
+    last item (the lookahead past the end) of 2,000 params, in the params or the dicts; with
+    threads=2 the two loops run at once on two of torch's threads (Note [split walk]) where
+    the extension has OpenMP and torch two threads."""
     args = changed_case(2000, (lambda p, d: None) if change is None else
                       (lambda p, d: change(p, d, where)))
     params = args[0]
-    out = X.gather(*args)
+    out = X.gather(*args, threads)
+    split = threads == 2 and hasattr(X, "runner") and torch.get_num_threads() >= 2
+    assert X.last_gather_split() is split
     if change is _not_a_tensor:
         assert out == (None,) * 4
         return
@@ -401,6 +406,26 @@ def test_gather_finds_a_change_at_any_place(change, where):
     assert out[2] == (None if change is _no_storage else [p.data_ptr() for p in params])
     assert out[3] is (change not in (_state_moved, _state_odd_key))
     assert out[3] is X.same_pointers(*args[4:])
+
+
+@needs_ext
+@pytest.mark.skipif(not hasattr(X, "runner"), reason="the extension was built without OpenMP")
+def test_gather_splits_only_where_it_pays_and_torch_has_the_threads():
+    """Note [split walk]: two threads from 512 params, when asked for two and torch has two;
+    never at 511, nor with torch at one thread; the answers the same each way."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for n, threads, torch_threads, split in [(512, 2, 2, True), (511, 2, 2, False),
+                                                 (512, 1, 2, False), (512, 2, 1, False)]:
+            args = changed_case(n, lambda p, d: _state_moved(p, d, n - 1))
+            torch.set_num_threads(torch_threads)
+            out = X.gather(*args, threads)
+            assert X.last_gather_split() is split, (n, threads, torch_threads)
+            assert out[3] is False and out[1] == [p.grad.data_ptr() for p in args[0]]
+            assert out == X.gather(*args, 1) and not X.last_gather_split()
+    finally:
+        torch.set_num_threads(before)
 
 
 @needs_ext

@@ -1874,8 +1874,12 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     bound = (known.dicts, self._keys(known.names), tuple(full.by_key))
                 else:
                     bound = (None, (), ())
+                # (the two loops may run on two of torch's threads when the update does:
+                # Note [split walk])
+                threads = (_core.get_num_threads()
+                           if bound[0] is not None and _core._has_runner() else 1)
                 grads, gptrs, pptrs, same = x.gather(params, known.grad_dtypes, known.shapes,
-                                                     known.strides, *bound)
+                                                     known.strides, *bound, threads)
                 # (_check_bound's comparison, when it found them all bound)
                 same = (full, known.dicts) if same is True else None
         if grads is None:

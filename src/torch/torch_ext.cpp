@@ -152,9 +152,10 @@ void warm_param(PyObject* params, Py_ssize_t j, int level, bool grad) {
 //   - One loop that visits dict i and param i together, so that the misses of both chains
 //     are in flight at once: slower, 1.9-2.3 ms (1.46 in cache). The two lookaheads together
 //     keep more lines in flight than the 32 KB L1 holds.
-//   - Splitting the loop over two threads: a new thread per call (212 us to start and join,
-//     median, on this VM, which wakes an idle core) saved 0.46 ms after a cache flush but
-//     cost 1 ms when torch's OpenMP threads were still spinning on the other core.
+//   - Splitting the loops over two threads with a new thread per call (212 us to start and
+//     join, median, on this VM, which wakes an idle core): it saved 0.46 ms after a cache
+//     flush but cost 1 ms when torch's OpenMP threads were still spinning on the other core.
+//     They now run on two of those threads instead (Note [split walk]).
 
 // What gather's loops found (they set these only to false).
 struct Found {
@@ -403,7 +404,39 @@ PyObject* same_pointers(PyObject*, PyObject* args) {
   Py_RETURN_TRUE;
 }
 
-// gather(params, dtypes, shapes, strides, dicts, keys, expected)
+// Note [split walk]
+//   gather's two loops read different objects (the state dicts and their tensors; the params
+//   and their gradients), so with `threads` >= 2 they run at once on two of torch's OpenMP
+//   threads: the dicts on thread 1, the params on the calling thread, each with its own L1
+//   for its lookahead (Note [one walk]: one thread interleaving both chains was slower). The
+//   team is the one the update's kernel then runs on (Note [outside runner]), so a team that
+//   was asleep is woken here instead of there. Neither loop runs Python code, takes or drops a
+//   Python reference, or writes anything but its own results (the params' loop holds each
+//   gradient as an at::Tensor, whose count is atomic), and the calling thread keeps the GIL
+//   while both run, so no Python code runs anywhere until both are done. Used from kSplitMin
+//   params, where the dicts' loop after a cache flush (about 0.35 us per dict here) outweighs
+//   waking a sleeping thread (about 120 us); never inside a parallel region or where torch has
+//   one thread. The answer is the same either way: each loop's result depends on its own
+//   objects only.
+constexpr Py_ssize_t kSplitMin = 512;
+
+// Whether the last gather split its loops (for the tests: last_gather_split()).
+bool g_last_split = false;
+
+// Whether gather may run its loops on two of torch's OpenMP threads (Note [split walk]).
+bool may_split(int threads, Py_ssize_t n) {
+#ifdef FASTOPTIM_TORCH_OPENMP
+  if (threads < 2 || n < kSplitMin) return false;
+  at::internal::lazy_init_num_threads();
+  return !omp_in_parallel() && !at::in_parallel_region() && omp_get_max_threads() >= 2;
+#else
+  (void)threads;
+  (void)n;
+  return false;
+#endif
+}
+
+// gather(params, dtypes, shapes, strides, dicts, keys, expected, threads=1)
 //     -> (grads, grad pointers, param pointers, same)
 //   Note [one walk]. grads: each param's .grad (None where it has none); grad pointers: the
 //   gradients' data pointers when EVERY param has a gradient that is a plain torch.Tensor
@@ -412,11 +445,12 @@ PyObject* same_pointers(PyObject*, PyObject* args) {
 //   _grads_match asks), else None; param pointers: each param's data_ptr(), None when one has
 //   no storage; same: same_pointers(dicts, keys, expected), or None when dicts is None. All
 //   four None when params is not a list of plain tensors or the metadata lists do not match
-//   it.
+//   it. threads: how many threads the two loops may use (Note [split walk]).
 PyObject* gather(PyObject*, PyObject* args) {
   PyObject *params, *dtypes, *shapes, *strides, *dicts, *keys, *expected;
-  if (!PyArg_ParseTuple(args, "OOOOOO!O!", &params, &dtypes, &shapes, &strides, &dicts,
-                        &PyTuple_Type, &keys, &PyTuple_Type, &expected))
+  int threads = 1;
+  if (!PyArg_ParseTuple(args, "OOOOOO!O!|i", &params, &dtypes, &shapes, &strides, &dicts,
+                        &PyTuple_Type, &keys, &PyTuple_Type, &expected, &threads))
     return nullptr;
   if (!PyList_Check(params)) return declined();
   const Py_ssize_t n = PyList_GET_SIZE(params);
@@ -429,18 +463,49 @@ PyObject* gather(PyObject*, PyObject* args) {
   std::optional<ParamWalk> walk;
   try {
     walk.emplace(params, dtypes, shapes, strides);
-    for (Py_ssize_t i = StateWalk::kFirst; i < n && f.same; ++i)
-      if (!states.visit(i)) f.same = false;
-    for (Py_ssize_t i = -5 * kLookahead; i < n; ++i) {  // (warm reaches 5 links ahead)
-      walk->warm(i);
-      if (i >= 0) {
-        walk->visit(i, f);
-        if (!f.read) return declined();
-      }
-    }
-  } catch (const std::exception&) {  // c10::Error: e.g. a gradient torch cannot read; bad_alloc
+  } catch (const std::exception&) {  // bad_alloc
     return declined();
   }
+  // Each loop catches what it throws (c10::Error: e.g. a gradient torch cannot read; nothing
+  // may leave an OpenMP region) and reports it as found: the dicts' as not the same, the
+  // params' as not read (declined).
+  const auto walk_states = [&]() -> bool {
+    for (Py_ssize_t i = StateWalk::kFirst; i < n; ++i)
+      if (!states.visit(i)) return false;  // (visit catches its own)
+    return true;
+  };
+  const auto walk_params = [&]() {
+    try {
+      for (Py_ssize_t i = -5 * kLookahead; i < n && f.read; ++i) {  // (warm: 5 links ahead)
+        walk->warm(i);
+        if (i >= 0) walk->visit(i, f);
+      }
+    } catch (const std::exception&) {
+      f.read = false;
+    }
+  };
+  g_last_split = false;
+  if (f.same && may_split(threads, n)) {
+#ifdef FASTOPTIM_TORCH_OPENMP
+    bool same = true;    // (thread 1's; read after the region's barrier)
+    int split_team = 0;  // (thread 0's)
+#pragma omp parallel num_threads(2)
+    {
+      // (a team of one, where the runtime gives no second thread: thread 0 runs both)
+      if (omp_get_thread_num() == 0) {
+        split_team = omp_get_num_threads();
+        walk_params();
+      }
+      if (omp_get_thread_num() == 1 || omp_get_num_threads() == 1) same = walk_states();
+    }
+    f.same = same;
+    g_last_split = split_team == 2;
+#endif
+  } else {
+    if (f.same) f.same = walk_states();
+    walk_params();
+  }
+  if (!f.read) return declined();
   // (may run Python code: nothing above is read again)
   return walk->result(f, !compare ? Py_None : f.same ? Py_True : Py_False);
 }
@@ -477,6 +542,9 @@ PyObject* data_ptrs(PyObject*, PyObject* args) {
   }
   return out;
 }
+
+// last_gather_split() -> bool: whether the last gather ran its loops on two threads.
+PyObject* last_gather_split(PyObject*, PyObject*) { return PyBool_FromLong(g_last_split); }
 
 // bump_versions(tensors): torch.autograd.graph.increment_version(tensors) (the autograd
 // version counter of each tensor; tensors made under inference_mode have none and are skipped,
@@ -547,6 +615,8 @@ PyMethodDef kMethods[] = {
      "Whether dicts[i][keys[k]].data_ptr() == expected[k][i] for every i and k."},
     {"data_ptrs", data_ptrs, METH_VARARGS, "Each tensor's data_ptr(), or None."},
     {"bump_versions", bump_versions, METH_VARARGS, "Bump each tensor's autograd version."},
+    {"last_gather_split", last_gather_split, METH_NOARGS,
+     "Whether the last gather ran its two loops on two threads (Note [split walk])."},
     {nullptr, nullptr, 0, nullptr},
 };
 
