@@ -7,6 +7,8 @@ written out in this file. The drop-in's own tests run with the extension loaded;
 path's tests (test_torch_pointers.py) run with and without it.
 """
 
+import collections
+import operator
 import os
 import subprocess
 import sys
@@ -172,7 +174,8 @@ def test_a_parameter_subclass_that_overrides_grad_steps_as_in_torch(make):
 @needs_ext
 def test_a_plain_step_reads_through_the_extension(monkeypatch):
     """At steady state the drop-in takes the extension's answers (it does not decline)."""
-    answers = {"gather": [], "same_pointers": [], "data_ptrs": [], "bump_versions": []}
+    answers = {"gather": [], "same_pointers": [], "data_ptrs": [], "bump_versions": [],
+               "same_entries": []}
 
     class Spy:
         def __getattr__(self, name):
@@ -202,6 +205,81 @@ def test_a_plain_step_reads_through_the_extension(monkeypatch):
     assert same is True
     assert answers["same_pointers"] == [] and answers["data_ptrs"] == []
     assert answers["bump_versions"] == [True]
+    # self.state compared with the last step's snapshot, before the step and after it
+    assert answers["same_entries"] == [True, True]
+
+
+def _entries_python(d, keys, values):
+    """same_entries' answer, written as torch.py's Python comparison."""
+    return (len(keys) == len(d) and all(map(operator.is_, keys, list(d)))
+            and len(values) == len(d) and all(map(operator.is_, values, list(d.values()))))
+
+
+@needs_ext
+@pytest.mark.parametrize("edit", ["none", "value", "equal value", "key", "added", "removed",
+                                  "reordered", "cleared", "shorter lists", "defaultdict"])
+def test_same_entries_is_the_python_identity_comparison(edit):
+    params = [torch.randn(2) for _ in range(40)]
+    d = {p: {"step": torch.tensor(0.0)} for p in params}
+    keys, values = list(d), list(d.values())
+    if edit == "value":
+        d[params[17]] = {"step": torch.tensor(0.0)}
+    elif edit == "equal value":  # an equal object that is another one
+        d[params[39]] = dict(d[params[39]])
+    elif edit == "key":
+        d[torch.randn(2)] = d.pop(params[0])
+    elif edit == "added":
+        d[torch.randn(2)] = {}
+    elif edit == "removed":
+        del d[params[39]]
+    elif edit == "reordered":
+        d[params[5]] = d.pop(params[5])
+    elif edit == "cleared":
+        d.clear()
+    elif edit == "shorter lists":
+        keys, values = keys[:-1], values[:-1]
+    elif edit == "defaultdict":
+        d = collections.defaultdict(dict, d)
+    assert X.same_entries(d, keys, values) is _entries_python(d, keys, values)
+    assert X.same_entries(d, keys, values) is (edit in ("none", "defaultdict"))
+    with pytest.raises(TypeError):
+        X.same_entries(list(d), keys, values)
+
+
+@needs_ext
+@pytest.mark.parametrize("how", ["extension", "python", "dict subclass"])
+def test_a_state_dict_replaced_between_steps_is_seen(monkeypatch, how):
+    """The drop-in keeps its snapshot of ``self.state`` while nothing changes
+    (_state_resnapshot) and still sees a dict replaced between two steps: the states are then
+    bound again from the new dict, as torch.optim reads them. Compared by same_entries, or in
+    Python without the extension or for a ``self.state`` of another type."""
+    if how == "python":
+        monkeypatch.setattr(ft, "_X", None)
+    torch.manual_seed(0)
+    params = [torch.randn(3).requires_grad_() for _ in range(3)]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    opt, ref = ft.Adam(params, lr=0.1), torch.optim.Adam(twins, lr=0.1)
+    if how == "dict subclass":
+        class State(dict):
+            pass
+        opt.state = State()
+    for step in range(4):
+        for p, q in zip(params, twins):
+            p.grad = torch.randn(3)
+            q.grad = p.grad.clone()
+        if step == 2:
+            snapshot = opt._snapshot
+            for o in (opt, ref):
+                p = o.param_groups[0]["params"][1]
+                o.state[p] = {k: v.clone() * 0.5 for k, v in o.state[p].items()}
+        opt.step()
+        ref.step()
+        if step == 1:
+            kept = opt._snapshot
+        if step == 3:
+            assert opt._snapshot is not kept and snapshot is kept
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p, q)
 
 
 @needs_ext

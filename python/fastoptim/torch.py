@@ -165,6 +165,7 @@ Note [SGD's first momentum step]
 
 from __future__ import annotations
 
+import collections
 import itertools
 import math
 import operator
@@ -1069,9 +1070,11 @@ class _FusedOptimizer(torch.optim.Optimizer):
             for c in self._caches.values():
                 if c.prefetch is not None:
                     _PREFETCH(c.prefetch[0])  # the params; their states in _check_bound
-        if not self._state_unchanged(self._snapshot):
+        snapshot = self._snapshot
+        if not self._state_unchanged(snapshot):
             self._gen += 1
-        self._snapshot = None
+            snapshot = None
+        self._snapshot = None  # (until the step is done: an error leaves none)
         gathered = []
         for gi, group in enumerate(self.param_groups):
             item = self._gather(gi, group, None if grads is None else grads[gi])
@@ -1108,7 +1111,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if len(calls) > 1:
             for call in calls:
                 call()
-        self._snapshot = self._state_snapshot()
+        self._snapshot = self._state_resnapshot(snapshot)
         for item in gathered:
             group, idx = item.group, item.idx
             params = group["params"]
@@ -1126,9 +1129,23 @@ class _FusedOptimizer(torch.optim.Optimizer):
     def _state_unchanged(self, snapshot: tuple[Any, list[Any], list[Any]] | None) -> bool:
         """Whether ``self.state`` maps the same params to the same dicts as at ``snapshot``.
         The keys count too: a dict moved to another key in the last place keeps the values."""
-        return (snapshot is not None and snapshot[0] is self.state
-                and _same_objects(snapshot[2], list(self.state.values()))
+        if snapshot is None or snapshot[0] is not self.state:
+            return False
+        x = _ext()
+        if x is not None and type(self.state) in _PLAIN_DICTS:
+            # the same comparison, reading the dict's table and not the objects (cold after a
+            # step: Note [torch extension])
+            return x.same_entries(self.state, snapshot[1], snapshot[2])
+        return (_same_objects(snapshot[2], list(self.state.values()))
                 and _same_objects(snapshot[1], list(self.state)))
+
+    def _state_resnapshot(self, snapshot: tuple[Any, list[Any], list[Any]] | None,
+                          ) -> tuple[Any, list[Any], list[Any]]:
+        """``_state_snapshot()``: ``snapshot`` itself while ``self.state`` still matches it (the
+        same objects, without a reference taken to each again)."""
+        if snapshot is not None and self._state_unchanged(snapshot):
+            return snapshot
+        return self._state_snapshot()
 
     def _drop_stale_caches(self) -> bool:
         """Note [A param's layout changed under its cache]: forget every group cache whose
@@ -1771,7 +1788,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             if not x.bump_versions(r.sub):
                 increment_version(r.sub)
         self._snapshot = None
-        self._format_snap = self._state_snapshot()
+        self._format_snap = self._state_resnapshot(self._format_snap)
         return True
 
     # -- subclass hooks -------------------------------------------------------------------------
@@ -2276,6 +2293,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 store_np[sel] += store_np.dtype.type(1)
             self._commit(c, ids)
         return run
+
+
+#: the types of ``self.state`` whose entries _torch_ext.same_entries may read directly
+_PLAIN_DICTS = (dict, collections.defaultdict)
 
 
 def _same_objects(a: list[Any], b: list[Any]) -> bool:

@@ -543,6 +543,29 @@ PyObject* data_ptrs(PyObject*, PyObject* args) {
   return out;
 }
 
+// same_entries(d, keys, values) -> bool: whether the dict d holds exactly the entries
+//   keys[i]: values[i], in that order, by identity: torch.py's `list(d) == keys` and
+//   `list(d.values()) == values` compared with `is` (_state_unchanged), for an exact dict or
+//   defaultdict (torch.py checks the type: a subclass may iterate otherwise). Reads only the
+//   dict's table and the lists' item arrays, never the objects they point to, which the last
+//   step's streams have evicted (their reference counts, which list() would write, included).
+PyObject* same_entries(PyObject*, PyObject* args) {
+  PyObject *d, *keys, *values;
+  if (!PyArg_ParseTuple(args, "O!O!O!", &PyDict_Type, &d, &PyList_Type, &keys, &PyList_Type,
+                        &values))
+    return nullptr;
+  const Py_ssize_t n = PyDict_GET_SIZE(d);
+  if (PyList_GET_SIZE(keys) != n || PyList_GET_SIZE(values) != n) Py_RETURN_FALSE;
+  Py_ssize_t pos = 0, i = 0;
+  PyObject *key, *value;  // borrowed; compared as addresses only
+  while (PyDict_Next(d, &pos, &key, &value)) {
+    if (i >= n || key != PyList_GET_ITEM(keys, i) || value != PyList_GET_ITEM(values, i))
+      Py_RETURN_FALSE;
+    ++i;
+  }
+  return PyBool_FromLong(i == n);
+}
+
 // last_gather_split() -> bool: whether the last gather ran its loops on two threads.
 PyObject* last_gather_split(PyObject*, PyObject*) { return PyBool_FromLong(g_last_split); }
 
@@ -615,6 +638,8 @@ PyMethodDef kMethods[] = {
      "Whether dicts[i][keys[k]].data_ptr() == expected[k][i] for every i and k."},
     {"data_ptrs", data_ptrs, METH_VARARGS, "Each tensor's data_ptr(), or None."},
     {"bump_versions", bump_versions, METH_VARARGS, "Bump each tensor's autograd version."},
+    {"same_entries", same_entries, METH_VARARGS,
+     "Whether dict d's entries are keys[i]: values[i], in order, by identity."},
     {"last_gather_split", last_gather_split, METH_NOARGS,
      "Whether the last gather ran its two loops on two threads (Note [split walk])."},
     {nullptr, nullptr, 0, nullptr},
