@@ -8,6 +8,7 @@ path's tests (test_torch_pointers.py) run with and without it.
 """
 
 import collections
+import gc
 import operator
 import os
 import subprocess
@@ -501,16 +502,51 @@ def test_gather_splits_only_where_it_pays_and_torch_has_the_threads():
             out = X.gather(*args, threads)
             assert X.last_gather_split() is split, (n, threads, torch_threads)
             assert out[3] is False and out[1] == [p.grad.data_ptr() for p in args[0]]
-            assert out == X.gather(*args, 1) and not X.last_gather_split()
+            again = X.gather(*args, 1)
+            assert list(out[0]) == list(again[0]) and out[1:] == again[1:]
+            assert not X.last_gather_split()
     finally:
         torch.set_num_threads(before)
+
+
+@needs_ext
+def test_gather_holds_the_gradients_and_wraps_one_only_when_read():
+    """Note [gradients held]: gather's gradients are a read-only sequence (len, indexing from
+    either end, iteration) of each param's .grad or None; gradients made by backward get no
+    Python object from gather itself; the sequence keeps the gradients, and so the pointers it
+    gave, alive after the params let them go."""
+    params = [torch.randn(3).requires_grad_() for _ in range(3)]
+    torch.autograd.backward([(p * 2).sum() for p in params[:2]])  # .grad made in C++
+
+    def tensors():
+        return sum(type(o) is torch.Tensor for o in gc.get_objects())
+
+    before = tensors()
+    gs, gptrs, pptrs = grads(params, *meta(params))
+    assert tensors() == before  # (no gradient wrapped: neither had a Python object yet)
+    assert type(gs) is X.Grads and len(gs) == 3 and gptrs is None  # (params[2]: no gradient)
+    assert gs[0] is params[0].grad and gs[-2] is params[1].grad and gs[-1] is gs[2] is None
+    assert list(gs) == [params[0].grad, params[1].grad, None] and tensors() == before + 2
+    for bad in (3, -4):
+        with pytest.raises(IndexError):
+            gs[bad]
+    with pytest.raises(TypeError):
+        X.Grads()
+    with pytest.raises(TypeError):
+        gs[0] = None
+    held = [gs[0].data_ptr(), gs[1].data_ptr()]
+    for p in params:
+        p.grad = None
+    gc.collect()
+    assert [gs[0].data_ptr(), gs[1].data_ptr()] == held
+    torch.testing.assert_close(gs[1], torch.full((3,), 2.0))
 
 
 @needs_ext
 def test_gather_gives_no_param_pointers_when_a_param_has_no_storage():
     params = [torch.randn(3).requires_grad_(), torch.randn(3).to_sparse().requires_grad_()]
     gs, gptrs, pptrs = grads(params, [torch.float32] * 2, [(3,)] * 2, [(1,)] * 2)
-    assert gs == [None, None] and gptrs is None and pptrs is None
+    assert list(gs) == [None, None] and gptrs is None and pptrs is None
 
 
 # A dict lookup may run Python code: a key whose hash equals the key looked up is compared
@@ -652,7 +688,7 @@ def case(n, threshold):
     if len(grads) == n and ptrs == [g.data_ptr() for g in grads] and got_pptrs == pptrs:
         kind = "whole" if same is True else "other"
     else:  # the lists were emptied before the call: it read empty lists
-        kind = "empty" if grads == ptrs == got_pptrs == [] and same is True else "other"
+        kind = "empty" if list(grads) == ptrs == got_pptrs == [] and same is True else "other"
     return f"{kind}/{emptied}"
 
 print(*(case(n, t) for n in (3, 40) for t in range(1, 12)))

@@ -77,13 +77,16 @@ Note [torch extension]
     a TorchFunctionMode is active (``_ext()``): a subclass or a mode may override ``.grad`` or
     ``data_ptr()`` in Python, which torch's bindings honour and C++ reads would not;
     tests/test_torch_ext.py compares them on a zoo of tensors, and the pointer path's tests run
-    with and without it. The gradients it returns are Python references held by the step while
-    the kernel runs without the GIL, as before. A dict lookup (a key's ``__eq__``) or a
-    gradient's wrapping (a collection) may run Python code that changes the lists it was given
-    or drops a state dict: it walks each dict's entries instead of looking keys up (declining a
-    dict with a key that is not an exact str), reads only exact ints, and wraps the gradients
-    only once everything is read, so it never reads a freed object (tests/test_torch_ext.py runs
-    such cases with ``PYTHONMALLOC=debug``). What it saves and what remains (cache misses on
+    with and without it. The gradients come back as a ``Grads`` (Note [gradients held]): a
+    sequence that holds them while the kernel runs without the GIL and wraps one as a Python
+    object only when it is read, which the pointer path never does. Its two loops may run on
+    two of torch's threads (Note [split walk]), and ``same_entries`` compares ``self.state``
+    with the last step's snapshot (``_state_unchanged``). A dict lookup (a key's ``__eq__``) or
+    an allocation (a collection) may run Python code that changes the lists it was given or
+    drops a state dict: it walks each dict's entries instead of looking keys up (declining a
+    dict with a key that is not an exact str), reads only exact ints, and allocates only once
+    everything is read, so it never reads a freed object (tests/test_torch_ext.py runs such
+    cases with ``PYTHONMALLOC=debug``). What it saves and what remains (cache misses on
     torch's objects, which every step must read since any of them may have changed):
     docs/torch.md, Performance.
 
