@@ -201,8 +201,9 @@ def test_a_plain_step_reads_through_the_extension(monkeypatch):
     gs, gptrs, pptrs, same = answers["gather"][-1]
     assert len(answers["gather"]) == 1
     assert all(g is p.grad for g, p in zip(gs, params))
-    assert gptrs == [p.grad.data_ptr() for p in params]
-    assert pptrs == [p.data_ptr() for p in params]
+    # (packed: Note [packed pointers])
+    assert type(gptrs) is bytes and ft._unpack(gptrs) == [p.grad.data_ptr() for p in params]
+    assert type(pptrs) is bytes and ft._unpack(pptrs) == [p.data_ptr() for p in params]
     assert same is True
     assert answers["same_pointers"] == [] and answers["data_ptrs"] == []
     assert answers["bump_versions"] == [True]
@@ -464,16 +465,22 @@ def _no_storage(params, dicts, i):
 @pytest.mark.parametrize("change", [None, _no_grad, _grad_dtype, _state_moved, _state_odd_key,
                                     _not_a_tensor, _no_storage])
 @pytest.mark.parametrize("where", [0, 1, 15, 16, 500, 1999])
-@pytest.mark.parametrize("threads", [1, 2])
-def test_gather_finds_a_change_at_any_place(change, where, threads):
+@pytest.mark.parametrize("threads, packed", [(1, False), (2, False), (2, True)])
+def test_gather_finds_a_change_at_any_place(change, where, threads, packed):
     """A change at the first items (the lookahead not yet running), in the middle or at the
     last item (the lookahead past the end) of 2,000 params, in the params or the dicts; with
     threads=2 the two loops run at once on two of torch's threads (Note [split walk]) where
-    the extension has OpenMP and torch two threads."""
+    the extension has OpenMP and torch two threads; packed, the expected and returned pointers
+    are bytes (Note [packed pointers])."""
     args = changed_case(2000, (lambda p, d: None) if change is None else
                       (lambda p, d: change(p, d, where)))
     params = args[0]
-    out = X.gather(*args, threads)
+    if packed:
+        args = args[:-1] + (tuple(map(ft._pack, args[-1])),)
+    out = X.gather(*args, threads, packed)
+    if packed and out[0] is not None:
+        out = (out[0],) + tuple(ft._unpack(v) if type(v) is bytes else v for v in out[1:3]) + (
+            out[3],)
     split = threads == 2 and hasattr(X, "runner") and torch.get_num_threads() >= 2
     assert X.last_gather_split() is split
     if change is _not_a_tensor:

@@ -474,8 +474,9 @@ def test_many_tensors_one_call_per_group_and_dtype(monkeypatch):
 
     def spy(real, pointers):
         def call(params, *args, **kwargs):
-            # The pointer path's params: (dtype, element counts, pointers) (Note [pointer path])
-            calls.append(len(params[2]) if pointers else len(params))
+            # The pointer path's params: (dtype, element counts, pointers) (Note [pointer path]),
+            # the pointers packed, 8 bytes each (Note [packed pointers])
+            calls.append(len(ft._unpack(params[2])) if pointers else len(params))
             return real(params, *args, **kwargs)
         return call
 

@@ -159,10 +159,19 @@ def arrays(n, size=9):
     return [[rng.standard_normal(size).astype(np.float32) for _ in range(n)] for _ in range(4)]
 
 
-def test_pointers_update_equals_the_ndarray_update():
+def packed_args(args):
+    """adam_args with every list of ints packed (Note [packed pointers] in bindings.cpp)."""
+    def pack(v):
+        return ft._pack(v) if isinstance(v, list) else v
+    dtype, counts, ptrs = args[0]
+    return ((dtype, pack(counts), pack(ptrs)),) + tuple(map(pack, args[1:]))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_pointers_update_equals_the_ndarray_update(packed):
     a = arrays(3)
     b = [[x.copy() for x in xs] for xs in a]
-    _core._pointers("adam", adam_args(*a))
+    _core._pointers("adam", packed_args(adam_args(*a)) if packed else adam_args(*a))
     fastoptim.adam_(*b, step=1, lr=0.1)
     for xs, ys in zip(a, b):
         for x, y in zip(xs, ys):
@@ -179,6 +188,15 @@ def test_pointers_update_equals_the_ndarray_update():
     ("negative_count", "element counts must be >= 0"),
     ("float_count", "element counts must be ints, got float"),
     ("index_count", "element counts must be ints, got ClearsTheList"),
+    ("packed_overlap", "overlaps"),
+    ("packed_count_mismatch", "has 2 pointer"),
+    ("packed_misaligned", "not a valid pointer aligned to 4 bytes"),
+    ("packed_null", "not a valid pointer"),
+    ("packed_negative_count", "element counts must be >= 0"),
+    ("packed_count_overflow", "element counts overflow"),
+    ("packed_odd_size", "exp_avg_sqs is 23 bytes; packed values take 8 bytes each"),
+    ("packed_odd_counts", "the element counts is 25 bytes"),
+    ("bytearray", "exp_avgs must be a list of data pointers or bytes"),
 ])
 def test_pointers_refuse_bad_input_before_writing(case, match):
     a = arrays(3)
@@ -211,6 +229,31 @@ def test_pointers_refuse_bad_input_before_writing(case, match):
                 params[1].clear()
                 return 9
         params[1] = [9, ClearsTheList(), 9]
+    elif case.startswith("packed_") or case == "bytearray":
+        args = list(packed_args(tuple(args)))
+        params = list(args[0])
+        pack = ft._pack
+        if case == "packed_overlap":
+            args[2] = pack(list(np.frombuffer(args[2], np.uint64)[:1]) +
+                           [int(np.frombuffer(args[3], np.uint64)[1])] +
+                           list(np.frombuffer(args[2], np.uint64)[2:]))
+        elif case == "packed_count_mismatch":
+            args[1] = args[1][:16]
+        elif case == "packed_misaligned":
+            params[2] = pack([v + (2 if k == 1 else 0) for k, v in
+                              enumerate(ft._unpack(params[2]))])
+        elif case == "packed_null":
+            args[3] = bytes(8) + args[3][8:]
+        elif case == "packed_negative_count":
+            params[1] = np.array([9, -1, 9], np.int64).tobytes()
+        elif case == "packed_count_overflow":
+            params[1] = pack([9, 2 ** 63 - 5, 9])
+        elif case == "packed_odd_size":
+            args[3] = args[3][:-1]
+        elif case == "packed_odd_counts":
+            params[1] = params[1] + b"x"
+        elif case == "bytearray":
+            args[2] = bytearray(args[2])
     args[0] = tuple(params)
     with pytest.raises((TypeError, ValueError), match=match):
         _core._pointers("adam", tuple(args))

@@ -478,7 +478,7 @@ def _same_layout(t: Any, p: torch.Tensor) -> bool:
 class _GroupCache:
     """The NumPy views of one param group (Note [Views are cached])."""
 
-    __slots__ = ("group", "names", "ptrs", "dtensor", "locals", "grad_types", "grad_dtypes",
+    __slots__ = ("group", "names", "ptrs", "packed_ptrs", "dtensor", "locals", "grad_types", "grad_dtypes",
                  "shapes", "strides",
                  "numels", "fmt", "views", "metas", "errors", "flat", "dtypes", "kinds",
                  "one_dtype", "dicts", "gen", "svs", "bound", "pending", "store", "store_np",
@@ -496,6 +496,7 @@ class _GroupCache:
         self.group = group
         self.names = names
         self.ptrs = list(map(_data_ptr, self.locals)) if self.dtensor else ptrs
+        self.packed_ptrs = _pack(self.ptrs)
         self.views: list[np.ndarray | None] = [None] * n
         self.metas: list[tuple[Any, ...] | None] = [None] * n
         self.errors: list[tuple[type[Exception], str] | None] = [None] * n
@@ -564,6 +565,11 @@ class _Full(NamedTuple):
     by_key: list[list[int]]  #: per state key (``_getter``'s order): the bound pointers
     pointers: tuple[str, list[int], list[int]]  #: the params for the pointer path
     pstates: dict[str, list[int]]  #: name -> the states' pointers
+    #: the same three, packed (Note [packed pointers] in src/cpp/bindings.cpp): what the step
+    #: hands to gather and the kernel
+    pby_key: tuple[bytes, ...]
+    ppointers: tuple[str, bytes, bytes]
+    ppstates: dict[str, bytes]
 
 
 def _complete(c: _GroupCache, keys: int) -> _Full:
@@ -571,11 +577,24 @@ def _complete(c: _GroupCache, keys: int) -> _Full:
     0 when its states have not been bound)."""
     if c.full is None:
         names = c.names
+        by_key = [[b[k] for b in c.bound] for k in range(keys)]
+        pstates = {name: [b[k] for b in c.bound] for k, name in enumerate(names)}
         c.full = _Full(
             c.views, {name: [sv[k] for sv in c.svs] for k, name in enumerate(names)},
-            [[b[k] for b in c.bound] for k in range(keys)], (c.fmt, c.numels, c.ptrs),
-            {name: [b[k] for b in c.bound] for k, name in enumerate(names)})
+            by_key, (c.fmt, c.numels, c.ptrs), pstates,
+            tuple(map(_pack, by_key)), (c.fmt, _pack(c.numels), c.packed_ptrs),
+            {name: _pack(ptrs) for name, ptrs in pstates.items()})
     return c.full
+
+
+def _pack(values: list[int]) -> bytes:
+    """Ints >= 0 (pointers, element counts) as native 64-bit values (Note [packed pointers] in
+    src/cpp/bindings.cpp)."""
+    return np.array(values, dtype=np.uint64).tobytes()
+
+
+def _unpack(packed: bytes) -> list[int]:
+    return np.frombuffer(packed, dtype=np.uint64).tolist()
 
 
 class _Gathered:
@@ -597,7 +616,7 @@ class _Gathered:
         self.checked = False
         #: the gradients' data pointers when _torch_ext found them all matching their params
         #: (Note [torch extension]), else None
-        self.gptrs: list[int] | None = None
+        self.gptrs: list[int] | bytes | None = None
         #: ``(c.full, c.dicts)`` when _torch_ext found every state dict holding its bound
         #: tensors (``_check_bound``), else None
         self.same: tuple[Any, Any] | None = None
@@ -1859,11 +1878,17 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self._checked[id(group)] = (group, (hyper, names))
         return hyper
 
-    def _cache(self, group: dict[str, Any], ptrs: list[int] | None = None) -> _GroupCache:
+    def _cache(self, group: dict[str, Any], ptrs: list[int] | bytes | None = None,
+               ) -> _GroupCache:
         """The group's cache, rebuilt when its params or state names changed. ``ptrs``: the
-        params' data pointers, when _torch_ext's gather has just read them."""
+        params' data pointers, when _torch_ext's gather has just read them (packed or not)."""
         names = self._state_names(group)
         c = self._caches.get(id(group))
+        if type(ptrs) is bytes:
+            if (c is not None and c.group is group and c.names == names
+                    and c.packed_ptrs == ptrs):
+                return c
+            ptrs = _unpack(ptrs)
         dtensor = c is not None and c.dtensor
         x = _ext()
         if ptrs is None:
@@ -1891,7 +1916,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 full = known.full
                 if (known.gen == self._gen and full is not None and full.by_key
                         and isinstance(known.dicts, list)):
-                    bound = (known.dicts, self._keys(known.names), tuple(full.by_key))
+                    bound = (known.dicts, self._keys(known.names), full.pby_key)
                 else:
                     bound = (None, (), ())
                 # (the two loops may run on two of torch's threads when the update does:
@@ -1899,7 +1924,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 threads = (_core.get_num_threads()
                            if bound[0] is not None and _core._has_runner() else 1)
                 grads, gptrs, pptrs, same = x.gather(params, known.grad_dtypes, known.shapes,
-                                                     known.strides, *bound, threads)
+                                                     known.strides, *bound, threads, True)
                 # (_check_bound's comparison, when it found them all bound)
                 same = (full, known.dicts) if same is True else None
         if grads is None:
@@ -2051,7 +2076,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if self._grads_match(item):
             fn: Any = _P
             gargs = item.gptrs if item.gptrs is not None else list(map(_data_ptr, item.grads))
-            pargs, states = full.pointers, full.pstates
+            pargs, states = full.ppointers, full.ppstates  # (packed: Note [packed pointers])
         else:
             fn, pargs, gargs, states = F, full.views, self._views(item), full.states
 

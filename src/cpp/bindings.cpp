@@ -1246,6 +1246,29 @@ bool unscale_and_check(py::handle grads, py::handle inv_scale) {
 //   counts, every pointer (non-null where there is data, aligned to the element size) and
 //   that no written span overlaps any other span of the call (Note [aliasing]). The caller
 //   holds the tensors for the duration of the call, which runs without the GIL.
+//   Note [packed pointers]: each list of ints (the element counts, and every pointer list)
+//   may instead be a bytes object of native 64-bit values, 8 bytes per tensor: fastoptim.torch
+//   keeps its cached ones so and _torch_ext.gather returns them so, which spares making and
+//   reading a Python int per tensor per array every step (thousands of cold objects).
+static_assert(sizeof(void*) == 8 && sizeof(uintptr_t) == 8, "packed pointers are 64-bit");
+
+// The number of 8-byte values in the bytes object `seq` (a ValueError naming `what` if its size
+// is not a multiple of 8).
+int64_t packed_count(const std::string& fn, const char* what, PyObject* seq) {
+  const Py_ssize_t size = PyBytes_GET_SIZE(seq);
+  if (size % 8 != 0)
+    value_error(fn + ": " + what + " is " + std::to_string(size) +
+                " bytes; packed values take 8 bytes each");
+  return static_cast<int64_t>(size / 8);
+}
+
+// Value i of the bytes object `seq` (native 64-bit, unaligned).
+uint64_t packed_at(PyObject* seq, int64_t i) {
+  uint64_t v;
+  std::memcpy(&v, PyBytes_AS_STRING(seq) + 8 * i, 8);
+  return v;
+}
+
 struct PointerArrays {
   explicit PointerArrays(const char* name) : fn(name) {}
   const char* fn;
@@ -1261,19 +1284,26 @@ struct PointerArrays {
   }
 
   void add(int slot, const char* name, py::handle obj, bool written) {
-    if (!PyList_Check(obj.ptr()))
-      type_error(std::string(fn) + ": " + name + " must be a list of data pointers");
-    const py::list ptrs = py::reinterpret_borrow<py::list>(obj);
-    if (static_cast<int64_t>(ptrs.size()) != n) {
-      value_error(std::string(fn) + ": " + name + " has " + std::to_string(ptrs.size()) +
+    PyObject* seq = obj.ptr();
+    const bool packed = PyBytes_CheckExact(seq);
+    if (!packed && !PyList_Check(seq))
+      type_error(std::string(fn) + ": " + name + " must be a list of data pointers or bytes");
+    const int64_t count = packed ? packed_count(fn, name, seq) : PyList_GET_SIZE(seq);
+    if (count != n) {
+      value_error(std::string(fn) + ": " + name + " has " + std::to_string(count) +
                   " pointer(s) but there are " + std::to_string(n) + " element counts");
     }
     names[slot] = name;
     std::vector<void*>& out = slots[slot];
     out.resize(n);
     for (int64_t i = 0; i < n; ++i) {
-      const auto ptr = reinterpret_cast<uintptr_t>(PyLong_AsVoidPtr(PyList_GET_ITEM(ptrs.ptr(), i)));
-      if (PyErr_Occurred()) throw py::error_already_set();
+      uintptr_t ptr;
+      if (packed) {
+        ptr = static_cast<uintptr_t>(packed_at(seq, i));
+      } else {
+        ptr = reinterpret_cast<uintptr_t>(PyLong_AsVoidPtr(PyList_GET_ITEM(seq, i)));
+        if (PyErr_Occurred()) throw py::error_already_set();
+      }
       add_pointer_span(intervals, fn, [&] { return std::string(name) + "[" + std::to_string(i) + "]"; },
                        ptr, offsets[i + 1] - offsets[i], itemsize, slot, i, written);
       out[i] = reinterpret_cast<void*>(ptr);
@@ -1299,7 +1329,8 @@ void call_rule_pointers(const std::string& fn_name, py::args a, const py::kwargs
   // params: (dtype name, element counts, pointers)
   PyObject* head = a[0].ptr();
   if (!PyTuple_Check(head) || PyTuple_GET_SIZE(head) != 3 ||
-      !PyUnicode_Check(PyTuple_GET_ITEM(head, 0)) || !PyList_Check(PyTuple_GET_ITEM(head, 1)))
+      !PyUnicode_Check(PyTuple_GET_ITEM(head, 0)) ||
+      !(PyList_Check(PyTuple_GET_ITEM(head, 1)) || PyBytes_CheckExact(PyTuple_GET_ITEM(head, 1))))
     type_error(fn_name + ": params must be a tuple (dtype name, element counts, pointers)");
   const std::string dtype = py::reinterpret_borrow<py::str>(PyTuple_GET_ITEM(head, 0));
   Format format = kF32;
@@ -1312,18 +1343,26 @@ void call_rule_pointers(const std::string& fn_name, py::args a, const py::kwargs
                dtype + "'");
   PointerArrays arrays(fn);
   arrays.itemsize = itemsize;
-  const py::list counts = py::reinterpret_borrow<py::list>(PyTuple_GET_ITEM(head, 1));
-  arrays.n = static_cast<int64_t>(counts.size());
+  PyObject* counts = PyTuple_GET_ITEM(head, 1);
+  const bool packed = PyBytes_CheckExact(counts);  // Note [packed pointers]
+  arrays.n = packed ? packed_count(fn_name, "the element counts", counts) : PyList_GET_SIZE(counts);
   arrays.offsets.reserve(arrays.n + 1);
   for (int64_t i = 0; i < arrays.n; ++i) {
-    // Only ints: another object's __index__ would run Python code, which could change the
-    // list under this loop (the pointers are read as ints too: PyLong_AsVoidPtr runs none).
-    PyObject* item = PyList_GET_ITEM(counts.ptr(), i);
-    if (!PyLong_Check(item) || is_bool(item))
-      type_error(fn_name + ": element counts must be ints, got " + type_name(item));
-    const long long c = PyLong_AsLongLong(item);
-    if (c == -1 && PyErr_Occurred()) throw py::error_already_set();
+    long long c;
+    if (packed) {
+      c = static_cast<long long>(packed_at(counts, i));  // (>= 2^63 reads as negative)
+    } else {
+      // Only ints: another object's __index__ would run Python code, which could change the
+      // list under this loop (the pointers are read as ints too: PyLong_AsVoidPtr runs none).
+      PyObject* item = PyList_GET_ITEM(counts, i);
+      if (!PyLong_Check(item) || is_bool(item))
+        type_error(fn_name + ": element counts must be ints, got " + type_name(item));
+      c = PyLong_AsLongLong(item);
+      if (c == -1 && PyErr_Occurred()) throw py::error_already_set();
+    }
     if (c < 0) value_error(fn_name + ": element counts must be >= 0");
+    if (c > INT64_MAX - arrays.offsets.back())
+      value_error(fn_name + ": element counts overflow: their sum exceeds 2^63 - 1");
     arrays.offsets.push_back(arrays.offsets.back() + c);
   }
   arrays.add(kParam, D::kParams, PyTuple_GET_ITEM(head, 2), true);

@@ -34,6 +34,7 @@
 #endif
 
 #include <cstdint>
+#include <cstring>
 #include <new>
 #include <optional>
 #include <vector>
@@ -63,6 +64,25 @@ bool same_ints(PyObject* seq, c10::IntArrayRef values) {
 }
 
 bool is_list_of(PyObject* obj, Py_ssize_t n) { return PyList_Check(obj) && PyList_GET_SIZE(obj) == n; }
+
+// Note [packed pointers] (src/cpp/bindings.cpp): n native 64-bit values in a bytes object.
+bool is_packed_of(PyObject* obj, Py_ssize_t n) {
+  return PyBytes_CheckExact(obj) && PyBytes_GET_SIZE(obj) == 8 * n;
+}
+static_assert(sizeof(void*) == 8, "packed pointers are 64-bit");
+
+// Value i of such a bytes object.
+unsigned long long packed_at(PyObject* obj, Py_ssize_t i) {
+  uint64_t v;
+  std::memcpy(&v, PyBytes_AS_STRING(obj) + 8 * i, 8);
+  return v;
+}
+
+// Pointers as Note [packed pointers] has them.
+PyObject* packed(const std::vector<void*>& ptrs) {
+  return PyBytes_FromStringAndSize(reinterpret_cast<const char*>(ptrs.data()),
+                                   static_cast<Py_ssize_t>(8 * ptrs.size()));
+}
 
 PyObject* pointer(const at::Tensor& t) { return PyLong_FromVoidPtr(t.data_ptr()); }
 
@@ -291,10 +311,13 @@ class ParamWalk {
   // (grads, gradient pointers or None, param pointers or None, same), built after the loops
   // (f: what they found): building them may run Python code (a collection), which can no
   // longer change what was read. grads: a Grads holding the gradients (grads_ until here).
-  PyObject* result(Found f, PyObject* same) {
+  PyObject* result(Found f, PyObject* same, bool pack) {
+    const auto out = [pack](const std::vector<void*>& ptrs) {
+      return pack ? packed(ptrs) : pointer_list(ptrs);
+    };
     PyObject* grads = new_grads(std::move(grads_));
-    PyObject* gptrs = grads && f.match ? pointer_list(gptrs_) : Py_XNewRef(Py_None);
-    PyObject* pptrs = grads && f.plain ? pointer_list(pptrs_) : Py_XNewRef(Py_None);
+    PyObject* gptrs = grads && f.match ? out(gptrs_) : Py_XNewRef(Py_None);
+    PyObject* pptrs = grads && f.plain ? out(pptrs_) : Py_XNewRef(Py_None);
     if (!grads || !gptrs || !pptrs) {
       Py_XDECREF(grads);
       Py_XDECREF(gptrs);
@@ -372,10 +395,12 @@ class StateWalk {
     expected_ = expected;
     n_ = n;
     n_keys_ = PyTuple_GET_SIZE(keys);
-    for (Py_ssize_t k = 0; k < n_keys_; ++k)
+    for (Py_ssize_t k = 0; k < n_keys_; ++k) {
+      PyObject* want = PyTuple_GET_ITEM(expected, k);
       if (!PyUnicode_CheckExact(PyTuple_GET_ITEM(keys, k)) ||
-          !is_list_of(PyTuple_GET_ITEM(expected, k), n))
+          !(is_list_of(want, n) || is_packed_of(want, n)))
         return false;
+    }
     ring_.assign(static_cast<size_t>(kRing * n_keys_), nullptr);
     return true;
   }
@@ -400,7 +425,8 @@ class StateWalk {
         if (!PyDict_CheckExact(d) || !values_of(d, keys_, values(j))) return false;
         for (Py_ssize_t k = 0; k < n_keys_; ++k) {
           prefetch(values(j)[k]);
-          prefetch(PyList_GET_ITEM(PyTuple_GET_ITEM(expected_, k), j));
+          if (PyObject* want = PyTuple_GET_ITEM(expected_, k); PyList_Check(want))
+            prefetch(PyList_GET_ITEM(want, j));  // (packed values: one sequential stream)
         }
       }
       if (const Py_ssize_t j = i + 2 * kLookahead; in(j)) each_impl(j, prefetch_impl);
@@ -408,13 +434,18 @@ class StateWalk {
       if (!in(i)) return true;
       for (Py_ssize_t k = 0; k < n_keys_; ++k) {
         PyObject* t = values(i)[k];
-        long long want;  // (a pointer at or above 2^63 would not fit: then False, declined)
-        if (!THPVariable_CheckExact(t) ||
-            !exact_int(PyList_GET_ITEM(PyTuple_GET_ITEM(expected_, k), i), &want))
-          return false;
+        PyObject* expected = PyTuple_GET_ITEM(expected_, k);
+        unsigned long long want;
+        if (PyList_Check(expected)) {
+          long long v;  // (a pointer at or above 2^63 would not fit: then False, declined)
+          if (!exact_int(PyList_GET_ITEM(expected, i), &v)) return false;
+          want = static_cast<unsigned long long>(v);
+        } else {
+          want = packed_at(expected, i);
+        }
+        if (!THPVariable_CheckExact(t)) return false;
         const at::Tensor& tensor = THPVariable_Unpack(t);
-        if (!tensor.has_storage() ||
-            reinterpret_cast<uintptr_t>(tensor.data_ptr()) != static_cast<unsigned long long>(want))
+        if (!tensor.has_storage() || reinterpret_cast<uintptr_t>(tensor.data_ptr()) != want)
           return false;
       }
       return true;
@@ -441,7 +472,7 @@ class StateWalk {
 //   StateWalk over every dict: torch.py's `list(map(data_ptr, map(itemgetter(key), dicts))) ==
 //   expected[k]` for each key, where a missing key or a non-tensor value is False (torch.py
 //   then takes its own path). keys: a tuple of exact str; expected: a tuple of lists of exact
-//   ints. False too when a dict is not an exact dict or has a key that is not an exact str
+//   ints (or their packed bytes: Note [packed pointers]). False too when a dict is not an exact dict or has a key that is not an exact str
 //   (values_of): then nothing here runs Python code (no lookup calls a key's __eq__, only
 //   exact ints are read), so no object can change or go away during the call.
 PyObject* same_pointers(PyObject*, PyObject* args) {
@@ -489,7 +520,7 @@ bool may_split(int threads, Py_ssize_t n) {
 #endif
 }
 
-// gather(params, dtypes, shapes, strides, dicts, keys, expected, threads=1)
+// gather(params, dtypes, shapes, strides, dicts, keys, expected, threads=1, packed=False)
 //     -> (grads, grad pointers, param pointers, same)
 //   Note [one walk]. grads: each param's .grad (None where it has none); grad pointers: the
 //   gradients' data pointers when EVERY param has a gradient that is a plain torch.Tensor
@@ -498,12 +529,14 @@ bool may_split(int threads, Py_ssize_t n) {
 //   _grads_match asks), else None; param pointers: each param's data_ptr(), None when one has
 //   no storage; same: same_pointers(dicts, keys, expected), or None when dicts is None. All
 //   four None when params is not a list of plain tensors or the metadata lists do not match
-//   it. threads: how many threads the two loops may use (Note [split walk]).
+//   it. threads: how many threads the two loops may use (Note [split walk]). expected[k] may
+//   be a list of ints or their packed bytes, and with packed=True both pointer answers come
+//   packed (Note [packed pointers]).
 PyObject* gather(PyObject*, PyObject* args) {
   PyObject *params, *dtypes, *shapes, *strides, *dicts, *keys, *expected;
-  int threads = 1;
-  if (!PyArg_ParseTuple(args, "OOOOOO!O!|i", &params, &dtypes, &shapes, &strides, &dicts,
-                        &PyTuple_Type, &keys, &PyTuple_Type, &expected, &threads))
+  int threads = 1, pack = 0;
+  if (!PyArg_ParseTuple(args, "OOOOOO!O!|ip", &params, &dtypes, &shapes, &strides, &dicts,
+                        &PyTuple_Type, &keys, &PyTuple_Type, &expected, &threads, &pack))
     return nullptr;
   if (!PyList_Check(params)) return declined();
   const Py_ssize_t n = PyList_GET_SIZE(params);
@@ -560,7 +593,7 @@ PyObject* gather(PyObject*, PyObject* args) {
   }
   if (!f.read) return declined();
   // (may run Python code: nothing above is read again)
-  return walk->result(f, !compare ? Py_None : f.same ? Py_True : Py_False);
+  return walk->result(f, !compare ? Py_None : f.same ? Py_True : Py_False, pack);
 }
 
 // data_ptrs(tensors) -> list[int] | None: each tensor's data_ptr(); None when one is not a plain
