@@ -223,7 +223,8 @@ PyType_Slot kGradsSlots[] = {
     {Py_tp_dealloc, reinterpret_cast<void*>(grads_dealloc)},
     {Py_sq_length, reinterpret_cast<void*>(grads_len)},
     {Py_sq_item, reinterpret_cast<void*>(grads_item)},
-    {Py_tp_doc, const_cast<char*>("gather's gradients: grads[i] is param i's .grad (Note [gradients held]).")},
+    {Py_tp_doc,
+     const_cast<char*>("gather's gradients: grads[i] is param i's .grad (Note [gradients held]).")},
     {0, nullptr},
 };
 
@@ -472,9 +473,10 @@ class StateWalk {
 //   StateWalk over every dict: torch.py's `list(map(data_ptr, map(itemgetter(key), dicts))) ==
 //   expected[k]` for each key, where a missing key or a non-tensor value is False (torch.py
 //   then takes its own path). keys: a tuple of exact str; expected: a tuple of lists of exact
-//   ints (or their packed bytes: Note [packed pointers]). False too when a dict is not an exact dict or has a key that is not an exact str
-//   (values_of): then nothing here runs Python code (no lookup calls a key's __eq__, only
-//   exact ints are read), so no object can change or go away during the call.
+//   ints (or their packed bytes: Note [packed pointers]). False too when a dict is not an
+//   exact dict or has a key that is not an exact str (values_of): then nothing here runs
+//   Python code (no lookup calls a key's __eq__, only exact ints are read), so no object can
+//   change or go away during the call.
 PyObject* same_pointers(PyObject*, PyObject* args) {
   PyObject *dicts, *keys, *expected;
   if (!PyArg_ParseTuple(args, "OO!O!", &dicts, &PyTuple_Type, &keys, &PyTuple_Type, &expected))
