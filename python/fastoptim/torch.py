@@ -587,6 +587,14 @@ def _complete(c: _GroupCache, keys: int) -> _Full:
     return c.full
 
 
+def _grad_ptrs(item: _Gathered) -> Iterable[int]:
+    """The gradients' data pointers, in ``item.grads``' order: the ones gather read when it has
+    them (every gradient then; no gradient wrapped, Note [gradients held])."""
+    if type(item.gptrs) is bytes:
+        return _unpack(item.gptrs)
+    return item.gptrs if item.gptrs is not None else map(_data_ptr, item.grads)
+
+
 def _pack(values: list[int]) -> bytes:
     """Ints >= 0 (pointers, element counts) as native 64-bit values (Note [packed pointers] in
     src/cpp/bindings.cpp)."""
@@ -2293,8 +2301,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if not gathered:
             return
         written = self._written(gathered)
-        j = written.first_hit(map(_data_ptr, chain.from_iterable(
-            item.grads for item in gathered)))
+        j = written.first_hit(chain.from_iterable(map(_grad_ptrs, gathered)))
         if j is None:
             return
         gi, i, _ = written.grads[j]

@@ -1287,7 +1287,8 @@ struct PointerArrays {
     PyObject* seq = obj.ptr();
     const bool packed = PyBytes_CheckExact(seq);
     if (!packed && !PyList_Check(seq))
-      type_error(std::string(fn) + ": " + name + " must be a list of data pointers or bytes");
+      type_error(std::string(fn) + ": " + name + " must be a list of data pointers or bytes, got " +
+                 type_name(seq));
     const int64_t count = packed ? packed_count(fn, name, seq) : PyList_GET_SIZE(seq);
     if (count != n) {
       value_error(std::string(fn) + ": " + name + " has " + std::to_string(count) +
@@ -1331,7 +1332,8 @@ void call_rule_pointers(const std::string& fn_name, py::args a, const py::kwargs
   if (!PyTuple_Check(head) || PyTuple_GET_SIZE(head) != 3 ||
       !PyUnicode_Check(PyTuple_GET_ITEM(head, 0)) ||
       !(PyList_Check(PyTuple_GET_ITEM(head, 1)) || PyBytes_CheckExact(PyTuple_GET_ITEM(head, 1))))
-    type_error(fn_name + ": params must be a tuple (dtype name, element counts, pointers)");
+    type_error(fn_name + ": params must be a tuple (dtype name: str, element counts: list or "
+               "bytes, pointers), got " + type_name(head));
   const std::string dtype = py::reinterpret_borrow<py::str>(PyTuple_GET_ITEM(head, 0));
   Format format = kF32;
   int64_t itemsize = 4;
@@ -1360,7 +1362,9 @@ void call_rule_pointers(const std::string& fn_name, py::args a, const py::kwargs
       c = PyLong_AsLongLong(item);
       if (c == -1 && PyErr_Occurred()) throw py::error_already_set();
     }
-    if (c < 0) value_error(fn_name + ": element counts must be >= 0");
+    if (c < 0)
+      value_error(fn_name + ": element counts must be >= 0 (and below 2^63); count " +
+                  std::to_string(i) + " is not");
     if (c > INT64_MAX - arrays.offsets.back())
       value_error(fn_name + ": element counts overflow: their sum exceeds 2^63 - 1");
     arrays.offsets.push_back(arrays.offsets.back() + c);
