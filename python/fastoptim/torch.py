@@ -478,8 +478,8 @@ def _same_layout(t: Any, p: torch.Tensor) -> bool:
 class _GroupCache:
     """The NumPy views of one param group (Note [Views are cached])."""
 
-    __slots__ = ("group", "names", "ptrs", "packed_ptrs", "dtensor", "locals", "grad_types", "grad_dtypes",
-                 "shapes", "strides",
+    __slots__ = ("group", "names", "ptrs", "packed_ptrs", "dtensor", "locals", "grad_types",
+                 "grad_dtypes", "shapes", "strides",
                  "numels", "fmt", "views", "metas", "errors", "flat", "dtypes", "kinds",
                  "one_dtype", "dicts", "gen", "svs", "bound", "pending", "store", "store_np",
                  "store_ptr", "full", "nbytes", "spans", "prefetch", "reused")
@@ -563,13 +563,10 @@ class _Full(NamedTuple):
     views: list[np.ndarray]  #: the params' views
     states: dict[str, list[np.ndarray]]  #: name -> the states' views
     by_key: list[list[int]]  #: per state key (``_getter``'s order): the bound pointers
-    pointers: tuple[str, list[int], list[int]]  #: the params for the pointer path
-    pstates: dict[str, list[int]]  #: name -> the states' pointers
-    #: the same three, packed (Note [packed pointers] in src/cpp/bindings.cpp): what the step
-    #: hands to gather and the kernel
-    pby_key: tuple[bytes, ...]
-    ppointers: tuple[str, bytes, bytes]
-    ppstates: dict[str, bytes]
+    pby_key: tuple[bytes, ...]  #: the same, packed (Note [packed pointers] in bindings.cpp)
+    #: the params for the pointer path: (dtype name, element counts, pointers), packed
+    pointers: tuple[str, bytes, bytes]
+    pstates: dict[str, bytes]  #: name -> the states' pointers, packed
 
 
 def _complete(c: _GroupCache, keys: int) -> _Full:
@@ -578,12 +575,10 @@ def _complete(c: _GroupCache, keys: int) -> _Full:
     if c.full is None:
         names = c.names
         by_key = [[b[k] for b in c.bound] for k in range(keys)]
-        pstates = {name: [b[k] for b in c.bound] for k, name in enumerate(names)}
         c.full = _Full(
             c.views, {name: [sv[k] for sv in c.svs] for k, name in enumerate(names)},
-            by_key, (c.fmt, c.numels, c.ptrs), pstates,
-            tuple(map(_pack, by_key)), (c.fmt, _pack(c.numels), c.packed_ptrs),
-            {name: _pack(ptrs) for name, ptrs in pstates.items()})
+            by_key, tuple(map(_pack, by_key)), (c.fmt, _pack(c.numels), c.packed_ptrs),
+            {name: _pack([b[k] for b in c.bound]) for k, name in enumerate(names)})
     return c.full
 
 
@@ -2084,7 +2079,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if self._grads_match(item):
             fn: Any = _P
             gargs = item.gptrs if item.gptrs is not None else list(map(_data_ptr, item.grads))
-            pargs, states = full.ppointers, full.ppstates  # (packed: Note [packed pointers])
+            pargs, states = full.pointers, full.pstates  # (packed: Note [packed pointers])
         else:
             fn, pargs, gargs, states = F, full.views, self._views(item), full.states
 
