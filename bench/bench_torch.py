@@ -38,6 +38,11 @@ run; default: fastoptim's, i.e. all cores).
     python bench/bench_torch.py --cases gpt2_small resnet50 --threads 1 2 --repeats 7
     python bench/bench_torch.py --cases resnet50 many_tensors --dtype bfloat16 --formats master int8
     python bench/bench_torch.py --cases many_tensors --threads 2 --after-torch-op
+    python bench/bench_torch.py --cases many_tensors --threads 2 --fresh-grads
+
+``--fresh-grads`` gives every parameter a new gradient before every timed step, made by a
+backward pass as in training (so it has no Python object until something reads ``.grad``),
+with the same values each time; ``raw adam_`` keeps stepping its views of the first ones.
 
 ``--after-torch-op`` runs a torch op right before every timed step, as a training loop's backward
 pass does; torch's OpenMP threads are then still spinning when the step starts.
@@ -123,6 +128,19 @@ def make_params(shapes: list[tuple[int, ...]], seed: int = 0,
         p.grad = (torch.randn(shape, generator=gen) * 1e-3).to(dtype)
         params.append(p)
     return params
+
+
+def fresh_grads(params: list[torch.Tensor]) -> Callable[[], None]:
+    """--fresh-grads: a function that gives every param a new gradient with the values it has
+    now, made by autograd (a view per param, then one backward pass), as a training step's
+    backward makes them: new tensors, with no Python object until ``.grad`` is read."""
+    values = [p.grad.detach().clone() for p in params]
+
+    def make() -> None:
+        for p in params:
+            p.grad = None
+        torch.autograd.backward([p.view_as(p) for p in params], values)
+    return make
 
 
 IMPLS = ("fastoptim.torch", "raw adam_", "torch foreach", "torch fused")
@@ -216,6 +234,10 @@ def parse_args(argv):
                     help="run a torch op (add_ on 16 MB, untimed) right before every timed "
                          "step, as the backward pass does in training: torch's OpenMP "
                          "threads are then still spinning (docs/torch.md, Threads)")
+    ap.add_argument("--fresh-grads", action="store_true",
+                    help="a new gradient for every parameter (from a backward pass, untimed) "
+                         "before every timed step, as in a training loop that sets .grad to "
+                         "None; the raw call keeps its views of the first ones")
     ap.add_argument("--json", type=Path, help="write the results to this file")
     args = ap.parse_args(argv)
     low_only = [f for f in args.formats if f in LOW_ONLY]
@@ -241,17 +263,21 @@ def main(argv=None) -> dict:
                 impls = implementations(params, DECOUPLED.get(case, False),
                                         tuple(i for i in IMPLS if i not in args.skip),
                                         tuple(args.formats))
-                before = None
+                steps = []
+                if args.fresh_grads:
+                    steps.append(fresh_grads(params))
                 if args.after_torch_op:
                     scratch = torch.zeros(1 << 22)
-                    before = partial(scratch.add_, 1.0)
+                    steps.append(partial(scratch.add_, 1.0))
+                before = (lambda: [f() for f in steps]) if steps else None
                 times = time_round_robin(impls, repeats, warmup=2, before=before)
                 for impl, ts in times.items():
                     rows.append({"case": case, "tensors": len(shapes),
                                  "numel": sum(p.numel() for p in params), "threads": threads,
                                  "impl": impl, "median_ms": 1e3 * statistics.median(ts),
                                  "min_ms": 1e3 * min(ts), "repeats": repeats,
-                                 "after_torch_op": args.after_torch_op})
+                                 "after_torch_op": args.after_torch_op,
+                                 "fresh_grads": args.fresh_grads})
                 del impls, times
                 gc.collect()
             del params

@@ -9,6 +9,7 @@ is written.
 """
 
 import copy
+import gc
 import importlib.util
 import inspect
 import io
@@ -879,6 +880,37 @@ def test_bench_smoke(tmp_path):
                            "100", "--json", str(out)])
     assert out.is_file()
     assert {row["case"] for row in results["rows"]} == {"one_tensor", "many_tensors"}
+
+
+def test_bench_fresh_grads_are_new_tensors_from_autograd_with_the_same_values():
+    """bench_torch.py --fresh-grads: every call gives each param a new gradient with the values
+    it had, made by backward, so it has no Python object until .grad is read (the count of
+    tensor objects does not grow); the rows say so."""
+    spec = importlib.util.spec_from_file_location("bench_torch_fresh",
+                                                  ROOT / "bench" / "bench_torch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    params = module.make_params([(3, 4), (5,)])
+    first = [p.grad for p in params]
+    make = module.fresh_grads(params)
+    make()
+
+    def tensors():
+        return sum(type(o) is torch.Tensor for o in gc.get_objects())
+
+    gc.collect()
+    before = tensors()
+    make()
+    gc.collect()
+    assert tensors() == before
+    grads = [p.grad for p in params]
+    assert all(g is not f for g, f in zip(grads, first))
+    for g, f in zip(grads, first):
+        torch.testing.assert_close(g, f, rtol=0, atol=0)
+    results = module.main(["--cases", "many_tensors", "--repeats", "2", "--tensors", "4",
+                           "--tensor-numel", "100", "--skip", "torch foreach",
+                           "--fresh-grads", "--threads", "1"])
+    assert results["rows"] and all(row["fresh_grads"] for row in results["rows"])
 
 
 def test_bench_after_a_torch_op_runs_the_op_before_every_timed_step(monkeypatch):
