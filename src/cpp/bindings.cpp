@@ -35,6 +35,7 @@
 #include "../cuda/cuda_api.h"
 #include "../cuda/plan_hooks.h"
 #include "dispatch.h"
+#include "packed.h"
 #include "quant_api.h"
 #include "runner.h"
 
@@ -1250,7 +1251,7 @@ bool unscale_and_check(py::handle grads, py::handle inv_scale) {
 //   may instead be a bytes object of native 64-bit values, 8 bytes per tensor: fastoptim.torch
 //   keeps its cached ones so and _torch_ext.gather returns them so, which spares making and
 //   reading a Python int per tensor per array every step (thousands of cold objects).
-static_assert(sizeof(void*) == 8 && sizeof(uintptr_t) == 8, "packed pointers are 64-bit");
+//   (The format: src/cpp/packed.h.)
 
 // The number of 8-byte values in the bytes object `seq` (a ValueError naming `what` if its size
 // is not a multiple of 8).
@@ -1260,13 +1261,6 @@ int64_t packed_count(const std::string& fn, const char* what, PyObject* seq) {
     value_error(fn + ": " + what + " is " + std::to_string(size) +
                 " bytes; packed values take 8 bytes each");
   return static_cast<int64_t>(size / 8);
-}
-
-// Value i of the bytes object `seq` (native 64-bit, unaligned).
-uint64_t packed_at(PyObject* seq, int64_t i) {
-  uint64_t v;
-  std::memcpy(&v, PyBytes_AS_STRING(seq) + 8 * i, 8);
-  return v;
 }
 
 struct PointerArrays {

@@ -33,8 +33,9 @@
 #include "../cpp/runner.h"
 #endif
 
+#include "../cpp/packed.h"
+
 #include <cstdint>
-#include <cstring>
 #include <new>
 #include <optional>
 #include <vector>
@@ -65,18 +66,12 @@ bool same_ints(PyObject* seq, c10::IntArrayRef values) {
 
 bool is_list_of(PyObject* obj, Py_ssize_t n) { return PyList_Check(obj) && PyList_GET_SIZE(obj) == n; }
 
-// Note [packed pointers] (src/cpp/bindings.cpp): n native 64-bit values in a bytes object.
+// Note [packed pointers] (src/cpp/bindings.cpp; the format: src/cpp/packed.h): n values.
 bool is_packed_of(PyObject* obj, Py_ssize_t n) {
   return PyBytes_CheckExact(obj) && PyBytes_GET_SIZE(obj) == 8 * n;
 }
-static_assert(sizeof(void*) == 8, "packed pointers are 64-bit");
 
-// Value i of such a bytes object.
-unsigned long long packed_at(PyObject* obj, Py_ssize_t i) {
-  uint64_t v;
-  std::memcpy(&v, PyBytes_AS_STRING(obj) + 8 * i, 8);
-  return v;
-}
+using fastoptim::packed_at;
 
 // Pointers as Note [packed pointers] has them.
 PyObject* packed(const std::vector<void*>& ptrs) {
