@@ -507,6 +507,113 @@ def test_bf16_stores_of_subnormals_and_nan_agree_on_every_isa():
         fastoptim.set_isa(saved)
 
 
+def _bf16_patterns(n, rng):
+    """n bfloat16 values: random bits of every exponent, with zeros, subnormals, the largest
+    finite values, infinities and NaN (quiet and signalling payloads) sprinkled through."""
+    bits = rng.integers(0, 1 << 16, n, dtype=np.uint32).astype(np.uint16)
+    specials = np.array([0x0000, 0x8000, 0x0001, 0x807F, 0x7F7F, 0xFF7F, 0x7F80, 0xFF80, 0x7FC0,
+                         0xFFC1, 0x7F81, 0x3F80, 0xBF80], np.uint16)
+    where = rng.choice(n, n // 4, replace=False)
+    bits[where] = rng.choice(specials, where.size)
+    return bits.view(BF16)
+
+
+def _on_every_isa(fn):
+    saved = fastoptim.backend_info()["isa"]
+    try:
+        return {isa: (fastoptim.set_isa(isa), fn())[1]
+                for isa in fastoptim.backend_info()["isas_supported"]}
+    finally:
+        fastoptim.set_isa(saved)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "stochastic", "stochastic near 2**32",
+                                  "compensation"])
+def test_paired_bf16_lanes_every_kind_of_value_at_every_position(mode):
+    """vec.h, Note [paired bf16 lanes]: an all-bfloat16 span's vector body loads and stores
+    two lane groups at a time, de-interleaved (element 2j in lane j of one group, 2j+1 in the
+    other). Params, grads and results of every kind (zeros, subnormals, values that round to
+    or past the largest finite bfloat16, ties, infinities, NaN) at every position of a pair,
+    with every head length before the aligned body (slices at offsets 0-33) and odd tails:
+    SGD stores the reference's bits (the float32 result p - lr*g rounded by
+    fastoptim.reference: ml_dtypes, or the counter-based stochastic rounding whose element
+    indices here cross 2^32 inside a pair), on every ISA. With compensation, the ISAs agree
+    bit for bit (the scalar ISA has no pairs), with the param bfloat16(x) and the compensation
+    bfloat16(x - param) of the float32 result x = (p + compensation) - lr*g wherever the
+    param is finite."""
+    rng = np.random.default_rng(31)
+    p0, g0 = _bf16_patterns(300, rng), _bf16_patterns(300, rng)
+    c0 = (rng.standard_normal(300) * 2.0**-12).astype(BF16)
+    index0 = 2**32 - 140 if mode == "stochastic near 2**32" else 0
+    options = {} if mode in ("nearest", "compensation") else {"stochastic_rounding": (3, 9, index0)}
+    for offset in range(34):
+        p, g = p0[offset:offset + 251], g0[offset:offset + 251]
+        if mode == "compensation":
+            def step(p=p, g=g, c=c0[offset:offset + 251]):
+                out, comp = p.copy(), c.copy()
+                fastoptim.sgd_(out, g, lr=0.75, compensation=comp)
+                return out, comp
+            got = _on_every_isa(step)
+            scalar = got["scalar"]
+            for isa, (out, comp) in got.items():
+                assert same_bits([out, comp], list(scalar)), f"{isa} offset {offset}"
+            with np.errstate(all="ignore"):
+                x = (p.astype(np.float32) + c0[offset:offset + 251].astype(np.float32)) + \
+                    np.float32(-0.75) * g.astype(np.float32)
+                stored = x.astype(BF16)
+                residual = (x - stored.astype(np.float32)).astype(BF16)
+            finite = np.isfinite(stored.astype(np.float32))
+            assert scalar[0][finite].tobytes() == stored[finite].tobytes(), f"offset {offset}"
+            assert scalar[1][finite].tobytes() == residual[finite].tobytes(), f"offset {offset}"
+            continue
+
+        def step(p=p, g=g):
+            out = p.copy()
+            fastoptim.sgd_(out, g, lr=0.75, **options)
+            return out
+        want = p.copy()
+        with np.errstate(all="ignore"):
+            reference.sgd_(want, g, lr=0.75, **options)
+        for isa, out in _on_every_isa(step).items():
+            assert out.tobytes() == want.tobytes(), f"{isa} {mode} offset {offset}"
+
+
+def test_paired_bf16_lanes_with_states_bitwise_across_isas():
+    """The pair path loads and stores every stream: all-bfloat16 AdamW (amsgrad) and SGD with
+    Nesterov momentum on params, grads and states holding every kind of value, scaled grads,
+    stochastic rounding: every ISA and thread count the same bits, in every array."""
+    rng = np.random.default_rng(32)
+    n = 4099
+    initial = {name: _bf16_patterns(n, rng) for name in ("p", "g", "m", "v", "vmax", "buf")}
+    for name in ("v", "vmax"):  # second moments: non-negative (the sign bit cleared)
+        initial[name] = (initial[name].view(np.uint16) & np.uint16(0x7FFF)).view(BF16)
+    saved = fastoptim.backend_info()["isa"], fastoptim.get_num_threads()
+    results = []
+    try:
+        for isa, threads in usable_backends():
+            fastoptim.set_isa(isa)
+            fastoptim.set_num_threads(threads)
+            a = {k: v.copy() for k, v in initial.items()}
+            with np.errstate(all="ignore"):
+                for t in (1, 2):
+                    fastoptim.adamw_(a["p"], a["g"], a["m"], a["v"], max_exp_avg_sqs=a["vmax"],
+                                     amsgrad=True, step=t, lr=1e-2, weight_decay=0.1,
+                                     grad_scale=np.float32(4.0), stochastic_rounding=(1, t))
+                    fastoptim.sgd_(a["p"], a["g"], a["buf"], momentum=0.9, nesterov=True,
+                                   step=t, lr=0.5)
+            results.append(((isa, threads), a))
+    finally:
+        fastoptim.set_isa(saved[0])
+        fastoptim.set_num_threads(saved[1])
+    (_, first), changed = results[0], False
+    for backend, a in results[1:]:
+        for name in first:
+            assert a[name].tobytes() == first[name].tobytes(), f"{backend}: {name}"
+    for name in ("p", "m", "v", "buf"):
+        changed |= first[name].tobytes() != initial[name].tobytes()
+    assert changed
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_grad_scale_with_quantized_states(bits):
     """The quantized states' block driver (src/cpp/quant.h) unscales the grads too: scaled

@@ -221,6 +221,62 @@ FO_INLINE void store_at(void* const* ptr, const Io<V>& io, int64_t i, const V (&
   if constexpr (!std::is_void_v<typename L::Copy> && !L::kKahan)
     store_elem(static_cast<typename L::Copy*>(io.copy) + i, x[kParam]);
 }
+// Whether every stream of layout L is bfloat16 (params, grads, states and any compensation):
+// its vector body then loads and stores two lane groups at a time (vec.h, Note [paired bf16
+// lanes]) with load_pair_at and store_pair_at, the two functions above over a pair.
+template <class L> constexpr bool kPairedBf16 =
+    std::is_same_v<typename L::template Elem<kParam>, bf16> &&
+    std::is_same_v<typename L::template Elem<kGrad>, bf16> &&
+    std::is_same_v<typename L::template Elem<kState0>, bf16> &&
+    (std::is_void_v<typename L::Copy> || L::kKahan);
+template <class Rule, class L, class V>
+FO_INLINE void load_pair_at(void* const* ptr, const Io<V>& io, int64_t i, V (&x0)[kMaxSlots],
+                            V (&x1)[kMaxSlots]) {
+  each_slot([&](auto s) {
+    if constexpr ((Rule::kReads & bit(s)) != 0) {
+      vload_bf16_pair(elem_ptr<L, s>(ptr) + i, x0[s], x1[s]);
+      if constexpr (s == kGrad) {
+        x0[s] = x0[s] * io.grad_scale_inv;
+        x1[s] = x1[s] * io.grad_scale_inv;
+      }
+      if constexpr (s == kParam && L::kKahan) {
+        V c0, c1;
+        vload_bf16_pair(static_cast<const bf16*>(io.copy) + i, c0, c1);
+        x0[s] = x0[s] + c0;
+        x1[s] = x1[s] + c1;
+      }
+    }
+  });
+}
+template <class Rule, class L, class V>
+FO_INLINE void store_pair_at(void* const* ptr, const Io<V>& io, int64_t i, const V (&x0)[kMaxSlots],
+                             const V (&x1)[kMaxSlots]) {
+  using I = IntOf<V>;
+  each_slot([&](auto s) {
+    if constexpr ((Rule::kWrites & bit(s)) != 0) {
+      bf16* dst = elem_ptr<L, s>(ptr) + i;
+      if constexpr (s == kParam && L::kKahan) {
+        // p' = bf16(x) and compensation' = bf16(x - p'), p' read from the rounded bits, not
+        // from memory as store_at does: the same value
+        const I r0 = bf16_round_lanes(x0[s]), r1 = bf16_round_lanes(x1[s]);
+        vstore_bf16_pair<V>(dst, r0, r1);
+        const I hi = isplat<V>(0xFFFF0000u);
+        vstore_bf16_pair<V>(static_cast<bf16*>(io.copy) + i, bf16_round_lanes(x0[s] - vfloat<V>(r0 & hi)),
+                            bf16_round_lanes(x1[s] - vfloat<V>(r1 & hi)));
+      } else if constexpr (s == kParam) {
+        if (io.sr) {
+          const uint64_t at = io.base + static_cast<uint64_t>(i);
+          vstore_bf16_pair<V>(dst, SrStore<V>::template bits<2>(x0[s], io.sr_key, at),
+                              SrStore<V>::template bits<2>(x1[s], io.sr_key, at + 1));
+        } else {
+          vstore_bf16_pair<V>(dst, bf16_round_lanes(x0[s]), bf16_round_lanes(x1[s]));
+        }
+      } else {
+        vstore_bf16_pair<V>(dst, bf16_round_lanes(x0[s]), bf16_round_lanes(x1[s]));
+      }
+    }
+  });
+}
 template <class Rule, class L, class V>
 FO_INLINE void apply_at(void* const* ptr, const Io<V>& io, int64_t i,
                         const typename Rule::template Consts<V>& c) {
@@ -243,6 +299,40 @@ FO_INLINE void apply_at(void* const* ptr, const Io<V>& io, int64_t i,
 // the order alone, decides. Kept because it was never slower, and it leaves the compiler free
 // to schedule both groups (it cannot hoist loads above stores itself: as far as it knows the
 // arrays may alias; the bindings refuse overlapping arrays, so they do not).
+// The 2x unrolled vector body from element i while two lane groups fit; returns where it
+// stopped. kPaired: Note [paired bf16 lanes] (vec.h).
+template <bool kPaired, class Rule, class L, class V>
+FO_INLINE int64_t run_body(void* const* ptr, int64_t i, int64_t n,
+                           const typename Rule::template Consts<V>& cv, const Io<V>& iov,
+                           int64_t ahead) {
+  constexpr int kW = VecTraits<V>::kWidth;
+  for (; i + 2 * kW <= n; i += 2 * kW) {
+    // Note [software prefetch]: a plain loop over the slots, never a lambda.
+    if (ahead > 0) {
+      for (int s = 0; s < kMaxSlots; ++s)
+        if ((Rule::kReads & bit(s)) != 0) prefetch_at(ptr[s], i + ahead, slot_bytes<L>(s));
+      if constexpr (L::kKahan) prefetch_at(iov.copy, i + ahead, sizeof(typename L::Copy));
+    }
+    // Note [loads before stores]: both lane groups' loads, then both updates and stores.
+    V x0[kMaxSlots], x1[kMaxSlots];
+    if constexpr (kPaired) {
+      load_pair_at<Rule, L, V>(ptr, iov, i, x0, x1);
+    } else {
+      load_at<Rule, L, V>(ptr, iov, i, x0);
+      load_at<Rule, L, V>(ptr, iov, i + kW, x1);
+    }
+    Rule::template apply<V>(x0, cv);
+    Rule::template apply<V>(x1, cv);
+    if constexpr (kPaired) {
+      store_pair_at<Rule, L, V>(ptr, iov, i, x0, x1);
+    } else {
+      store_at<Rule, L, V>(ptr, iov, i, x0);
+      store_at<Rule, L, V>(ptr, iov, i + kW, x1);
+    }
+  }
+  return i;
+}
+
 template <class Rule, class L>
 FO_INLINE void run_span(void* const* ptr, int64_t i, int64_t n,
                         const typename Rule::template Consts<typename IsaVec<typename L::Compute>::type>& cv,
@@ -254,27 +344,26 @@ FO_INLINE void run_span(void* const* ptr, int64_t i, int64_t n,
   using P = typename L::template Elem<kParam>;
   constexpr int kW = VecTraits<V>::kWidth;
   if constexpr (kW > 1) {
-    // Align the param stream to its vector size (its element size times the lane count).
-    constexpr uintptr_t kAlign = kW * sizeof(P);
+    // Align the param stream to its vector size (its element size times the lane count; two
+    // vectors' worth where the body may load a pair as one vector of 32-bit lanes).
+    constexpr uintptr_t kAlign = (kPairedBf16<L> ? 2 : 1) * kW * sizeof(P);
     const uintptr_t addr = reinterpret_cast<uintptr_t>(elem_ptr<L, kParam>(ptr) + i);
     int64_t head = static_cast<int64_t>(((kAlign - addr % kAlign) % kAlign) / sizeof(P));
     head = min64(head, n - i);
     for (; head > 0; --head, ++i) apply_at<Rule, L, T>(ptr, ios, i, cs);
-    for (; i + 2 * kW <= n; i += 2 * kW) {
-      // Note [software prefetch]: a plain loop over the slots, never a lambda.
-      if (ahead > 0) {
-        for (int s = 0; s < kMaxSlots; ++s)
-          if ((Rule::kReads & bit(s)) != 0) prefetch_at(ptr[s], i + ahead, slot_bytes<L>(s));
-        if constexpr (L::kKahan) prefetch_at(iov.copy, i + ahead, sizeof(typename L::Copy));
-      }
-      // Note [loads before stores]: both lane groups' loads, then both updates and stores.
-      V x0[kMaxSlots], x1[kMaxSlots];
-      load_at<Rule, L, V>(ptr, iov, i, x0);
-      load_at<Rule, L, V>(ptr, iov, i + kW, x1);
-      Rule::template apply<V>(x0, cv);
-      Rule::template apply<V>(x1, cv);
-      store_at<Rule, L, V>(ptr, iov, i, x0);
-      store_at<Rule, L, V>(ptr, iov, i + kW, x1);
+    if constexpr (kPairedBf16<L>) {
+      // Note [paired bf16 lanes] (vec.h): pairs, except where this ISA has native bf16 stores
+      // and every store rounds to nearest (all-bf16 without stochastic rounding): there one
+      // group at a time with vcvtneps2bf16 measured as fast as pairs with the integer rounding.
+#if defined(__AVX512BF16__)
+      const bool paired = L::kKahan || iov.sr;
+#else
+      constexpr bool paired = true;
+#endif
+      i = paired ? run_body<true, Rule, L, V>(ptr, i, n, cv, iov, ahead)
+                 : run_body<false, Rule, L, V>(ptr, i, n, cv, iov, ahead);
+    } else {
+      i = run_body<false, Rule, L, V>(ptr, i, n, cv, iov, ahead);
     }
     for (; i + kW <= n; i += kW) apply_at<Rule, L, V>(ptr, iov, i, cv);
   }
