@@ -1,7 +1,8 @@
 """The compute cost of the bf16 loads and stores, per ISA, with the memory out of the way.
 
 All-bf16 AdamW on arrays small enough to stay in L2 (2^16 elements by default: 4 arrays of
-128 KiB), 1 thread, with and without stochastic rounding of the params, on every ISA this
+128 KiB), 1 thread, plain, with stochastic rounding of the params and with Kahan compensation
+(a fifth bf16 array, read and written), on every ISA this
 CPU runs (fastoptim.set_isa), in one process on the same arrays. Each figure is the MINIMUM
 over --reps timings of --calls calls, in ns per element: in cache there is no memory noise
 to average, only interruptions to drop. At this size the step is compute-bound, so the
@@ -59,13 +60,15 @@ def main() -> None:
     v = np.abs(rng.standard_normal(n)).astype(np.float32).astype(bf16)
     print(f"all-bf16 AdamW, {n:,} elements, 1 thread; ns/element, min of {args.reps} x "
           f"{args.calls} calls")
-    print(f"{'ISA':12s} {'plain':>8s} {'+ SR':>8s} {'SR/plain':>9s}")
+    c = np.zeros(n, bf16)
+    print(f"{'ISA':12s} {'plain':>8s} {'+ SR':>8s} {'+ Kahan':>8s} {'SR/plain':>9s}")
     cells = {
         "plain": lambda: fastoptim.adamw_(p, g, m, v, step=5, lr=1e-4),
         "sr": lambda: fastoptim.adamw_(p, g, m, v, step=5, lr=1e-4, stochastic_rounding=(0, 5)),
+        "kahan": lambda: fastoptim.adamw_(p, g, m, v, step=5, lr=1e-4, compensation=c),
     }
     for isa, best in min_ns_per_isa(cells, n, args.reps, args.calls):
-        print(f"{isa:12s} {best['plain']:8.3f} {best['sr']:8.3f} "
+        print(f"{isa:12s} {best['plain']:8.3f} {best['sr']:8.3f} {best['kahan']:8.3f} "
               f"{best['sr'] / best['plain']:9.2f}")
 
 

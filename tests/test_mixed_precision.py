@@ -642,3 +642,19 @@ def test_grad_scale_with_quantized_states(bits):
     skipped = run_adamw(g, found_inf=1.0)
     assert skipped[0].tobytes() == p0.tobytes()
     assert not skipped[1].codes.any()
+
+
+def test_bench_bf16_compute_times_every_isa():
+    """bench/bench_bf16_compute.py (the all-bf16 step's compute, per ISA): one row per ISA this
+    CPU runs, with a positive ns/element for plain, stochastic rounding and Kahan, and the
+    SR/plain ratio of the two first."""
+    from test_quant import run_bench_script
+    out = run_bench_script("bench_bf16_compute.py", "--log2", "11", "--reps", "1",
+                           "--calls", "2").stdout
+    isas = fastoptim.backend_info()["isas_supported"]
+    rows = {line.split()[0]: [float(c) for c in line.split()[1:]] for line in out.splitlines()
+            if line.split() and line.split()[0] in isas}
+    assert set(rows) == set(isas), out
+    for isa, (plain, sr, kahan, ratio) in rows.items():
+        assert plain > 0 and sr > 0 and kahan > 0, (isa, out)
+        assert ratio == pytest.approx(sr / plain, abs=0.006), (isa, out)
