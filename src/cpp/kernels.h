@@ -11,7 +11,8 @@
 //
 // Note [tails and heads]
 // A span is processed as: a scalar head until the param pointer is aligned to the vector
-// size, whole vectors, then a scalar tail. Head and tail run the SAME rule instantiated for
+// size (two vectors' for the all-bf16 layouts, Note [paired bf16 lanes] in vec.h), whole
+// vectors, then a scalar tail. Head and tail run the SAME rule instantiated for
 // the scalar type (bitwise identical, Note [bitwise identical paths]). The last vector never
 // overlaps elements already updated: an in-place update is not idempotent.
 #pragma once
@@ -228,7 +229,7 @@ template <class L> constexpr bool kPairedBf16 =
     std::is_same_v<typename L::template Elem<kParam>, bf16> &&
     std::is_same_v<typename L::template Elem<kGrad>, bf16> &&
     std::is_same_v<typename L::template Elem<kState0>, bf16> &&
-    (std::is_void_v<typename L::Copy> || L::kKahan);
+    (std::is_void_v<typename L::Copy> || (L::kKahan && std::is_same_v<typename L::Copy, bf16>));
 template <class Rule, class L, class V>
 FO_INLINE void load_pair_at(void* const* ptr, const Io<V>& io, int64_t i, V (&x0)[kMaxSlots],
                             V (&x1)[kMaxSlots]) {

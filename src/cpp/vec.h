@@ -723,8 +723,9 @@ FO_INLINE void vstore_u4(uint8_t* p, I32x16 a) {
 // lanes: (lo0 + j) * kSrMulLo is lo0 * kSrMulLo + j * kSrMulLo mod 2^32 (the lane constants
 // fold at compile time), and while lo0 + j does not wrap every lane shares hi0, so the high
 // half and the key fold into one scalar: a broadcast, an add and an xor per vector. A vector
-// whose low halves wrap past 2^32 (one in 2^28 at most) takes the general form, in which a
-// wrapped lane's high half is hi0 + 1. Both are the same bits as sr_hash.
+// whose low halves wrap past 2^32 (one in 2^27 at most: a paired group spans 2W - 1 indices)
+// takes the general form, in which a wrapped lane's high half is hi0 + 1. Both are the same
+// bits as sr_hash.
 // Written once over the integer lanes (Note [integer lanes]) for the vector types; sr_hash,
 // the scalar definition, stays as it is for the host and CUDA.
 // kStride: lane j hashes index + kStride * j (kStride = 2: one half of a pair of lane groups,
@@ -781,7 +782,8 @@ template <class V> struct SrStore {
 // loads and stores two lane groups at a time, 2W elements, de-interleaved: the 2W bf16 read
 // as W 32-bit lanes hold element 2j in lane j's low half and element 2j+1 in its high half,
 // so `even` = lanes << 16 and `odd` = lanes & 0xFFFF0000 are both groups widened to fp32,
-// one integer operation per group (vpmovzxwd and a shift before). A rule runs lane by lane,
+// one integer operation per group (where one group at a time takes a widening load and a
+// shift). A rule runs lane by lane,
 // so which element sits in which lane does not change a bit of it. The store is the inverse:
 // each group rounded to nearest even (StorageIO's round_bits) or stochastically (SrStore's
 // bits, with lane j of `even` at element index + 2j and of `odd` at index + 2j + 1), then
