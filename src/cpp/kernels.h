@@ -224,7 +224,7 @@ FO_INLINE void store_at(void* const* ptr, const Io<V>& io, int64_t i, const V (&
 }
 // Whether every stream of layout L is bfloat16 (params, grads, states and any compensation):
 // its vector body then loads and stores two lane groups at a time (vec.h, Note [paired bf16
-// lanes]) with load_pair_at and store_pair_at, the two functions above over a pair.
+// lanes]) with load_pair_at and store_pair_at, the pair forms of load_at and store_at.
 template <class L> constexpr bool kPairedBf16 =
     std::is_same_v<typename L::template Elem<kParam>, bf16> &&
     std::is_same_v<typename L::template Elem<kGrad>, bf16> &&

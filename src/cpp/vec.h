@@ -783,8 +783,8 @@ template <class V> struct SrStore {
 // as W 32-bit lanes hold element 2j in lane j's low half and element 2j+1 in its high half,
 // so `even` = lanes << 16 and `odd` = lanes & 0xFFFF0000 are both groups widened to fp32,
 // one integer operation per group (where one group at a time takes a widening load and a
-// shift). A rule runs lane by lane,
-// so which element sits in which lane does not change a bit of it. The store is the inverse:
+// shift). A rule runs lane by lane, so which element sits in which lane does not change a
+// bit of it. The store is the inverse:
 // each group rounded to nearest even (StorageIO's round_bits) or stochastically (SrStore's
 // bits, with lane j of `even` at element index + 2j and of `odd` at index + 2j + 1), then
 // (even >> 16) | (odd & 0xFFFF0000) written as W 32-bit lanes. Same bits as the stores one
