@@ -264,15 +264,16 @@ FO_INLINE void store_pair_at(void* const* ptr, const Io<V>& io, int64_t i, const
         const I hi = isplat<V>(0xFFFF0000u);
         vstore_bf16_pair<V>(static_cast<bf16*>(io.copy) + i, bf16_round_lanes(x0[s] - vfloat<V>(r0 & hi)),
                             bf16_round_lanes(x1[s] - vfloat<V>(r1 & hi)));
-      } else if constexpr (s == kParam) {
-        if (io.sr) {
-          const uint64_t at = io.base + static_cast<uint64_t>(i);
-          vstore_bf16_pair<V>(dst, SrStore<V>::template bits<2>(x0[s], io.sr_key, at),
-                              SrStore<V>::template bits<2>(x1[s], io.sr_key, at + 1));
-        } else {
-          vstore_bf16_pair<V>(dst, bf16_round_lanes(x0[s]), bf16_round_lanes(x1[s]));
-        }
       } else {
+        // params stochastically rounded when io.sr (as store_param), all else to nearest
+        if constexpr (s == kParam) {
+          if (io.sr) {
+            const uint64_t at = io.base + static_cast<uint64_t>(i);
+            vstore_bf16_pair<V>(dst, SrStore<V>::template bits<2>(x0[s], io.sr_key, at),
+                                SrStore<V>::template bits<2>(x1[s], io.sr_key, at + 1));
+            return;
+          }
+        }
         vstore_bf16_pair<V>(dst, bf16_round_lanes(x0[s]), bf16_round_lanes(x1[s]));
       }
     }
