@@ -662,16 +662,9 @@ def test_bench_bf16_compute_times_every_isa():
     """bench/bench_bf16_compute.py (the all-bf16 step's compute, per ISA): one row per ISA this
     CPU runs, with a positive ns/element for plain, stochastic rounding and Kahan, and the
     SR/plain ratio of the two first."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(Path(fastoptim.__file__).parents[1])] + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
-    out = subprocess.run([sys.executable, str(root / "bench" / "bench_bf16_compute.py"), "--log2",
-                          "11", "--reps", "1", "--calls", "2"], capture_output=True, text=True,
-                         check=True, env=env).stdout
+    from test_quant import run_bench_script
+    out = run_bench_script("bench_bf16_compute.py", "--log2", "11", "--reps", "1", "--calls", "2",
+                           needs_torch=False).stdout
     isas = fastoptim.backend_info()["isas_supported"]
     rows = {line.split()[0]: [float(c) for c in line.split()[1:]] for line in out.splitlines()
             if line.split() and line.split()[0] in isas}

@@ -457,9 +457,11 @@ def test_registry_declares_non_negative_states():
     assert quant.non_negative_states("rprop") == {"step_sizes"}
 
 
-def run_bench_script(script, *args, check=True):
-    """bench/<script> run with this fastoptim first on PYTHONPATH (the scripts import torch)."""
-    pytest.importorskip("torch")
+def run_bench_script(script, *args, check=True, needs_torch=True):
+    """bench/<script> run with this fastoptim first on PYTHONPATH (most scripts import torch:
+    skipped without it unless needs_torch=False)."""
+    if needs_torch:
+        pytest.importorskip("torch")
     import os
     import subprocess
     import sys
