@@ -250,6 +250,76 @@ def test_kernel_quantizes_extreme_blocks_as_numpy_does(bits, restore_backend):
                                                f"{rule} int{bits} step {step}")
 
 
+def halfway_blocks(values, bits):
+    """`values` laid out in blocks, each led by 1.0 (so absmax = 1 and 1 / absmax = 1: the
+    encoder sees each value itself), as float32."""
+    per = BLOCK[bits] - 1
+    out = []
+    for k in range(0, len(values), per):
+        out += [1.0] + list(values[k:k + per])
+    return np.array(out, np.float32)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_ties_between_codes_round_away_from_zero(bits, restore_backend):
+    """A value exactly halfway between two adjacent codes takes the code of larger magnitude
+    (src/cpp/quant_api.h, Note [quantized rounding ties]): in the NumPy quantizer and in the
+    kernels' encode on every ISA and thread count. The expected codes come from the code table
+    alone: every midpoint of two adjacent positive code values (exact in float32: the values
+    have at most 4 significant bits), and for signed maps its negation too. The kernels encode
+    them as SGD's momentum buffer at step 1 (the grad itself) and, for the non-negative map, as
+    Adagrad's sum at step 1 (g * g, for a float32 g whose square rounds to the midpoint)."""
+    for nn in (False, True):
+        vals = quant.code_values(bits, nn).astype(np.float64)
+        pos = np.flatnonzero(vals > 0)
+        pos = pos[np.argsort(vals[pos])]
+        mid = (vals[pos[:-1]] + vals[pos[1:]]) / 2
+        assert (mid.astype(np.float32) == mid).all()
+        upper = pos[1:]
+        sign = 1 << (bits - 1)
+        top = int(np.argmax(vals))
+        if nn:
+            # g with fl(g * g) == mid exactly: search the float32 neighbours of sqrt(mid)
+            g, want = [], []
+            for m, c in zip(mid.astype(np.float32), upper):
+                r = np.float32(np.sqrt(np.float64(m)))
+                for cand in (r, *np.nextafter(r, np.float32([0, 1])),
+                             np.nextafter(np.nextafter(r, np.float32(0)), np.float32(0)),
+                             np.nextafter(np.nextafter(r, np.float32(1)), np.float32(1))):
+                    if np.float32(cand) * np.float32(cand) == m:
+                        g.append(cand)
+                        want.append(c)
+                        break
+            assert len(g) >= len(mid) // 2, "too few midpoints are squares of a float32"
+            grads = halfway_blocks(g, bits)
+            values = (grads * grads).astype(np.float32)
+            rule, hyper = "adagrad", dict(lr=0.0)
+        else:
+            grads = halfway_blocks(np.concatenate([mid, -mid]), bits)
+            want = np.concatenate([upper, upper | sign])
+            values = grads
+            rule, hyper = "sgd", dict(lr=0.0, momentum=0.5)
+        expected = np.asarray(halfway_blocks(want, bits)).astype(np.int64)
+        expected[::BLOCK[bits]] = top  # the leading 1.0
+        n = values.size
+        codes, absmax = quant.quantize(values, bits, nn)
+        assert (absmax == 1).all()
+        assert (quant._unpack(codes, n, bits) == expected).all(), f"NumPy, non_negative={nn}"
+        grads.flags.writeable = False
+        (name,) = active_states(rule, hyper)
+        for isa, threads in backends():
+            fastoptim.set_isa(isa)
+            fastoptim.set_num_threads(threads)
+            state = {"params": [np.zeros(n, np.float32)],
+                     name: [QuantizedState.zeros(n, bits, nn)]}
+            run(fastoptim, rule, hyper, state, [grads], 1)
+            q = state[name][0]
+            assert (q.absmax == 1).all()
+            got = quant._unpack(q.codes, n, bits)
+            assert (got == expected).all(), (f"{rule} int{bits} {isa} {threads} threads: "
+                                             f"{np.flatnonzero(got != expected)[:5]}")
+
+
 @pytest.mark.parametrize("kind", PARAM_KINDS)
 @pytest.mark.parametrize("bits", BITS)
 def test_non_finite_blocks_among_finite_ones(bits, kind, restore_backend):

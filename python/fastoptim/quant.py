@@ -89,11 +89,11 @@ def _decode(c: NDArray[np.int64], bits: int, non_negative: bool,
 
 def _encode(x: NDArray[np.float32], bits: int, non_negative: bool,
             inv_per_elem: NDArray[np.float32]) -> NDArray[np.int64]:
-    """float32 values -> codes: |x| * inv rounded to F mantissa bits (ties to even, on the
-    bit pattern), minus the offset, clamped; a sign bit for signed states."""
+    """float32 values -> codes: |x| * inv rounded to F mantissa bits (ties away from zero, on
+    the bit pattern), minus the offset, clamped; a sign bit for signed states."""
     _, shift, top, bias = _params(bits, non_negative)
     u = (np.abs(x) * inv_per_elem).astype(_F32).view(np.uint32).astype(np.int64)
-    r = ((u + (1 << (shift - 1)) - 1 + ((u >> shift) & 1)) >> shift) - bias
+    r = ((u + (1 << (shift - 1))) >> shift) - bias
     if non_negative:
         return np.asarray(np.clip(r, 0, top), np.int64)
     k = np.where(r < 1, 0, np.minimum(r, top))

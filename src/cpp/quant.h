@@ -62,8 +62,9 @@ template <int kBits, bool kNonNegative> struct QuantMap {
   static constexpr uint32_t kSign = kNonNegative ? 0u : 1u << (kBits - 1);
   static constexpr int32_t kBias = (127 << kF) - static_cast<int32_t>(kTop);  // code kTop = 1.0
   static constexpr uint32_t kOne = 0x3F800000u;           // 1.0f: encodes to kTop
-  // (1 << (kShift - 1)) - 1 - (kBias << kShift), as uint32: round half down, minus the offset
-  static constexpr uint32_t kRound = (1u << (kShift - 1)) - 1u - (static_cast<uint32_t>(kBias) << kShift);
+  // (1 << (kShift - 1)) - (kBias << kShift), as uint32: half an ulp of the kept mantissa (ties
+  // round up), minus the offset
+  static constexpr uint32_t kRound = (1u << (kShift - 1)) - (static_cast<uint32_t>(kBias) << kShift);
 
   // The values of elements [i, i + width of V) of a block whose codes start at c.
   template <class V> static FO_INLINE V load(const uint8_t* c, int64_t i, V absmax) {
@@ -92,10 +93,12 @@ template <int kBits, bool kNonNegative> struct QuantMap {
   }
 
   // Values -> codes, given inv = 1 / absmax (0 when absmax is 0): |x| * inv rounded to kF
-  // mantissa bits, ties to even, on its bit pattern u, then offset and clamped. u is first
-  // clamped (unsigned) to 1.0's pattern: a larger u, a NaN's included, rounds to at least kTop
-  // and is clamped to kTop anyway; then (u + 2^(kShift-1) - 1 + lsb) >> kShift - kBias is one
-  // arithmetic shift of a non-negative-or-small int32 (floor division: exact).
+  // mantissa bits, ties away from zero (up, on the magnitude), on its bit pattern u, then offset
+  // and clamped. u is first clamped (unsigned) to 1.0's pattern: a larger u, a NaN's included,
+  // rounds to at least kTop and is clamped to kTop anyway; then (u + 2^(kShift-1)) >> kShift -
+  // kBias is one add and one arithmetic shift of a non-negative-or-small int32 (floor division:
+  // exact). Ties go up rather than to even: the even rule's low-bit term cost three of the
+  // encode's integer ops (Note [quantized rounding ties]).
   // kClamp = false skips the clamp where inv is finite (>= 0 and below inf): |x| <= absmax then
   // gives |x| * inv <= 1 + 2^-22 (inv = 1 / absmax rounded, subnormal when absmax >= 2^126),
   // far below the 1 + 2^-(kF+1) that would round past kTop; only a block whose 1 / absmax
@@ -106,7 +109,7 @@ template <int kBits, bool kNonNegative> struct QuantMap {
     const I b = vbits((kNonNegative ? x : vabs(x)) * inv);
     I u = b;
     if constexpr (kClamp) u = vmin_u32(b, isplat<V>(kOne));
-    const I r = vsra<kShift>(u + (vshr<kShift>(u) & isplat<V>(1u)) + isplat<V>(kRound));
+    const I r = vsra<kShift>(u + isplat<V>(kRound));
     const I k = vmax_i32(r, isplat<V>(0));  // r <= kTop already
     if constexpr (kNonNegative) {
       return k;
