@@ -20,8 +20,9 @@ bitsandbytes' 8-bit AdamW is timed when it is installed (an optional extra; 3 st
     PYTHONPATH=python python3 bench/bench_quant.py 26     # 2^26 (the issue's size)
     PYTHONPATH=python python3 bench/bench_quant.py 24 --threads 1 2 --repeats 21 --no-memory
 
---in-cache times the compute alone instead: AdamW with fp32, int8 and int4 states on 2^16
-elements (or 2^log2), small enough to stay in L2, 1 thread, on every ISA this CPU runs
+--in-cache times the compute alone instead: AdamW with fp32, int8 and int4 states on float32
+params, and int8 and int4 states on bfloat16 params and grads (bf16p-), on 2^16 elements (or
+2^log2), small enough to stay in L2, 1 thread, on every ISA this CPU runs
 (fastoptim.set_isa), in one process on the same arrays; each figure is the MINIMUM over
 --reps timings of --calls calls, in ns per element (in cache there is no memory noise to
 average, only interruptions to drop). To compare two builds, run it with each on PYTHONPATH
@@ -36,6 +37,7 @@ import subprocess
 import sys
 import time
 
+import ml_dtypes
 import numpy as np
 import torch
 
@@ -201,24 +203,28 @@ def main():
 
 
 def in_cache():
-    """ns/element of AdamW with fp32, int8 and int4 states, per ISA (the --in-cache mode)."""
+    """ns/element of AdamW with fp32, int8 and int4 states on float32 params, and int8 and int4
+    states on bfloat16 params and grads (bf16p-), per ISA (the --in-cache mode)."""
     rng = np.random.default_rng(0)
     hyper = dict(lr=1e-4, weight_decay=1e-2)
     p = rng.standard_normal(N).astype(np.float32)
     g = rng.standard_normal(N).astype(np.float32)
-    states = {"fp32": (np.zeros(N, np.float32), np.zeros(N, np.float32))}
-    for bits in (8, 4):
-        st = (QuantizedState.zeros((N,), bits), QuantizedState.zeros((N,), bits, non_negative=True))
-        for step in (1, 2, 3):  # states with nonzero absmax and codes
-            fastoptim.adamw_(p, g, *st, step=step, **hyper)
-        states[f"int{bits}"] = st
+    pb, gb = p.astype(ml_dtypes.bfloat16), g.astype(ml_dtypes.bfloat16)
+    cells = {"fp32": (p, g, np.zeros(N, np.float32), np.zeros(N, np.float32))}
+    for prefix, (pp, gg) in (("", (p, g)), ("bf16p-", (pb, gb))):
+        for bits in (8, 4):
+            st = (QuantizedState.zeros((N,), bits),
+                  QuantizedState.zeros((N,), bits, non_negative=True))
+            for step in (1, 2, 3):  # states with nonzero absmax and codes
+                fastoptim.adamw_(pp, gg, *st, step=step, **hyper)
+            cells[f"{prefix}int{bits}"] = (pp, gg, *st)
     print(f"AdamW, 2^{LOG2} elements, 1 thread; ns/element, min of {ARGS.reps} x "
           f"{ARGS.calls} calls")
-    print(f"{'ISA':12s}" + "".join(f" {k:>8s}" for k in states) + "  int8/fp32  int4/fp32")
-    cells = {name: (lambda st=st: fastoptim.adamw_(p, g, *st, step=5, **hyper))
-             for name, st in states.items()}
+    print(f"{'ISA':12s}" + "".join(f" {k:>10s}" for k in cells) + "  int8/fp32  int4/fp32")
+    cells = {name: (lambda a=a: fastoptim.adamw_(*a, step=5, **hyper))
+             for name, a in cells.items()}
     for isa, best in min_ns_per_isa(cells, N, ARGS.reps, ARGS.calls):
-        print(f"{isa:12s}" + "".join(f" {v:8.3f}" for v in best.values())
+        print(f"{isa:12s}" + "".join(f" {v:10.3f}" for v in best.values())
               + f"  {best['int8'] / best['fp32']:9.2f}  {best['int4'] / best['fp32']:9.2f}")
 
 

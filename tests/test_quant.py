@@ -545,13 +545,14 @@ def run_bench_script(script, *args, check=True, needs_torch=True):
 
 def test_bench_in_cache_mode_times_every_isa():
     """bench/bench_quant.py --in-cache (the compute alone, per ISA): one row per ISA this CPU
-    runs, with a positive ns/element for fp32, int8 and int4 states."""
+    runs, with a positive ns/element for fp32, int8 and int4 states on float32 params and int8
+    and int4 states on bfloat16 params, then the two ratios."""
     out = run_bench_script("bench_quant.py", "--in-cache", "11", "--reps", "1", "--calls", "2").stdout
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()
             if line.split() and line.split()[0] in fastoptim.backend_info()["isas_supported"]}
     assert set(rows) == set(fastoptim.backend_info()["isas_supported"]), out
     for isa, cells in rows.items():
-        assert len(cells) == 5 and all(float(c) > 0 for c in cells), (isa, out)
+        assert len(cells) == 7 and all(float(c) > 0 for c in cells), (isa, out)
 
 
 def test_bench_rows_name_their_bytes_and_peer():
