@@ -238,7 +238,25 @@ FO_INLINE void quant_lanes(P* p, const P* g, const uint8_t* const* codes,
 // (QuantMap::encode). The codes are the same (the same encode of the
 // same values; only when they are written changes), and every block stays with the thread
 // that updated it.
-template <class D, class Rule, int kBits, class P, class Args>
+// kSr: the params' stores round stochastically (b.sr; bf16 params only).
+//
+// Note [stochastic rounding off the loop]
+// kSr is a compile-time constant (quant_entry picks the instantiation from b.sr), so the loop
+// of a call without stochastic rounding holds none of its hash code, and the Io it passes to
+// store_param has io.sr folded to false. With io.sr a runtime flag the bf16-params loops
+// carried that branch and its constants. In cache (bench_quant.py --in-cache, three runs
+// alternated with the previous build, 2.6 GHz Zen 4): bf16-params int8 AdamW on AVX-512
+// 0.749-0.756 -> 0.713-0.716 ns/element, int4 0.92 -> 0.87; AVX2 int8 1.25 -> 1.19-1.24, int4
+// 1.51 -> 1.36; avx512bf16 int8 0.76 -> 0.75 (within noise). It costs a second instantiation
+// of every bf16-params quantized loop (the build's compile time rose by about 15%).
+// Seen and left: on avx512bf16 the loop still rebuilds six integer constants every iteration
+// (mov imm + vpbroadcastd from a general register; perf annotate), where the float32-params
+// loop keeps all of its constants in registers. The likely cause is the out-of-line call to
+// store_bf16_rare inside the loop (kernels.h, Note [native bf16 stores]): a call clobbers
+// every vector register, and GCC rematerializes those constants on the hot path instead of
+// only around the call. Untried fix: store the block's fp32 params to the stack buffer too,
+// convert natively without the branch, and redo the rare block's stores after its loop.
+template <class D, class Rule, int kBits, class P, bool kSr, class Args>
 void quant_range(const Batch& b, int64_t begin, int64_t end, const Args& a) {
   using V = FO_VEC_F32;
   using I = IntOf<V>;
@@ -308,8 +326,8 @@ void quant_range(const Batch& b, int64_t begin, int64_t end, const Args& a) {
       // the load/store options (kernels.h, Io): element pb[i] has index
       // sr_index0 + off[t] + start + i
       const uint64_t base = b.sr_index0 + static_cast<uint64_t>(off[t] + start);
-      const Io<V> iov{splat<V>(b.grad_scale_inv_f), nullptr, base, b.sr_key, b.sr};
-      const Io<float> ios{b.grad_scale_inv_f, nullptr, base, b.sr_key, b.sr};
+      const Io<V> iov{splat<V>(b.grad_scale_inv_f), nullptr, base, b.sr_key, kSr};
+      const Io<float> ios{b.grad_scale_inv_f, nullptr, base, b.sr_key, kSr};
       I amax[kMaxSlots];
       uint32_t amax1[kMaxSlots];
       for (int s = 0; s < kMaxSlots; ++s) {
@@ -366,7 +384,11 @@ void quant_entry(const Batch& b, int64_t lo, int64_t hi, const void* p, unsigned
     const auto& a = *static_cast<const typename D::Args*>(p);
     using Q = QuantOf<F>;
     dispatch_mask<D>(mask, [&](auto tag) {
-      quant_range<D, typename decltype(tag)::type, Q::kBits, typename Q::Param>(b, lo, hi, a);
+      using Rule = typename decltype(tag)::type;
+      if constexpr (std::is_same_v<typename Q::Param, bf16>) {
+        if (b.sr) return quant_range<D, Rule, Q::kBits, bf16, true>(b, lo, hi, a);
+      }
+      quant_range<D, Rule, Q::kBits, typename Q::Param, false>(b, lo, hi, a);
     });
   }
 }
