@@ -250,6 +250,46 @@ def test_kernel_quantizes_extreme_blocks_as_numpy_does(bits, restore_backend):
                                                f"{rule} int{bits} step {step}")
 
 
+@pytest.mark.parametrize("bits", BITS)
+def test_bf16_params_subnormal_and_nan_lanes_in_some_blocks(bits, restore_backend):
+    """bfloat16 params whose stored value is subnormal or NaN, in some blocks and not others:
+    on avx512bf16 such a lane is what vcvtneps2bf16 stores otherwise than the exact rounding,
+    and the quantized driver stores a block with one again after its loop (src/cpp/quant.h,
+    Note [rare bf16 stores after the block]). With lr = 0 the update leaves every param as it
+    was, so the stored bits must be the input's (subnormals kept, not flushed to zero) apart
+    from NaNs, which must stay NaN; and every ISA and thread count must match the storage oracle
+    (whose params go through the float32-states kernel's checked store)."""
+    b = BLOCK[bits]
+    n = 7 * b + 21  # seven full blocks, then a partial one (vector lanes and a scalar tail)
+    rng = np.random.default_rng(9)
+    p = rng.uniform(-2, 2, n).astype(ml_dtypes.bfloat16)
+    tiny = np.array([1e-39, -3e-40, 9.2e-41, -1.1e-38], np.float32).astype(ml_dtypes.bfloat16)
+    assert (np.abs(tiny.astype(np.float32)) < np.finfo(np.float32).tiny).all()
+    p[b + 5] = tiny[0]                        # block 1, first vector
+    p[2 * b - 1] = tiny[1]                    # block 1, last lane
+    p[3 * b + 17] = np.nan                    # block 3
+    p[3 * b + 40] = tiny[2]
+    p[5 * b + b // 2] = -np.inf               # infinities convert exactly: not rare
+    p[7 * b + 3] = tiny[3]                    # the partial block's vector part
+    p[n - 1] = tiny[0]                        # its scalar tail
+    special = np.zeros(n, bool)
+    special[[b + 5, 2 * b - 1, 3 * b + 40, 7 * b + 3, n - 1]] = True
+    g = rng.uniform(-1, 1, n).astype(ml_dtypes.bfloat16)
+    g.flags.writeable = False
+    rule, hyper = "sgd", dict(lr=0.0, momentum=0.9)
+    start = {"params": [p], "momentum_buffers": [QuantizedState.zeros(n, bits)]}
+    for step in (1, 2):
+        expected = storage_oracle(rule, hyper, start, [g], step, "bfloat16")
+        out = assert_every_backend_gives(rule, hyper, start, [g], step, expected,
+                                         f"sgd int{bits} bf16 step {step}", "bfloat16")
+        got = out["params"][0]
+        nan = np.isnan(p.astype(np.float32))
+        assert np.isnan(got.astype(np.float32))[nan].all()
+        assert (got.view(np.uint16)[~nan] == p.view(np.uint16)[~nan]).all()
+        assert (got.astype(np.float32)[special] != 0).all()
+        start = out
+
+
 def halfway_blocks(values, bits):
     """`values` laid out in blocks, each led by 1.0 (so absmax = 1 and 1 / absmax = 1: the
     encoder sees each value itself), as float32."""

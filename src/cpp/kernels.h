@@ -111,7 +111,9 @@ template <> struct LayoutOf<kF32BF16States> { using type = Layout<float, float, 
 // 16 lanes of bfloat16 with vcvtneps2bf16 instead of the integer code of vec.h: the same
 // round to nearest even, but the instruction flushes subnormal inputs to zero and keeps a
 // NaN's payload, where vec.h (and ml_dtypes) do not. A vector with any subnormal or NaN lane
-// takes vec.h's code, so the bits stored are the same as on every other path.
+// takes vec.h's code, so the bits stored are the same as on every other path. (The quantized
+// driver stores without the check and stores a block with such a lane again after its loop:
+// quant.h, Note [rare bf16 stores after the block].)
 #if defined(__AVX512BF16__)
 // The rare vector's store, out of line so that its code does not share the loop's registers
 // (inlined, it made the all-bf16 AdamW loop 8-10% slower). GCC 12 then warns that the
@@ -121,15 +123,24 @@ template <> struct LayoutOf<kF32BF16States> { using type = Layout<float, float, 
 #pragma GCC diagnostic ignored "-Wuninitialized"
 [[gnu::noinline]] void store_bf16_rare(bf16* p, F32x16 v) { vstore_to(p, v); }
 #pragma GCC diagnostic pop
-FO_INLINE void store_bf16_native(bf16* p, F32x16 v) {
-  // A subnormal or NaN lane: an exponent field of 0 or 255 (adding 1 to it gives 1 or wraps
-  // to 0 into the sign bit: no bit of 24..30 set, where every other exponent sets one) and a
-  // mantissa that is not 0 (zeros and infinities convert exactly). Three integer operations.
+// The lanes of v that vcvtneps2bf16 stores otherwise than vec.h: a subnormal or NaN lane, an
+// exponent field of 0 or 255 (adding 1 to it gives 1 or wraps to 0 into the sign bit: no bit
+// of 24..30 set, where every other exponent sets one) and a mantissa that is not 0 (zeros and
+// infinities convert exactly). Three integer operations.
+FO_INLINE __mmask16 bf16_native_special(F32x16 v) {
   const __m512i x = _mm512_castps_si512(v.v);
   const __mmask16 extreme = _mm512_testn_epi32_mask(_mm512_add_epi32(x, _mm512_set1_epi32(0x00800000)),
                                                     _mm512_set1_epi32(0x7F000000));
-  const __mmask16 special = _mm512_mask_test_epi32_mask(extreme, x, _mm512_set1_epi32(0x007FFFFF));
-  if (__builtin_expect(mask_any(special), 0)) {
+  return _mm512_mask_test_epi32_mask(extreme, x, _mm512_set1_epi32(0x007FFFFF));
+}
+// vcvtneps2bf16's store of v, right only where bf16_native_special(v) is 0, which it returns.
+FO_INLINE __mmask16 store_bf16_native_unchecked(bf16* p, F32x16 v) {
+  const __m256bh r = _mm512_cvtneps_pbh(v.v);
+  __builtin_memcpy(p, &r, sizeof r);
+  return bf16_native_special(v);
+}
+FO_INLINE void store_bf16_native(bf16* p, F32x16 v) {
+  if (__builtin_expect(mask_any(bf16_native_special(v)), 0)) {
     store_bf16_rare(p, v);
     return;
   }

@@ -191,11 +191,39 @@ template <int kBits, bool kNonNegative> struct QuantMap {
 // Inf or NaN pattern is above every finite one, so one integer max per vector gives both the
 // block's absmax and whether the block is finite. Both are exact, so the order of lanes
 // cannot change them.
-template <class D, class Rule, int kBits, class V, class P>
+//
+// Note [rare bf16 stores after the block]
+// On avx512bf16, bf16 params stored to nearest (no stochastic rounding) take vcvtneps2bf16
+// without the per-vector check of store_bf16_native (kernels.h, Note [native bf16 stores]):
+// quant_lanes also writes the fp32 params to the block's stack buffer and ORs the lanes the
+// instruction gets wrong (subnormal or NaN) into `rare`, and a block with any such lane has
+// its vector part stored again from the buffer, exactly, after its loop. The bits are those
+// of store_param. Why: with the check's out-of-line call inside the loop, GCC rebuilt six
+// integer constants every iteration (mov + vpbroadcastd from a general register: perf
+// annotate), since a call clobbers every vector register, where the float32-params loop keeps
+// all of its constants in registers; without the call it keeps them too. In cache
+// (bench_quant.py --in-cache, five runs alternated with the build before this and the
+// kSr split, 2.6 GHz Zen 4): bf16-params int8 AdamW on avx512bf16 0.76-0.77 -> 0.67-0.68
+// ns/element (now below AVX-512's 0.71), int4 0.93-0.94 -> 0.82-0.84. The cost: one more
+// 64-byte store per 16 params, to the stack buffer, in L1.
+#if defined(__AVX512BF16__)
+template <class P, class V, bool kSr>
+constexpr bool kRareAfterBlock = std::is_same_v<P, bf16> && std::is_same_v<V, F32x16> && !kSr;
+using RareLanes = __mmask16;
+// The block's first n (whole vectors of) params stored again, exactly, from buf.
+FO_INLINE void store_rare_block(bf16* p, const float* buf, int64_t n) {
+  for (int64_t k = 0; k + 16 <= n; k += 16) store_bf16_rare(p + k, vload<F32x16>(buf + k));
+}
+#else
+template <class P, class V, bool kSr> constexpr bool kRareAfterBlock = false;
+using RareLanes = unsigned;
+#endif
+
+template <class D, class Rule, int kBits, class V, bool kSr, class P>
 FO_INLINE void quant_lanes(P* p, const P* g, const uint8_t* const* codes,
                            const float* absmax, float (*st)[quant_block(kBits)], int64_t i,
                            const typename Rule::template Consts<V>& c, IntOf<V>* amax,
-                           const Io<V>& io) {
+                           const Io<V>& io, float* pbuf, RareLanes& rare) {
   V x[kMaxSlots];
   if constexpr ((Rule::kReads & bit(kParam)) != 0) x[kParam] = vload_from<V>(p + i);
   // the grads unscaled as they are loaded (kernel_api.h, Note [load/store options])
@@ -207,7 +235,15 @@ FO_INLINE void quant_lanes(P* p, const P* g, const uint8_t* const* codes,
     }
   });
   Rule::template apply<V>(x, c);
-  if constexpr ((Rule::kWrites & bit(kParam)) != 0) store_param(p + i, x[kParam], io, i);
+  if constexpr ((Rule::kWrites & bit(kParam)) != 0) {
+    if constexpr (kRareAfterBlock<P, V, kSr>) {
+      // Note [rare bf16 stores after the block]
+      vstore(pbuf + i, x[kParam]);
+      rare = rare | store_bf16_native_unchecked(p + i, x[kParam]);
+    } else {
+      store_param(p + i, x[kParam], io, i);
+    }
+  }
   each_slot([&](auto s) {
     if constexpr (s >= kState0 && (Rule::kWrites & bit(s)) != 0) {
       const V ax = vabs(x[s]);
@@ -249,13 +285,8 @@ FO_INLINE void quant_lanes(P* p, const P* g, const uint8_t* const* codes,
 // 0.749-0.756 -> 0.713-0.716 ns/element, int4 0.92 -> 0.87; AVX2 int8 1.25 -> 1.19-1.24, int4
 // 1.51 -> 1.36; avx512bf16 int8 0.76 -> 0.75 (within noise). It costs a second instantiation
 // of every bf16-params quantized loop (the build's compile time rose by about 15%).
-// Seen and left: on avx512bf16 the loop still rebuilds six integer constants every iteration
-// (mov imm + vpbroadcastd from a general register; perf annotate), where the float32-params
-// loop keeps all of its constants in registers. The likely cause is the out-of-line call to
-// store_bf16_rare inside the loop (kernels.h, Note [native bf16 stores]): a call clobbers
-// every vector register, and GCC rematerializes those constants on the hot path instead of
-// only around the call. Untried fix: store the block's fp32 params to the stack buffer too,
-// convert natively without the branch, and redo the rare block's stores after its loop.
+// On avx512bf16 the bf16-params loop also lost an out-of-line call (Note [rare bf16 stores
+// after the block]).
 template <class D, class Rule, int kBits, class P, bool kSr, class Args>
 void quant_range(const Batch& b, int64_t begin, int64_t end, const Args& a) {
   using V = FO_VEC_F32;
@@ -268,6 +299,7 @@ void quant_range(const Batch& b, int64_t begin, int64_t end, const Args& a) {
   const typename Rule::template Consts<float> cs(a);
   const int64_t* off = b.offsets;
   alignas(64) float st[2][kMaxStates][kB];
+  alignas(64) float pbuf[kRareAfterBlock<P, V, kSr> ? kB : 1];  // Note [rare bf16 stores after the block]
   for (int64_t t = tensor_of(off, b.n_tensors, begin); t < b.n_tensors && off[t] < end; ++t) {
     const int64_t size = off[t + 1] - off[t];
     const int64_t lo = max64(begin - off[t], 0), hi = min64(end - off[t], size);
@@ -335,19 +367,24 @@ void quant_range(const Batch& b, int64_t begin, int64_t end, const Args& a) {
         amax1[s] = 0u;
       }
       int64_t i = 0;
+      RareLanes rare = 0;
       if (deferred) {
         for (; i + kW <= n; i += kW) {
-          quant_lanes<D, Rule, kBits, V>(pb, gb, codes, absmax, cur, i, cv, amax, iov);
+          quant_lanes<D, Rule, kBits, V, kSr>(pb, gb, codes, absmax, cur, i, cv, amax, iov, pbuf, rare);
           encode_deferred(i);
         }
         for (int64_t k = i; k < kB; k += kW) encode_deferred(k);  // this block is partial
         deferred = false;
       } else {
         for (; i + kW <= n; i += kW)
-          quant_lanes<D, Rule, kBits, V>(pb, gb, codes, absmax, cur, i, cv, amax, iov);
+          quant_lanes<D, Rule, kBits, V, kSr>(pb, gb, codes, absmax, cur, i, cv, amax, iov, pbuf, rare);
       }
+#if defined(__AVX512BF16__)
+      if constexpr (kRareAfterBlock<P, V, kSr>)
+        if (__builtin_expect(rare != 0, 0)) store_rare_block(pb, pbuf, i);
+#endif
       for (; i < n; ++i)
-        quant_lanes<D, Rule, kBits, float>(pb, gb, codes, absmax, cur, i, cs, amax1, ios);
+        quant_lanes<D, Rule, kBits, float, kSr>(pb, gb, codes, absmax, cur, i, cs, amax1, ios, pbuf, rare);
       // This block's absmax; its codes now (the last block of the range, a partial block,
       // one with a non-finite value or a 1 / absmax that overflows) or deferred to the next
       // block's loop, whose encode then needs no clamp (QuantMap::encode).
