@@ -617,15 +617,17 @@ def test_bench_rows_name_their_bytes_and_peer():
         assert float(rows[name].split()[-1]) > 0, (name, out)
 
 
-@pytest.mark.parametrize("states", ["fp32", "int8", "int4"])
+@pytest.mark.parametrize("states", ["fp32", "int8", "int4",
+                                    "bf16 --params bf16", "bf16 --params bf16 --sr",
+                                    "bf16 --params bf16 --kahan", "int8 --params bf16 --sr"])
 def test_ab_builds_times_two_builds_on_the_same_arrays(states, tmp_path):
     """bench/ab_builds.py with this build as both the old and the new one: a row per thread
     count with two positive times and their ratio; a directory that holds no package is
-    refused by name."""
+    refused by name, and options that do not go together by theirs."""
     from pathlib import Path
     package = str(Path(fastoptim.__file__).parent)
     out = run_bench_script("ab_builds.py", package, "--log2", "12", "--reps", "1",
-                           "--states", states).stdout
+                           "--states", *states.split()).stdout
     rows = [line.split() for line in out.splitlines() if line.startswith("threads")]
     assert [r[1] for r in rows] == ["1", "2"], out
     for r in rows:
@@ -633,3 +635,5 @@ def test_ab_builds_times_two_builds_on_the_same_arrays(states, tmp_path):
         assert old > 0 and new > 0 and ratio == pytest.approx(new / old, rel=2e-3, abs=1e-3), out
     bad = run_bench_script("ab_builds.py", str(tmp_path), "--log2", "12", check=False)
     assert bad.returncode != 0 and "is not a fastoptim package directory" in bad.stderr, bad
+    bad = run_bench_script("ab_builds.py", package, "--sr", check=False)
+    assert bad.returncode != 0 and "--sr and --kahan need --params bf16" in bad.stderr, bad
