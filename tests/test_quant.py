@@ -215,6 +215,27 @@ def assert_every_backend_gives(rule, hyper, start, grads, step, expected, label,
     return state
 
 
+@pytest.mark.parametrize("kind", ["float32", "bfloat16"])
+@pytest.mark.parametrize("bits", BITS)
+def test_every_length_of_a_last_partial_block(bits, kind, restore_backend):
+    """quant.h, Note [quantized code groups]: AVX2 encodes 32 elements (four vectors) at a time,
+    so a block's vector loop, the codes of the full block deferred before it, its vector
+    remainder and its scalar tail split differently for every length of a partial block. One
+    tensor per length 1 .. block - 1 (each after a full block, and one with no full block
+    before it), Adam with AMSGrad (signed and non-negative states): the storage oracle's bits on
+    every ISA and thread count."""
+    case = next(c for c in FULL_STATE_CASES if c[0] == "adam")
+    rule, hyper = case
+    block = BLOCK[bits]
+    shapes = [(block + r,) for r in range(1, block)] + [(block - 37,)]
+    rng = np.random.default_rng(40 + bits)
+    start = make_state(rule, hyper, shapes, bits, rng, kind)
+    grads = make_grads(shapes, rng, kind)
+    expected = storage_oracle(rule, hyper, start, grads, 2, kind)
+    assert_every_backend_gives(rule, hyper, start, grads, 2, expected,
+                               f"{rule} int{bits} {kind}", kind)
+
+
 @pytest.mark.parametrize("bits", BITS)
 def test_kernel_quantizes_extreme_blocks_as_numpy_does(bits, restore_backend):
     """Blocks the vector encoder handles through its clamps: absmax so small (subnormal) that

@@ -542,6 +542,12 @@ template <> struct StorageIO<F32x16, f16> {
 // low nibble of byte j and lane 2j+1 in the high nibble: vload_u4<V>(p) reads kWidth / 2
 // bytes, vstore_u4(p, i) writes them from lanes that are each below 16 (vector types only:
 // one lane is half a byte).
+// Groups of codes: kCodeGroup<V> vectors of codes are written together, by vstore_u8s(p, a)
+// (the codes of a[0], a[1], ... one after another, like that many vstore_u8) and vstore_u4s
+// (the same as nibbles); their lanes must be below 256 (vstore_u8s) or 16 (vstore_u4s). One
+// vector on AVX-512, four on AVX2, which has only these group forms: there one narrowing
+// store per vector took three shuffles and a store, where four vectors take two saturating
+// packs of pairs, one more pack and one permute (Note [quantized code groups], quant.h).
 template <class V> struct IntLanes;
 template <> struct IntLanes<float> { using type = uint32_t; };
 template <class V> using IntOf = typename IntLanes<V>::type;
@@ -583,6 +589,9 @@ template <> FO_HD FO_INLINE uint32_t vload_s8<float>(const uint8_t* p) {
 FO_HD FO_INLINE float vzero_unless(uint32_t a, uint32_t b, float x) { return (a & b) != 0 ? x : 0.0f; }
 FO_HD FO_INLINE void vstore_u8(uint8_t* p, uint32_t a) { *p = static_cast<uint8_t>(a); }
 template <class V> FO_INLINE IntOf<V> vload_u4(const uint8_t* p);
+template <class V> constexpr int kCodeGroup = 1;
+template <class I> FO_INLINE void vstore_u8s(uint8_t* p, const I* a) { vstore_u8(p, a[0]); }
+template <class I> FO_INLINE void vstore_u4s(uint8_t* p, const I* a) { vstore_u4(p, a[0]); }
 
 #if defined(__AVX2__) && defined(__FMA__)
 struct I32x8 { __m256i v; };
@@ -631,14 +640,6 @@ FO_INLINE F32x8 vzero_unless(I32x8 a, I32x8 b, F32x8 x) {
   const __m256i zero = _mm256_cmpeq_epi32(_mm256_and_si256(a.v, b.v), _mm256_setzero_si256());
   return {_mm256_andnot_ps(_mm256_castsi256_ps(zero), x.v)};
 }
-FO_INLINE void vstore_u8(uint8_t* p, I32x8 a) {
-  // byte 0 of each lane to bytes 0-3 of its 128-bit half, then the two halves' first dwords
-  const __m256i take = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
-                                        0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
-  const __m256i b = _mm256_shuffle_epi8(a.v, take);
-  const __m128i lo = _mm_unpacklo_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
-  _mm_storel_epi64(reinterpret_cast<__m128i*>(p), lo);
-}
 template <> FO_INLINE I32x8 vload_u4<F32x8>(const uint8_t* p) {
   // byte j -> 64-bit lane j; its high nibble shifted into the lane's upper half, then masked
   int32_t w;
@@ -646,15 +647,26 @@ template <> FO_INLINE I32x8 vload_u4<F32x8>(const uint8_t* p) {
   const __m256i q = _mm256_cvtepu8_epi64(_mm_cvtsi32_si128(w));
   return {_mm256_and_si256(_mm256_or_si256(q, _mm256_slli_epi64(q, 28)), _mm256_set1_epi32(15))};
 }
-FO_INLINE void vstore_u4(uint8_t* p, I32x8 a) {
-  // lanes 2j, 2j+1 -> the low byte of 64-bit lane j, then those 4 bytes together
-  const __m256i q = _mm256_or_si256(a.v, _mm256_srli_epi64(a.v, 28));
-  const __m256i take = _mm256_setr_epi8(0, 8, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
-                                        0, 8, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
-  const __m256i b = _mm256_shuffle_epi8(q, take);
-  const __m128i lo = _mm_unpacklo_epi16(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
-  const int32_t w = _mm_cvtsi128_si32(lo);
-  __builtin_memcpy(p, &w, sizeof w);
+template <> constexpr int kCodeGroup<F32x8> = 4;
+// a[0..3] as 16-bit and then 8-bit lanes (the packs saturate, exact below 256), in each
+// 128-bit half the dwords (4 codes each) a0 b0 c0 d0 | a1 b1 c1 d1 (a0: a[0]'s lanes 0-3),
+// which one permute puts in order
+FO_INLINE __m256i pack_codes(const I32x8* a) {
+  const __m256i ab = _mm256_packus_epi32(a[0].v, a[1].v), cd = _mm256_packus_epi32(a[2].v, a[3].v);
+  return _mm256_packus_epi16(ab, cd);
+}
+template <> FO_INLINE void vstore_u8s<I32x8>(uint8_t* p, const I32x8* a) {
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_permutevar8x32_epi32(pack_codes(a), order));
+}
+template <> FO_INLINE void vstore_u4s<I32x8>(uint8_t* p, const I32x8* a) {
+  // each pair of neighbouring codes (lo, hi) -> the 16-bit lo + 16 hi (below 256), packed to
+  // bytes: in each half the words a0 b0 c0 d0 (a0: a[0]'s lanes 0-3 in two bytes), and the
+  // two halves' words interleaved
+  const __m256i w = _mm256_maddubs_epi16(pack_codes(a), _mm256_set1_epi16(0x1001));
+  const __m256i b = _mm256_packus_epi16(w, w);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm_unpacklo_epi16(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
 }
 #endif
 
