@@ -270,11 +270,12 @@ FO_INLINE void store_pair_at(void* const* ptr, const Io<V>& io, int64_t i, const
       if constexpr (s == kParam && L::kKahan) {
         // p' = bf16(x) and compensation' = bf16(x - p'), p' read from the rounded bits, not
         // from memory as store_at does: the same value
-        const I r0 = bf16_round_lanes(x0[s]), r1 = bf16_round_lanes(x1[s]);
+        I r0, r1, c0, c1;
+        bf16_round_lanes2(x0[s], x1[s], r0, r1);
         vstore_bf16_pair<V>(dst, r0, r1);
         const I hi = isplat<V>(0xFFFF0000u);
-        vstore_bf16_pair<V>(static_cast<bf16*>(io.copy) + i, bf16_round_lanes(x0[s] - vfloat<V>(r0 & hi)),
-                            bf16_round_lanes(x1[s] - vfloat<V>(r1 & hi)));
+        bf16_round_lanes2(x0[s] - vfloat<V>(r0 & hi), x1[s] - vfloat<V>(r1 & hi), c0, c1);
+        vstore_bf16_pair<V>(static_cast<bf16*>(io.copy) + i, c0, c1);
       } else {
         // params stochastically rounded when io.sr (as store_param), all else to nearest
         if constexpr (s == kParam) {
@@ -285,7 +286,9 @@ FO_INLINE void store_pair_at(void* const* ptr, const Io<V>& io, int64_t i, const
             return;
           }
         }
-        vstore_bf16_pair<V>(dst, bf16_round_lanes(x0[s]), bf16_round_lanes(x1[s]));
+        I r0, r1;
+        bf16_round_lanes2(x0[s], x1[s], r0, r1);
+        vstore_bf16_pair<V>(dst, r0, r1);
       }
     }
   });
