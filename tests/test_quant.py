@@ -215,12 +215,13 @@ def assert_every_backend_gives(rule, hyper, start, grads, step, expected, label,
     return state
 
 
-@pytest.mark.parametrize("kind", ["float32", "bfloat16"])
+@pytest.mark.parametrize("kind", PARAM_KINDS)
 @pytest.mark.parametrize("bits", BITS)
 def test_every_length_of_a_last_partial_block(bits, kind, restore_backend):
-    """quant.h, Note [quantized code groups]: AVX2 encodes 32 elements (four vectors) at a time,
-    so a block's vector loop, the codes of the full block deferred before it, its vector
-    remainder and its scalar tail split differently for every length of a partial block. One
+    """quant.h, Notes [quantized code groups] and [lane groups in flight]: AVX2 encodes 32
+    elements (four vectors) at a time and updates two vectors per step, so a block's vector
+    loop, the codes of the full block deferred before it, its single-vector remainder and its
+    scalar tail split differently for every length of a partial block. One
     tensor per length 1 .. block - 1 (each after a full block, and one with no full block
     before it), Adam with AMSGrad (signed and non-negative states): the storage oracle's bits on
     every ISA and thread count."""
