@@ -409,24 +409,24 @@ void quant_range(const Batch& b, int64_t begin, int64_t end, const Args& a) {
       }
       int64_t i = 0;
       RareLanes rare = 0;
+      // Note [quantized code groups]: with a deferred block, a code group of this block's
+      // update, then the same group of the deferred block's codes; the rest of both after
+      // (this block is partial)
       if (deferred) {
-        // Note [quantized code groups]: a code group of this block's update, then the same
-        // group of the deferred block's codes
         for (; i + kGW <= n; i += kGW) {
           for (int64_t j = i; j < i + kGW; j += kU * kW)
             quant_lanes<D, Rule, kBits, V, kSr, kU>(pb, gb, codes, absmax, cur, j, cv, amax, iov, pbuf, rare);
           encode_deferred(i);
         }
-        const int64_t encoded = i;
-        for (; i + kW <= n; i += kW)  // this block is partial
-          quant_lanes<D, Rule, kBits, V, kSr>(pb, gb, codes, absmax, cur, i, cv, amax, iov, pbuf, rare);
+      }
+      const int64_t encoded = i;
+      for (; i + kU * kW <= n; i += kU * kW)
+        quant_lanes<D, Rule, kBits, V, kSr, kU>(pb, gb, codes, absmax, cur, i, cv, amax, iov, pbuf, rare);
+      for (; i + kW <= n; i += kW)
+        quant_lanes<D, Rule, kBits, V, kSr>(pb, gb, codes, absmax, cur, i, cv, amax, iov, pbuf, rare);
+      if (deferred) {
         for (int64_t k = encoded; k < kB; k += kGW) encode_deferred(k);
         deferred = false;
-      } else {
-        for (; i + kU * kW <= n; i += kU * kW)
-          quant_lanes<D, Rule, kBits, V, kSr, kU>(pb, gb, codes, absmax, cur, i, cv, amax, iov, pbuf, rare);
-        for (; i + kW <= n; i += kW)
-          quant_lanes<D, Rule, kBits, V, kSr>(pb, gb, codes, absmax, cur, i, cv, amax, iov, pbuf, rare);
       }
 #if defined(__AVX512BF16__)
       if constexpr (kRareAfterBlock<P, V, kSr>)
