@@ -80,7 +80,11 @@ template <int kBits, bool kNonNegative> struct QuantMap {
       if constexpr (kBits == 8) {
         t = vshl<kShift>(vload_s8<V>(c + i));
       } else {
-        t = vsra<32 - kBits - kShift>(vshl<32 - kBits>(load_codes<V>(c, i)));
+        static_assert(kBits == 4, "nibbles");
+        if constexpr (VecTraits<V>::kWidth == 1)
+          t = vsra<32 - kBits - kShift>(vshl<32 - kBits>(load_codes<V>(c, i)));
+        else  // the bits below the nibble fall below kShift, where the mask below drops them
+          t = vsra<32 - kBits - kShift>(vload_u4_top<V>(c + i / 2));
       }
       constexpr uint32_t kMag = kTop << kShift;
       // the sign at bit 31 and k + kBias above the mantissa bits dropped: (k + kBias) << kShift
@@ -258,9 +262,13 @@ FO_INLINE void quant_lanes(P* p, const P* g, const uint8_t* const* codes,
     });
   }
   for (int u = 0; u < kU; ++u) Rule::template apply<V>(x[u], c);
+  // Note [paired bf16 param stores]
+  constexpr bool kParamsX2 =
+      kU == 2 && std::is_same_v<P, bf16> && !kSr && (Rule::kWrites & bit(kParam)) != 0;
+  if constexpr (kParamsX2) vstore_bf16_x2(p + i, x[0][kParam], x[1][kParam]);
   for (int u = 0; u < kU; ++u) {
     const int64_t k = i + u * kW;
-    if constexpr ((Rule::kWrites & bit(kParam)) != 0) {
+    if constexpr ((Rule::kWrites & bit(kParam)) != 0 && !kParamsX2) {
       if constexpr (kRareAfterBlock<P, V, kSr>) {
         // Note [rare bf16 stores after the block]
         vstore(pbuf + k, x[u][kParam]);
@@ -314,6 +322,32 @@ FO_INLINE void quant_lanes(P* p, const P* g, const uint8_t* const* codes,
 // AVX2), ns/element: int8 AdamW 1.13-1.20 -> 1.05-1.06, int4 1.47-1.53 -> 1.27-1.31, bf16
 // params with int8 states 1.59-1.63 -> 1.46-1.49, with int4 1.98-2.01 -> 1.70-1.74.
 //
+// Note [deferred encode between steps]
+// Where a code group is several steps of the update (AVX2: 32 elements, two steps of two
+// vectors), the deferred block's codes of that group are written between the steps, spread
+// over them by state: written state number j (0 for the first state the rule writes) after
+// step j modulo the number of steps, so Adam's m after the first step and v after the
+// second, where both went after the last. The same codes at the same places. Our reading of
+// why it helps (not measured directly): each encode's integer work now sits between two
+// update steps for the out-of-order core to overlap it with, rather than both encodes queued
+// after the last step. AVX2 only: on AVX-512 a code group is one step.
+//
+// Note [paired bf16 param stores]
+// With two lane groups per step (AVX2), bf16 params rounded to nearest are stored by
+// vstore_bf16_x2 (vec.h): one NaN test for both groups (bf16_round_lanes2, Note [paired bf16
+// lanes]), one pack, one permute and one 256-bit store, where two StorageIO stores took two
+// NaN tests (an and, a compare, a vptest each), two byte shuffles, two permutes and two
+// 128-bit stores. The same bits. Stochastic rounding keeps the per-group store.
+// Measured, this note and the one above together with the AVX2 nibble loads (vec.h, vload_u4
+// and vload_u4_top), on a 2.45 GHz
+// Zen 3: in cache (bench_quant.py --in-cache, six runs alternated with the build before),
+// ns/element, int8 AdamW 0.99-1.03 -> 0.96-0.97, int4 1.18-1.19 -> 1.14-1.15 (one 1.20), bf16
+// params with int8 states 1.29-1.31 -> 1.25-1.26 (one 1.29), with int4 1.46-1.47 ->
+// 1.38-1.44; of that, a build without the paired stores had bf16p-int8 at 1.28-1.30 and
+// bf16p-int4 at 1.45 (the other two as with them). At 2^26 (bench/ab_builds.py, two runs,
+// new / old at 1 | 2 threads): int8 0.97 | 0.96, int4 0.96 | 0.96-0.98, bf16p-int8 0.95-0.96 |
+// 0.95-0.96, bf16p-int4 0.94 | 0.94-0.96; the unchanged fp32 row 1.02 | 1.00.
+//
 // Note [stochastic rounding off the loop]
 // kSr is a compile-time constant (quant_entry picks the instantiation from b.sr), so the loop
 // of a call without stochastic rounding holds none of its hash code, and the Io it passes to
@@ -325,6 +359,14 @@ FO_INLINE void quant_lanes(P* p, const P* g, const uint8_t* const* codes,
 // of every bf16-params quantized loop (the build's compile time rose by about 15%).
 // On avx512bf16 the bf16-params loop also lost an out-of-line call (Note [rare bf16 stores
 // after the block]).
+
+// The ordinal of state slot s among the states in `writes` (0 for the first written state).
+constexpr int written_ordinal(unsigned writes, int s) {
+  int n = 0;
+  for (int t = kState0; t < s; ++t) n += (writes & bit(t)) != 0;
+  return n;
+}
+
 template <class D, class Rule, int kBits, class P, bool kSr, class Args>
 void quant_range(const Batch& b, int64_t begin, int64_t end, const Args& a) {
   using V = FO_VEC_F32;
@@ -334,6 +376,7 @@ void quant_range(const Batch& b, int64_t begin, int64_t end, const Args& a) {
   constexpr int64_t kGW = kW * kCodeGroup<V>;  // Note [quantized code groups]
   constexpr int kU = kLaneGroups<V>;  // Note [lane groups in flight]
   static_assert(kGW % (kU * kW) == 0, "a code group is whole steps of the update");
+  constexpr int kSteps = static_cast<int>(kGW / (kU * kW));  // update steps per code group
   static_assert(kB % kGW == 0 && (kW == 1 || kW % 2 == 0), "a full block is whole code groups of whole bytes");
   constexpr bool kDefer = kW > 1;  // Note [deferred block encode]
   const typename Rule::template Consts<V> cv(a);
@@ -357,12 +400,14 @@ void quant_range(const Batch& b, int64_t begin, int64_t end, const Args& a) {
     uint8_t* dcodes[kMaxSlots] = {};
     V dinv[kMaxSlots];
     for (V& x : dinv) x = splat<V>(0.0f);
-    // The deferred block's codes of code group i (kGW elements).
-    const auto encode_deferred = [&](int64_t i) {
+    // The deferred block's codes of code group i (kGW elements): of the written states whose
+    // ordinal among them is u modulo nu (Note [deferred encode between steps]).
+    const auto encode_deferred = [&](int64_t i, int u, int nu) {
       each_slot([&](auto s) {
         if constexpr (kDefer && s >= kState0 && (Rule::kWrites & bit(s)) != 0)
-          QuantMap<kBits, slot_non_negative<D, decltype(s)::value>()>::template store_codes<V, false>(
-              dcodes[s], i, dst[s - kState0], dinv[s]);
+          if (written_ordinal(Rule::kWrites, s) % nu == u)
+            QuantMap<kBits, slot_non_negative<D, decltype(s)::value>()>::template store_codes<V, false>(
+                dcodes[s], i, dst[s - kState0], dinv[s]);
       });
     };
     // The blocks whose first element lies in [lo, hi).
@@ -414,9 +459,11 @@ void quant_range(const Batch& b, int64_t begin, int64_t end, const Args& a) {
       // (this block is partial)
       if (deferred) {
         for (; i + kGW <= n; i += kGW) {
-          for (int64_t j = i; j < i + kGW; j += kU * kW)
-            quant_lanes<D, Rule, kBits, V, kSr, kU>(pb, gb, codes, absmax, cur, j, cv, amax, iov, pbuf, rare);
-          encode_deferred(i);
+          for (int u = 0; u < kSteps; ++u) {
+            quant_lanes<D, Rule, kBits, V, kSr, kU>(pb, gb, codes, absmax, cur, i + u * kU * kW, cv, amax, iov,
+                                                    pbuf, rare);
+            encode_deferred(i, u, kSteps);
+          }
         }
       }
       const int64_t encoded = i;
@@ -425,7 +472,7 @@ void quant_range(const Batch& b, int64_t begin, int64_t end, const Args& a) {
       for (; i + kW <= n; i += kW)
         quant_lanes<D, Rule, kBits, V, kSr>(pb, gb, codes, absmax, cur, i, cv, amax, iov, pbuf, rare);
       if (deferred) {
-        for (int64_t k = encoded; k < kB; k += kGW) encode_deferred(k);
+        for (int64_t k = encoded; k < kB; k += kGW) encode_deferred(k, 0, 1);
         deferred = false;
       }
 #if defined(__AVX512BF16__)

@@ -593,6 +593,10 @@ template <> FO_HD FO_INLINE uint32_t vload_s8<float>(const uint8_t* p) {
 FO_HD FO_INLINE float vzero_unless(uint32_t a, uint32_t b, float x) { return (a & b) != 0 ? x : 0.0f; }
 FO_HD FO_INLINE void vstore_u8(uint8_t* p, uint32_t a) { *p = static_cast<uint8_t>(a); }
 template <class V> FO_INLINE IntOf<V> vload_u4(const uint8_t* p);
+// vload_u4_top<V>(p): lane j's nibble in bits 28-31; the bits below are unspecified (AVX2: the
+// lower nibbles of its 32-bit word; elsewhere zero). For a signed code that an arithmetic shift
+// then sign-extends (QuantMap::load), whose mask drops the rest.
+template <class V> FO_INLINE IntOf<V> vload_u4_top(const uint8_t* p) { return vshl<28>(vload_u4<V>(p)); }
 template <class V> constexpr int kCodeGroup = 1;
 template <class I> FO_INLINE void vstore_u8s(uint8_t* p, const I* a) { vstore_u8(p, a[0]); }
 template <class I> FO_INLINE void vstore_u4s(uint8_t* p, const I* a) { vstore_u4(p, a[0]); }
@@ -644,12 +648,23 @@ FO_INLINE F32x8 vzero_unless(I32x8 a, I32x8 b, F32x8 x) {
   const __m256i zero = _mm256_cmpeq_epi32(_mm256_and_si256(a.v, b.v), _mm256_setzero_si256());
   return {_mm256_andnot_ps(_mm256_castsi256_ps(zero), x.v)};
 }
-template <> FO_INLINE I32x8 vload_u4<F32x8>(const uint8_t* p) {
-  // byte j -> 64-bit lane j; its high nibble shifted into the lane's upper half, then masked
+// The 4 bytes (8 nibbles) broadcast to every lane (a load: no ALU work), lane j shifted by its
+// own count so that nibble j lands at the bottom (vload_u4) or at the top (vload_u4_top), where
+// the byte-to-qword widening, a shift, an or and an and took four operations (measured with
+// the changes of quant.h, Note [paired bf16 param stores], on a Zen 3 only; a variable shift is
+// one operation there, three on Haswell).
+FO_INLINE __m256i vload_nibbles_bcast(const uint8_t* p) {
   int32_t w;
   __builtin_memcpy(&w, p, sizeof w);
-  const __m256i q = _mm256_cvtepu8_epi64(_mm_cvtsi32_si128(w));
-  return {_mm256_and_si256(_mm256_or_si256(q, _mm256_slli_epi64(q, 28)), _mm256_set1_epi32(15))};
+  return _mm256_set1_epi32(w);
+}
+template <> FO_INLINE I32x8 vload_u4<F32x8>(const uint8_t* p) {
+  const __m256i down = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  return {_mm256_and_si256(_mm256_srlv_epi32(vload_nibbles_bcast(p), down), _mm256_set1_epi32(15))};
+}
+template <> FO_INLINE I32x8 vload_u4_top<F32x8>(const uint8_t* p) {
+  const __m256i up = _mm256_setr_epi32(28, 24, 20, 16, 12, 8, 4, 0);
+  return {_mm256_sllv_epi32(vload_nibbles_bcast(p), up)};
 }
 template <> constexpr int kCodeGroup<F32x8> = 4;
 // a[0..3] as 16-bit and then 8-bit lanes (the packs saturate, exact below 256), in each
@@ -869,6 +884,22 @@ template <class V> FO_INLINE void vstore_bf16_pair(bf16* p, IntOf<V> even, IntOf
 // generic form takes an and and an or
 template <> FO_INLINE void vstore_bf16_pair<F32x8>(bf16* p, I32x8 even, I32x8 odd) {
   vstore_words(p, I32x8{_mm256_blend_epi16(_mm256_srli_epi32(even.v, 16), odd.v, 0xAA)});
+}
+#endif
+// Two consecutive lane groups, a to p[0, W) and b to p[W, 2W), rounded to nearest even (the
+// bits of two StorageIO stores). AVX2 rounds them with one NaN test (bf16_round_lanes2) and
+// writes them with one pack, one permute and one 256-bit store, where two stores take two NaN
+// tests, two byte shuffles, two permutes and two 128-bit stores: Note [paired bf16 param
+// stores] (quant.h). Only the ISA with two lane groups per step has one (kLaneGroups, quant.h).
+template <class V> FO_INLINE void vstore_bf16_x2(bf16* p, V a, V b);
+#if defined(__AVX2__) && defined(__FMA__)
+template <> FO_INLINE void vstore_bf16_x2<F32x8>(bf16* p, F32x8 a, F32x8 b) {
+  I32x8 ra, rb;
+  bf16_round_lanes2(a, b, ra, rb);
+  // packus per 128-bit half: [a0-3 b0-3 | a4-7 b4-7] (each value < 2^16: no saturation);
+  // the 64-bit permute 0xD8 puts them in order
+  const __m256i w = _mm256_packus_epi32(_mm256_srli_epi32(ra.v, 16), _mm256_srli_epi32(rb.v, 16));
+  vstore_words(p, I32x8{_mm256_permute4x64_epi64(w, 0xD8)});
 }
 #endif
 
