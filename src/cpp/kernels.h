@@ -315,6 +315,12 @@ FO_INLINE void apply_at(void* const* ptr, const Io<V>& io, int64_t i,
 // the order alone, decides. Kept because it was never slower, and it leaves the compiler free
 // to schedule both groups (it cannot hoist loads above stores itself: as far as it knows the
 // arrays may alias; the bindings refuse overlapping arrays, so they do not).
+// Tried and not kept (Zen 3, AVX2, all-bf16 AdamW): a software-pipelined body, the next pair's
+// loads and update issued before this pair's stores, so that the square root and division of
+// one pair overlap the other's rounding. A stand-alone loop gained 6% in cache; here the
+// carried registers spilled (16 ymm registers) and plain all-bf16 ran 0.70 -> 0.74-0.78
+// ns/element in cache and 1.02-1.11x the time at 2^26; only Kahan gained (0.99 -> 0.89-0.92,
+// 0.95-0.98x at 2^26).
 // The 2x unrolled vector body from element i while two lane groups fit; returns where it
 // stopped. kPaired: Note [paired bf16 lanes] (vec.h).
 template <bool kPaired, class Rule, class L, class V>
