@@ -3,12 +3,10 @@ scalars are what the README says, and a tiny run goes through (the script checks
 implementation against fastoptim.reference before timing)."""
 
 import functools
-import importlib.util
 import io
 import itertools
 import json
 import re
-import sys
 import time
 import types
 from pathlib import Path
@@ -20,18 +18,6 @@ from fastoptim import _core
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "bench" / "README.md").read_text()
-
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_cpu", ROOT / "bench" / "bench_cpu.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve its annotations through it
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        del sys.modules[spec.name]
 
 
 def test_every_rule_has_a_case(bench):

@@ -77,6 +77,7 @@ class Example:
     check: Optional[Callable] = None  # check(namespace, stdout) after the block
     skip_unless: Optional[Callable] = None  # () -> a reason to skip, or None
     distributed: bool = False  # calls init_process_group("gloo") with env:// (torchrun's)
+    fixtures: tuple = ()  # conftest fixtures whose values the block's namespace gets by name
 
 
 TORCH_MODEL = """
@@ -169,9 +170,8 @@ def check_quantized(ns, out):
 
 
 def check_bench_case(ns, out):
-    bench_cpu = ns["bench_cpu"]
     (case,) = ns["_"]  # the line is an element of CASES, trailing comma included
-    assert case in bench_cpu.CASES
+    assert case in ns["bench"].CASES
 
 
 def cuda_missing():
@@ -271,26 +271,13 @@ g = rng.standard_normal(8192).astype(np.float32)
 t = 1
 """),
     Example("docs/cuda.md", "import cupy as cp", needs=("cupy",), skip_unless=cuda_missing),
-    Example("bench/README.md", 'Case("lion", "Lion", "lion_"', check=check_bench_case, preamble="""
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location("bench_cpu", ROOT / "bench" / "bench_cpu.py")
-bench_cpu = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = bench_cpu  # dataclasses resolve annotations through it
-try:
-    spec.loader.exec_module(bench_cpu)
-finally:
-    del sys.modules[spec.name]
-Case, _lr = bench_cpu.Case, bench_cpu._lr
-"""),
+    Example("bench/README.md", 'Case("lion", "Lion", "lion_"', check=check_bench_case,
+            fixtures=("bench",), preamble="Case, _lr = bench.Case, bench._lr\n"),
 ]
 
 
 def entries_for(block):
     return [e for e in EXAMPLES if e.file == block.file and e.key in block.text]
-
-
-def params():
-    return [pytest.param(block, id=block.id) for block in BLOCKS]
 
 
 # ---- running a block -------------------------------------------------------------------------
@@ -357,7 +344,7 @@ def gloo_env(monkeypatch):
             dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("block", params())
+@pytest.mark.parametrize("block", BLOCKS, ids=lambda b: b.id)
 def test_doc_block_runs(block, request, capsys):
     found = entries_for(block)
     assert len(found) <= 1, f"{block.id} matches several entries: {[e.key for e in found]}"
@@ -372,7 +359,8 @@ def test_doc_block_runs(block, request, capsys):
         pytest.skip(f"{block.id}: {reason}")
     if entry.distributed:
         request.getfixturevalue("gloo_env")
-    ns = {"__name__": "__docs_example__", "ROOT": ROOT}
+    ns = {"__name__": "__docs_example__"}
+    ns.update((name, request.getfixturevalue(name)) for name in entry.fixtures)
     run_source(entry.preamble, ns, f"<preamble of {block.id}>")
     run_source(block.text, ns, block.id)
     if entry.check is not None:
