@@ -285,17 +285,20 @@ def main(argv=None) -> int:
     print(f"# {env['gpu']} (sm_{env['compute_capability'].replace('.', '')}), driver "
           f"{env['driver_version']}, torch {env['torch']}, cupy {env['cupy']}")
     print(f"{'workload':>22} {'impl':>16} {'median':>13} {'min':>13} {'bandwidth':>14}  /copy")
-    for k in range(args.min_log2, args.max_log2 + 1):
-        bench.run(f"1 x 2^{k}", [(2**k,)])
-    bench.run(f"{args.tensors} x {args.tensor_numel}", [(args.tensor_numel,)] * args.tensors)
-    if args.small_numel > 0:
-        bench.run(f"{args.tensors} x {args.small_numel}", [(args.small_numel,)] * args.tensors)
-    if not args.no_transformer:
-        bench.run("gpt2-small mix", gpt2_small_shapes())
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(environment=env, settings=vars(args), results=bench.results), f, indent=1)
-        print(f"wrote {args.json}")
+    try:
+        for k in range(args.min_log2, args.max_log2 + 1):
+            bench.run(f"1 x 2^{k}", [(2**k,)])
+        bench.run(f"{args.tensors} x {args.tensor_numel}", [(args.tensor_numel,)] * args.tensors)
+        if args.small_numel > 0:
+            bench.run(f"{args.tensors} x {args.small_numel}", [(args.small_numel,)] * args.tensors)
+        if not args.no_transformer:
+            bench.run("gpt2-small mix", gpt2_small_shapes())
+    finally:  # what was measured is kept even when a later row fails
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(environment=env, settings=vars(args), results=bench.results), f,
+                          indent=1)
+            print(f"wrote {args.json}")
     return 0
 
 

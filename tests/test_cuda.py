@@ -739,6 +739,7 @@ def test_graph_replays_after_100_other_calls(n_arrays):
     dgrads = [cp.asarray(g) for g in grads]
     other = to_device(initial_state("adam", hyper, odd_sizes(700, rng), np.float32, rng))
     other_g = [cp.ones_like(a) for a in other["params"]]
+    cp.cuda.Device().synchronize()  # the uploads ran on the null stream, the replays do not
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:
         graph = _capture(stream, lambda: call(fastoptim, "adam", hyper, dev, dgrads, 4))
