@@ -71,7 +71,11 @@ def test_cpu_and_cuda_params_in_one_group(cuda):
 
 def test_a_cpu_gradient_of_a_cuda_param_is_refused(cuda):
     p = torch.randn(5, device=cuda, requires_grad=True)
-    p.grad = torch.randn(5)
+    try:
+        p.grad = torch.randn(5)
+    except RuntimeError as e:  # torch itself refuses the pair (seen with torch 2.11 on an H200)
+        assert "device" in str(e)
+        return
     before = p.detach().clone()
     with pytest.raises(ValueError, match=r"params'\]\[0\]: its gradient is on cpu"):
         ft.Adam([p], lr=0.01).step()

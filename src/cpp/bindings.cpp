@@ -26,7 +26,7 @@
 #include <deque>
 #include <memory>
 #include <optional>
-#include <sstream>
+#include <cstdio>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -107,18 +107,16 @@ constexpr int64_t kReleaseGilFrom = 4096;  // elements; below this the GIL round
 [[noreturn]] void value_error(const std::string& msg) { throw py::value_error(msg); }
 
 std::string shape_str(int nd, const py::ssize_t* dims) {
-  std::ostringstream s;
-  s << '(';
-  for (int i = 0; i < nd; ++i) s << (i ? ", " : "") << dims[i];
-  if (nd == 1) s << ',';
-  s << ')';
-  return s.str();
+  std::string s = "(";
+  for (int i = 0; i < nd; ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  if (nd == 1) s += ',';
+  return s + ')';
 }
 
-std::string fmt(double x) {
-  std::ostringstream s;
-  s << x;
-  return s.str();
+std::string fmt(double x) {  // what std::ostream prints by default (%g), without iostreams
+  char b[32];
+  std::snprintf(b, sizeof b, "%g", x);
+  return b;
 }
 
 // ---- scalar arguments ------------------------------------------------------------------
@@ -669,7 +667,7 @@ class CallBuilder {
   struct DeviceCall {
     std::vector<py::ssize_t> dims;       // shapes of params, concatenated
     std::vector<size_t> dims_start{0};   // params[t]'s shape is dims[dims_start[t] ..]
-    std::string dtype_name;              // of the array that fixed the call's dtype
+    std::string dtype_typestr, dtype_name;  // of the array that fixed the call's dtype
     uintptr_t stream = cuda::kStreamDefault;
     std::vector<uintptr_t> wait_streams;  // the other streams reported (Note [stream joins])
     std::vector<std::string> wait_names;  // the first array reporting each
@@ -694,7 +692,11 @@ class CallBuilder {
     return std::string(py::str(py::type::of(py::handle(item)).attr("__name__")));
   }
 
-  // numpy's name of a CUDA Array Interface typestr ("<f4" -> "float32"), for messages.
+  // A device array's dtype name, for messages: DLPack's, or numpy's name of a CUDA Array
+  // Interface typestr ("<f4" -> "float32").
+  static std::string dtype_of(const std::string& typestr, const std::string& dlpack_name) {
+    return typestr.empty() ? dlpack_name : typestr_name(typestr);
+  }
   static std::string typestr_name(const std::string& typestr) {
     try {
       return std::string(py::str(py::module_::import("numpy").attr("dtype")(typestr)));
@@ -716,7 +718,8 @@ class CallBuilder {
   struct DeviceView {  // what the checks need from either interface
     std::vector<py::ssize_t> dims;
     int type_num = -1;             // kNpyFloat or kNpyDouble
-    std::string dtype_name;        // numpy's name, for messages
+    std::string typestr;           // CUDA Array Interface: numpy's name only for a message
+    std::string dtype_name;        // DLPack: the name (no Python involved)
     bool has_strides = false;
     std::vector<int64_t> strides;  // in bytes
     uintptr_t ptr = 0;
@@ -762,6 +765,25 @@ class CallBuilder {
     if (!dev_) dev_ = std::make_unique<DeviceCall>();
   }
 
+  // The CUDA Array Interface's names, interned once: a lookup by a C string makes a new str
+  // each time, which with a dozen lookups per array cost microseconds per array (5,000-tensor
+  // calls). Created under the GIL on first use and kept for the life of the process.
+  struct CaiKeys {
+    PyObject *cai, *shape, *typestr, *strides, *mask, *data, *stream;
+  };
+  static const CaiKeys& cai_keys() {
+    static const CaiKeys k = [] {
+      const auto intern = [](const char* s) {
+        PyObject* o = PyUnicode_InternFromString(s);
+        if (!o) throw py::error_already_set();
+        return o;
+      };
+      return CaiKeys{intern("__cuda_array_interface__"), intern("shape"), intern("typestr"),
+                     intern("strides"), intern("mask"), intern("data"), intern("stream")};
+    }();
+    return k;
+  }
+
   // The ndarray checks of check_array, on the fields of a CUDA Array Interface (v0..v3), or of
   // a DLPack export (Note [DLPack input]). Out of line: inlined, it would slow the ndarray path
   // it branches off.
@@ -772,7 +794,8 @@ class CallBuilder {
                  (role == kRoleCopies ? "param_copies" : "compensation") +
                  " (the low-precision formats) are supported on the CPU only");
     }
-    PyObject* raw = PyObject_GetAttrString(item, "__cuda_array_interface__");
+    const CaiKeys& key = cai_keys();
+    PyObject* raw = PyObject_GetAttr(item, key.cai);
     if (!raw) {
       if (!PyErr_ExceptionMatches(PyExc_AttributeError)) throw py::error_already_set();
       PyErr_Clear();
@@ -785,49 +808,60 @@ class CallBuilder {
     const py::object cai = py::reinterpret_steal<py::object>(raw);
     enter_device_mode(arg, i, item);
     if (!PyDict_Check(cai.ptr())) bad_interface(arg, i, "not a dict");
-    const py::dict d = py::reinterpret_borrow<py::dict>(cai);
-    auto field = [&](const char* key) -> py::object {
-      PyObject* v = PyDict_GetItemString(d.ptr(), key);
-      return v ? py::reinterpret_borrow<py::object>(v) : py::object();
+    // A new reference (the checks below may run Python code: __bool__, __index__), or null.
+    const auto field = [&](PyObject* k) {
+      PyObject* r = PyDict_GetItemWithError(cai.ptr(), k);
+      if (!r && PyErr_Occurred()) throw py::error_already_set();
+      return py::reinterpret_borrow<py::object>(r);
     };
-    if (!field("stream") && has_attr(item, "__dlpack__") && has_attr(item, "__dlpack_device__"))
+    const py::object stream_obj = field(key.stream);
+    if (!stream_obj && has_attr(item, "__dlpack__") && has_attr(item, "__dlpack_device__"))
       return check_dlpack_array(arg, i, item, written);  // Note [DLPack input]
     DeviceView v;
     // shape
-    const py::object shape_obj = field("shape");
+    const py::object shape_obj = field(key.shape);
     if (!shape_obj || !PyTuple_Check(shape_obj.ptr())) bad_interface(arg, i, "'shape' must be a tuple");
-    for (const py::handle h : py::reinterpret_borrow<py::tuple>(shape_obj)) {
-      if (!PyLong_Check(h.ptr()) || h.cast<int64_t>() < 0)
+    const Py_ssize_t nd_in = PyTuple_GET_SIZE(shape_obj.ptr());
+    v.dims.resize(static_cast<size_t>(nd_in));
+    for (Py_ssize_t k = 0; k < nd_in; ++k) {
+      PyObject* h = PyTuple_GET_ITEM(shape_obj.ptr(), k);
+      const Py_ssize_t n = PyLong_Check(h) ? PyLong_AsSsize_t(h) : -1;
+      if (n < 0) {
+        PyErr_Clear();  // an overflow is "not an integer >= 0" too
         bad_interface(arg, i, "'shape' must hold integers >= 0");
-      v.dims.push_back(h.cast<py::ssize_t>());
+      }
+      v.dims[static_cast<size_t>(k)] = n;
     }
     const int nd = static_cast<int>(v.dims.size());
     // dtype
-    const py::object typestr_obj = field("typestr");
-    if (!typestr_obj || !PyUnicode_Check(typestr_obj.ptr()))
-      bad_interface(arg, i, "'typestr' must be a str");
-    const std::string typestr = typestr_obj.cast<std::string>();
-    v.type_num = typestr == "<f4" ? kNpyFloat : typestr == "<f8" ? kNpyDouble : -1;
-    v.dtype_name = typestr_name(typestr);
+    const py::object typestr_obj = field(key.typestr);
+    if (!typestr_obj || !PyUnicode_Check(typestr_obj.ptr())) bad_interface(arg, i, "'typestr' must be a str");
+    Py_ssize_t typestr_len = 0;
+    const char* typestr = PyUnicode_AsUTF8AndSize(typestr_obj.ptr(), &typestr_len);
+    if (!typestr) throw py::error_already_set();
+    v.typestr.assign(typestr, static_cast<size_t>(typestr_len));
+    v.type_num = v.typestr == "<f4" ? kNpyFloat : v.typestr == "<f8" ? kNpyDouble : -1;
     // strides: None or absent, or one integer per dimension
-    const py::object strides_obj = field("strides");
+    const py::object strides_obj = field(key.strides);
     if (strides_obj && !strides_obj.is_none()) {
-      if (!PyTuple_Check(strides_obj.ptr()) ||
-          static_cast<int>(PyTuple_GET_SIZE(strides_obj.ptr())) != nd)
+      if (!PyTuple_Check(strides_obj.ptr()) || static_cast<int>(PyTuple_GET_SIZE(strides_obj.ptr())) != nd)
         bad_interface(arg, i, "'strides' must be None or a tuple with one entry per dimension");
-      for (const py::handle h : py::reinterpret_borrow<py::tuple>(strides_obj)) {
-        if (!PyLong_Check(h.ptr())) bad_interface(arg, i, "'strides' must hold integers");
-        v.strides.push_back(h.cast<int64_t>());
+      v.strides.resize(static_cast<size_t>(nd));
+      for (int k = 0; k < nd; ++k) {
+        PyObject* h = PyTuple_GET_ITEM(strides_obj.ptr(), k);
+        if (!PyLong_Check(h)) bad_interface(arg, i, "'strides' must hold integers");
+        v.strides[static_cast<size_t>(k)] = PyLong_AsLongLong(h);
+        if (PyErr_Occurred()) throw py::error_already_set();
       }
       v.has_strides = true;
     }
-    const py::object mask = field("mask");
+    const py::object mask = field(key.mask);
     if (mask && !mask.is_none()) {
       value_error(std::string(fn_) + ": " + label(arg, i) +
                   " is a masked CUDA array; masks are not supported");
     }
     // data = (pointer, read_only)
-    const py::object data = field("data");
+    const py::object data = field(key.data);
     if (!data || !PyTuple_Check(data.ptr()) || PyTuple_GET_SIZE(data.ptr()) != 2 ||
         !PyLong_Check(PyTuple_GET_ITEM(data.ptr(), 0)))
       bad_interface(arg, i, "'data' must be a tuple (pointer, read_only)");
@@ -838,10 +872,10 @@ class CallBuilder {
     v.read_only = read_only != 0;
     // stream (v3): params[0]'s is the launch stream; the others are joined with it both ways
     // (Note [stream joins], src/cuda/cuda_backend.cu)
-    const py::object stream_obj = field("stream");
     if (stream_obj && !stream_obj.is_none()) {
       if (!PyLong_Check(stream_obj.ptr())) bad_interface(arg, i, "'stream' must be None or an integer");
-      const auto st = static_cast<uintptr_t>(stream_obj.cast<unsigned long long>());
+      const auto st = static_cast<uintptr_t>(PyLong_AsUnsignedLongLong(stream_obj.ptr()));
+      if (PyErr_Occurred()) throw py::error_already_set();
       if (st == 0) {
         value_error(std::string(fn_) + ": " + label(arg, i) +
                     " reports CUDA stream 0, which the CUDA Array Interface v3 disallows (use 1 "
@@ -920,7 +954,7 @@ class CallBuilder {
   void* accept_device_array(int arg, int64_t i, PyObject* item, bool written, const DeviceView& v) {
     const int nd = static_cast<int>(v.dims.size());
     if (v.type_num < 0) {
-      type_error(std::string(fn_) + ": " + label(arg, i) + " has dtype " + v.dtype_name +
+      type_error(std::string(fn_) + ": " + label(arg, i) + " has dtype " + dtype_of(v.typestr, v.dtype_name) +
                  "; fastoptim supports float32 and float64 on CUDA (the low-precision formats "
                  "run on the CPU only)");
     }
@@ -928,10 +962,11 @@ class CallBuilder {
       dtype_num_ = v.type_num;
       dtype_item_ = item;
       dtype_label_ = label(arg, i);
+      dev_->dtype_typestr = v.typestr;
       dev_->dtype_name = v.dtype_name;
     } else if (v.type_num != dtype_num_) {
-      type_error(std::string(fn_) + ": " + label(arg, i) + " has dtype " + v.dtype_name +
-                 " but " + dtype_label_ + " has dtype " + dev_->dtype_name +
+      type_error(std::string(fn_) + ": " + label(arg, i) + " has dtype " + dtype_of(v.typestr, v.dtype_name) +
+                 " but " + dtype_label_ + " has dtype " + dtype_of(dev_->dtype_typestr, dev_->dtype_name) +
                  "; all arrays of one call must share one dtype");
     }
     const int64_t itemsize = v.type_num == kNpyDouble ? 8 : 4;

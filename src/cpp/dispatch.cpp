@@ -120,18 +120,18 @@ void init_dispatch() {
   const auto fill = [](const FillFn (&shards)[kIsaShards], KernelTable* t) {
     for (FillFn f : shards) f(t);
   };
-  fill(kFill_scalar, &g_tables[0]);
+  fill(FO_ISA_FILL_LIST(scalar), &g_tables[0]);
 #if defined(FASTOPTIM_HAVE_AVX2)
-  if (isa_cpu_has(Isa::kAvx2)) fill(kFill_avx2, &g_tables[1]);
+  if (isa_cpu_has(Isa::kAvx2)) fill(FO_ISA_FILL_LIST(avx2), &g_tables[1]);
 #endif
 #if defined(FASTOPTIM_HAVE_AVX512)
-  if (isa_cpu_has(Isa::kAvx512)) fill(kFill_avx512, &g_tables[2]);
+  if (isa_cpu_has(Isa::kAvx512)) fill(FO_ISA_FILL_LIST(avx512), &g_tables[2]);
 #endif
 #if defined(FASTOPTIM_HAVE_AVX512) && defined(FASTOPTIM_HAVE_AVX512BF16)
   if (isa_cpu_has(Isa::kAvx512Bf16)) {
     // the avx512 table, with the entries of the bfloat16-storing formats replaced
     KernelTable bf;
-    fill(kFill_avx512bf16, &bf);
+    fill(FO_ISA_FILL_LIST(avx512bf16), &bf);
     g_tables[3] = g_tables[2];
     g_tables[3].isa = "avx512bf16";
     for (int r = 0; r < kNumRules; ++r)

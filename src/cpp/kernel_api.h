@@ -119,14 +119,17 @@ struct KernelTable {
 // FASTOPTIM_ISA_SHARDS (CMakeLists.txt).
 constexpr int kIsaShards = 4;
 using FillFn = void (*)(KernelTable*);
-#define FO_ISA_FILLS(name)                                                          \
-  void fill_table_##name##_shard0(KernelTable*);                                    \
-  void fill_table_##name##_shard1(KernelTable*);                                    \
-  void fill_table_##name##_shard2(KernelTable*);                                    \
-  void fill_table_##name##_shard3(KernelTable*);                                    \
-  constexpr FillFn kFill_##name[kIsaShards] = {                                     \
-      fill_table_##name##_shard0, fill_table_##name##_shard1, fill_table_##name##_shard2, \
-      fill_table_##name##_shard3};
+// Only declared here: dispatch.cpp names an ISA's fillers (FO_ISA_FILL_LIST) where that ISA is
+// compiled in. A constexpr table of them in this header was emitted by units built at -O0
+// (emulate.cpp), an undefined symbol in a build without that ISA (FASTOPTIM_NO_AVX2=ON with
+// CUDA: seen on the H200 machine).
+#define FO_ISA_FILLS(name)                       \
+  void fill_table_##name##_shard0(KernelTable*); \
+  void fill_table_##name##_shard1(KernelTable*); \
+  void fill_table_##name##_shard2(KernelTable*); \
+  void fill_table_##name##_shard3(KernelTable*);
+#define FO_ISA_FILL_LIST(name) \
+  {fill_table_##name##_shard0, fill_table_##name##_shard1, fill_table_##name##_shard2, fill_table_##name##_shard3}
 FO_ISA_FILLS(scalar)
 FO_ISA_FILLS(avx2)
 FO_ISA_FILLS(avx512)
