@@ -248,6 +248,12 @@ def test_host_and_device_mixed():
     (dict(shape=(4, 5), typestr="<f4", data=(4096, False), strides=(4,), version=3), "strides"),
     (dict(shape=(4, -5), typestr="<f4", data=(4096, False), version=3), "shape"),
     (dict(shape=(4, 5), typestr="<f4", data=(4096, False), stream="x", version=3), "stream"),
+    (dict(shape=(4, 5), typestr="<f4", data=(4096, False), stream=-1, version=3), "stream"),
+    (dict(shape=(4, 5), typestr="<f4", data=(4096, False), stream=2**64, version=3), "stream"),
+    (dict(shape=(4, 5), typestr="<f4", data=(4096, False), strides=(20, 2**63), version=3),
+     "strides"),
+    (dict(shape=(4, 2**63), typestr="<f4", data=(4096, False), version=3), "shape"),
+    (dict(shape=(4, 5), typestr="<f4", data=(-4096, False), version=3), "data"),
 ])
 def test_malformed_interface(interface, match):
     class Odd:

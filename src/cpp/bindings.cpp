@@ -851,7 +851,10 @@ class CallBuilder {
         PyObject* h = PyTuple_GET_ITEM(strides_obj.ptr(), k);
         if (!PyLong_Check(h)) bad_interface(arg, i, "'strides' must hold integers");
         v.strides[static_cast<size_t>(k)] = PyLong_AsLongLong(h);
-        if (PyErr_Occurred()) throw py::error_already_set();
+        if (PyErr_Occurred()) {
+          PyErr_Clear();
+          bad_interface(arg, i, "'strides' must hold 64-bit integers");
+        }
       }
       v.has_strides = true;
     }
@@ -866,7 +869,10 @@ class CallBuilder {
         !PyLong_Check(PyTuple_GET_ITEM(data.ptr(), 0)))
       bad_interface(arg, i, "'data' must be a tuple (pointer, read_only)");
     v.ptr = static_cast<uintptr_t>(PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(data.ptr(), 0)));
-    if (PyErr_Occurred()) throw py::error_already_set();
+    if (PyErr_Occurred()) {  // negative, or wider than a pointer
+      PyErr_Clear();
+      bad_interface(arg, i, "'data' must be a tuple (pointer, read_only) with a pointer >= 0");
+    }
     const int read_only = PyObject_IsTrue(PyTuple_GET_ITEM(data.ptr(), 1));
     if (read_only < 0) throw py::error_already_set();
     v.read_only = read_only != 0;
@@ -875,7 +881,10 @@ class CallBuilder {
     if (stream_obj && !stream_obj.is_none()) {
       if (!PyLong_Check(stream_obj.ptr())) bad_interface(arg, i, "'stream' must be None or an integer");
       const auto st = static_cast<uintptr_t>(PyLong_AsUnsignedLongLong(stream_obj.ptr()));
-      if (PyErr_Occurred()) throw py::error_already_set();
+      if (PyErr_Occurred()) {  // negative, or wider than a pointer
+        PyErr_Clear();
+        bad_interface(arg, i, "'stream' must be None or a cudaStream_t handle (an integer >= 0)");
+      }
       if (st == 0) {
         value_error(std::string(fn_) + ": " + label(arg, i) +
                     " reports CUDA stream 0, which the CUDA Array Interface v3 disallows (use 1 "
