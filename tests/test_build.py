@@ -1,4 +1,5 @@
-"""What the CPU kernels of _core carry, read from the module file (objdump; no timing).
+"""What the CPU kernels of _core carry, read from the module file (objdump; no timing), and
+which ISAs' symbols the units outside the ISAs name (compiled here, read with nm).
 
 Note [software prefetch] (src/cpp/kernels.h): the vector body of every span prefetches each
 stream it reads. From 0385c53 on, GCC compiled that prefetch away (it sat alone in a generic
@@ -11,9 +12,12 @@ that pip installs is stripped (scikit-build-core's install.strip), while the bui
 tools/dev_build.sh and tools/sanitize.sh keep their symbols.
 """
 
+import os
 import re
 import shutil
 import subprocess
+import sysconfig
+from pathlib import Path
 
 import pytest
 
@@ -56,3 +60,52 @@ def test_every_vector_span_prefetches():
     missing = sorted(n for n, b in vector.items() if "prefetch" not in b)
     assert not missing, (f"{len(missing)} of {len(vector)} vector run_range bodies have no "
                          f"prefetch, e.g. {missing[0][:200]}")
+
+
+# The units of _core that are not an ISA's own (isa_*.cpp) are compiled in every build; they
+# may name the table fillers of an ISA only under that ISA's FASTOPTIM_HAVE_* definition, or a
+# build without the ISA does not import (undefined symbol). Seen once: kernel_api.h held a
+# constexpr table of every ISA's fillers, which no optimising build emits but emulate.cpp
+# (compiled at -O0 in CUDA builds) did, so a CUDA build with FASTOPTIM_NO_AVX2=ON failed at
+# import. No CI configuration builds that combination; this compiles each unit as such a build
+# would (CUDA on, no vector ISA, -O0) and reads its undefined symbols.
+_SRC = Path(__file__).resolve().parent.parent / "src"
+_VECTOR_FILLER = re.compile(r"fill_table_(avx2|avx512|avx512bf16)_shard\d")
+
+
+def _compile_units(units, defines, out_dir):
+    """{unit name: undefined symbols (mangled)} of each unit compiled with `defines` at -O0."""
+    cxx = os.environ.get("CXX") or shutil.which("g++")
+    if cxx is None or shutil.which("nm") is None:
+        pytest.skip("no C++ compiler (g++ or $CXX) or nm")
+    pybind11 = pytest.importorskip("pybind11", reason="pybind11 is needed to compile the units")
+    flags = ["-std=c++17", "-O0", "-w", *(f"-D{d}=1" for d in defines),
+             f"-I{_SRC / 'cpp'}", f"-I{_SRC / 'cuda'}", f"-I{pybind11.get_include()}",
+             f"-I{sysconfig.get_paths()['include']}"]
+    jobs = {u.name: (subprocess.Popen([cxx, *flags, "-c", str(u), "-o", str(out_dir / (u.name + ".o"))],
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+            for u in units}
+    undefined = {}
+    for name, job in jobs.items():
+        log = job.communicate()[0]
+        assert job.returncode == 0, f"{name} did not compile:\n{log[-3000:]}"
+        undefined[name] = subprocess.run(["nm", "-u", str(out_dir / (name + ".o"))], check=True,
+                                         capture_output=True, text=True).stdout.split()
+    return undefined
+
+
+def test_units_outside_the_isas_name_only_compiled_fillers(tmp_path):
+    if not (_SRC / "cpp" / "dispatch.cpp").is_file():
+        pytest.skip("the C++ sources are not beside the tests (an installed copy of the tests)")
+    units = sorted(p for d in ("cpp", "cuda") for p in (_SRC / d).glob("*.cpp")
+                   if not p.name.startswith("isa_"))
+    assert {"dispatch.cpp", "bindings.cpp", "emulate.cpp"} <= {u.name for u in units}
+    undefined = _compile_units(units, ["FASTOPTIM_HAVE_CUDA"], tmp_path)
+    named = {u: [s for s in syms if _VECTOR_FILLER.search(s)] for u, syms in undefined.items()}
+    assert not any(named.values()), f"fillers of ISAs this build lacks: {named}"
+    # the check can see a filler: with every ISA defined, dispatch.cpp names all of them
+    full = _compile_units([_SRC / "cpp" / "dispatch.cpp"],
+                          ["FASTOPTIM_HAVE_AVX2", "FASTOPTIM_HAVE_AVX512", "FASTOPTIM_HAVE_AVX512BF16"],
+                          tmp_path)
+    found = {m.group(0) for s in full["dispatch.cpp"] for m in [_VECTOR_FILLER.search(s)] if m}
+    assert len(found) == 3 * 4, sorted(found)
