@@ -7,7 +7,8 @@ interleaved round by round, so the ratios hold even on a noisy machine. The arra
 torch's own tensors (as in bench_formats.py) when torch is installed, NumPy arrays otherwise.
 Prints, per thread count and format, the median ms at each distance and its ratio to the
 default ("auto": 1024 elements ahead for 16-bit params, 64 for float32 ones, none for int8
-states on float32 params, 256 for the other quantized states; see
+states on float32 params, 256 for the other quantized states and for float32 params with
+bfloat16 states, the "bf16 states" row; see
 default_prefetch_ahead in src/cpp/dispatch.cpp); lower is better. The results do not depend on the distance: the
 script checks that every distance writes the same bits as the default.
 
@@ -84,6 +85,7 @@ def main() -> None:
         "bf16 +kahan": (18, lambda: fastoptim.adamw_(P, G, M, V, **kw, compensation=K),
                         (P, M, V, K)),
         "fp16": (14, lambda: fastoptim.adamw_(H, HG, HM, HV, **kw), (H, HM, HV)),
+        "bf16 states": (20, lambda: fastoptim.adamw_(P32, G32, M, V, **kw), (P32, M, V)),
         "f32 master/bf16 grads": (26, lambda: fastoptim.adamw_(P32, G, M32, V32, **kw),
                                   (P32, M32, V32)),
         # the states live in the optimizer: checked below on fresh optimizers instead
