@@ -187,16 +187,22 @@ template <class L> constexpr int64_t slot_bytes(int s) {
                                   : sizeof(typename L::template Elem<kState0>);
 }
 
-// One lane group at element i: load the rule's slots (widening; grads unscaled, params plus
-// their compensation under kKahan) into x ...
-template <class Rule, class L, class V>
-FO_INLINE void load_at(void* const* ptr, const Io<V>& io, int64_t i, V (&x)[kMaxSlots]) {
+// kGroups lane groups at elements i, i + W, ...: load the rule's slots (widening; grads
+// unscaled, params plus their compensation under kKahan) into x[0], x[1], ..., slot by slot
+// (each slot's groups back to back: Note [slot-major order]) ...
+template <class Rule, class L, class V, int kGroups>
+FO_INLINE void load_groups_at(void* const* ptr, const Io<V>& io, int64_t i,
+                              V (&x)[kGroups][kMaxSlots]) {
+  constexpr int kW = VecTraits<V>::kWidth;
   each_slot([&](auto s) {
     if constexpr ((Rule::kReads & bit(s)) != 0) {
-      x[s] = vload_from<V>(elem_ptr<L, s>(ptr) + i);
-      if constexpr (s == kGrad) x[s] = x[s] * io.grad_scale_inv;
-      if constexpr (s == kParam && L::kKahan)
-        x[s] = x[s] + vload_from<V>(static_cast<const typename L::Copy*>(io.copy) + i);
+      for (int k = 0; k < kGroups; ++k) {
+        const int64_t at = i + k * kW;
+        x[k][s] = vload_from<V>(elem_ptr<L, s>(ptr) + at);
+        if constexpr (s == kGrad) x[k][s] = x[k][s] * io.grad_scale_inv;
+        if constexpr (s == kParam && L::kKahan)
+          x[k][s] = x[k][s] + vload_from<V>(static_cast<const typename L::Copy*>(io.copy) + at);
+      }
     }
   });
 }
@@ -213,29 +219,35 @@ FO_INLINE void store_param(P* dst, V x, const Io<V>& io, int64_t i) {
   }
   store_elem(dst, x);
 }
-// ... and, once the rule has run, store them (rounding: store_param for the params), and write
-// the params' copy where the format has one.
-template <class Rule, class L, class V>
-FO_INLINE void store_at(void* const* ptr, const Io<V>& io, int64_t i, const V (&x)[kMaxSlots]) {
+// ... and, once the rule has run, store them (rounding: store_param for the params), slot by
+// slot, and write the params' copy where the format has one.
+template <class Rule, class L, class V, int kGroups>
+FO_INLINE void store_groups_at(void* const* ptr, const Io<V>& io, int64_t i,
+                               const V (&x)[kGroups][kMaxSlots]) {
+  constexpr int kW = VecTraits<V>::kWidth;
   each_slot([&](auto s) {
     if constexpr ((Rule::kWrites & bit(s)) != 0) {
-      auto* dst = elem_ptr<L, s>(ptr) + i;
-      if constexpr (s == kParam && L::kKahan) {
-        store_elem(dst, x[s]);  // p' = bf16(x); compensation' = bf16(x - p') (x - p' is exact)
-        store_elem(static_cast<typename L::Copy*>(io.copy) + i, x[s] - vload_from<V>(dst));
-      } else if constexpr (s == kParam) {
-        store_param(dst, x[s], io, i);
-      } else {
-        store_elem(dst, x[s]);
+      for (int k = 0; k < kGroups; ++k) {
+        const int64_t at = i + k * kW;
+        auto* dst = elem_ptr<L, s>(ptr) + at;
+        if constexpr (s == kParam && L::kKahan) {
+          store_elem(dst, x[k][s]);  // p' = bf16(x); compensation' = bf16(x - p') (exact)
+          store_elem(static_cast<typename L::Copy*>(io.copy) + at, x[k][s] - vload_from<V>(dst));
+        } else if constexpr (s == kParam) {
+          store_param(dst, x[k][s], io, at);
+        } else {
+          store_elem(dst, x[k][s]);
+        }
       }
     }
   });
   if constexpr (!std::is_void_v<typename L::Copy> && !L::kKahan)
-    store_elem(static_cast<typename L::Copy*>(io.copy) + i, x[kParam]);
+    for (int k = 0; k < kGroups; ++k)
+      store_elem(static_cast<typename L::Copy*>(io.copy) + i + k * kW, x[k][kParam]);
 }
 // Whether every stream of layout L is bfloat16 (params, grads, states and any compensation):
 // its vector body then loads and stores two lane groups at a time (vec.h, Note [paired bf16
-// lanes]) with load_pair_at and store_pair_at, the pair forms of load_at and store_at.
+// lanes]) with load_pair_at and store_pair_at, the pair forms of load_groups_at and store_groups_at.
 template <class L> constexpr bool kPairedBf16 =
     std::is_same_v<typename L::template Elem<kParam>, bf16> &&
     std::is_same_v<typename L::template Elem<kGrad>, bf16> &&
@@ -269,7 +281,7 @@ FO_INLINE void store_pair_at(void* const* ptr, const Io<V>& io, int64_t i, const
       bf16* dst = elem_ptr<L, s>(ptr) + i;
       if constexpr (s == kParam && L::kKahan) {
         // p' = bf16(x) and compensation' = bf16(x - p'), p' read from the rounded bits, not
-        // from memory as store_at does: the same value
+        // from memory as store_groups_at does: the same value
         I r0, r1, c0, c1;
         bf16_round_lanes2(x0[s], x1[s], r0, r1);
         vstore_bf16_pair<V>(dst, r0, r1);
@@ -296,10 +308,10 @@ FO_INLINE void store_pair_at(void* const* ptr, const Io<V>& io, int64_t i, const
 template <class Rule, class L, class V>
 FO_INLINE void apply_at(void* const* ptr, const Io<V>& io, int64_t i,
                         const typename Rule::template Consts<V>& c) {
-  V x[kMaxSlots];
-  load_at<Rule, L, V>(ptr, io, i, x);
-  Rule::template apply<V>(x, c);
-  store_at<Rule, L, V>(ptr, io, i, x);
+  V x[1][kMaxSlots];
+  load_groups_at<Rule, L, V, 1>(ptr, io, i, x);
+  Rule::template apply<V>(x[0], c);
+  store_groups_at<Rule, L, V, 1>(ptr, io, i, x);
 }
 
 // Note [loads before stores]
@@ -315,6 +327,29 @@ FO_INLINE void apply_at(void* const* ptr, const Io<V>& io, int64_t i,
 // the order alone, decides. Kept because it was never slower, and it leaves the compiler free
 // to schedule both groups (it cannot hoist loads above stores itself: as far as it knows the
 // arrays may alias; the bindings refuse overlapping arrays, so they do not).
+// Note [slot-major order]
+// Within the body, each slot's two lane groups are loaded back to back (p0 p1 g0 g1 m0 m1 v0
+// v1), and stored so (p0 p1 m0 m1 v0 v1); they used to go group by group (p0 g0 m0 v0 p1 ...).
+// Why: arrays whose distance aliases in the L1 data cache evict one another's lines. On a
+// 2-vCPU Zen 4 (AVX-512 BF16) AdamW at 2^26 on slices of one buffer, 1 thread: all-bf16 44.5
+// ms with the arrays 2^27 + 4 KiB apart (the distance separate allocations get), 29.2 ms at
+// 2^27 + 64 KiB, 54 ms at exactly 2^27, 126 ms at 2^28 (all four streams alias); fp32 is hit
+// the same at its own aliasing distances (2^28 + 2^27 + 4 KiB: 44.3 ms against 32.0; 2^28 or
+// 2^29: 85 ms), so it is the distance, not the format. Which distances alias fits the
+// linear-address way predictor ("utag") that Lipp et al. ("Take A Way", 2020) reverse-
+// engineered on Zen: a hash of address bits 12-27 that folds bit 12 with 27, 13 with 26, ...,
+// 15 with 20; two lines of one set with equal hashes cannot both stay in L1. Measured: 2^28 +
+// 2^13 or + 2^12 apart, 30 ms; 2^28 + 2^20 + 2^15, 51 ms; 2^28 + 2^26 + 2^13, 36 ms; and one
+// that the hash does not predict, 2^28 + 2^26 + 2^12, 37 ms. A line evicted between the two
+// half-line touches of a 16-bit stream must come back; slot-major order makes the touches of
+// one line adjacent. Effect, two alternating runs each (ms, 1 | 2 threads, + 4 KiB apart):
+// all-bf16 44.7-45.0 -> 39.9-40.0 | 23.7-26.9 -> 21.5-21.6, all-fp16 44.6-44.7 -> 38.9-39.7 |
+// 25.1-29.4 -> 21.5-21.8; at + 64 KiB and for fp32 within the noise. Not recovered: the rest of
+// the aliasing cost (40 against 29 ms). A stand-alone loop also tried one 64-byte load and one
+// vcvtne2ps2bf16 store per line (12% slower than slot-major), a software prefetch of every
+// stream to L1 or L2 at 512 or 2,048 elements (up to 12%: the prefetched lines alias too), and
+// staging 256- or 1,024-element blocks of each stream through an L1 buffer (no better at + 4
+// KiB, 1.4-2.4x slower where nothing aliases).
 // Tried and not kept (Zen 3, AVX2, all-bf16 AdamW): a software-pipelined body, the next pair's
 // loads and update issued before this pair's stores, so that the square root and division of
 // one pair overlap the other's rounding. A stand-alone loop gained 6% in cache; here the
@@ -335,21 +370,20 @@ FO_INLINE int64_t run_body(void* const* ptr, int64_t i, int64_t n,
         if ((Rule::kReads & bit(s)) != 0) prefetch_at(ptr[s], i + ahead, slot_bytes<L>(s));
       if constexpr (L::kKahan) prefetch_at(iov.copy, i + ahead, sizeof(typename L::Copy));
     }
-    // Note [loads before stores]: both lane groups' loads, then both updates and stores.
-    V x0[kMaxSlots], x1[kMaxSlots];
+    // Note [loads before stores]: both lane groups' loads, then both updates and stores;
+    // Note [slot-major order]: a slot's two groups back to back.
+    V x[2][kMaxSlots];
     if constexpr (kPaired) {
-      load_pair_at<Rule, L, V>(ptr, iov, i, x0, x1);
+      load_pair_at<Rule, L, V>(ptr, iov, i, x[0], x[1]);
     } else {
-      load_at<Rule, L, V>(ptr, iov, i, x0);
-      load_at<Rule, L, V>(ptr, iov, i + kW, x1);
+      load_groups_at<Rule, L, V, 2>(ptr, iov, i, x);
     }
-    Rule::template apply<V>(x0, cv);
-    Rule::template apply<V>(x1, cv);
+    Rule::template apply<V>(x[0], cv);
+    Rule::template apply<V>(x[1], cv);
     if constexpr (kPaired) {
-      store_pair_at<Rule, L, V>(ptr, iov, i, x0, x1);
+      store_pair_at<Rule, L, V>(ptr, iov, i, x[0], x[1]);
     } else {
-      store_at<Rule, L, V>(ptr, iov, i, x0);
-      store_at<Rule, L, V>(ptr, iov, i + kW, x1);
+      store_groups_at<Rule, L, V, 2>(ptr, iov, i, x);
     }
   }
   return i;
