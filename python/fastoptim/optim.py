@@ -66,6 +66,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _placement
 from . import functional as F
 from .quant import MIN_QUANTIZED_SIZE, QuantizedState
 from .typing import Params
@@ -441,9 +442,10 @@ class Optimizer:
                             f"or bfloat16 params")
 
     def _new_state(self, p: np.ndarray, name: str, init: float) -> Any:
+        # Note [state placement] (_placement.py): large states start off the param's page offset
         sd = self._state_dtype
         if sd is None:
-            return np.full(p.shape, init, dtype=p.dtype)
+            return _placement.full_like(p, name, init)
         if sd in ("int8", "int4"):
             if p.size < MIN_QUANTIZED_SIZE:
                 return np.full(p.shape, init, dtype=np.float32)
@@ -452,8 +454,8 @@ class Optimizer:
                                              name in _non_negative_names())
         if sd == "bfloat16":
             import ml_dtypes
-            return np.full(p.shape, init, dtype=np.float32).astype(ml_dtypes.bfloat16)
-        return np.full(p.shape, init, dtype=np.float32)
+            return _placement.full_like(p, name, np.float32(init), ml_dtypes.bfloat16)
+        return _placement.full_like(p, name, init, np.float32)
 
     def state_nbytes(self) -> int:
         """Bytes held by the optimizer states (codes and absmax of quantized states)."""

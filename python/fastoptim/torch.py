@@ -186,7 +186,7 @@ import numpy as np
 import torch
 from torch.autograd.graph import increment_version
 
-from . import _core
+from . import _core, _placement
 from . import functional as F
 from .optim import Optimizer as _NumPyOptimizer
 from .optim import _check_state_dtype, _non_negative_names
@@ -404,6 +404,24 @@ def _check_flags(cls: str, *, foreach: Any = None, fused: Any = None, capturable
 def _scalar(value: Any) -> Any:
     """A hyperparameter as a Python number (torch allows 1-element tensors for lr and betas)."""
     return value.item() if isinstance(value, torch.Tensor) else value
+
+
+def _state_like(p: torch.Tensor, name: str, fill: float = 0.0,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A state tensor for param p, as ``torch.full_like(p, fill, dtype=dtype,
+    memory_format=torch.preserve_format)`` makes it, placed off the param's page offset (Note
+    [state placement], _placement.py) when p is a plain contiguous CPU tensor of at least
+    _placement.MIN_BYTES; a view of a buffer one page larger then."""
+    dtype = p.dtype if dtype is None else dtype
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    nbytes = p.numel() * itemsize
+    if (type(p) in (torch.Tensor, torch.nn.Parameter) and p.device.type == "cpu"
+            and nbytes >= _placement.MIN_BYTES and p.is_contiguous()):
+        buf = torch.empty(nbytes + _placement.PAGE, dtype=torch.uint8)
+        off = _placement.offset(p.data_ptr(), buf.data_ptr(), itemsize, _placement.slot_of(name))
+        if off is not None:
+            return buf[off:off + nbytes].view(dtype).view(p.shape).fill_(fill)
+    return torch.full_like(p, fill, dtype=dtype, memory_format=torch.preserve_format)
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -1279,7 +1297,27 @@ class _FusedOptimizer(torch.optim.Optimizer):
                                 p, memory_format=torch.preserve_format).copy_(x)
                     else:
                         state[name] = value.detach().to(p.device, copy=True)
+            self._place_states()
         self._reset_caches()
+
+    def _place_states(self) -> None:
+        """Moves each loaded state tensor that starts at its param's offset within a page
+        into a placed copy (Note [state placement], _placement.py): a checkpoint's tensors are
+        separate allocations, which alias as a fresh optimizer's states would not."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state:
+                    continue
+                for name, t in list(state.items()):
+                    if (type(t) is torch.Tensor and t.dim() > 0 and t.shape == p.shape
+                            and t.element_size() == p.element_size()
+                            and t.device.type == "cpu" and p.device.type == "cpu"
+                            and type(p) in (torch.Tensor, torch.nn.Parameter)
+                            and t.is_contiguous() and p.is_contiguous()
+                            and t.numel() * t.element_size() >= _placement.MIN_BYTES
+                            and (t.data_ptr() - p.data_ptr()) % _placement.PAGE == 0):
+                        state[name] = _state_like(p, name, dtype=t.dtype).copy_(t)
 
     def _format_init_value(self, group: dict[str, Any], name: str) -> float:
         """The value a fresh state starts with (torch's initialisation)."""
@@ -1304,7 +1342,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if isinstance(storage, int):
             return _qdict(QuantizedState.from_float(
                 np.full(tuple(p.shape), value, np.float32), storage, _non_negative(name)))
-        return torch.full_like(p, value, dtype=storage, memory_format=torch.preserve_format)
+        return _state_like(p, name, value, storage)
 
     def _format_convert(self, where: str, p: torch.Tensor, name: str, t: Any,
                         storage: Any) -> Any:
@@ -1843,7 +1881,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         return state
 
     def _new_state(self, p: torch.Tensor, name: str) -> torch.Tensor:
-        return torch.zeros_like(p, memory_format=torch.preserve_format)
+        return _state_like(p, name)
 
     def _missing_state(self, c: _GroupCache, i: int, p: torch.Tensor, name: str,
                        state: dict[str, Any]) -> torch.Tensor:
@@ -2188,7 +2226,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 if t.shape != p.shape:
                     raise ValueError(f"{type(self).__name__}: state[{name!r}] of a parameter of "
                                      f"shape {tuple(p.shape)} has shape {tuple(t.shape)}")
-                new = torch.empty_like(p, memory_format=torch.preserve_format)
+                new = _state_like(p, name)
                 new.copy_(t.detach())
                 state[name] = t = new
             local = _local(t)
@@ -2627,8 +2665,7 @@ class Adagrad(_FusedOptimizer):
 
     def _new_state(self, p: torch.Tensor, name: str) -> torch.Tensor:
         # torch fills ``sum`` from the constructor's value, whatever the group says.
-        return torch.full_like(p, self.defaults["initial_accumulator_value"],
-                               memory_format=torch.preserve_format)
+        return _state_like(p, name, self.defaults["initial_accumulator_value"])
 
     def _format_init_value(self, group: dict[str, Any], name: str) -> float:
         return float(self.defaults["initial_accumulator_value"])
@@ -3185,8 +3222,8 @@ class Rprop(_FusedOptimizer):
 
     def _fresh(self, group: dict[str, Any], p: torch.Tensor, name: str) -> torch.Tensor:
         if name == "step_size":
-            return torch.full_like(p, _scalar(group["lr"]), memory_format=torch.preserve_format)
-        return torch.zeros_like(p, memory_format=torch.preserve_format)
+            return _state_like(p, name, _scalar(group["lr"]))
+        return _state_like(p, name)
 
     def _init_state(self, group: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
         return {"step": torch.zeros((), dtype=_scalar_dtype()),
