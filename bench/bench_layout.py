@@ -15,6 +15,14 @@ the same with random arrays in the same memory). Medians of --reps batches of 3 
 
     PYTHONPATH=python python3 bench/bench_layout.py                # 2^26, gaps 4 KiB and 64 KiB
     PYTHONPATH=python python3 bench/bench_layout.py --gaps 0 4096 4160 5120 8192 65536 --threads 1
+    PYTHONPATH=python python3 bench/bench_layout.py --dropin       # the optimizers' own states
+
+--dropin times the drop-ins instead, as a training script uses them: the param and grad are
+separate torch allocations (torch.empty), shared by torch.optim.AdamW(fused=True) and
+fastoptim.torch.AdamW, and each optimizer allocates its own states (torch: zeros_like, at the
+param's offset within a page; fastoptim: placed 1-2 KiB off it, Note [state placement] in
+python/fastoptim/_placement.py). The third column is fastoptim.adamw_ on torch's own states
+(the same memory as torch's step); "apart" gives the distances from the param modulo 4 KiB.
 """
 import argparse
 import statistics
@@ -71,6 +79,37 @@ def torch_step(slices, dtype):
     return opt.step, check
 
 
+def dropin_rows(n, names, threads_list, reps):
+    """The --dropin table: each optimizer on its own states, the param and grad shared."""
+    import fastoptim.torch as ft
+    tdt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    print(f"AdamW drop-ins, {n:,} elements, param and grad separate torch allocations; ms")
+    print(f"{'format':6s} {'threads':>7s} {'fastoptim.torch':>15s} {'torch fused':>12s} "
+          f"{'x torch':>8s} {'adamw_ on torch states':>22s}  apart (B mod 4096: g, m, v | m, v)")
+    for name in names:
+        p = torch.nn.Parameter(torch.ones(n, dtype=tdt[name]))
+        p.grad = torch.full((n,), 0.5, dtype=tdt[name])
+        ours = ft.AdamW([p], lr=1e-6)
+        theirs = torch.optim.AdamW([p], lr=1e-6, fused=True)
+        ours.step()
+        theirs.step()
+        sm, sv = ours.state[p]["exp_avg"], ours.state[p]["exp_avg_sq"]
+        tm, tv = theirs.state[p]["exp_avg"], theirs.state[p]["exp_avg_sq"]
+        rel = [(t.data_ptr() - p.data_ptr()) % 4096 for t in (p.grad, tm, tv, sm, sv)]
+        views = [t.detach().numpy() if name != "bf16" else t.detach().view(torch.int16).numpy()
+                 .view(FORMATS["bf16"]) for t in (p, p.grad, tm, tv)]
+        for threads in threads_list:
+            fastoptim.set_num_threads(threads)
+            torch.set_num_threads(threads)
+            t_ours = median_ms(ours.step, reps)
+            t_theirs = median_ms(theirs.step, reps)
+            t_same = median_ms(lambda: fastoptim.adamw_(*views, step=5, lr=1e-6), reps)
+            print(f"{name:6s} {threads:7d} {t_ours:15.3f} {t_theirs:12.3f} "
+                  f"{t_theirs / t_ours if t_ours > 0 else float('nan'):8.2f} {t_same:22.3f}"
+                  f"  {rel[0]}, {rel[1]}, {rel[2]} | {rel[3]}, {rel[4]}", flush=True)
+        del ours, theirs, p
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--log2", type=int, default=26, help="elements per array = 2**log2")
@@ -79,7 +118,14 @@ def main():
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--dropin", action="store_true",
+                    help="time the drop-ins on their own states instead (needs torch)")
     args = ap.parse_args()
+    if args.dropin:
+        if torch is None:
+            ap.error("--dropin needs torch")
+        dropin_rows(2**args.log2, args.formats, args.threads, args.reps)
+        return
     if any(gap < 0 or gap % 4 for gap in args.gaps):
         ap.error("--gaps must be multiples of 4 bytes, >= 0 (every format's elements stay aligned)")
     n = 2**args.log2

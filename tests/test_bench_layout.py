@@ -72,3 +72,18 @@ def test_bad_gap_is_refused():
     out = run("--log2", "10", "--gaps", "4098")
     assert out.returncode == 2
     assert "--gaps must be multiples of 4" in out.stderr
+
+
+def test_dropin_run_prints_every_row_and_the_placement():
+    pytest.importorskip("torch")
+    # 2^19 bf16 elements: 1 MiB arrays, so fastoptim.torch places its states (Note [state
+    # placement]): 1024 and 2048 bytes past the param modulo a page
+    out = run("--dropin", "--log2", "19", "--reps", "1", "--threads", "1", "2")
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines()
+            if line.split() and line.split()[0] in ("bf16", "fp16", "fp32")]
+    assert [(r[0], r[1]) for r in rows] == [(f, t) for f in ("bf16", "fp16", "fp32")
+                                            for t in ("1", "2")]
+    for r in rows:
+        assert all(float(x) >= 0 for x in r[2:6]), r
+        assert " ".join(r).endswith("| 1024, 2048"), r
