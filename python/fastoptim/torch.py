@@ -106,9 +106,11 @@ Note [DTensor and FSDP2]
     gradients. The update is elementwise, so each rank updates its local shard
     (``DTensor._local_tensor``, what ``to_local()`` returns, without its 15 us of autograd
     bookkeeping): the views, pointers and checks of a group with a DTensor use the local
-    tensors. States are created as torch creates them, ``torch.zeros_like(param)``: DTensors
-    with the param's mesh and placements, so ``state_dict()`` and distributed checkpointing see
-    torch's layout; the kernel writes their local shards. ``step`` stays a plain 0-d tensor, as
+    tensors. A DTensor param's states are created as torch creates them,
+    ``torch.zeros_like(param)``: DTensors with the param's mesh and placements, so
+    ``state_dict()`` and distributed checkpointing see torch's layout; the kernel writes their
+    local shards. (Plain CPU params of 1 MiB or more get placed states instead: Note [state
+    placement], _placement.py.) ``step`` stays a plain 0-d tensor, as
     in torch.
 
 Note [Steps live in one tensor per group]
