@@ -418,7 +418,8 @@ def _state_like(p: torch.Tensor, name: str, fill: float = 0.0,
     itemsize = torch.empty((), dtype=dtype).element_size()
     nbytes = p.numel() * itemsize
     if (type(p) in (torch.Tensor, torch.nn.Parameter) and p.device.type == "cpu"
-            and nbytes >= _placement.MIN_BYTES and p.is_contiguous()):
+            and p.layout == torch.strided and nbytes >= _placement.MIN_BYTES
+            and p.is_contiguous()):
         buf = torch.empty(nbytes + _placement.PAGE, dtype=torch.uint8)
         off = _placement.offset(p.data_ptr(), buf.data_ptr(), itemsize, _placement.slot_of(name))
         if off is not None:
@@ -1316,6 +1317,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                             and t.element_size() == p.element_size()
                             and t.device.type == "cpu" and p.device.type == "cpu"
                             and type(p) in (torch.Tensor, torch.nn.Parameter)
+                            and t.layout == p.layout == torch.strided
                             and t.is_contiguous() and p.is_contiguous()
                             and t.numel() * t.element_size() >= _placement.MIN_BYTES
                             and (t.data_ptr() - p.data_ptr()) % _placement.PAGE == 0):
