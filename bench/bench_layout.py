@@ -107,7 +107,7 @@ def dropin_rows(n, names, threads_list, reps):
             print(f"{name:6s} {threads:7d} {t_ours:15.3f} {t_theirs:12.3f} "
                   f"{t_theirs / t_ours if t_ours > 0 else float('nan'):8.2f} {t_same:22.3f}"
                   f"  {rel[0]}, {rel[1]}, {rel[2]} | {rel[3]}, {rel[4]}", flush=True)
-        del ours, theirs, p
+        del ours, theirs, p, views, sm, sv, tm, tv  # free every array before the next format
 
 
 def main():

@@ -251,3 +251,48 @@ def test_torch_low_precision_params_place_their_states(options):
     assert_torch_placed(p, states)
     want = torch.float32 if options.get("master_weights") else torch.bfloat16
     assert all(t.dtype == want for t in states.values())
+
+
+@pytest.mark.parametrize("which", ["state", "state view"])
+def test_numpy_grad_aliasing_a_placed_state_of_another_call_is_refused(which):
+    """A placed state is a view of a larger buffer; a gradient that is (a view of) the state
+    of a param updated by an earlier call must still be refused before anything is written."""
+    rng = np.random.default_rng(5)
+    params = [rng.standard_normal(BIG).astype(np.float32) for _ in range(2)]
+    opt = optim.SGD([{"params": [params[0]]}, {"params": [params[1]], "lr": 0.01}], lr=0.05,
+                    momentum=0.9)
+    opt.step([np.ones(BIG, np.float32)] * 2)
+    buf = opt.state[0]["momentum_buffer"]
+    assert not buf.flags.owndata  # placed
+    bad = buf if which == "state" else buf[:]
+    before = [p.copy() for p in params], buf.copy()
+    with pytest.raises(ValueError, match=r"grads\[1\] shares memory with state\[0\]"):
+        opt.step([np.ones(BIG, np.float32), bad])
+    np.testing.assert_array_equal(params[0], before[0][0], strict=True)
+    np.testing.assert_array_equal(params[1], before[0][1], strict=True)
+    np.testing.assert_array_equal(buf, before[1], strict=True)
+
+
+@pytest.mark.parametrize("options", [{}, dict(state_dtype="float32")], ids=["plain", "format"])
+def test_torch_states_keep_the_params_strides(options):
+    """preserve_format: a channels_last 1x1 convolution weight is contiguous with odd strides
+    on its size-1 dimensions; its placed states have its strides and stay placed."""
+    torch = pytest.importorskip("torch")
+    import fastoptim.torch as ft
+    gen = torch.Generator().manual_seed(6)
+    w = torch.randn(512, 520, 1, 1, generator=gen).to(memory_format=torch.channels_last)
+    assert w.is_contiguous() and w.stride() != (520, 1, 1, 1)
+    p = torch.nn.Parameter(w)
+    twin = torch.nn.Parameter(w.clone(memory_format=torch.preserve_format))
+    opt = ft.Adam([p], lr=0.01, **options)
+    ref = torch.optim.Adam([twin], lr=0.01, foreach=False)
+    for _ in range(3):
+        g = torch.randn(p.shape, generator=gen)
+        p.grad, twin.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+        states = tensor_states(opt, p)
+        assert_torch_placed(p, states)
+        assert all(t.stride() == p.stride() == ref.state[twin][k].stride()
+                   for k, t in states.items())
+    torch.testing.assert_close(p.detach(), twin.detach(), rtol=1e-5, atol=1e-6)

@@ -400,7 +400,11 @@ class Optimizer:
         written += [(*_span(arr), f"state[{i}][{name!r}]")
                     for i in indices for name, st in self.state[i].items()
                     for arr in _state_arrays(st)]
-        owners = [_owner(p) for p in params]
+        # the arrays owning the written memory: a state may be a view of a larger buffer (Note
+        # [state placement]), whose owner, not the view, is what a gradient's owner is matched to
+        owners = [_owner(p) for p in params] + [
+            _owner(arr) for i in indices for st in self.state[i].values()
+            for arr in _state_arrays(st)]
 
         self._written = sorted(self._written + [w for w in written if w[0] != w[1]])
         self._written_lo = [lo for lo, _, _ in self._written]
@@ -411,9 +415,6 @@ class Optimizer:
                 self._written_owners = None
             else:
                 self._written_owners.update(map(id, owners))
-                self._written_owners.update(id(arr) for i in indices
-                                            for st in self.state[i].values()
-                                            for arr in _state_arrays(st))
         self._params += params
         self._meta += [(np.ndarray, p.dtype, p.shape, p.strides) for p in params]
         self._num_calls += len(buckets)

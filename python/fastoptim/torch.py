@@ -415,15 +415,18 @@ def _state_like(p: torch.Tensor, name: str, fill: float = 0.0,
     [state placement], _placement.py) when p is a plain contiguous CPU tensor of at least
     _placement.MIN_BYTES; a view of a buffer one page larger then."""
     dtype = p.dtype if dtype is None else dtype
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    nbytes = p.numel() * itemsize
+    nbytes = p.numel() * dtype.itemsize
     if (type(p) in (torch.Tensor, torch.nn.Parameter) and p.device.type == "cpu"
             and p.layout == torch.strided and nbytes >= _placement.MIN_BYTES
             and p.is_contiguous()):
-        buf = torch.empty(nbytes + _placement.PAGE, dtype=torch.uint8)
-        off = _placement.offset(p.data_ptr(), buf.data_ptr(), itemsize, _placement.slot_of(name))
+        buf = torch.empty(nbytes + _placement.PAGE, dtype=torch.uint8, device=p.device)
+        off = _placement.offset(p.data_ptr(), buf.data_ptr(), dtype.itemsize,
+                                _placement.slot_of(name))
         if off is not None:
-            return buf[off:off + nbytes].view(dtype).view(p.shape).fill_(fill)
+            # p's own strides, as preserve_format keeps them (a contiguous tensor's size-1
+            # dimensions may have any stride, e.g. a channels_last 1x1 convolution's weight)
+            return (buf[off:off + nbytes].view(dtype).as_strided(p.shape, p.stride())
+                    .fill_(fill))
     return torch.full_like(p, fill, dtype=dtype, memory_format=torch.preserve_format)
 
 
@@ -1306,7 +1309,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
     def _place_states(self) -> None:
         """Moves each loaded state tensor that starts at its param's offset within a page
         into a placed copy (Note [state placement], _placement.py): a checkpoint's tensors are
-        separate allocations, which alias as a fresh optimizer's states would not."""
+        separate allocations, which alias as a fresh optimizer's states would not. Only states
+        with the param's element size: with another (float32 states of bfloat16 params) the
+        two streams' distance changes along the arrays and they alias only in passing. States
+        that the next step converts (_format_convert) are allocated as torch allocates them."""
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p)
