@@ -337,10 +337,10 @@ FO_INLINE void apply_at(void* const* ptr, const Io<V>& io, int64_t i,
 // the same at its own aliasing distances (2^28 + 2^27 + 4 KiB: 44.3 ms against 32.0; 2^28 or
 // 2^29: 85 ms), so it is the distance, not the format. Which distances alias fits the
 // linear-address way predictor ("utag") that Lipp et al. ("Take A Way", 2020) reverse-
-// engineered on Zen: a hash of address bits 12-27 that folds bit 12 with 27, 13 with 26, ...,
-// 15 with 20; two lines of one set with equal hashes cannot both stay in L1. Measured: 2^28 +
-// 2^13 or + 2^12 apart, 30 ms; 2^28 + 2^20 + 2^15, 51 ms; 2^28 + 2^26 + 2^13, 36 ms; and one
-// that the hash does not predict, 2^28 + 2^26 + 2^12, 37 ms. A line evicted between the two
+// engineered on Zen: a hash of address bits 12-27 that folds bit 12 with 27, 13 with 26, 14
+// with 25, 15 with 20, ..., 19 with 24; two lines of one set with equal hashes cannot both stay
+// in L1. Measured: 2^28 + 2^13 or + 2^12 apart, 30 ms; 2^28 + 2^20 + 2^15, 51 ms; 2^28 + 2^26 +
+// 2^13, 36 ms; 2^28 + 2^26 + 2^12, 37 ms (the first and fourth arrays alias: 12, 13, 26, 27). A line evicted between the two
 // half-line touches of a 16-bit stream must come back; slot-major order makes the touches of
 // one line adjacent. Effect, two alternating runs each (ms, 1 | 2 threads, + 4 KiB apart):
 // all-bf16 44.7-45.0 -> 39.9-40.0 | 23.7-26.9 -> 21.5-21.6, all-fp16 44.6-44.7 -> 38.9-39.7 |
