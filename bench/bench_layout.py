@@ -61,9 +61,14 @@ def placed(buf, n, itemsize, gap):
     return [buf[first + k * stride: first + k * stride + n * itemsize] for k in range(4)]
 
 
+def torch_dtype(name):
+    """The torch dtype of a FORMATS name."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
 def torch_step(slices, dtype):
     """torch's fused AdamW whose param, grad and states are views of the four byte slices."""
-    tdt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    tdt = torch_dtype(dtype)
     tp, tg, tm, tv = [torch.from_numpy(s).view(tdt) for s in slices]
     p = torch.nn.Parameter(tp)
     p.grad = tg
@@ -82,13 +87,12 @@ def torch_step(slices, dtype):
 def dropin_rows(n, names, threads_list, reps):
     """The --dropin table: each optimizer on its own states, the param and grad shared."""
     import fastoptim.torch as ft
-    tdt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     print(f"AdamW drop-ins, {n:,} elements, param and grad separate torch allocations; ms")
     print(f"{'format':6s} {'threads':>7s} {'fastoptim.torch':>15s} {'torch fused':>12s} "
           f"{'x torch':>8s} {'adamw_ on torch states':>22s}  apart (B mod 4096: g, m, v | m, v)")
     for name in names:
-        p = torch.nn.Parameter(torch.ones(n, dtype=tdt[name]))
-        p.grad = torch.full((n,), 0.5, dtype=tdt[name])
+        p = torch.nn.Parameter(torch.ones(n, dtype=torch_dtype(name)))
+        p.grad = torch.full((n,), 0.5, dtype=torch_dtype(name))
         ours = ft.AdamW([p], lr=1e-6)
         theirs = torch.optim.AdamW([p], lr=1e-6, fused=True)
         ours.step()

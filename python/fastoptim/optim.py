@@ -396,15 +396,13 @@ class Optimizer:
             for idx in by_dtype.values()
         ]
 
+        states = [(arr, f"state[{i}][{name!r}]") for i in indices
+                  for name, st in self.state[i].items() for arr in _state_arrays(st)]
         written = [(*_span(p), name) for p, name in zip(params, names)]
-        written += [(*_span(arr), f"state[{i}][{name!r}]")
-                    for i in indices for name, st in self.state[i].items()
-                    for arr in _state_arrays(st)]
+        written += [(*_span(arr), name) for arr, name in states]
         # the arrays owning the written memory: a state may be a view of a larger buffer (Note
         # [state placement]), whose owner, not the view, is what a gradient's owner is matched to
-        owners = [_owner(p) for p in params] + [
-            _owner(arr) for i in indices for st in self.state[i].values()
-            for arr in _state_arrays(st)]
+        owners = [_owner(a) for a in params] + [_owner(arr) for arr, _ in states]
 
         self._written = sorted(self._written + [w for w in written if w[0] != w[1]])
         self._written_lo = [lo for lo, _, _ in self._written]

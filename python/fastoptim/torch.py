@@ -408,6 +408,14 @@ def _scalar(value: Any) -> Any:
     return value.item() if isinstance(value, torch.Tensor) else value
 
 
+def _placeable(p: torch.Tensor, nbytes: int) -> bool:
+    """Whether a state of nbytes for param p is placed (Note [state placement]): p a plain
+    contiguous CPU tensor and the state at least _placement.MIN_BYTES."""
+    return (type(p) in (torch.Tensor, torch.nn.Parameter) and p.device.type == "cpu"
+            and p.layout == torch.strided and nbytes >= _placement.MIN_BYTES
+            and p.is_contiguous())
+
+
 def _state_like(p: torch.Tensor, name: str, fill: float = 0.0,
                 dtype: torch.dtype | None = None) -> torch.Tensor:
     """A state tensor for param p, as ``torch.full_like(p, fill, dtype=dtype,
@@ -416,9 +424,7 @@ def _state_like(p: torch.Tensor, name: str, fill: float = 0.0,
     _placement.MIN_BYTES; a view of a buffer one page larger then."""
     dtype = p.dtype if dtype is None else dtype
     nbytes = p.numel() * dtype.itemsize
-    if (type(p) in (torch.Tensor, torch.nn.Parameter) and p.device.type == "cpu"
-            and p.layout == torch.strided and nbytes >= _placement.MIN_BYTES
-            and p.is_contiguous()):
+    if _placeable(p, nbytes):
         buf = torch.empty(nbytes + _placement.PAGE, dtype=torch.uint8, device=p.device)
         off = _placement.offset(p.data_ptr(), buf.data_ptr(), dtype.itemsize,
                                 _placement.slot_of(name))
@@ -1319,13 +1325,11 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 if not state:
                     continue
                 for name, t in list(state.items()):
-                    if (type(t) is torch.Tensor and t.dim() > 0 and t.shape == p.shape
+                    if (type(t) is torch.Tensor and t.shape == p.shape
                             and t.element_size() == p.element_size()
-                            and t.device.type == "cpu" and p.device.type == "cpu"
-                            and type(p) in (torch.Tensor, torch.nn.Parameter)
-                            and t.layout == p.layout == torch.strided
-                            and t.is_contiguous() and p.is_contiguous()
-                            and t.numel() * t.element_size() >= _placement.MIN_BYTES
+                            and t.device.type == "cpu" and t.layout == torch.strided
+                            and t.is_contiguous()
+                            and _placeable(p, t.numel() * t.element_size())
                             and (t.data_ptr() - p.data_ptr()) % _placement.PAGE == 0):
                         state[name] = _state_like(p, name, dtype=t.dtype).copy_(t)
 
