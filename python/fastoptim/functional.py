@@ -24,9 +24,13 @@ nothing here checks them at run time, the kernels check the values.
 """
 from __future__ import annotations
 
-from . import _core
-from typing import TYPE_CHECKING
+import math
+import numbers
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from . import _core
 from .typing import ArrayOrList
 
 if TYPE_CHECKING:
@@ -169,6 +173,23 @@ def adamax_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
                  weight_decay, maximize, **options)
 
 
+def _check_unread(fn: str, **values: Any) -> None:
+    """The checks the kernels make of their scalars, for arguments an update accepts (as
+    torch's does) but never reads: each a real number, ``t0`` not NaN, the rest finite and
+    >= 0."""
+    for name, x in values.items():
+        if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
+            raise TypeError(f"{fn}: {name} must be a real number, got {type(x).__name__}")
+        try:
+            v = float(x)
+        except OverflowError:
+            raise ValueError(f"{fn}: {name} is too large for a float") from None
+        if name == "t0" and math.isnan(v):
+            raise ValueError(f"{fn}: t0 must not be NaN")
+        if name != "t0" and not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"{fn}: {name} must be a finite number >= 0, got {v}")
+
+
 def asgd_next(step: float, lr: float, lambd: float, alpha: float,
               t0: float) -> tuple[float, float]:
     """ASGD's ``(eta, mu)`` after step ``step`` (torch.optim.ASGD): the values the NEXT step
@@ -188,6 +209,7 @@ def asgd_(params: ArrayOrList, grads: ArrayOrList, axs: ArrayOrList, *, eta: flo
     the caller advances after each step with :func:`asgd_next`; ``lr``, ``alpha`` and ``t0``
     enter only there and are accepted here for symmetry with torch.optim.ASGD.
     """
+    _check_unread("asgd_", lr=lr, alpha=alpha, t0=t0)
     _core.asgd(params, grads, axs, param_copies, eta, mu, lambd, weight_decay, maximize, **options)
 
 
@@ -202,6 +224,7 @@ def rprop_(params: ArrayOrList, grads: ArrayOrList, prevs: ArrayOrList,
     ``step_sizes`` start filled with ``lr`` (torch's state init), ``prevs`` with zeros; ``lr``
     itself does not enter the update.
     """
+    _check_unread("rprop_", lr=lr)
     _core.rprop(params, grads, prevs, step_sizes, param_copies, etaminus, etaplus,
                 step_size_min, step_size_max, maximize, **options)
 

@@ -75,6 +75,9 @@ __all__ = ["Optimizer", "SGD", "RMSprop", "Adam", "AdamW", "Adagrad", "Adadelta"
            "Adamax", "ASGD", "Rprop", "Lion"]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16))
+#: The kernels take step <= 2**53 (exact in float64; bindings.cpp, step_arg): a loaded step
+#: count must leave room for the next step.
+_MAX_STEP = 2**53
 
 
 def _supported_dtype(dtype: np.dtype) -> bool:
@@ -98,6 +101,10 @@ def _is_real(value: Any) -> bool:
 def _check_real(where: str, value: Any) -> None:
     if not _is_real(value):
         raise TypeError(f"{where} must be a real number, got {value!r}")
+    try:
+        float(value)  # an int beyond float range (10**400): the kernels take doubles
+    except OverflowError:
+        raise ValueError(f"invalid {where}: too large for a float") from None
 
 
 def _check_nonneg(where: str, value: Any) -> None:
@@ -309,6 +316,8 @@ class Optimizer:
         self._written_lo: list[int] = []
         self._written_hmax: list[int] = []
         self._written_owners: set[int] | None = set()
+        #: (absmax, name) of every quantized state, checked before a step of several calls
+        self._absmaxes: list[tuple[np.ndarray, str]] = []
 
         if isinstance(params, (np.ndarray, Mapping)):
             raise TypeError(
@@ -341,6 +350,10 @@ class Optimizer:
                 grads: Sequence[np.ndarray], states: dict[str, list[np.ndarray]]) -> None:
         raise NotImplementedError
 
+    def _prepare(self, hps: list[dict[str, Any]]) -> None:
+        """What a step computes for every group (``hps``: their checked hyperparameters)
+        before its first call writes (Note [All or nothing])."""
+
     # -- groups ---------------------------------------------------------------------------------
 
     def _check_group(self, group: Mapping[str, Any], where: str) -> None:
@@ -370,6 +383,8 @@ class Optimizer:
         for name, p in zip(names, params):
             _check_param(name, p)
         _check_no_overlap(self._params + params, self._param_names + names)
+        for name, p in zip(names, params):
+            self._refuse_written(p, name, "a parameter")
 
         group = {"params": params}
         group.update((k, v) for k, v in param_group.items() if k != "params")
@@ -413,6 +428,10 @@ class Optimizer:
                 self._written_owners = None
             else:
                 self._written_owners.update(map(id, owners))
+        named: list[tuple[Any, str]] = [(st, f"state[{i}][{name!r}]") for i in indices
+                                        for name, st in self.state[i].items()]
+        self._absmaxes += [(st.absmax, name) for st, name in named
+                           if isinstance(st, QuantizedState)]
         self._params += params
         self._meta += [(np.ndarray, p.dtype, p.shape, p.strides) for p in params]
         self._num_calls += len(buckets)
@@ -518,8 +537,10 @@ class Optimizer:
             if not same:
                 self._check_grads(grads)
             self._check_aliases(grads)
+            self._check_absmaxes()
         elif set(map(type, grads)) != {np.ndarray}:
             self._check_grads(grads)  # a subclass: refuse masked arrays, name the rest
+        self._prepare(hps)
 
         for g, hp in enumerate(hps):
             step = self._steps[g] + 1
@@ -545,6 +566,19 @@ class Optimizer:
             if not grad.flags.c_contiguous:
                 raise ValueError(f"grads[{i}] is not C-contiguous")
 
+    def _check_absmaxes(self) -> None:
+        """The kernels' check of a quantized state (every absmax finite and >= 0), for all
+        calls of a step before the first: a NaN or Inf that reached a block of a state in an
+        earlier step (its absmax is then NaN) would otherwise fail a later call after earlier
+        ones wrote."""
+        for absmax, name in self._absmaxes:
+            if absmax.size and not (absmax.min() >= 0 and absmax.max() < np.inf):
+                b = int(np.flatnonzero(~((absmax >= 0) & (absmax < np.inf)))[0])
+                raise ValueError(
+                    f"{name}.absmax[{b}] is {absmax[b]}; every absmax must be finite and >= 0 "
+                    "(a NaN absmax means a NaN or Inf reached that block of the state)"
+                )
+
     def _check_aliases(self, grads: Sequence[np.ndarray]) -> None:
         """No gradient may share memory with a parameter or state that the step writes.
 
@@ -561,16 +595,21 @@ class Optimizer:
                 owner = _owner(grad)
                 if owner is not None and id(owner) not in owners:
                     continue
-            if not grad.nbytes:
-                continue
-            lo, hi = _span(grad)
-            k = bisect_left(self._written_lo, hi) - 1
-            if k >= 0 and self._written_hmax[k] > lo:
-                name = next(name for wlo, whi, name in self._written if wlo < hi and lo < whi)
-                raise ValueError(
-                    f"grads[{i}] shares memory with {name}, which step() updates; a gradient "
-                    "must not alias a parameter or an optimizer state (pass a copy)"
-                )
+            self._refuse_written(grad, f"grads[{i}]", "a gradient")
+
+    def _refuse_written(self, a: np.ndarray, where: str, what: str) -> None:
+        """A ValueError naming ``where`` when ``a`` shares memory with a parameter or state
+        that a step writes."""
+        if not a.nbytes:
+            return
+        lo, hi = _span(a)
+        k = bisect_left(self._written_lo, hi) - 1
+        if k >= 0 and self._written_hmax[k] > lo:
+            name = next(name for wlo, whi, name in self._written if wlo < hi and lo < whi)
+            raise ValueError(
+                f"{where} shares memory with {name}, which step() updates; {what} must not "
+                "alias a parameter or an optimizer state (pass a copy)"
+            )
 
     # -- state dict -----------------------------------------------------------------------------
 
@@ -657,8 +696,9 @@ class Optimizer:
                 step = entry.get("step")
                 if not isinstance(step, numbers.Integral) or isinstance(step, (bool, np.bool_)):
                     raise TypeError(f"{ew}['step'] must be an integer, got {step!r}")
-                if step < 0:
-                    raise ValueError(f"{ew}['step'] must be >= 0, got {step}")
+                if not 0 <= int(step) < _MAX_STEP:
+                    raise ValueError(f"{ew}['step'] must be >= 0 and < 2**53 (the kernels "
+                                     f"count steps exactly in float64), got {step}")
                 steps.add(int(step))
                 names = set(entry) - {"step"}
                 if names != set(allocated):
@@ -738,7 +778,13 @@ def _converted(where: str, src: Any, dst: Any) -> Any:
         raise ValueError(f"{where} has shape {src.shape}, the optimizer's has {dst.shape}")
     if not _supported_dtype(src.dtype):
         raise TypeError(f"{where} has dtype {src.dtype}; must be a float dtype")
-    return QuantizedState.from_float(src.astype(np.float32), dst.bits, dst.non_negative)
+    with np.errstate(over="ignore"):  # a float64 beyond float32's range: refused just below
+        x = src.astype(np.float32)
+    if not np.isfinite(x).all():
+        # the NaN absmax it would quantize to is refused by every later step
+        raise ValueError(f"{where} has a NaN or Inf (as float32); a quantized state holds "
+                         "finite values only")
+    return QuantizedState.from_float(x, dst.bits, dst.non_negative)
 
 
 class SGD(Optimizer):
@@ -1002,15 +1048,22 @@ class _ScalarStates(Optimizer):
                      ) -> tuple[dict[str, float], dict[str, float]]:
         raise NotImplementedError
 
+    def _prepare(self, hps: list[dict[str, Any]]) -> None:
+        # every group's scalars before the first call: one that overflows raises first
+        for g, hp in enumerate(hps):
+            try:
+                self._pending[g] = self._scalar_step(hp, self._steps[g] + 1, self._scalars[g])
+            except OverflowError:
+                raise ValueError(
+                    f"param_groups[{g}]: the per-step scalars {sorted(self._scalars[g])} "
+                    f"overflow at step {self._steps[g] + 1} with these hyperparameters"
+                ) from None
+
     def _scalar_args(self, hp: dict[str, Any], step: int,
                      states: dict[str, list[np.ndarray]]) -> dict[str, float]:
         """This step's scalar kernel arguments for the group that owns ``states`` (computed
-        once per group and step, whatever the number of dtype buckets)."""
-        g = self._bucket_group[id(states)]
-        pending = self._pending.get(g)
-        if pending is None:
-            pending = self._pending[g] = self._scalar_step(hp, step, self._scalars[g])
-        return pending[0]
+        once per group and step by ``_prepare``, whatever the number of dtype buckets)."""
+        return self._pending[self._bucket_group[id(states)]][0]
 
     def add_param_group(self, param_group: Mapping[str, Any]) -> None:
         scalars: dict[str, float] = {}
@@ -1094,8 +1147,7 @@ def _scalar_value(where: str, value: Any) -> float:
     a tensor)."""
     if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
         value = value.item()
-    if not _is_real(value):
-        raise TypeError(f"{where} must be a real number, got {value!r}")
+    _check_real(where, value)
     return float(value)
 
 

@@ -133,7 +133,9 @@ bool is_bool(PyObject* o) {  // bool or numpy.bool_
 }
 
 // A real number: a Python int or float, or anything with __float__ that is not a bool, str,
-// bytes or complex (numpy scalars, 0-d arrays, 1-element tensors).
+// bytes or complex (numpy scalars, 0-d and 1-element arrays, 1-element tensors). An object
+// with a dtype (a numpy array or scalar, a tensor) of bools, strings, objects, dates or
+// durations is refused too, though NumPy gives it a __float__.
 double real_arg(const char* fn, const char* name, PyObject* o) {
   if (PyFloat_Check(o)) return PyFloat_AS_DOUBLE(o);
   const auto wrong = [&] {
@@ -149,6 +151,26 @@ double real_arg(const char* fn, const char* name, PyObject* o) {
       value_error(std::string(fn) + ": " + name + " is too large for a float");
     }
     return x;
+  }
+  py::object item;  // a 1-element numpy array's element (its __float__ takes 0-d arrays only)
+  if (PyObject_HasAttrString(o, "dtype")) {
+    const py::object dtype = py::handle(o).attr("dtype");
+    if (PyObject_HasAttrString(dtype.ptr(), "kind")) {  // numpy
+      const std::string kind = py::str(dtype.attr("kind"));
+      if (kind.size() != 1 || std::strchr("bUSOmMc", kind[0]) != nullptr) wrong();
+      if (py::isinstance<py::array>(o)) {
+        const auto* a = py::detail::array_proxy(o);
+        int64_t size = 1;
+        for (int k = 0; k < a->nd; ++k) size *= a->dimensions[k];
+        if (a->nd > 0 && size == 1) {
+          item = py::handle(o).attr("item")();
+          o = item.ptr();
+          if (PyFloat_Check(o)) return PyFloat_AS_DOUBLE(o);
+        }
+      }
+    } else if (std::string(py::str(dtype)) == "torch.bool") {
+      wrong();
+    }
   }
   PyNumberMethods* nb = Py_TYPE(o)->tp_as_number;
   if (nb == nullptr || nb->nb_float == nullptr) wrong();
@@ -189,7 +211,10 @@ int64_t step_arg(const char* fn, PyObject* o, StepUse use) {
   if (is_bool(o) || !PyIndex_Check(o))
     type_error(std::string(fn) + ": step must be an integer >= 1, got " + type_name(o));
   const py::object index = py::reinterpret_steal<py::object>(PyNumber_Index(o));
-  if (!index) throw py::error_already_set();
+  if (!index) {  // an ndarray that is not an integer scalar (NumPy's message names nothing)
+    PyErr_Clear();
+    type_error(std::string(fn) + ": step must be an integer >= 1, got " + type_name(o));
+  }
   int overflow = 0;
   const long long v = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
   if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
@@ -556,7 +581,7 @@ class CallBuilder {
 
   static constexpr int kRoleStates = 2, kRoleCopies = 3, kRoleComp = 4, kNumRoles = 5;
   static constexpr const char* kRoleRule[] = {
-      "all params of one call share one dtype", "all grads of one call share one dtype",
+      nullptr /* "all <params' argument name> of one call ..." */, "all grads of one call share one dtype",
       "all optimizer states of one call share one dtype",
       "all param_copies of one call share one dtype",
       "all compensation arrays of one call share one dtype"};
@@ -577,7 +602,9 @@ class CallBuilder {
       type_error(std::string(fn_) + ": " + label(arg, i) + " has dtype " +
                  std::string(py::str(py::handle(item).attr("dtype"))) + " but " +
                  label(r.arg, r.index) + " has dtype " +
-                 std::string(py::str(py::handle(r.item).attr("dtype"))) + "; " + kRoleRule[role]);
+                 std::string(py::str(py::handle(r.item).attr("dtype"))) + "; " +
+                 (kRoleRule[role] ? std::string(kRoleRule[role])
+                                  : std::string("all ") + names_[arg].name + " of one call share one dtype"));
     }
   }
 
@@ -609,7 +636,9 @@ class CallBuilder {
     const py::handle h(item);
     const std::string where = label(arg, i);
     const py::object bits_obj = h.attr("bits");
-    const int bits = PyLong_Check(bits_obj.ptr()) ? bits_obj.cast<int>() : 0;
+    int overflow = 0;
+    const long bits_l = PyLong_Check(bits_obj.ptr()) ? PyLong_AsLongAndOverflow(bits_obj.ptr(), &overflow) : 0;
+    const int bits = overflow == 0 && (bits_l == 8 || bits_l == 4) ? static_cast<int>(bits_l) : 0;
     if (bits != 8 && bits != 4)
       value_error(std::string(fn_) + ": " + where + ".bits must be 8 or 4");
     note_dtype(arg, i, item, kRoleStates, bits == 8 ? kElemQ8 : kElemQ4);
@@ -623,6 +652,12 @@ class CallBuilder {
     auto* r = py::detail::array_proxy(ref_[i]);
     int64_t n = 1;
     for (int k = 0; k < r->nd; ++k) n *= r->dimensions[k];
+    const py::object shape = h.attr("shape");
+    py::tuple dims(r->nd);
+    for (int k = 0; k < r->nd; ++k) dims[k] = py::int_(r->dimensions[k]);
+    if (!shape.equal(dims))  // codes of the right length for another shape: a misplaced state
+      value_error(std::string(fn_) + ": " + where + " has shape " + std::string(py::str(shape)) +
+                  " but " + label(0, i) + " has shape " + shape_str(r->nd, r->dimensions));
     const auto array = [&](const char* field, int npy, const char* dtype, int64_t len, int64_t itemsize) {
       const py::object o = h.attr(field);
       if (!py::isinstance<py::array>(o) || Py_TYPE(o.ptr()) != py::detail::npy_api::get().PyArray_Type_)
