@@ -126,8 +126,7 @@ def test_a_gradient_with_other_strides_is_refused_naming_the_param():
     with pytest.raises(ValueError, match=r"params'\]\[0\]: its gradient has strides"):
         opt.step()
     assert torch.equal(p.detach(), before)
-    assert opt.state[p]["step"].item() == 0
-    assert not opt.state[p]["exp_avg"].any()
+    assert not opt.state.get(p)  # a refused step makes no state (nothing written)
 
 
 def test_a_state_replaced_in_place_of_its_memory_is_followed():

@@ -934,7 +934,8 @@ def _format_sig(group: dict[str, Any], names: tuple[str, ...], p: torch.Tensor,
 class _FormatEntry:
     """One param of a format step: its kernel arrays and what enters ``state`` after it."""
 
-    __slots__ = ("p", "param", "grad", "copy", "states", "new", "step", "scalars", "written")
+    __slots__ = ("p", "param", "grad", "copy", "states", "new", "step", "scalars", "written",
+                 "drop_master")
 
     def __init__(self, p: torch.Tensor) -> None:
         self.p = p
@@ -949,6 +950,9 @@ class _FormatEntry:
         self.scalars: dict[str, torch.Tensor] = {}
         #: the arrays the call writes (for the check across calls)
         self.written: list[tuple[np.ndarray, str]] = []
+        #: whether ``state["master_weight"]`` leaves ``state`` after the step (a step without
+        #: master weights: Note [Storage options])
+        self.drop_master = False
 
 
 _QMETA = operator.itemgetter("bits", "non_negative", "shape")
@@ -1042,6 +1046,12 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self._format_snap: tuple[Any, list[Any], list[Any]] | None = None
         #: state names -> one itemgetter per bound key (``_key_getters``)
         self._getters: dict[tuple[str, ...], tuple[Callable[[Any], Any], ...]] = {}
+        #: whether ``state`` may hold a ``master_weight`` (a loaded one, or a format step's)
+        #: that a step without storage options must drop (``_step``)
+        self._masters = True
+        #: what this step's planning entered into ``state`` (``_enter``), undone if the step
+        #: is refused: (the dict, the key, the value before or _ABSENT)
+        self._undo: list[tuple[Any, Any, Any]] = []
 
     # -- torch.optim.Optimizer overrides --------------------------------------------------------
 
@@ -1119,6 +1129,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if scale is None:
             return  # an overflow: params, states and steps stay as they are (torch fused)
         if any(map(_formats_on, self.param_groups)):
+            self._masters = True
             self._format_step(grads, scale)
             return
         if _PREFETCH is not None:  # Note [prefetch hints]
@@ -1138,6 +1149,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if scale != 1.0:
             for item in gathered:
                 item.hyper = dict(item.hyper, grad_scale=scale)
+        if self._undo:  # (left by a step interrupted while planning: not this step's)
+            self._undo.clear()
         try:
             calls = [call for item in gathered for call in self._plan(item)]
             if len(calls) == 1:
@@ -1157,25 +1170,48 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     if not item.checked:
                         self._check_grads(item)
                 self._check_aliases(gathered)
-        except (TypeError, ValueError):
-            # Nothing is written yet: every check runs before the first write.
-            if retry and self._drop_stale_caches():
+        except Exception as err:
+            # Nothing is written yet: every check runs before the first write. What planning
+            # entered into ``state`` (fresh states, converted ones) is taken back too
+            # (docs/torch.md: on error no state changes).
+            for mapping, key, before in reversed(self._undo):
+                if before is _ABSENT:
+                    mapping.pop(key, None)
+                else:
+                    mapping[key] = before
+            self._undo.clear()
+            if (isinstance(err, (TypeError, ValueError)) and retry
+                    and self._drop_stale_caches()):
                 self._step(grads, retry=False)
                 return
             raise
+        if self._undo:
+            self._undo.clear()
         if len(calls) > 1:
             for call in calls:
                 call()
         self._snapshot = self._state_resnapshot(snapshot)
+        masters = self._masters
         for item in gathered:
             group, idx = item.group, item.idx
             params = group["params"]
             stepped = params if len(idx) == len(params) else [params[i] for i in idx]
+            if masters:
+                # Note [Storage options]: this step moved the params without master weights;
+                # a master kept from before (the option turned off, or loaded) is stale, and
+                # the option turned on again starts from the param.
+                for p in stepped:
+                    state = self.state.get(p)
+                    if state:
+                        state.pop("master_weight", None)
             x = _ext()
             if x is None or not isinstance(stepped, list) or not x.bump_versions(stepped):
                 increment_version(stepped)
             if item.cache.dtensor:
                 increment_version([_local(p) for p in stepped if _local(p) is not p])
+        if masters:
+            self._masters = any("master_weight" in state for state in self.state.values()
+                                if isinstance(state, dict))
 
     def _state_snapshot(self) -> tuple[Any, list[Any], list[Any]]:
         """``self.state``, its keys and its values (the per-param dicts), as objects."""
@@ -1243,7 +1279,31 @@ class _FusedOptimizer(torch.optim.Optimizer):
         param's dtype, and that the storage options stay this optimizer's own
         (Note [Storage options]). A quantized state loaded into a group without
         ``state_dtype="int8"``/``"int4"`` is dequantized now; other conversions happen at
-        the next step."""
+        the next step. The load-state-dict hooks run as torch runs them: the pre-hooks on (a
+        shallow copy of) the whole dict, which one may replace, the post-hooks once every
+        entry is in."""
+        # torch's order (Optimizer.load_state_dict). torch's own load below would run them on
+        # the dict without the entries set aside, and the post-hooks before those are back, so
+        # it runs without hooks.
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        pre, post = (self._optimizer_load_state_dict_pre_hooks,
+                     self._optimizer_load_state_dict_post_hooks)
+        self._optimizer_load_state_dict_pre_hooks = collections.OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = collections.OrderedDict()
+        try:
+            self._load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre
+            self._optimizer_load_state_dict_post_hooks = post
+        for post_hook in post.values():
+            post_hook(self)
+
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``load_state_dict`` after its pre-hooks (with torch's hooks off)."""
         if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict):
             return super().load_state_dict(state_dict)
         mine = [{k: g[k] for k in _FORMAT_DEFAULTS if k in g} for g in self.param_groups]
@@ -1279,9 +1339,13 @@ class _FusedOptimizer(torch.optim.Optimizer):
                         # as the NumPy classes' load_state_dict
                         raise ValueError(f"{where}[{name!r}]['absmax'] must be finite and >= 0")
                     aside[name] = value
-                elif (isinstance(value, torch.Tensor) and value.dim() > 0
+                elif (isinstance(value, torch.Tensor) and name != "step"
                       and (formats or name == "master_weight")):
-                    if value.shape != p.shape:
+                    # A 0-d state other than a master is a scalar state (NAdam's mu_product,
+                    # ASGD's eta and mu): kept in its saved dtype, as torch keeps "step" (cast
+                    # to a bfloat16 param's dtype, a resumed run would lose bits). "step"
+                    # itself is left to torch.
+                    if value.shape != p.shape and (value.dim() > 0 or name == "master_weight"):
                         raise ValueError(f"{where}[{name!r}] has shape {tuple(value.shape)}, "
                                          f"its parameter {tuple(p.shape)}")
                     aside[name] = value
@@ -1447,7 +1511,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         else:
             master, sr, kdtype, storage, flat, e, fresh = self._format_arrays(
                 where, group, names, p, state)
-            if sig is not None and not e.new and not fresh:
+            if sig is not None and not e.new and not fresh and not e.drop_master:
                 self._format_cache[id(p)] = (p, sig, (master, sr, kdtype, storage, flat),
                                              (e.param, e.copy, e.states, e.written))
         with_step = self._with_step or bool(_opt(group, "stochastic_rounding"))
@@ -1524,6 +1588,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
         else:
             e.param = view(_np(p.detach()))
             e.written.append((e.param, "the parameter"))
+            # This step moves the param without the master that ``state`` may still hold
+            # (master_weights turned off, or a checkpoint's): stale after it, so dropped.
+            e.drop_master = state is not None and "master_weight" in state
         return master, sr, kdtype, storage, flat, e, fresh
 
     def _format_step(self, grads: dict[int, list[Any]] | None, scale: float) -> None:
@@ -1590,6 +1657,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
                         state[name] = value
                 for name, value in e.new.items():
                     state[name] = value
+                if e.drop_master:
+                    del state["master_weight"]
                 stepped.append(e.p)
         if stepped:
             increment_version(stepped)
@@ -1900,7 +1969,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
     def _missing_state(self, c: _GroupCache, i: int, p: torch.Tensor, name: str,
                        state: dict[str, Any]) -> torch.Tensor:
         """A state the group needs but the param lacks (a flag turned on after its first step)."""
-        state[name] = t = self._new_state(p, name)
+        t = self._new_state(p, name)
+        self._enter(state, name, t)
         return t
 
     def _step_key(self, c: _GroupCache, i: int, new_step: Any) -> int | None:
@@ -1909,6 +1979,12 @@ class _FusedOptimizer(torch.optim.Optimizer):
 
     def _commit(self, c: _GroupCache, ids: list[int]) -> None:
         """After a kernel call: enter the states made for it into ``state`` (SGD)."""
+
+    def _enter(self, mapping: Any, key: Any, value: Any) -> None:
+        """``mapping[key] = value`` while a step is planned (``self.state``, or a param's state
+        dict), undone if the step is refused."""
+        self._undo.append((mapping, key, mapping.get(key, _ABSENT)))
+        mapping[key] = value
 
     # -- the step -------------------------------------------------------------------------------
 
@@ -2227,7 +2303,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if not state:
             state = self._init_state(group, p)
             if state:
-                self.state[p] = state
+                self._enter(self.state, p, state)
         c.dicts[i] = self.state.get(p)
         views = []
         ptrs = []
@@ -2235,6 +2311,19 @@ class _FusedOptimizer(torch.optim.Optimizer):
             t = state.get(name)
             if t is None:
                 t = self._missing_state(c, i, p, name, state)
+            elif _is_qdict(t):
+                # A quantized state in a group whose state_dtype is now None: dequantized to
+                # the param's dtype, as load_state_dict does with one (docs/torch.md).
+                gi = next(k for k, g in enumerate(self.param_groups) if g is group)
+                label = f"{self._where(gi, i)}: state[{name!r}]"
+                q = _qstate(t, label)
+                if q.shape != tuple(p.shape):
+                    raise ValueError(f"{label} has shape {q.shape}, the parameter "
+                                     f"{tuple(p.shape)}")
+                new = _state_like(p, name)
+                new.copy_(torch.from_numpy(q.to_float()))
+                self._enter(state, name, new)
+                t = new
             elif not (_same_layout(_local(t), c.locals[i]) and _same_sharding(t, p)):
                 # e.g. loaded from a checkpoint saved elsewhere
                 if t.shape != p.shape:
@@ -2242,7 +2331,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
                                      f"shape {tuple(p.shape)} has shape {tuple(t.shape)}")
                 new = _state_like(p, name)
                 new.copy_(t.detach())
-                state[name] = t = new
+                self._enter(state, name, new)
+                t = new
             local = _local(t)
             view = local.detach() if local.is_cuda else _np(local)
             views.append(_flat(view) if i in c.flat else view)
@@ -2250,7 +2340,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if self._with_step:
             step = state.get("step")
             c.store_np[i] = 0.0 if step is None else float(step)
-            state["step"] = view = c.store[i]
+            view = c.store[i]
+            self._enter(state, "step", view)
             ptrs.append(view.data_ptr())
         c.svs[i] = tuple(views)
         c.bound[i] = None if i in c.pending else tuple(ptrs)
@@ -2376,6 +2467,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
             self._commit(c, ids)
         return run
 
+
+#: ``_FusedOptimizer._undo``'s "no such key"
+_ABSENT = object()
 
 #: the types of ``self.state`` whose entries _torch_ext.same_entries may read directly
 _PLAIN_DICTS = (dict, collections.defaultdict)
@@ -2868,7 +2962,8 @@ class _ScalarStateOptimizer(_FusedOptimizer):
             if value is None:  # e.g. a hand-made state: start it as torch would
                 fresh = fresh or self._initial_scalars(group)
                 value = fresh[name]
-            state[name] = view = store.bind(i, name, value)
+            view = store.bind(i, name, value)
+            self._enter(state, name, view)
             ptrs.append(view.data_ptr())
         if c.bound[i] is not None:
             c.bound[i] += tuple(ptrs)
@@ -3246,7 +3341,8 @@ class Rprop(_FusedOptimizer):
 
     def _missing_state(self, c: _GroupCache, i: int, p: torch.Tensor, name: str,
                        state: dict[str, Any]) -> torch.Tensor:
-        state[name] = t = self._fresh(c.group, p, name)
+        t = self._fresh(c.group, p, name)
+        self._enter(state, name, t)
         return t
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
