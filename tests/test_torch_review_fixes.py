@@ -344,3 +344,19 @@ def test_refused_step_keeps_loaded_state_objects():
     for x, y in zip((a, b), src):
         torch.testing.assert_close(x.detach(), y.detach(), rtol=1e-5, atol=1e-6)
         assert float(opt.state[x]["step"]) == 2
+
+
+@pytest.mark.parametrize("flag", ["no", 0, None])
+def test_quantized_state_with_a_non_bool_non_negative_is_refused(flag):
+    """bool(d["non_negative"]) took "no" as True."""
+    p = torch.nn.Parameter(torch.ones(8192))
+    opt = ft.Adam([p], lr=0.1, state_dtype="int8")
+    p.grad = torch.full_like(p, 0.5)
+    opt.step()
+    sd = opt.state_dict()
+    before = {k: v["codes"].clone() for k, v in opt.state[p].items() if isinstance(v, dict)}
+    sd["state"][0]["exp_avg_sq"]["non_negative"] = flag
+    with pytest.raises(TypeError, match=r"\['non_negative'\] must be a bool"):
+        opt.load_state_dict(sd)
+    for k, codes in before.items():
+        assert torch.equal(opt.state[p][k]["codes"], codes)

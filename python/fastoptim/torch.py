@@ -879,6 +879,9 @@ def _qstate(d: Any, where: str) -> Any:
                 or t.device.type != "cpu" or not t.is_contiguous()):
             raise TypeError(f"{where}[{key!r}] must be a contiguous 1-D CPU tensor of dtype "
                             f"{dtype}")
+    if not isinstance(d["non_negative"], (bool, np.bool_)):  # bool("no") would be True
+        raise TypeError(f"{where}['non_negative'] must be a bool, got "
+                        f"{type(d['non_negative']).__name__}")
     try:
         return QuantizedState(codes.detach().numpy(), absmax.detach().numpy(), d["bits"],
                               tuple(d["shape"]), bool(d["non_negative"]))
