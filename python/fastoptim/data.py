@@ -17,9 +17,13 @@ scikit-learn layout has examples as rows, ``X.shape == (m, n_features)``: the de
 ``axis=0``. A 1-D array (a label vector of shape ``(m,)``) has a single axis, which is its
 examples axis whatever ``axis`` says.
 
-``seed`` is required (keyword only) so that a run is reproducible by default: an integer, a
-``numpy.random.Generator`` (drawn from; pass the same generator every epoch to get a new
-permutation each time), or ``None`` for fresh OS entropy.
+``seed`` is required (keyword only) so that a run is reproducible by default: an integer
+``>= 0``, a ``numpy.random.Generator`` (drawn from; pass the same generator every epoch to get a
+new permutation each time), or ``None`` for fresh OS entropy.
+
+X and Y are anything ``numpy.asarray`` makes an array of at least one dimension (``TypeError``
+for ``None``, a dict, a generator, ...; ``ValueError`` for a number or a ragged nested list). A
+``numpy.ma.MaskedArray`` is refused (``TypeError``): the batches would silently lose its mask.
 """
 from __future__ import annotations
 
@@ -32,6 +36,20 @@ from numpy.typing import ArrayLike, NDArray
 __all__ = ["random_mini_batches", "iter_mini_batches"]
 
 SeedLike = Union[None, int, np.random.Generator]
+
+
+def _as_array(name: str, a: Any) -> NDArray[Any]:
+    if isinstance(a, np.ma.MaskedArray):
+        raise TypeError(f"{name} is a numpy.ma.MaskedArray; the batches would lose its mask "
+                        f"(pass its .data to ignore the mask, or drop the masked examples)")
+    try:
+        arr = np.asarray(a)
+    except ValueError as e:  # a ragged nested list: NumPy's "inhomogeneous shape"
+        raise ValueError(f"{name} cannot be made into an array: {e}") from None
+    if arr.ndim == 0 and not isinstance(a, (numbers.Number, np.generic, np.ndarray)):
+        # None, a dict, a set, a generator, a str: a 0-d array of one object
+        raise TypeError(f"{name} must be an array of examples, got {type(a).__name__}")
+    return arr
 
 
 def _examples_axis(name: str, a: NDArray[Any], axis: int) -> int:
@@ -55,8 +73,11 @@ def _prepare(X: ArrayLike, Y: ArrayLike, batch_size: Any, seed: SeedLike, axis: 
     if seed is not None and not isinstance(seed, np.random.Generator) and (
             isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral)):
         raise TypeError(f"seed must be an int, a numpy.random.Generator or None, got {seed!r}")
-    X = np.asarray(X)
-    Y = np.asarray(Y)
+    if isinstance(seed, numbers.Integral) and seed < 0:
+        shown = repr(seed) if int(seed).bit_length() <= 64 else "a large negative integer"
+        raise ValueError(f"seed must be >= 0, got {shown}")
+    X = _as_array("X", X)
+    Y = _as_array("Y", Y)
     x_axis = _examples_axis("X", X, int(axis))
     y_axis = _examples_axis("Y", Y, int(axis))
     m = X.shape[x_axis]
@@ -78,8 +99,9 @@ def iter_mini_batches(X: ArrayLike, Y: ArrayLike, batch_size: int, *, seed: Seed
     docstring for the layouts) and cut into ``ceil(m / batch_size)`` batches, the last one
     smaller when ``batch_size`` does not divide ``m``. Arguments are checked when this is
     called, before the first batch is asked for: ``TypeError`` for a non-integer
-    ``batch_size``, ``ValueError`` for ``batch_size < 1`` or when X and Y hold different
-    numbers of examples.
+    ``batch_size``, ``seed`` or ``axis``, or an X or Y that is not an array (see the module
+    docstring), ``ValueError`` for ``batch_size < 1``, ``seed < 0``, an ``axis`` out of bounds,
+    or when X and Y hold different numbers of examples.
     """
     X, Y, x_axis, y_axis, perm, batch_size = _prepare(X, Y, batch_size, seed, axis)
     return _batches(X, Y, x_axis, y_axis, perm, batch_size)

@@ -16,6 +16,7 @@ with the fused kernel :func:`fastoptim.ema_`, one call per dtype.
 """
 from __future__ import annotations
 
+import bisect
 import numbers
 from typing import Any, Sequence, Union
 
@@ -23,6 +24,7 @@ import numpy as np
 
 from . import functional as F
 from .optim import _check_float_array
+from .schedules import _metric
 
 __all__ = ["EMA", "ModelEMA"]
 
@@ -59,8 +61,13 @@ class EMA:
         self.t = 0
 
     def update(self, x: float) -> float:
-        """Fold in ``x``; returns :attr:`value`."""
-        self.average = self.beta * self.average + (1.0 - self.beta) * float(x)
+        """Fold in ``x``; returns :attr:`value`.
+
+        ``x`` is a real number: a Python or NumPy scalar, or a 0-d array or tensor holding one
+        (``TypeError`` otherwise, before anything changes).
+        """
+        x = _metric("x", x)
+        self.average = self.beta * self.average + (1.0 - self.beta) * x
         self.t += 1
         return self.value
 
@@ -86,6 +93,19 @@ class EMA:
 ArrayList = Union[np.ndarray, Sequence[np.ndarray]]
 
 
+def _byte_bounds(a: np.ndarray) -> tuple[int, int]:
+    """The bytes [lo, hi) between a's first and last element, whatever its strides."""
+    lo = hi = a.__array_interface__["data"][0]
+    if a.size == 0:
+        return lo, lo
+    for n, stride in zip(a.shape, a.strides):
+        if stride < 0:
+            lo += (n - 1) * stride
+        else:
+            hi += (n - 1) * stride
+    return lo, hi + a.itemsize
+
+
 def _as_list(name: str, arrays: Any) -> list[np.ndarray]:
     if isinstance(arrays, np.ndarray):
         return [arrays]
@@ -105,6 +125,12 @@ class ModelEMA:
     ``avg = beta*avg + (1-beta)*param``. ``corrected()`` returns the averages divided by
     ``1 - beta**t`` (copies of them when ``bias_correction=False``), and ``copy_to`` writes
     them into arrays of your choice, e.g. a second set of weights used for evaluation.
+
+    Note [Correction precision]
+        The division by ``1 - beta**t`` is done in float64 and each result rounded once to the
+        average's dtype: rounding the divisor to float16 or bfloat16 first would cost up to a
+        few units in the last place (with ``beta`` near 1 and small ``t`` it is even
+        subnormal in float16).
     """
 
     def __init__(self, arrays: ArrayList, beta: float, bias_correction: bool = True) -> None:
@@ -161,22 +187,48 @@ class ModelEMA:
             raise RuntimeError("ModelEMA has no average before the first update()")
         return 1.0 - self.beta ** self.t if self.bias_correction else 1.0
 
+    def _divide(self, avg: np.ndarray, out: np.ndarray, denominator: float) -> None:
+        # In float64, then rounded once to out's dtype (Note [Correction precision]); NumPy
+        # casts in buffered chunks, so no float64 copy of the whole array is made.
+        np.divide(avg, np.float64(denominator), out=out, dtype=np.float64)
+
     def corrected(self) -> list[np.ndarray]:
         """New arrays holding the averages, bias-corrected when ``bias_correction``."""
         denominator = self._denominator()
-        corrected: list[np.ndarray] = [avg / np.asarray(denominator, dtype=avg.dtype)
-                                       for avg in self.averages]
+        corrected: list[np.ndarray] = []
+        for avg in self.averages:
+            out = np.empty_like(avg)
+            self._divide(avg, out, denominator)
+            corrected.append(out)
         return corrected
 
     def copy_to(self, arrays: ArrayList) -> None:
-        """Write the (corrected) averages into ``arrays`` (same shapes and dtypes), in place."""
+        """Write the (corrected) averages into ``arrays`` (same shapes and dtypes), in place.
+
+        Everything is checked before the first array is written; an array that shares memory
+        with :attr:`averages` (the averages themselves, or a view of them) is refused, since
+        writing it would overwrite the raw averages.
+        """
         targets = self._check_like("arrays", arrays)
         denominator = self._denominator()
+        # The averages are C-contiguous and disjoint: sorted by address, the only ones that
+        # can meet a target's bytes [lo, hi) are the last one starting at or before lo and the
+        # next one.
+        spans = sorted((*_byte_bounds(avg), j) for j, avg in enumerate(self.averages)
+                       if avg.size)
+        starts = [lo for lo, _, _ in spans]
         for i, t in enumerate(targets):
             if not t.flags.writeable:
                 raise ValueError(f"arrays[{i}] is not writeable")
+            lo, hi = _byte_bounds(t)
+            k = bisect.bisect_right(starts, lo) - 1
+            for a_lo, a_hi, j in spans[max(k, 0):k + 2]:
+                if lo < hi and a_lo < hi and lo < a_hi:
+                    raise ValueError(f"arrays[{i}] overlaps averages[{j}] in memory; copy_to "
+                                     "would overwrite the raw averages (corrected() returns "
+                                     "copies)")
         for avg, t in zip(self.averages, targets):
-            np.divide(avg, np.asarray(denominator, dtype=avg.dtype), out=t)
+            self._divide(avg, t, denominator)
 
     def __repr__(self) -> str:
         return (f"ModelEMA(<{len(self.params)} arrays>, beta={self.beta!r}, "

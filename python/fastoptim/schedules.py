@@ -30,14 +30,23 @@ Note [Closed forms]
     the metrics it has observed, not on ``step``.
 
 Arguments are validated when a schedule is built: a wrong value raises ``ValueError`` naming
-the argument, a value that is not a number at all ``TypeError``. ``step`` must be an integer
-(``TypeError`` otherwise) and ``>= 0`` (``ValueError``).
+the argument, a value of the wrong type ``TypeError`` (a non-number where a number is expected,
+a non-string for ``mode``, ...). A number that is not an integer where one is expected (``2.5``)
+is a wrong value, and so is a number beyond the float range (``10**400``). ``step`` must be an
+integer (``TypeError`` otherwise), ``>= 0`` and within the float range (``ValueError``).
+
+Note [Overflow]
+    A schedule that grows (``ExponentialDecay`` or ``StepDecay`` with a factor above 1) returns
+    ``inf`` once its value leaves the float range, as IEEE arithmetic and torch's recursive
+    update do, instead of raising Python's ``OverflowError``; an optimizer then refuses that
+    lr with a ``ValueError`` naming the schedule call (``param_groups[0]['lr'](t)``).
 """
 from __future__ import annotations
 
 import bisect
 import math
 import numbers
+import reprlib
 from typing import Any, Callable, Sequence, Union
 
 import numpy as np
@@ -58,10 +67,32 @@ ScheduleLike = Union["Schedule", Callable[[int], float], float]
 # the value converted to a plain Python float/int, so that a NumPy scalar argument never turns
 # the schedule's arithmetic into float32.
 
+def _show(value: object) -> str:
+    """A short repr for messages: long lists and strings abridged, a huge int by its size (its
+    repr could run to thousands of digits, or fail past Python's int-to-str limit)."""
+    if isinstance(value, numbers.Integral) and abs(int(value)).bit_length() > 64:
+        sign = "a negative" if value < 0 else "an"
+        return f"{sign} integer of {abs(int(value)).bit_length()} bits"
+    if isinstance(value, np.ndarray):
+        return f"a {value.dtype} array of shape {value.shape}"
+    return reprlib.repr(value)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _float(name: str, value: Any) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an int (or Fraction) beyond the float range, like 10**400
+        raise ValueError(f"{name} is too large for a float, got {_show(value)}") from None
+
+
 def _real(name: str, value: object) -> float:
-    if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    value = float(value)
+    if not _is_real(value):
+        raise TypeError(f"{name} must be a real number, got {_show(value)}")
+    value = _float(name, value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value!r}")
     return value
@@ -82,28 +113,38 @@ def _positive(name: str, value: object) -> float:
 
 
 def _int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    # A non-number is the wrong type; a number that is not an integer (2.5, 3.0), below
+    # ``minimum`` or beyond the float range (the schedules compute in floats) a wrong value.
+    if not _is_real(value):
+        raise TypeError(f"{name} must be an integer >= {minimum}, got {_show(value)}")
+    if not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {_show(value)}")
     if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {_show(value)}")
+    _float(name, value)
     return int(value)
 
 
 def _flag(name: str, value: Any) -> bool:
     if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {value!r}")
+        raise TypeError(f"{name} must be a bool, got {_show(value)}")
     return bool(value)
 
 
-def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    # Only a str is compared: ``in`` on an array would compare elementwise and raise NumPy's
+    # "truth value of an array is ambiguous".
+    options = ", ".join(map(repr, choices))
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, one of {options}, got {_show(value)}")
     if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return value
+        raise ValueError(f"{name} must be one of {options}, got {_show(value)}")
+    return str(value)
 
 
 def _increasing_ints(name: str, values: Any, minimum: int) -> list[int]:
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        raise TypeError(f"{name} must be a list of integers, got {values!r}")
+        raise TypeError(f"{name} must be a list of integers, got {_show(values)}")
     out = [_int(f"{name}[{i}]", v, minimum) for i, v in enumerate(values)]
     for i in range(1, len(out)):
         if out[i] <= out[i - 1]:
@@ -114,15 +155,49 @@ def _increasing_ints(name: str, values: Any, minimum: int) -> list[int]:
 def _schedule(name: str, value: ScheduleLike) -> Callable[[int], float]:
     if callable(value):
         return value
+    if not _is_real(value):
+        raise TypeError(f"{name} must be a schedule, a callable lr(step) or a number, got "
+                        f"{_show(value)}")
     return Constant(_nonneg(name, value))
 
 
 def _check_step(step: Any) -> int:
     if isinstance(step, (bool, np.bool_)) or not isinstance(step, numbers.Integral):
-        raise TypeError(f"step must be an integer (updates already taken), got {step!r}")
+        raise TypeError(f"step must be an integer (updates already taken), got {_show(step)}")
     if step < 0:
-        raise ValueError(f"step must be >= 0, got {step!r}")
+        raise ValueError(f"step must be >= 0, got {_show(step)}")
+    _float("step", step)
     return int(step)
+
+
+def _metric(name: str, value: Any) -> float:
+    """A real number (a Python or NumPy scalar, or a 0-d array or tensor holding one) as a
+    float; NaN and inf are kept (a diverged loss is data, as in torch). Also ``EMA.update``'s
+    check."""
+    if not _is_real(value) and getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        value = value.item()  # a 0-d array or tensor: its element, checked below
+    if not _is_real(value):
+        raise TypeError(f"{name} must be a real number, got {_show(value)}")
+    return _float(name, value)
+
+
+def _scaled_power(scale: float, base: float, exponent: float) -> float:
+    """``scale * base ** exponent`` for ``scale >= 0``, ``base > 0``: ``inf`` past the float
+    range (Note [Overflow]), where Python's ``**`` raises ``OverflowError``."""
+    try:
+        value: float = scale * base ** exponent
+        return value
+    except OverflowError:
+        if scale == 0:
+            return 0.0
+    # base ** exponent alone is beyond the float range, scale * base ** exponent (scale < 1)
+    # not necessarily: take the power in two halves and scale in between. A float product
+    # past the range is inf.
+    try:
+        half: float = base ** (exponent / 2)
+    except OverflowError:
+        return math.inf
+    return scale * half * half
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,8 +293,7 @@ class ExponentialDecay(Schedule):
         exponent = step / self.decay_steps
         if self.staircase:
             exponent = math.floor(exponent)
-        lr: float = self.lr0 * self.decay_rate ** exponent
-        return lr
+        return _scaled_power(self.lr0, self.decay_rate, exponent)
 
 
 class InverseSqrtDecay(Schedule):
@@ -259,7 +333,7 @@ class StepDecay(Schedule):
         self.gamma = _positive("gamma", gamma)
 
     def _value(self, step: int) -> float:
-        return self.lr0 * self.gamma ** (step // self.step_size)
+        return _scaled_power(self.lr0, self.gamma, step // self.step_size)
 
 
 class MultiStepDecay(Schedule):
@@ -278,7 +352,7 @@ class MultiStepDecay(Schedule):
         self.gamma = _positive("gamma", gamma)
 
     def _value(self, step: int) -> float:
-        return self.lr0 * self.gamma ** bisect.bisect_right(self.milestones, step)
+        return _scaled_power(self.lr0, self.gamma, bisect.bisect_right(self.milestones, step))
 
 
 class PolynomialDecay(Schedule):
@@ -414,7 +488,7 @@ class PiecewiseConstant(Schedule):
     def __init__(self, boundaries: Sequence[int], values: Sequence[float]) -> None:
         self.boundaries = _increasing_ints("boundaries", boundaries, 1)
         if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-            raise TypeError(f"values must be a list of numbers, got {values!r}")
+            raise TypeError(f"values must be a list of numbers, got {_show(values)}")
         if len(values) != len(self.boundaries) + 1:
             raise ValueError(
                 f"values must have len(boundaries) + 1 = {len(self.boundaries) + 1} entries, "
@@ -508,7 +582,7 @@ class Join(Schedule):
 
     def __init__(self, schedules: Sequence[ScheduleLike], boundaries: Sequence[int]) -> None:
         if isinstance(schedules, (str, bytes)) or not isinstance(schedules, Sequence):
-            raise TypeError(f"schedules must be a list of schedules, got {schedules!r}")
+            raise TypeError(f"schedules must be a list of schedules, got {_show(schedules)}")
         self.boundaries = _increasing_ints("boundaries", boundaries, 1)
         if len(schedules) != len(self.boundaries) + 1:
             raise ValueError(
@@ -624,8 +698,12 @@ class ReduceLROnPlateau(Schedule):
         return metric > self.best + self.threshold
 
     def observe(self, metric: float) -> float:
-        """Record one value of the monitored metric; returns the (possibly reduced) lr."""
-        metric = float(metric)
+        """Record one value of the monitored metric; returns the (possibly reduced) lr.
+
+        ``metric`` is a real number: a Python or NumPy scalar, or a 0-d array or tensor holding
+        one (``TypeError`` otherwise, before anything is recorded).
+        """
+        metric = _metric("metric", metric)
         self.num_observations += 1
         if self._is_better(metric):
             self.best = metric
