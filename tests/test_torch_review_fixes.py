@@ -9,45 +9,15 @@ rounded to nearest), from torch.optim, or from an uninterrupted run.
 """
 
 import copy
-import io
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
 import fastoptim.torch as ft  # noqa: E402
+from test_torch_formats import assert_same, assert_same_state, bits, roundtrip  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (tests/conftest.py)
-
-
-def bits(t):
-    """A tensor's bits, to compare bitwise (NaN == NaN)."""
-    t = t.detach()
-    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-
-
-def assert_same(a, b):
-    assert a.dtype == b.dtype and a.shape == b.shape
-    assert torch.equal(bits(a), bits(b))
-
-
-def assert_same_state(a, b):
-    assert list(a) == list(b)
-    for name in a:
-        x, y = a[name], b[name]
-        if isinstance(x, dict):
-            assert torch.equal(x["codes"], y["codes"]), name
-            assert torch.equal(bits(x["absmax"]), bits(y["absmax"])), name
-        else:
-            assert_same(x, y)
-
-
-def roundtrip(sd):
-    """A state_dict through torch.save / torch.load(weights_only=True)."""
-    buf = io.BytesIO()
-    torch.save(sd, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 def grad(shape, step, dtype):
