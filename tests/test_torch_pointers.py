@@ -7,6 +7,7 @@ NumPy path. Both must give torch's result, and the entry must refuse bad pointer
 overlaps before it writes anything.
 """
 
+import re
 import numpy as np
 import pytest
 
@@ -307,3 +308,79 @@ def test_a_state_that_no_longer_fits_its_reshaped_param_is_refused_with_nothing_
         opt.step()
     assert torch.equal(p.detach(), before[0])
     assert torch.equal(opt.state[p]["momentum_buffer"], before[1])
+
+
+class _SwapsTheGradient:
+    """A hyperparameter whose __float__ (which _core runs when it reads the call's scalars,
+    after the step read the gradients' pointers) gives the gradient new memory, frees the old
+    storage and fills new tensors, which the allocator places where the old one was."""
+
+    def __init__(self, p):
+        self.p, self.armed, self.use_count, self.keep = p, False, None, []
+
+    def __float__(self):
+        if self.armed:
+            self.armed = False
+            g = self.p.grad
+            s = g.untyped_storage()
+            g.set_(torch.zeros(g.numel()))  # the old storage: only what else holds it
+            self.use_count = torch._C._storage_Use_Count(s._cdata)
+            del s
+            self.keep += [torch.full((self.p.numel(),), -1e6) for _ in range(8)]
+        return 0.0
+
+    def __ge__(self, other):  # the range checks (dampening in [0, 1])
+        return True
+
+    __le__ = __ge__
+
+
+def test_a_gradient_freed_during_the_step_is_read_as_gathered(metadata_reader):
+    """The kernel reads the gradients through pointers read before Python code the step runs
+    (a hyperparameter's __float__); a gradient given new memory there had its old storage
+    freed and the kernel read whatever was allocated there next (-1e6 here): the step now holds
+    the storages until the kernel returns and reads the gradient as it was."""
+    p = torch.nn.Parameter(torch.ones(1000))
+    opt = ft.SGD([p], lr=1.0)
+    evil = _SwapsTheGradient(p)
+    opt.param_groups[0]["dampening"] = evil
+    for _ in range(2):  # (the pointer path from the second step on)
+        p.grad = torch.zeros(1000)
+        opt.step()
+    p.grad = torch.ones(1000)
+    evil.armed = True
+    opt.step()
+    assert evil.use_count is not None
+    if metadata_reader == "torch_ext":
+        assert evil.use_count >= 2  # the Python object's and the step's (HeldGrads)
+    assert torch.equal(p.detach(), torch.zeros(1000))  # 1 - 1.0 * (the old gradient, 1)
+
+
+@pytest.mark.parametrize("whose", ["param", "grad"])
+def test_a_storage_resized_to_zero_is_refused_before_any_group_steps(whose):
+    """FSDP frees a param's storage between steps (resize_(0)); with two groups, the kernel
+    refused the null pointer only in the second group's call, after the first was written."""
+    a, b = torch.nn.Parameter(torch.ones(8)), torch.nn.Parameter(torch.ones(8))
+    opt = ft.SGD([{"params": [a]}, {"params": [b]}], lr=0.5)
+    if whose == "param":  # (a param that has stepped is not resizable: its views alias it)
+        b.untyped_storage().resize_(0)
+    for _ in range(0 if whose == "param" else 2):  # a gradient: on the pointer path
+        a.grad, b.grad = torch.ones(8), torch.ones(8)
+        opt.step()
+    before = a.detach().clone()
+    a.grad, b.grad = torch.ones(8), torch.ones(8)
+    if whose == "grad":
+        b.grad.untyped_storage().resize_(0)
+    what = "" if whose == "param" else ": its gradient"
+    with pytest.raises(ValueError, match=re.escape(f"param_groups[1]['params'][0]{what} has no "
+                                                   "memory for its elements")):
+        opt.step()
+    assert torch.equal(a.detach(), before)
+
+
+def test_a_param_without_storage_is_named():
+    p = torch.nn.Parameter(torch.ones(4, 4).to_sparse())
+    opt = ft.Adam([p], lr=0.1)
+    p.grad = torch.ones(4, 4).to_sparse()
+    with pytest.raises(TypeError, match=re.escape("param_groups[0]['params'][0] is sparse")):
+        opt.step()

@@ -216,6 +216,7 @@ _dtype = operator.attrgetter("dtype")
 _shape = operator.attrgetter("shape")
 _is_cpu = operator.attrgetter("is_cpu")
 _data_ptr = torch.Tensor.data_ptr
+_untyped_storage = torch.Tensor.untyped_storage
 _to_numpy = torch.Tensor.numpy
 # What a gradient's view must share with its parameter's view: class, dtype, shape, strides.
 _view_meta = operator.attrgetter("__class__", "dtype", "shape", "strides")
@@ -485,7 +486,21 @@ def _problem(t: torch.Tensor) -> tuple[type[Exception], str] | None:
         return ValueError, (f"is not contiguous (shape {tuple(t.shape)}, strides {t.stride()}); "
                             f"fastoptim needs contiguous tensors (or dense ones such as "
                             f"channels_last)")
+    if _no_memory(t):
+        return ValueError, _NO_MEMORY
     return None
+
+
+_NO_MEMORY = ("has no memory for its elements (its storage was freed or resized, as FSDP does "
+              "between steps)")
+
+
+def _no_memory(t: torch.Tensor) -> bool:
+    """Whether a dense tensor's storage is smaller than its elements need: resized to 0 (FSDP
+    frees a param's storage between steps) or shrunk. Its data pointer is then null or names
+    too little memory, and its NumPy view is a buffer NumPy made (the update would be lost)."""
+    return bool(t.numel()) and t.device.type != "meta" and (
+        t.untyped_storage().nbytes() < (t.storage_offset() + t.numel()) * t.element_size())
 
 
 def _same_sharding(t: Any, p: torch.Tensor) -> bool:
@@ -2028,7 +2043,15 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if ptrs is None:
             ptrs = x.data_ptrs(group["params"]) if x is not None and not dtensor else None
         if ptrs is None:
-            ptrs = list(map(_local_ptr if dtensor else _data_ptr, group["params"]))
+            try:
+                ptrs = list(map(_local_ptr if dtensor else _data_ptr, group["params"]))
+            except RuntimeError:  # a param without storage (sparse, mkldnn): name it
+                gi = next(k for k, g in enumerate(self.param_groups) if g is group)
+                for i, p in enumerate(group["params"]):
+                    problem = _problem(_local(p) if dtensor else p)
+                    if problem is not None:
+                        raise problem[0](f"{self._where(gi, i)} {problem[1]}") from None
+                raise
         if c is None or c.group is not group or c.names != names or c.ptrs != ptrs:
             c = _GroupCache(group, names, ptrs, self._with_step)
             self._caches[id(group)] = c
@@ -2095,6 +2118,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
             gv = list(map(_to_numpy, grads))
         except (TypeError, RuntimeError):
             gv = [self._grad_view(item.gi, i, g) for i, g in zip(idx, grads)]
+        for i, g in zip(idx, grads):
+            if _no_memory(g):  # (its NumPy view would be a buffer NumPy made: _no_memory)
+                raise ValueError(f"{self._where(item.gi, i)}: its gradient {_NO_MEMORY}")
         item.views = gv
         if c.flat:
             # The kernel sees 1-D views here, so it cannot check the layouts: check them now.
@@ -2207,14 +2233,27 @@ class _FusedOptimizer(torch.optim.Optimizer):
             if low != new.max():
                 return self._plan_split(item)
             step = int(low)
+        held: Any = None
+        gargs: Any = None
         if self._grads_match(item):
+            if item.gptrs is not None:  # (gather's Grads holds the storages they point into)
+                gargs = item.gptrs
+            else:
+                gargs = list(map(_data_ptr, item.grads))
+                if 0 in gargs:  # a storage resized to 0 (or an empty gradient): the views'
+                    gargs = None  # path names it (_views)
+                else:
+                    # A tensor does not keep its storage: Python code that runs before the
+                    # kernel (a hyperparameter's __float__) may set_() a gradient and free the
+                    # memory a pointer names. (NumPy views need nothing: .numpy() holds an alias.)
+                    held = list(map(_untyped_storage, item.grads))
+        if gargs is not None:
             fn: Any = _P
-            gargs = item.gptrs if item.gptrs is not None else list(map(_data_ptr, item.grads))
             pargs, states = full.pointers, full.pstates  # (packed: Note [packed pointers])
         else:
             fn, pargs, gargs, states = F, full.views, self._views(item), full.states
 
-        def run() -> None:
+        def run(held: Any = held) -> None:  # (held: bound to run, alive until it returns)
             self._call(fn, group, hyper, step, pargs, gargs, states)
             if store_np is not None:
                 store_np[...] += store_np.dtype.type(1)

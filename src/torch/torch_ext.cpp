@@ -181,27 +181,38 @@ void warm_param(PyObject* params, Py_ssize_t j, int level, bool grad) {
 //   allocation each, and the collections they trigger): gather on 2,000 fresh gradients took
 //   1.30 ms with the list and 1.02 with the Grads (medians of 30, the slow 2-core VM; 0.32 and
 //   0.24 on gradients that already had Python objects). The step's fast path needs only their
-//   pointers, and the Grads keeps them alive until the step returns.
+//   pointers, and the Grads keeps them alive until the step returns, with the storages of
+//   those whose pointers gather returned (a tensor does not keep its storage: HeldGrads).
+// What a Grads holds: the gradients, and the storages of those whose pointers gather returned.
+// A tensor does not keep its storage: Python code that runs between gather and the kernel (a
+// hyperparameter's __float__, a collection's finalizer) may set_() or resize a gradient and
+// free the memory the pointer names; holding the storage keeps it valid (the kernel then reads
+// the gradient as it was when gathered).
+struct HeldGrads {
+  std::vector<at::Tensor> grads;
+  std::vector<c10::Storage> storages;
+};
+
 struct GradsObject {
   PyObject_HEAD
-  std::vector<at::Tensor>* grads;  // owned
+  HeldGrads* held;  // owned
 };
 
 PyTypeObject* g_grads_type = nullptr;
 
 void grads_dealloc(PyObject* self) {
   PyTypeObject* type = Py_TYPE(self);
-  delete reinterpret_cast<GradsObject*>(self)->grads;  // (may free a tensor and its object)
+  delete reinterpret_cast<GradsObject*>(self)->held;  // (may free a tensor and its object)
   type->tp_free(self);
   Py_DECREF(type);  // (a heap type)
 }
 
 Py_ssize_t grads_len(PyObject* self) {
-  return static_cast<Py_ssize_t>(reinterpret_cast<GradsObject*>(self)->grads->size());
+  return static_cast<Py_ssize_t>(reinterpret_cast<GradsObject*>(self)->held->grads.size());
 }
 
 PyObject* grads_item(PyObject* self, Py_ssize_t i) {
-  const std::vector<at::Tensor>& grads = *reinterpret_cast<GradsObject*>(self)->grads;
+  const std::vector<at::Tensor>& grads = reinterpret_cast<GradsObject*>(self)->held->grads;
   if (i < 0 || i >= static_cast<Py_ssize_t>(grads.size())) {
     PyErr_SetString(PyExc_IndexError, "Grads index out of range");
     return nullptr;
@@ -230,17 +241,17 @@ PyType_Slot kGradsSlots[] = {
 PyType_Spec kGradsSpec = {"fastoptim._torch_ext.Grads", sizeof(GradsObject), 0,
                           Py_TPFLAGS_DEFAULT | Py_TPFLAGS_DISALLOW_INSTANTIATION, kGradsSlots};
 
-// A new Grads holding `grads` (nullptr, an exception set, on failure).
-PyObject* new_grads(std::vector<at::Tensor>&& grads) {
+// A new Grads holding `grads` and `storages` (nullptr, an exception set, on failure).
+PyObject* new_grads(std::vector<at::Tensor>&& grads, std::vector<c10::Storage>&& storages) {
   PyObject* self = g_grads_type->tp_alloc(g_grads_type, 0);
   if (!self) return nullptr;
-  auto* held = new (std::nothrow) std::vector<at::Tensor>(std::move(grads));  // (a move: no throw)
+  auto* held = new (std::nothrow) HeldGrads{std::move(grads), std::move(storages)};  // (moves: no throw)
   if (!held) {
     Py_TYPE(self)->tp_free(self);
     Py_DECREF(g_grads_type);  // (tp_alloc took a reference to the heap type)
     return PyErr_NoMemory();
   }
-  reinterpret_cast<GradsObject*>(self)->grads = held;
+  reinterpret_cast<GradsObject*>(self)->held = held;
   return self;
 }
 
@@ -261,7 +272,8 @@ class ParamWalk {
   ParamWalk(PyObject* params, PyObject* dtypes, PyObject* shapes, PyObject* strides)
       : params_(params), dtypes_(dtypes), shapes_(shapes), strides_(strides),
         n_(PyList_GET_SIZE(params)), grads_(static_cast<size_t>(n_)),
-        gptrs_(static_cast<size_t>(n_)), pptrs_(static_cast<size_t>(n_)) {}
+        storages_(static_cast<size_t>(n_)), gptrs_(static_cast<size_t>(n_)),
+        pptrs_(static_cast<size_t>(n_)) {}
 
   // Note [lookahead prefetch]: the links of the params ahead of item i (i may be negative).
   void warm(Py_ssize_t i) const {
@@ -304,7 +316,14 @@ class ParamWalk {
                 !g.is_conj() && g.has_storage() &&
                 same_ints(PyList_GET_ITEM(shapes_, i), g.sizes()) &&
                 same_ints(PyList_GET_ITEM(strides_, i), g.strides());
-      if (f.match) gptrs_[i] = g.data_ptr();
+      // (a storage freed or shrunk under the gradient, as FSDP resizes storages to 0: its
+      // pointer would be null or name too little memory; torch.py's path refuses it by name)
+      f.match = f.match && g.storage().nbytes() >= static_cast<size_t>(g.storage_offset() + g.numel()) *
+                                                       static_cast<size_t>(g.itemsize());
+      if (f.match) {
+        gptrs_[i] = g.data_ptr();
+        storages_[i] = g.storage();  // (its line was just read for data_ptr: a cheap copy)
+      }
     }
   }
 
@@ -315,7 +334,7 @@ class ParamWalk {
     const auto out = [pack](const std::vector<void*>& ptrs) {
       return pack ? packed(ptrs) : pointer_list(ptrs);
     };
-    PyObject* grads = new_grads(std::move(grads_));
+    PyObject* grads = new_grads(std::move(grads_), std::move(storages_));
     PyObject* gptrs = grads && f.match ? out(gptrs_) : Py_XNewRef(Py_None);
     PyObject* pptrs = grads && f.plain ? out(pptrs_) : Py_XNewRef(Py_None);
     if (!grads || !gptrs || !pptrs) {
@@ -345,6 +364,7 @@ class ParamWalk {
   PyObject *params_, *dtypes_, *shapes_, *strides_;
   Py_ssize_t n_;
   std::vector<at::Tensor> grads_;  // held until the results are built
+  std::vector<c10::Storage> storages_;  // of the gradients whose pointers are returned
   std::vector<void*> gptrs_, pptrs_;
 };
 
