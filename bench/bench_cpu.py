@@ -76,6 +76,38 @@ CHECK_STEPS = 8
 # over twice its median: something else ran on the machine.
 NOISY_FRACTION = 0.1
 
+# Note [in-cache rows]
+# When a row's arrays fit in the L2 caches of the cores it runs on, the ceiling is a cache
+# bandwidth, and in cache both loops' speeds depend on where the arrays sit relative to each
+# other (their offsets within a page: cache-set conflicts, loads aliasing earlier stores), which
+# changes from run to run with the allocator: at 2^16 on a 2-vCPU Zen 4, fastoptim's % of
+# ceiling ranged from 42% to 198% across runs of the same build. A row is "in cache" when its
+# working set (param, grad and states: elements x 4 B x (2 + states), the arrays the ceiling
+# loop touches) is at most the L2 size of one core times the threads used (L2_BYTES: read from
+# sysfs, 1 MiB where it cannot be read). Its % of ceiling carries IN_CACHE_MARK and a
+# footnote: not comparable from run to run, nor a measure of the kernel's efficiency.
+IN_CACHE_MARK = "~"
+DEFAULT_L2_BYTES = 2**20
+
+
+def l2_cache_bytes() -> int | None:
+    """CPU 0's level-2 (data or unified) cache size in bytes from sysfs, or None."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    try:
+        for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+            if ((index / "level").read_text().strip() == "2"
+                    and (index / "type").read_text().strip() in ("Unified", "Data")):
+                text = (index / "size").read_text().strip().upper()
+                if text[-1:] in units:
+                    return int(text[:-1]) * units[text[-1]]
+                return int(text)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+L2_BYTES = l2_cache_bytes() or DEFAULT_L2_BYTES
+
 # Note [stalled cells]
 # On a busy machine a parallel region can wait for a CPU: an OpenMP worker (torch) that is
 # not running when the region starts delays the whole region by a scheduler slice (a few
@@ -86,10 +118,16 @@ NOISY_FRACTION = 0.1
 #   * at N > 1 threads, its median is over STALL_OVER_ONE_THREAD times the same
 #     implementation's median at 1 thread in this run (more threads made it much slower:
 #     it waited for CPUs or memory bandwidth that other load held).
-# A stalled implementation is measured again at once (its threads woken first); if it is
-# still stalled, its time carries STALL_MARK and so does every figure derived from it (% of
-# ceiling, the ratios). The JSON keeps both measurements. (One whose median call is over
-# REMEASURE_MAX_CALL_S is marked after one measurement: see the time limits below.)
+# A row with a stalled implementation is measured again, once, at once: the WHOLE row, every
+# implementation interleaved in the same repetitions as the first time (their threads woken
+# first), and the second set replaces the first, so every ratio pairs figures of one
+# interleaved set (re-measuring the stalled one alone would pair its new figure with its
+# peers' old ones, and re-measuring only bad-looking figures would keep the lucky ones). An
+# implementation still stalled in the second set carries STALL_MARK and so does every
+# figure derived from it (% of ceiling, the ratios). The JSON keeps the first set
+# (``remeasured``) and lists the rows measured twice (``remeasured_rows``). (One whose median
+# call is over REMEASURE_MAX_CALL_S is not timed again, see the time limits below: it keeps
+# its first, marked, figure, so the figures derived from it are marked too.)
 STALL_OVER_MIN = 2.0
 STALL_OVER_ONE_THREAD = 1.5
 STALL_MARK = "!"
@@ -116,7 +154,10 @@ IMPL_TITLES = {"fastoptim": "fastoptim", "numpy": "NumPy", "torch_foreach": "tor
 # that is not in cache (write-allocate). stream_rmw has exactly the patterns (2 + S, 1 + S),
 # S = 0..3, so every case has one; for a case with unread states it moves more than the
 # minimal traffic and "% of ceiling" may exceed 100 on a CPU that skips the read for whole-
-# line stores.
+# line stores. Each column's GB/s counts the bytes that column moves (``column_bytes``): an
+# update's, its minimal traffic (``bytes_per_element``); the ceiling's, what stream_rmw moves
+# (``ceiling_bytes_per_element``: 20 for ASGD's 16). "% of ceiling" is the ratio of the
+# times (the ceiling's over fastoptim's), which for ASGD is not the ratio of the GB/s columns.
 
 # Note [per-step scalars]
 # A case's ``scalars`` generator yields the keyword arguments of steps 1, 2, ... as a
@@ -188,7 +229,13 @@ class Case:
 
     @property
     def bytes_per_element(self) -> int:
+        """The update's minimal traffic (what the implementations' GB/s count)."""
         return ITEMSIZE * sum(self.streams)
+
+    @property
+    def ceiling_bytes_per_element(self) -> int:
+        """What the ceiling loop moves per element (what the ceiling's GB/s counts)."""
+        return ITEMSIZE * sum(self.ceiling_streams)
 
     @property
     def step_arguments(self) -> Callable[[dict], Iterator[dict]] | None:
@@ -269,6 +316,13 @@ CASES = [
 CASES_BY_KEY = {c.key: c for c in CASES}
 MAX_STATES = max(len(c.states) for c in CASES)
 
+
+def column_bytes(case: Case, impl: str) -> int:
+    """The bytes per element behind an implementation's GB/s: the ceiling's own traffic for
+    the ceiling, the update's minimal traffic for the others (Note [traffic and ceiling])."""
+    return case.ceiling_bytes_per_element if impl == "ceiling" else case.bytes_per_element
+
+
 # The minimal traffic documented in bench/README.md, checked against the stream counts.
 assert {c.key: c.bytes_per_element for c in CASES} == {
     "sgd": 12, "sgd_momentum": 20, "rmsprop": 20, "rmsprop_centered_momentum": 36, "adam": 28,
@@ -347,6 +401,18 @@ def allocate(size: Size, rng: np.random.Generator) -> dict:
 
     return {"param": make(normal), "grad": make(normal),
             "slots": [make(zeros) for _ in range(MAX_STATES)]}
+
+
+def working_set_bytes(case: Case, size: Size) -> int:
+    """The bytes of every array a row touches (param, grad, states; Note [in-cache rows])."""
+    return size.total * ITEMSIZE * case.ceiling_streams[0]
+
+
+def in_cache(case: Case, size: Size, threads: int, l2_bytes: int | None = None) -> bool:
+    """Whether the row's working set fits in the L2 caches of the cores it runs on (one per
+    thread, at most one per usable CPU): Note [in-cache rows]."""
+    cores = max(1, min(threads, usable_cpus()))
+    return working_set_bytes(case, size) <= (l2_bytes or L2_BYTES) * cores
 
 
 def case_arrays(pool: dict, case: Case) -> dict:
@@ -649,20 +715,28 @@ def stall_reasons(stats: dict, threads: int, one_thread: dict) -> dict:
 
 def measure_cell(fns: dict, args, reset: Callable, primers: dict, threads: int,
                  one_thread: dict) -> tuple[dict, dict]:
-    """Measure a cell; measure its stalled implementations once more (their threads woken
-    first) and keep the second figure. Returns (stats, first attempts of the re-measured):
-    a stats entry has ``stalled`` (the reasons) when the second figure is stalled too."""
+    """Measure a row, every implementation interleaved; when some figure is stalled and can
+    be re-measured, measure the WHOLE row once more, interleaved as before, and keep that
+    second set (Note [stalled cells]). An implementation whose median call is over
+    REMEASURE_MAX_CALL_S is not timed again: it keeps its first figure, marked.
+
+    Returns (stats, first): ``first`` is {} when the row was measured once, else the first
+    set, every implementation's statistics (a stalled one with ``stalled``, its reasons). A
+    stats entry has ``stalled`` when the figure kept is stalled."""
     stats = measure(fns, args.reps, args.min_time, reset, primers, one_thread)
     stalled = stall_reasons(stats, threads, one_thread)
     hopeless = {k: v for k, v in stalled.items()
                 if stats[k]["median_s"] > REMEASURE_MAX_CALL_S}
-    again = [k for k in stalled if k not in hopeless]
-    first = {k: dict(stats[k], stalled=stalled[k]) for k in again}
-    if again:
-        stats.update(measure({k: fns[k] for k in again}, args.reps, args.min_time, reset,
-                             primers, one_thread))
-        stalled = dict(hopeless, **stall_reasons({k: stats[k] for k in again}, threads,
-                                                 one_thread))
+    first = {}
+    if len(stalled) > len(hopeless):  # a second set can clear some figure: once, whole row
+        first = {k: dict(v, **({"stalled": stalled[k]} if k in stalled else {}))
+                 for k, v in stats.items()}
+        again = {k: fn for k, fn in fns.items() if k not in hopeless}
+        second = measure(again, args.reps, args.min_time, reset, primers, one_thread)
+        stats = {k: second.get(k, stats[k]) for k in fns}  # the row's order
+        stalled = dict(hopeless, **stall_reasons(second, threads, one_thread))
+        for name in hopeless:  # not timed again: the one figure not of the second set
+            stats[name]["kept_from_first_set"] = True
     for name, reasons in stalled.items():
         stats[name]["stalled"] = reasons
     return stats, first
@@ -857,10 +931,11 @@ class Progress:
 # One cell, the latency row, the output
 
 def summarize(stats: dict, case: Case, size: Size, threads: int) -> dict:
-    """A row: per implementation the call statistics and the GB/s of the median, the ratios
-    of medians, and which of them derive from a stalled figure (Note [stalled cells])."""
+    """A row: per implementation the call statistics and the GB/s of the median (each
+    column's own bytes, ``column_bytes``), the ratios of medians, which of them derive from a
+    stalled figure (Note [stalled cells]) and whether the row is in cache (Note [in-cache
+    rows])."""
     med = {k: v["median_s"] for k, v in stats.items()}
-    nbytes = size.total * case.bytes_per_element
     fo = med["fastoptim"]
     torch_impls = [k for k in ("torch_foreach", "torch_fused") if k in med]
     stalled = sorted(k for k, v in stats.items() if v.get("stalled"))
@@ -871,10 +946,14 @@ def summarize(stats: dict, case: Case, size: Size, threads: int) -> dict:
         "optimizer": case.key, "label": case.label, "size": size.label,
         "tensors": size.tensors, "elements_per_tensor": size.elements, "elements": size.total,
         "threads": threads, "bytes_per_element": case.bytes_per_element,
+        "ceiling_bytes_per_element": case.ceiling_bytes_per_element,
         "streams_read_written": list(case.streams),
         "ceiling_streams_read_written": list(case.ceiling_streams),
-        "median_s": med, "gbps": {k: nbytes / t / 1e9 for k, t in med.items()},
-        "pct_of_ceiling": 100 * med["ceiling"] / fo,
+        "median_s": med,
+        "gbps": {k: size.total * column_bytes(case, k) / t / 1e9 for k, t in med.items()},
+        "pct_of_ceiling": 100 * med["ceiling"] / fo,  # of the times (Note [traffic and ceiling])
+        "working_set_bytes": working_set_bytes(case, size),
+        "in_cache": in_cache(case, size, threads),
         "x_vs_numpy": med["numpy"] / fo if "numpy" in med else None,
         "x_vs_torch_fused": med["torch_fused"] / fo if "torch_fused" in med else None,
         "x_vs_torch_best": min(med[k] for k in torch_impls) / fo if torch_impls else None,
@@ -953,9 +1032,19 @@ def fmt_marked(text: str, marked: bool) -> str:
     return text + (STALL_MARK if marked and text != "-" else " ")
 
 
+def fmt_pct(r: dict) -> str:
+    """The row's % of ceiling and two columns for its marks: STALL_MARK when it derives from
+    a stalled figure, IN_CACHE_MARK when the row is in cache (in that order, no space)."""
+    text = fmt_num(r["pct_of_ceiling"], 0)
+    marks = ((STALL_MARK if "pct_of_ceiling" in r.get("stalled_figures", ()) else "")
+             + (IN_CACHE_MARK if r.get("in_cache") else ""))
+    return (text + marks).ljust(len(text) + 2)
+
+
 def table_lines(rows: list, threads: int, load: dict | None = None) -> list:
     """One thread count's table as lines of text. A stalled implementation's ms and every
-    figure derived from it carry STALL_MARK; the size carries * when the row is noisy."""
+    figure derived from it carry STALL_MARK; the size carries * when the row is noisy; the %
+    of ceiling carries IN_CACHE_MARK when the row is in cache."""
     plural = "s" if threads > 1 else ""
     lines = [f"\n== {threads} thread{plural} (fastoptim, torch, ceiling); "
              "NumPy single-threaded =="]
@@ -963,9 +1052,9 @@ def table_lines(rows: list, threads: int, load: dict | None = None) -> list:
         lines.append(f"   during this pass: {fmt_load(load)}")
     lines.append(f"{'':16} {'':>10} | {'fastoptim':^15} | {'NumPy':^15} | "
                  f"{'torch foreach':^15} | {'torch fused':^15} | {'ceiling':>7} | "
-                 f"{'% of':>6} {'x vs':>7} {'x vs':>7} {'x vs':>7}")
+                 f"{'% of':>7} {'x vs':>7} {'x vs':>7} {'x vs':>7}")
     lines.append(f"{'optimizer':16} {'N':>10} | " + " | ".join([f"{'ms':>8} {'GB/s':>6}"] * 4)
-                 + f" | {'GB/s':>7} | {'ceil':>6} {'NumPy':>7} {'fused':>7} {'best':>7}")
+                 + f" | {'GB/s':>7} | {'ceil':>7} {'NumPy':>7} {'fused':>7} {'best':>7}")
     last = None
     for r in rows:
         if last is not None and r["optimizer"] != last:
@@ -979,9 +1068,9 @@ def table_lines(rows: list, threads: int, load: dict | None = None) -> list:
         size = r["size"] + ("*" if r["noisy"] else " ")
         ratios = " ".join(f"{fmt_marked(fmt_num(r[k]), k in marked):>7}"
                           for k in ("x_vs_numpy", "x_vs_torch_fused", "x_vs_torch_best"))
-        pct = fmt_marked(fmt_num(r["pct_of_ceiling"], 0), "pct_of_ceiling" in marked)
         ceiling = fmt_num(gbps.get("ceiling")) + (STALL_MARK if "ceiling" in stalled else "")
-        lines.append(f"{r['label']:16} {size:>10} | {impls} | {ceiling:>7} | {pct:>6} {ratios}")
+        lines.append(f"{r['label']:16} {size:>10} | {impls} | {ceiling:>7} | {fmt_pct(r):>7} "
+                     f"{ratios}")
     return lines
 
 
@@ -1112,12 +1201,16 @@ def run_cells(args, unavailable: set, meter: LoadMeter, progress: Progress) -> t
                     one_thread[key] = {k: v["median_s"] for k, v in stats.items()
                                        if k != "numpy"}
                 row = summarize(stats, case, size, threads)
-                row["remeasured"] = first
+                row["remeasured"] = first  # the first set of a row measured twice, else {}
+                row["remeasured_because"] = {k: v["stalled"] for k, v in first.items()
+                                             if v.get("stalled")}
                 row["seconds"] = round(time.perf_counter() - cell_start, 2)
                 row["finite"] = all_finite(arrays)
                 rows.append(row)
                 flags = "".join([" (noisy)" if row["noisy"] else "",
-                                 f" (re-measured {','.join(first)})" if first else "",
+                                 " (in cache)" if row["in_cache"] else "",
+                                 " (re-measured the row: stalled "
+                                 f"{','.join(row['remeasured_because'])})" if first else "",
                                  f" (stalled {','.join(row['stalled'])})"
                                  if row["stalled"] else ""])
                 progress.end(f"{threads} thr {case.label:16} {size.label:>9}: fastoptim "
@@ -1182,11 +1275,26 @@ def main(argv=None) -> int:
               "than twice its median (other load on the machine); the median is still shown")
     stalled = [r for r in rows if r["stalled"]]
     print(f"{STALL_MARK} stalled: the implementation's median was over {STALL_OVER_MIN:g}x its "
-          f"fastest call, or over {STALL_OVER_ONE_THREAD:g}x its own 1-thread median, in two "
-          f"measurements (in one when its calls took over {REMEASURE_MAX_CALL_S:g} s): it "
-          "waited for CPUs or memory that other load held. Every figure derived from it "
-          f"carries {STALL_MARK}. {len(stalled)} of {len(rows)} rows have one; "
+          f"fastest call, or over {STALL_OVER_ONE_THREAD:g}x its own 1-thread median: it "
+          "waited for CPUs or memory that other load held. A row with such a figure is "
+          "measured again once, all its implementations interleaved, and that second set is "
+          f"shown (a figure whose calls took over {REMEASURE_MAX_CALL_S:g} s is not timed "
+          f"again and keeps its mark). Every figure derived from a stalled one carries "
+          f"{STALL_MARK}. {len(stalled)} of {len(rows)} rows have one; "
           f"{sum(1 for r in rows if r['remeasured'])} rows were re-measured.")
+    if any(r["in_cache"] for r in rows):
+        print(f"{IN_CACHE_MARK} in cache: the row's arrays (param, grad, states) fit in the L2 "
+              f"caches of the cores it ran on ({L2_BYTES // 2**10} KiB per core x threads). "
+              "In cache the ceiling and the kernels run at speeds that depend on where the "
+              "arrays sit relative to each other (their offsets within a page), which changes "
+              "from run to run: such a % of ceiling is not comparable run to run (42% to 198% "
+              "at 2^16 in runs on a 2-vCPU Zen 4) nor a measure of the kernel's efficiency.")
+    own = sorted({(r["label"], r["ceiling_bytes_per_element"], r["bytes_per_element"])
+                  for r in rows if r["ceiling_bytes_per_element"] != r["bytes_per_element"]})
+    if own:
+        print("ceiling GB/s counts the bytes the ceiling loop moves: " + "; ".join(
+            f"{label} {c} B per element, where the implementations' GB/s count the update's "
+            f"minimal {b}" for label, c, b in own) + " (% of ceiling is the ratio of the times)")
     print_latency(lat)
 
     nonfinite = [f"{r['optimizer']} {r['size']} threads={r['threads']}"
@@ -1216,9 +1324,17 @@ def main(argv=None) -> int:
               "statistic": "median of every timed call (perf_counter per call), interleaved",
               "stall_rule": {"over_min": STALL_OVER_MIN,
                              "over_one_thread": STALL_OVER_ONE_THREAD, "mark": STALL_MARK,
-                             "remeasured_once": True},
+                             "remeasured_once": True,
+                             "remeasure": "the whole row, interleaved, once; the second set "
+                                          "is kept (the first in results[i].remeasured)",
+                             "remeasure_max_call_s": REMEASURE_MAX_CALL_S},
+              "in_cache_rule": {"mark": IN_CACHE_MARK, "l2_bytes_per_core": L2_BYTES,
+                                "l2_from_sysfs": l2_cache_bytes() is not None,
+                                "rule": "working_set_bytes <= l2_bytes_per_core x "
+                                        "min(threads, usable CPUs)"},
               "dtype": "float32",
               "cases": {c.key: {"bytes_per_element": c.bytes_per_element,
+                                "ceiling_bytes_per_element": c.ceiling_bytes_per_element,
                                 "streams_read_written": list(c.streams),
                                 "ceiling_streams_read_written": list(c.ceiling_streams),
                                 "per_step": getattr(c.step_arguments, "__name__", None),
@@ -1233,6 +1349,9 @@ def main(argv=None) -> int:
                     "end": load_end},
            "seconds": round(seconds, 1), "peak_rss_gib": round(peak_rss, 3),
            "config": config, "notes": notes, "nonfinite": nonfinite, "priming": priming,
+           "remeasured_rows": [{"optimizer": r["optimizer"], "size": r["size"],
+                                "threads": r["threads"], "because": r["remeasured_because"]}
+                               for r in rows if r["remeasured"]],
            "results": rows, "latency": lat}
     out = args.json or default_json_path()
     out.parent.mkdir(parents=True, exist_ok=True)

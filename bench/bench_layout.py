@@ -11,7 +11,11 @@ starts; each array starts 16 bytes past a page, as glibc's mmap chunks do), the 
 two states are slices of one buffer, fastoptim.adamw_ updates them, and torch.optim.AdamW
 (fused=True) updates the same memory (its param, grad and states are views of the slices,
 checked after timing). Arrays hold constants (the timing does not depend on the data: measured
-the same with random arrays in the same memory). Medians of --reps batches of 3 steps.
+the same with random arrays in the same memory). The implementations of a row are timed
+interleaved, a batch of 3 steps of each in turn (fastoptim, torch, fastoptim, torch, ...), so
+that load comes and goes on both alike; the figures are medians of --reps batches. A ratio
+whose either side spread over SPREAD_LIMIT (slowest batch over fastest) carries SPREAD_MARK:
+other load moved the timings, and the ratio of medians is not to be trusted.
 
     PYTHONPATH=python python3 bench/bench_layout.py                # 2^26, gaps 4 KiB and 64 KiB
     PYTHONPATH=python python3 bench/bench_layout.py --gaps 0 4096 4160 5120 8192 65536 --threads 1
@@ -40,17 +44,46 @@ except ImportError:  # fastoptim alone
 
 FORMATS = {"bf16": ml_dtypes.bfloat16, "fp16": np.float16, "fp32": np.float32}
 HEADER = 16  # bytes past a page boundary where each array starts
+BATCH = 3  # steps per timed batch
+SPREAD_LIMIT = 1.5  # a side's slowest batch over its fastest beyond which its ratio is marked
+SPREAD_MARK = "*"
 
 
-def median_ms(fn, reps):
-    fn()
-    times = []
+def interleaved_ms(fns, reps):
+    """Per callable, the ms per step of ``reps`` batches of BATCH steps, timed interleaved:
+    one untimed warm-up call of each, then ``reps`` rounds, each timing one batch of every
+    callable in turn (a, b, a, b, ...)."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    clock = time.perf_counter
     for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(3):
-            fn()
-        times.append((time.perf_counter() - t0) / 3 * 1e3)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = clock()
+            for _ in range(BATCH):
+                fn()
+            times[name].append((clock() - t0) / BATCH * 1e3)
+    return times
+
+
+def spread(samples):
+    """The slowest sample over the fastest."""
+    return max(samples) / min(samples) if min(samples) > 0 else float("inf")
+
+
+def ratio_cell(num, den, width=8):
+    """The ratio of the medians of two sample lists, with SPREAD_MARK (or a space) after it
+    when either list spread over SPREAD_LIMIT. Returns (text, marked)."""
+    a, b = statistics.median(num), statistics.median(den)
+    marked = max(spread(num), spread(den)) > SPREAD_LIMIT
+    return f"{a / b if b > 0 else float('nan'):{width}.2f}" + (SPREAD_MARK if marked else " "), \
+        marked
+
+
+def spread_note():
+    return (f"{SPREAD_MARK} after a ratio: fastoptim's or torch's batches spread over "
+            f"{SPREAD_LIMIT:g}x (slowest over fastest): other load moved the timings, so the "
+            "ratio of the medians is unreliable; run again on a quieter machine")
 
 
 def placed(buf, n, itemsize, gap):
@@ -89,7 +122,8 @@ def dropin_rows(n, names, threads_list, reps):
     import fastoptim.torch as ft
     print(f"AdamW drop-ins, {n:,} elements, param and grad separate torch allocations; ms")
     print(f"{'format':6s} {'threads':>7s} {'fastoptim.torch':>15s} {'torch fused':>12s} "
-          f"{'x torch':>8s} {'adamw_ on torch states':>22s}  apart (B mod 4096: g, m, v | m, v)")
+          f"{'x torch':>8s}  {'adamw_ on torch states':>22s}  apart (B mod 4096: g, m, v | m, v)")
+    any_marked = False
     for name in names:
         p = torch.nn.Parameter(torch.ones(n, dtype=torch_dtype(name)))
         p.grad = torch.full((n,), 0.5, dtype=torch_dtype(name))
@@ -105,13 +139,17 @@ def dropin_rows(n, names, threads_list, reps):
         for threads in threads_list:
             fastoptim.set_num_threads(threads)
             torch.set_num_threads(threads)
-            t_ours = median_ms(ours.step, reps)
-            t_theirs = median_ms(theirs.step, reps)
-            t_same = median_ms(lambda: fastoptim.adamw_(*views, step=5, lr=1e-6), reps)
-            print(f"{name:6s} {threads:7d} {t_ours:15.3f} {t_theirs:12.3f} "
-                  f"{t_theirs / t_ours if t_ours > 0 else float('nan'):8.2f} {t_same:22.3f}"
+            t = interleaved_ms({"ours": ours.step, "theirs": theirs.step,
+                                "same": lambda: fastoptim.adamw_(*views, step=5, lr=1e-6)}, reps)
+            ratio, marked = ratio_cell(t["theirs"], t["ours"])
+            any_marked |= marked
+            med = {k: statistics.median(v) for k, v in t.items()}
+            print(f"{name:6s} {threads:7d} {med['ours']:15.3f} {med['theirs']:12.3f} "
+                  f"{ratio} {med['same']:22.3f}"
                   f"  {rel[0]}, {rel[1]}, {rel[2]} | {rel[3]}, {rel[4]}", flush=True)
         del ours, theirs, p, views, sm, sv, tm, tv  # free every array before the next format
+    if any_marked:
+        print(spread_note())
 
 
 def main():
@@ -133,8 +171,10 @@ def main():
     if any(gap < 0 or gap % 4 for gap in args.gaps):
         ap.error("--gaps must be multiples of 4 bytes, >= 0 (every format's elements stay aligned)")
     n = 2**args.log2
-    print(f"AdamW, {n:,} elements per array; ms, medians of {args.reps} batches of 3 steps"
+    print(f"AdamW, {n:,} elements per array; ms, medians of {args.reps} batches of {BATCH} "
+          "steps, fastoptim's and torch's interleaved"
           + ("" if torch else " (torch not installed: fastoptim only)"))
+    any_marked = False
     print(f"{'format':6s} {'threads':>7s} {'gap B':>7s} {'fastoptim':>10s} {'torch fused':>12s} {'x torch':>8s}")
     for name in args.formats:
         dtype = FORMATS[name]
@@ -149,15 +189,20 @@ def main():
                 p, g, m, v = [s.view(dtype) for s in slices]
                 for a, c in zip((p, g, m, v), (1.0, 0.5, 0.0, 0.01)):
                     a[...] = c
-                t_fo = median_ms(lambda: fastoptim.adamw_(p, g, m, v, step=5, lr=1e-6), args.reps)
-                cells = f"{t_fo:10.3f}"
+                fns = {"fastoptim": lambda: fastoptim.adamw_(p, g, m, v, step=5, lr=1e-6)}
                 if torch is not None:
-                    step, check = torch_step(slices, name)
-                    t_t = median_ms(step, args.reps)
+                    fns["torch"], check = torch_step(slices, name)
+                t = interleaved_ms(fns, args.reps)
+                cells = f"{statistics.median(t['fastoptim']):10.3f}"
+                if torch is not None:
                     check()
-                    cells += f" {t_t:12.3f} {t_t / t_fo if t_fo > 0 else float('nan'):8.2f}"
+                    ratio, marked = ratio_cell(t["torch"], t["fastoptim"])
+                    any_marked |= marked
+                    cells += f" {statistics.median(t['torch']):12.3f} {ratio}"
                 print(f"{name:6s} {threads:7d} {gap:7d} {cells}", flush=True)
         del buf
+    if any_marked:
+        print(spread_note())
 
 
 if __name__ == "__main__":

@@ -76,12 +76,28 @@ def test_functional_carries_scalars(bench):
         assert (kw["step"], kw["mu_product"], kw["lr"]) == (step, product, bench.LR)
 
 
-def test_smoke(bench, tmp_path):
+def test_smoke(bench, tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert bench.main(["--quick", "--sizes", "1000,3x100", "--threads", "1", "--reps", "1",
                        "--min-time", "0.001", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
     doc = json.loads(out.read_text())
     rows = doc["results"]
+    # Every row is in cache (a few KiB): its % of ceiling is marked, with the footnote; ASGD's
+    # ceiling counts its own 20 bytes (a footnote says so).
+    assert all(r["in_cache"] for r in rows)
+    assert f"{bench.IN_CACHE_MARK} in cache:" in printed
+    assert "ASGD 20 B per element" in printed
+    assert doc["config"]["in_cache_rule"]["mark"] == bench.IN_CACHE_MARK
+    assert doc["remeasured_rows"] == [
+        {"optimizer": r["optimizer"], "size": r["size"], "threads": r["threads"],
+         "because": r["remeasured_because"]} for r in rows if r["remeasured"]]
+    for r in rows:
+        case = bench.CASES_BY_KEY[r["optimizer"]]
+        assert r["ceiling_bytes_per_element"] == case.ceiling_bytes_per_element
+        for impl, gbps in r["gbps"].items():
+            want = r["elements"] * bench.column_bytes(case, impl) / r["median_s"][impl] / 1e9
+            assert gbps == pytest.approx(want), (r["optimizer"], impl)
     assert {(r["optimizer"], r["size"]) for r in rows} == {
         (c.key, s) for c in bench.CASES for s in ("1000", "3x100")}
     assert all(r["finite"] for r in rows) and not doc["nonfinite"]
@@ -157,6 +173,66 @@ def test_no_unmarked_ratio_from_a_stalled_figure(bench):
     assert all(c.endswith(bench.STALL_MARK) for c in cells[-4:])
 
 
+def test_column_bytes(bench):
+    """Note [traffic and ceiling]: each column's GB/s counts what that column moves. The
+    ceiling loop moves (2 + S) streams read and (1 + S) written; ASGD (default) is the one case
+    whose update moves less (ax written, not read): 16 bytes to the ceiling's 20."""
+    asgd = bench.CASES_BY_KEY["asgd"]
+    assert bench.column_bytes(asgd, "ceiling") == 20
+    for impl in ("fastoptim", "numpy", "torch_foreach", "torch_fused"):
+        assert bench.column_bytes(asgd, impl) == 16
+    differ = set()
+    for case in bench.CASES:
+        reads, writes = case.ceiling_streams
+        assert bench.column_bytes(case, "ceiling") == 4 * (reads + writes), case.key
+        assert bench.column_bytes(case, "fastoptim") == case.bytes_per_element, case.key
+        if case.ceiling_bytes_per_element != case.bytes_per_element:
+            differ.add(case.key)
+    assert differ == {"asgd"}
+
+
+def test_ceiling_gbps_uses_its_own_bytes(bench):
+    """ASGD's row: the ceiling's GB/s counts 20 bytes per element, fastoptim's 16, in the JSON
+    and in the printed table; % of ceiling stays the ratio of the times."""
+    case, size = bench.CASES_BY_KEY["asgd"], bench.parse_size("2^20")
+    cell = {"fastoptim": stats(1e-3), "ceiling": stats(1e-3)}
+    row = bench.summarize(cell, case, size, 1)
+    n = size.total
+    assert row["gbps"]["fastoptim"] == pytest.approx(n * 16 / 1e-3 / 1e9)
+    assert row["gbps"]["ceiling"] == pytest.approx(n * 20 / 1e-3 / 1e9)
+    assert (row["bytes_per_element"], row["ceiling_bytes_per_element"]) == (16, 20)
+    assert row["pct_of_ceiling"] == pytest.approx(100)
+    cells = bench.table_lines([row], 1)[-1].replace("|", " ").split()
+    assert f"{n * 20 / 1e6:.1f}" in cells and f"{n * 16 / 1e6:.1f}" in cells
+
+
+def test_in_cache_rows_are_marked(bench, monkeypatch):
+    """Note [in-cache rows]: working set (param, grad, states) <= L2 per core x threads."""
+    monkeypatch.setattr(bench, "usable_cpus", lambda: 2)
+    l2 = 2**20
+    adam, cent = bench.CASES_BY_KEY["adam"], bench.CASES_BY_KEY["rmsprop_centered_momentum"]
+    small, list_, big = (bench.parse_size(t) for t in ("2^16", "4x16384", "2^18"))
+    assert bench.working_set_bytes(adam, small) == 4 * 2**16 * 4  # 1 MiB
+    assert bench.in_cache(adam, small, 1, l2) and bench.in_cache(adam, list_, 1, l2)
+    assert not bench.in_cache(cent, small, 1, l2)  # 1.25 MiB: over one core's L2
+    assert bench.in_cache(cent, small, 2, l2)  # two cores' L2
+    mid = bench.parse_size("2^17")  # 2.5 MiB: over two cores' L2, under four
+    assert not bench.in_cache(cent, mid, 4, l2)  # threads beyond the CPUs add no cache
+    assert not bench.in_cache(adam, big, 2, l2)  # 4 MiB
+    cell = {"fastoptim": stats(1e-3), "ceiling": stats(0.5e-3)}
+    marked = bench.summarize(cell, adam, bench.parse_size("1000"), 1)
+    plain = bench.summarize(cell, adam, bench.parse_size("2^24"), 1)
+    assert marked["in_cache"] and not plain["in_cache"]
+    assert bench.table_lines([marked], 1)[-1].split("|")[-1].split()[0] == \
+        "50" + bench.IN_CACHE_MARK
+    assert bench.table_lines([plain], 1)[-1].split("|")[-1].split()[0] == "50"
+    # stalled and in cache: both marks
+    cell["fastoptim"]["stalled"] = ["median 2.5x its fastest call"]
+    row = bench.summarize(cell, adam, bench.parse_size("1000"), 1)
+    assert bench.table_lines([row], 1)[-1].split("|")[-1].split()[0] == \
+        "50" + bench.STALL_MARK + bench.IN_CACHE_MARK
+
+
 def sleeper(seconds):
     """A callable that sleeps for the next of ``seconds`` at each call (the last one after)."""
     it = iter(seconds)
@@ -168,25 +244,74 @@ def sleeper(seconds):
     return call
 
 
-def test_measure_cell_remeasures_once(bench):
-    """A stalled implementation is measured again; a transient stall leaves no mark (the first
-    attempt is kept in the JSON), a lasting one is marked; calls far over their budget are
-    cut short."""
+def logged(log, name, fn):
+    def call():
+        log.append(name)
+        fn()
+    return call
+
+
+def test_measure_cell_remeasures_the_whole_row_once(bench):
+    """A row with a stalled implementation is measured again once, ALL its implementations
+    interleaved (Note [stalled cells]): a transient stall leaves no mark, a lasting one is
+    marked, and the figures kept all come from the second set (the first is returned whole
+    for the JSON); calls far over their budget are cut short."""
     args = types.SimpleNamespace(reps=3, min_time=0.003)
     # Calls of 2 ms against a 1-thread median of 5 ms (margins for a loaded machine), stalls
     # of 60 ms: the budget is 3 x max(min_time, reps x 5 ms) = 45 ms.
     one = {"fastoptim": 5e-3, "transient": 5e-3, "lasting": 5e-3}
-    fns = {"fastoptim": sleeper([2e-3]), "transient": sleeper([60e-3, 2e-3]),
-           "lasting": sleeper([2e-3, 60e-3])}
-    stats_, first = bench.measure_cell(fns, args, lambda: None, {}, 2, one)
-    assert set(first) == {"transient", "lasting"}
+    log = []
+    fns = {"fastoptim": logged(log, "f", sleeper([2e-3])),
+           "transient": logged(log, "t", sleeper([60e-3, 2e-3])),
+           "lasting": logged(log, "l", sleeper([2e-3, 60e-3]))}
+    stats_, first = bench.measure_cell(fns, args, lambda: log.append("R"), {}, 2, one)
+    assert set(first) == {"fastoptim", "transient", "lasting"}  # the whole first set
+    assert "stalled" not in first["fastoptim"]
+    assert first["transient"]["stalled"] and first["lasting"]["stalled"]
     assert first["transient"]["warmup_only"]  # its warm-up call alone was over the budget
+    assert list(stats_) == list(fns)
     assert "stalled" not in stats_["fastoptim"] and "stalled" not in stats_["transient"]
     assert stats_["transient"]["calls"] == 3 and stats_["transient"]["median_s"] < 30e-3
     assert stats_["lasting"]["stalled"] and stats_["lasting"]["median_s"] > 50e-3
     # The first timed call is over the budget: the calls stop there.
     assert first["lasting"]["cut_short"] and first["lasting"]["calls"] == 1
     assert stats_["lasting"]["cut_short"] and stats_["lasting"]["calls"] == 1
+    # Two measurements (a reset before each and before each repetition), the second one with
+    # every implementation, interleaved: its last repetition runs f, t, l in the row's order.
+    assert log.count("R") == 2 * (1 + args.reps)
+    second = log[[i for i, x in enumerate(log) if x == "R"][1 + args.reps]:]
+    assert {"f", "t", "l"} <= set(second)
+    last_rep = log[len(log) - log[::-1].index("R"):]
+    assert [x for i, x in enumerate(last_rep) if i == 0 or last_rep[i - 1] != x] == ["f", "t"]
+    # (l is out of budget by then: cut short in its first repetition)
+    assert stats_["fastoptim"] is not first["fastoptim"]
+
+
+def test_measure_cell_keeps_a_hopeless_figure_marked(bench, monkeypatch):
+    """A figure whose calls are over REMEASURE_MAX_CALL_S is not timed again: it keeps its
+    first (marked) figure, the rest of the row is re-measured together; a row whose only
+    stalled figure is such one is measured once."""
+    monkeypatch.setattr(bench, "REMEASURE_MAX_CALL_S", 0.1)  # stalls of 60 ms: not
+    args = types.SimpleNamespace(reps=3, min_time=0.003)
+    one = {"fastoptim": 5e-3, "slow": 5e-3, "transient": 5e-3}
+    calls = {"slow": 0}
+
+    def slow():
+        calls["slow"] += 1
+        time.sleep(0.2)
+
+    fns = {"fastoptim": sleeper([2e-3]), "slow": slow, "transient": sleeper([60e-3, 2e-3])}
+    stats_, first = bench.measure_cell(fns, args, lambda: None, {}, 2, one)
+    assert set(first) == set(fns) and calls["slow"] == 1  # its warm-up call only
+    assert stats_["slow"]["stalled"] and stats_["slow"]["kept_from_first_set"]
+    assert "stalled" not in stats_["transient"] and stats_["transient"]["calls"] == 3
+    row = bench.summarize(dict(stats_, ceiling=stats(2e-3)), bench.CASES_BY_KEY["adam"],
+                          bench.parse_size("2^20"), 2)
+    assert row["stalled"] == ["slow"]
+    # Only the hopeless one stalled: measured once, nothing to re-measure.
+    stats_, first = bench.measure_cell({"fastoptim": sleeper([2e-3]), "slow": slow}, args,
+                                       lambda: None, {}, 2, one)
+    assert first == {} and stats_["slow"]["stalled"] and calls["slow"] == 2
 
 
 def test_progress_lines_without_a_terminal(bench):
