@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """AdamW in every storage format and mixed-precision option of fastoptim, against torch's fused
-AdamW (bf16 and fp32) on the SAME memory, with the in-place bandwidth ceiling of each row.
+AdamW (bf16, fp16 and fp32) on the SAME memory, each row with its own in-place bandwidth ceiling.
 
 Rows (docs/api.md, "Storage formats"; bytes per element moved by one step in brackets):
   fp32                      params, grads, states float32                        [28]
@@ -10,29 +10,52 @@ Rows (docs/api.md, "Storage formats"; bytes per element moved by one step in bra
   bf16/f32 states           bfloat16 params and grads, float32 states            [22]
   bf16/f32 states +stoch.   the same, stochastic rounding of the params          [22]
   f32 master/bf16 grads     float32 params and states, bfloat16 grads            [26]
-  ... +bf16 copy            + the model's bfloat16 copy of the params, written   [28]
+  ... +copy                 + the model's bfloat16 copy of the params, written   [28]
   fp16 / fp16/f32 states / f32 master/fp16 grads (+copy): the float16 twins
   fp32 +grad_scale          fp32 with torch.amp's grad_scale unscaled in the kernel [28]
 torch rows: torch.optim.AdamW(fused=True) on the bf16, fp16 and fp32 tensors whose memory the
-fastoptim rows update (the ndarrays are views of torch's own tensors); and torch's fp32 step
-followed by `bf16_copy.copy_(param)`, what the master-weights rows do in one pass (torch's
-fp32 step reads the fp32 grad, 2 bytes more than ours: its total is 28 + 6 bytes).
+fastoptim rows update (the ndarrays are views of torch's own tensors); torch's fp32 step
+followed by `copy.copy_(param)` to a bf16 / fp16 copy, what the master-weights +copy rows do in
+one pass (torch's fp32 step reads the fp32 grad, 2 bytes more than ours: 28 + 6 = 34 bytes);
+and torch's fused fp32 step with the grad_scale and found_inf tensors torch.amp.GradScaler.step
+gives it (set as the optimizer's attributes, as the scaler does), on its own fp32 tensors, whose
+grads hold the scaled values again before each batch (torch unscales them in place: it writes
+the grad back, 32 bytes). Each row's "peer" column names the torch row it is compared with: the
+bf16/f32-states rows' peer is torch fused all-bf16 (torch's fused kernel takes bf16 params only
+with bf16 states), the master-weights rows' torch's fp32 step (+ the copy).
 
-Ceiling: `_core.stream_rmw` over four float32 arrays of the same memory as the fp32 row (read
-4, write 3: 28 B/element), as GB/s; each row's "% ceiling" is its GB/s over that, i.e. the
-same-byte in-place ceiling assuming the memory system moves bytes at one rate whatever the
-element type. Medians of `--reps` interleaved batches of 3 steps, 1 and 2 threads.
+Ceilings: each row has its own, `_core.stream_rmw` (in place, scale 0: the values written are
+the values read) over arrays of the row's size; the first k-1 of its k streams are read and
+written, the last read. It is the pattern whose bytes are closest to the row's, ties to the one
+with the fewest bytes on arrays the row does not touch. Most rows get exactly their bytes on
+their own arrays (fp32, all-bf16 and all-fp16, kahan, bf16/f32 states, the +copy rows); the
+fp16/f32-states and f32 master/fp16 rows get their bytes with bf16 arrays in place of their
+fp16 ones (stream_rmw takes no float32-with-float16-states pattern), f32 master/bf16 grads and
+torch +grad_scale with one or two bf16 arrays of other rows; the torch step + copy rows (34 B)
+get their own arrays at 32 B. The table prints the ceiling's B/el beside the row's and lists
+each loop's arrays and those the row does not touch. "% ceil" is the row's achieved GB/s (its
+B/el x elements / its median time) over the ceiling loop's GB/s (the loop's B/el x elements /
+its median time). Each round times every row and each ceiling (once a round, right after the
+first row that uses it) as a batch of 3 steps after one untimed step; the figures are medians
+over --reps rounds (default 9), and a ratio is flagged '*' where the samples of either side
+spread more than 1.5x (max/min) or a row runs above 115% of its ceiling; a pass whose load
+average exceeds the usable CPUs is marked BUSY (a side that stalls in every round has no
+spread). 1 and 2 threads. The JSON (bench/results/formats_2e<log2>_t<threads>_<time>.json,
+a new file each run, unless --out) keeps every sample, each ceiling's loop, B/el and GB/s, and
+the load average at the start and end of the run and of each pass.
 
-    PYTHONPATH=python python3 bench/bench_formats.py            # 2^24 elements, ~1 minute
-    PYTHONPATH=python python3 bench/bench_formats.py --log2 26  # 2^26, ~4 minutes, ~3 GiB
+    PYTHONPATH=python python3 bench/bench_formats.py            # 2^24 elements, ~2 minutes
+    PYTHONPATH=python python3 bench/bench_formats.py --log2 26  # 2^26, ~8 minutes, ~4.5 GiB
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
 import time
+from typing import Callable, Optional, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -41,6 +64,13 @@ import torch
 import fastoptim
 
 BF16 = ml_dtypes.bfloat16
+GRAD_SCALE = 65536.0
+CALLS = 3  # timed steps per batch (after one untimed step)
+SPREAD_LIMIT = 1.5  # max/min of a side's samples above which its ratios are flagged
+PCT_LIMIT = 115.0  # % of the ceiling above which the ceiling's samples must have stalled
+FLAG = "*"
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+DTYPE_NAMES = {np.dtype(np.float32): "f32", np.dtype(BF16): "bf16", np.dtype(np.float16): "f16"}
 
 
 def view_of(t: torch.Tensor) -> np.ndarray:
@@ -49,6 +79,210 @@ def view_of(t: torch.Tensor) -> np.ndarray:
         return t.view(torch.int16).numpy().view(BF16)
     return t.numpy()
 
+
+# ---- shared with bench_quant.py: ceilings, interleaved timing, the noise flag, the table ----
+
+class Ceiling:
+    """`_core.stream_rmw` in place over named arrays: the first len-1 read and written (scale 0:
+    rewritten unchanged), the last read. `bytes_per_element` follows from their dtypes."""
+
+    def __init__(self, *streams: tuple[str, np.ndarray]) -> None:
+        if not 2 <= len(streams) <= 5:
+            raise ValueError("stream_rmw takes 2 to 5 streams")
+        self.names = [name for name, _ in streams]
+        self.arrays = [a for _, a in streams]
+        self.id = ""  # c1, c2, ... in the order of the rows (number_ceilings)
+
+    @property
+    def bytes_per_element(self) -> int:
+        return 2 * sum(a.itemsize for a in self.arrays[:-1]) + self.arrays[-1].itemsize
+
+    def describe(self) -> str:
+        names = [f"{name} {DTYPE_NAMES.get(a.dtype, a.dtype)}"
+                 for name, a in zip(self.names, self.arrays)]
+        return f"stream_rmw([{', '.join(names[:-1])} | {names[-1]}])"
+
+    def __call__(self) -> None:
+        fastoptim._core.stream_rmw(self.arrays, len(self.arrays) - 1, 0.0)
+
+
+@dataclasses.dataclass
+class Row:
+    name: str
+    bytes_per_element: float
+    fn: Callable[[], object]
+    ceiling: Ceiling
+    arrays: dict[str, np.ndarray]  # the arrays the row reads or writes, by name
+    peer: Optional[str] = None  # the torch row it is compared with
+    before: Optional[Callable[[], object]] = None  # before each batch, not timed
+
+
+def number_ceilings(rows: Sequence[Row]) -> list[Ceiling]:
+    """The distinct ceilings, numbered c1, c2, ... in the order of the rows that use them."""
+    out: list[Ceiling] = []
+    for r in rows:
+        if all(c is not r.ceiling for c in out):
+            out.append(r.ceiling)
+            r.ceiling.id = f"c{len(out)}"
+    return out
+
+
+def time_batch(fn: Callable[[], object], before: Optional[Callable[[], object]] = None,
+               calls: int = CALLS) -> float:
+    """Seconds per call of a batch of `calls` calls after one untimed call."""
+    if before is not None:
+        before()
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) / calls
+
+
+def interleaved_rounds(rows: Sequence[Row], rounds: int
+                       ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Every sample of every row and ceiling: each round times each row in turn, and each
+    ceiling once, right after the first row that uses it."""
+    row_s: dict[str, list[float]] = {r.name: [] for r in rows}
+    ceil_s: dict[str, list[float]] = {r.ceiling.id: [] for r in rows}
+    for _ in range(rounds):
+        done: set[str] = set()
+        for r in rows:
+            row_s[r.name].append(time_batch(r.fn, r.before))
+            if r.ceiling.id not in done:
+                ceil_s[r.ceiling.id].append(time_batch(r.ceiling))
+                done.add(r.ceiling.id)
+    return row_s, ceil_s
+
+
+def spread(samples: Sequence[float]) -> float:
+    """max / min of the samples (inf if one is not positive)."""
+    return max(samples) / min(samples) if min(samples) > 0 else float("inf")
+
+
+def unsteady(*sides: Sequence[float]) -> bool:
+    """Whether the samples of either side of a ratio spread more than SPREAD_LIMIT."""
+    return any(spread(s) > SPREAD_LIMIT for s in sides)
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def busy_note(load0: Sequence[float], load1: Sequence[float]) -> str:
+    """A warning when the 1-minute load average at the start or end of a pass exceeds the
+    usable CPUs: other processes then take the cores in turns, and a row whose every sample
+    stalls the same way is not caught by the spread flag."""
+    cpus, worst = usable_cpus(), max(load0[0], load1[0])
+    if worst <= cpus:
+        return ""
+    return (f"BUSY MACHINE: load average {worst:.2f} > {cpus} usable CPUs; other processes take "
+            f"the cores in turns, and a side that stalled in every round is not flagged: rerun "
+            f"on an idle machine before trusting any ratio")
+
+
+def results_path(prefix: str, log2: int, threads: Sequence[int], out: Optional[str]) -> str:
+    """--out, else bench/results/<prefix>_2e<log2>_t<threads>_<local time>.json (never an
+    earlier run's file)."""
+    if out:
+        return out
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return os.path.join(RESULTS, f"{prefix}_2e{log2}_t{'-'.join(map(str, threads))}_{stamp}.json")
+
+
+def write_json(path: str, doc: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+
+
+def summarize(rows: Sequence[Row], row_s: dict[str, list[float]],
+              ceil_s: dict[str, list[float]], n: int, threads: int) -> list[dict]:
+    """One JSON row per Row: every sample, the medians, GB/s, the ceiling's and the ratios."""
+    med = {k: statistics.median(v) for k, v in row_s.items()}
+    out = []
+    for r in rows:
+        c = r.ceiling
+        gbs = r.bytes_per_element * n / med[r.name] / 1e9
+        c_med = statistics.median(ceil_s[c.id])
+        c_gbs = c.bytes_per_element * n / c_med / 1e9
+        d = {"threads": threads, "row": r.name, "bytes_per_element": r.bytes_per_element,
+             "arrays": list(r.arrays), "samples_s": row_s[r.name], "ms": med[r.name] * 1e3,
+             "gb_s": gbs, "spread": spread(row_s[r.name]),
+             "ceiling": c.id, "ceiling_loop": c.describe(),
+             "ceiling_bytes_per_element": c.bytes_per_element,
+             "ceiling_other_arrays": [x for x in c.names if x not in r.arrays],
+             "ceiling_samples_s": ceil_s[c.id], "ceiling_ms": c_med * 1e3, "ceiling_gb_s": c_gbs,
+             "ceiling_spread": spread(ceil_s[c.id]),
+             "pct_ceiling": 100 * gbs / c_gbs,
+             "pct_ceiling_unsteady": (unsteady(row_s[r.name], ceil_s[c.id])
+                                      or 100 * gbs / c_gbs > PCT_LIMIT),
+             "peer": r.peer, "x_peer": None, "x_peer_unsteady": None}
+        if r.peer is not None:
+            d["x_peer"] = med[r.peer] / med[r.name]
+            d["x_peer_unsteady"] = unsteady(row_s[r.name], row_s[r.peer])
+        out.append(d)
+    return out
+
+
+def run_record(n: int, log2: int, threads: Sequence[int], rounds: int) -> dict:
+    """The head of a run's JSON; main adds "passes", "rows", "load_end" and "finished"."""
+    return {"elements": n, "log2": log2, "threads": list(threads), "rounds": rounds,
+            "steps_per_batch": CALLS, "spread_limit": SPREAD_LIMIT, "pct_limit": PCT_LIMIT,
+            "usable_cpus": usable_cpus(), "isa": fastoptim.backend_info().get("isa"),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "load_start": load_average(),
+            "passes": [], "rows": []}
+
+
+def pass_record(threads: int, load0: Sequence[float], load1: Sequence[float], note: str,
+                ceilings: Sequence[Ceiling], ceil_s: dict[str, list[float]],
+                summary: Sequence[dict]) -> dict:
+    """One thread count's record: the load, the busy flag, each ceiling's loop, B/el, samples
+    and GB/s."""
+    gbs = {d["ceiling"]: d["ceiling_gb_s"] for d in summary}
+    return {"threads": threads, "load_start": list(load0), "load_end": list(load1),
+            "busy": bool(note),
+            "ceilings": {c.id: {"loop": c.describe(), "bytes_per_element": c.bytes_per_element,
+                                "samples_s": ceil_s[c.id], "gb_s": gbs[c.id]} for c in ceilings}}
+
+
+def print_table(title: str, summary: Sequence[dict], ceilings: Sequence[Ceiling],
+                rounds: int, note: str = "") -> None:
+    print(f"\n{title}")
+    if note:
+        print(note)
+    print(f"{'':10s}{'row':30s} {'median':>12s} {'row B/el':>11s} {'GB/s':>11s} | {'ceil':>4s} "
+          f"{'ceil B/el':>11s} {'GB/s':>11s} {'% ceil':>7s} | x peer (its time / row's)")
+    for d in summary:
+        pct = f"{d['pct_ceiling']:5.0f}%" + (FLAG if d["pct_ceiling_unsteady"] else " ")
+        peer = "| (a peer)" if d["peer"] is None else (
+            f"| x {d['peer']} {d['x_peer']:.2f}" + (FLAG if d["x_peer_unsteady"] else ""))
+        print(f"threads {d['threads']} {d['row']:30s} {d['ms']:9.3f} ms "
+              f"{d['bytes_per_element']:6.2f} B/el {d['gb_s']:6.1f} GB/s | {d['ceiling']:>4s} "
+              f"{d['ceiling_bytes_per_element']:6.2f} B/el {d['ceiling_gb_s']:6.1f} GB/s "
+              f"{pct} {peer}")
+    print(f"% ceil = the row's GB/s / its ceiling loop's GB/s, each its own B/el x elements / "
+          f"its median time over {rounds} interleaved rounds of {CALLS} steps.\nCeiling loops "
+          f"(_core.stream_rmw in place on arrays of the row's size; before '|' read and written, "
+          f"after it read):")
+    for c in ceilings:
+        users = [d for d in summary if d["ceiling"] == c.id]
+        rows = ", ".join(d["row"] + (f" (not its arrays: {', '.join(d['ceiling_other_arrays'])})"
+                                     if d["ceiling_other_arrays"] else "") for d in users)
+        print(f"  {c.id:>3s} {c.describe()} {c.bytes_per_element} B/el, "
+              f"{users[0]['ceiling_gb_s']:.1f} GB/s (spread {users[0]['ceiling_spread']:.2f}); "
+              f"for {rows}")
+    flagged = sum(bool(d["pct_ceiling_unsteady"]) + bool(d["x_peer_unsteady"]) for d in summary)
+    print(f"{FLAG} = the samples of the row or of the other side spread more than "
+          f"{SPREAD_LIMIT}x (max/min over the rounds), or % ceil > {PCT_LIMIT:.0f}: the machine "
+          f"was busy, the ratio is not to be trusted ({flagged} flagged)")
+
+
+# ---- the formats benchmark ----
 
 def fused_adamw(n: int, dtype: torch.dtype, gen: torch.Generator):
     p = torch.nn.Parameter(torch.randn(n, generator=gen).to(dtype))
@@ -59,14 +293,9 @@ def fused_adamw(n: int, dtype: torch.dtype, gen: torch.Generator):
     return opt, [view_of(x) for x in (p.data, p.grad, st["exp_avg"], st["exp_avg_sq"])]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--log2", type=int, default=24, help="elements = 2**log2 (default 24)")
-    ap.add_argument("--reps", type=int, default=9, help="interleaved batches (default 9)")
-    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    args = ap.parse_args()
-    n = 2**args.log2
-    gen = torch.Generator().manual_seed(0)
+def build_rows(n: int, seed: int = 0) -> list[Row]:
+    """The rows on n elements, in timing order, each with its ceiling and peer."""
+    gen = torch.Generator().manual_seed(seed)
     t_bf16, (P, G, M, V) = fused_adamw(n, torch.bfloat16, gen)
     t_f32, (P32, G32, M32, V32) = fused_adamw(n, torch.float32, gen)
     t_f16, (H, HG, HM, HV) = fused_adamw(n, torch.float16, gen)
@@ -76,75 +305,124 @@ def main() -> None:
     Gb, Gh = G32.astype(BF16), G32.astype(np.float16)
     Cb, Ch = np.zeros(n, BF16), np.zeros(n, np.float16)
     K = np.zeros(n, BF16)
-    # torch's way to the master-weights row: its fp32 fused step, then the bf16 copy
+    # torch's way to the master-weights rows: its fp32 fused step, then the low-precision copy
     p32_t = t_f32.param_groups[0]["params"][0]
-    copy_t = torch.empty(n, dtype=torch.bfloat16)
+    copy_b, copy_h = torch.zeros(n, dtype=torch.bfloat16), torch.zeros(n, dtype=torch.float16)
+    TCb, TCh = view_of(copy_b), view_of(copy_h)
 
-    def torch_master() -> None:
-        t_f32.step()
-        copy_t.copy_(p32_t.data)
+    def torch_master(copy: torch.Tensor) -> Callable[[], None]:
+        def step() -> None:
+            t_f32.step()
+            copy.copy_(p32_t.data)
+        return step
+
+    # torch's fp32 step under torch.amp: GradScaler.step sets these two attributes, the fused
+    # kernel unscales the grads in place; the scaled grads are put back before each batch
+    t_gs, (Ps, Gs, Ms, Vs) = fused_adamw(n, torch.float32, gen)
+    gs_t = t_gs.param_groups[0]["params"][0].grad
+    gs_t.mul_(GRAD_SCALE)
+    g_scaled = gs_t.clone()
+    t_gs.grad_scale = torch.tensor(GRAD_SCALE)  # type: ignore[attr-defined]
+    t_gs.found_inf = torch.zeros(())  # type: ignore[attr-defined]
+
+    c_f32 = Ceiling(("P32", P32), ("M32", M32), ("V32", V32), ("G32", G32))
+    c_bf16 = Ceiling(("P", P), ("M", M), ("V", V), ("G", G))
+    c_kahan = Ceiling(("P", P), ("M", M), ("V", V), ("K", K), ("G", G))
+    c_bf16_f32 = Ceiling(("M32b", M32b), ("V32b", V32b), ("P", P), ("G", G))
+    c_master_b = Ceiling(("P32", P32), ("M32", M32), ("Gb", Gb), ("Cb", Cb), ("K", K))
+    c_master_b_copy = Ceiling(("Gb", Gb), ("Cb", Cb), ("M32", M32), ("V32", V32), ("P32", P32))
+    c_f16 = Ceiling(("H", H), ("HM", HM), ("HV", HV), ("HG", HG))
+    c_master_h_copy = Ceiling(("Gh", Gh), ("Ch", Ch), ("M32", M32), ("V32", V32), ("P32", P32))
+    c_torch_gs = Ceiling(("Ps", Ps), ("K", K), ("Gs", Gs), ("Ms", Ms), ("Vs", Vs))
+    c_torch_cb = Ceiling(("P32", P32), ("TCb", TCb), ("M32", M32), ("V32", V32), ("G32", G32))
+    c_torch_ch = Ceiling(("P32", P32), ("TCh", TCh), ("M32", M32), ("V32", V32), ("G32", G32))
+
+    named = dict(P=P, G=G, M=M, V=V, P32=P32, G32=G32, M32=M32, V32=V32, H=H, HG=HG, HM=HM,
+                 HV=HV, M32b=M32b, V32b=V32b, Gb=Gb, Gh=Gh, Cb=Cb, Ch=Ch, K=K, TCb=TCb, TCh=TCh,
+                 Ps=Ps, Gs=Gs, Ms=Ms, Vs=Vs)
+
+    def own(*names: str) -> dict[str, np.ndarray]:
+        return {k: named[k] for k in names}
 
     kw = dict(step=5, lr=1e-4)
-    rows = {
-        "fp32": (28, lambda: fastoptim.adamw_(P32, G32, M32, V32, **kw)),
-        "bf16": (14, lambda: fastoptim.adamw_(P, G, M, V, **kw)),
-        "bf16 +stochastic": (14, lambda: fastoptim.adamw_(P, G, M, V, **kw,
-                                                          stochastic_rounding=(0, 5))),
-        "bf16 +kahan": (18, lambda: fastoptim.adamw_(P, G, M, V, **kw, compensation=K)),
-        "bf16/f32 states": (22, lambda: fastoptim.adamw_(P, G, M32b, V32b, **kw)),
-        "bf16/f32 states +stoch.": (22, lambda: fastoptim.adamw_(P, G, M32b, V32b, **kw,
-                                                                 stochastic_rounding=(0, 5))),
-        "f32 master/bf16 grads": (26, lambda: fastoptim.adamw_(P32, Gb, M32, V32, **kw)),
-        "f32 master/bf16 grads+copy": (28, lambda: fastoptim.adamw_(P32, Gb, M32, V32, **kw,
-                                                                    param_copies=Cb)),
-        "fp16": (14, lambda: fastoptim.adamw_(H, HG, HM, HV, **kw)),
-        "fp16/f32 states": (22, lambda: fastoptim.adamw_(H, HG, M32b, V32b, **kw)),
-        "f32 master/fp16 grads": (26, lambda: fastoptim.adamw_(P32, Gh, M32, V32, **kw)),
-        "f32 master/fp16 grads+copy": (28, lambda: fastoptim.adamw_(P32, Gh, M32, V32, **kw,
-                                                                    param_copies=Ch)),
-        "fp32 +grad_scale": (28, lambda: fastoptim.adamw_(P32, G32, M32, V32, **kw,
-                                                          grad_scale=65536.0)),
-        "torch fused bf16": (14, t_bf16.step),
-        "torch fused fp16": (14, t_f16.step),
-        "torch fused fp32": (28, t_f32.step),
-        "torch fp32 step + bf16 copy": (34, torch_master),
-        "ceiling (fp32 rmw 4r/3w)": (28, lambda: fastoptim._core.stream_rmw(
-            [P32, M32, V32, G32], 3, 0.0)),
-    }
-    results = []
+    f32, b16 = own("P32", "G32", "M32", "V32"), own("P", "G", "M", "V")
+    h16 = own("H", "HG", "HM", "HV")
+    tb, th, t32 = "torch fused bf16", "torch fused fp16", "torch fused fp32"
+    tcb, tch = "torch fp32 step + bf16 copy", "torch fp32 step + fp16 copy"
+    tgs = "torch fused fp32 +grad_scale"
+    rows = [
+        Row("fp32", 28, lambda: fastoptim.adamw_(P32, G32, M32, V32, **kw), c_f32, f32, t32),
+        Row("bf16", 14, lambda: fastoptim.adamw_(P, G, M, V, **kw), c_bf16, b16, tb),
+        Row("bf16 +stochastic", 14, lambda: fastoptim.adamw_(
+            P, G, M, V, **kw, stochastic_rounding=(0, 5)), c_bf16, b16, tb),
+        Row("bf16 +kahan", 18, lambda: fastoptim.adamw_(P, G, M, V, **kw, compensation=K),
+            c_kahan, own("P", "G", "M", "V", "K"), tb),
+        Row("bf16/f32 states", 22, lambda: fastoptim.adamw_(P, G, M32b, V32b, **kw),
+            c_bf16_f32, own("P", "G", "M32b", "V32b"), tb),
+        Row("bf16/f32 states +stoch.", 22, lambda: fastoptim.adamw_(
+            P, G, M32b, V32b, **kw, stochastic_rounding=(0, 5)),
+            c_bf16_f32, own("P", "G", "M32b", "V32b"), tb),
+        Row("f32 master/bf16 grads", 26, lambda: fastoptim.adamw_(P32, Gb, M32, V32, **kw),
+            c_master_b, own("P32", "Gb", "M32", "V32"), t32),
+        Row("f32 master/bf16 grads+copy", 28, lambda: fastoptim.adamw_(
+            P32, Gb, M32, V32, **kw, param_copies=Cb),
+            c_master_b_copy, own("P32", "Gb", "M32", "V32", "Cb"), tcb),
+        Row("fp16", 14, lambda: fastoptim.adamw_(H, HG, HM, HV, **kw), c_f16, h16, th),
+        Row("fp16/f32 states", 22, lambda: fastoptim.adamw_(H, HG, M32b, V32b, **kw),
+            c_bf16_f32, own("H", "HG", "M32b", "V32b"), th),
+        Row("f32 master/fp16 grads", 26, lambda: fastoptim.adamw_(P32, Gh, M32, V32, **kw),
+            c_master_b, own("P32", "Gh", "M32", "V32"), t32),
+        Row("f32 master/fp16 grads+copy", 28, lambda: fastoptim.adamw_(
+            P32, Gh, M32, V32, **kw, param_copies=Ch),
+            c_master_h_copy, own("P32", "Gh", "M32", "V32", "Ch"), tch),
+        Row("fp32 +grad_scale", 28, lambda: fastoptim.adamw_(
+            P32, G32, M32, V32, **kw, grad_scale=GRAD_SCALE), c_f32, f32, tgs),
+        Row(tb, 14, t_bf16.step, c_bf16, b16),
+        Row(th, 14, t_f16.step, c_f16, h16),
+        Row(t32, 28, t_f32.step, c_f32, f32),
+        Row(tgs, 32, t_gs.step, c_torch_gs, own("Ps", "Gs", "Ms", "Vs"),
+            before=lambda: gs_t.copy_(g_scaled)),
+        Row(tcb, 34, torch_master(copy_b), c_torch_cb, own("P32", "G32", "M32", "V32", "TCb")),
+        Row(tch, 34, torch_master(copy_h), c_torch_ch, own("P32", "G32", "M32", "V32", "TCh")),
+    ]
+    number_ceilings(rows)
+    return rows
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    ap.add_argument("--log2", type=int, default=24, help="elements = 2**log2 (default 24)")
+    ap.add_argument("--reps", type=int, default=9,
+                    help="interleaved rounds, one sample of each row and ceiling per round "
+                         "(default 9; fewer than 7 makes the medians fragile)")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--out", help="the JSON file (default: bench/results/formats_2e<log2>_t"
+                                  "<threads>_<time>.json, a new file each run)")
+    return ap.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parse_args(argv)
+    n = 2**args.log2
+    rows = build_rows(n)
+    ceilings = number_ceilings(rows)
+    doc = run_record(n, args.log2, args.threads, args.reps)
     for threads in args.threads:
         torch.set_num_threads(threads)
         fastoptim.set_num_threads(threads)
-        times: dict[str, list[float]] = {k: [] for k in rows}
-        for _ in range(args.reps):
-            for name, (_, fn) in rows.items():
-                fn()
-                t0 = time.perf_counter()
-                for _ in range(3):
-                    fn()
-                times[name].append((time.perf_counter() - t0) / 3)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        ceiling_gbs = 28 * n / med["ceiling (fp32 rmw 4r/3w)"] / 1e9
-        print(f"\nAdamW, {n:,} elements, {threads} thread(s); load {os.getloadavg()[0]:.2f}; "
-              f"ceiling {ceiling_gbs:.1f} GB/s")
-        print(f"{'row':28s} {'B/el':>4s} {'ms':>8s} {'GB/s':>6s} {'% ceil':>6s} "
-              f"{'x torch bf16':>12s} {'x torch fp32':>12s}")
-        for name, (b, _) in rows.items():
-            gbs = b * n / med[name] / 1e9
-            row = {"threads": threads, "row": name, "bytes_per_element": b,
-                   "ms": med[name] * 1e3, "gb_s": gbs, "pct_ceiling": 100 * gbs / ceiling_gbs,
-                   "x_torch_bf16": med["torch fused bf16"] / med[name],
-                   "x_torch_fp32": med["torch fused fp32"] / med[name]}
-            results.append(row)
-            print(f"{name:28s} {b:4d} {row['ms']:8.2f} {gbs:6.1f} {row['pct_ceiling']:6.0f} "
-                  f"{row['x_torch_bf16']:12.2f} {row['x_torch_fp32']:12.2f}")
-        print(f"bf16 x torch fused bf16: {med['torch fused bf16'] / med['bf16']:.2f}; "
-              f"f32 master/bf16 grads+copy x torch fp32 step + bf16 copy: "
-              f"{med['torch fp32 step + bf16 copy'] / med['f32 master/bf16 grads+copy']:.2f}")
-    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    out = os.path.join(os.path.dirname(__file__), "results", f"formats_2e{args.log2}.json")
-    with open(out, "w") as f:
-        json.dump({"elements": n, "rows": results}, f, indent=1)
+        load0 = load_average()
+        row_s, ceil_s = interleaved_rounds(rows, args.reps)
+        load1 = load_average()
+        summary = summarize(rows, row_s, ceil_s, n, threads)
+        doc["rows"] += summary
+        note = busy_note(load0, load1)
+        doc["passes"].append(pass_record(threads, load0, load1, note, ceilings, ceil_s, summary))
+        print_table(f"AdamW, {n:,} elements, {threads} thread(s); load average {load0[0]:.2f} "
+                    f"at the start, {load1[0]:.2f} at the end", summary, ceilings, args.reps, note)
+    doc["load_end"] = load_average()
+    doc["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    out = results_path("formats", args.log2, args.threads, args.out)
+    write_json(out, doc)
     print(f"\nwrote {out}")
 
 

@@ -611,12 +611,12 @@ def test_bench_in_cache_mode_times_every_isa():
         assert len(cells) == 7 and all(float(c) > 0 for c in cells), (isa, out)
 
 
-def test_bench_rows_name_their_bytes_and_peer():
+def test_bench_rows_name_their_bytes_and_peer(tmp_path):
     """bench/bench_quant.py at 2^12 (one repeat, no memory probe): every row, the bfloat16-params
     rows included, with its bytes per element and a ratio against its own peer (torch fused
     fp32 for float32 params, torch fused all-bf16 for bfloat16 params)."""
     out = run_bench_script("bench_quant.py", "12", "--repeats", "1", "--threads", "1",
-                           "--no-memory").stdout
+                           "--no-memory", "--out", str(tmp_path / "quant.json")).stdout
     rows = {}
     for line in out.splitlines():
         if line.startswith("threads 1 ") and " ms " in line and "B/el" in line:
