@@ -2240,8 +2240,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 gargs = item.gptrs
             else:
                 gargs = list(map(_data_ptr, item.grads))
-                if 0 in gargs:  # a storage resized to 0 (or an empty gradient): the views'
-                    gargs = None  # path names it (_views)
+                if 0 in gargs and any(not ptr and g.numel()
+                                      for ptr, g in zip(gargs, item.grads)):
+                    gargs = None  # a storage resized to 0: the views' path names it (_views)
                 else:
                     # A tensor does not keep its storage: Python code that runs before the
                     # kernel (a hyperparameter's __float__) may set_() a gradient and free the
