@@ -401,6 +401,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+
+def timed_pass(rows: Sequence[Row], ceilings: Sequence[Ceiling], n: int, threads: int,
+               reps: int) -> tuple[list[dict], dict]:
+    """One thread count's pass (shared with bench_quant.py): the interleaved rounds, the table
+    printed, and (the rows' summaries, the pass's JSON record)."""
+    torch.set_num_threads(threads)
+    fastoptim.set_num_threads(threads)
+    load0 = load_average()
+    row_s, ceil_s = interleaved_rounds(rows, reps)
+    load1 = load_average()
+    summary = summarize(rows, row_s, ceil_s, n, threads)
+    note = busy_note(load0, load1)
+    print_table(f"AdamW, {n:,} elements, {threads} thread(s); load average {load0[0]:.2f} "
+                f"at the start, {load1[0]:.2f} at the end", summary, ceilings, reps, note)
+    return summary, pass_record(threads, load0, load1, note, ceilings, ceil_s, summary)
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     n = 2**args.log2
@@ -408,17 +424,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ceilings = number_ceilings(rows)
     doc = run_record(n, args.log2, args.threads, args.reps)
     for threads in args.threads:
-        torch.set_num_threads(threads)
-        fastoptim.set_num_threads(threads)
-        load0 = load_average()
-        row_s, ceil_s = interleaved_rounds(rows, args.reps)
-        load1 = load_average()
-        summary = summarize(rows, row_s, ceil_s, n, threads)
+        summary, pass_doc = timed_pass(rows, ceilings, n, threads, args.reps)
         doc["rows"] += summary
-        note = busy_note(load0, load1)
-        doc["passes"].append(pass_record(threads, load0, load1, note, ceilings, ceil_s, summary))
-        print_table(f"AdamW, {n:,} elements, {threads} thread(s); load average {load0[0]:.2f} "
-                    f"at the start, {load1[0]:.2f} at the end", summary, ceilings, args.reps, note)
+        doc["passes"].append(pass_doc)
     doc["load_end"] = load_average()
     doc["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     out = results_path("formats", args.log2, args.threads, args.out)

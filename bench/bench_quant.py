@@ -61,9 +61,8 @@ import torch
 import fastoptim
 from bench_bf16_compute import min_ns_per_isa  # bench/ is the script's directory
 from bench_formats import (
-    CALLS, Ceiling, Row, busy_note, interleaved_rounds, load_average, number_ceilings,
-    pass_record, print_table, results_path, run_record, spread, summarize, time_batch, unsteady,
-    view_of, write_json)
+    CALLS, Ceiling, Row, load_average, number_ceilings, results_path, run_record, spread,
+    time_batch, timed_pass, unsteady, view_of, write_json)
 from fastoptim.quant import QuantizedState
 
 HYPER = dict(lr=1e-4, weight_decay=1e-2)
@@ -257,17 +256,8 @@ def main(args):
     rows = build_rows(n)
     ceilings = number_ceilings(rows)
     for threads in args.threads:
-        torch.set_num_threads(threads)
-        fastoptim.set_num_threads(threads)
-        load0 = load_average()
-        row_s, ceil_s = interleaved_rounds(rows, args.repeats)
-        load1 = load_average()
-        summary = summarize(rows, row_s, ceil_s, n, threads)
+        summary, pass_doc = timed_pass(rows, ceilings, n, threads, args.repeats)
         doc["rows"] += summary
-        note = busy_note(load0, load1)
-        print_table(f"AdamW, {n:,} elements, {threads} thread(s); load average {load0[0]:.2f} at "
-                    f"the start, {load1[0]:.2f} at the end", summary, ceilings, args.repeats, note)
-        pass_doc = pass_record(threads, load0, load1, note, ceilings, ceil_s, summary)
         pass_doc["bitsandbytes"] = None
         if bnb is not None:
             int8 = next(r for r in rows if r.name == "fastoptim int8")
