@@ -384,3 +384,30 @@ def test_a_param_without_storage_is_named():
     p.grad = torch.ones(4, 4).to_sparse()
     with pytest.raises(TypeError, match=re.escape("param_groups[0]['params'][0] is sparse")):
         opt.step()
+
+
+def test_a_param_shrunk_at_the_same_address_is_refused(metadata_reader):
+    """``p.data = buf[:500]`` after stepping ``buf[:1000]`` keeps the data pointer, and a
+    gradient computed before has the old shape, which the cache expects: the step wrote
+    buf[500:1000], memory no longer the param's. _torch_ext.gather compares the params' shapes
+    with the cache's (Note [A param's layout changed under its cache])."""
+    if metadata_reader == "python":
+        pytest.skip("not caught without _torch_ext (the Note: a shape read per param per step)")
+    buf = torch.zeros(2000)
+    p = torch.nn.Parameter(buf[:1000])
+    opt = ft.SGD([p], lr=1.0)
+    for _ in range(2):
+        p.grad = torch.ones(1000)
+        opt.step()
+    p.grad = torch.ones(1000)
+    other = buf[500:1000]
+    other.fill_(7.0)
+    p.data = buf[:500]
+    with pytest.raises(ValueError, match=re.escape("its gradient has shape (1000,), the "
+                                                   "parameter (500,)")):
+        opt.step()
+    assert torch.equal(other, torch.full((500,), 7.0))
+    assert torch.equal(buf[:500], torch.full((500,), -2.0))
+    p.grad = torch.ones(500)  # a gradient of the new shape: the step goes on
+    opt.step()
+    assert torch.equal(buf[:500], torch.full((500,), -3.0))

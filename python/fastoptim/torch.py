@@ -94,10 +94,14 @@ Note [A param's layout changed under its cache]
     A group's cache is re-made when a param's data pointer changes (Note [Views are cached]),
     which is all a step reads of the params. ``p.data = p.data[:4]`` or ``.view(2, 4)`` keeps
     the pointer and changes the shape, and the gradient then disagrees with the cached views.
-    Reading every param's shape and strides every step would cost much of what the pointer
-    path saves, so the step compares them only when something was refused: each cache that no
-    longer matches its params is dropped and the step runs once more from the start (nothing
-    has been written: every check precedes the first write). A refusal that fresh caches do not
+    Reading every param's shape and strides every step in Python would cost much of what the
+    pointer path saves, so the step compares them only when something was refused: each cache
+    that no longer matches its params is dropped and the step runs once more from the start
+    (nothing has been written: every check precedes the first write). A gradient computed
+    BEFORE the change agrees with the cache, though, and the step would write the old extent:
+    ``_torch_ext.gather`` (which reads each param anyway) compares the params' shapes with the
+    cache's and returns no param pointers on a difference, and the caches are then checked and
+    dropped before the step goes on. Without the extension that case is not caught. A refusal that fresh caches do not
     cure is raised, e.g. a state whose shape no longer matches its param (torch.optim refuses
     that too).
 
@@ -2084,6 +2088,11 @@ class _FusedOptimizer(torch.optim.Optimizer):
                                                      known.strides, *bound, threads, True)
                 # (_check_bound's comparison, when it found them all bound)
                 same = (full, known.dicts) if same is True else None
+                if pptrs is None and self._drop_stale_caches():
+                    # a param's shape changed at the same address (gather compares them):
+                    # its cache is gone; the gradients are compared with the new one
+                    gptrs = same = None
+                    known = None
         if grads is None:
             grads = list(map(_grad_of, params))
         if gptrs is not None or all(map(operator.is_not, grads, repeat(None))):

@@ -299,6 +299,11 @@ class ParamWalk {
     } else {
       f.plain = false;
     }
+    // A param given another shape at the same address (p.data = p.data[:n]) while its
+    // gradient still has the old one, which matches the cache: no param pointers, so that
+    // torch.py compares the params with their caches (Note [A param's layout changed under
+    // its cache]). shapes_[i] is the param's shape when the cache was made.
+    if (!same_ints(PyList_GET_ITEM(shapes_, i), param.sizes())) f.plain = false;
     const at::Tensor& g = grads_[i] = param.grad();
     if (!g.defined()) {
       f.match = false;
