@@ -82,28 +82,71 @@ def view_of(t: torch.Tensor) -> np.ndarray:
 
 # ---- shared with bench_quant.py: ceilings, interleaved timing, the noise flag, the table ----
 
-class Ceiling:
-    """`_core.stream_rmw` in place over named arrays: the first len-1 read and written (scale 0:
-    rewritten unchanged), the last read. `bytes_per_element` follows from their dtypes."""
+# The shapes of the stream_bytes loops, (prefetch_ahead, run): Note [byte ceiling] in
+# src/cpp/kernels.h. On a Zen 4 VM at 2^26 (1 thread) the first was the fastest for fp32 and
+# mixed fp32/bf16 streams, the second for four bf16 streams (43-46 GB/s where every other
+# shape, and stream_rmw, reached 29-30).
+BYTE_SHAPES = ((256, 1), (0, 8))
 
-    def __init__(self, *streams: tuple[str, np.ndarray]) -> None:
-        if not 2 <= len(streams) <= 5:
+
+class Loop:
+    """One in-place loop of a ceiling, timed on its own: `_core.stream_rmw` over `rmw` (the
+    first len-1 streams read and written, scale 0: rewritten unchanged, the last read), or
+    `_core.stream_bytes` over `exact` ((name, array, mode) with mode 'r', 'w' or 'rw': the
+    row's own traffic, values unchanged, write-only streams zeroed) in one of BYTE_SHAPES."""
+
+    def __init__(self, rmw: Sequence[tuple[str, np.ndarray]] = (),
+                 exact: Sequence[tuple[str, np.ndarray, str]] = (),
+                 shape: tuple[int, int] = (0, 1)) -> None:
+        if bool(rmw) == bool(exact):
+            raise ValueError("a loop is stream_rmw (rmw) or stream_bytes (exact)")
+        if rmw and not 2 <= len(rmw) <= 5:
             raise ValueError("stream_rmw takes 2 to 5 streams")
-        self.names = [name for name, _ in streams]
-        self.arrays = [a for _, a in streams]
-        self.id = ""  # c1, c2, ... in the order of the rows (number_ceilings)
+        self.rmw = bool(rmw)
+        self.names = [x[0] for x in (rmw or exact)]
+        self.arrays = [x[1] for x in (rmw or exact)]
+        self.modes = ["rw"] * (len(rmw) - 1) + ["r"] if rmw else [x[2] for x in exact]
+        self.shape = shape
+        self.elements = self.arrays[0].size
+        self.key = ""  # c1.0, c1.1, ... (number_ceilings)
 
     @property
-    def bytes_per_element(self) -> int:
-        return 2 * sum(a.itemsize for a in self.arrays[:-1]) + self.arrays[-1].itemsize
+    def bytes_per_element(self) -> float:
+        return sum(a.nbytes * len(m) for a, m in zip(self.arrays, self.modes)) / self.elements
 
     def describe(self) -> str:
         names = [f"{name} {DTYPE_NAMES.get(a.dtype, a.dtype)}"
                  for name, a in zip(self.names, self.arrays)]
-        return f"stream_rmw([{', '.join(names[:-1])} | {names[-1]}])"
+        if self.rmw:
+            return f"stream_rmw([{', '.join(names[:-1])} | {names[-1]}])"
+        streams = ", ".join(f"{x} {m}" for x, m in zip(names, self.modes))
+        return f"stream_bytes([{streams}], prefetch {self.shape[0]}, run {self.shape[1]})"
 
     def __call__(self) -> None:
-        fastoptim._core.stream_rmw(self.arrays, len(self.arrays) - 1, 0.0)
+        if self.rmw:
+            fastoptim._core.stream_rmw(self.arrays, len(self.arrays) - 1, 0.0)
+        else:
+            fastoptim._core.stream_bytes(self.arrays, self.modes, self.elements, *self.shape)
+
+
+class Ceiling:
+    """A row's in-place ceiling: the fastest of its loops (each timed every round). `streams`:
+    the stream_rmw loop (as before stream_bytes existed), or none; `exact`: the row's own
+    traffic, (name, array, mode), for one stream_bytes loop per BYTE_SHAPES; `rmw_loop`: a
+    stream_rmw Loop shared with another ceiling (timed once a round)."""
+
+    def __init__(self, *streams: tuple[str, np.ndarray],
+                 exact: Sequence[tuple[str, np.ndarray, str]] = (),
+                 rmw_loop: Optional[Loop] = None) -> None:
+        self.loops: list[Loop] = [rmw_loop] if rmw_loop else [Loop(rmw=streams)] if streams else []
+        self.loops += [Loop(exact=exact, shape=sh) for sh in BYTE_SHAPES] if exact else []
+        if not self.loops:
+            raise ValueError("a ceiling needs a loop")
+        self.id = ""  # c1, c2, ... in the order of the rows (number_ceilings)
+
+    @property
+    def rmw(self) -> Optional[Loop]:
+        return next((x for x in self.loops if x.rmw), None)
 
 
 @dataclasses.dataclass
@@ -118,12 +161,15 @@ class Row:
 
 
 def number_ceilings(rows: Sequence[Row]) -> list[Ceiling]:
-    """The distinct ceilings, numbered c1, c2, ... in the order of the rows that use them."""
+    """The distinct ceilings, numbered c1, c2, ... in the order of the rows that use them; a
+    loop is keyed by the first ceiling that has it (c1.0, c1.1, ...)."""
     out: list[Ceiling] = []
     for r in rows:
         if all(c is not r.ceiling for c in out):
             out.append(r.ceiling)
             r.ceiling.id = f"c{len(out)}"
+            for k, loop in enumerate(r.ceiling.loops):
+                loop.key = loop.key or f"{r.ceiling.id}.{k}"
     return out
 
 
@@ -141,18 +187,29 @@ def time_batch(fn: Callable[[], object], before: Optional[Callable[[], object]] 
 
 def interleaved_rounds(rows: Sequence[Row], rounds: int
                        ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Every sample of every row and ceiling: each round times each row in turn, and each
-    ceiling once, right after the first row that uses it."""
+    """Every sample of every row and ceiling loop (by Loop.key): each round times each row in
+    turn, and each loop of its ceiling once a round, right after the first row that uses it."""
     row_s: dict[str, list[float]] = {r.name: [] for r in rows}
-    ceil_s: dict[str, list[float]] = {r.ceiling.id: [] for r in rows}
+    ceil_s: dict[str, list[float]] = {x.key: [] for r in rows for x in r.ceiling.loops}
     for _ in range(rounds):
         done: set[str] = set()
         for r in rows:
             row_s[r.name].append(time_batch(r.fn, r.before))
-            if r.ceiling.id not in done:
-                ceil_s[r.ceiling.id].append(time_batch(r.ceiling))
-                done.add(r.ceiling.id)
+            for loop in r.ceiling.loops:
+                if loop.key not in done:
+                    ceil_s[loop.key].append(time_batch(loop))
+                    done.add(loop.key)
     return row_s, ceil_s
+
+
+def ceiling_loops(c: Ceiling, ceil_s: dict[str, list[float]], n: int) -> list[dict]:
+    """Each loop of the ceiling: its description, B/el, samples and GB/s (its B/el x n / its
+    median time), fastest first."""
+    out = [{"loop": x.describe(), "names": x.names, "bytes_per_element": x.bytes_per_element,
+            "samples_s": ceil_s[x.key],
+            "gb_s": x.bytes_per_element * n / statistics.median(ceil_s[x.key]) / 1e9}
+           for x in c.loops]
+    return sorted(out, key=lambda d: -d["gb_s"])
 
 
 def spread(samples: Sequence[float]) -> float:
@@ -208,18 +265,21 @@ def summarize(rows: Sequence[Row], row_s: dict[str, list[float]],
     for r in rows:
         c = r.ceiling
         gbs = r.bytes_per_element * n / med[r.name] / 1e9
-        c_med = statistics.median(ceil_s[c.id])
-        c_gbs = c.bytes_per_element * n / c_med / 1e9
+        loops = ceiling_loops(c, ceil_s, n)
+        best = loops[0]  # the fastest loop is the ceiling
+        c_gbs = best["gb_s"]
         d = {"threads": threads, "row": r.name, "bytes_per_element": r.bytes_per_element,
              "arrays": list(r.arrays), "samples_s": row_s[r.name], "ms": med[r.name] * 1e3,
              "gb_s": gbs, "spread": spread(row_s[r.name]),
-             "ceiling": c.id, "ceiling_loop": c.describe(),
-             "ceiling_bytes_per_element": c.bytes_per_element,
-             "ceiling_other_arrays": [x for x in c.names if x not in r.arrays],
-             "ceiling_samples_s": ceil_s[c.id], "ceiling_ms": c_med * 1e3, "ceiling_gb_s": c_gbs,
-             "ceiling_spread": spread(ceil_s[c.id]),
+             "ceiling": c.id, "ceiling_loop": best["loop"],
+             "ceiling_bytes_per_element": best["bytes_per_element"],
+             "ceiling_other_arrays": [x for x in best["names"] if x not in r.arrays],
+             "ceiling_samples_s": best["samples_s"],
+             "ceiling_ms": statistics.median(best["samples_s"]) * 1e3, "ceiling_gb_s": c_gbs,
+             "ceiling_spread": spread(best["samples_s"]),
+             "ceiling_loops": {x["loop"]: x["gb_s"] for x in loops},
              "pct_ceiling": 100 * gbs / c_gbs,
-             "pct_ceiling_unsteady": (unsteady(row_s[r.name], ceil_s[c.id])
+             "pct_ceiling_unsteady": (unsteady(row_s[r.name], best["samples_s"])
                                       or 100 * gbs / c_gbs > PCT_LIMIT),
              "peer": r.peer, "x_peer": None, "x_peer_unsteady": None}
         if r.peer is not None:
@@ -239,15 +299,12 @@ def run_record(n: int, log2: int, threads: Sequence[int], rounds: int) -> dict:
 
 
 def pass_record(threads: int, load0: Sequence[float], load1: Sequence[float], note: str,
-                ceilings: Sequence[Ceiling], ceil_s: dict[str, list[float]],
-                summary: Sequence[dict]) -> dict:
-    """One thread count's record: the load, the busy flag, each ceiling's loop, B/el, samples
-    and GB/s."""
-    gbs = {d["ceiling"]: d["ceiling_gb_s"] for d in summary}
+                ceilings: Sequence[Ceiling], ceil_s: dict[str, list[float]], n: int) -> dict:
+    """One thread count's record: the load, the busy flag, each ceiling's loops (fastest
+    first) with their B/el, samples and GB/s."""
     return {"threads": threads, "load_start": list(load0), "load_end": list(load1),
             "busy": bool(note),
-            "ceilings": {c.id: {"loop": c.describe(), "bytes_per_element": c.bytes_per_element,
-                                "samples_s": ceil_s[c.id], "gb_s": gbs[c.id]} for c in ceilings}}
+            "ceilings": {c.id: ceiling_loops(c, ceil_s, n) for c in ceilings}}
 
 
 def print_table(title: str, summary: Sequence[dict], ceilings: Sequence[Ceiling],
@@ -265,17 +322,19 @@ def print_table(title: str, summary: Sequence[dict], ceilings: Sequence[Ceiling]
               f"{d['bytes_per_element']:6.2f} B/el {d['gb_s']:6.1f} GB/s | {d['ceiling']:>4s} "
               f"{d['ceiling_bytes_per_element']:6.2f} B/el {d['ceiling_gb_s']:6.1f} GB/s "
               f"{pct} {peer}")
-    print(f"% ceil = the row's GB/s / its ceiling loop's GB/s, each its own B/el x elements / "
-          f"its median time over {rounds} interleaved rounds of {CALLS} steps.\nCeiling loops "
-          f"(_core.stream_rmw in place on arrays of the row's size; before '|' read and written, "
-          f"after it read):")
+    print(f"% ceil = the row's GB/s / its ceiling's GB/s, each its own B/el x elements / its "
+          f"median time over {rounds} interleaved rounds of {CALLS} steps; a ceiling is the "
+          f"fastest of its loops,\nall in place on arrays of the row's size (stream_rmw: before "
+          f"'|' read and written, after it read; stream_bytes: the row's own arrays, r / w / rw):")
     for c in ceilings:
         users = [d for d in summary if d["ceiling"] == c.id]
         rows = ", ".join(d["row"] + (f" (not its arrays: {', '.join(d['ceiling_other_arrays'])})"
                                      if d["ceiling_other_arrays"] else "") for d in users)
-        print(f"  {c.id:>3s} {c.describe()} {c.bytes_per_element} B/el, "
-              f"{users[0]['ceiling_gb_s']:.1f} GB/s (spread {users[0]['ceiling_spread']:.2f}); "
-              f"for {rows}")
+        print(f"  {c.id:>3s} {users[0]['ceiling_gb_s']:.1f} GB/s (spread "
+              f"{users[0]['ceiling_spread']:.2f}), for {rows}:")
+        for k, (loop, g) in enumerate(users[0]["ceiling_loops"].items()):
+            bpe = next(x.bytes_per_element for x in c.loops if x.describe() == loop)
+            print(f"      {'>' if k == 0 else ' '} {loop} {bpe:.2f} B/el {g:.1f} GB/s")
     flagged = sum(bool(d["pct_ceiling_unsteady"]) + bool(d["x_peer_unsteady"]) for d in summary)
     print(f"{FLAG} = the samples of the row or of the other side spread more than "
           f"{SPREAD_LIMIT}x (max/min over the rounds), or % ceil > {PCT_LIMIT:.0f}: the machine "
@@ -325,21 +384,41 @@ def build_rows(n: int, seed: int = 0) -> list[Row]:
     t_gs.grad_scale = torch.tensor(GRAD_SCALE)  # type: ignore[attr-defined]
     t_gs.found_inf = torch.zeros(())  # type: ignore[attr-defined]
 
-    c_f32 = Ceiling(("P32", P32), ("M32", M32), ("V32", V32), ("G32", G32))
-    c_bf16 = Ceiling(("P", P), ("M", M), ("V", V), ("G", G))
-    c_kahan = Ceiling(("P", P), ("M", M), ("V", V), ("K", K), ("G", G))
-    c_bf16_f32 = Ceiling(("M32b", M32b), ("V32b", V32b), ("P", P), ("G", G))
-    c_master_b = Ceiling(("P32", P32), ("M32", M32), ("Gb", Gb), ("Cb", Cb), ("K", K))
-    c_master_b_copy = Ceiling(("Gb", Gb), ("Cb", Cb), ("M32", M32), ("V32", V32), ("P32", P32))
-    c_f16 = Ceiling(("H", H), ("HM", HM), ("HV", HV), ("HG", HG))
-    c_master_h_copy = Ceiling(("Gh", Gh), ("Ch", Ch), ("M32", M32), ("V32", V32), ("P32", P32))
-    c_torch_gs = Ceiling(("Ps", Ps), ("K", K), ("Gs", Gs), ("Ms", Ms), ("Vs", Vs))
-    c_torch_cb = Ceiling(("P32", P32), ("TCb", TCb), ("M32", M32), ("V32", V32), ("G32", G32))
-    c_torch_ch = Ceiling(("P32", P32), ("TCh", TCh), ("M32", M32), ("V32", V32), ("G32", G32))
-
     named = dict(P=P, G=G, M=M, V=V, P32=P32, G32=G32, M32=M32, V32=V32, H=H, HG=HG, HM=HM,
                  HV=HV, M32b=M32b, V32b=V32b, Gb=Gb, Gh=Gh, Cb=Cb, Ch=Ch, K=K, TCb=TCb, TCh=TCh,
                  Ps=Ps, Gs=Gs, Ms=Ms, Vs=Vs)
+
+    def adam(p: str, g: str, m: str, v: str, *extra: tuple[str, str]
+             ) -> list[tuple[str, np.ndarray, str]]:
+        """AdamW's exact traffic, for a ceiling's stream_bytes loops: p, m, v read and written,
+        g read (rw: torch's in-place unscale), and each (name, mode) of `extra`."""
+        modes = [(p, "rw"), (g, "rw" if g == "Gs" else "r"), (m, "rw"), (v, "rw"), *extra]
+        return [(x, named[x], mode) for x, mode in modes]
+
+    # each ceiling: its stream_rmw loop and the row's exact traffic; rows that share a
+    # stream_rmw loop but not their arrays share the loop (timed once a round)
+    c_f32 = Ceiling(("P32", P32), ("M32", M32), ("V32", V32), ("G32", G32),
+                    exact=adam("P32", "G32", "M32", "V32"))
+    c_bf16 = Ceiling(("P", P), ("M", M), ("V", V), ("G", G), exact=adam("P", "G", "M", "V"))
+    c_kahan = Ceiling(("P", P), ("M", M), ("V", V), ("K", K), ("G", G),
+                      exact=adam("P", "G", "M", "V", ("K", "rw")))
+    c_bf16_f32 = Ceiling(("M32b", M32b), ("V32b", V32b), ("P", P), ("G", G),
+                         exact=adam("P", "G", "M32b", "V32b"))
+    c_f16_f32 = Ceiling(exact=adam("H", "HG", "M32b", "V32b"), rmw_loop=c_bf16_f32.rmw)
+    c_master_b = Ceiling(("P32", P32), ("M32", M32), ("Gb", Gb), ("Cb", Cb), ("K", K),
+                         exact=adam("P32", "Gb", "M32", "V32"))
+    c_master_h = Ceiling(exact=adam("P32", "Gh", "M32", "V32"), rmw_loop=c_master_b.rmw)
+    c_master_b_copy = Ceiling(("Gb", Gb), ("Cb", Cb), ("M32", M32), ("V32", V32), ("P32", P32),
+                              exact=adam("P32", "Gb", "M32", "V32", ("Cb", "w")))
+    c_f16 = Ceiling(("H", H), ("HM", HM), ("HV", HV), ("HG", HG),
+                    exact=adam("H", "HG", "HM", "HV"))
+    c_master_h_copy = Ceiling(("Gh", Gh), ("Ch", Ch), ("M32", M32), ("V32", V32), ("P32", P32),
+                              exact=adam("P32", "Gh", "M32", "V32", ("Ch", "w")))
+    c_torch_gs = Ceiling(("Ps", Ps), ("K", K), ("Gs", Gs), ("Ms", Ms), ("Vs", Vs),
+                         exact=adam("Ps", "Gs", "Ms", "Vs"))
+    # torch's step + copy reads the param twice (34 B): no single pass has its traffic
+    c_torch_cb = Ceiling(("P32", P32), ("TCb", TCb), ("M32", M32), ("V32", V32), ("G32", G32))
+    c_torch_ch = Ceiling(("P32", P32), ("TCh", TCh), ("M32", M32), ("V32", V32), ("G32", G32))
 
     def own(*names: str) -> dict[str, np.ndarray]:
         return {k: named[k] for k in names}
@@ -369,9 +448,9 @@ def build_rows(n: int, seed: int = 0) -> list[Row]:
             c_master_b_copy, own("P32", "Gb", "M32", "V32", "Cb"), tcb),
         Row("fp16", 14, lambda: fastoptim.adamw_(H, HG, HM, HV, **kw), c_f16, h16, th),
         Row("fp16/f32 states", 22, lambda: fastoptim.adamw_(H, HG, M32b, V32b, **kw),
-            c_bf16_f32, own("H", "HG", "M32b", "V32b"), th),
+            c_f16_f32, own("H", "HG", "M32b", "V32b"), th),
         Row("f32 master/fp16 grads", 26, lambda: fastoptim.adamw_(P32, Gh, M32, V32, **kw),
-            c_master_b, own("P32", "Gh", "M32", "V32"), t32),
+            c_master_h, own("P32", "Gh", "M32", "V32"), t32),
         Row("f32 master/fp16 grads+copy", 28, lambda: fastoptim.adamw_(
             P32, Gh, M32, V32, **kw, param_copies=Ch),
             c_master_h_copy, own("P32", "Gh", "M32", "V32", "Ch"), tch),
@@ -415,7 +494,7 @@ def timed_pass(rows: Sequence[Row], ceilings: Sequence[Ceiling], n: int, threads
     note = busy_note(load0, load1)
     print_table(f"AdamW, {n:,} elements, {threads} thread(s); load average {load0[0]:.2f} "
                 f"at the start, {load1[0]:.2f} at the end", summary, ceilings, reps, note)
-    return summary, pass_record(threads, load0, load1, note, ceilings, ceil_s, summary)
+    return summary, pass_record(threads, load0, load1, note, ceilings, ceil_s, n)
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)

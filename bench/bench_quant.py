@@ -168,15 +168,30 @@ def build_rows(n, seed=0):
     q4b = (quantized(n, 4, False), quantized(n, 4, True))
     fastoptim.adamw_(P16.copy(), G16, *q8b, step=1, **hyper)
 
-    c_f32 = Ceiling(("P", P), ("M", M), ("V", V), ("G", G))
-    c_states_bf16 = Ceiling(("Mb", Mb), ("Vb", Vb), ("P", P), ("G", G))
-    c_int8 = Ceiling(("P", P), ("Mb", Mb), ("G", G))
-    c_bf16 = Ceiling(("P16", P16), ("M16", M16), ("V16", V16), ("G16", G16))
-    c_bf16p = Ceiling(("P16", P16), ("G16", G16), ("M16", M16))
     named = dict(P=P, G=G, M=M, V=V, Mb=Mb, Vb=Vb, P16=P16, G16=G16, M16=M16, V16=V16)
     for tag, pair in (("q8", q8), ("q4", q4), ("q8b", q8b), ("q4b", q4b)):
         for state, q in zip(("m", "v"), pair):
             named.update({f"{tag}{state} codes": q.codes, f"{tag}{state} absmax": q.absmax})
+
+    def adam(p, g, m, v):
+        """AdamW's exact traffic for a ceiling's stream_bytes loops (p, m, v read and written,
+        g read); a quantized state is its codes (the absmax, 4 bytes per block, is left out)."""
+        return [(p, named[p], "rw"), (g, named[g], "r"), (m, named[m], "rw"), (v, named[v], "rw")]
+
+    def codes(p, g, tag):
+        return adam(p, g, f"{tag}m codes", f"{tag}v codes")
+
+    # each ceiling: its stream_rmw loop (the pattern closest to the row's bytes) and the row's
+    # exact traffic; the int4 rows share the stream_rmw loop of the row with their pattern
+    c_f32 = Ceiling(("P", P), ("M", M), ("V", V), ("G", G), exact=adam("P", "G", "M", "V"))
+    c_states_bf16 = Ceiling(("Mb", Mb), ("Vb", Vb), ("P", P), ("G", G),
+                            exact=adam("P", "G", "Mb", "Vb"))
+    c_int8 = Ceiling(("P", P), ("Mb", Mb), ("G", G), exact=codes("P", "G", "q8"))
+    c_bf16 = Ceiling(("P16", P16), ("M16", M16), ("V16", V16), ("G16", G16),
+                     exact=adam("P16", "G16", "M16", "V16"))
+    c_int4 = Ceiling(exact=codes("P", "G", "q4"), rmw_loop=c_bf16.rmw)
+    c_bf16p = Ceiling(("P16", P16), ("G16", G16), ("M16", M16), exact=codes("P16", "G16", "q8b"))
+    c_bf16p4 = Ceiling(exact=codes("P16", "G16", "q4b"), rmw_loop=c_bf16p.rmw)
 
     def own(*names):
         return {k: named[k] for k in names}
@@ -201,11 +216,11 @@ def build_rows(n, seed=0):
         row("fastoptim states bf16", adamw(P, G, Mb, Vb), c_states_bf16, own("P", "G", "Mb", "Vb"),
             t32),
         row("fastoptim int8", adamw(P, G, *q8), c_int8, q8n, t32),
-        row("fastoptim int4", adamw(P, G, *q4), c_bf16, q4n, t32),
+        row("fastoptim int4", adamw(P, G, *q4), c_int4, q4n, t32),
         row(t16, opt16.step, c_bf16, b16),
         row("fastoptim all-bf16", adamw(P16, G16, M16, V16), c_bf16, b16, t16),
         row("fastoptim bf16p-int8", adamw(P16, G16, *q8b), c_bf16p, q8bn, t16),
-        row("fastoptim bf16p-int4", adamw(P16, G16, *q4b), c_bf16p, q4bn, t16),
+        row("fastoptim bf16p-int4", adamw(P16, G16, *q4b), c_bf16p4, q4bn, t16),
         row("fastoptim bf16p-int8-sr", adamw(P16, G16, *q8b, stochastic_rounding=(1, 5)),
             c_bf16p, q8bn, t16),
     ]

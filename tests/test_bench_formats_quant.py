@@ -1,8 +1,9 @@
 """bench/bench_formats.py and bench/bench_quant.py: every row has its own in-place ceiling, the
-stream_rmw pattern closest to the row's bytes (ties to the fewest bytes on arrays the row does
-not touch), timed in the same rounds; ratios whose samples spread are flagged; the torch peers
-are named and given what the row gets (grad_scale); the JSON keeps every sample, the ceilings
-and the load; bitsandbytes is optional and timed in several batches when it is there."""
+fastest of its loops: the stream_rmw pattern closest to the row's bytes (ties to the fewest bytes
+on arrays the row does not touch) and stream_bytes loops over exactly the row's own traffic,
+timed in the same rounds; ratios whose samples spread are flagged; the torch peers are named
+and given what the row gets (grad_scale); the JSON keeps every sample, the ceilings and the
+load; bitsandbytes is optional and timed in several batches when it is there."""
 import itertools
 import json
 import os
@@ -88,7 +89,7 @@ def test_every_ceiling_is_the_closest_pattern(rows, patterns):
     """Each row's ceiling moves the bytes closest to the row's that any stream_rmw pattern can,
     and of those the fewest on arrays the row does not touch; all on arrays of the row's size."""
     for r in rows:
-        c = r.ceiling
+        c = r.ceiling.rmw
         own = {k: a for k, a in r.arrays.items() if a.dtype in DTYPES and a.size == 2**10}
         gap = abs(c.bytes_per_element - r.bytes_per_element)
         best_gap = min(abs(sum(slot_bytes(d)) - r.bytes_per_element) for d in patterns)
@@ -99,7 +100,7 @@ def test_every_ceiling_is_the_closest_pattern(rows, patterns):
                     if abs(sum(slot_bytes(d)) - r.bytes_per_element) == pytest.approx(best_gap))
         assert other == least, (r.name, c.describe(), other, least)
         assert all(a.size == 2**10 for a in c.arrays), r.name
-        assert c.id and c.bytes_per_element == sum(slot_bytes([a.dtype for a in c.arrays]))
+        assert c.key and c.bytes_per_element == sum(slot_bytes([a.dtype for a in c.arrays]))
 
 
 def test_exact_ceilings_run_on_the_rows_own_arrays():
@@ -108,27 +109,81 @@ def test_exact_ceilings_run_on_the_rows_own_arrays():
     for name in ("fp32", "bf16", "bf16 +kahan", "bf16/f32 states", "f32 master/bf16 grads+copy",
                  "fp16", "f32 master/fp16 grads+copy", "torch fused fp32", "torch fused bf16"):
         r = rows[name]
-        assert r.ceiling.bytes_per_element == r.bytes_per_element, name
-        assert set(r.ceiling.names) <= set(r.arrays), name
-    # no float32-with-float16-states pattern: the bf16 arrays of another row stand in, same bytes
-    assert rows["fp16/f32 states"].ceiling is rows["bf16/f32 states"].ceiling
-    assert rows["f32 master/fp16 grads"].ceiling is rows["f32 master/bf16 grads"].ceiling
-    assert rows["torch fused fp32 +grad_scale"].ceiling.bytes_per_element == 32
+        assert r.ceiling.rmw.bytes_per_element == r.bytes_per_element, name
+        assert set(r.ceiling.rmw.names) <= set(r.arrays), name
+    # no float32-with-float16-states pattern: the bf16 arrays of another row stand in, same
+    # bytes; that loop is shared (timed once a round), the stream_bytes loops are each row's
+    assert rows["fp16/f32 states"].ceiling.rmw is rows["bf16/f32 states"].ceiling.rmw
+    assert rows["f32 master/fp16 grads"].ceiling.rmw is rows["f32 master/bf16 grads"].ceiling.rmw
+    assert rows["fp16/f32 states"].ceiling is not rows["bf16/f32 states"].ceiling
+    assert rows["torch fused fp32 +grad_scale"].ceiling.rmw.bytes_per_element == 32
     quant = {r.name: r for r in bench_quant.build_rows(2**10)}
     for name in ("fastoptim fp32", "fastoptim states bf16", "fastoptim all-bf16"):
         r = quant[name]
-        assert r.ceiling.bytes_per_element == r.bytes_per_element, name
-        assert set(r.ceiling.names) <= set(r.arrays), name
-    assert quant["fastoptim int8"].ceiling.bytes_per_element == 16
+        assert r.ceiling.rmw.bytes_per_element == r.bytes_per_element, name
+        assert set(r.ceiling.rmw.names) <= set(r.arrays), name
+    assert quant["fastoptim int8"].ceiling.rmw.bytes_per_element == 16
+
+
+# The rows whose traffic no single in-place pass has (torch's step, then a copy that reads the
+# param again): a stream_rmw loop only.
+NO_EXACT = {"torch fp32 step + bf16 copy", "torch fp32 step + fp16 copy"}
+
+
+def test_byte_loops_move_exactly_the_rows_traffic(rows):
+    """Every other row's ceiling has one stream_bytes loop per shape, on the row's own arrays,
+    each array read, written or both as the row does, and exactly the row's bytes (a quantized
+    row's absmax, 4 bytes per block, is left out)."""
+    for r in rows:
+        loops = [x for x in r.ceiling.loops if not x.rmw]
+        if r.name in NO_EXACT:
+            assert not loops, r.name
+            continue
+        assert [x.shape for x in loops] == list(bench_formats.BYTE_SHAPES), r.name
+        for x in loops:
+            assert all(r.arrays[name] is a for name, a in zip(x.names, x.arrays)), r.name
+            absmax = sum(a.nbytes * 2 for k, a in r.arrays.items() if k.endswith("absmax"))
+            assert x.bytes_per_element == pytest.approx(r.bytes_per_element - absmax / 2**10), r.name
+            assert set(x.names) | {k for k in r.arrays if k.endswith("absmax")} == set(r.arrays)
+            # what each array does: grads and codes of the row as AdamW moves them
+            for name, mode in zip(x.names, x.modes):
+                if name in ("Cb", "Ch"):
+                    assert mode == "w", (r.name, name)
+                elif name in ("G", "G32", "Gb", "Gh", "HG", "G16"):  # Gs: torch unscales it
+                    assert mode == "r", (r.name, name)
+                else:
+                    assert mode == "rw", (r.name, name)
+
+
+def test_the_ceiling_is_the_fastest_loop():
+    """summarize takes the fastest loop's GB/s (B/el x n / median), names it and keeps all."""
+    slow = bench_formats.Loop(rmw=[("X", np.zeros(256, np.float32)), ("Y", np.zeros(256, np.float32))])
+    fast = bench_formats.Loop(exact=[("X", np.zeros(256, np.float32), "rw")], shape=(0, 8))
+    c = bench_formats.Ceiling(rmw_loop=slow)
+    c.loops.append(fast)
+    row = bench_formats.Row("row", 8, print, c, {"X": slow.arrays[0]})
+    bench_formats.number_ceilings([row])
+    assert (slow.key, fast.key) == ("c1.0", "c1.1")
+    # slow: 12 B/el in 3 s -> 4 B/s x n; fast: 8 B/el in 1 s -> 8 B/s x n
+    out = bench_formats.summarize([row], {"row": [2.0] * 3}, {"c1.0": [3.0] * 3, "c1.1": [1.0] * 3},
+                                  1e9, 1)[0]
+    assert out["ceiling_loop"] == fast.describe() and out["ceiling_gb_s"] == pytest.approx(8.0)
+    assert out["pct_ceiling"] == pytest.approx(50.0)
+    assert out["ceiling_loops"] == {fast.describe(): pytest.approx(8.0),
+                                    slow.describe(): pytest.approx(4.0)}
 
 
 def test_ceilings_leave_the_arrays_unchanged(rows):
-    """stream_rmw with scale 0 rewrites every value as it was: the rows' data survive."""
-    for c in {id(r.ceiling): r.ceiling for r in rows}.values():
-        before = [a.copy() for a in c.arrays]
-        c()
-        for name, a, b in zip(c.names, c.arrays, before):
-            assert np.array_equal(a, b), (c.describe(), name)
+    """stream_rmw with scale 0 rewrites every value as it was, stream_bytes every bit of what
+    it reads: the rows' data survive (a write-only stream, a copy the row writes, is zeroed)."""
+    for loop in {id(x): x for r in rows for x in r.ceiling.loops}.values():
+        before = [a.copy() for a in loop.arrays]
+        loop()
+        for name, a, b, mode in zip(loop.names, loop.arrays, before, loop.modes):
+            if mode == "w":
+                assert not a.view(np.uint8).any(), (loop.describe(), name)
+            else:
+                assert np.array_equal(a, b, equal_nan=a.dtype.kind == "f"), (loop.describe(), name)
 
 
 def test_peers_are_named_torch_rows():
@@ -159,8 +214,10 @@ def test_torch_grad_scale_peer_unscales():
 
 
 class FakeCeiling:
+    """A ceiling of one loop, itself."""
+
     def __init__(self, log, cid):
-        self.log, self.id = log, cid
+        self.log, self.id, self.key, self.loops = log, cid, cid, [self]
 
     def __call__(self):
         self.log.append(self.id)
@@ -184,7 +241,7 @@ def test_spread_flags_ratios(capsys):
     runs more than 15% above its ceiling."""
     log = []
     c = FakeCeiling(log, "c1")
-    c.bytes_per_element, c.names = 8, ["X"]
+    c.bytes_per_element, c.names, c.rmw = 8, ["X"], True
     c.describe = lambda: "stream_rmw([X f32 | Y f32])"
     rows = [bench_formats.Row("peer", 8, print, c, {}),
             bench_formats.Row("row", 8, print, c, {}, peer="peer")]
@@ -219,13 +276,17 @@ def check_doc(doc, threads, rounds, names):
     assert [p["threads"] for p in doc["passes"]] == threads
     for p in doc["passes"]:
         assert len(p["load_start"]) == 3 and isinstance(p["busy"], bool)
-        for c in p["ceilings"].values():
-            assert len(c["samples_s"]) == rounds and c["gb_s"] > 0 and c["bytes_per_element"] > 0
+        for loops in p["ceilings"].values():
+            assert [x["gb_s"] for x in loops] == sorted((x["gb_s"] for x in loops), reverse=True)
+            for c in loops:
+                assert len(c["samples_s"]) == rounds and c["gb_s"] > 0 and c["bytes_per_element"] > 0
     assert {d["row"] for d in doc["rows"]} == set(names)
     for d in doc["rows"]:
         assert len(d["samples_s"]) == rounds and len(d["ceiling_samples_s"]) == rounds
         assert d["ceiling_gb_s"] > 0 and d["pct_ceiling"] == pytest.approx(
             100 * d["gb_s"] / d["ceiling_gb_s"])
+        assert d["ceiling_gb_s"] == max(d["ceiling_loops"].values())
+        assert d["ceiling_loops"][d["ceiling_loop"]] == d["ceiling_gb_s"]
 
 
 def test_bench_formats_runs_and_writes_json(tmp_path):
@@ -239,7 +300,8 @@ def test_bench_formats_runs_and_writes_json(tmp_path):
     for line in lines:
         assert " B/el " in line and " GB/s | " in line and "%" in line, line
     assert "x torch fused bf16 " in next(x for x in lines if " bf16/f32 states " in x)
-    assert "% ceil = the row's GB/s / its ceiling loop's GB/s" in text
+    assert "% ceil = the row's GB/s / its ceiling's GB/s" in text
+    assert "a ceiling is the fastest of its loops" in text and "      > stream_" in text
     assert f"wrote {out}" in text
 
 

@@ -235,3 +235,35 @@ def test_bad_exports():
         sgd(FakeDLPack((4,)), NoCapsule((4,)))
     with pytest.raises(TypeError, match=r"grads.*invalid DLPack.*__dlpack_device__"):
         sgd(FakeDLPack((4,)), BadDevice((4,)))
+
+
+def test_device_arrays_larger_than_the_address_space_are_refused():
+    """A CUDA Array Interface or DLPack shape whose bytes pass the end of the address space (a
+    producer's claim) made a span that wrapped, which the overlap check missed; the element
+    count overflowed int64 first for (2^62, 4). Refused by name (stop 38); an empty array with
+    a huge other dimension is still an empty array."""
+    top = 2**64 - 2**20  # a pointer near the top of the address space
+    free = FakeDLPack._next  # FakeCAI moves it past its (claimed) size
+    huge = [FakeCAI((2**62, 4), ptr=free), FakeCAI((2**20,), ptr=top), FakeDLPack((2**62, 4)),
+            FakeDLPack((2**20,), ptr=top)]
+    empty = FakeCAI((2**62, 0), ptr=free)
+    FakeDLPack._next = free
+    for grads in huge:
+        with pytest.raises(ValueError, match=r"grads\[0\] has shape \(.*\) at data pointer \d+, "
+                                             r"more bytes than the address space holds"):
+            sgd(FakeDLPack((2**20,)), grads)
+    passes(lambda: sgd(FakeDLPack((2**62, 0)), empty))
+
+
+@pytest.mark.parametrize("device", ["cuda", (2.0, 0), (KDLCUDA, "0"), (True, 0), (KDLCUDA, -1),
+                                    (KDLCUDA, 2**40)])
+def test_dlpack_device_must_be_two_small_ints(device):
+    """__dlpack_device__() returning a tuple of non-ints (or out of range) gave pybind11's
+    'Unable to cast' naming nothing (stop 38): an error naming the array and the value."""
+    class BadDevice(FakeDLPack):
+        def __dlpack_device__(self):
+            return device
+
+    with pytest.raises(TypeError, match=r"grads\[0\] has an invalid DLPack export: "
+                                        r"__dlpack_device__\(\) must return \(device_type, device_id\)"):
+        sgd(FakeDLPack((4,)), BadDevice((4,)))

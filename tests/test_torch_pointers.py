@@ -411,3 +411,19 @@ def test_a_param_shrunk_at_the_same_address_is_refused(metadata_reader):
     p.grad = torch.ones(500)  # a gradient of the new shape: the step goes on
     opt.step()
     assert torch.equal(buf[:500], torch.full((500,), -3.0))
+
+
+def test_pointers_span_past_the_address_space_is_refused():
+    """A count whose bytes run past the end of the address space from its pointer made a span
+    that wrapped around, which the overlap check missed (and the kernel then wrote 2^62
+    elements): refused by name before anything is written (stop 38)."""
+    a = arrays(2)
+    before = [[x.copy() for x in xs] for xs in a]
+    args = list(adam_args(*a))
+    args[0] = ("float32", [9, 2**62], args[0][2])
+    with pytest.raises(ValueError, match=r"^adam_: params\[1\]: 4611686018427387904 elements of 4 "
+                                         r"bytes from pointer \d+ run past the end of the address space"):
+        _core._pointers("adam", tuple(args))
+    for xs, ys in zip(a, before):
+        for x, y in zip(xs, ys):
+            np.testing.assert_array_equal(x, y)

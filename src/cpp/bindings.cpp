@@ -244,6 +244,12 @@ void add_pointer_span(std::vector<Interval>& spans, const char* fn, const Label&
     throw py::value_error(std::string(fn) + ": " + label() + " is not a valid pointer aligned to " +
                           std::to_string(itemsize) + " bytes");
   }
+  // a span past the end of the address space would wrap, and the overlap check miss it
+  if (static_cast<uint64_t>(size) > (UINTPTR_MAX - ptr) / static_cast<uint64_t>(itemsize)) {
+    throw py::value_error(std::string(fn) + ": " + label() + ": " + std::to_string(size) +
+                          " elements of " + std::to_string(itemsize) + " bytes from pointer " +
+                          std::to_string(ptr) + " run past the end of the address space");
+  }
   spans.push_back({ptr, ptr + static_cast<uintptr_t>(size * itemsize), arg, index, written});
 }
 
@@ -952,8 +958,18 @@ class CallBuilder {
     const py::object where = h.attr("__dlpack_device__")();
     if (!PyTuple_Check(where.ptr()) || PyTuple_GET_SIZE(where.ptr()) != 2)
       bad_dlpack(arg, i, "__dlpack_device__() must return (device_type, device_id)");
-    const int dev_type = where[py::int_(0)].cast<int>();
-    const int dev_id = where[py::int_(1)].cast<int>();
+    int dev[2];
+    for (int k = 0; k < 2; ++k) {
+      PyObject* o = PyTuple_GET_ITEM(where.ptr(), k);
+      int overflow = 0;
+      const long long x = PyLong_Check(o) && !is_bool(o) ? PyLong_AsLongLongAndOverflow(o, &overflow) : -1;
+      if (x == -1 && PyErr_Occurred()) throw py::error_already_set();
+      if (!PyLong_Check(o) || is_bool(o) || overflow != 0 || x < 0 || x > INT32_MAX)
+        bad_dlpack(arg, i, "__dlpack_device__() must return (device_type, device_id), two ints >= 0, got " +
+                           std::string(py::repr(where)));
+      dev[k] = static_cast<int>(x);
+    }
+    const int dev_type = dev[0], dev_id = dev[1];
     if (dev_type == kDLCUDAHost) {
       value_error(std::string(fn_) + ": " + label(arg, i) + " is CUDA pinned host memory (DLPack "
                   "kDLCUDAHost), not CUDA device memory");
@@ -1014,9 +1030,23 @@ class CallBuilder {
                  "; all arrays of one call must share one dtype");
     }
     const int64_t itemsize = v.type_num == kNpyDouble ? 8 : 4;
-    // shape against params
+    // shape against params; a size whose bytes would pass the end of the address space (the
+    // producer's claim) is refused: its span would wrap, and the overlap check miss it
     int64_t size = 1;
-    for (py::ssize_t k : v.dims) size *= k;
+    if (std::find(v.dims.begin(), v.dims.end(), py::ssize_t{0}) != v.dims.end()) {
+      size = 0;  // empty, whatever the other dimensions (numpy's rule)
+    } else {
+      bool too_big = false;
+      for (py::ssize_t k : v.dims) too_big = too_big || __builtin_mul_overflow(size, int64_t{k}, &size);
+      int64_t bytes = 0;
+      too_big = too_big || __builtin_mul_overflow(size, itemsize, &bytes) ||
+                static_cast<uint64_t>(bytes) > UINTPTR_MAX - v.ptr ||
+                (arg == 0 && size > INT64_MAX - offsets_.back());
+      if (too_big)
+        value_error(std::string(fn_) + ": " + label(arg, i) + " has shape " +
+                    shape_str(nd, v.dims.data()) + " at data pointer " + std::to_string(v.ptr) +
+                    ", more bytes than the address space holds from there");
+    }
     if (arg == 0) {
       offsets_.push_back(offsets_.back() + size);
       dev_->dims.insert(dev_->dims.end(), v.dims.begin(), v.dims.end());
@@ -1498,6 +1528,75 @@ void stream_rmw(py::list streams, int writes, double scale) {
   run(call, kRuleStream, static_cast<unsigned>(reads - 2), &a);
 }
 
+// The benchmarks' byte ceiling (kernel_api.h, Note [byte ceiling]): streams[j] read, written or
+// both as modes[j] says ("r", "w", "rw"), `elements` elements in blocks of kByteBlock, each
+// array contributing its nbytes / (elements / kByteBlock) bytes to a block.
+void stream_bytes_entry(const py::list& streams, const py::list& modes, const py::object& elements_obj,
+                        int64_t prefetch_ahead, int64_t run) {
+  const char* fn = "stream_bytes";
+  const Py_ssize_t k = streams.size();
+  if (k < 1 || k > kMaxByteStreams)
+    value_error(std::string(fn) + ": streams must hold 1 to " + std::to_string(kMaxByteStreams) +
+                " arrays, got " + std::to_string(k));
+  if (modes.size() != static_cast<size_t>(k))
+    value_error(std::string(fn) + ": modes must hold one mode per stream (" + std::to_string(k) +
+                "), got " + std::to_string(modes.size()));
+  if (!PyLong_Check(elements_obj.ptr()) || is_bool(elements_obj.ptr()))
+    type_error(std::string(fn) + ": elements must be an int, got " + type_name(elements_obj.ptr()));
+  int overflow = 0;
+  const long long elements = PyLong_AsLongLongAndOverflow(elements_obj.ptr(), &overflow);
+  if (elements == -1 && PyErr_Occurred()) throw py::error_already_set();
+  if (overflow != 0 || elements <= 0 || elements % kByteBlock != 0)
+    value_error(std::string(fn) + ": elements must be a positive multiple of " +
+                std::to_string(kByteBlock) + ", got " + py::str(elements_obj).cast<std::string>());
+  const int64_t blocks = elements / kByteBlock;
+  std::vector<py::array> held;  // Note [references held]: the list may change while the loop runs
+  std::vector<Interval> spans;
+  ByteStreams bs;
+  bs.n = static_cast<int>(k);
+  for (Py_ssize_t j = 0; j < k; ++j) {
+    const std::string name = "streams[" + std::to_string(j) + "]";
+    const py::object item = streams[static_cast<size_t>(j)];
+    if (!py::isinstance<py::array>(item))
+      type_error(std::string(fn) + ": " + name + " must be a numpy.ndarray, got " + type_name(item.ptr()));
+    const py::object mode_obj = modes[static_cast<size_t>(j)];
+    const std::string mode = py::isinstance<py::str>(mode_obj) ? mode_obj.cast<std::string>() : "";
+    if (mode != "r" && mode != "w" && mode != "rw")
+      value_error(std::string(fn) + ": modes[" + std::to_string(j) + "] must be 'r', 'w' or 'rw', got " +
+                  py::repr(mode_obj).cast<std::string>());
+    const py::array a = py::reinterpret_borrow<py::array>(item);
+    if (!(a.flags() & py::array::c_style))
+      value_error(std::string(fn) + ": " + name + " must be C-contiguous");
+    const bool written = mode != "r";
+    if (written && !a.writeable()) value_error(std::string(fn) + ": " + name + " is read-only");
+    const int64_t nbytes = static_cast<int64_t>(a.nbytes());
+    if (nbytes % blocks != 0 || (nbytes / blocks) % 64 != 0 || nbytes == 0)
+      value_error(std::string(fn) + ": " + name + " has " + std::to_string(nbytes) +
+                  " bytes, not a positive multiple of 64 bytes per block of " + std::to_string(kByteBlock) +
+                  " of the " + std::to_string(elements) + " elements");
+    bs.base[j] = static_cast<uint8_t*>(const_cast<void*>(a.data()));  // written only if writeable
+    bs.block_bytes[j] = nbytes / blocks;
+    bs.read[j] = mode != "w";
+    bs.write[j] = written;
+    const uintptr_t lo = reinterpret_cast<uintptr_t>(bs.base[j]);
+    spans.push_back({lo, lo + static_cast<uintptr_t>(nbytes), static_cast<int>(j), 0, written});
+    held.push_back(a);
+  }
+  if (prefetch_ahead < 0 || prefetch_ahead > kMaxPrefetchAhead)
+    value_error(std::string(fn) + ": prefetch_ahead must be in 0.." + std::to_string(kMaxPrefetchAhead) +
+                ", got " + std::to_string(prefetch_ahead));
+  if (run < 1 || run > kMaxByteRun)
+    value_error(std::string(fn) + ": run must be in 1.." + std::to_string(kMaxByteRun) + ", got " +
+                std::to_string(run));
+  check_no_overlap(fn, spans, [](const Interval& s) { return "streams[" + std::to_string(s.arg) + "]"; });
+  bs.prefetch_ahead = prefetch_ahead;
+  bs.run = run;
+  uint32_t sink = 0;
+  bs.sink = &sink;
+  py::gil_scoped_release release;
+  stream_bytes(bs, elements);
+}
+
 // What Python needs to know of every rule (tests check the registry is complete).
 template <class D> py::dict rule_info() {
   py::dict d;
@@ -1622,6 +1721,8 @@ PYBIND11_MODULE(_core, m) {
   m.def("global_norm", &global_norm, arg("grads"));
   m.def("unscale_and_check_", &unscale_and_check, arg("grads"), arg("inv_scale"));
   m.def("stream_rmw", &stream_rmw, arg("streams"), arg("writes"), arg("scale") = 0.0);
+  m.def("stream_bytes", &stream_bytes_entry, arg("streams"), arg("modes"), arg("elements"),
+        arg("prefetch_ahead") = 0, arg("run") = 1);
   m.def("info", &info);
   m.def("set_isa", [](const std::string& name) {
     try {

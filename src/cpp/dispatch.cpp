@@ -239,6 +239,22 @@ void execute(RuleId rule, unsigned mask, Format format, const Batch& batch_in, c
 }
 
 namespace {
+struct BytesJob {
+  BytesFn fn;
+  const ByteStreams* streams;
+};
+void run_bytes(const void* ctx, int64_t begin, int64_t end) {
+  const BytesJob& j = *static_cast<const BytesJob*>(ctx);
+  j.fn(*j.streams, begin, end);
+}
+}  // namespace
+
+void stream_bytes(const ByteStreams& streams, int64_t elements) {
+  const BytesJob job{g_tables[static_cast<int>(g_isa)].stream_bytes, &streams};
+  parallel_for(threads_for(elements), elements / kByteBlock, kChunk / kByteBlock, &run_bytes, &job);
+}
+
+namespace {
 struct NormJob {
   NormFn fn;
   const Batch* batch;

@@ -40,6 +40,10 @@ int threads_for(int64_t total_elements);
 // the global element range to the caller-runs pool when it is large enough (parallel.h).
 void execute(RuleId rule, unsigned mask, Format format, const Batch& batch, const void* args);
 
+// The benchmarks' byte ceiling over `elements` elements (kernel_api.h, Note [byte ceiling]; a
+// multiple of kByteBlock), split between threads as execute() splits a batch.
+void stream_bytes(const ByteStreams& streams, int64_t elements);
+
 // The sum of squares of every element of slot 0 of a batch, the same whatever the thread
 // count or ISA (kernels.h, Note [deterministic norm]).
 double sum_of_squares(GradType type, const Batch& batch);

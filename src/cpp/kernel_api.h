@@ -105,8 +105,36 @@ using NormFn = void (*)(const Batch&, const int64_t* block_offsets, int64_t firs
 // was not finite BEFORE the multiplication (torch's _amp_foreach_non_finite_check_and_unscale_).
 using UnscaleFn = bool (*)(const Batch&, int64_t begin, int64_t end, double scale);
 
+// Note [byte ceiling]
+// The benchmarks' in-place bandwidth ceiling for any mix of streams (_core.stream_bytes): up
+// to kMaxByteStreams raw byte streams walked together in blocks of kByteBlock elements, stream
+// j taking block_bytes[j] bytes per block (a multiple of 64: f32 512, bf16 256, int8 codes
+// 128, int4 codes 64), each read, written, or both. The read-only streams are ORed together,
+// the result ANDed with `zero` (0, from the caller: the compiler cannot know it) and added to
+// each read-and-written stream (its values stay as they were) or stored to each write-only
+// one (zeros). Integer work only, so that no conversion or rounding stands between the loop
+// and the memory: what it reaches is the memory's own limit for exactly that traffic, on
+// those arrays. Blocks are split between threads as execute() splits elements (kChunk
+// elements a chunk, threads_for of the element count).
+constexpr int kMaxByteStreams = 8;
+constexpr int64_t kByteBlock = 128;  // elements
+constexpr int64_t kMaxByteRun = 1024;  // blocks (a thread's chunk of 256 blocks caps a run anyway)
+struct ByteStreams {
+  int n = 0;
+  uint8_t* base[kMaxByteStreams] = {};
+  int64_t block_bytes[kMaxByteStreams] = {};
+  bool read[kMaxByteStreams] = {}, write[kMaxByteStreams] = {};
+  uint32_t zero = 0;
+  uint32_t* sink = nullptr;     // receives the read-only streams' bits ANDed with zero
+  int64_t prefetch_ahead = 0;   // elements (0: no software prefetch)
+  int64_t run = 1;              // blocks of a stream walked before the next stream's
+};
+// Blocks [begin, end) of the streams.
+using BytesFn = void (*)(const ByteStreams&, int64_t begin, int64_t end);
+
 struct KernelTable {
   const char* isa = nullptr;
+  BytesFn stream_bytes = nullptr;
   KernelFn fn[kNumRules][kNumFormats] = {};
   ConvertFn convert[kNumStorage][2] = {};  // [storage][widen]
   ConvertSrFn convert_sr = nullptr;
