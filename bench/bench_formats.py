@@ -24,16 +24,23 @@ the grad back, 32 bytes). Each row's "peer" column names the torch row it is com
 bf16/f32-states rows' peer is torch fused all-bf16 (torch's fused kernel takes bf16 params only
 with bf16 states), the master-weights rows' torch's fp32 step (+ the copy).
 
-Ceilings: each row has its own, `_core.stream_rmw` (in place, scale 0: the values written are
-the values read) over arrays of the row's size; the first k-1 of its k streams are read and
-written, the last read. It is the pattern whose bytes are closest to the row's, ties to the one
-with the fewest bytes on arrays the row does not touch. Most rows get exactly their bytes on
-their own arrays (fp32, all-bf16 and all-fp16, kahan, bf16/f32 states, the +copy rows); the
-fp16/f32-states and f32 master/fp16 rows get their bytes with bf16 arrays in place of their
-fp16 ones (stream_rmw takes no float32-with-float16-states pattern), f32 master/bf16 grads and
-torch +grad_scale with one or two bf16 arrays of other rows; the torch step + copy rows (34 B)
-get their own arrays at 32 B. The table prints the ceiling's B/el beside the row's and lists
-each loop's arrays and those the row does not touch. "% ceil" is the row's achieved GB/s (its
+Ceilings: each row has its own, the fastest of its in-place loops over arrays of the row's size,
+each timed every round: `_core.stream_bytes` on the row's OWN arrays with exactly its traffic
+(each array read, written or both as AdamW moves it; integer work only, no conversion between
+the loop and the memory: Note [byte ceiling] in src/cpp/kernels.h), in two loop shapes
+(BYTE_SHAPES: which one the memory likes best depends on the arrays and where they sit), and
+`_core.stream_rmw` (scale 0: the values written are the values read; the first k-1 of its k
+streams read and written, the last read), the pattern whose bytes are closest to the row's,
+ties to the one with the fewest bytes on arrays the row does not touch. Most rows get a
+stream_rmw loop of exactly their bytes on their own arrays (fp32, all-bf16 and all-fp16, kahan,
+bf16/f32 states, the +copy rows); the fp16/f32-states and f32 master/fp16 rows get their bytes
+with bf16 arrays in place of their fp16 ones (stream_rmw takes no float32-with-float16-states
+pattern), f32 master/bf16 grads and torch +grad_scale with one or two bf16 arrays of other rows;
+the torch step + copy rows (34 B: the copy reads the param again, a traffic no single pass has)
+get only a stream_rmw loop, on their own arrays at 32 B. The mixed-dtype stream_rmw loops convert
+every value both ways and ran slower than the rows they were to bound; stream_bytes has no such
+cost. The table prints the ceiling's B/el beside the row's and lists each ceiling's loops (the
+fastest first, marked '>'), their arrays and those the row does not touch. "% ceil" is the row's achieved GB/s (its
 B/el x elements / its median time) over the ceiling loop's GB/s (the loop's B/el x elements /
 its median time). Each round times every row and each ceiling (once a round, right after the
 first row that uses it) as a batch of 3 steps after one untimed step; the figures are medians

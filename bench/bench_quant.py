@@ -13,16 +13,20 @@ states and stochastic rounding of the params 10.06; their "x peer" column is aga
 fused AdamW on bfloat16 params, whose states are bfloat16 (the only way torch's fused kernel
 takes bf16 params); the float32-params rows' peer is torch fused fp32.
 
-Ceilings: each row has its own, `_core.stream_rmw` (in place, scale 0; of k streams the first
-k-1 read and written, the last read) on arrays of the row's size, timed in the same rounds as
-the row. fp32 (28 B), bf16 states (20) and all-bf16 (14) run it on their own arrays with
-exactly their bytes. stream_rmw takes no byte-sized code arrays, so a quantized row gets the
+Ceilings: each row has its own, the fastest of its in-place loops on arrays of the row's size,
+each timed in the same rounds as the row (bench_formats.py's Ceiling): `_core.stream_bytes` on
+the row's own arrays with exactly its traffic (p, m, v read and written, g read; a quantized
+state's codes, 1 byte per element for int8, half a byte for int4; its absmax, 4 bytes per block,
+is left out: 0.06 B/el for int8, 0.13 for int4), in two loop shapes, and `_core.stream_rmw`
+(in place, scale 0; of k streams the first k-1 read and written, the last read). fp32 (28 B),
+bf16 states (20) and all-bf16 (14) get a stream_rmw loop on their own arrays with exactly their
+bytes; stream_rmw takes no byte-sized code arrays, so a quantized row's stream_rmw loop is the
 pattern closest to its bytes, ties to the fewest bytes on arrays the row does not touch: int8
 [P, Mb | G] 16 B (a bf16 array of another row stands in for the two code arrays), int4 the
 all-bf16 loop 14 B, bf16p-int8 and bf16p-int4 [P16, G16 | M16] 10 B. The table prints the
-ceiling's B/el beside the row's and lists each loop's arrays; "% ceil" = the row's GB/s (its
-B/el x elements / its median time) / the ceiling loop's GB/s (its B/el x elements / its median
-time). A ratio is flagged '*' where the samples of either side spread more than 1.5x (max/min)
+ceiling's B/el beside the row's and lists each ceiling's loops and their arrays; "% ceil" = the
+row's GB/s (its B/el x elements / its median time) / the fastest loop's GB/s (its B/el x
+elements / its median time). A ratio is flagged '*' where the samples of either side spread more than 1.5x (max/min)
 or a row runs above 115% of its ceiling, and a pass whose load average exceeds the usable CPUs
 is marked BUSY. bitsandbytes' 8-bit AdamW is timed when it is installed (an optional extra):
 the median of --bnb-batches batches of 3 steps, alternated with as many batches of fastoptim
