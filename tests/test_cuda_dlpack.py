@@ -267,3 +267,11 @@ def test_dlpack_device_must_be_two_small_ints(device):
     with pytest.raises(TypeError, match=r"grads\[0\] has an invalid DLPack export: "
                                         r"__dlpack_device__\(\) must return \(device_type, device_id\)"):
         sgd(FakeDLPack((4,)), BadDevice((4,)))
+
+
+def test_dlpack_stride_overflowing_in_bytes_is_refused():
+    """A DLPack stride (in elements) whose byte count overflows int64 was multiplied unchecked
+    (signed overflow); refused by name (stop 38)."""
+    with pytest.raises(TypeError, match=r"grads\[0\] has an invalid DLPack export: stride "
+                                        r"4611686018427387904 overflows in bytes"):
+        sgd(FakeDLPack((2, 2)), FakeDLPack((2, 2), strides=(2**62, 1)))

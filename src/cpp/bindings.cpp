@@ -1003,7 +1003,12 @@ class CallBuilder {
     const int64_t itemsize = (t.dtype.bits / 8) * (t.dtype.lanes ? t.dtype.lanes : 1);
     if (t.strides) {
       v.has_strides = true;
-      for (int k = 0; k < t.ndim; ++k) v.strides.push_back(t.strides[k] * itemsize);
+      for (int k = 0; k < t.ndim; ++k) {
+        int64_t bytes = 0;
+        if (__builtin_mul_overflow(t.strides[k], itemsize, &bytes))
+          bad_dlpack(arg, i, "stride " + std::to_string(t.strides[k]) + " overflows in bytes");
+        v.strides.push_back(bytes);
+      }
     }
     v.ptr = reinterpret_cast<uintptr_t>(t.data) + static_cast<uintptr_t>(t.byte_offset);
     v.device = dev_id;
