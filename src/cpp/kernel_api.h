@@ -109,12 +109,13 @@ using UnscaleFn = bool (*)(const Batch&, int64_t begin, int64_t end, double scal
 // The benchmarks' in-place bandwidth ceiling for any mix of streams (_core.stream_bytes): up
 // to kMaxByteStreams raw byte streams walked together in blocks of kByteBlock elements, stream
 // j taking block_bytes[j] bytes per block (a multiple of 64: f32 512, bf16 256, int8 codes
-// 128, int4 codes 64), each read, written, or both. The read-only streams are ORed together,
-// the result ANDed with `zero` (0, from the caller: the compiler cannot know it) and added to
-// each read-and-written stream (its values stay as they were) or stored to each write-only
-// one (zeros). Integer work only, so that no conversion or rounding stands between the loop
-// and the memory: what it reaches is the memory's own limit for exactly that traffic, on
-// those arrays. Blocks are split between threads as execute() splits elements (kChunk
+// 128, int4 codes 64), each read, written, or both. A read-and-written stream gets `zero` (0,
+// from the caller: the compiler cannot know it) added to every 32-bit word, so its bits stay
+// as they were; a write-only stream is stored zeros; the read-only streams are ORed together
+// and the result, ANDed with `zero`, goes to `sink`, so that their loads stay. Integer work
+// only, so that no conversion or rounding stands between the loop and the memory: what it
+// reaches is the memory's limit for exactly that traffic, on those arrays, in the loop's
+// shape (kernels.h). Blocks are split between threads as execute() splits elements (kChunk
 // elements a chunk, threads_for of the element count).
 constexpr int kMaxByteStreams = 8;
 constexpr int64_t kByteBlock = 128;  // elements
