@@ -30,26 +30,26 @@ each timed every round: `_core.stream_bytes` on the row's OWN arrays with exactl
 the loop and the memory: Note [byte ceiling] in src/cpp/kernels.h), in two loop shapes
 (BYTE_SHAPES: which one the memory likes best depends on the arrays and where they sit), and
 `_core.stream_rmw` (scale 0: the values written are the values read; the first k-1 of its k
-streams read and written, the last read), the pattern whose bytes are closest to the row's,
-ties to the one with the fewest bytes on arrays the row does not touch. Most rows get a
-stream_rmw loop of exactly their bytes on their own arrays (fp32, all-bf16 and all-fp16, kahan,
-bf16/f32 states, the +copy rows); the fp16/f32-states and f32 master/fp16 rows get their bytes
-with bf16 arrays in place of their fp16 ones (stream_rmw takes no float32-with-float16-states
-pattern), f32 master/bf16 grads and torch +grad_scale with one or two bf16 arrays of other rows;
-the torch step + copy rows (34 B: the copy reads the param again, a traffic no single pass has)
-get only a stream_rmw loop, on their own arrays at 32 B. The mixed-dtype stream_rmw loops convert
-every value both ways and ran slower than the rows they were to bound; stream_bytes has no such
-cost. The table prints the ceiling's B/el beside the row's and lists each ceiling's loops (the
-fastest first, marked '>'), their arrays and those the row does not touch. "% ceil" is the row's achieved GB/s (its
-B/el x elements / its median time) over the ceiling loop's GB/s (the loop's B/el x elements /
-its median time). Each round times every row and each ceiling (once a round, right after the
-first row that uses it) as a batch of 3 steps after one untimed step; the figures are medians
-over --reps rounds (default 9), and a ratio is flagged '*' where the samples of either side
-spread more than 1.5x (max/min) or a row runs above 115% of its ceiling; a pass whose load
-average exceeds the usable CPUs is marked BUSY (a side that stalls in every round has no
-spread). 1 and 2 threads. The JSON (bench/results/formats_2e<log2>_t<threads>_<time>.json,
-a new file each run, unless --out) keeps every sample, each ceiling's loop, B/el and GB/s, and
-the load average at the start and end of the run and of each pass.
+streams read and written, the last read), the pattern whose bytes are closest to the row's, ties
+to the one with the fewest bytes on arrays the row does not touch. Most rows get a stream_rmw
+loop of exactly their bytes on their own arrays (fp32, all-bf16 and all-fp16, kahan, bf16/f32
+states, the +copy rows); the fp16/f32-states and f32 master/fp16 rows get their bytes with bf16
+arrays in place of their fp16 ones (stream_rmw takes no float32-with-float16-states pattern),
+f32 master/bf16 grads and torch +grad_scale with one or two bf16 arrays of other rows; the torch
+step + copy rows (34 B: the copy reads the param again, a traffic no single pass has) get only a
+stream_rmw loop, on their own arrays at 32 B. The mixed-dtype stream_rmw loops convert every
+value both ways and ran slower than the rows they were to bound; stream_bytes has no such cost.
+The table prints the ceiling's B/el beside the row's and lists each ceiling's loops (the fastest
+first, marked '>'), their arrays and those the row does not touch. "% ceil" is the row's
+achieved GB/s (its B/el x elements / its median time) over the fastest loop's GB/s (the loop's
+B/el x elements / its median time). Each round times every row and each ceiling loop (once a
+round, right after the first row that uses it) as a batch of 3 steps after one untimed step; the
+figures are medians over --reps rounds (default 9), and a ratio is flagged '*' where the samples
+of either side spread more than 1.5x (max/min) or a row runs above 115% of its ceiling; a pass
+whose load average exceeds the usable CPUs is marked BUSY (a side that stalls in every round has
+no spread). 1 and 2 threads. The JSON (bench/results/formats_2e<log2>_t<threads>_<time>.json, a
+new file each run, unless --out) keeps every sample, each ceiling's loop, B/el and GB/s, and the
+load average at the start and end of the run and of each pass.
 
     PYTHONPATH=python python3 bench/bench_formats.py            # 2^24 elements, ~2 minutes
     PYTHONPATH=python python3 bench/bench_formats.py --log2 26  # 2^26, ~8 minutes, ~4.5 GiB
@@ -262,6 +262,17 @@ def write_json(path: str, doc: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(doc, f, indent=1)
+
+
+def finish_run(doc: dict, prefix: str, log2: int, threads: Sequence[int],
+               out: Optional[str]) -> None:
+    """Closes a run's JSON (the load average and time at its end) and writes it to --out or a
+    new results file (results_path), saying where."""
+    doc["load_end"] = load_average()
+    doc["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    path = results_path(prefix, log2, threads, out)
+    write_json(path, doc)
+    print(f"\nwrote {path}")
 
 
 def summarize(rows: Sequence[Row], row_s: dict[str, list[float]],
@@ -513,11 +524,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         summary, pass_doc = timed_pass(rows, ceilings, n, threads, args.reps)
         doc["rows"] += summary
         doc["passes"].append(pass_doc)
-    doc["load_end"] = load_average()
-    doc["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    out = results_path("formats", args.log2, args.threads, args.out)
-    write_json(out, doc)
-    print(f"\nwrote {out}")
+    finish_run(doc, "formats", args.log2, args.threads, args.out)
 
 
 if __name__ == "__main__":

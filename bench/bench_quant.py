@@ -17,23 +17,23 @@ Ceilings: each row has its own, the fastest of its in-place loops on arrays of t
 each timed in the same rounds as the row (bench_formats.py's Ceiling): `_core.stream_bytes` on
 the row's own arrays with exactly its traffic (p, m, v read and written, g read; a quantized
 state's codes, 1 byte per element for int8, half a byte for int4; its absmax, 4 bytes per block,
-is left out: 0.06 B/el for int8, 0.13 for int4), in two loop shapes, and `_core.stream_rmw`
-(in place, scale 0; of k streams the first k-1 read and written, the last read). fp32 (28 B),
-bf16 states (20) and all-bf16 (14) get a stream_rmw loop on their own arrays with exactly their
+is left out: 0.06 B/el for int8, 0.13 for int4), in two loop shapes, and `_core.stream_rmw` (in
+place, scale 0; of k streams the first k-1 read and written, the last read). fp32 (28 B), bf16
+states (20) and all-bf16 (14) get a stream_rmw loop on their own arrays with exactly their
 bytes; stream_rmw takes no byte-sized code arrays, so a quantized row's stream_rmw loop is the
 pattern closest to its bytes, ties to the fewest bytes on arrays the row does not touch: int8
 [P, Mb | G] 16 B (a bf16 array of another row stands in for the two code arrays), int4 the
 all-bf16 loop 14 B, bf16p-int8 and bf16p-int4 [P16, G16 | M16] 10 B. The table prints the
 ceiling's B/el beside the row's and lists each ceiling's loops and their arrays; "% ceil" = the
 row's GB/s (its B/el x elements / its median time) / the fastest loop's GB/s (its B/el x
-elements / its median time). A ratio is flagged '*' where the samples of either side spread more than 1.5x (max/min)
-or a row runs above 115% of its ceiling, and a pass whose load average exceeds the usable CPUs
-is marked BUSY. bitsandbytes' 8-bit AdamW is timed when it is installed (an optional extra):
-the median of --bnb-batches batches of 3 steps, alternated with as many batches of fastoptim
-int8, which it is compared with. The JSON (bench/results/quant_2e<log2>_t<threads>_<time>.json,
-a new file each run, unless --out) keeps every sample, each ceiling's loop, B/el and GB/s, the
-thread counts, the size, the state memory and the load average at the start and end of the run
-and of each pass.
+elements / its median time). A ratio is flagged '*' where the samples of either side spread more
+than 1.5x (max/min) or a row runs above 115% of its ceiling, and a pass whose load average
+exceeds the usable CPUs is marked BUSY. bitsandbytes' 8-bit AdamW is timed when it is installed
+(an optional extra): the median of --bnb-batches batches of 3 steps, alternated with as many
+batches of fastoptim int8, which it is compared with. The JSON
+(bench/results/quant_2e<log2>_t<threads>_<time>.json, a new file each run, unless --out) keeps
+every sample, each ceiling's loop, B/el and GB/s, the thread counts, the size, the state memory
+and the load average at the start and end of the run and of each pass.
 
     PYTHONPATH=python python3 bench/bench_quant.py        # 2^22 elements, about 30 s
     PYTHONPATH=python python3 bench/bench_quant.py 26     # 2^26 (the issue's size)
@@ -56,7 +56,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 import ml_dtypes
 import numpy as np
@@ -65,8 +64,8 @@ import torch
 import fastoptim
 from bench_bf16_compute import min_ns_per_isa  # bench/ is the script's directory
 from bench_formats import (
-    CALLS, Ceiling, Row, load_average, number_ceilings, results_path, run_record, spread,
-    time_batch, timed_pass, unsteady, view_of, write_json)
+    CALLS, Ceiling, Row, finish_run, number_ceilings, run_record, spread,
+    time_batch, timed_pass, unsteady, view_of)
 from fastoptim.quant import QuantizedState
 
 HYPER = dict(lr=1e-4, weight_decay=1e-2)
@@ -284,11 +283,7 @@ def main(args):
         else:
             print(f"threads {threads} bitsandbytes: not installed (optional), skipped")
         doc["passes"].append(pass_doc)
-    doc["load_end"] = load_average()
-    doc["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    out = results_path("quant", args.log2, args.threads, args.out)
-    write_json(out, doc)
-    print(f"\nwrote {out}")
+    finish_run(doc, "quant", args.log2, args.threads, args.out)
 
 
 def in_cache(args):
