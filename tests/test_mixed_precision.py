@@ -588,16 +588,10 @@ def test_paired_bf16_lanes_every_kind_of_value_at_every_position(mode):
             assert out.tobytes() == want.tobytes(), f"{isa} {mode} offset {offset}"
 
 
-def test_paired_bf16_lanes_with_states_bitwise_across_isas():
-    """The pair path loads and stores every stream: all-bfloat16 AdamW (amsgrad) with scaled
-    grads and stochastic rounding, SGD with Nesterov momentum, and AdamW with Kahan
-    compensation, on params, grads and states holding every kind of value: every ISA and
-    thread count the same bits, in every array (2^17 + 5 elements: two threads split them)."""
-    rng = np.random.default_rng(32)
-    n = 2**17 + 5
-    initial = {name: _bf16_patterns(n, rng) for name in ("p", "g", "m", "v", "vmax", "buf", "c")}
-    for name in ("v", "vmax"):  # second moments: non-negative (the sign bit cleared)
-        initial[name] = (initial[name].view(np.uint16) & np.uint16(0x7FFF)).view(BF16)
+def _paired_steps_on_every_backend(initial):
+    """All-bfloat16 AdamW (amsgrad) with scaled grads and stochastic rounding, SGD with
+    Nesterov momentum, and AdamW with Kahan compensation, two steps each, from `initial` on
+    every ISA and thread count: [((isa, threads), arrays)]."""
     saved = fastoptim.backend_info()["isa"], fastoptim.get_num_threads()
     results = []
     try:
@@ -618,6 +612,18 @@ def test_paired_bf16_lanes_with_states_bitwise_across_isas():
     finally:
         fastoptim.set_isa(saved[0])
         fastoptim.set_num_threads(saved[1])
+    return results
+
+
+def _paired_initial(n, seed):
+    rng = np.random.default_rng(seed)
+    initial = {name: _bf16_patterns(n, rng) for name in ("p", "g", "m", "v", "vmax", "buf", "c")}
+    for name in ("v", "vmax"):  # second moments: non-negative (the sign bit cleared)
+        initial[name] = (initial[name].view(np.uint16) & np.uint16(0x7FFF)).view(BF16)
+    return initial
+
+
+def _assert_backends_agree(results, initial):
     (_, first), changed = results[0], False
     for backend, a in results[1:]:
         for name in first:
@@ -626,6 +632,33 @@ def test_paired_bf16_lanes_with_states_bitwise_across_isas():
     for name in ("p", "m", "v", "buf", "c"):
         changed |= first[name].tobytes() != initial[name].tobytes()
     assert changed
+
+
+def test_paired_bf16_lanes_with_states_bitwise_across_isas():
+    """The pair path loads and stores every stream (with vcvtne2ps2bf16 on avx512bf16:
+    kernels.h, Note [paired native bf16 stores]): params, grads and states holding every kind
+    of value, every ISA and thread count the same bits, in every array (2^17 + 5 elements:
+    two threads split them)."""
+    initial = _paired_initial(2**17 + 5, 32)
+    _assert_backends_agree(_paired_steps_on_every_backend(initial), initial)
+
+
+def test_paired_bf16_lanes_under_flush_denormal_bitwise_across_isas():
+    """With FTZ/DAZ on (torch.set_flush_denormal), where vfpclassps sees a subnormal as a
+    zero, the avx512bf16 pair path takes the integer rounding (kernels.h, daz_clear()): every
+    ISA and thread count still the same bits, and the mode does change the result (the test
+    is not vacuous)."""
+    torch = pytest.importorskip("torch")
+    initial = _paired_initial(2**17 + 5, 33)
+    plain = _paired_steps_on_every_backend(initial)
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no flush-denormal mode")
+    try:
+        flushed = _paired_steps_on_every_backend(initial)
+    finally:
+        torch.set_flush_denormal(False)
+    _assert_backends_agree(flushed, initial)
+    assert any(flushed[0][1][k].tobytes() != plain[0][1][k].tobytes() for k in ("p", "m", "v"))
 
 
 @pytest.mark.parametrize("bits", [8, 4])

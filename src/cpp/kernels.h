@@ -133,6 +133,16 @@ FO_INLINE __mmask16 bf16_native_special(F32x16 v) {
                                                     _mm512_set1_epi32(0x7F000000));
   return _mm512_mask_test_epi32_mask(extreme, x, _mm512_set1_epi32(0x007FFFFF));
 }
+// The same lanes in one vfpclassps (AVX-512DQ; quiet NaN 0x01, denormal 0x20, signalling NaN
+// 0x80), right only while MXCSR.DAZ is clear: with DAZ set it classes a subnormal as a zero
+// (tests/test_formats_convert.py caught that on Zen 4). Only the paired stores use it, behind
+// daz_clear(): Note [paired native bf16 stores].
+FO_INLINE __mmask16 bf16_native_special_no_daz(F32x16 v) {
+  return _mm512_fpclass_ps_mask(v.v, 0x01 | 0x20 | 0x80);
+}
+// Whether this thread's MXCSR has DAZ (denormals are zero, bit 6) clear. Worker threads take
+// the caller's mode (parallel.cpp), so each reads its own.
+FO_INLINE bool daz_clear() { return (_mm_getcsr() & 0x0040u) == 0; }
 // vcvtneps2bf16's store of v, right only where bf16_native_special(v) is 0, which it returns.
 FO_INLINE __mmask16 store_bf16_native_unchecked(bf16* p, F32x16 v) {
   const __m256bh r = _mm512_cvtneps_pbh(v.v);
@@ -146,6 +156,47 @@ FO_INLINE void store_bf16_native(bf16* p, F32x16 v) {
   }
   const __m256bh r = _mm512_cvtneps_pbh(v.v);
   __builtin_memcpy(p, &r, sizeof r);
+}
+// Note [paired native bf16 stores]
+// Two lane groups in the paired order of vec.h's Note [paired bf16 lanes] (`even` holds
+// elements 0, 2, ..., 30 of p, `odd` 1, 3, ..., 31), rounded to nearest even: one
+// vcvtne2ps2bf16 (even's 16 bf16, then odd's) and one word permute (vpermw, AVX-512BW) that
+// interleaves them, one 64-byte store. A pair with any subnormal or NaN lane takes vec.h's
+// integer rounding (vstore_bf16_pair) out of line, so the bits are those of every other path.
+// The check is one vfpclassps per group (bf16_native_special_no_daz), right only while DAZ is
+// clear: run_span reads MXCSR once per span (daz_clear) and takes the integer pair loop
+// otherwise, as it does under stochastic rounding (whose param store is integer code anyway).
+// The all-bf16 formats (plain, and Kahan, whose param is then read back from the line just
+// written) used to load one group at a time on this ISA (a widening load and a shift each) and
+// store each group with vcvtneps2bf16 after the three-operation check, since integer pairs had
+// measured no faster. A stand-alone loop showed both halves of the gain (2^16, AdamW,
+// ns/element): the old shape 0.41, with vfpclassps 0.35, pairs with the native store and the
+// vfpclassps check 0.30-0.32, against the square-root and division floor of 0.27. In the
+// library (bench_bf16_compute.py, 2^16, 1 thread, Zen 4 VM, two runs alternated with the
+// build before): plain 0.45 -> 0.33, + Kahan 0.61-0.62 -> 0.45-0.46, + stochastic rounding
+// 0.52-0.54 -> 0.52 (Note [opaque hash constants], vec.h).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"  // the header's placeholder, as store_bf16_rare
+[[gnu::noinline]] void store_bf16_pair_rare(bf16* p, F32x16 even, F32x16 odd) {
+  I32x16 re, ro;
+  bf16_round_lanes2(even, odd, re, ro);
+  vstore_bf16_pair<F32x16>(p, re, ro);
+}
+#pragma GCC diagnostic pop
+FO_INLINE void store_bf16_pair_native(bf16* p, F32x16 even, F32x16 odd) {
+  if (__builtin_expect(mask_any(bf16_native_special_no_daz(even) | bf16_native_special_no_daz(odd)), 0)) {
+    store_bf16_pair_rare(p, even, odd);
+    return;
+  }
+  const __m512bh r = _mm512_cvtne2ps_pbh(odd.v, even.v);  // words 0-15: even, 16-31: odd
+  __m512i w;
+  __builtin_memcpy(&w, &r, sizeof w);
+  // word 2j <- word j, word 2j + 1 <- word 16 + j: dword j of the index is j | (16 + j) << 16
+  const __m512i idx = _mm512_add_epi32(
+      _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                         _mm512_set1_epi32(0x10001)),
+      _mm512_set1_epi32(16 << 16));
+  _mm512_storeu_si512(p, _mm512_permutexvar_epi16(idx, w));
 }
 #endif
 // Every store of the kernels: vec.h's vstore_to, or the native bf16 store above.
@@ -272,16 +323,35 @@ FO_INLINE void load_pair_at(void* const* ptr, const Io<V>& io, int64_t i, V (&x0
     }
   });
 }
-template <class Rule, class L, class V>
+// kNative (avx512bf16, without stochastic rounding, DAZ clear): every store rounds to nearest
+// with vcvtne2ps2bf16 (Note [paired native bf16 stores]); the compensated param's rounded
+// value is then read back from the line just written, as store_groups_at does.
+template <class Rule, class L, class V, bool kNative>
 FO_INLINE void store_pair_at(void* const* ptr, const Io<V>& io, int64_t i, const V (&x0)[kMaxSlots],
                              const V (&x1)[kMaxSlots]) {
   using I = IntOf<V>;
+  const auto store_nearest = [](bf16* dst, V a, V b) {
+#if defined(__AVX512BF16__)
+    if constexpr (kNative && std::is_same_v<V, F32x16>) {
+      store_bf16_pair_native(dst, a, b);
+      return;
+    }
+#endif
+    I ra, rb;
+    bf16_round_lanes2(a, b, ra, rb);
+    vstore_bf16_pair<V>(dst, ra, rb);
+  };
   each_slot([&](auto s) {
     if constexpr ((Rule::kWrites & bit(s)) != 0) {
       bf16* dst = elem_ptr<L, s>(ptr) + i;
-      if constexpr (s == kParam && L::kKahan) {
-        // p' = bf16(x) and compensation' = bf16(x - p'), p' read from the rounded bits, not
-        // from memory as store_groups_at does: the same value
+      if constexpr (s == kParam && L::kKahan && kNative) {
+        // p' = bf16(x) and compensation' = bf16(x - p'), p' read back from dst
+        store_nearest(dst, x0[s], x1[s]);
+        V p0, p1;
+        vload_bf16_pair(dst, p0, p1);
+        store_nearest(static_cast<bf16*>(io.copy) + i, x0[s] - p0, x1[s] - p1);
+      } else if constexpr (s == kParam && L::kKahan) {
+        // the same, p' from the rounded bits rather than from memory: the same value
         I r0, r1, c0, c1;
         bf16_round_lanes2(x0[s], x1[s], r0, r1);
         vstore_bf16_pair<V>(dst, r0, r1);
@@ -290,7 +360,7 @@ FO_INLINE void store_pair_at(void* const* ptr, const Io<V>& io, int64_t i, const
         vstore_bf16_pair<V>(static_cast<bf16*>(io.copy) + i, c0, c1);
       } else {
         // params stochastically rounded when io.sr (as store_param), all else to nearest
-        if constexpr (s == kParam) {
+        if constexpr (s == kParam && !kNative) {
           if (io.sr) {
             const uint64_t at = io.base + static_cast<uint64_t>(i);
             vstore_bf16_pair<V>(dst, SrStore<V>::template bits<2>(x0[s], io.sr_key, at),
@@ -298,9 +368,7 @@ FO_INLINE void store_pair_at(void* const* ptr, const Io<V>& io, int64_t i, const
             return;
           }
         }
-        I r0, r1;
-        bf16_round_lanes2(x0[s], x1[s], r0, r1);
-        vstore_bf16_pair<V>(dst, r0, r1);
+        store_nearest(dst, x0[s], x1[s]);
       }
     }
   });
@@ -357,8 +425,8 @@ FO_INLINE void apply_at(void* const* ptr, const Io<V>& io, int64_t i,
 // ns/element in cache and 1.02-1.11x the time at 2^26; only Kahan gained (0.99 -> 0.89-0.92,
 // 0.95-0.98x at 2^26).
 // The 2x unrolled vector body from element i while two lane groups fit; returns where it
-// stopped. kPaired: Note [paired bf16 lanes] (vec.h).
-template <bool kPaired, class Rule, class L, class V>
+// stopped. kPaired: Note [paired bf16 lanes] (vec.h); kNative: store_pair_at.
+template <bool kPaired, bool kNative, class Rule, class L, class V>
 FO_INLINE int64_t run_body(void* const* ptr, int64_t i, int64_t n,
                            const typename Rule::template Consts<V>& cv, const Io<V>& iov,
                            int64_t ahead) {
@@ -381,7 +449,7 @@ FO_INLINE int64_t run_body(void* const* ptr, int64_t i, int64_t n,
     Rule::template apply<V>(x[0], cv);
     Rule::template apply<V>(x[1], cv);
     if constexpr (kPaired) {
-      store_pair_at<Rule, L, V>(ptr, iov, i, x[0], x[1]);
+      store_pair_at<Rule, L, V, kNative>(ptr, iov, i, x[0], x[1]);
     } else {
       store_groups_at<Rule, L, V, 2>(ptr, iov, i, x);
     }
@@ -408,18 +476,16 @@ FO_INLINE void run_span(void* const* ptr, int64_t i, int64_t n,
     head = min64(head, n - i);
     for (; head > 0; --head, ++i) apply_at<Rule, L, T>(ptr, ios, i, cs);
     if constexpr (kPairedBf16<L>) {
-      // Note [paired bf16 lanes] (vec.h): pairs, except where this ISA has native bf16 stores
-      // and every store rounds to nearest (all-bf16 without stochastic rounding): there one
-      // group at a time with vcvtneps2bf16 measured as fast as pairs with the integer rounding.
+      // Note [paired bf16 lanes] (vec.h), with vcvtne2ps2bf16 stores where the ISA has them
+      // nothing rounds stochastically and DAZ is clear (Note [paired native bf16 stores])
 #if defined(__AVX512BF16__)
-      const bool paired = L::kKahan || iov.sr;
+      i = !iov.sr && daz_clear() ? run_body<true, true, Rule, L, V>(ptr, i, n, cv, iov, ahead)
+                                 :     run_body<true, false, Rule, L, V>(ptr, i, n, cv, iov, ahead);
 #else
-      constexpr bool paired = true;
+      i = run_body<true, false, Rule, L, V>(ptr, i, n, cv, iov, ahead);
 #endif
-      i = paired ? run_body<true, Rule, L, V>(ptr, i, n, cv, iov, ahead)
-                 : run_body<false, Rule, L, V>(ptr, i, n, cv, iov, ahead);
     } else {
-      i = run_body<false, Rule, L, V>(ptr, i, n, cv, iov, ahead);
+      i = run_body<false, false, Rule, L, V>(ptr, i, n, cv, iov, ahead);
     }
     for (; i + kW <= n; i += kW) apply_at<Rule, L, V>(ptr, iov, i, cv);
   }

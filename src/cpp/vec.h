@@ -761,12 +761,26 @@ FO_INLINE void vstore_u4(uint8_t* p, I32x16 a) {
 // the scalar definition, stays as it is for the host and CUDA.
 // kStride: lane j hashes index + kStride * j (kStride = 2: one half of a pair of lane groups,
 // Note [paired bf16 lanes]).
+// Note [opaque hash constants]
+// The hash's and the SR store's constant lanes pass through opaque(): an empty asm that GCC
+// cannot see through but may hoist out of the loop (it is not volatile), so a constant is
+// built once and then kept in a register or spilled to the stack (a memory operand), never
+// rebuilt (mov + vpbroadcastd from a general register) every iteration, which GCC chose for
+// the avx512bf16 all-bf16 SR loop once the native pair loop (kernels.h, Note [paired native
+// bf16 stores]) sat beside it: 0.52 -> 0.59-0.60 ns/element in cache (bench_bf16_compute.py);
+// with opaque() 0.52 again, and the avx512 SR loop 0.58 -> 0.52. AVX-512 only: AVX2's 16
+// registers then held the constants through the shared pair loop (the SR branch is taken at
+// run time), which cost its plain all-bf16 AdamW 0.56 -> 0.68.
+template <class I> FO_INLINE I opaque(I x) {
+  if constexpr (sizeof(x.v) == 64) __asm__("" : "+v"(x.v));
+  return x;
+}
 template <class V, uint32_t kStride = 1> FO_INLINE IntOf<V> sr_hash_lanes(uint32_t key, uint64_t index) {
   using I = IntOf<V>;
   constexpr uint32_t kLast = kStride * (VecTraits<V>::kWidth - 1);
   const uint32_t lo0 = static_cast<uint32_t>(index), hi0 = static_cast<uint32_t>(index >> 32);
   const I lanes = viota<V>();
-  const I lo_mul = isplat<V>(lo0 * kSrMulLo) + lanes * isplat<V>(kStride * kSrMulLo);
+  const I lo_mul = isplat<V>(lo0 * kSrMulLo) + opaque(lanes * isplat<V>(kStride * kSrMulLo));
   I h;
   if (__builtin_expect(lo0 <= 0xFFFFFFFFu - kLast, 1)) {
     h = lo_mul ^ isplat<V>((hi0 * kSrMulHi) ^ key);
@@ -778,9 +792,9 @@ template <class V, uint32_t kStride = 1> FO_INLINE IntOf<V> sr_hash_lanes(uint32
     h = lo_mul ^ hi_mul ^ isplat<V>(key);
   }
   h = h ^ vshr<16>(h);
-  h = h * isplat<V>(kFmix1);
+  h = h * opaque(isplat<V>(kFmix1));
   h = h ^ vshr<13>(h);
-  h = h * isplat<V>(kFmix2);
+  h = h * opaque(isplat<V>(kFmix2));
   return h ^ vshr<16>(h);
 }
 
@@ -796,8 +810,10 @@ template <class V> struct SrStore {
   static FO_INLINE IntOf<V> bits(V v, uint32_t key, uint64_t index) {
     using I = IntOf<V>;
     const I x = vbits(v);
-    I out = x + (sr_hash_lanes<V, kStride>(key, index) & isplat<V>(0xFFFFu));
-    const auto special = vgt_i32(x & isplat<V>(0x7FFFFFFFu), isplat<V>(0x7F7FFFFFu));  // inf, NaN
+    // Note [opaque hash constants]
+    I out = x + (sr_hash_lanes<V, kStride>(key, index) & opaque(isplat<V>(0xFFFFu)));
+    const auto special = vgt_i32(x & opaque(isplat<V>(0x7FFFFFFFu)),
+                                 opaque(isplat<V>(0x7F7FFFFFu)));  // inf, NaN
     if (__builtin_expect(vany(special), 0))
       out = vselect(special, I{StorageIO<V, bf16>::round_bits(x.v)}, out);
     return out;
@@ -820,8 +836,8 @@ template <class V> struct SrStore {
 // bits, with lane j of `even` at element index + 2j and of `odd` at index + 2j + 1), then
 // (even >> 16) | (odd & 0xFFFF0000) written as W 32-bit lanes. Same bits as the stores one
 // group at a time, by construction (the scalar ISA has no pairs, and the tests compare every
-// ISA with it). Where the ISA has vcvtneps2bf16 (the avx512bf16 unit) a store rounded to
-// nearest stays one group at a time: kernels.h, run_span.
+// ISA with it). Where the ISA has vcvtne2ps2bf16 (the avx512bf16 unit) a pair rounded to
+// nearest is stored with it: kernels.h, Note [paired native bf16 stores].
 // Measured: all-bf16 AdamW in cache (2^16 elements, 1 thread, one Zen 4 vCPU; the minimum of
 // 7 timings of 200 calls, five processes per module alternated), ns/element, before -> after:
 //   avx512bf16: + stochastic rounding 0.65 -> 0.54, + Kahan 0.64 -> 0.63 (plain: unchanged);
