@@ -644,10 +644,12 @@ def test_paired_bf16_lanes_with_states_bitwise_across_isas():
 
 
 def test_paired_bf16_lanes_under_flush_denormal_bitwise_across_isas():
-    """With FTZ/DAZ on (torch.set_flush_denormal), where vfpclassps sees a subnormal as a
-    zero, the avx512bf16 pair path takes the integer rounding (kernels.h, daz_clear()): every
+    """With FTZ/DAZ on (torch.set_flush_denormal) the avx512bf16 pair path takes the integer
+    rounding (kernels.h, daz_clear(): vfpclassps sees a subnormal as a zero under DAZ): every
     ISA and thread count still the same bits, and the mode does change the result (the test
-    is not vacuous)."""
+    is not vacuous). It runs that branch; it cannot show the branch is needed, since under
+    FTZ no rule result is subnormal (test_formats_convert.py's FTZ test shows the check's
+    failure on the conversions, whose inputs are not computed)."""
     torch = pytest.importorskip("torch")
     initial = _paired_initial(2**17 + 5, 33)
     plain = _paired_steps_on_every_backend(initial)

@@ -184,7 +184,8 @@ FO_INLINE void store_bf16_native(bf16* p, F32x16 v) {
 }
 #pragma GCC diagnostic pop
 FO_INLINE void store_bf16_pair_native(bf16* p, F32x16 even, F32x16 odd) {
-  if (__builtin_expect(mask_any(bf16_native_special_no_daz(even) | bf16_native_special_no_daz(odd)), 0)) {
+  const __mmask16 rare = bf16_native_special_no_daz(even) | bf16_native_special_no_daz(odd);
+  if (__builtin_expect(mask_any(rare), 0)) {
     store_bf16_pair_rare(p, even, odd);
     return;
   }
@@ -476,11 +477,11 @@ FO_INLINE void run_span(void* const* ptr, int64_t i, int64_t n,
     head = min64(head, n - i);
     for (; head > 0; --head, ++i) apply_at<Rule, L, T>(ptr, ios, i, cs);
     if constexpr (kPairedBf16<L>) {
-      // Note [paired bf16 lanes] (vec.h), with vcvtne2ps2bf16 stores where the ISA has them
-      // nothing rounds stochastically and DAZ is clear (Note [paired native bf16 stores])
+      // Note [paired bf16 lanes] (vec.h); vcvtne2ps2bf16 stores where the ISA has them, nothing
+      // rounds stochastically and DAZ is clear (Note [paired native bf16 stores])
 #if defined(__AVX512BF16__)
       i = !iov.sr && daz_clear() ? run_body<true, true, Rule, L, V>(ptr, i, n, cv, iov, ahead)
-                                 :     run_body<true, false, Rule, L, V>(ptr, i, n, cv, iov, ahead);
+                                 : run_body<true, false, Rule, L, V>(ptr, i, n, cv, iov, ahead);
 #else
       i = run_body<true, false, Rule, L, V>(ptr, i, n, cv, iov, ahead);
 #endif
