@@ -79,7 +79,8 @@ bool isa_cpu_has(Isa isa) {
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma") &&
              __builtin_cpu_supports("f16c");
     case Isa::kAvx512Bf16:
-      // (its unit is compiled with -mavx512bw -mavx512dq too: kernels.h, Note [native bf16 stores])
+      // (its unit is compiled with -mavx512bw -mavx512dq too: kernels.h, Note [paired native bf16
+      // stores])
       return isa_cpu_has(Isa::kAvx512) && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
              __builtin_cpu_supports("avx512bf16");

@@ -748,19 +748,6 @@ FO_INLINE void vstore_u4(uint8_t* p, I32x16 a) {
 
 // ---- stochastic-rounding bf16 stores of the vector ISAs -----------------------------------
 // (here, after the integer lanes, in whose vocabulary their hash is written)
-// Note [sr_hash strength reduction]
-// A vector store hashes the indices index .. index + W - 1 in one go. sr_hash's first step,
-// (lo * kSrMulLo) ^ (hi * kSrMulHi) ^ key over the index's 32-bit halves, is affine in the
-// lanes: (lo0 + j) * kSrMulLo is lo0 * kSrMulLo + j * kSrMulLo mod 2^32 (the lane constants
-// fold at compile time), and while lo0 + j does not wrap every lane shares hi0, so the high
-// half and the key fold into one scalar: a broadcast, an add and an xor per vector. A vector
-// whose low halves wrap past 2^32 (one in 2^27 at most: a paired group spans 2W - 1 indices)
-// takes the general form, in which a wrapped lane's high half is hi0 + 1. Both are the same
-// bits as sr_hash.
-// Written once over the integer lanes (Note [integer lanes]) for the vector types; sr_hash,
-// the scalar definition, stays as it is for the host and CUDA.
-// kStride: lane j hashes index + kStride * j (kStride = 2: one half of a pair of lane groups,
-// Note [paired bf16 lanes]).
 // Note [opaque hash constants]
 // The hash's and the SR store's constant lanes pass through opaque(): an empty asm that GCC
 // cannot see through but may hoist out of the loop (it is not volatile), so a constant is
@@ -775,6 +762,20 @@ template <class I> FO_INLINE I opaque(I x) {
   if constexpr (sizeof(x.v) == 64) __asm__("" : "+v"(x.v));
   return x;
 }
+
+// Note [sr_hash strength reduction]
+// A vector store hashes the indices index .. index + W - 1 in one go. sr_hash's first step,
+// (lo * kSrMulLo) ^ (hi * kSrMulHi) ^ key over the index's 32-bit halves, is affine in the
+// lanes: (lo0 + j) * kSrMulLo is lo0 * kSrMulLo + j * kSrMulLo mod 2^32 (the lane constants
+// fold at compile time), and while lo0 + j does not wrap every lane shares hi0, so the high
+// half and the key fold into one scalar: a broadcast, an add and an xor per vector. A vector
+// whose low halves wrap past 2^32 (one in 2^27 at most: a paired group spans 2W - 1 indices)
+// takes the general form, in which a wrapped lane's high half is hi0 + 1. Both are the same
+// bits as sr_hash.
+// Written once over the integer lanes (Note [integer lanes]) for the vector types; sr_hash,
+// the scalar definition, stays as it is for the host and CUDA.
+// kStride: lane j hashes index + kStride * j (kStride = 2: one half of a pair of lane groups,
+// Note [paired bf16 lanes]).
 template <class V, uint32_t kStride = 1> FO_INLINE IntOf<V> sr_hash_lanes(uint32_t key, uint64_t index) {
   using I = IntOf<V>;
   constexpr uint32_t kLast = kStride * (VecTraits<V>::kWidth - 1);
