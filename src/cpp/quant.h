@@ -107,9 +107,16 @@ template <int kBits, bool kNonNegative> struct QuantMap {
   // gives |x| * inv <= 1 + 2^-22 (inv = 1 / absmax rounded, subnormal when absmax >= 2^126),
   // far below the 1 + 2^-(kF+1) that would round past kTop; only a block whose 1 / absmax
   // overflows (absmax <= 2^-128) meets a larger u.
-  // A non-negative state's x is passed as |x| already (quant_lanes stores it so).
+  // A non-negative state's x is passed as |x| already (quant_store stores it so).
   template <class V, bool kClamp = true> static FO_INLINE IntOf<V> encode(V x, V inv) {
     using I = IntOf<V>;
+    if constexpr (!kNonNegative && !kClamp) {
+      // Note [signed encode from the signed product]
+      static_assert(static_cast<int32_t>(kRound) > -(1 << 30), "2 (u + kRound) fits in int32");
+      const I b = vbits(x * inv);
+      const I r = vsra<kShift + 1>(vshl<1>(b) + isplat<V>(kRound << 1));
+      return vpositive_or(r, vshr<32 - kBits>(b), isplat<V>(kSign));
+    }
     const I b = vbits((kNonNegative ? x : vabs(x)) * inv);
     I u = b;
     if constexpr (kClamp) u = vmin_u32(b, isplat<V>(kOne));
@@ -122,6 +129,26 @@ template <int kBits, bool kNonNegative> struct QuantMap {
       return vselect(vlt(x, splat<V>(0.0f)) & vgt_i32(k, isplat<V>(0)), k | isplat<V>(kSign), k);
     }
   }
+
+  // Note [signed encode from the signed product]
+  // Where inv is finite (kClamp = false), a signed state's code is computed from the bits b of
+  // x * inv, sign included, in fewer operations than the general form above (on AVX-512, 9
+  // per vector with the load, narrowing and store, against 12: the abs, the reload of x and
+  // its compare, the max, the second compare and the blend go): b << 1 is |x * inv|'s pattern
+  // u shifted up one (u < 2^31), and with T = u + kRound as int32, which lies in [-2^30, 2^30)
+  // (u <= 1.0's pattern plus 2 ulps; kRound's int32 value is above -2^30 for both maps:
+  // -931,659,776 at 8 bits, -1,002,438,656 at 4), (b << 1) + (kRound << 1) is exactly 2T, so
+  // an arithmetic shift by kShift + 1 gives the r of the general form (r <= kTop since inv is
+  // finite). vpositive_or then returns r with the sign bit of b moved to the code's sign where
+  // r > 0, and 0 (the one zero code) where r <= 0, for the general form's max(r, 0) and its
+  // sign test; r > 0 means x * inv is not +-0, so b's sign is that of x (inv > 0; inv = 0 puts
+  // every r below 1). The general form stays where inv may be infinite: there 0 * inf is a
+  // NaN with its sign bit set, where x < 0 is false. In cache (bench_quant.py --in-cache, two
+  // runs alternated with the build before, 3.2 GHz Zen 4; with vload_u4_top's AVX-512 form,
+  // vec.h), ns/element: AVX2 int8 AdamW 0.769-0.774 -> 0.737-0.739, int4 0.900-0.914 ->
+  // 0.861-0.883; AVX-512 int8 0.545-0.546 -> 0.546 (it trades an and, a compare, a max and a
+  // blend for two shifts; a third run of the new build read 0.903 on both AVX-512 ISAs, an
+  // outlier of that process), int4 0.697-0.710 -> 0.681-0.685.
 
   // The codes of elements [i, i + width of V) of a block whose codes start at c.
   template <class V> static FO_INLINE IntOf<V> load_codes(const uint8_t* c, int64_t i) {
@@ -242,6 +269,45 @@ template <class V> constexpr int kLaneGroups = 1;
 template <> constexpr int kLaneGroups<F32x8> = 2;
 #endif
 
+// The loads of one lane group at element k: params and grads from memory (grads unscaled),
+// each read state decoded from its codes.
+template <class D, class Rule, int kBits, class V, class P>
+FO_INLINE void quant_load(const P* p, const P* g, const uint8_t* const* codes, const float* absmax,
+                          int64_t k, const Io<V>& io, V* x) {
+  if constexpr ((Rule::kReads & bit(kParam)) != 0) x[kParam] = vload_from<V>(p + k);
+  // the grads unscaled as they are loaded (kernel_api.h, Note [load/store options])
+  if constexpr ((Rule::kReads & bit(kGrad)) != 0) x[kGrad] = vload_from<V>(g + k) * io.grad_scale_inv;
+  each_slot([&](auto s) {
+    if constexpr (s >= kState0 && (Rule::kReads & bit(s)) != 0) {
+      using Map = QuantMap<kBits, slot_non_negative<D, decltype(s)::value>()>;
+      x[s] = Map::template load<V>(codes[s], k, splat<V>(absmax[s]));
+    }
+  });
+}
+
+// The stores of one updated lane group at element k: the param (unless kParamDone), each
+// written state to the block's buffer and its max |x|.
+template <class D, class Rule, int kBits, class V, bool kSr, bool kParamDone = false, class P>
+FO_INLINE void quant_store(P* p, float (*st)[quant_block(kBits)], int64_t k, IntOf<V>* amax,
+                           const Io<V>& io, float* pbuf, RareLanes& rare, const V* x) {
+  if constexpr ((Rule::kWrites & bit(kParam)) != 0 && !kParamDone) {
+    if constexpr (kRareAfterBlock<P, V, kSr>) {
+      // Note [rare bf16 stores after the block]
+      vstore(pbuf + k, x[kParam]);
+      rare = rare | store_bf16_native_unchecked(p + k, x[kParam]);
+    } else {
+      store_param(p + k, x[kParam], io, k);
+    }
+  }
+  each_slot([&](auto s) {
+    if constexpr (s >= kState0 && (Rule::kWrites & bit(s)) != 0) {
+      const V ax = vabs(x[s]);
+      vstore(st[s - kState0] + k, slot_non_negative<D, decltype(s)::value>() ? ax : x[s]);
+      amax[s] = vmax_u32(amax[s], vbits(ax));
+    }
+  });
+}
+
 template <class D, class Rule, int kBits, class V, bool kSr, int kU = 1, class P>
 FO_INLINE void quant_lanes(P* p, const P* g, const uint8_t* const* codes,
                            const float* absmax, float (*st)[quant_block(kBits)], int64_t i,
@@ -249,42 +315,14 @@ FO_INLINE void quant_lanes(P* p, const P* g, const uint8_t* const* codes,
                            const Io<V>& io, float* pbuf, RareLanes& rare) {
   constexpr int kW = VecTraits<V>::kWidth;
   V x[kU][kMaxSlots];
-  for (int u = 0; u < kU; ++u) {
-    const int64_t k = i + u * kW;
-    if constexpr ((Rule::kReads & bit(kParam)) != 0) x[u][kParam] = vload_from<V>(p + k);
-    // the grads unscaled as they are loaded (kernel_api.h, Note [load/store options])
-    if constexpr ((Rule::kReads & bit(kGrad)) != 0) x[u][kGrad] = vload_from<V>(g + k) * io.grad_scale_inv;
-    each_slot([&](auto s) {
-      if constexpr (s >= kState0 && (Rule::kReads & bit(s)) != 0) {
-        using Map = QuantMap<kBits, slot_non_negative<D, decltype(s)::value>()>;
-        x[u][s] = Map::template load<V>(codes[s], k, splat<V>(absmax[s]));
-      }
-    });
-  }
+  for (int u = 0; u < kU; ++u) quant_load<D, Rule, kBits>(p, g, codes, absmax, i + u * kW, io, x[u]);
   for (int u = 0; u < kU; ++u) Rule::template apply<V>(x[u], c);
   // Note [paired bf16 param stores]
   constexpr bool kParamsX2 =
       kU == 2 && std::is_same_v<P, bf16> && !kSr && (Rule::kWrites & bit(kParam)) != 0;
   if constexpr (kParamsX2) vstore_bf16_x2(p + i, x[0][kParam], x[1][kParam]);
-  for (int u = 0; u < kU; ++u) {
-    const int64_t k = i + u * kW;
-    if constexpr ((Rule::kWrites & bit(kParam)) != 0 && !kParamsX2) {
-      if constexpr (kRareAfterBlock<P, V, kSr>) {
-        // Note [rare bf16 stores after the block]
-        vstore(pbuf + k, x[u][kParam]);
-        rare = rare | store_bf16_native_unchecked(p + k, x[u][kParam]);
-      } else {
-        store_param(p + k, x[u][kParam], io, k);
-      }
-    }
-    each_slot([&](auto s) {
-      if constexpr (s >= kState0 && (Rule::kWrites & bit(s)) != 0) {
-        const V ax = vabs(x[u][s]);
-        vstore(st[s - kState0] + k, slot_non_negative<D, decltype(s)::value>() ? ax : x[u][s]);
-        amax[s] = vmax_u32(amax[s], vbits(ax));
-      }
-    });
-  }
+  for (int u = 0; u < kU; ++u)
+    quant_store<D, Rule, kBits, V, kSr, kParamsX2>(p, st, i + u * kW, amax, io, pbuf, rare, x[u]);
 }
 
 // Note [quantized block driver].
@@ -347,6 +385,21 @@ FO_INLINE void quant_lanes(P* p, const P* g, const uint8_t* const* codes,
 // bf16p-int4 at 1.45 (the other two as with them). At 2^26 (bench/ab_builds.py, two runs,
 // new / old at 1 | 2 threads): int8 0.97 | 0.96, int4 0.96 | 0.96-0.98, bf16p-int8 0.95-0.96 |
 // 0.95-0.96, bf16p-int4 0.94 | 0.94-0.96; the unchanged fp32 row 1.02 | 1.00.
+//
+// Note [loads one lane group ahead]
+// On AVX-512 (one lane group per step: kSteps = kU = 1), a full block updated while the
+// previous block's encode is deferred runs software-pipelined: lane group i + 1's params and
+// grads are loaded and its states decoded (quant_load) before group i's rule runs, then group
+// i's stores (quant_store) and the deferred block's codes of group i. Same operations, same
+// bits, in another order: the decode (a byte load, then shifts, an add and a multiply) no
+// longer sits at the head of the chain that ends in the square root, the division and the
+// stores, so fewer of each group's operations wait in the scheduler for it. One more vector of
+// each read slot stays live across the loop. In cache (AdamW, 2^16 elements, 1 thread, min of
+// 15 x 300 calls, three runs alternated with the build before, 3.2 GHz Zen 4, AVX-512),
+// ns/element: int8 0.538-0.546 -> 0.518-0.524, int4 0.682-0.686 -> 0.643-0.650, bf16 params
+// with int8 0.718-0.725 -> 0.696-0.697, with int4 0.885-0.891 -> 0.810-0.812. AVX2 keeps its
+// two lane groups per step (Note [lane groups in flight]), a block's first group and a
+// partial block the plain loop.
 //
 // Note [stochastic rounding off the loop]
 // kSr is a compile-time constant (quant_entry picks the instantiation from b.sr), so the loop
@@ -458,6 +511,26 @@ void quant_range(const Batch& b, int64_t begin, int64_t end, const Args& a) {
       // update, then the same group of the deferred block's codes; the rest of both after
       // (this block is partial)
       if (deferred) {
+        if constexpr (kDefer && kSteps == 1 && kU == 1) {
+          if (n == kB) {
+            // Note [loads one lane group ahead]
+            V xc[kMaxSlots], xn[kMaxSlots];
+            quant_load<D, Rule, kBits>(pb, gb, codes, absmax, 0, iov, xc);
+            for (; i + kW < kB; i += kW) {
+              quant_load<D, Rule, kBits>(pb, gb, codes, absmax, i + kW, iov, xn);
+              Rule::template apply<V>(xc, cv);
+              quant_store<D, Rule, kBits, V, kSr>(pb, cur, i, amax, iov, pbuf, rare, xc);
+              encode_deferred(i, 0, 1);
+              each_slot([&](auto s) {
+                if constexpr ((Rule::kReads & bit(s)) != 0) xc[s] = xn[s];
+              });
+            }
+            Rule::template apply<V>(xc, cv);
+            quant_store<D, Rule, kBits, V, kSr>(pb, cur, i, amax, iov, pbuf, rare, xc);
+            encode_deferred(i, 0, 1);
+            i = kB;
+          }
+        }
         for (; i + kGW <= n; i += kGW) {
           for (int u = 0; u < kSteps; ++u) {
             quant_lanes<D, Rule, kBits, V, kSr, kU>(pb, gb, codes, absmax, cur, i + u * kU * kW, cv, amax, iov,

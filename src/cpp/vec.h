@@ -539,7 +539,9 @@ template <> struct StorageIO<F32x16, f16> {
 // selects integer lanes too, and vreduce_max_u32 is the unsigned maximum of all lanes.
 // vzero_unless(a, b, x) is x in the lanes where a & b has a bit set and +0.0f elsewhere (one
 // zero-masked operation on AVX-512, where vselect(veq_i32(a & b, 0), splat<V>(0.0f), x) costs
-// an and, a compare and a blend).
+// an and, a compare and a blend). vpositive_or(a, b, c) (vector lanes only) is a | (b & c) in
+// the lanes where int32(a) > 0 and 0 elsewhere (on AVX-512 a compare and one zero-masked
+// vpternlogd).
 // Codes: vload_u8<V>(p) reads kWidth bytes, one per lane (zero-extended), vload_s8<V>(p) the
 // same bytes sign-extended (bit 7 copied to bits 8-31); vstore_u8(p, i)
 // writes the low byte of each lane. The 4-bit forms hold two codes per byte, lane 2j in the
@@ -594,8 +596,9 @@ FO_HD FO_INLINE float vzero_unless(uint32_t a, uint32_t b, float x) { return (a 
 FO_HD FO_INLINE void vstore_u8(uint8_t* p, uint32_t a) { *p = static_cast<uint8_t>(a); }
 template <class V> FO_INLINE IntOf<V> vload_u4(const uint8_t* p);
 // vload_u4_top<V>(p): lane j's nibble in bits 28-31; the bits below are unspecified (AVX2: the
-// lower nibbles of its 32-bit word; elsewhere zero). For a signed code that an arithmetic shift
-// then sign-extends (QuantMap::load), whose mask drops the rest.
+// lower nibbles of its 32-bit word; AVX-512: in odd lanes the byte's low nibble and a copy of
+// the lane's own; elsewhere zero). For a signed code that an arithmetic shift then
+// sign-extends (QuantMap::load), whose mask drops the rest.
 template <class V> FO_INLINE IntOf<V> vload_u4_top(const uint8_t* p) { return vshl<28>(vload_u4<V>(p)); }
 template <class V> constexpr int kCodeGroup = 1;
 template <class I> FO_INLINE void vstore_u8s(uint8_t* p, const I* a) { vstore_u8(p, a[0]); }
@@ -647,6 +650,10 @@ template <> FO_INLINE I32x8 vload_s8<F32x8>(const uint8_t* p) {
 FO_INLINE F32x8 vzero_unless(I32x8 a, I32x8 b, F32x8 x) {
   const __m256i zero = _mm256_cmpeq_epi32(_mm256_and_si256(a.v, b.v), _mm256_setzero_si256());
   return {_mm256_andnot_ps(_mm256_castsi256_ps(zero), x.v)};
+}
+FO_INLINE I32x8 vpositive_or(I32x8 a, I32x8 b, I32x8 c) {
+  return {_mm256_and_si256(_mm256_cmpgt_epi32(a.v, _mm256_setzero_si256()),
+                           _mm256_or_si256(a.v, _mm256_and_si256(b.v, c.v)))};
 }
 // The 4 bytes (8 nibbles) broadcast to every lane (a load: no ALU work), lane j shifted by its
 // own count so that nibble j lands at the bottom (vload_u4) or at the top (vload_u4_top), where
@@ -730,6 +737,10 @@ template <> FO_INLINE I32x16 vload_s8<F32x16>(const uint8_t* p) {
 FO_INLINE F32x16 vzero_unless(I32x16 a, I32x16 b, F32x16 x) {
   return {_mm512_maskz_mov_ps(_mm512_test_epi32_mask(a.v, b.v), x.v)};
 }
+FO_INLINE I32x16 vpositive_or(I32x16 a, I32x16 b, I32x16 c) {  // 0xF8: a | (b & c)
+  return {_mm512_maskz_ternarylogic_epi32(_mm512_cmpgt_epi32_mask(a.v, _mm512_setzero_si512()),
+                                          a.v, b.v, c.v, 0xF8)};
+}
 FO_INLINE void vstore_u8(uint8_t* p, I32x16 a) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(a.v));
 }
@@ -737,6 +748,13 @@ template <> FO_INLINE I32x16 vload_u4<F32x16>(const uint8_t* p) {
   // byte j -> 64-bit lane j; its high nibble shifted into the lane's upper half, then masked
   const __m512i q = _mm512_cvtepu8_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
   return {_mm512_and_si512(_mm512_or_si512(q, _mm512_slli_epi64(q, 28)), _mm512_set1_epi32(15))};
+}
+// byte j -> 64-bit lane j, shifted up 28 (its low nibble at the top of lane 2j, nothing below)
+// and 56 (its high nibble at the top of lane 2j + 1, the low nibble and the high one's copy
+// below), where the generic vshl<28>(vload_u4) took one operation more
+template <> FO_INLINE I32x16 vload_u4_top<F32x16>(const uint8_t* p) {
+  const __m512i q = _mm512_cvtepu8_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  return {_mm512_or_si512(_mm512_slli_epi64(q, 28), _mm512_slli_epi64(q, 56))};
 }
 FO_INLINE void vstore_u4(uint8_t* p, I32x16 a) {
   // lanes 2j, 2j+1 -> the low byte of 64-bit lane j (vpmovqb keeps that byte)
