@@ -547,7 +547,11 @@ template <> struct StorageIO<F32x16, f16> {
 // writes the low byte of each lane. The 4-bit forms hold two codes per byte, lane 2j in the
 // low nibble of byte j and lane 2j+1 in the high nibble: vload_u4<V>(p) reads kWidth / 2
 // bytes, vstore_u4(p, i) writes them from lanes that are each below 16 (vector types only:
-// one lane is half a byte).
+// one lane is half a byte). Where kLookup16<V> (AVX-512: a 16-entry lookup is one vpermps),
+// vlookup16(i, t) is lane (i & 15) of t in each lane, and vload_u4_low<V>(p) reads the same
+// nibbles as vload_u4 with lane j's in bits 0-3 and the bits above unspecified (vlookup16
+// ignores them); there vload_u4 and vload_u4_top are not defined, since nothing reads nibbles
+// otherwise (quant.h, Note [int4 codes by lookup]).
 // Groups of codes: kCodeGroup<V> vectors of codes are written together, by vstore_u8s(p, a)
 // (the codes of a[0], a[1], ... one after another, like that many vstore_u8) and vstore_u4s
 // (the same as nibbles); their lanes must be below 256 (vstore_u8s) or 16 (vstore_u4s). One
@@ -595,11 +599,12 @@ template <> FO_HD FO_INLINE uint32_t vload_s8<float>(const uint8_t* p) {
 FO_HD FO_INLINE float vzero_unless(uint32_t a, uint32_t b, float x) { return (a & b) != 0 ? x : 0.0f; }
 FO_HD FO_INLINE void vstore_u8(uint8_t* p, uint32_t a) { *p = static_cast<uint8_t>(a); }
 template <class V> FO_INLINE IntOf<V> vload_u4(const uint8_t* p);
-// vload_u4_top<V>(p): lane j's nibble in bits 28-31; the bits below are unspecified (AVX2: the
-// lower nibbles of its 32-bit word; AVX-512: in odd lanes the byte's low nibble and a copy of
-// the lane's own; elsewhere zero). For a signed code that an arithmetic shift then
-// sign-extends (QuantMap::load), whose mask drops the rest.
-template <class V> FO_INLINE IntOf<V> vload_u4_top(const uint8_t* p) { return vshl<28>(vload_u4<V>(p)); }
+template <class V> constexpr bool kLookup16 = false;
+// vload_u4_top<V>(p) (AVX2): lane j's nibble in bits 28-31, the lower nibbles of its 32-bit
+// word below. For a signed code that an arithmetic shift then sign-extends (QuantMap::load),
+// whose mask drops the rest.
+template <class V> FO_INLINE IntOf<V> vload_u4_top(const uint8_t* p);
+template <class V> FO_INLINE IntOf<V> vload_u4_low(const uint8_t* p);
 template <class V> constexpr int kCodeGroup = 1;
 template <class I> FO_INLINE void vstore_u8s(uint8_t* p, const I* a) { vstore_u8(p, a[0]); }
 template <class I> FO_INLINE void vstore_u4s(uint8_t* p, const I* a) { vstore_u4(p, a[0]); }
@@ -744,17 +749,13 @@ FO_INLINE I32x16 vpositive_or(I32x16 a, I32x16 b, I32x16 c) {  // 0xF8: a | (b &
 FO_INLINE void vstore_u8(uint8_t* p, I32x16 a) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(a.v));
 }
-template <> FO_INLINE I32x16 vload_u4<F32x16>(const uint8_t* p) {
-  // byte j -> 64-bit lane j; its high nibble shifted into the lane's upper half, then masked
+template <> constexpr bool kLookup16<F32x16> = true;
+FO_INLINE F32x16 vlookup16(I32x16 i, F32x16 t) { return {_mm512_permutexvar_ps(i.v, t.v)}; }
+template <> FO_INLINE I32x16 vload_u4_low<F32x16>(const uint8_t* p) {
+  // byte j -> 64-bit lane j; a copy shifted up 28 puts its high nibble at the bottom of lane
+  // 2j + 1 (lane 2j keeps the byte: its low nibble at the bottom)
   const __m512i q = _mm512_cvtepu8_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  return {_mm512_and_si512(_mm512_or_si512(q, _mm512_slli_epi64(q, 28)), _mm512_set1_epi32(15))};
-}
-// byte j -> 64-bit lane j, shifted up 28 (its low nibble at the top of lane 2j, nothing below)
-// and 56 (its high nibble at the top of lane 2j + 1, the low nibble and the high one's copy
-// below), where the generic vshl<28>(vload_u4) took one operation more
-template <> FO_INLINE I32x16 vload_u4_top<F32x16>(const uint8_t* p) {
-  const __m512i q = _mm512_cvtepu8_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  return {_mm512_or_si512(_mm512_slli_epi64(q, 28), _mm512_slli_epi64(q, 56))};
+  return {_mm512_or_si512(q, _mm512_slli_epi64(q, 28))};
 }
 FO_INLINE void vstore_u4(uint8_t* p, I32x16 a) {
   // lanes 2j, 2j+1 -> the low byte of 64-bit lane j (vpmovqb keeps that byte)
