@@ -168,8 +168,8 @@ template <int kBits, bool kNonNegative> struct QuantMap {
   // sign test; r > 0 means x * inv is not +-0, so b's sign is that of x (inv > 0; inv = 0 puts
   // every r below 1). The general form stays where inv may be infinite: there 0 * inf is a
   // NaN with its sign bit set, where x < 0 is false. In cache (bench_quant.py --in-cache, two
-  // runs alternated with the build before, 3.2 GHz Zen 4; with vload_u4_top's AVX-512 form,
-  // vec.h), ns/element: AVX2 int8 AdamW 0.769-0.774 -> 0.737-0.739, int4 0.900-0.914 ->
+  // runs alternated with the build before, 3.2 GHz Zen 4; with an AVX-512 vload_u4_top of its
+  // own, since replaced by Note [int4 codes by lookup]), ns/element: AVX2 int8 AdamW 0.769-0.774 -> 0.737-0.739, int4 0.900-0.914 ->
   // 0.861-0.883; AVX-512 int8 0.545-0.546 -> 0.546 (it trades an and, a compare, a max and a
   // blend for two shifts; a third run of the new build read 0.903 on both AVX-512 ISAs, an
   // outlier of that process), int4 0.697-0.710 -> 0.681-0.685.
