@@ -551,7 +551,11 @@ template <> struct StorageIO<F32x16, f16> {
 // vlookup16(i, t) is lane (i & 15) of t in each lane, and vload_u4_low<V>(p) reads the same
 // nibbles as vload_u4 with lane j's in bits 0-3 and the bits above unspecified (vlookup16
 // ignores them); there vload_u4 and vload_u4_top are not defined, since nothing reads nibbles
-// otherwise (quant.h, Note [int4 codes by lookup]).
+// otherwise (quant.h, Note [int4 codes by lookup]). Where kLookup8x2<V> (AVX2: a lookup in
+// two 8-lane tables is two vpermps and a vblendvps), vlookup8x2(i, top, lo, hi) is lane (i & 7)
+// of lo in the lanes where top's bit 31 is clear and of hi where it is set: with i =
+// vload_u4_low<V>(p) and top = vload_u4_top<V>(p) (the nibble's bit 3 at bit 31), lane
+// (nibble & 15) of the 16 entries lo, hi.
 // Groups of codes: kCodeGroup<V> vectors of codes are written together, by vstore_u8s(p, a)
 // (the codes of a[0], a[1], ... one after another, like that many vstore_u8) and vstore_u4s
 // (the same as nibbles); their lanes must be below 256 (vstore_u8s) or 16 (vstore_u4s). One
@@ -600,6 +604,7 @@ FO_HD FO_INLINE float vzero_unless(uint32_t a, uint32_t b, float x) { return (a 
 FO_HD FO_INLINE void vstore_u8(uint8_t* p, uint32_t a) { *p = static_cast<uint8_t>(a); }
 template <class V> FO_INLINE IntOf<V> vload_u4(const uint8_t* p);
 template <class V> constexpr bool kLookup16 = false;
+template <class V> constexpr bool kLookup8x2 = false;
 // vload_u4_top<V>(p) (AVX2): lane j's nibble in bits 28-31, the lower nibbles of its 32-bit
 // word below. For a signed code that an arithmetic shift then sign-extends (QuantMap::load),
 // whose mask drops the rest.
@@ -670,13 +675,21 @@ FO_INLINE __m256i vload_nibbles_bcast(const uint8_t* p) {
   __builtin_memcpy(&w, p, sizeof w);
   return _mm256_set1_epi32(w);
 }
-template <> FO_INLINE I32x8 vload_u4<F32x8>(const uint8_t* p) {
+template <> FO_INLINE I32x8 vload_u4_low<F32x8>(const uint8_t* p) {
   const __m256i down = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-  return {_mm256_and_si256(_mm256_srlv_epi32(vload_nibbles_bcast(p), down), _mm256_set1_epi32(15))};
+  return {_mm256_srlv_epi32(vload_nibbles_bcast(p), down)};
+}
+template <> FO_INLINE I32x8 vload_u4<F32x8>(const uint8_t* p) {
+  return vload_u4_low<F32x8>(p) & isplat<F32x8>(15u);
 }
 template <> FO_INLINE I32x8 vload_u4_top<F32x8>(const uint8_t* p) {
   const __m256i up = _mm256_setr_epi32(28, 24, 20, 16, 12, 8, 4, 0);
   return {_mm256_sllv_epi32(vload_nibbles_bcast(p), up)};
+}
+template <> constexpr bool kLookup8x2<F32x8> = true;
+FO_INLINE F32x8 vlookup8x2(I32x8 i, I32x8 top, F32x8 lo, F32x8 hi) {
+  return {_mm256_blendv_ps(_mm256_permutevar8x32_ps(lo.v, i.v), _mm256_permutevar8x32_ps(hi.v, i.v),
+                           _mm256_castsi256_ps(top.v))};
 }
 template <> constexpr int kCodeGroup<F32x8> = 4;
 // a[0..3] as 16-bit and then 8-bit lanes (the packs saturate, exact below 256), in each
