@@ -237,6 +237,34 @@ def test_every_length_of_a_last_partial_block(bits, kind, restore_backend):
                                f"{rule} int{bits} {kind}", kind)
 
 
+@pytest.mark.parametrize("kind", PARAM_KINDS)
+@pytest.mark.parametrize("bits", BITS)
+def test_every_code_decodes_alike_on_every_isa(bits, kind, restore_backend):
+    """States whose codes are random bytes, so that every code appears, the signed map's second
+    zero code (the sign bit with magnitude 0, which the encoder never writes but a loaded
+    state_dict may hold) included, and meets every decoder: the arithmetic one and the lookups
+    (quant.h, Note [int4 codes by lookup]: one 16-lane table on AVX-512, two 8-lane tables for
+    signed int4 on AVX2). Adam with AMSGrad, the storage oracle's bits on every ISA and thread
+    count."""
+    case = next(c for c in FULL_STATE_CASES if c[0] == "adam")
+    rule, hyper = case
+    shapes = [(5 * BLOCK[bits] + 4,), (3 * BLOCK[bits],)]
+    rng = np.random.default_rng(50 + bits)
+    start = make_state(rule, hyper, shapes, bits, rng, kind)
+    for name in start:
+        if name == "params":
+            continue
+        for q in start[name]:
+            q.codes[...] = rng.integers(0, 256, q.codes.shape, dtype=np.uint8)
+        seen = np.unique(np.concatenate([quant._unpack(q.codes, q.size, bits)
+                                         for q in start[name]]))
+        assert seen.size == 2**bits, (name, seen)
+    grads = make_grads(shapes, rng, kind)
+    expected = storage_oracle(rule, hyper, start, grads, 2, kind)
+    assert_every_backend_gives(rule, hyper, start, grads, 2, expected,
+                               f"{rule} int{bits} {kind}", kind)
+
+
 @pytest.mark.parametrize("bits", BITS)
 def test_kernel_quantizes_extreme_blocks_as_numpy_does(bits, restore_backend):
     """Blocks the vector encoder handles through its clamps: absmax so small (subnormal) that
