@@ -162,17 +162,31 @@ def test_interface_with_stream_is_preferred():
     assert p.streams == [] and g.streams == []
 
 
-@pytest.mark.parametrize("code,bits,name", [(2, 16, "float16"), (4, 16, "bfloat16"),
-                                            (0, 32, "int32"), (5, 64, "complex64")])
+@pytest.mark.parametrize("code,bits,name", [(0, 32, "int32"), (5, 64, "complex64"),
+                                            (2, 8, "float8")])
 def test_dtype(code, bits, name):
     g = FakeDLPack((4,), code=code, bits=bits)
-    with pytest.raises(TypeError, match=r"grads.*" + name):
+    with pytest.raises(TypeError, match=r"grads\[0\] has dtype " + name + ".*float32, float64, "
+                                        "float16 and bfloat16 on CUDA"):
         sgd(FakeDLPack((4,)), g)
+
+
+def test_16_bit_dtypes():
+    """float16 (kDLFloat, 16 bits) and bfloat16 (kDLBfloat, 16 bits) are the 16-bit formats'
+    element types: float16 arrays pass every check (a float16 guard), bfloat16 ones are
+    named so in the one-dtype-per-role message (no CUDA Array Interface typestr names it)."""
+    passes(lambda: sgd(FakeDLPack((4,), bits=16), FakeDLPack((4,), bits=16), guard="<f2"))
+    with pytest.raises(TypeError, match=r"params\[1\] has dtype float32 but params\[0\] has "
+                                        r"dtype bfloat16"):
+        sgd(FakeDLPack((4,), code=4, bits=16), FakeDLPack((4,), code=4, bits=16))
 
 
 def test_float64_and_mixed_dtypes():
     passes(lambda: sgd(FakeDLPack((4,), bits=64), FakeDLPack((4,), bits=64), guard="<f8"))
-    with pytest.raises(TypeError, match=r"grads.*float64.*params.*float32"):
+    # each role shares one dtype (the guard's float32 grad beside a float64 one; a role of
+    # one dtype outside the format table: tests/test_cuda.py's test_mixed_dtypes)
+    with pytest.raises(TypeError, match=r"grads\[1\] has dtype float32 but grads\[0\] has dtype "
+                                        r"float64; all grads of one call share one dtype"):
         sgd(FakeDLPack((4,)), FakeDLPack((4,), bits=64))
 
 

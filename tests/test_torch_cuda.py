@@ -80,3 +80,53 @@ def test_a_cpu_gradient_of_a_cuda_param_is_refused(cuda):
     with pytest.raises(ValueError, match=r"params'\]\[0\]: its gradient is on cpu"):
         ft.Adam([p], lr=0.01).step()
     assert torch.equal(p.detach(), before)
+
+
+@pytest.mark.parametrize("name, kwargs", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_16_bit_params_equal_cpu_bit_for_bit(cuda, name, kwargs, dtype):
+    """bfloat16 / float16 CUDA params (the all-16-bit format on the device, Note [16-bit
+    formats on the device]): 10 steps of the drop-in equal the same drop-in on CPU copies bit
+    for bit, params and every state."""
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(3, 5), (17,), (0,), (4099,)]
+    on_cpu = [torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in shapes]
+    on_gpu = [p.detach().to(cuda).requires_grad_() for p in on_cpu]
+    cpu_opt, gpu_opt = getattr(ft, name)(on_cpu, **kwargs), getattr(ft, name)(on_gpu, **kwargs)
+    for _ in range(10):
+        for p, q in zip(on_cpu, on_gpu):
+            g = torch.randn(p.shape, generator=gen).to(dtype)
+            p.grad, q.grad = g.clone(), g.to(cuda)
+        cpu_opt.step()
+        gpu_opt.step()
+    for p, q in zip(on_cpu, on_gpu):
+        assert torch.equal(q.detach().cpu(), p.detach())
+        for key, want in cpu_opt.state[p].items():
+            got = gpu_opt.state[q][key]
+            if isinstance(want, torch.Tensor):
+                assert torch.equal(got.cpu(), want), key
+
+
+def test_grad_scaler_on_cuda_like_torch_fused(cuda):
+    """torch.amp.GradScaler drives the drop-in on CUDA (grad_scale and found_inf: the grads
+    unscaled in the kernel), an inf injected at step 3: the same params as
+    torch.optim.Adam(fused=True) under its own scaler."""
+    gen = torch.Generator().manual_seed(2)
+    w0 = torch.randn(64, 33, generator=gen)
+    ours = torch.nn.Parameter(w0.clone().to(cuda))
+    theirs = torch.nn.Parameter(w0.clone().to(cuda))
+    opts = (ft.Adam([ours], lr=1e-2), torch.optim.Adam([theirs], lr=1e-2, fused=True))
+    scalers = (torch.amp.GradScaler("cuda", init_scale=2.0**10),
+               torch.amp.GradScaler("cuda", init_scale=2.0**10))
+    for step in range(6):
+        x = torch.randn(33, 8, generator=gen).to(cuda)
+        for p, opt, scaler in zip((ours, theirs), opts, scalers):
+            opt.zero_grad()
+            loss = (p @ x).square().mean()
+            if step == 3:
+                loss = loss * float("inf")
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+    assert scalers[0].get_scale() == scalers[1].get_scale()
+    torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-5, atol=1e-6)

@@ -85,6 +85,23 @@ constexpr bool rows_in_order(int i = 0) {
 }
 static_assert(rows_in_order(), "kFormatTable lists the formats in the order of enum Format");
 
+// The stream types of format f as the CUDA launcher takes them (cuda_api.h, StreamTypes).
+cuda::StreamTypes stream_types(Format f) {
+  const FormatRow& r = row_of(f);
+  const auto code = [](Elem e) -> uint8_t { return e == kElemBF16 ? 1 : e == kElemF16 ? 2 : 0; };
+  cuda::StreamTypes t;
+  t.param = code(r.param);
+  t.grad = code(r.grad);
+  t.state = code(r.state);
+  t.kahan = r.comp != kNone;
+  t.copy = r.copy != kNone ? code(r.copy) : t.kahan ? code(r.comp) : uint8_t{255};
+  return t;
+}
+// Whether the CUDA kernels run format f: all but the quantized states.
+constexpr bool runs_on_cuda(Format f) {
+  return row_of(f).state != kElemQ8 && row_of(f).state != kElemQ4;
+}
+
 // ml_dtypes.bfloat16 is a NumPy user dtype (its type number is assigned at run time): it is
 // recognised by its scalar type's name (kind 'V', itemsize 2).
 bool is_bfloat16(const py::detail::PyArrayDescr_Proxy* d) {
@@ -445,7 +462,6 @@ class CallBuilder {
   // The call's format, from the dtypes of its params, grads, states and copies: one row of
   // kFormatTable, or a TypeError naming the dtypes.
   Format format() const {
-    if (mode_ == kModeDevice) return dtype_num_ == kNpyDouble ? kF64 : kF32;
     const Elem p = roles_[0].elem, g = roles_[1].elem, st = roles_[kRoleStates].elem,
                c = roles_[kRoleCopies].elem, k = roles_[kRoleComp].elem;
     if (p == kNone) return kF32;  // no arrays: nothing runs
@@ -520,7 +536,10 @@ class CallBuilder {
                     "; all arrays of one call must be on one device");
       }
     }
-    const cuda::Launch l{rule, mask, format(), &b, args, where[ref].device, dev_->stream,
+    const Format f = format();
+    if (!runs_on_cuda(f))  // quantized states are host arrays: refused before this
+      throw std::logic_error(std::string(fn_) + ": a quantized-state format reached the CUDA launcher");
+    const cuda::Launch l{rule, mask, f, stream_types(f), &b, args, where[ref].device, dev_->stream,
                          dev_->wait_streams, dev_->wait_names};
     py::gil_scoped_release release;
     cuda::launch(l);
@@ -708,11 +727,11 @@ class CallBuilder {
   struct DeviceCall {
     std::vector<py::ssize_t> dims;       // shapes of params, concatenated
     std::vector<size_t> dims_start{0};   // params[t]'s shape is dims[dims_start[t] ..]
-    std::string dtype_typestr, dtype_name;  // of the array that fixed the call's dtype
     uintptr_t stream = cuda::kStreamDefault;
     std::vector<uintptr_t> wait_streams;  // the other streams reported (Note [stream joins])
     std::vector<std::string> wait_names;  // the first array reporting each
     std::vector<std::pair<uintptr_t, int>> known_devices;  // (data, device) of DLPack arrays
+    std::string role_typestr[5], role_dlpack_name[5];  // each role's first array's (messages)
   };
 
   [[noreturn]] void mixed_devices(int arg, int64_t i) const {
@@ -758,7 +777,7 @@ class CallBuilder {
   // names the device, so such an array needs no pointer query (launch_cuda).
   struct DeviceView {  // what the checks need from either interface
     std::vector<py::ssize_t> dims;
-    int type_num = -1;             // kNpyFloat or kNpyDouble
+    Elem elem = kNone;             // float32, float64, float16 or bfloat16; kNone: another dtype
     std::string typestr;           // CUDA Array Interface: numpy's name only for a message
     std::string dtype_name;        // DLPack: the name (no Python involved)
     bool has_strides = false;
@@ -795,6 +814,14 @@ class CallBuilder {
     const int r = PyObject_HasAttrString(item, name);
     return r == 1;
   }
+  // Whether item exports DLPack (keeps a pending Python error as it was).
+  static bool has_dlpack(PyObject* item) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    const bool r = has_attr(item, "__dlpack__") && has_attr(item, "__dlpack_device__");
+    PyErr_Restore(type, value, tb);
+    return r;
+  }
 
   void enter_device_mode(int arg, int64_t i, PyObject* item) {
     if (!cuda::built()) {
@@ -830,18 +857,16 @@ class CallBuilder {
   // it branches off.
   __attribute__((noinline)) void* check_device_array(int arg, int64_t i, PyObject* item, bool written,
                                                      int role) {
-    if (role == kRoleCopies || role == kRoleComp) {
-      type_error(std::string(fn_) + ": " + label(arg, i) + " is not a numpy.ndarray; " +
-                 (role == kRoleCopies ? "param_copies" : "compensation") +
-                 " (the low-precision formats) are supported on the CPU only");
-    }
     const CaiKeys& key = cai_keys();
     PyObject* raw = PyObject_GetAttr(item, key.cai);
     if (!raw) {
-      if (!PyErr_ExceptionMatches(PyExc_AttributeError)) throw py::error_already_set();
+      // torch raises TypeError, not AttributeError, for a dtype the CUDA Array Interface has
+      // no name for (bfloat16): such an array is read through DLPack where it has it.
+      const bool attribute_error = PyErr_ExceptionMatches(PyExc_AttributeError);
+      const bool dlpack = has_dlpack(item);
+      if (!attribute_error && !dlpack) throw py::error_already_set();
       PyErr_Clear();
-      if (has_attr(item, "__dlpack__") && has_attr(item, "__dlpack_device__"))
-        return check_dlpack_array(arg, i, item, written);
+      if (dlpack) return check_dlpack_array(arg, i, item, written, role);
       type_error(std::string(fn_) + ": " + label(arg, i) +
                  " must be a numpy.ndarray or a CUDA array (an object with "
                  "__cuda_array_interface__ or __dlpack__), got " + type_name(item));
@@ -857,7 +882,7 @@ class CallBuilder {
     };
     const py::object stream_obj = field(key.stream);
     if (!stream_obj && has_attr(item, "__dlpack__") && has_attr(item, "__dlpack_device__"))
-      return check_dlpack_array(arg, i, item, written);  // Note [DLPack input]
+      return check_dlpack_array(arg, i, item, written, role);  // Note [DLPack input]
     DeviceView v;
     // shape
     const py::object shape_obj = field(key.shape);
@@ -881,7 +906,7 @@ class CallBuilder {
     const char* typestr = PyUnicode_AsUTF8AndSize(typestr_obj.ptr(), &typestr_len);
     if (!typestr) throw py::error_already_set();
     v.typestr.assign(typestr, static_cast<size_t>(typestr_len));
-    v.type_num = v.typestr == "<f4" ? kNpyFloat : v.typestr == "<f8" ? kNpyDouble : -1;
+    v.elem = v.typestr == "<f4" ? kElemF32 : v.typestr == "<f8" ? kElemF64 : v.typestr == "<f2" ? kElemF16 : kNone;
     // strides: None or absent, or one integer per dimension
     const py::object strides_obj = field(key.strides);
     if (strides_obj && !strides_obj.is_none()) {
@@ -940,7 +965,7 @@ class CallBuilder {
         dev_->wait_names.push_back(label(arg, i));
       }
     }
-    return accept_device_array(arg, i, item, written, v);
+    return accept_device_array(arg, i, item, written, role, v);
   }
 
   // numpy's name of a DLPack dtype, for messages.
@@ -953,7 +978,7 @@ class CallBuilder {
   }
 
   // Note [DLPack input]
-  __attribute__((noinline)) void* check_dlpack_array(int arg, int64_t i, PyObject* item, bool written) {
+  __attribute__((noinline)) void* check_dlpack_array(int arg, int64_t i, PyObject* item, bool written, int role) {
     const py::handle h(item);
     const py::object where = h.attr("__dlpack_device__")();
     if (!PyTuple_Check(where.ptr()) || PyTuple_GET_SIZE(where.ptr()) != 2)
@@ -997,8 +1022,10 @@ class CallBuilder {
       if (t.shape[k] < 0) bad_dlpack(arg, i, "negative shape");
       v.dims.push_back(static_cast<py::ssize_t>(t.shape[k]));
     }
-    const bool f = t.dtype.code == 2 && t.dtype.lanes == 1;
-    v.type_num = f && t.dtype.bits == 32 ? kNpyFloat : f && t.dtype.bits == 64 ? kNpyDouble : -1;
+    const bool f = t.dtype.code == 2 && t.dtype.lanes == 1;  // kDLFloat
+    const bool bf = t.dtype.code == 4 && t.dtype.lanes == 1;  // kDLBfloat
+    v.elem = f && t.dtype.bits == 32 ? kElemF32 : f && t.dtype.bits == 64 ? kElemF64
+           : f && t.dtype.bits == 16 ? kElemF16 : bf && t.dtype.bits == 16 ? kElemBF16 : kNone;
     v.dtype_name = dlpack_dtype_name(t.dtype);
     const int64_t itemsize = (t.dtype.bits / 8) * (t.dtype.lanes ? t.dtype.lanes : 1);
     if (t.strides) {
@@ -1012,29 +1039,30 @@ class CallBuilder {
     }
     v.ptr = reinterpret_cast<uintptr_t>(t.data) + static_cast<uintptr_t>(t.byte_offset);
     v.device = dev_id;
-    return accept_device_array(arg, i, item, written, v);
+    return accept_device_array(arg, i, item, written, role, v);
   }
 
   // The checks common to both interfaces.
-  void* accept_device_array(int arg, int64_t i, PyObject* item, bool written, const DeviceView& v) {
+  void* accept_device_array(int arg, int64_t i, PyObject* item, bool written, int role,
+                            const DeviceView& v) {
     const int nd = static_cast<int>(v.dims.size());
-    if (v.type_num < 0) {
+    if (v.elem == kNone) {
       type_error(std::string(fn_) + ": " + label(arg, i) + " has dtype " + dtype_of(v.typestr, v.dtype_name) +
-                 "; fastoptim supports float32 and float64 on CUDA (the low-precision formats "
-                 "run on the CPU only)");
+                 "; fastoptim supports float32, float64, float16 and bfloat16 on CUDA");
     }
-    if (dtype_num_ < 0) {
-      dtype_num_ = v.type_num;
-      dtype_item_ = item;
-      dtype_label_ = label(arg, i);
-      dev_->dtype_typestr = v.typestr;
-      dev_->dtype_name = v.dtype_name;
-    } else if (v.type_num != dtype_num_) {
+    RoleDtype& r = roles_[role];  // as note_dtype; the dtype names are made for a message only
+    if (r.elem == kNone) {
+      r = {v.elem, arg, i, item};
+      dev_->role_typestr[role] = v.typestr;
+      dev_->role_dlpack_name[role] = v.dtype_name;
+    } else if (r.elem != v.elem) {
       type_error(std::string(fn_) + ": " + label(arg, i) + " has dtype " + dtype_of(v.typestr, v.dtype_name) +
-                 " but " + dtype_label_ + " has dtype " + dtype_of(dev_->dtype_typestr, dev_->dtype_name) +
-                 "; all arrays of one call must share one dtype");
+                 " but " + label(r.arg, r.index) + " has dtype " +
+                 dtype_of(dev_->role_typestr[role], dev_->role_dlpack_name[role]) + "; " +
+                 (kRoleRule[role] ? std::string(kRoleRule[role])
+                                  : std::string("all ") + names_[arg].name + " of one call share one dtype"));
     }
-    const int64_t itemsize = v.type_num == kNpyDouble ? 8 : 4;
+    const int64_t itemsize = kElemSize[v.elem];
     // shape against params; a size whose bytes would pass the end of the address space (the
     // producer's claim) is refused: its span would wrap, and the overlap check miss it
     int64_t size = 1;
@@ -1103,9 +1131,6 @@ class CallBuilder {
   int64_t n_ = 0;
   int mode_ = 0;
   std::unique_ptr<DeviceCall> dev_;
-  int dtype_num_ = -1;
-  PyObject* dtype_item_ = nullptr;
-  std::string dtype_label_;
   std::vector<ArgNames> names_;
   std::vector<int64_t> offsets_;
   std::vector<PyObject*> ref_;
@@ -1276,11 +1301,7 @@ void call_rule(const std::string& fn_name, py::args a, const py::kwargs& kw, Run
   }
   if (opt.compensation) call.add_compensation("compensation", opt.compensation);
   const Format format = call.format();  // a TypeError for an unsupported combination
-  if (opt.grad_scale != 1.0 || opt.sr) {
-    if (call.on_device())
-      value_error(fn_name + ": grad_scale and stochastic_rounding are supported on the CPU only");
-    call.set_grad_scale(opt.grad_scale);
-  }
+  if (opt.grad_scale != 1.0 || opt.sr) call.set_grad_scale(opt.grad_scale);
   if (opt.sr) {
     const FormatRow& row = row_of(format);
     if (row.param != kElemBF16 || row.comp != kNone)
@@ -1791,31 +1812,34 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "_emulate_kernel",
       [](const std::string& rule, py::tuple args, int sm_count, int64_t chunk, int64_t block,
-         int64_t grid, int64_t group) {
+         int64_t grid, int64_t group, py::dict options) {
         const auto emulate = [&](CallBuilder& call, RuleId id, unsigned mask, const void* a) {
-          if (call.format() != kF32 && call.format() != kF64)
-            throw py::type_error("_emulate_kernel: the CUDA kernel runs float32 and float64 only");
+          const Format f = call.format();
+          if (!runs_on_cuda(f))
+            throw py::type_error("_emulate_kernel: the CUDA kernels do not run quantized states");
           call.check_overlaps();
           const Batch b = call.batch();
           py::gil_scoped_release release;
-          cuda::emulate(id, mask, call.format(), b, a, sm_count, chunk, block, grid, group);
+          cuda::emulate(id, mask, f, stream_types(f), b, a, sm_count, chunk, block, grid, group);
         };
         bool found = false;
 #define FO_EMULATE(D)                                               \
   if (!found && rule == D::kName) {                                 \
     found = true;                                                   \
-    call_rule<D>(rule + "_", py::reinterpret_borrow<py::args>(args), py::kwargs(), emulate); \
+    call_rule<D>(rule + "_", py::reinterpret_borrow<py::args>(args),                       \
+                 py::reinterpret_borrow<py::kwargs>(options), emulate);                    \
   }
         FO_UPDATE_RULES(FO_EMULATE)
 #undef FO_EMULATE
         if (!found) throw py::value_error("_emulate_kernel: unknown rule '" + rule + "'");
       },
       arg("rule"), arg("args"), py::kw_only(), arg("sm_count") = 132, arg("chunk") = 0,
-      arg("block") = 0, arg("grid") = 0, arg("group") = 0,
-      "Test hook: run the CUDA launches of a call (launch groups, plan, RuleVisitor) on the CPU, "
-      "in place on NumPy arrays. rule: a name of _core.rules; args: exactly the positional "
-      "arguments of _core.<rule>; chunk/block/grid/group (tensors per launch): 0 = the "
-      "launcher's choice.");
+      arg("block") = 0, arg("grid") = 0, arg("group") = 0, arg("options") = py::dict(),
+      "Test hook: run the CUDA launches of a call (launch groups, plan, RuleVisitor or "
+      "MixedVisitor) on the CPU, in place on NumPy arrays. rule: a name of _core.rules; args: "
+      "exactly the positional arguments of _core.<rule>; options: its keyword options "
+      "(grad_scale, found_inf, stochastic_rounding, compensation); chunk/block/grid/group "
+      "(tensors per launch): 0 = the launcher's choice.");
 #endif
   // Tuning hook (Note [software prefetch], kernels.h): the prefetch distance of every later
   // call, in elements ahead for every format (0: no software prefetch), or None: the default,

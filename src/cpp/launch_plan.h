@@ -62,6 +62,9 @@ constexpr uintptr_t kVecBytes = 16;       // float4 / double2
 // static_asserts the total per kernel).
 constexpr int64_t kGroupSmall = 8;
 constexpr int64_t kGroupLarge = 576;
+// The 16-bit formats' launches carry two more values per tensor (MetaView's bases and
+// copies, 72 bytes a tensor): 448 x 72 = 32,256 bytes, the same parameter space.
+constexpr int64_t kGroupMixed = 448;
 constexpr int64_t kMetaBytesPerTensor = 2 * sizeof(int64_t) + kMaxSlots * sizeof(void*);
 
 // The geometry of one launch.
@@ -79,6 +82,11 @@ struct MetaView {
   const int64_t* sizes;         // sizes[t]: elements of tensor t (> 0)
   const int64_t* chunk_starts;  // [n_tensors + 1]: first chunk of tensor t; [n] = num_chunks
   void* const* ptrs;            // ptrs[t * kMaxSlots + s]: slot s of tensor t (null if unused)
+  // The 16-bit formats' launches only (Note [16-bit formats on the device], rule_visitor.h),
+  // else null: tensor t's first element's index in the call (stochastic rounding's element
+  // index), and its param copy or compensation (the copies stream; null if the call has none).
+  const int64_t* bases = nullptr;
+  void* const* copies = nullptr;
 };
 
 // Blocks of a launch of `num_chunks` chunks on a device with `sm_count` SMs.
@@ -107,9 +115,13 @@ template <class Fn> void for_each_group(const int64_t* offsets, int64_t n, int64
 // Host: fills one launch's metadata (capacity >= count) for the tensors `tensors` of a call
 // (offsets as above; slots[s][t] the data of slot s of tensor t, slots[s] null if unused) and
 // returns its plan. Only the slots of slot_mask are kept; the others are null.
+// Where `bases` is not null, bases[k] and copies[k] receive the tensor's offset in the call
+// and its copies-stream pointer (call_copies[t], or null where call_copies is null).
 inline LaunchPlan fill_group(const int64_t* offsets, void* const* const* slots, const int64_t* tensors,
                              int64_t count, unsigned slot_mask, int64_t chunk, int sm_count,
-                             int64_t* sizes, int64_t* chunk_starts, void** ptrs) {
+                             int64_t* sizes, int64_t* chunk_starts, void** ptrs,
+                             int64_t* bases = nullptr, void** copies = nullptr,
+                             void* const* call_copies = nullptr) {
   LaunchPlan p;
   p.n_tensors = count;
   p.chunk = chunk;
@@ -122,6 +134,10 @@ inline LaunchPlan fill_group(const int64_t* offsets, void* const* const* slots, 
     c += (sizes[k] + chunk - 1) / chunk;
     for (int s = 0; s < kMaxSlots; ++s)
       ptrs[k * kMaxSlots + s] = (slot_mask & (1u << s)) && slots[s] ? slots[s][t] : nullptr;
+    if (bases) {
+      bases[k] = offsets[t];
+      copies[k] = call_copies ? call_copies[t] : nullptr;
+    }
   }
   chunk_starts[count] = c;
   p.num_chunks = c;
@@ -140,35 +156,44 @@ FO_HD FO_INLINE int64_t tensor_of(const int64_t* starts, int64_t n, int64_t c) {
   return lo;
 }
 
-template <class T> struct SpanPtrs {
-  T* p[kMaxSlots];
+// The pointers of the span of one tensor: its slots, its copies stream (or null) and its
+// first element's index in the call (MetaView's bases; 0 where there are none).
+struct SpanPtrs {
+  void* p[kMaxSlots];
+  void* copy;
+  int64_t base;
 };
 
 FO_HD FO_INLINE int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-// Byte address of element i of a slot, as an integer (also for the CPU walk's fake pointers,
-// which are never dereferenced).
-template <class T> FO_HD FO_INLINE uintptr_t addr_of(const T* p, int64_t i) {
-  return reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(i) * sizeof(T);
+// Byte address of element i of a stream of `bytes`-sized elements, as an integer (also for the
+// CPU walk's fake pointers, which are never dereferenced).
+FO_HD FO_INLINE uintptr_t addr_of(const void* p, int64_t i, int64_t bytes) {
+  return reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(i) * static_cast<uintptr_t>(bytes);
 }
 
-// One thread's share of the span [lo, hi) of tensor t (local indices). The visitor gets
+// One thread's share of the span [lo, hi) of tensor t (local indices). The visitor says how
+// its streams are stored: Visitor::kVec, the elements of one vector visit, and
+// v.slot_bytes(s) / v.copy_bytes(), the element size of slot s and of the copies stream
+// (0: none), with which every stream of a vector visit is read in 16-byte pieces. It gets
 //   v.scalar(ptrs, t, i)   one element i
-//   v.vector(ptrs, t, i)   the kVec elements i .. i + kVec - 1, all slots 16-byte aligned at i
+//   v.vector(ptrs, t, i)   the kVec elements i .. i + kVec - 1, every stream 16-byte aligned at i
 #if defined(__CUDACC__)
 #pragma nv_exec_check_disable
 #endif
-template <class T, class Visitor>
-FO_HD FO_INLINE void span_body(const SpanPtrs<T>& sp, unsigned slot_mask, int64_t t, int64_t lo,
+template <class Visitor>
+FO_HD FO_INLINE void span_body(const SpanPtrs& sp, unsigned slot_mask, int64_t t, int64_t lo,
                                int64_t hi, int64_t tid, int64_t nthreads, Visitor& v) {
-  constexpr int64_t kVec = static_cast<int64_t>(kVecBytes / sizeof(T));
+  constexpr int64_t kVec = Visitor::kVec;
   // Scalar head until the param pointer is 16-byte aligned (Note [vector path]).
-  const uintptr_t a0 = addr_of(sp.p[0], lo);
-  int64_t head = static_cast<int64_t>(((kVecBytes - a0 % kVecBytes) % kVecBytes) / sizeof(T));
+  const int64_t pb = v.slot_bytes(0);
+  const uintptr_t a0 = addr_of(sp.p[0], lo, pb);
+  int64_t head = static_cast<int64_t>(((kVecBytes - a0 % kVecBytes) % kVecBytes) / static_cast<uintptr_t>(pb));
   head = min64(head, hi - lo);
-  bool vec_ok = (a0 % sizeof(T)) == 0;
+  bool vec_ok = (a0 % static_cast<uintptr_t>(pb)) == 0;
   for (int s = 0; s < kMaxSlots; ++s)
-    if (slot_mask & (1u << s)) vec_ok = vec_ok && addr_of(sp.p[s], lo + head) % kVecBytes == 0;
+    if (slot_mask & (1u << s)) vec_ok = vec_ok && addr_of(sp.p[s], lo + head, v.slot_bytes(s)) % kVecBytes == 0;
+  if (v.copy_bytes() > 0) vec_ok = vec_ok && addr_of(sp.copy, lo + head, v.copy_bytes()) % kVecBytes == 0;
   if (!vec_ok) {
     for (int64_t i = lo + tid; i < hi; i += nthreads) v.scalar(sp, t, i);
     return;
@@ -185,16 +210,18 @@ FO_HD FO_INLINE void span_body(const SpanPtrs<T>& sp, unsigned slot_mask, int64_
 #if defined(__CUDACC__)
 #pragma nv_exec_check_disable
 #endif
-template <class T, class Visitor>
+template <class Visitor>
 FO_HD FO_INLINE void chunk_body(const LaunchPlan& plan, const MetaView& m, int64_t c, int64_t tid,
                                 int64_t nthreads, Visitor& v) {
   const int64_t t = tensor_of(m.chunk_starts, plan.n_tensors, c);
   const int64_t lo = (c - m.chunk_starts[t]) * plan.chunk;
   const int64_t hi = min64(lo + plan.chunk, m.sizes[t]);
-  SpanPtrs<T> sp;
+  SpanPtrs sp;
   for (int s = 0; s < kMaxSlots; ++s)
-    sp.p[s] = (plan.slot_mask & (1u << s)) ? static_cast<T*>(m.ptrs[t * kMaxSlots + s]) : nullptr;
-  span_body<T>(sp, plan.slot_mask, t, lo, hi, tid, nthreads, v);
+    sp.p[s] = (plan.slot_mask & (1u << s)) ? m.ptrs[t * kMaxSlots + s] : nullptr;
+  sp.copy = m.copies ? m.copies[t] : nullptr;
+  sp.base = m.bases ? m.bases[t] : 0;
+  span_body(sp, plan.slot_mask, t, lo, hi, tid, nthreads, v);
 }
 
 // The whole kernel body of thread (block_idx, thread_idx): its block's chunks, grid-stride.
@@ -202,12 +229,12 @@ FO_HD FO_INLINE void chunk_body(const LaunchPlan& plan, const MetaView& m, int64
 #if defined(__CUDACC__)
 #pragma nv_exec_check_disable
 #endif
-template <class T, class Visitor>
+template <class Visitor>
 FO_HD FO_INLINE void block_body(const LaunchPlan& plan, const MetaView& m, uint32_t block_idx,
                                 uint32_t thread_idx, uint32_t block_dim, uint32_t grid_dim,
                                 Visitor& v) {
   for (int64_t c = block_idx; c < plan.num_chunks; c += grid_dim)
-    chunk_body<T>(plan, m, c, thread_idx, block_dim, v);
+    chunk_body(plan, m, c, thread_idx, block_dim, v);
 }
 
 }  // namespace plan

@@ -50,10 +50,19 @@ constexpr uintptr_t kStreamDefault = 0;    // "stream" absent or None: the defau
 constexpr uintptr_t kStreamLegacy = 1;     // cudaStreamLegacy
 constexpr uintptr_t kStreamPerThread = 2;  // cudaStreamPerThread
 
+// The element types of a call's streams, for the formats with a 16-bit stream (Note [16-bit
+// formats on the device], rule_visitor.h): 0 float32, 1 bfloat16, 2 float16 (StreamCode);
+// copy 255: the format writes no copy of the params. Filled from the bindings' format table.
+struct StreamTypes {
+  uint8_t param = 0, grad = 0, state = 0, copy = 255;
+  bool kahan = false;  // the copies stream is the params' compensation
+};
+
 struct Launch {
   RuleId rule;
   unsigned mask;              // the rule's variant (rule_api.h)
-  Format format;              // kF32 or kF64: the bindings refuse the others on device arrays
+  Format format;              // any but the quantized states' (the bindings refuse those)
+  StreamTypes types;          // format's stream types
   const Batch* batch;         // host copies of offsets and slot pointer tables (device addresses)
   const void* args;           // the rule's Args (rules.h)
   int device;                 // every array's device (checked by the caller)
@@ -70,7 +79,8 @@ void launch(const Launch& l);
 // Test hook (emulate.cpp, CUDA builds only): the kernel body of `launch`, run on the CPU over
 // host arrays, group after group, block after block and thread after thread; chunk/block/grid
 // 0 = the launcher's, group 0 = the launcher's group size (plan::kGroupLarge).
-void emulate(RuleId rule, unsigned mask, Format format, const Batch& b, const void* args,
+void emulate(RuleId rule, unsigned mask, Format format, const StreamTypes& types, const Batch& b,
+             const void* args,
              int sm_count, int64_t chunk, int64_t block, int64_t grid, int64_t group);
 
 }  // namespace cuda

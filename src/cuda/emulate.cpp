@@ -11,6 +11,7 @@
 // (_core._emulate_kernel). Built only with the CUDA backend (there is nothing to emulate
 // otherwise), and at -O0 (cuda.cmake): a test hook, compiled for every rule.
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "cuda_api.h"
@@ -26,50 +27,76 @@ struct Geometry {
   int64_t chunk, block, grid, group;
 };
 
-template <class Rule, class T, class Args>
-void emulate_typed(const Batch& b, const Geometry& g, const Args& a) {
-  const typename Rule::template Consts<T> c(a);  // built on the host, as the launcher does
-  RuleVisitor<Rule, T> v{c};
-  std::vector<int64_t> sizes, starts;
-  std::vector<void*> ptrs;
+// The launches of a call, group after group, block after block, thread after thread, with
+// visitor v (a RuleVisitor or a MixedVisitor); `mixed`: a 16-bit format's launches.
+template <class Visitor>
+void emulate_launches(const Batch& b, const Geometry& g, unsigned slot_mask, bool mixed, Visitor& v) {
+  std::vector<int64_t> sizes, starts, bases;
+  std::vector<void*> ptrs, copies;
   plan::for_each_group(b.offsets, b.n_tensors, g.group, [&](const int64_t* tensors, int64_t count) {
     sizes.resize(count);
     starts.resize(count + 1);
     ptrs.resize(count * kMaxSlots);
-    const plan::LaunchPlan p =
-        override_geometry(plan::fill_group(b.offsets, b.slots, tensors, count,
-                                           Rule::kReads | Rule::kWrites, g.chunk, g.sm_count,
-                                           sizes.data(), starts.data(), ptrs.data()),
-                          g.block, g.grid);
-    const plan::MetaView m{sizes.data(), starts.data(), ptrs.data()};
+    bases.resize(count);
+    copies.resize(count);
+    const plan::LaunchPlan p = override_geometry(
+        plan::fill_group(b.offsets, b.slots, tensors, count, slot_mask, g.chunk, g.sm_count,
+                         sizes.data(), starts.data(), ptrs.data(), mixed ? bases.data() : nullptr,
+                         copies.data(), b.copies),
+        g.block, g.grid);
+    plan::MetaView m{sizes.data(), starts.data(), ptrs.data()};
+    if (mixed) {
+      m.bases = bases.data();
+      m.copies = copies.data();
+    }
     for (uint32_t blk = 0; blk < p.grid; ++blk)
-      for (uint32_t tid = 0; tid < p.block; ++tid) plan::block_body<T>(p, m, blk, tid, p.block, p.grid, v);
+      for (uint32_t tid = 0; tid < p.block; ++tid) plan::block_body(p, m, blk, tid, p.block, p.grid, v);
   });
 }
 
+template <class Rule, class T, class Args>
+void emulate_typed(const Batch& b, const Geometry& g, const Args& a) {
+  const typename Rule::template Consts<T> c(a);  // built on the host, as the launcher does
+  const T inv = static_cast<T>(std::is_same_v<T, double> ? b.grad_scale_inv_d : b.grad_scale_inv_f);
+  RuleVisitor<Rule, T> v{c, inv};
+  emulate_launches(b, g, Rule::kReads | Rule::kWrites, false, v);
+}
+
+template <class Rule, class Args>
+void emulate_mixed(const Batch& b, const StreamTypes& types, const Geometry& g, const Args& a) {
+  const typename Rule::template Consts<float> c(a);
+  const MixedIo io = mixed_io(types, b);
+  MixedVisitor<Rule> v{c, io};
+  Geometry gm = g;
+  if (gm.group > plan::kGroupMixed) gm.group = plan::kGroupMixed;  // the launcher's cap
+  emulate_launches(b, gm, Rule::kReads | Rule::kWrites, true, v);
+}
+
 template <class D>
-void emulate_rule(unsigned mask, Format format, const Batch& b, const Geometry& g, const void* args) {
+void emulate_rule(unsigned mask, Format format, const StreamTypes& types, const Batch& b,
+                  const Geometry& g, const void* args) {
   const auto& a = *static_cast<const typename D::Args*>(args);
   dispatch_mask<D>(mask, [&](auto tag) {
     using Rule = typename decltype(tag)::type;
     if (format == kF64) emulate_typed<Rule, double>(b, g, a);
-    else emulate_typed<Rule, float>(b, g, a);
+    else if (format == kF32) emulate_typed<Rule, float>(b, g, a);
+    else emulate_mixed<Rule>(b, types, g, a);
   });
 }
 
-using EmulateFn = void (*)(unsigned, Format, const Batch&, const Geometry&, const void*);
+using EmulateFn = void (*)(unsigned, Format, const StreamTypes&, const Batch&, const Geometry&, const void*);
 #define FO_EMULATE_ENTRY(D) &emulate_rule<D>,
 constexpr EmulateFn kEmulate[kNumRules] = {FO_RULES(FO_EMULATE_ENTRY)};
 #undef FO_EMULATE_ENTRY
 
 }  // namespace
 
-void emulate(RuleId rule, unsigned mask, Format format, const Batch& b, const void* args,
-             int sm_count, int64_t chunk, int64_t block, int64_t grid, int64_t group) {
+void emulate(RuleId rule, unsigned mask, Format format, const StreamTypes& types, const Batch& b,
+             const void* args, int sm_count, int64_t chunk, int64_t block, int64_t grid, int64_t group) {
   check_geometry(chunk, block, grid, group);
   const Geometry g{sm_count, chunk > 0 ? chunk : plan::kChunk, block, grid,
                    group > 0 ? group : plan::kGroupLarge};
-  kEmulate[rule](mask, format, b, g, args);
+  kEmulate[rule](mask, format, types, b, g, args);
 }
 
 }  // namespace cuda

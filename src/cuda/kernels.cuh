@@ -43,9 +43,21 @@ template <int64_t Cap> struct GroupMeta {
   void* ptrs[Cap * kMaxSlots];
 };
 
+// A 16-bit format's launch: the two more values per tensor (MetaView's bases and copies).
+template <int64_t Cap> struct GroupMetaMixed {
+  int64_t sizes[Cap];
+  int64_t chunk_starts[Cap + 1];
+  void* ptrs[Cap * kMaxSlots];
+  int64_t bases[Cap];
+  void* copies[Cap];
+};
+
 // What the backend hands to a rule's launcher (one per call).
 struct LaunchCtx {
-  Format format;                // kF32 or kF64 (the formats CUDA runs)
+  Format format;                // any format but the quantized states'
+  MixedIo io;                   // a 16-bit format's stream types and load/store options
+  double grad_scale_inv;        // float32 and float64 formats' grad unscaling (1: none)
+  void* const* copies;          // copies[t]: the copies stream (copy formats, Kahan), or null
   unsigned mask;                // the rule's variant (rule_api.h)
   const void* args;             // the rule's Args
   cudaStream_t stream;
@@ -58,16 +70,56 @@ struct LaunchCtx {
 template <class Rule, class T, int64_t Cap> struct KernelArgs {
   plan::LaunchPlan plan;
   typename Rule::template Consts<T> c;
+  T grad_scale_inv;
   GroupMeta<Cap> meta;
-  explicit KernelArgs(const typename Rule::template Consts<T>& consts) : c(consts) {}
+  KernelArgs(const typename Rule::template Consts<T>& consts, T inv) : c(consts), grad_scale_inv(inv) {}
 };
 
 template <class Rule, class T, int64_t Cap>
 __global__ void __launch_bounds__(plan::kBlockThreads)
 update_kernel(const __grid_constant__ KernelArgs<Rule, T, Cap> a) {
   const plan::MetaView m{a.meta.sizes, a.meta.chunk_starts, a.meta.ptrs};
-  RuleVisitor<Rule, T> v{a.c};
-  plan::block_body<T>(a.plan, m, blockIdx.x, threadIdx.x, blockDim.x, gridDim.x, v);
+  RuleVisitor<Rule, T> v{a.c, a.grad_scale_inv};
+  plan::block_body(a.plan, m, blockIdx.x, threadIdx.x, blockDim.x, gridDim.x, v);
+}
+
+// Note [16-bit formats on the device] (rule_visitor.h): one kernel per rule variant for every
+// format with a 16-bit stream, the stream types in its parameters.
+template <class Rule> struct MixedKernelArgs {
+  plan::LaunchPlan plan;
+  typename Rule::template Consts<float> c;
+  MixedIo io;
+  GroupMetaMixed<plan::kGroupMixed> meta;
+  MixedKernelArgs(const typename Rule::template Consts<float>& consts, const MixedIo& i) : c(consts), io(i) {}
+};
+
+template <class Rule>
+__global__ void __launch_bounds__(plan::kBlockThreads)
+update_kernel_mixed(const __grid_constant__ MixedKernelArgs<Rule> a) {
+  const plan::MetaView m{a.meta.sizes, a.meta.chunk_starts, a.meta.ptrs, a.meta.bases, a.meta.copies};
+  MixedVisitor<Rule> v{a.c, a.io};
+  plan::block_body(a.plan, m, blockIdx.x, threadIdx.x, blockDim.x, gridDim.x, v);
+}
+
+template <class Rule> void launch_group_mixed(const LaunchCtx& ctx, const typename Rule::template Consts<float>& c,
+                                              const int64_t* tensors, int64_t count) {
+  using Params = MixedKernelArgs<Rule>;
+  static_assert(sizeof(Params) <= kMaxParamBytes, "kernel parameters exceed 32,764 bytes");
+  const auto a = std::make_unique<Params>(c, ctx.io);
+  a->plan = plan::fill_group(ctx.offsets, ctx.slots, tensors, count, Rule::kReads | Rule::kWrites,
+                             plan::kChunk, ctx.sm_count, a->meta.sizes, a->meta.chunk_starts,
+                             a->meta.ptrs, a->meta.bases, a->meta.copies, ctx.copies);
+  update_kernel_mixed<Rule><<<a->plan.grid, a->plan.block, 0, ctx.stream>>>(*a);
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) throw_launch_error(e);
+}
+
+template <class Rule, class Args> void launch_mixed(const LaunchCtx& ctx, const Args& a) {
+  const typename Rule::template Consts<float> c(a);  // once per call, on the host
+  plan::for_each_group(ctx.offsets, ctx.n_tensors, plan::kGroupMixed,
+                       [&](const int64_t* tensors, int64_t count) {
+                         launch_group_mixed<Rule>(ctx, c, tensors, count);
+                       });
 }
 
 // One launch: the group `tensors[0 .. count)` of the call's tensors, count <= Cap.
@@ -76,7 +128,8 @@ void launch_group(const LaunchCtx& ctx, const typename Rule::template Consts<T>&
                   const int64_t* tensors, int64_t count) {
   using Params = KernelArgs<Rule, T, Cap>;
   static_assert(sizeof(Params) <= kMaxParamBytes, "kernel parameters exceed 32,764 bytes");
-  const auto a = std::make_unique<Params>(c);  // up to 32 KB: not on the caller's stack
+  // up to 32 KB: not on the caller's stack
+  const auto a = std::make_unique<Params>(c, static_cast<T>(ctx.grad_scale_inv));
   a->plan = plan::fill_group(ctx.offsets, ctx.slots, tensors, count, Rule::kReads | Rule::kWrites,
                              plan::kChunk, ctx.sm_count, a->meta.sizes, a->meta.chunk_starts,
                              a->meta.ptrs);
@@ -98,7 +151,8 @@ template <class Rule, class T, class Args> void launch_typed(const LaunchCtx& ct
 
 template <class Rule, class Args> void launch_rule(const LaunchCtx& ctx, const Args& a) {
   if (ctx.format == kF64) launch_typed<Rule, double>(ctx, a);
-  else launch_typed<Rule, float>(ctx, a);
+  else if (ctx.format == kF32) launch_typed<Rule, float>(ctx, a);
+  else launch_mixed<Rule>(ctx, a);
 }
 
 // Rule D's launcher: the call's variant -> its instantiation (rule_api.h), then its launches.

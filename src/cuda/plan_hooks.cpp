@@ -41,12 +41,13 @@ struct Fake {
 struct Recorder {
   const Fake* fake;
   unsigned mask;
+  int64_t bytes[kMaxSlots];          // element size of each slot
   const int64_t* tensors = nullptr;  // the current launch's tensors (group-local t -> call's t)
   int32_t* counts = nullptr;      // dense walk: visits per global element
   std::vector<int64_t>* visits = nullptr;  // chunk walk: (tensor, index, width) triples
   int64_t scalar_visits = 0, vector_visits = 0, out_of_range = 0, misaligned = 0, wrong_ptrs = 0;
 
-  template <class T> void record(const plan::SpanPtrs<T>& sp, int64_t local, int64_t i, int64_t w) {
+  void record(const plan::SpanPtrs& sp, int64_t local, int64_t i, int64_t w) {
     const int64_t n = static_cast<int64_t>(fake->offsets.size()) - 1;
     const int64_t t = tensors[local];
     if (t < 0 || t >= n || i < 0 || i + w > fake->offsets[t + 1] - fake->offsets[t]) {
@@ -56,7 +57,7 @@ struct Recorder {
     for (int s = 0; s < kMaxSlots; ++s) {
       if (!(mask & (1u << s))) continue;
       if (sp.p[s] != fake->ptrs[t * kMaxSlots + s]) ++wrong_ptrs;
-      if (w > 1 && plan::addr_of(sp.p[s], i) % plan::kVecBytes != 0) ++misaligned;
+      if (w > 1 && plan::addr_of(sp.p[s], i, bytes[s]) % plan::kVecBytes != 0) ++misaligned;
     }
     if (counts) {
       for (int64_t k = 0; k < w; ++k) ++counts[fake->offsets[t] + i + k];
@@ -64,33 +65,42 @@ struct Recorder {
       visits->insert(visits->end(), {t, i, w});
     }
   }
-  template <class T> void scalar(const plan::SpanPtrs<T>& sp, int64_t t, int64_t i) {
-    ++scalar_visits;
-    record(sp, t, i, 1);
+};
+
+// The visitor of plan::span_body: kV elements a vector visit (4 or 2 for float32 or float64,
+// 8 for the 16-bit formats' launches, whose float32 streams take two 16-byte pieces a visit).
+template <int64_t kV> struct RecorderOf {
+  static constexpr int64_t kVec = kV;
+  Recorder& r;
+  int64_t slot_bytes(int s) const { return r.bytes[s]; }
+  int64_t copy_bytes() const { return 0; }
+  void scalar(const plan::SpanPtrs& sp, int64_t t, int64_t i) {
+    ++r.scalar_visits;
+    r.record(sp, t, i, 1);
   }
-  template <class T> void vector(const plan::SpanPtrs<T>& sp, int64_t t, int64_t i) {
-    ++vector_visits;
-    record(sp, t, i, static_cast<int64_t>(plan::kVecBytes / sizeof(T)));
+  void vector(const plan::SpanPtrs& sp, int64_t t, int64_t i) {
+    ++r.vector_visits;
+    r.record(sp, t, i, kV);
   }
 };
 
 // Walks the chosen chunks (chunk_body), the chosen blocks (block_body), or the whole grid.
-template <class T>
+template <class V>
 void walk(const plan::LaunchPlan& p, const plan::MetaView& m, const std::vector<int64_t>* chunks,
-          const std::vector<int64_t>* blocks, Recorder& r) {
+          const std::vector<int64_t>* blocks, V& r) {
   if (chunks) {
     for (int64_t c : *chunks)
-      for (uint32_t tid = 0; tid < p.block; ++tid) plan::chunk_body<T>(p, m, c, tid, p.block, r);
+      for (uint32_t tid = 0; tid < p.block; ++tid) plan::chunk_body(p, m, c, tid, p.block, r);
     return;
   }
   if (blocks) {
     for (int64_t b : *blocks)
       for (uint32_t tid = 0; tid < p.block; ++tid)
-        plan::block_body<T>(p, m, static_cast<uint32_t>(b), tid, p.block, p.grid, r);
+        plan::block_body(p, m, static_cast<uint32_t>(b), tid, p.block, p.grid, r);
     return;
   }
   for (uint32_t b = 0; b < p.grid; ++b)
-    for (uint32_t tid = 0; tid < p.block; ++tid) plan::block_body<T>(p, m, b, tid, p.block, p.grid, r);
+    for (uint32_t tid = 0; tid < p.block; ++tid) plan::block_body(p, m, b, tid, p.block, p.grid, r);
 }
 
 }  // namespace
@@ -110,15 +120,33 @@ plan::LaunchPlan override_geometry(plan::LaunchPlan p, int64_t block, int64_t gr
 
 namespace {
 
-py::dict plan_coverage(const std::vector<int64_t>& sizes, py::object align_offsets, int itemsize,
+// itemsize: 4 or 8 (float32, float64: every slot), or 5 per-slot sizes of 2 or 4 (a 16-bit
+// format's launch: 8 elements a vector visit).
+py::dict plan_coverage(const std::vector<int64_t>& sizes, py::object align_offsets, py::object itemsize_arg,
                        unsigned slot_mask, int sm_count, int64_t chunk, int64_t block, int64_t grid,
                        int64_t group, py::object chunks, py::object blocks) {
-  if (itemsize != 4 && itemsize != 8) throw py::value_error("itemsize must be 4 or 8");
+  int64_t slot_bytes[kMaxSlots];
+  bool mixed = false;
+  if (py::isinstance<py::sequence>(itemsize_arg)) {
+    const auto v = itemsize_arg.cast<std::vector<int64_t>>();
+    if (v.size() != kMaxSlots) throw py::value_error("per-slot itemsizes need 5 values");
+    for (int s = 0; s < kMaxSlots; ++s) {
+      if (v[s] != 2 && v[s] != 4) throw py::value_error("per-slot itemsizes must be 2 or 4");
+      slot_bytes[s] = v[s];
+    }
+    mixed = true;
+  } else {
+    const int64_t itemsize = itemsize_arg.cast<int64_t>();
+    if (itemsize != 4 && itemsize != 8) throw py::value_error("itemsize must be 4 or 8");
+    for (int64_t& b : slot_bytes) b = itemsize;
+  }
   if (!(slot_mask & 1u) || slot_mask >= (1u << kMaxSlots))
     throw py::value_error("slot_mask must include slot 0 (param) and only slots 0..4");
   check_geometry(chunk, block, grid, group);
   if (chunk == 0) chunk = plan::kChunk;
-  if (group == 0) group = plan::kGroupLarge;
+  if (group == 0) group = mixed ? plan::kGroupMixed : plan::kGroupLarge;
+  if (mixed && group > plan::kGroupMixed)
+    throw py::value_error("group at most " + std::to_string(plan::kGroupMixed) + " for per-slot itemsizes");
   const int64_t n = static_cast<int64_t>(sizes.size());
   Fake fake;
   fake.offsets.assign(1, 0);
@@ -153,7 +181,7 @@ py::dict plan_coverage(const std::vector<int64_t>& sizes, py::object align_offse
     slot_tables[s].resize(static_cast<size_t>(n));
     for (int64_t t = 0; t < n; ++t) {
       const uintptr_t start = kSlotSpacing * (s + 1) +
-                              static_cast<uintptr_t>(fake.offsets[t]) * itemsize +
+                              static_cast<uintptr_t>(fake.offsets[t] * slot_bytes[s]) +
                               64u * static_cast<uintptr_t>(t);
       const uintptr_t aligned = (start + 63u) & ~uintptr_t{63};
       void* p = reinterpret_cast<void*>(aligned + static_cast<uintptr_t>(offs[t * kMaxSlots + s]));
@@ -202,7 +230,7 @@ py::dict plan_coverage(const std::vector<int64_t>& sizes, py::object align_offse
 
   py::array_t<int32_t> counts(sparse ? 0 : total);
   std::vector<int64_t> visits;
-  Recorder r{&fake, slot_mask};
+  Recorder r{&fake, slot_mask, {slot_bytes[0], slot_bytes[1], slot_bytes[2], slot_bytes[3], slot_bytes[4]}};
   r.visits = &visits;
   if (!sparse && total > 0) {
     r.counts = counts.mutable_data();
@@ -215,8 +243,16 @@ py::dict plan_coverage(const std::vector<int64_t>& sizes, py::object align_offse
     for (const Launch& l : launches) {
       r.tensors = l.tensors.data();
       const plan::MetaView m{l.sizes.data(), l.starts.data(), l.ptrs.data()};
-      if (itemsize == 4) walk<float>(l.p, m, c, b, r);
-      else walk<double>(l.p, m, c, b, r);
+      if (mixed) {
+        RecorderOf<8> v{r};
+        walk(l.p, m, c, b, v);
+      } else if (slot_bytes[0] == 4) {
+        RecorderOf<4> v{r};
+        walk(l.p, m, c, b, v);
+      } else {
+        RecorderOf<2> v{r};
+        walk(l.p, m, c, b, v);
+      }
     }
   }
 

@@ -17,6 +17,7 @@
 
 #include "../cpp/kernel_api.h"
 #include "../cpp/launch_plan.h"
+#include "cuda_api.h"
 
 #if defined(__CUDACC__)
 #include <cuda_runtime.h>
@@ -85,32 +86,42 @@ template <class T> FO_HD FO_INLINE void store16(T* p, const T* lanes) {
 #endif
 }
 
-// The visitor of plan::span_body: load, Rule::apply, store.
+// The visitor of plan::span_body for float32 and float64 throughout: load, Rule::apply,
+// store. Grads are multiplied by grad_scale_inv as they are loaded (1 changes no bit), as on
+// the CPU (kernels.h, load_groups_at).
 template <class Rule, class T> struct RuleVisitor {
   static constexpr unsigned kReadOnly = Rule::kReads & ~Rule::kWrites;  // grads
+  static constexpr int64_t kVec = VecWidth<T>::value;
   using Consts = typename Rule::template Consts<T>;
   const Consts& c;
+  T grad_scale_inv;
 
-  FO_HD FO_INLINE void scalar(const plan::SpanPtrs<T>& sp, int64_t, int64_t i) const {
+  FO_HD FO_INLINE int64_t slot_bytes(int) const { return static_cast<int64_t>(sizeof(T)); }
+  FO_HD FO_INLINE int64_t copy_bytes() const { return 0; }
+
+  FO_HD FO_INLINE void scalar(const plan::SpanPtrs& sp, int64_t, int64_t i) const {
     T x[kMaxSlots];
 FO_UNROLL
     for (int s = 0; s < kMaxSlots; ++s) {
-      if (kReadOnly & (1u << s)) x[s] = load1<true>(sp.p[s] + i);
-      else if (Rule::kReads & (1u << s)) x[s] = load1<false>(sp.p[s] + i);
+      const T* p = static_cast<const T*>(sp.p[s]);
+      if (kReadOnly & (1u << s)) x[s] = load1<true>(p + i);
+      else if (Rule::kReads & (1u << s)) x[s] = load1<false>(p + i);
     }
+    if (Rule::kReads & (1u << kGrad)) x[kGrad] = x[kGrad] * grad_scale_inv;
     Rule::template apply<T>(x, c);
 FO_UNROLL
     for (int s = 0; s < kMaxSlots; ++s)
-      if (Rule::kWrites & (1u << s)) store1(sp.p[s] + i, x[s]);
+      if (Rule::kWrites & (1u << s)) store1(static_cast<T*>(sp.p[s]) + i, x[s]);
   }
 
-  FO_HD FO_INLINE void vector(const plan::SpanPtrs<T>& sp, int64_t, int64_t i) const {
+  FO_HD FO_INLINE void vector(const plan::SpanPtrs& sp, int64_t, int64_t i) const {
     constexpr int kW = VecWidth<T>::value;
     T lanes[kMaxSlots][kW];
 FO_UNROLL
     for (int s = 0; s < kMaxSlots; ++s) {
-      if (kReadOnly & (1u << s)) load16<true>(sp.p[s] + i, lanes[s]);
-      else if (Rule::kReads & (1u << s)) load16<false>(sp.p[s] + i, lanes[s]);
+      const T* p = static_cast<const T*>(sp.p[s]);
+      if (kReadOnly & (1u << s)) load16<true>(p + i, lanes[s]);
+      else if (Rule::kReads & (1u << s)) load16<false>(p + i, lanes[s]);
     }
 FO_UNROLL
     for (int l = 0; l < kW; ++l) {
@@ -118,6 +129,7 @@ FO_UNROLL
 FO_UNROLL
       for (int s = 0; s < kMaxSlots; ++s)
         if (Rule::kReads & (1u << s)) x[s] = lanes[s][l];
+      if (Rule::kReads & (1u << kGrad)) x[kGrad] = x[kGrad] * grad_scale_inv;
       Rule::template apply<T>(x, c);
 FO_UNROLL
       for (int s = 0; s < kMaxSlots; ++s)
@@ -125,8 +137,198 @@ FO_UNROLL
     }
 FO_UNROLL
     for (int s = 0; s < kMaxSlots; ++s)
-      if (Rule::kWrites & (1u << s)) store16(sp.p[s] + i, lanes[s]);
+      if (Rule::kWrites & (1u << s)) store16(static_cast<T*>(sp.p[s]) + i, lanes[s]);
   }
+};
+
+// Note [16-bit formats on the device]
+// The formats with a bfloat16 or float16 stream (kernel_api.h, Note [storage formats]: every
+// format but float32, float64 and the quantized states) run in ONE kernel per rule variant,
+// MixedVisitor, whose streams' element types are values of the launch (StreamTypes), not
+// template parameters: each format a template of its own would multiply the CUDA
+// instantiations (and nvcc's time) by ten, and a branch on a launch constant is uniform
+// across a warp and costs a few instructions beside a memory-bound update. The arithmetic is
+// the CPU's, so the bits are the same (the tests compare every element with the CPU kernels):
+// loads widen (bf16: bits << 16; f16: vec.h's emulation of vcvtph2ps), grads are multiplied
+// by grad_scale_inv, a Kahan param is p + compensation; the rule runs in fp32; stores round
+// to nearest even (vec.h's integer code, NaN as on the CPU), bfloat16 params stochastically
+// where the call asks (sr_hash of the element's index in the call: sr_index0 + the tensor's
+// offset, MetaView's bases, + i), the Kahan compensation is bf16(x - bf16(x)), and a copy
+// format writes bf16/f16(x) of the new param to the copies stream. A vector visit is 8
+// elements: one 16-byte access of a 16-bit stream, two of a float32 one.
+enum StreamCode : uint8_t { kCodeF32 = 0, kCodeBF16 = 1, kCodeF16 = 2, kCodeNone = 255 };
+
+// What a 16-bit format's launch needs besides its rule's constants.
+struct MixedIo {
+  uint8_t code[kMaxSlots];  // element type of each slot (the states share one)
+  uint8_t copy;             // the copies stream's type, kCodeNone without one
+  bool kahan;               // the copies stream is the params' compensation (read and written)
+  bool sr;                  // bfloat16 params rounded stochastically
+  uint32_t sr_key;
+  uint64_t sr_index0;
+  float grad_scale_inv;
+};
+
+// The MixedIo of a call (host).
+inline MixedIo mixed_io(const StreamTypes& t, const Batch& b) {
+  MixedIo io;
+  io.code[kParam] = t.param;
+  io.code[kGrad] = t.grad;
+  for (int s = kState0; s < kMaxSlots; ++s) io.code[s] = t.state;
+  io.copy = t.copy;
+  io.kahan = t.kahan;
+  io.sr = b.sr;
+  io.sr_key = b.sr_key;
+  io.sr_index0 = b.sr_index0;
+  io.grad_scale_inv = b.grad_scale_inv_f;
+  return io;
+}
+
+FO_HD FO_INLINE float widen16(uint16_t h, uint8_t code) {
+  return code == kCodeBF16 ? f32_from_bits(static_cast<uint32_t>(h) << 16) : f32_from_bits(f32_bits_from_f16(h));
+}
+FO_HD FO_INLINE uint16_t narrow16(float x, uint8_t code) {
+  const uint32_t u = f32_to_bits(x);
+  return code == kCodeBF16 ? bf16_bits_from_f32(u) : f16_bits_from_f32(u);
+}
+
+// n (1 or MixedVisitor::kVec) elements of a stream of type `code` from p + i into x.
+template <bool kReadOnly, int kN>
+FO_HD FO_INLINE void load_mixed(const void* p, uint8_t code, int64_t i, float* x) {
+  if (code == kCodeF32) {
+    const float* q = static_cast<const float*>(p) + i;
+    if constexpr (kN == 1) {
+      x[0] = load1<kReadOnly>(q);
+    } else {
+FO_UNROLL
+      for (int k = 0; k < kN; k += 4) load16<kReadOnly>(q + k, x + k);
+    }
+    return;
+  }
+  const uint16_t* q = static_cast<const uint16_t*>(p) + i;
+  uint16_t h[kN];
+  if constexpr (kN == 1) {
+    h[0] = load1<kReadOnly>(q);
+  } else {
+    static_assert(kN == 8, "a 16-bit stream's vector visit is one 16-byte access");
+#if defined(__CUDA_ARCH__)
+    const uint4* w = reinterpret_cast<const uint4*>(q);
+    const uint4 v = kReadOnly ? __ldg(w) : __ldcg(w);
+    const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+FO_UNROLL
+    for (int k = 0; k < 4; ++k) {
+      h[2 * k] = static_cast<uint16_t>(words[k] & 0xFFFFu);
+      h[2 * k + 1] = static_cast<uint16_t>(words[k] >> 16);
+    }
+#else
+    for (int k = 0; k < kN; ++k) h[k] = q[k];
+#endif
+  }
+FO_UNROLL
+  for (int k = 0; k < kN; ++k) x[k] = widen16(h[k], code);
+}
+
+// n 16-bit values h to p + i (a stream of 16-bit elements).
+template <int kN> FO_HD FO_INLINE void store_bits(void* p, int64_t i, const uint16_t* h) {
+  uint16_t* q = static_cast<uint16_t*>(p) + i;
+  if constexpr (kN == 1) {
+    store1(q, h[0]);
+  } else {
+#if defined(__CUDA_ARCH__)
+    const uint4 v = make_uint4(h[0] | (static_cast<uint32_t>(h[1]) << 16), h[2] | (static_cast<uint32_t>(h[3]) << 16),
+                               h[4] | (static_cast<uint32_t>(h[5]) << 16), h[6] | (static_cast<uint32_t>(h[7]) << 16));
+    __stcg(reinterpret_cast<uint4*>(q), v);
+#else
+    for (int k = 0; k < kN; ++k) q[k] = h[k];
+#endif
+  }
+}
+
+// n elements x to p + i, rounded to nearest even to the stream's type.
+template <int kN> FO_HD FO_INLINE void store_mixed(void* p, uint8_t code, int64_t i, const float* x) {
+  if (code == kCodeF32) {
+    float* q = static_cast<float*>(p) + i;
+    if constexpr (kN == 1) {
+      store1(q, x[0]);
+    } else {
+FO_UNROLL
+      for (int k = 0; k < kN; k += 4) store16(q + k, x + k);
+    }
+    return;
+  }
+  uint16_t h[kN];
+FO_UNROLL
+  for (int k = 0; k < kN; ++k) h[k] = narrow16(x[k], code);
+  store_bits<kN>(p, i, h);
+}
+
+template <class Rule> struct MixedVisitor {
+  static constexpr unsigned kReadOnly = Rule::kReads & ~Rule::kWrites;  // grads
+  static constexpr int64_t kVec = 8;
+  using Consts = typename Rule::template Consts<float>;
+  const Consts& c;
+  const MixedIo& io;
+
+  FO_HD FO_INLINE int64_t slot_bytes(int s) const { return io.code[s] == kCodeF32 ? 4 : 2; }
+  FO_HD FO_INLINE int64_t copy_bytes() const { return io.copy == kCodeNone ? 0 : 2; }
+
+  template <int kN> FO_HD FO_INLINE void visit(const plan::SpanPtrs& sp, int64_t i) const {
+    float x[kMaxSlots][kN];
+FO_UNROLL
+    for (int s = 0; s < kMaxSlots; ++s) {
+      if (kReadOnly & (1u << s)) load_mixed<true, kN>(sp.p[s], io.code[s], i, x[s]);
+      else if (Rule::kReads & (1u << s)) load_mixed<false, kN>(sp.p[s], io.code[s], i, x[s]);
+    }
+    if (Rule::kReads & (1u << kGrad)) {
+FO_UNROLL
+      for (int k = 0; k < kN; ++k) x[kGrad][k] = x[kGrad][k] * io.grad_scale_inv;
+    }
+    if (io.kahan) {  // the rule sees p + compensation
+      float comp[kN];
+      load_mixed<false, kN>(sp.copy, kCodeBF16, i, comp);
+FO_UNROLL
+      for (int k = 0; k < kN; ++k) x[kParam][k] = x[kParam][k] + comp[k];
+    }
+FO_UNROLL
+    for (int k = 0; k < kN; ++k) {
+      float y[kMaxSlots];
+FO_UNROLL
+      for (int s = 0; s < kMaxSlots; ++s)
+        if (Rule::kReads & (1u << s)) y[s] = x[s][k];
+      Rule::template apply<float>(y, c);
+FO_UNROLL
+      for (int s = 0; s < kMaxSlots; ++s)
+        if (Rule::kWrites & (1u << s)) x[s][k] = y[s];
+    }
+    // the params: Kahan (p' = bf16(x), compensation' = bf16(x - p')), stochastic rounding, or
+    // to nearest even; then the other written slots, then a copy format's copy
+    if (io.kahan) {
+      uint16_t h[kN], r[kN];
+FO_UNROLL
+      for (int k = 0; k < kN; ++k) {
+        h[k] = bf16_bits_from_f32(f32_to_bits(x[kParam][k]));
+        r[k] = bf16_bits_from_f32(f32_to_bits(x[kParam][k] - f32_from_bits(static_cast<uint32_t>(h[k]) << 16)));
+      }
+      store_bits<kN>(sp.p[kParam], i, h);
+      store_bits<kN>(sp.copy, i, r);
+    } else if (io.sr && io.code[kParam] == kCodeBF16) {
+      uint16_t h[kN];
+      const uint64_t at = io.sr_index0 + static_cast<uint64_t>(sp.base) + static_cast<uint64_t>(i);
+FO_UNROLL
+      for (int k = 0; k < kN; ++k)
+        h[k] = bf16_bits_sr(f32_to_bits(x[kParam][k]), sr_hash(io.sr_key, at + static_cast<uint64_t>(k)));
+      store_bits<kN>(sp.p[kParam], i, h);
+    } else {
+      store_mixed<kN>(sp.p[kParam], io.code[kParam], i, x[kParam]);
+    }
+FO_UNROLL
+    for (int s = 1; s < kMaxSlots; ++s)
+      if (Rule::kWrites & (1u << s)) store_mixed<kN>(sp.p[s], io.code[s], i, x[s]);
+    if (io.copy != kCodeNone && !io.kahan) store_mixed<kN>(sp.copy, io.copy, i, x[kParam]);
+  }
+
+  FO_HD FO_INLINE void scalar(const plan::SpanPtrs& sp, int64_t, int64_t i) const { visit<1>(sp, i); }
+  FO_HD FO_INLINE void vector(const plan::SpanPtrs& sp, int64_t, int64_t i) const { visit<kVec>(sp, i); }
 };
 
 }  // namespace cuda
