@@ -22,6 +22,7 @@ import fastoptim
 import optimizer_cases as cases
 from fastoptim import _core
 from optimizer_cases import CASES, case_id
+from test_cuda import FakeDevice, carve_host as carve
 from format_cases import (BF16, FORMATS, FULL_CASES, copy_state, first_name, make_grads,
                           make_state)
 
@@ -96,19 +97,6 @@ def core_call(rule, params, grads, kwargs, options):
     finally:
         functional._core = saved
     return recorder.call
-
-
-def carve(buffers, sizes, shifts):
-    """Per name, consecutive slices of that buffer, the first at element shifts[name], with a
-    one-element gap between slices (their starts alternate in alignment)."""
-    out = {}
-    for name, buf in buffers.items():
-        pos, arrays = shifts[name], []
-        for s in sizes:
-            arrays.append(buf[pos:pos + s])
-            pos += s + 1
-        out[name] = arrays
-    return out
 
 
 def buffers_for(rule, hyper, fmt, option, total, rng):
@@ -218,7 +206,6 @@ def test_plan_covers_16_bit_streams(itemsizes, n):
 
 @pytest.mark.skipif(not CUDA["built"], reason="fastoptim was built without CUDA")
 def test_fake_device_unsupported_combination_names_the_dtypes():
-    from test_cuda import FakeDevice
     params = [FakeDevice((4,), "<f4")]
     grads = [FakeDevice((4,), "<f2")]
     states = [FakeDevice((4,), "<f2")]
@@ -229,7 +216,6 @@ def test_fake_device_unsupported_combination_names_the_dtypes():
 
 @pytest.mark.skipif(not CUDA["built"], reason="fastoptim was built without CUDA")
 def test_fake_device_grads_of_two_dtypes_are_refused():
-    from test_cuda import FakeDevice
     params = [FakeDevice((4,), "<f2"), FakeDevice((4,), "<f2")]
     grads = [FakeDevice((4,), "<f2"), FakeDevice((4,), "<f4")]
     with pytest.raises(TypeError, match=r"grads\[1\] has dtype float32 but grads\[0\] has dtype "
