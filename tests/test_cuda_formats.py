@@ -183,20 +183,27 @@ def test_emulated_formats_many_arrays(n_arrays):
 
 @pytest.mark.skipif(not hasattr(_core, "_plan_coverage"), reason="no plan hooks")
 @pytest.mark.parametrize("itemsizes", [(2, 2, 2, 2, 2), (2, 2, 4, 4, 4), (4, 2, 4, 4, 4),
-                                       (4, 4, 2, 2, 2)])
+                                       (4, 4, 2, 2, 2), (4, 2, 4, 4, 4, 2), (2, 2, 2, 2, 2, 2)])
 @pytest.mark.parametrize("n", [1, 5, 449])
 def test_plan_covers_16_bit_streams(itemsizes, n):
     """The grid walk of a 16-bit format's launch (8 elements a vector visit; a float32 stream
-    takes two 16-byte pieces): every element once, every vector access 16-byte aligned in
-    every stream, at per-slot byte offsets that make some spans scalar."""
+    takes two 16-byte pieces), with a copies stream where a sixth itemsize says so: every
+    element once, each visit with its own tensor's pointers (the copies stream's included),
+    every vector access 16-byte aligned in every stream, at per-stream byte offsets that make
+    some spans scalar."""
     rng = np.random.default_rng(n)
-    sizes = [200] + [int(s) for s in rng.integers(0, 300, n - 1)]
-    offsets = [[0] * 5] + [[int(o) * b for o, b in zip(rng.integers(0, 8, 5), itemsizes)]
-                           for _ in sizes[1:]]  # tensor 0 aligned: it has vector visits
+    streams = len(itemsizes)
+    sizes = [203] + [int(s) for s in rng.integers(0, 300, n - 1)]
+    # tensor 0 aligned (it has vector visits); odd tensors misaligned in their last stream only
+    # (the copies stream where there is one), even ones anywhere
+    offsets = [[0] * streams]
+    for t in range(1, n):
+        o = [int(k) * b for k, b in zip(rng.integers(0, 8, streams), itemsizes)]
+        offsets.append([0] * (streams - 1) + o[-1:] if t % 2 else o)
     d = _core._plan_coverage(sizes, offsets, itemsize=list(itemsizes), chunk=64)
     assert d["counts"].tolist() == [1] * sum(sizes)
     assert d["misaligned_vectors"] == 0 and d["out_of_range"] == 0 and d["wrong_pointers"] == 0
-    assert d["vector_visits"] > 0
+    assert d["vector_visits"] > 0 and d["scalar_visits"] > 0
     assert max(len(l["tensors"]) for l in d["launches"]) <= 448
 
 

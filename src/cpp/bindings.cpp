@@ -860,8 +860,10 @@ class CallBuilder {
     const CaiKeys& key = cai_keys();
     PyObject* raw = PyObject_GetAttr(item, key.cai);
     if (!raw) {
-      // torch raises TypeError, not AttributeError, for a dtype the CUDA Array Interface has
-      // no name for (bfloat16): such an array is read through DLPack where it has it.
+      // An interface that raises something other than AttributeError (a producer that has no
+      // typestr for the dtype: some torch versions for bfloat16) is passed over for DLPack
+      // where the array has it; bfloat16 has no CUDA Array Interface typestr of its own
+      // ("<V2" names any 2-byte record), so it arrives through DLPack only.
       const bool attribute_error = PyErr_ExceptionMatches(PyExc_AttributeError);
       const bool dlpack = has_dlpack(item);
       if (!attribute_error && !dlpack) throw py::error_already_set();

@@ -73,7 +73,7 @@ FO_RULES(FO_RULE_ID_OF)
 // kBF16Kahan keeps, per param, the bf16 rounding error of its last store ("compensation", in
 // the copies stream): the rule sees p + compensation, and the store writes p' = bf16(x) and
 // compensation' = bf16(x - p') (Kahan-compensated bf16 params without an fp32 master).
-// CUDA runs kF32 and kF64 only (the bindings refuse the others on device arrays).
+// CUDA runs every format but the quantized ones (src/cuda/rule_visitor.h, Note [16-bit ...]).
 enum Format : int {
   kF32 = 0, kF64 = 1, kBF16, kF16, kBF16F32States, kF16F32States, kF32BF16Grads, kF32F16Grads,
   kF32BF16GradsCopy, kF32F16GradsCopy, kBF16Kahan,

@@ -30,7 +30,7 @@
 // Note [vector path]
 // A span is processed with 16-byte loads and stores (float4 / double2) when, at its first
 // element past a short scalar head, the pointers of EVERY slot the rule touches are 16-byte
-// aligned: the head is the few elements (< 16 / sizeof(T)) before the param pointer reaches a
+// aligned: the head is the few elements (< 16 / param bytes) before the param pointer reaches a
 // 16-byte boundary. Slots misaligned relative to each other (slices at different odd offsets)
 // make the whole span scalar. Vector and scalar visits run the same rule on the same lanes
 // (Note [bitwise identical paths] in vec.h), so the choice never changes a result. A vector

@@ -35,13 +35,15 @@ constexpr uintptr_t kSlotSpacing = uintptr_t{1} << 44;  // fake slot s lives at 
 
 struct Fake {
   std::vector<int64_t> offsets;
-  std::vector<void*> ptrs;  // [t * kMaxSlots + s]
+  std::vector<void*> ptrs;    // [t * kMaxSlots + s]
+  std::vector<void*> copies;  // [t]: the copies stream (16-bit launches that have one)
 };
 
 struct Recorder {
   const Fake* fake;
   unsigned mask;
   int64_t bytes[kMaxSlots];          // element size of each slot
+  int64_t copy_bytes = 0;            // of the copies stream (0: none)
   const int64_t* tensors = nullptr;  // the current launch's tensors (group-local t -> call's t)
   int32_t* counts = nullptr;      // dense walk: visits per global element
   std::vector<int64_t>* visits = nullptr;  // chunk walk: (tensor, index, width) triples
@@ -59,6 +61,10 @@ struct Recorder {
       if (sp.p[s] != fake->ptrs[t * kMaxSlots + s]) ++wrong_ptrs;
       if (w > 1 && plan::addr_of(sp.p[s], i, bytes[s]) % plan::kVecBytes != 0) ++misaligned;
     }
+    if (copy_bytes > 0) {
+      if (sp.copy != fake->copies[t]) ++wrong_ptrs;
+      if (w > 1 && plan::addr_of(sp.copy, i, copy_bytes) % plan::kVecBytes != 0) ++misaligned;
+    }
     if (counts) {
       for (int64_t k = 0; k < w; ++k) ++counts[fake->offsets[t] + i + k];
     } else {
@@ -73,7 +79,7 @@ template <int64_t kV> struct RecorderOf {
   static constexpr int64_t kVec = kV;
   Recorder& r;
   int64_t slot_bytes(int s) const { return r.bytes[s]; }
-  int64_t copy_bytes() const { return 0; }
+  int64_t copy_bytes() const { return r.copy_bytes; }
   void scalar(const plan::SpanPtrs& sp, int64_t t, int64_t i) {
     ++r.scalar_visits;
     r.record(sp, t, i, 1);
@@ -121,18 +127,26 @@ plan::LaunchPlan override_geometry(plan::LaunchPlan p, int64_t block, int64_t gr
 namespace {
 
 // itemsize: 4 or 8 (float32, float64: every slot), or 5 per-slot sizes of 2 or 4 (a 16-bit
-// format's launch: 8 elements a vector visit).
+// format's launch: 8 elements a vector visit), and optionally a sixth, the copies stream's (0:
+// none, or 2); a per-tensor align_offsets entry then takes 6 values.
 py::dict plan_coverage(const std::vector<int64_t>& sizes, py::object align_offsets, py::object itemsize_arg,
                        unsigned slot_mask, int sm_count, int64_t chunk, int64_t block, int64_t grid,
                        int64_t group, py::object chunks, py::object blocks) {
   int64_t slot_bytes[kMaxSlots];
+  int64_t copy_bytes = 0;
   bool mixed = false;
   if (py::isinstance<py::sequence>(itemsize_arg)) {
     const auto v = itemsize_arg.cast<std::vector<int64_t>>();
-    if (v.size() != kMaxSlots) throw py::value_error("per-slot itemsizes need 5 values");
+    if (v.size() != kMaxSlots && v.size() != kMaxSlots + 1)
+      throw py::value_error("per-slot itemsizes need 5 values (6 with the copies stream's)");
     for (int s = 0; s < kMaxSlots; ++s) {
       if (v[s] != 2 && v[s] != 4) throw py::value_error("per-slot itemsizes must be 2 or 4");
       slot_bytes[s] = v[s];
+    }
+    if (v.size() == kMaxSlots + 1) {
+      if (v[kMaxSlots] != 0 && v[kMaxSlots] != 2)
+        throw py::value_error("the copies stream's itemsize must be 0 (none) or 2");
+      copy_bytes = v[kMaxSlots];
     }
     mixed = true;
   } else {
@@ -156,7 +170,8 @@ py::dict plan_coverage(const std::vector<int64_t>& sizes, py::object align_offse
   }
   const int64_t total = fake.offsets.back();
   // Fake pointers: 64-byte aligned per tensor, plus the requested byte offsets.
-  std::vector<int64_t> offs(static_cast<size_t>(n * kMaxSlots), 0);
+  constexpr int kStreams = kMaxSlots + 1;  // the slots and the copies stream
+  std::vector<int64_t> offs(static_cast<size_t>(n * kStreams), 0);
   if (!align_offsets.is_none()) {
     const py::sequence seq = align_offsets;
     if (static_cast<int64_t>(py::len(seq)) != n)
@@ -165,11 +180,11 @@ py::dict plan_coverage(const std::vector<int64_t>& sizes, py::object align_offse
       const py::object e = seq[static_cast<size_t>(t)];
       if (py::isinstance<py::sequence>(e)) {
         const auto v = e.cast<std::vector<int64_t>>();
-        if (v.size() != kMaxSlots)
-          throw py::value_error("a per-slot align_offsets entry needs 5 values");
-        for (int s = 0; s < kMaxSlots; ++s) offs[t * kMaxSlots + s] = v[s];
+        if (v.size() != static_cast<size_t>(copy_bytes > 0 ? kStreams : kMaxSlots))
+          throw py::value_error("a per-slot align_offsets entry needs 5 values (6 with a copies stream)");
+        for (size_t s = 0; s < v.size(); ++s) offs[t * kStreams + s] = v[s];
       } else {
-        for (int s = 0; s < kMaxSlots; ++s) offs[t * kMaxSlots + s] = e.cast<int64_t>();
+        for (int s = 0; s < kStreams; ++s) offs[t * kStreams + s] = e.cast<int64_t>();
       }
     }
   }
@@ -184,17 +199,27 @@ py::dict plan_coverage(const std::vector<int64_t>& sizes, py::object align_offse
                               static_cast<uintptr_t>(fake.offsets[t] * slot_bytes[s]) +
                               64u * static_cast<uintptr_t>(t);
       const uintptr_t aligned = (start + 63u) & ~uintptr_t{63};
-      void* p = reinterpret_cast<void*>(aligned + static_cast<uintptr_t>(offs[t * kMaxSlots + s]));
+      void* p = reinterpret_cast<void*>(aligned + static_cast<uintptr_t>(offs[t * kStreams + s]));
       fake.ptrs[t * kMaxSlots + s] = p;
       slot_tables[s][t] = p;
     }
     slots[s] = slot_tables[s].data();
   }
+  if (copy_bytes > 0) {
+    fake.copies.resize(static_cast<size_t>(n));
+    for (int64_t t = 0; t < n; ++t) {
+      const uintptr_t start = kSlotSpacing * (kMaxSlots + 1) +
+                              static_cast<uintptr_t>(fake.offsets[t] * copy_bytes) +
+                              64u * static_cast<uintptr_t>(t);
+      const uintptr_t aligned = (start + 63u) & ~uintptr_t{63};
+      fake.copies[t] = reinterpret_cast<void*>(aligned + static_cast<uintptr_t>(offs[t * kStreams + kMaxSlots]));
+    }
+  }
 
   // The launches, as the launcher makes them (Note [launch groups]).
   struct Launch {
-    std::vector<int64_t> tensors, sizes, starts;
-    std::vector<void*> ptrs;
+    std::vector<int64_t> tensors, sizes, starts, bases;
+    std::vector<void*> ptrs, copies;
     plan::LaunchPlan p;
   };
   std::vector<Launch> launches;
@@ -204,9 +229,14 @@ py::dict plan_coverage(const std::vector<int64_t>& sizes, py::object align_offse
     l.sizes.resize(count);
     l.starts.resize(count + 1);
     l.ptrs.resize(count * kMaxSlots);
-    l.p = override_geometry(plan::fill_group(fake.offsets.data(), slots, ts, count, slot_mask, chunk,
-                                             sm_count, l.sizes.data(), l.starts.data(), l.ptrs.data()),
-                            block, grid);
+    l.bases.resize(count);
+    l.copies.resize(count);
+    l.p = override_geometry(
+        plan::fill_group(fake.offsets.data(), slots, ts, count, slot_mask, chunk, sm_count,
+                         l.sizes.data(), l.starts.data(), l.ptrs.data(),
+                         copy_bytes > 0 ? l.bases.data() : nullptr, l.copies.data(),
+                         copy_bytes > 0 ? fake.copies.data() : nullptr),
+        block, grid);
     launches.push_back(std::move(l));
   });
 
@@ -230,7 +260,8 @@ py::dict plan_coverage(const std::vector<int64_t>& sizes, py::object align_offse
 
   py::array_t<int32_t> counts(sparse ? 0 : total);
   std::vector<int64_t> visits;
-  Recorder r{&fake, slot_mask, {slot_bytes[0], slot_bytes[1], slot_bytes[2], slot_bytes[3], slot_bytes[4]}};
+  Recorder r{&fake, slot_mask, {slot_bytes[0], slot_bytes[1], slot_bytes[2], slot_bytes[3], slot_bytes[4]},
+             copy_bytes};
   r.visits = &visits;
   if (!sparse && total > 0) {
     r.counts = counts.mutable_data();
@@ -242,7 +273,11 @@ py::dict plan_coverage(const std::vector<int64_t>& sizes, py::object align_offse
     const std::vector<int64_t>* b = blocks.is_none() ? nullptr : &block_list;
     for (const Launch& l : launches) {
       r.tensors = l.tensors.data();
-      const plan::MetaView m{l.sizes.data(), l.starts.data(), l.ptrs.data()};
+      plan::MetaView m{l.sizes.data(), l.starts.data(), l.ptrs.data()};
+      if (copy_bytes > 0) {
+        m.bases = l.bases.data();
+        m.copies = l.copies.data();
+      }
       if (mixed) {
         RecorderOf<8> v{r};
         walk(l.p, m, c, b, v);

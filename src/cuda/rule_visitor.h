@@ -2,7 +2,9 @@
 // written once for the GPU and for its emulation on the CPU.
 //
 // plan::span_body (src/cpp/launch_plan.h) hands a visitor single elements (scalar) and groups
-// of 16 bytes (vector: 4 floats or 2 doubles, every slot 16-byte aligned). RuleVisitor loads
+// of Visitor::kVec elements (vector: 4 floats or 2 doubles, read as one 16-byte piece per slot;
+// MixedVisitor: 8 elements, a 16-bit stream one 16-byte piece, a float32 one two; every stream
+// 16-byte aligned). RuleVisitor loads
 // the rule's slots, runs Rule::apply<T> (T = float or double) lane by lane, and stores the
 // written slots. Compiled by nvcc for the device (kernels.cuh), the loads and stores are
 // 16-byte global accesses with cache hints; compiled for the host (plan_hooks.cpp,
@@ -87,8 +89,13 @@ template <class T> FO_HD FO_INLINE void store16(T* p, const T* lanes) {
 }
 
 // The visitor of plan::span_body for float32 and float64 throughout: load, Rule::apply,
-// store. Grads are multiplied by grad_scale_inv as they are loaded (1 changes no bit), as on
-// the CPU (kernels.h, load_groups_at).
+// store. Grads are multiplied by grad_scale_inv as they are loaded, as on the CPU (kernels.h,
+// load_groups_at), but only when it is not 1 (a branch uniform over the launch): on the CPU
+// x * 1 keeps a NaN's bits, where a GPU's arithmetic returns its one canonical NaN, so the
+// multiplication by 1 would change a NaN grad that a rule copies into a state (SGD's first
+// momentum buffer, Rprop's prev). A NaN that the arithmetic itself produces has the GPU's
+// canonical bits (0x7FFFFFFF) where x86 gives 0xFFC00000: results are bitwise the CPU's for
+// finite values, and NaN for NaN.
 template <class Rule, class T> struct RuleVisitor {
   static constexpr unsigned kReadOnly = Rule::kReads & ~Rule::kWrites;  // grads
   static constexpr int64_t kVec = VecWidth<T>::value;
@@ -107,7 +114,7 @@ FO_UNROLL
       if (kReadOnly & (1u << s)) x[s] = load1<true>(p + i);
       else if (Rule::kReads & (1u << s)) x[s] = load1<false>(p + i);
     }
-    if (Rule::kReads & (1u << kGrad)) x[kGrad] = x[kGrad] * grad_scale_inv;
+    if ((Rule::kReads & (1u << kGrad)) && grad_scale_inv != T(1)) x[kGrad] = x[kGrad] * grad_scale_inv;
     Rule::template apply<T>(x, c);
 FO_UNROLL
     for (int s = 0; s < kMaxSlots; ++s)
@@ -129,7 +136,7 @@ FO_UNROLL
 FO_UNROLL
       for (int s = 0; s < kMaxSlots; ++s)
         if (Rule::kReads & (1u << s)) x[s] = lanes[s][l];
-      if (Rule::kReads & (1u << kGrad)) x[kGrad] = x[kGrad] * grad_scale_inv;
+      if ((Rule::kReads & (1u << kGrad)) && grad_scale_inv != T(1)) x[kGrad] = x[kGrad] * grad_scale_inv;
       Rule::template apply<T>(x, c);
 FO_UNROLL
       for (int s = 0; s < kMaxSlots; ++s)
@@ -279,11 +286,13 @@ FO_UNROLL
       if (kReadOnly & (1u << s)) load_mixed<true, kN>(sp.p[s], io.code[s], i, x[s]);
       else if (Rule::kReads & (1u << s)) load_mixed<false, kN>(sp.p[s], io.code[s], i, x[s]);
     }
-    if (Rule::kReads & (1u << kGrad)) {
+    if ((Rule::kReads & (1u << kGrad)) && io.grad_scale_inv != 1.0f) {  // (as RuleVisitor)
 FO_UNROLL
       for (int k = 0; k < kN; ++k) x[kGrad][k] = x[kGrad][k] * io.grad_scale_inv;
     }
-    if (io.kahan) {  // the rule sees p + compensation
+    constexpr bool kParamRead = (Rule::kReads & (1u << kParam)) != 0;
+    constexpr bool kParamWritten = (Rule::kWrites & (1u << kParam)) != 0;
+    if (kParamRead && io.kahan) {  // the rule sees p + compensation
       float comp[kN];
       load_mixed<false, kN>(sp.copy, kCodeBF16, i, comp);
 FO_UNROLL
@@ -302,7 +311,9 @@ FO_UNROLL
     }
     // the params: Kahan (p' = bf16(x), compensation' = bf16(x - p')), stochastic rounding, or
     // to nearest even; then the other written slots, then a copy format's copy
-    if (io.kahan) {
+    if (!kParamWritten) {
+      // (every rule writes its params; a rule that did not would write no copy either)
+    } else if (io.kahan) {
       uint16_t h[kN], r[kN];
 FO_UNROLL
       for (int k = 0; k < kN; ++k) {
@@ -324,7 +335,7 @@ FO_UNROLL
 FO_UNROLL
     for (int s = 1; s < kMaxSlots; ++s)
       if (Rule::kWrites & (1u << s)) store_mixed<kN>(sp.p[s], io.code[s], i, x[s]);
-    if (io.copy != kCodeNone && !io.kahan) store_mixed<kN>(sp.copy, io.copy, i, x[kParam]);
+    if (kParamWritten && io.copy != kCodeNone && !io.kahan) store_mixed<kN>(sp.copy, io.copy, i, x[kParam]);
   }
 
   FO_HD FO_INLINE void scalar(const plan::SpanPtrs& sp, int64_t, int64_t i) const { visit<1>(sp, i); }
