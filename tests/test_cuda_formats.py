@@ -256,7 +256,7 @@ def to_torch(a):
     """A CUDA tensor with a's bits (bfloat16 through its uint16 view)."""
     if a.dtype == BF16:
         return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16).cuda()
-    return torch.from_numpy(np.ascontiguousarray(a)).cuda()
+    return torch.from_numpy(np.array(a)).cuda()  # a writeable copy (grads are read-only)
 
 
 def from_torch(t, dtype):

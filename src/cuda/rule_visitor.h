@@ -155,10 +155,11 @@ FO_UNROLL
 // template parameters: each format a template of its own would multiply the CUDA
 // instantiations (and nvcc's time) by ten, and a branch on a launch constant is uniform
 // across a warp and costs a few instructions beside a memory-bound update. The arithmetic is
-// the CPU's, so the bits are the same (the tests compare every element with the CPU kernels):
-// loads widen (bf16: bits << 16; f16: vec.h's emulation of vcvtph2ps), grads are multiplied
-// by grad_scale_inv, a Kahan param is p + compensation; the rule runs in fp32; stores round
-// to nearest even (vec.h's integer code, NaN as on the CPU), bfloat16 params stochastically
+// the CPU's, so the bits are the same for every non-NaN value (the tests compare every element
+// with the CPU kernels; NaN bits: RuleVisitor's note): loads widen (bf16: bits << 16; f16:
+// vec.h's emulation of vcvtph2ps), grads are multiplied by grad_scale_inv (when not 1), a
+// Kahan param is p + compensation; the rule runs in fp32; stores round to nearest even
+// (vec.h's integer code), bfloat16 params stochastically
 // where the call asks (sr_hash of the element's index in the call: sr_index0 + the tensor's
 // offset, MetaView's bases, + i), the Kahan compensation is bf16(x - bf16(x)), and a copy
 // format writes bf16/f16(x) of the new param to the copies stream. A vector visit is 8
