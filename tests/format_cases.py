@@ -22,6 +22,7 @@ FORMATS = {
     "f32-f16grads": (F32, F16, F32, None),
     "f32-bf16grads-copy": (F32, BF16, F32, BF16),
     "f32-f16grads-copy": (F32, F16, F32, F16),
+    "f32-bf16states": (F32, F32, BF16, None),
 }
 FULL_CASES = [case for i, case in enumerate(CASES)
               if i + 1 == len(CASES) or CASES[i + 1][0] != case[0]]

@@ -17,7 +17,7 @@ Three groups of tests:
   and replay after 100 other calls, the current context of a fresh thread, bad inputs that
   must leave every array unchanged, and a buffer of more than 2^31 elements. They skip, with
   the reason, where fastoptim was built without CUDA, CuPy is missing, or no GPU is visible.
-  NONE OF THEM HAS EVER RUN: no GPU was lent while they were written (docs/cuda.md).
+  They ran once, on an H200 (2026-12-04; docs/cuda.md), before the changes made since.
 
 The launcher's host-side decisions (capture states, device switch) are tested on the CPU in
 tests/test_cuda_host_logic.py, the launch groups and grid walk in tests/test_launch_plan.py.

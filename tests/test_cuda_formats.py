@@ -3,16 +3,22 @@ src/cuda/rule_visitor.h): bfloat16 and float16 params, grads and states, float32
 low-precision params, float32 master weights with low-precision grads and a copy written in the
 same pass, Kahan-compensated bfloat16 params, stochastic rounding, and grad_scale.
 
-Two groups:
+Four groups:
 
 * The CUDA kernel body emulated on the CPU (``_core._emulate_kernel``, CUDA builds): every case
-  of the case table in every 16-bit format, and every load/store option, over slices of odd
-  sizes at odd offsets (the 8-element vector visits, their heads and tails, launches split
-  into groups), bit for bit against the CPU kernels on every buffer, gaps included.
+  of the case table in every 16-bit format of format_cases.FORMATS, and every load/store
+  option, over slices of odd sizes at odd offsets (the 8-element vector visits, their heads
+  and tails, launches split into groups), bit for bit against the CPU kernels on every
+  buffer, gaps included.
+* The grid walk of the 16-bit launches (``_core._plan_coverage`` with per-stream itemsizes and
+  a copies stream), on the CPU.
+* Device dtypes, on the CPU (fake CUDA Array Interface objects): per-role dtypes and the
+  format table's combinations.
 * On a GPU: torch CUDA tensors (bfloat16 and float16 through DLPack) and CuPy float16 arrays
   (the CUDA Array Interface) against the CPU kernels, bit for bit, for every case and format
-  and option; validation of device dtypes; and all-bfloat16 Adam against
-  torch.optim.Adam(fused=True) on the GPU. They skip where there is no GPU.
+  and option; a bad combination writes nothing; and all-bfloat16/float16 Adam against
+  torch.optim.Adam(fused=True) on the GPU. They skip where there is no GPU, and have never run
+  (no GPU was lent to the stop that wrote them).
 """
 
 import numpy as np

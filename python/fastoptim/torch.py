@@ -10,7 +10,7 @@ groups, ``zero_grad``, closures, hooks and ``state_dict`` layout (state keys ``s
 ``mu_product``, ``eta``, ``mu``: Note [Scalar states]), so checkpoints move both ways between
 ``torch.optim.X`` and ``fastoptim.torch.X`` and learning-rate schedulers work unchanged. Each
 ``step()`` makes ONE fused call per (param group, dtype, device), on the tensors' memory
-(Note [pointer path]); CUDA tensors go to the CUDA kernels through ``__cuda_array_interface__``.
+(Note [pointer path]); CUDA tensors go to the CUDA kernels through DLPack.
 ``import fastoptim`` never imports torch; this module does. Four keyword options on every
 drop-in, ``master_weights``, ``stochastic_rounding`` (with ``sr_seed``) and ``state_dtype``,
 choose how params and states are stored (Note [Storage options]).
@@ -228,7 +228,7 @@ _view_meta = operator.attrgetter("__class__", "dtype", "shape", "strides")
 
 def _meta(view: Any) -> tuple[Any, ...]:
     """A view's class, dtype, shape and layout: a NumPy view, or a CUDA tensor (which the
-    kernels take through ``__cuda_array_interface__``)."""
+    kernels take through DLPack)."""
     if isinstance(view, np.ndarray):
         return _view_meta(view)
     return (view.__class__, view.dtype, view.shape, view.stride(), view.device)

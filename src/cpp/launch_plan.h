@@ -19,7 +19,9 @@
 // 32,764 bytes); a call with more non-empty tensors is split into several launches on the
 // same stream, of at most kGroupLarge tensors each, in order (for_each_group). A launch of at
 // most kGroupSmall tensors uses a kernel with a small parameter block (less to upload per
-// launch for the usual few-tensor call). Empty tensors take no place.
+// launch for the usual few-tensor call). Empty tensors take no place. The 16-bit formats'
+// launches carry two more values a tensor (MetaView's bases and copies, 72 bytes): at most
+// kGroupMixed tensors each, one parameter-block size.
 //
 // Everything the kernel executes is host + device (FO_HD) and written as a function of
 // (blockIdx, threadIdx, blockDim, gridDim), so the CUDA kernel (src/cuda/kernels.cuh) and the
@@ -28,7 +30,8 @@
 // element is visited exactly once.
 //
 // Note [vector path]
-// A span is processed with 16-byte loads and stores (float4 / double2) when, at its first
+// A span is processed in 16-byte pieces (float4 / double2; the 16-bit formats' 8-element
+// visits: one uint4 of a 16-bit stream, two of a float32 one) when, at its first
 // element past a short scalar head, the pointers of EVERY slot the rule touches are 16-byte
 // aligned: the head is the few elements (< 16 / param bytes) before the param pointer reaches a
 // 16-byte boundary. Slots misaligned relative to each other (slices at different odd offsets)

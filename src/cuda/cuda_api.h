@@ -78,7 +78,8 @@ void launch(const Launch& l);
 
 // Test hook (emulate.cpp, CUDA builds only): the kernel body of `launch`, run on the CPU over
 // host arrays, group after group, block after block and thread after thread; chunk/block/grid
-// 0 = the launcher's, group 0 = the launcher's group size (plan::kGroupLarge).
+// 0 = the launcher's, group 0 = the launcher's group size (plan::kGroupLarge; plan::kGroupMixed for a 16-bit
+// format, larger values capped to it).
 void emulate(RuleId rule, unsigned mask, Format format, const StreamTypes& types, const Batch& b,
              const void* args,
              int sm_count, int64_t chunk, int64_t block, int64_t grid, int64_t group);

@@ -2,7 +2,7 @@
 // host arrays.
 //
 // The launch groups and plan (src/cpp/launch_plan.h: for_each_group, fill_group,
-// block_body), RuleVisitor (rule_visitor.h) and the variant dispatch (rule_api.h's
+// block_body), RuleVisitor or MixedVisitor (rule_visitor.h) and the variant dispatch (rule_api.h's
 // dispatch_mask) are the code the CUDA launcher and kernel are made of; here they run with host
 // loads and stores, launch after launch and thread after thread. That equals the parallel
 // kernels because every element belongs to exactly one thread of one launch

@@ -7,7 +7,8 @@
 // slots; the tests run that same body on the CPU (_core._emulate_kernel). Per-step scalars
 // arrive precomputed in Rule::Consts<T>, built once on the host (Note [bitwise identical paths]
 // in vec.h: the CUDA sources are compiled with --fmad=false, so a GPU thread rounds exactly
-// like the CPU).
+// like the CPU). The formats with a 16-bit stream have one more kernel per rule instantiation,
+// update_kernel_mixed with MixedVisitor (Note [16-bit formats on the device], rule_visitor.h).
 //
 // Note [metadata in the parameters]
 // The kernel reads its tensors' sizes, first chunks and slot pointers (plan::MetaView) from its
@@ -16,7 +17,8 @@
 // plan::kGroupLarge non-empty tensors (Note [launch groups] in launch_plan.h), all on the
 // call's stream: no host buffer, no device buffer, no host-to-device copy, and so nothing that
 // a CUDA graph capture could record by address. A group of at most plan::kGroupSmall tensors
-// uses the instantiation with the small parameter block.
+// uses the instantiation with the small parameter block. (The 16-bit formats: groups of at most
+// plan::kGroupMixed, one parameter-block size.)
 #pragma once
 
 #include <cuda_runtime.h>

@@ -349,8 +349,9 @@ void def_plan_hooks(py::module_& m) {
         arg("chunks") = py::none(), arg("blocks") = py::none(),
         "Test hook: split a call into CUDA launches and walk their plans (src/cpp/launch_plan.h) "
         "on the CPU over fake pointers, reporting what every thread would touch. sizes: elements "
-        "per tensor; align_offsets: per tensor, a byte offset (or 5, one per slot) added to its "
-        "64-byte aligned fake address; chunk/block/grid/group (tensors per launch): 0 = the "
+        "per tensor; itemsize: 4 or 8, or 5 per-slot sizes of 2 or 4 and an optional sixth, a "
+        "copies stream's (0 or 2); align_offsets: per tensor, a byte offset (or one per stream) "
+        "added to its 64-byte aligned fake address; chunk/block/grid/group (tensors per launch): 0 = the "
         "launcher's choice; chunks (or blocks): walk only these chunks (or these blocks, "
         "grid-stride loop included) of a one-launch call and return their visits (tensor, "
         "index, width) instead of per-element counts.");
