@@ -883,7 +883,7 @@ class CallBuilder {
       return py::reinterpret_borrow<py::object>(r);
     };
     const py::object stream_obj = field(key.stream);
-    if (!stream_obj && has_attr(item, "__dlpack__") && has_attr(item, "__dlpack_device__"))
+    if (!stream_obj && has_dlpack(item))
       return check_dlpack_array(arg, i, item, written, role);  // Note [DLPack input]
     DeviceView v;
     // shape
