@@ -32,6 +32,7 @@ import fastoptim
 from fastoptim import _core, reference
 import optimizer_cases as cases
 from optimizer_cases import CASES, active_states, case_id
+from format_cases import first_name, grad_name, update as call
 
 CUDA = _core.info()["cuda"]
 
@@ -329,14 +330,6 @@ SIZES = [0, 1, 7, 8, 9, 15, 16, 17, 4099, 2**20 + 3]
 
 
 
-def first_name(rule):
-    return "averages" if rule == "ema" else "params"
-
-
-def grad_name(rule):
-    return "values" if rule == "ema" else "grads"
-
-
 def initial_state(rule, hyper, sizes, dtype, rng):
     state = {first_name(rule): [rng.uniform(-2.0, 2.0, s).astype(dtype) for s in sizes]}
     for name in active_states(rule, hyper):
@@ -354,12 +347,6 @@ def random_grads(sizes, dtype, rng):
         g.reshape(-1)[::7] = 0.0
         out.append(g.astype(dtype))
     return out
-
-
-def call(module, rule, hyper, state, grads, step):
-    kwargs = {name: arrays for name, arrays in state.items() if name != first_name(rule)}
-    kwargs.update(cases.scalar_kwargs(rule, hyper, step))
-    getattr(module, rule + "_")(state[first_name(rule)], grads, **kwargs, **hyper)
 
 
 def to_device(state):
