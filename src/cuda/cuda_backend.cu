@@ -267,8 +267,7 @@ void launch(const Launch& l) {
   LaunchCtx ctx;
   ctx.format = l.format;
   ctx.io = mixed_io(l.types, b);
-  ctx.grad_scale_inv = l.format == kF64 ? b.grad_scale_inv_d : static_cast<double>(b.grad_scale_inv_f);
-  ctx.copies = b.copies;
+  ctx.batch = &b;
   ctx.mask = l.mask;
   ctx.args = l.args;
   ctx.stream = stream;

@@ -11,7 +11,6 @@
 // (_core._emulate_kernel). Built only with the CUDA backend (there is nothing to emulate
 // otherwise), and at -O0 (cuda.cmake): a test hook, compiled for every rule.
 #include <cstdint>
-#include <type_traits>
 #include <vector>
 
 #include "cuda_api.h"
@@ -57,8 +56,7 @@ void emulate_launches(const Batch& b, const Geometry& g, unsigned slot_mask, boo
 template <class Rule, class T, class Args>
 void emulate_typed(const Batch& b, const Geometry& g, const Args& a) {
   const typename Rule::template Consts<T> c(a);  // built on the host, as the launcher does
-  const T inv = static_cast<T>(std::is_same_v<T, double> ? b.grad_scale_inv_d : b.grad_scale_inv_f);
-  RuleVisitor<Rule, T> v{c, inv};
+  RuleVisitor<Rule, T> v{c, grad_scale_inv_of<T>(b)};
   emulate_launches(b, g, Rule::kReads | Rule::kWrites, false, v);
 }
 

@@ -58,8 +58,7 @@ template <int64_t Cap> struct GroupMetaMixed {
 struct LaunchCtx {
   Format format;                // any format but the quantized states'
   MixedIo io;                   // a 16-bit format's stream types and load/store options
-  double grad_scale_inv;        // float32 and float64 formats' grad unscaling (1: none)
-  void* const* copies;          // copies[t]: the copies stream (copy formats, Kahan), or null
+  const Batch* batch;           // the call (grad_scale_inv_*, copies: the copies stream or null)
   unsigned mask;                // the rule's variant (rule_api.h)
   const void* args;             // the rule's Args
   cudaStream_t stream;
@@ -110,7 +109,7 @@ template <class Rule> void launch_group_mixed(const LaunchCtx& ctx, const typena
   const auto a = std::make_unique<Params>(c, ctx.io);
   a->plan = plan::fill_group(ctx.offsets, ctx.slots, tensors, count, Rule::kReads | Rule::kWrites,
                              plan::kChunk, ctx.sm_count, a->meta.sizes, a->meta.chunk_starts,
-                             a->meta.ptrs, a->meta.bases, a->meta.copies, ctx.copies);
+                             a->meta.ptrs, a->meta.bases, a->meta.copies, ctx.batch->copies);
   update_kernel_mixed<Rule><<<a->plan.grid, a->plan.block, 0, ctx.stream>>>(*a);
   const cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) throw_launch_error(e);
@@ -131,7 +130,7 @@ void launch_group(const LaunchCtx& ctx, const typename Rule::template Consts<T>&
   using Params = KernelArgs<Rule, T, Cap>;
   static_assert(sizeof(Params) <= kMaxParamBytes, "kernel parameters exceed 32,764 bytes");
   // up to 32 KB: not on the caller's stack
-  const auto a = std::make_unique<Params>(c, static_cast<T>(ctx.grad_scale_inv));
+  const auto a = std::make_unique<Params>(c, grad_scale_inv_of<T>(*ctx.batch));
   a->plan = plan::fill_group(ctx.offsets, ctx.slots, tensors, count, Rule::kReads | Rule::kWrites,
                              plan::kChunk, ctx.sm_count, a->meta.sizes, a->meta.chunk_starts,
                              a->meta.ptrs);

@@ -16,6 +16,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../cpp/kernel_api.h"
 #include "../cpp/launch_plan.h"
@@ -177,6 +178,12 @@ struct MixedIo {
   float grad_scale_inv;
 };
 
+// A call's grad unscaling factor in compute type T, as the CPU's run_range takes it (host).
+template <class T> inline T grad_scale_inv_of(const Batch& b) {
+  if constexpr (std::is_same_v<T, double>) return b.grad_scale_inv_d;
+  else return b.grad_scale_inv_f;
+}
+
 // The MixedIo of a call (host).
 inline MixedIo mixed_io(const StreamTypes& t, const Batch& b) {
   MixedIo io;
@@ -188,7 +195,7 @@ inline MixedIo mixed_io(const StreamTypes& t, const Batch& b) {
   io.sr = b.sr;
   io.sr_key = b.sr_key;
   io.sr_index0 = b.sr_index0;
-  io.grad_scale_inv = b.grad_scale_inv_f;
+  io.grad_scale_inv = grad_scale_inv_of<float>(b);
   return io;
 }
 
